@@ -1,0 +1,175 @@
+"""Pulling activations from a task's work consumer, never more than the free slots.
+
+A continuous pull: every free slot is turned into pull credit (a pull request with
+``batch`` = slots acquired). Each request has its own reply subject so its unused
+credit can be handed back when it expires. Slots are shared by all tasks of a kind
+on a host, so each queue adapts its request size to what it actually receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+log = logging.getLogger("bide.activations")
+
+_PULL_EXPIRES_S = 10.0
+
+
+class SlotPool:
+    """A counting pool of worker slots (``slots`` or ``durable_slots``)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self._cond = asyncio.Condition()
+
+    async def acquire_some(self, most: int) -> int:
+        """Wait for at least one free slot, then take up to ``most``."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.free > 0)
+            n = min(self.free, most)
+            self.free -= n
+            return n
+
+    def release(self, n: int = 1) -> None:
+        if n <= 0:
+            return
+        self.free += n
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def in_use(self) -> int:
+        return self.size - self.free
+
+
+@dataclass
+class _Pull:
+    remaining: int
+    deadline: float
+
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+class ActivationQueue:
+    """Delivers a task's activations to ``handler``, each holding one slot until it returns."""
+
+    def __init__(
+        self, nc: NATS, stream: str, consumer: str, slots: SlotPool, handler: Handler, *, max_batch: int = 256
+    ) -> None:
+        self._nc = nc
+        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._slots = slots
+        self._handler = handler
+        self._max_batch = max_batch
+        self._want = max(1, max_batch // 4)
+        self._pulls: dict[str, _Pull] = {}
+        self._ids = itertools.count()
+        self._inbox = ""
+        self._sub: object | None = None
+        self._stopping = False
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._on_msg)
+        self._runner = asyncio.create_task(self._pull_loop(), name=f"pull:{self._api}")
+        self._reaper = asyncio.create_task(self._reap_loop(), name=f"reap:{self._api}")
+
+    async def _pull_loop(self) -> None:
+        while not self._stopping:
+            n = await self._slots.acquire_some(min(self._want, self._max_batch))
+            await asyncio.sleep(0)  # let slots freed in the same tick join this request
+            if self._stopping:
+                self._slots.release(n)
+                return
+            req_id = str(next(self._ids))
+            self._pulls[req_id] = _Pull(n, time.monotonic() + _PULL_EXPIRES_S + 2.0)
+            body = {"batch": n, "expires": int(_PULL_EXPIRES_S * 1e9)}
+            try:
+                await self._nc.publish(self._api, orjson.dumps(body), reply=f"{self._inbox}.{req_id}")
+            except Exception:
+                log.exception("pull request failed")
+                self._end_pull(req_id)
+                await asyncio.sleep(0.5)
+
+    def _end_pull(self, req_id: str) -> None:
+        pull = self._pulls.pop(req_id, None)
+        if pull is not None:
+            self._slots.release(pull.remaining)
+            # Adapt: ask for less after a pull that came back mostly unused.
+            if pull.remaining > 0:
+                self._want = max(1, self._want // 2)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        req_id = msg.subject.rsplit(".", 1)[-1]
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is not None and not msg.data:
+            if status in ("408", "409", "404"):
+                self._end_pull(req_id)
+            return
+        pull = self._pulls.get(req_id)
+        if self._stopping:
+            # Hand it straight back: another host takes it without waiting for ack_wait.
+            if pull is not None:
+                pull.remaining -= 1
+            await msg.nak()
+            return
+        if pull is not None:
+            pull.remaining -= 1
+            if pull.remaining <= 0:
+                del self._pulls[req_id]
+                self._want = min(self._max_batch, self._want * 2)
+        else:
+            # Delivered after we gave the credit back: take a slot anyway (briefly over budget).
+            self._slots.free -= 1
+        task = asyncio.create_task(self._handle(msg))
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            await self._handler(msg)
+        except Exception:
+            log.exception("activation handler failed on %s", msg.subject)
+        finally:
+            self._slots.release(1)
+
+    async def _reap_loop(self) -> None:
+        # Pull requests lost with a connection never report back: reclaim their credit.
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for req_id in [r for r, p in self._pulls.items() if p.deadline < now]:
+                self._end_pull(req_id)
+
+    async def stop(self) -> None:
+        """Stop asking for work; in-flight handlers keep running (see ``ActorHost.stop``)."""
+        self._stopping = True
+        for t in (self._runner, self._reaper):
+            if t is not None:
+                t.cancel()
+
+    async def close(self) -> None:
+        """Unsubscribe; call after :meth:`stop` once the host no longer wants late deliveries."""
+        if self._sub is not None:
+            await self._sub.unsubscribe()  # type: ignore[attr-defined]
+            self._sub = None
+        for req_id in list(self._pulls):
+            self._end_pull(req_id)

@@ -1,0 +1,90 @@
+"""The history log: one JetStream subject per run, appended by a single writer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from actors.jetstream import ERR_WRONG_LAST_SEQUENCE, direct_get_last, direct_get_subject
+from actors.wire import (
+    HDR_EXPECTED_LAST_SUBJECT_SEQ,
+    TERMINAL_KINDS,
+    Subjects,
+    decode_history,
+    encode_history,
+)
+
+
+class HistoryConflict(Exception):
+    """Another writer appended to the run first; this writer's view is stale."""
+
+    def __init__(self, run_id: str, expected_seq: int, detail: str) -> None:
+        super().__init__(f"run {run_id}: history moved past seq {expected_seq} ({detail})")
+        self.run_id = run_id
+        self.expected_seq = expected_seq
+
+
+@dataclass
+class RunHistory:
+    """A run's entries in order, and the stream sequence of its last message (0 if none)."""
+
+    run_id: str
+    entries: list[Any] = field(default_factory=list)
+    last_seq: int = 0
+    times: list[str] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> Any | None:
+        for e in reversed(self.entries):
+            if e.k in TERMINAL_KINDS:
+                return e
+        return None
+
+
+class HistoryLog:
+    """Reads and appends run histories on ``<prefix>.history.<run>``."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, subjects: Subjects) -> None:
+        self._nc = nc
+        self._js = js
+        self._subjects = subjects
+
+    async def read(self, run_id: str) -> RunHistory:
+        msgs = await direct_get_subject(
+            self._nc, self._subjects.history_stream, self._subjects.history(run_id)
+        )
+        hist = RunHistory(run_id)
+        for m in msgs:
+            batch = decode_history(m.data)
+            hist.entries.extend(batch)
+            hdrs = m.headers or {}
+            hist.times.extend([hdrs.get("Nats-Time-Stamp", "")] * len(batch))
+            hist.last_seq = int(hdrs.get("Nats-Sequence", "0"))
+        return hist
+
+    async def read_last(self, run_id: str) -> list[Any]:
+        """The entries of the run's last message only (enough to see a terminal state)."""
+        msg = await direct_get_last(self._nc, self._subjects.history_stream, self._subjects.history(run_id))
+        return [] if msg is None else decode_history(msg.data)
+
+    async def append(self, run_id: str, entries: list[Any], expected_seq: int) -> int:
+        """Append ``entries`` as one message; returns its stream sequence.
+
+        Single writer: the expected-last-subject-sequence header makes the append fail
+        with :class:`HistoryConflict` if anyone else wrote since ``expected_seq``.
+        """
+        try:
+            ack = await self._js.publish(
+                self._subjects.history(run_id),
+                encode_history(entries),
+                headers={HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq)},
+            )
+        except nats.js.errors.APIError as e:
+            if e.err_code == ERR_WRONG_LAST_SEQUENCE:
+                raise HistoryConflict(run_id, expected_seq, str(e.description)) from e
+            raise
+        return int(ack.seq)

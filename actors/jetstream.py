@@ -1,0 +1,204 @@
+"""Talking to JetStream: connecting with clear errors, the stream layout, raw API helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from actors.wire import Subjects
+
+log = logging.getLogger("bide.jetstream")
+
+ERR_WRONG_LAST_SEQUENCE = 10071
+"""JetStream error code for a failed ``Nats-Expected-Last-Subject-Sequence`` check."""
+
+
+class NatsUnavailableError(ConnectionError):
+    """The NATS server could not be reached; the message names the URL and what to do."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Stream settings shared by clients and hosts (created idempotently at start-up)."""
+
+    subjects: Subjects
+    replicas: int = 1
+    history_max_age_s: float = 30 * 24 * 3600
+    ack_wait_s: float = 30.0
+
+
+async def connect(url: str, *, name: str = "bide", connect_timeout: float = 2.0) -> NATS:
+    """Connect to NATS, failing fast with a clear error instead of hanging."""
+    errors: list[str] = []
+
+    async def _on_error(e: Exception) -> None:
+        errors.append(str(e) or type(e).__name__)
+
+    try:
+        # With unlimited reconnects nats-py would retry the *initial* connect forever: bound it.
+        return await asyncio.wait_for(
+            nats.connect(
+                url,
+                name=name,
+                connect_timeout=connect_timeout,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                allow_reconnect=True,
+                error_cb=_on_error,
+                pending_size=64 * 1024 * 1024,
+            ),
+            timeout=connect_timeout * 2.5,
+        )
+    except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as e:
+        why = errors[-1] if errors else (str(e) or type(e).__name__)
+        raise NatsUnavailableError(
+            f"cannot connect to NATS at {url!r} ({why}). Start a local server with `bide dev`, "
+            "or point BIDE_NATS_URL at a running nats-server with JetStream enabled."
+        ) from e
+
+
+def _stream_configs(layout: Layout) -> list[StreamConfig]:
+    s = layout.subjects
+    return [
+        StreamConfig(
+            name=s.history_stream,
+            subjects=[s.history_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=layout.history_max_age_s,
+            num_replicas=layout.replicas,
+            allow_direct=True,
+            allow_rollup_hdrs=True,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=120.0,
+        ),
+        StreamConfig(
+            name=s.work_stream,
+            subjects=[s.work_all, s.timers_all],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=layout.replicas,
+            allow_msg_schedules=True,
+            allow_direct=True,
+            duplicate_window=120.0,
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, layout: Layout) -> None:
+    """Create or update every stream; safe to call from every process at start-up."""
+    for cfg in _stream_configs(layout):
+        try:
+            await js.add_stream(cfg)
+        except nats.js.errors.BadRequestError as e:
+            # 10058: stream name in use with a different configuration.
+            if e.err_code != 10058:
+                raise
+            await js.update_stream(cfg)
+
+
+def task_consumer_config(layout: Layout, task: str) -> ConsumerConfig:
+    s = layout.subjects
+    return ConsumerConfig(
+        durable_name=s.consumer_name(task),
+        filter_subject=s.work_filter(task),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=layout.ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=20_000,
+        max_waiting=2048,
+        num_replicas=layout.replicas,
+        metadata={"bide_task": task},
+    )
+
+
+async def ensure_task_consumer(js: JetStreamContext, layout: Layout, task: str) -> str:
+    cfg = task_consumer_config(layout, task)
+    await js.add_consumer(layout.subjects.work_stream, cfg)
+    assert cfg.durable_name is not None
+    return cfg.durable_name
+
+
+async def api_request(nc: NATS, subject: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
+    resp: dict[str, Any] = json.loads(msg.data)
+    if "error" in resp:
+        raise nats.js.errors.APIError.from_error(resp["error"])
+    return resp
+
+
+async def direct_get_subject(
+    nc: NATS, stream: str, subject: str, *, start_seq: int = 0, batch: int = 1000, timeout: float = 5.0
+) -> list[Msg]:
+    """Every message on ``subject`` from ``start_seq``, by batch direct get (ADR-31).
+
+    nats-py has no helper for batched direct get, so the raw request is sent and the
+    replies are collected up to the end-of-batch status (204).
+    """
+    out: list[Msg] = []
+    seq = start_seq
+    while True:
+        inbox = nc.new_inbox()
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        got: list[Msg] = []
+
+        async def _on_msg(m: Msg, got: list[Msg] = got, done: asyncio.Future[int] = done) -> None:
+            status = m.headers.get("Status") if m.headers else None
+            if status is None:
+                got.append(m)
+                return
+            if not done.done():
+                done.set_result(int(status))
+
+        sub = await nc.subscribe(inbox, cb=_on_msg)
+        try:
+            req = {"seq": seq, "next_by_subj": subject, "batch": batch}
+            await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(), reply=inbox)
+            status = await asyncio.wait_for(done, timeout)
+        finally:
+            await sub.unsubscribe()
+        out.extend(got)
+        if status == 404 or not got:
+            return out
+        last = got[-1]
+        pending = int((last.headers or {}).get("Nats-Num-Pending", "0"))
+        if pending == 0 or len(got) < batch:
+            return out
+        seq = int((last.headers or {})["Nats-Sequence"]) + 1
+
+
+async def direct_get_last(nc: NATS, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
+    """The last message on ``subject`` or ``None`` (direct get, served by any replica)."""
+    msg = await nc.request(
+        f"$JS.API.DIRECT.GET.{stream}", json.dumps({"last_by_subj": subject}).encode(), timeout=timeout
+    )
+    status = msg.headers.get("Status") if msg.headers else None
+    if status == "404":
+        return None
+    if status is not None:
+        raise RuntimeError(f"direct get of {subject!r} failed with status {status}")
+    return msg
+
+
+async def purge_subject(js: JetStreamContext, stream: str, subject: str) -> None:
+    await js.purge_stream(stream, subject=subject)

@@ -1,0 +1,54 @@
+"""Durable timers: scheduled JetStream messages (ADR-51) that fire activations into WORK."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from nats.js import JetStreamContext
+
+from actors.jetstream import purge_subject
+from actors.wire import (
+    HDR_BIDE_KIND,
+    HDR_SCHEDULE,
+    HDR_SCHEDULE_TARGET,
+    Activation,
+    Subjects,
+    encode_activation,
+    rfc3339,
+    utcnow,
+)
+
+FIRE_LEAD = timedelta(milliseconds=400)
+"""Timers fire this much before the deadline; the host finishes the last stretch locally.
+
+The scheduler fires up to ~250 ms late, so firing early and sleeping the rest on the
+host makes wake-ups precise instead of late.
+"""
+RESIDENT_MAX = timedelta(milliseconds=600)
+"""A sleep with less than this left stays on its host with a local timer (no eviction)."""
+_MIN_AHEAD = timedelta(milliseconds=260)
+
+
+class TimerScheduler:
+    """Publishes and cancels a run's timers. One schedule subject per (run, position)."""
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects) -> None:
+        self._js = js
+        self._subjects = subjects
+
+    async def schedule(self, run_id: str, task: str, pos: int, wake_at: datetime) -> None:
+        """(Re)publish the timer for ``pos``; a duplicate replaces the earlier schedule."""
+        fire_at = max(wake_at - FIRE_LEAD, utcnow() + _MIN_AHEAD)
+        act = Activation(run_id=run_id, task=task, kind="timer", pos=pos)
+        await self._js.publish(
+            self._subjects.timer(run_id, pos),
+            encode_activation(act),
+            headers={
+                HDR_SCHEDULE: f"@at {rfc3339(fire_at)}",
+                HDR_SCHEDULE_TARGET: self._subjects.work(task, run_id),
+                HDR_BIDE_KIND: "timer",
+            },
+        )
+
+    async def cancel(self, run_id: str, pos: int) -> None:
+        await purge_subject(self._js, self._subjects.work_stream, self._subjects.timer(run_id, pos))

@@ -1,0 +1,272 @@
+"""The wire format: subjects, header names and persisted envelopes, defined once.
+
+Every persisted envelope carries a version field ``v`` so the format can evolve.
+A history message holds a *batch* of entries: one JetStream message per
+checkpoint flush, so one expected-sequence guard covers several facts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+WIRE_VERSION = 1
+
+HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+"""Single-writer guard: the stream sequence the writer last saw on the subject."""
+HDR_SCHEDULE = "Nats-Schedule"
+"""Message-scheduling header (ADR-51): ``@at <RFC3339>``."""
+HDR_SCHEDULE_TARGET = "Nats-Schedule-Target"
+"""Subject (in the same stream) a schedule publishes into when it fires."""
+HDR_MSG_ID = "Nats-Msg-Id"
+"""JetStream de-duplication id."""
+HDR_BIDE_KIND = "Bide-Kind"
+"""What an activation is for (start, timer, ...), readable with ``nats sub``."""
+
+_ESCAPED = {".": "%2E", "*": "%2A", ">": "%3E", "%": "%25", " ": "%20", "\t": "%09", "\n": "%0A", "\r": "%0D"}
+
+
+def encode_token(value: str) -> str:
+    """Encode any string as one subject token; plain names such as ``user:update`` stay readable."""
+    if not value:
+        raise ValueError("subject token must not be empty")
+    if not any(c in _ESCAPED or c.isspace() for c in value):
+        return value
+    return "".join(_ESCAPED.get(c, f"%{ord(c):02X}" if c.isspace() else c) for c in value)
+
+
+def decode_token(token: str) -> str:
+    """Inverse of :func:`encode_token`."""
+    if "%" not in token:
+        return token
+    out: list[str] = []
+    i = 0
+    while i < len(token):
+        if token[i] == "%" and i + 3 <= len(token):
+            out.append(chr(int(token[i + 1 : i + 3], 16)))
+            i += 3
+        else:
+            out.append(token[i])
+            i += 1
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Subject and stream names under one prefix (default ``bide``)."""
+
+    prefix: str = "bide"
+
+    @property
+    def history_stream(self) -> str:
+        return f"{self.prefix.upper()}_HISTORY"
+
+    @property
+    def work_stream(self) -> str:
+        return f"{self.prefix.upper()}_WORK"
+
+    def history(self, run_id: str) -> str:
+        return f"{self.prefix}.history.{encode_token(run_id)}"
+
+    @property
+    def history_all(self) -> str:
+        return f"{self.prefix}.history.>"
+
+    def work(self, task: str, run_id: str) -> str:
+        return f"{self.prefix}.work.{encode_token(task)}.{encode_token(run_id)}"
+
+    def work_filter(self, task: str) -> str:
+        return f"{self.prefix}.work.{encode_token(task)}.>"
+
+    @property
+    def work_all(self) -> str:
+        return f"{self.prefix}.work.>"
+
+    def timer(self, run_id: str, pos: int) -> str:
+        # One schedule per subject: a new schedule for the same (run, pos) replaces the old one.
+        return f"{self.prefix}.timers.{encode_token(run_id)}.{pos}"
+
+    @property
+    def timers_all(self) -> str:
+        return f"{self.prefix}.timers.>"
+
+    def consumer_name(self, task: str) -> str:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
+        if safe != task:
+            safe = f"{safe}_{hashlib.sha1(task.encode()).hexdigest()[:8]}"
+        return f"task_{safe}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def args_hash(*values: Any) -> str:
+    """A stable hash of JSON-able arguments, recorded so replays can detect changed calls."""
+    data = orjson.dumps(values, option=orjson.OPT_SORT_KEYS, default=_fallback_json)
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def _fallback_json(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return repr(value)
+
+
+# --- history entries -------------------------------------------------------------------------------
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class RunStarted(_Entry):
+    """The run exists: written by whoever started it, first on the run's subject."""
+
+    k: Literal["run_started"] = "run_started"
+    run_id: str
+    task: str
+    durable: bool
+    input: Any = None
+    at: datetime
+    execution_timeout_s: float | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class ActivationBegun(_Entry):
+    """A host took a turn of the run (piggybacked on the turn's first flush)."""
+
+    k: Literal["activation"] = "activation"
+    host: str
+    attempt: int
+    at: datetime
+
+
+class MemoRecorded(_Entry):
+    """A memoised step finished; its result is returned on every replay."""
+
+    k: Literal["memo"] = "memo"
+    pos: int
+    name: str
+    args_hash: str
+    result: Any = None
+
+
+class NowRecorded(_Entry):
+    k: Literal["now"] = "now"
+    pos: int
+    at: datetime
+
+
+class SleepScheduled(_Entry):
+    """A sleep's wake time, recorded once (sleeps keep their deadline across crashes)."""
+
+    k: Literal["sleep_scheduled"] = "sleep_scheduled"
+    pos: int
+    duration_s: float
+    wake_at: datetime
+
+
+class SleepFired(_Entry):
+    k: Literal["sleep_fired"] = "sleep_fired"
+    pos: int
+    at: datetime
+
+
+class RunCompleted(_Entry):
+    k: Literal["run_completed"] = "run_completed"
+    result: Any = None
+    at: datetime
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class RunFailed(_Entry):
+    k: Literal["run_failed"] = "run_failed"
+    error: ErrorInfo
+    at: datetime
+
+
+class RunCancelled(_Entry):
+    k: Literal["run_cancelled"] = "run_cancelled"
+    reason: str = ""
+    at: datetime
+
+
+Entry = Annotated[
+    RunStarted
+    | ActivationBegun
+    | MemoRecorded
+    | NowRecorded
+    | SleepScheduled
+    | SleepFired
+    | RunCompleted
+    | RunFailed
+    | RunCancelled,
+    Field(discriminator="k"),
+]
+
+TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
+
+
+class HistoryMessage(BaseModel):
+    """One message on ``<prefix>.history.<run>``: a batch of entries appended atomically."""
+
+    v: int = WIRE_VERSION
+    e: list[Entry]
+
+
+_history_adapter = TypeAdapter(HistoryMessage)
+
+
+def encode_history(entries: list[Any]) -> bytes:
+    return orjson.dumps(
+        {"v": WIRE_VERSION, "e": [e.model_dump(mode="json", exclude_none=True) for e in entries]}
+    )
+
+
+def decode_history(data: bytes) -> list[Any]:
+    msg = _history_adapter.validate_json(data)
+    if msg.v > WIRE_VERSION:
+        raise ValueError(f"history message version {msg.v} is newer than this Bide ({WIRE_VERSION})")
+    return list(msg.e)
+
+
+# --- activations -----------------------------------------------------------------------------------
+
+ActivationKind = Literal["start", "timer", "retry"]
+
+
+class Activation(BaseModel):
+    """A message on ``<prefix>.work.<task>.<run>``: "run R needs a turn", with why."""
+
+    model_config = ConfigDict(extra="allow")
+
+    v: int = WIRE_VERSION
+    run_id: str
+    task: str
+    kind: ActivationKind
+    pos: int | None = None
+    history_seq: int | None = None
+    started: RunStarted | None = None
+    """On a fresh start, the run's first entry, so the host can skip reading the history."""
+
+
+def encode_activation(act: Activation) -> bytes:
+    return orjson.dumps(act.model_dump(mode="json", exclude_none=True))
+
+
+def decode_activation(data: bytes) -> Activation:
+    return Activation.model_validate_json(data)
+
+
+def rfc3339(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,121 @@
+"""One NATS connection per event loop, and a private loop thread for the sync API.
+
+A nats-py connection is bound to the loop that created it. Users mix sync calls
+(``task.run_no_wait(...)``) with async ones in later ``asyncio.run(...)`` calls,
+so a connection is looked up by the *running* loop and never reused on another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from actors.history import HistoryLog
+from actors.jetstream import Layout, connect, ensure_streams
+from actors.wire import Subjects
+from sdk.config import BideConfig
+
+T = TypeVar("T")
+
+
+@dataclass
+class Connection:
+    nc: NATS
+    js: JetStreamContext
+    history: HistoryLog
+    layout: Layout
+
+
+class ConnectionPool:
+    """Lazily connects once per event loop; closes everything on :meth:`close`."""
+
+    def __init__(self, config: BideConfig, name: str = "bide-client") -> None:
+        self.config = config
+        self.layout = Layout(
+            subjects=Subjects(config.prefix), replicas=config.replicas, ack_wait_s=config.ack_wait_s
+        )
+        self._name = name
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[Connection]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+        self._portal: _Portal | None = None
+        self._streams_ready = False
+
+    async def get(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            fut = self._by_loop.get(loop)
+            if fut is None or (fut.done() and (fut.exception() is not None or fut.result().nc.is_closed)):
+                fut = loop.create_future()
+                self._by_loop[loop] = fut
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return await asyncio.shield(fut)
+        try:
+            conn = await self._open()
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: the next call retries
+            with self._lock:
+                self._by_loop.pop(loop, None)
+            raise
+        fut.set_result(conn)
+        return conn
+
+    async def _open(self) -> Connection:
+        nc = await connect(self.config.nats_url, name=self._name, connect_timeout=self.config.connect_timeout_s)
+        js = nc.jetstream(timeout=10.0)
+        if not self._streams_ready:
+            await ensure_streams(js, self.layout)
+            self._streams_ready = True
+        return Connection(nc, js, HistoryLog(nc, js, self.layout.subjects), self.layout)
+
+    def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` to completion from plain (non-async) code on the private loop thread."""
+        with self._lock:
+            if self._portal is None:
+                self._portal = _Portal()
+            portal = self._portal
+        return portal.run(coro)
+
+    async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            fut = self._by_loop.pop(loop, None)
+        if fut is not None and fut.done() and fut.exception() is None:
+            await fut.result().nc.close()
+
+    def close(self) -> None:
+        with self._lock:
+            portal, self._portal = self._portal, None
+        if portal is not None:
+            portal.run(self.aclose())
+            portal.stop()
+
+
+class _Portal:
+    """A daemon thread running an event loop, for the synchronous API."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="bide-sync", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("the synchronous Bide API cannot be called from its own loop thread")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)

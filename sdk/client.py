@@ -1,0 +1,168 @@
+"""The ``Bide`` client: define tasks, start runs, read runs, make workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar, overload
+
+import nats.js.errors
+
+from sdk._connection import ConnectionPool
+from sdk.config import BideConfig
+from sdk.errors import UnknownTaskError
+from sdk.runs import RunRef, RunsClient, StartRequest, new_run_id, start_and_wait, start_run, unwrap_terminal
+from sdk.tasks import TaskDefinition, validate_task_name
+from sdk.worker import Worker
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Bide:
+    """A client of one Bide deployment (one NATS URL and subject prefix).
+
+    Args:
+        nats_url: NATS server URL; default ``BIDE_NATS_URL`` or ``nats://127.0.0.1:4222``
+            (where ``bide dev`` serves its embedded server).
+        prefix: subject and stream prefix; default ``BIDE_PREFIX`` or ``bide``.
+        replicas: stream replica count (1, or 3 on a cluster); default ``BIDE_REPLICAS`` or 1.
+        ack_wait: seconds before an unacknowledged activation is redelivered to another host.
+        debug: accepted for Hatchet compatibility; enables debug logging.
+    """
+
+    def __init__(
+        self,
+        nats_url: str | None = None,
+        *,
+        prefix: str | None = None,
+        replicas: int | None = None,
+        ack_wait: float | None = None,
+        debug: bool = False,
+    ) -> None:
+        self.config = BideConfig.from_env(nats_url, prefix, replicas, ack_wait)
+        self._pool = ConnectionPool(self.config)
+        self.runs = RunsClient(self._pool)
+        self._tasks: dict[str, TaskDefinition] = {}
+        if debug:
+            import logging
+
+            logging.getLogger("bide").setLevel(logging.DEBUG)
+
+    # -- definitions ---------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: F, /) -> TaskDefinition: ...
+    @overload
+    def task(
+        self, *, name: str | None = None, execution_timeout: timedelta | float | str | None = None
+    ) -> Callable[[F], TaskDefinition]: ...
+    def task(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        execution_timeout: timedelta | float | str | None = None,
+    ) -> Any:
+        """Define a regular task: ``fn(input, ctx: Context)``, sync or async, run at least once."""
+        return self._define(fn, name, durable=False, execution_timeout=execution_timeout)
+
+    @overload
+    def durable_task(self, fn: F, /) -> TaskDefinition: ...
+    @overload
+    def durable_task(
+        self, *, name: str | None = None, execution_timeout: timedelta | float | str | None = None
+    ) -> Callable[[F], TaskDefinition]: ...
+    def durable_task(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        execution_timeout: timedelta | float | str | None = None,
+    ) -> Any:
+        """Define a durable task: ``async fn(input, ctx: DurableContext)``, checkpointed and replayed."""
+        return self._define(fn, name, durable=True, execution_timeout=execution_timeout)
+
+    def _define(
+        self, fn: Callable[..., Any] | None, name: str | None, *, durable: bool, execution_timeout: Any
+    ) -> Any:
+        def wrap(f: Callable[..., Any]) -> TaskDefinition:
+            task_name = name or f.__name__
+            if task_name in self._tasks and self._tasks[task_name].fn is not f:
+                raise ValueError(f"a task named {task_name!r} is already defined on this client")
+            t = TaskDefinition(self._pool, f, name=task_name, durable=durable, execution_timeout=execution_timeout)
+            self._tasks[task_name] = t
+            return t
+
+        return wrap(fn) if fn is not None else wrap
+
+    @property
+    def tasks(self) -> dict[str, TaskDefinition]:
+        return dict(self._tasks)
+
+    def worker(
+        self,
+        name: str,
+        workflows: Sequence[TaskDefinition] | None = None,
+        slots: int = 100,
+        durable_slots: int = 1000,
+    ) -> Worker:
+        """An actor host for ``workflows`` (default: every task defined on this client)."""
+        return Worker(self, name, list(workflows) if workflows is not None else list(self._tasks.values()),
+                      slots=slots, durable_slots=durable_slots)
+
+    # -- running by name -----------------------------------------------------------------------
+
+    async def aio_known_tasks(self) -> list[str]:
+        """Names of tasks some worker has registered (one work consumer each)."""
+        conn = await self._pool.get()
+        names = []
+        for info in await conn.js.consumers_info(conn.layout.subjects.work_stream):
+            meta = info.config.metadata or {}
+            if "bide_task" in meta:
+                names.append(meta["bide_task"])
+        return sorted(names)
+
+    async def aio_run_no_wait_by_name(self, task: str, input: Any = None) -> RunRef:
+        """Start a task by name, e.g. from the CLI; the name must be registered by a worker."""
+        validate_task_name(task)
+        conn = await self._pool.get()
+        try:
+            await conn.js.consumer_info(conn.layout.subjects.work_stream, conn.layout.subjects.consumer_name(task))
+        except nats.js.errors.NotFoundError:
+            known = await self.aio_known_tasks()
+            raise UnknownTaskError(
+                f"unknown task {task!r}: no worker has registered it. "
+                f"Known tasks: {', '.join(known) if known else '(none; start a worker first)'}"
+            ) from None
+        defined = self._tasks.get(task)
+        req = StartRequest(
+            task=task,
+            durable=defined.durable if defined else False,
+            input=defined.signature.dump_input(input) if defined else input,
+            run_id=new_run_id(),
+        )
+        await start_run(conn, req)
+        return RunRef(self._pool, req.run_id, defined.signature.load_output if defined else None)
+
+    async def aio_run_by_name(self, task: str, input: Any = None, timeout: float | None = None) -> Any:
+        ref = await self.aio_run_no_wait_by_name(task, input)
+        return await ref.aio_result(timeout)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+    def close(self) -> None:
+        self._pool.close()
+
+    async def __aenter__(self) -> Bide:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+__all__ = ["Bide", "start_and_wait", "unwrap_terminal"]

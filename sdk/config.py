@@ -1,0 +1,55 @@
+"""Client configuration, read from arguments first and ``BIDE_*`` environment variables second."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class BideConfig:
+    """Where to find JetStream and how Bide names and sizes its streams."""
+
+    nats_url: str = DEFAULT_NATS_URL
+    prefix: str = "bide"
+    replicas: int = 1
+    ack_wait_s: float = 30.0
+    connect_timeout_s: float = 2.0
+
+    @classmethod
+    def from_env(
+        cls,
+        nats_url: str | None = None,
+        prefix: str | None = None,
+        replicas: int | None = None,
+        ack_wait_s: float | None = None,
+    ) -> BideConfig:
+        cfg = cls(
+            nats_url=nats_url or os.environ.get("BIDE_NATS_URL") or DEFAULT_NATS_URL,
+            prefix=prefix or os.environ.get("BIDE_PREFIX") or "bide",
+            replicas=replicas if replicas is not None else int(_env_float("BIDE_REPLICAS", 1)),
+            ack_wait_s=ack_wait_s if ack_wait_s is not None else _env_float("BIDE_ACK_WAIT", 30.0),
+            connect_timeout_s=_env_float("BIDE_CONNECT_TIMEOUT", 2.0),
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not self.prefix or not all(c.isalnum() or c in "_-" for c in self.prefix):
+            raise ValueError(f"prefix {self.prefix!r} must be a non-empty name of letters, digits, '_' or '-'")
+        if self.replicas not in (1, 3, 5):
+            raise ValueError(f"replicas={self.replicas} must be 1, 3 or 5")
+        if self.ack_wait_s < 1:
+            raise ValueError(f"ack_wait_s={self.ack_wait_s} must be at least 1 second")

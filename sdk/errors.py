@@ -1,0 +1,62 @@
+"""Errors users see. Each message names the run, the position or the offending value."""
+
+from __future__ import annotations
+
+
+class BideError(Exception):
+    """Base class of every Bide error."""
+
+
+class NonDeterminismError(BideError):
+    """A replay asked for a different operation than the history recorded at that position."""
+
+    def __init__(self, run_id: str, position: int, recorded: str, requested: str) -> None:
+        super().__init__(
+            f"run {run_id}: non-deterministic replay at position {position}: "
+            f"the history recorded {recorded}, but the code now calls {requested}. "
+            "Code that changes the order or arguments of durable calls cannot resume runs started "
+            "by the old code."
+        )
+        self.run_id = run_id
+        self.position = position
+        self.recorded = recorded
+        self.requested = requested
+
+
+class InputValidationError(BideError, ValueError):
+    """A run's input does not fit the task's input model."""
+
+
+class OutputSerializationError(BideError, TypeError):
+    """A task returned (or a memo produced) a value that cannot be stored as JSON."""
+
+
+class UnknownTaskError(BideError, LookupError):
+    """A task name that no worker has registered."""
+
+
+class RunNotFoundError(BideError, LookupError):
+    """No run with that id exists."""
+
+
+class RunFailedError(BideError):
+    """The run failed; ``error_type`` and ``error_message`` describe the task's exception."""
+
+    def __init__(self, run_id: str, error_type: str, error_message: str, traceback: str = "") -> None:
+        super().__init__(f"run {run_id} failed: {error_type}: {error_message}")
+        self.run_id = run_id
+        self.error_type = error_type
+        self.error_message = error_message
+        self.remote_traceback = traceback
+
+
+class RunCancelledError(BideError):
+    """The run was cancelled before it finished."""
+
+
+class TaskTimeoutError(BideError, TimeoutError):
+    """A task ran longer than its ``execution_timeout``."""
+
+
+class ServerBinaryNotFoundError(BideError, FileNotFoundError):
+    """The ``nats-server`` binary for the embedded server cannot be found."""

@@ -1,0 +1,219 @@
+"""Starting runs, waiting for their results, and reading their state — without the runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.msg import Msg
+
+from actors.history import HistoryConflict, RunHistory
+from actors.wire import (
+    HDR_BIDE_KIND,
+    TERMINAL_KINDS,
+    Activation,
+    RunStarted,
+    decode_history,
+    encode_activation,
+    utcnow,
+)
+from sdk.errors import RunCancelledError, RunFailedError, RunNotFoundError
+from sdk.models import RunStatus
+
+if TYPE_CHECKING:
+    from sdk._connection import Connection, ConnectionPool
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    task: str
+    durable: bool
+    input: Any
+    run_id: str
+    execution_timeout_s: float | None = None
+    meta: dict[str, Any] | None = None
+
+
+async def start_run(conn: Connection, req: StartRequest) -> None:
+    """Record the run's first entry (so it exists durably), then enqueue its first activation."""
+    started = RunStarted(
+        run_id=req.run_id,
+        task=req.task,
+        durable=req.durable,
+        input=req.input,
+        at=utcnow(),
+        execution_timeout_s=req.execution_timeout_s,
+        meta=req.meta or {},
+    )
+    try:
+        seq = await conn.history.append(req.run_id, [started], expected_seq=0)
+    except HistoryConflict:
+        raise ValueError(f"a run with id {req.run_id!r} already exists") from None
+    act = Activation(run_id=req.run_id, task=req.task, kind="start", history_seq=seq, started=started)
+    await conn.js.publish(
+        conn.layout.subjects.work(req.task, req.run_id), encode_activation(act), headers={HDR_BIDE_KIND: "start"}
+    )
+
+
+class _TerminalWatch:
+    """A core-NATS subscription on the run's history subject, opened before anything can finish."""
+
+    def __init__(self) -> None:
+        self.terminal: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.sub: Any = None
+
+    async def open(self, conn: Connection, run_id: str) -> None:
+        async def _on_msg(m: Msg) -> None:
+            if self.terminal.done():
+                return
+            for e in decode_history(m.data):
+                if e.k in TERMINAL_KINDS:
+                    self.terminal.set_result(e)
+                    return
+
+        self.sub = await conn.nc.subscribe(conn.layout.subjects.history(run_id), cb=_on_msg)
+        await conn.nc.flush()
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+
+
+async def wait_terminal(conn: Connection, run_id: str, timeout: float | None = None) -> Any:
+    """The run's terminal entry, waiting for it if the run is still going."""
+    watch = _TerminalWatch()
+    await watch.open(conn, run_id)
+    try:
+        last = await conn.history.read_last(run_id)
+        if not last:
+            raise RunNotFoundError(f"no run with id {run_id!r}")
+        for e in last:
+            if e.k in TERMINAL_KINDS:
+                return e
+        return await asyncio.wait_for(watch.terminal, timeout)
+    finally:
+        await watch.close()
+
+
+async def start_and_wait(conn: Connection, req: StartRequest, timeout: float | None = None) -> Any:
+    watch = _TerminalWatch()
+    await watch.open(conn, req.run_id)
+    try:
+        await start_run(conn, req)
+        return await asyncio.wait_for(watch.terminal, timeout)
+    finally:
+        await watch.close()
+
+
+def unwrap_terminal(run_id: str, entry: Any) -> Any:
+    """The run's JSON result, or the matching exception."""
+    if entry.k == "run_completed":
+        return entry.result
+    if entry.k == "run_failed":
+        raise RunFailedError(run_id, entry.error.type, entry.error.message, entry.error.traceback)
+    raise RunCancelledError(f"run {run_id} was cancelled: {entry.reason or 'no reason given'}")
+
+
+def status_of(hist: RunHistory) -> RunStatus:
+    kinds = [e.k for e in hist.entries]
+    if not kinds:
+        raise RunNotFoundError(f"no run with id {hist.run_id!r}")
+    last = kinds[-1]
+    if last == "run_completed":
+        return RunStatus.COMPLETED
+    if last == "run_failed":
+        return RunStatus.FAILED
+    if last == "run_cancelled":
+        return RunStatus.CANCELLED
+    if last == "run_started":
+        return RunStatus.QUEUED
+    if last == "sleep_scheduled":
+        return RunStatus.WAITING
+    return RunStatus.RUNNING
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run's state as read from its history."""
+
+    run_id: str
+    task: str
+    status: RunStatus
+    started_at: datetime
+    input: Any
+    result: Any = None
+    error: str | None = None
+    entries: int = 0
+
+
+class RunsClient:
+    """``bide.runs``: read a run's state and history, or wait for its result."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+
+    async def aio_history(self, run_id: str) -> RunHistory:
+        conn = await self._pool.get()
+        hist = await conn.history.read(run_id)
+        if not hist.entries:
+            raise RunNotFoundError(f"no run with id {run_id!r}")
+        return hist
+
+    async def aio_get(self, run_id: str) -> RunInfo:
+        hist = await self.aio_history(run_id)
+        first = hist.entries[0]
+        term = hist.terminal
+        return RunInfo(
+            run_id=run_id,
+            task=first.task,
+            status=status_of(hist),
+            started_at=first.at,
+            input=first.input,
+            result=term.result if term is not None and term.k == "run_completed" else None,
+            error=f"{term.error.type}: {term.error.message}" if term is not None and term.k == "run_failed" else None,
+            entries=len(hist.entries),
+        )
+
+    def get(self, run_id: str) -> RunInfo:
+        return self._pool.run_sync(self.aio_get(run_id))
+
+    async def aio_result(self, run_id: str, timeout: float | None = None) -> Any:
+        conn = await self._pool.get()
+        return unwrap_terminal(run_id, await wait_terminal(conn, run_id, timeout))
+
+    def result(self, run_id: str, timeout: float | None = None) -> Any:
+        return self._pool.run_sync(self.aio_result(run_id, timeout))
+
+
+class RunRef:
+    """A handle on a started run: ``workflow_run_id``, then ``result()`` or ``await aio_result()``."""
+
+    def __init__(self, pool: ConnectionPool, run_id: str, load_output: Any = None) -> None:
+        self._pool = pool
+        self.workflow_run_id = run_id
+        self._load_output = load_output
+
+    @property
+    def run_id(self) -> str:
+        return self.workflow_run_id
+
+    async def aio_result(self, timeout: float | None = None) -> Any:
+        conn = await self._pool.get()
+        value = unwrap_terminal(self.workflow_run_id, await wait_terminal(conn, self.workflow_run_id, timeout))
+        return self._load_output(value) if self._load_output is not None else value
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._pool.run_sync(self.aio_result(timeout))
+
+    async def aio_status(self) -> RunStatus:
+        return (await RunsClient(self._pool).aio_get(self.workflow_run_id)).status
+
+    def __repr__(self) -> str:
+        return f"RunRef(workflow_run_id={self.workflow_run_id!r})"

@@ -1,0 +1,69 @@
+"""``bide.worker(...)``: the user's handle on an actor host. The runtime loads only on start."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdk.client import Bide
+    from sdk.tasks import TaskDefinition
+
+
+class Worker:
+    """Hosts tasks: pulls their activations, runs turns, honours ``slots`` and ``durable_slots``."""
+
+    def __init__(
+        self, client: Bide, name: str, tasks: list[TaskDefinition], *, slots: int = 100, durable_slots: int = 1000
+    ) -> None:
+        if slots < 1 or durable_slots < 1:
+            raise ValueError(f"slots ({slots}) and durable_slots ({durable_slots}) must be at least 1")
+        if not tasks:
+            raise ValueError(f"worker {name!r} has no tasks to host: pass workflows=[...]")
+        self.client = client
+        self.name = name
+        self.tasks = tasks
+        self.slots = slots
+        self.durable_slots = durable_slots
+        self._host: Any = None
+        self._stop: asyncio.Event | None = None
+
+    async def async_start(self, *, ready: asyncio.Event | None = None) -> None:
+        """Run the host until :meth:`shutdown` (or SIGTERM/SIGINT when started with :meth:`start`)."""
+        from actors.host import ActorHost  # the one seam into the runtime
+
+        self._stop = asyncio.Event()
+        self._host = ActorHost(self.client.config, self.name, self.tasks, self.slots, self.durable_slots)
+        await self._host.start()
+        if ready is not None:
+            ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self._host.stop()
+
+    def start(self) -> None:
+        """Run the host in the foreground; SIGTERM or Ctrl-C shuts it down gracefully."""
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._request_stop)
+            del task
+            await self.async_start()
+
+        asyncio.run(main())
+
+    def _request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def shutdown(self) -> None:
+        """Stop pulling work, finish or hand back what is in flight, and return when done."""
+        self._request_stop()
+
+    @property
+    def host(self) -> Any:
+        return self._host
