@@ -1,0 +1,228 @@
+"""The ``bide`` command line: ``dev``, ``worker``, ``run``, ``runs show``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from actors.server import EmbeddedServer
+from sdk import Bide, BideError, Worker
+from sdk.tasks import TaskDefinition
+
+
+class CliError(Exception):
+    """A user error: printed without a traceback, exit status 2."""
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CliError(f"{what} is not valid JSON ({e.msg} at position {e.pos}): {text!r}") from None
+
+
+def load_worker(target: str, *, slots: int | None, durable_slots: int | None, name: str | None) -> Worker:
+    """``module`` or ``module:attr`` naming a Worker, a Bide client, a task, or a list of tasks."""
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    mod_name, _, attr = target.partition(":")
+    if mod_name.endswith(".py"):
+        mod_name = mod_name[:-3].replace("/", ".")
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise CliError(f"cannot import {mod_name!r} ({e}); run from the folder that contains it") from None
+    if attr:
+        if not hasattr(module, attr):
+            raise CliError(f"module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(module, attr)
+    else:
+        found = [v for v in vars(module).values() if isinstance(v, Worker)] or [
+            v for v in vars(module).values() if isinstance(v, Bide)
+        ]
+        if not found:
+            raise CliError(f"module {mod_name!r} defines no Worker or Bide client; name one as {mod_name}:ATTR")
+        obj = found[0]
+    if isinstance(obj, Worker):
+        if slots:
+            obj.slots = slots
+        if durable_slots:
+            obj.durable_slots = durable_slots
+        return obj
+    if isinstance(obj, Bide):
+        return obj.worker(name or f"{mod_name}-worker", slots=slots or 100, durable_slots=durable_slots or 1000)
+    tasks = obj if isinstance(obj, list | tuple) else [obj]
+    if not tasks or not all(isinstance(t, TaskDefinition) for t in tasks):
+        raise CliError(f"{target!r} is not a Worker, a Bide client or a task definition")
+    client = next(iter(v for v in vars(module).values() if isinstance(v, Bide)), None) or Bide()
+    return client.worker(name or f"{mod_name}-worker", workflows=tasks, slots=slots or 100,
+                         durable_slots=durable_slots or 1000)
+
+
+async def _serve_workers(workers: list[Worker], stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    readies = [asyncio.Event() for _ in workers]
+    tasks = [asyncio.create_task(w.async_start(ready=r)) for w, r in zip(workers, readies, strict=True)]
+
+    async def _all_ready() -> None:
+        await asyncio.gather(*(r.wait() for r in readies))
+        if ready is not None:
+            ready.set()
+
+    watcher = asyncio.create_task(_all_ready())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    for t in done:
+        if t is not stopper and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+    for w in workers:
+        await w.shutdown()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    watcher.cancel()
+
+
+def _install_stop(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def cmd_dev(args: argparse.Namespace) -> int:
+    store = Path(args.store).resolve()
+    server = EmbeddedServer(port=args.port, store_dir=store, log_file=store.parent / "nats-server.log")
+    try:
+        server.start()
+    except RuntimeError as e:
+        raise CliError(f"could not start the embedded nats-server on port {args.port}: {e}") from None
+    os.environ["BIDE_NATS_URL"] = server.url
+    print(f"bide dev: JetStream at {server.url} (store {store})", file=sys.stderr, flush=True)
+    try:
+        workers = [load_worker(t, slots=None, durable_slots=None, name=None) for t in args.modules]
+        stop = asyncio.Event()
+        _install_stop(stop)
+        ready = asyncio.Event()
+        serving = asyncio.create_task(_serve_workers(workers, stop, ready))
+        await asyncio.wait([asyncio.create_task(ready.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            await serving
+            return 0
+        if workers:
+            print(f"bide dev: worker(s) up for {', '.join(args.modules)}", file=sys.stderr, flush=True)
+        if args.run:
+            client = Bide(server.url)
+            try:
+                result = await client.aio_run_by_name(args.run, _parse_json(args.input, "--input"))
+                print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+            finally:
+                await client.aclose()
+                stop.set()
+        await serving
+        return 0
+    finally:
+        server.stop()
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    worker = load_worker(args.target, slots=args.slots, durable_slots=args.durable_slots, name=args.name)
+    stop = asyncio.Event()
+    _install_stop(stop)
+    ready = asyncio.Event()
+    serving = asyncio.create_task(_serve_workers([worker], stop, ready))
+    await asyncio.wait([asyncio.create_task(ready.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
+    if ready.is_set():
+        print(f"bide worker {worker.name!r} ready: {', '.join(t.name for t in worker.tasks)}", flush=True)
+    await serving
+    return 0
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    client = Bide()
+    try:
+        ref = await client.aio_run_no_wait_by_name(args.task, _parse_json(args.input, "--input"))
+        if args.no_wait:
+            print(ref.workflow_run_id)
+            return 0
+        print(f"run {ref.workflow_run_id}", file=sys.stderr, flush=True)
+        result = await ref.aio_result(timeout=args.timeout)
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    finally:
+        await client.aclose()
+
+
+async def cmd_runs_show(args: argparse.Namespace) -> int:
+    client = Bide()
+    try:
+        info = await client.runs.aio_get(args.run_id)
+        hist = await client.runs.aio_history(args.run_id)
+        print(f"run {info.run_id}  task {info.task}  status {info.status.value}")
+        for i, (entry, ts) in enumerate(zip(hist.entries, hist.times, strict=False), 1):
+            data = entry.model_dump(mode="json", exclude={"k"}, exclude_none=True)
+            detail = " ".join(f"{k}={orjson.dumps(v).decode()}" for k, v in data.items() if k not in ("run_id",))
+            print(f"  {i:>3}  {ts[:23]:<23}  {entry.k:<16} {detail}")
+        return 0
+    finally:
+        await client.aclose()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bide", description="Durable async Python tasks on NATS JetStream.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="start a local JetStream server and workers for MODULEs")
+    dev.add_argument("modules", nargs="*", help="module or module:attr holding a Worker, a Bide client or tasks")
+    dev.add_argument("--port", type=int, default=4222, help="client port (default 4222)")
+    dev.add_argument("--store", default=".bide/jetstream", help="JetStream store folder (default .bide/jetstream)")
+    dev.add_argument("--run", metavar="TASK", help="run TASK once the workers are up, print its result, exit")
+    dev.add_argument("--input", default="{}", help="JSON input for --run (default {})")
+    dev.set_defaults(func=cmd_dev)
+
+    wk = sub.add_parser("worker", help="run an actor host for module[:attr]")
+    wk.add_argument("target")
+    wk.add_argument("--name")
+    wk.add_argument("--slots", type=int)
+    wk.add_argument("--durable-slots", type=int)
+    wk.set_defaults(func=cmd_worker)
+
+    run = sub.add_parser("run", help="start a run of TASK and print its result")
+    run.add_argument("task")
+    run.add_argument("--input", default="{}", help="JSON input (default {})")
+    run.add_argument("--no-wait", action="store_true", help="print the run id and return")
+    run.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result")
+    run.set_defaults(func=cmd_run)
+
+    runs = sub.add_parser("runs", help="inspect runs")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True)
+    show = runs_sub.add_parser("show", help="print a run's state and history")
+    show.add_argument("run_id")
+    show.set_defaults(func=cmd_runs_show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(args.func(args))
+    except (CliError, BideError, ValueError, ConnectionError, TimeoutError) as e:
+        print(f"bide: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

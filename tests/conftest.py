@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from actors.server import EmbeddedServer
+from sdk import Bide
+
+
+@pytest.fixture
+def nats_server() -> Iterator[EmbeddedServer]:
+    """A real nats-server with JetStream on a free port and a temporary store, killed at teardown."""
+    server = EmbeddedServer().start()
+    try:
+        yield server
+    finally:
+        server.kill()
+        server.stop()
+
+
+@pytest.fixture
+async def bide(nats_server: EmbeddedServer) -> AsyncIterator[Bide]:
+    client = Bide(nats_server.url, ack_wait=3.0)
+    try:
+        yield client
+    finally:
+        await client.aclose()
