@@ -25,31 +25,31 @@ _PULL_EXPIRES_S = 10.0
 
 
 class SlotPool:
-    """A counting pool of worker slots (``slots`` or ``durable_slots``)."""
+    """A counting pool of worker slots (``slots`` or ``durable_slots``), shared by a host's queues."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.free = size
-        self._cond = asyncio.Condition()
+        self._waiters: list[asyncio.Future[None]] = []
 
     async def acquire_some(self, most: int) -> int:
         """Wait for at least one free slot, then take up to ``most``."""
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.free > 0)
-            n = min(self.free, most)
-            self.free -= n
-            return n
+        while self.free <= 0:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await fut
+        n = min(self.free, most)
+        self.free -= n
+        return n
 
     def release(self, n: int = 1) -> None:
         if n <= 0:
             return
         self.free += n
-        loop = asyncio.get_running_loop()
-        loop.create_task(self._notify())
-
-    async def _notify(self) -> None:
-        async with self._cond:
-            self._cond.notify_all()
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     @property
     def in_use(self) -> int:

@@ -47,9 +47,8 @@ def load_worker(target: str, *, slots: int | None, durable_slots: int | None, na
             raise CliError(f"module {mod_name!r} has no attribute {attr!r}")
         obj = getattr(module, attr)
     else:
-        found = [v for v in vars(module).values() if isinstance(v, Worker)] or [
-            v for v in vars(module).values() if isinstance(v, Bide)
-        ]
+        found: list[Worker | Bide] = [v for v in vars(module).values() if isinstance(v, Worker)]
+        found = found or [v for v in vars(module).values() if isinstance(v, Bide)]
         if not found:
             raise CliError(f"module {mod_name!r} defines no Worker or Bide client; name one as {mod_name}:ATTR")
         obj = found[0]
@@ -216,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return asyncio.run(args.func(args))
+        code: int = asyncio.run(args.func(args))
+        return code
     except (CliError, BideError, ValueError, ConnectionError, TimeoutError) as e:
         print(f"bide: error: {e}", file=sys.stderr)
         return 2

@@ -274,5 +274,5 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     try:
         await task
-    except BaseException:  # noqa: BLE001 - the evicted coroutine's fate is irrelevant
+    except BaseException:
         pass

@@ -47,7 +47,7 @@ class Layout:
 
 
 async def connect(url: str, *, name: str = "bide", connect_timeout: float = 2.0) -> NATS:
-    """Connect to NATS, failing fast with a clear error instead of hanging."""
+    """Connect to NATS (``url`` may list several servers, comma-separated), failing fast if none answers."""
     errors: list[str] = []
 
     async def _on_error(e: Exception) -> None:
@@ -57,7 +57,7 @@ async def connect(url: str, *, name: str = "bide", connect_timeout: float = 2.0)
         # With unlimited reconnects nats-py would retry the *initial* connect forever: bound it.
         return await asyncio.wait_for(
             nats.connect(
-                url,
+                [u.strip() for u in url.split(",") if u.strip()],
                 name=name,
                 connect_timeout=connect_timeout,
                 max_reconnect_attempts=-1,
@@ -68,7 +68,7 @@ async def connect(url: str, *, name: str = "bide", connect_timeout: float = 2.0)
             ),
             timeout=connect_timeout * 2.5,
         )
-    except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, nats.errors.NoServersError, OSError) as e:
         why = errors[-1] if errors else (str(e) or type(e).__name__)
         raise NatsUnavailableError(
             f"cannot connect to NATS at {url!r} ({why}). Start a local server with `bide dev`, "

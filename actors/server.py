@@ -100,7 +100,7 @@ class EmbeddedServer:
         if self.server_name:
             args += ["-n", self.server_name]
         args += self.extra_args
-        log = open(self.log_file, "ab")  # noqa: SIM115 - the child owns it
+        log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout

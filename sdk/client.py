@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 import nats.js.errors
 
@@ -50,15 +50,9 @@ class Bide:
 
     # -- definitions ---------------------------------------------------------------------------
 
-    @overload
-    def task(self, fn: F, /) -> TaskDefinition: ...
-    @overload
-    def task(
-        self, *, name: str | None = None, execution_timeout: timedelta | float | str | None = None
-    ) -> Callable[[F], TaskDefinition]: ...
     def task(
         self,
-        fn: F | None = None,
+        fn: Callable[..., Any] | None = None,
         /,
         *,
         name: str | None = None,
@@ -67,15 +61,9 @@ class Bide:
         """Define a regular task: ``fn(input, ctx: Context)``, sync or async, run at least once."""
         return self._define(fn, name, durable=False, execution_timeout=execution_timeout)
 
-    @overload
-    def durable_task(self, fn: F, /) -> TaskDefinition: ...
-    @overload
-    def durable_task(
-        self, *, name: str | None = None, execution_timeout: timedelta | float | str | None = None
-    ) -> Callable[[F], TaskDefinition]: ...
     def durable_task(
         self,
-        fn: F | None = None,
+        fn: Callable[..., Any] | None = None,
         /,
         *,
         name: str | None = None,

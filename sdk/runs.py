@@ -78,8 +78,9 @@ class _TerminalWatch:
                     self.terminal.set_result(e)
                     return
 
+        # No flush needed: the server handles this SUB before anything this connection
+        # sends next (the start publish or the history read), so no terminal entry is missed.
         self.sub = await conn.nc.subscribe(conn.layout.subjects.history(run_id), cb=_on_msg)
-        await conn.nc.flush()
 
     async def close(self) -> None:
         if self.sub is not None:

@@ -1,0 +1,80 @@
+"""Cluster behaviour on a real 3-node JetStream cluster on loopback (replicas=3)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import nats
+import pytest
+
+from actors.server import EmbeddedServer, free_port
+from sdk import Bide, DurableContext, EmptyModel
+from tests.support import running_worker, wait_until
+
+
+@pytest.fixture
+def cluster() -> Iterator[list[EmbeddedServer]]:
+    cports = [free_port() for _ in range(3)]
+    routes = ",".join(f"nats://127.0.0.1:{p}" for p in cports)
+    nodes = [
+        EmbeddedServer(
+            server_name=f"n{i}",
+            extra_args=["--cluster_name", "bide-test", "--cluster", f"nats://127.0.0.1:{cports[i]}",
+                        "--routes", routes],
+        )
+        for i in range(3)
+    ]
+    try:
+        for n in nodes:
+            n.start()
+        yield nodes
+    finally:
+        for n in nodes:
+            n.kill()
+            n.stop()
+
+
+async def _jetstream_ready(url: str) -> bool:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().account_info()
+        return True
+    except Exception:
+        return False
+    finally:
+        await nc.close()
+
+
+async def test_durable_sleep_survives_losing_a_node(cluster: list[EmbeddedServer]) -> None:
+    for n in cluster:
+        await wait_until(lambda n=n: _jetstream_ready(n.url), timeout=30, what=f"JetStream on {n.url}")
+    urls = ",".join(n.url for n in cluster)
+    client = Bide(urls, replicas=3, ack_wait=3.0)
+
+    @client.durable_task(name="ClusterSleep")
+    async def cluster_sleep(input: EmptyModel, ctx: DurableContext) -> dict[str, int]:
+        step = await ctx.memo(lambda: 7)
+        res = await ctx.aio_sleep_for(timedelta(seconds=3))
+        return {"step": step, "slept": res.duration.seconds}
+
+    async with running_worker(client, [cluster_sleep]):
+        conn = await client._pool.get()
+        info = await conn.js.stream_info(conn.layout.subjects.history_stream)
+        assert info.config.num_replicas == 3
+        t0 = time.monotonic()
+        ref = await cluster_sleep.aio_run_no_wait(EmptyModel())
+
+        async def sleeping() -> bool:
+            hist = await client.runs.aio_history(ref.workflow_run_id)
+            return any(e.k == "sleep_scheduled" for e in hist.entries)
+
+        await wait_until(sleeping, timeout=20, what="the run to start sleeping")
+        # Lose a node that the clients are not connected to, in the middle of the sleep.
+        connected = conn.nc.connected_url.port if conn.nc.connected_url else None
+        victim = next(n for n in cluster if n.port != connected)
+        victim.kill()
+        assert await ref.aio_result(timeout=30) == {"step": 7, "slept": 3}
+        assert time.monotonic() - t0 >= 3
+    await client.aclose()
