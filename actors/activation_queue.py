@@ -76,7 +76,8 @@ class ActivationQueue:
         self._slots = slots
         self._handler = handler
         self._max_batch = max_batch
-        self._want = max(1, max_batch // 4)
+        self._want = 1  # grows as pulls come back full; a queue that gets nothing keeps 1 credit
+        self._credit = asyncio.Event()  # set when this queue's unused pull credit shrinks
         self._pulls: dict[str, _Pull] = {}
         self._ids = itertools.count()
         self._inbox = ""
@@ -94,7 +95,12 @@ class ActivationQueue:
 
     async def _pull_loop(self) -> None:
         while not self._stopping:
-            n = await self._slots.acquire_some(min(self._want, self._max_batch))
+            # Hold at most ``_want`` unused credit, so a pool shared by several queues is not all
+            # reserved by the first one until its pulls expire (the others would starve).
+            while self._outstanding() >= self._want:
+                self._credit.clear()
+                await self._credit.wait()
+            n = await self._slots.acquire_some(min(self._want - self._outstanding(), self._max_batch))
             await asyncio.sleep(0)  # let slots freed in the same tick join this request
             if self._stopping:
                 self._slots.release(n)
@@ -109,9 +115,13 @@ class ActivationQueue:
                 self._end_pull(req_id)
                 await asyncio.sleep(0.5)
 
+    def _outstanding(self) -> int:
+        return sum(p.remaining for p in self._pulls.values())
+
     def _end_pull(self, req_id: str) -> None:
         pull = self._pulls.pop(req_id, None)
         if pull is not None:
+            self._credit.set()
             self._slots.release(pull.remaining)
             # Adapt: ask for less after a pull that came back mostly unused.
             if pull.remaining > 0:
@@ -124,6 +134,10 @@ class ActivationQueue:
             if status in ("408", "409", "404"):
                 self._end_pull(req_id)
             return
+        # A delivered message has its own subject (bide.work...), not the request's inbox, so it
+        # cannot name its request: charge the oldest open one (exact with one request open; the
+        # 408s and the reaper settle the credit of the others).
+        req_id = next(iter(self._pulls), req_id)
         pull = self._pulls.get(req_id)
         if self._stopping:
             # Hand it straight back: another host takes it without waiting for ack_wait.
@@ -133,6 +147,7 @@ class ActivationQueue:
             return
         if pull is not None:
             pull.remaining -= 1
+            self._credit.set()
             if pull.remaining <= 0:
                 del self._pulls[req_id]
                 self._want = min(self._max_batch, self._want * 2)

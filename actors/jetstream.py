@@ -30,6 +30,7 @@ log = logging.getLogger("bide.jetstream")
 
 ERR_WRONG_LAST_SEQUENCE = 10071
 """JetStream error code for a failed ``Nats-Expected-Last-Subject-Sequence`` check."""
+_NO_RESPONDERS_RETRY_S = 0.1
 
 
 class NatsUnavailableError(ConnectionError):
@@ -157,6 +158,7 @@ async def direct_get_subject(
     """
     out: list[Msg] = []
     seq = start_seq
+    deadline = asyncio.get_running_loop().time() + timeout
     while True:
         inbox = nc.new_inbox()
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -177,6 +179,13 @@ async def direct_get_subject(
             status = await asyncio.wait_for(done, timeout)
         finally:
             await sub.unsubscribe()
+        if status == 503 and not got:
+            # No replica answers direct gets for a moment (e.g. a cluster just lost a node): an
+            # empty answer here would read as "no history", so wait for a replica or fail.
+            if asyncio.get_running_loop().time() >= deadline:
+                raise nats.errors.NoRespondersError
+            await asyncio.sleep(_NO_RESPONDERS_RETRY_S)
+            continue
         out.extend(got)
         if status == 404 or not got:
             return out
@@ -189,9 +198,18 @@ async def direct_get_subject(
 
 async def direct_get_last(nc: NATS, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
     """The last message on ``subject`` or ``None`` (direct get, served by any replica)."""
-    msg = await nc.request(
-        f"$JS.API.DIRECT.GET.{stream}", json.dumps({"last_by_subj": subject}).encode(), timeout=timeout
-    )
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            msg = await nc.request(
+                f"$JS.API.DIRECT.GET.{stream}", json.dumps({"last_by_subj": subject}).encode(), timeout=timeout
+            )
+            break
+        except nats.errors.NoRespondersError:
+            # No replica answers for a moment (e.g. a cluster just lost a node): wait for one.
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            await asyncio.sleep(_NO_RESPONDERS_RETRY_S)
     status = msg.headers.get("Status") if msg.headers else None
     if status == "404":
         return None
