@@ -45,13 +45,7 @@ async def _ordered_consumer(js: Any, n: int) -> int:
     return got
 
 
-async def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--messages", type=int, nargs="+", default=[100, 1000])
-    ap.add_argument("--noise", type=int, default=3, help="interleaved messages on other subjects per message")
-    ap.add_argument("--repeat", type=int, default=30)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with EmbeddedServer() as srv:
         for n in args.messages:
@@ -77,10 +71,24 @@ async def main() -> None:
             print(f"{n:>6} messages: direct batch get {row['direct_batch']:.2f} ms, "
                   f"ordered consumer {row['ordered_consumer']:.2f} ms (medians of {args.repeat})")
             await nc.close()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"median_ms": results, "noise_per_message": args.noise}, f, indent=2)
+    return results
+
+
+def _write(path: str | None, results: dict[str, Any], noise: int) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({"median_ms": results, "noise_per_message": noise}, f, indent=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--noise", type=int, default=3, help="interleaved messages on other subjects per message")
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    _write(args.json, asyncio.run(run(args)), args.noise)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
