@@ -71,20 +71,25 @@ class HistoryLog:
         msg = await direct_get_last(self._nc, self._subjects.history_stream, self._subjects.history(run_id))
         return [] if msg is None else decode_history(msg.data)
 
-    async def append(self, run_id: str, entries: list[Any], expected_seq: int) -> int:
+    async def append(self, run_id: str, entries: list[Any], expected_seq: int, notify: str | None = None) -> int:
         """Append ``entries`` as one message; returns its stream sequence.
 
         Single writer: the expected-last-subject-sequence header makes the append fail
         with :class:`HistoryConflict` if anyone else wrote since ``expected_seq``.
+        If the batch ends the run and the starter left a ``notify`` inbox, the same bytes
+        are also sent there (core NATS, best effort: the history stays the source of truth).
         """
+        data = encode_history(entries)
         try:
             ack = await self._js.publish(
                 self._subjects.history(run_id),
-                encode_history(entries),
+                data,
                 headers={HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq)},
             )
         except nats.js.errors.APIError as e:
             if e.err_code == ERR_WRONG_LAST_SEQUENCE:
                 raise HistoryConflict(run_id, expected_seq, str(e.description)) from e
             raise
+        if notify and entries and entries[-1].k in TERMINAL_KINDS:
+            await self._nc.publish(notify, data)
         return int(ack.seq)

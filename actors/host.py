@@ -235,7 +235,7 @@ class ActorHost:
             value = defn.signature.load_input(started.input)
         except Exception as e:
             await self._history.append(hist.run_id, [begun, RunFailed(error=error_info(e), at=utcnow())],
-                                       hist.last_seq)
+                                       hist.last_seq, started.meta.get("notify"))
             return
         ctx = Context(hist.run_id, defn.name, attempt, started.input)
         if asyncio.iscoroutinefunction(defn.fn):
@@ -253,7 +253,7 @@ class ActorHost:
                     f"{started.execution_timeout_s:g}s")),
                 at=utcnow(),
             )
-        await self._history.append(hist.run_id, [begun, outcome], hist.last_seq)
+        await self._history.append(hist.run_id, [begun, outcome], hist.last_seq, started.meta.get("notify"))
 
     @staticmethod
     def _outcome(user: asyncio.Task[Any], defn: TaskDefinition) -> RunCompleted | RunFailed:

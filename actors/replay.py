@@ -59,6 +59,7 @@ class Turn:
         self.task = task
         self._log = log
         self.last_seq = history.last_seq
+        self.notify: str | None = history.entries[0].meta.get("notify") if history.entries else None
         self._by_pos: dict[int, dict[str, Any]] = {}
         for e in history.entries:
             pos = getattr(e, "pos", None)
@@ -109,7 +110,7 @@ class Turn:
                 return
             self._pending = []
             try:
-                self.last_seq = await self._log.append(self.run_id, entries, self.last_seq)
+                self.last_seq = await self._log.append(self.run_id, entries, self.last_seq, self.notify)
             except BaseException as e:
                 if self.fatal is None:
                     self.fatal = e

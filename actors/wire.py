@@ -8,9 +8,11 @@ checkpoint flush, so one expected-sequence guard covers several facts.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -28,32 +30,28 @@ HDR_MSG_ID = "Nats-Msg-Id"
 HDR_BIDE_KIND = "Bide-Kind"
 """What an activation is for (start, timer, ...), readable with ``nats sub``."""
 
-_ESCAPED = {".": "%2E", "*": "%2A", ">": "%3E", "%": "%25", " ": "%20", "\t": "%09", "\n": "%0A", "\r": "%0D"}
+_NEEDS_ESCAPE = re.compile(r"[.*>%\s]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return "".join(f"%{b:02X}" for b in match.group(0).encode())
 
 
 def encode_token(value: str) -> str:
-    """Encode any string as one subject token; plain names such as ``user:update`` stay readable."""
+    """Encode any string as one subject token; plain names such as ``user:update`` stay readable.
+
+    ``.``, ``*``, ``>``, ``%`` and whitespace are percent-escaped (as UTF-8 bytes).
+    """
     if not value:
         raise ValueError("subject token must not be empty")
-    if not any(c in _ESCAPED or c.isspace() for c in value):
+    if _NEEDS_ESCAPE.search(value) is None:
         return value
-    return "".join(_ESCAPED.get(c, f"%{ord(c):02X}" if c.isspace() else c) for c in value)
+    return _NEEDS_ESCAPE.sub(_escape, value)
 
 
 def decode_token(token: str) -> str:
-    """Inverse of :func:`encode_token`."""
-    if "%" not in token:
-        return token
-    out: list[str] = []
-    i = 0
-    while i < len(token):
-        if token[i] == "%" and i + 3 <= len(token):
-            out.append(chr(int(token[i + 1 : i + 3], 16)))
-            i += 3
-        else:
-            out.append(token[i])
-            i += 1
-    return "".join(out)
+    """Inverse of :func:`encode_token` (every ``%`` in a token was written by it)."""
+    return token if "%" not in token else unquote(token)
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,53 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from actors.history import HistoryLog
 from actors.jetstream import Layout, connect, ensure_streams
-from actors.wire import Subjects
+from actors.wire import TERMINAL_KINDS, Subjects, decode_history, decode_token, encode_token
 from sdk.config import BideConfig
 
 T = TypeVar("T")
+
+
+class ResultInbox:
+    """One subscription per connection for the results of the runs it started and awaits.
+
+    The starter names ``<inbox>.<run>`` in the run's first entry; the host that ends the
+    run sends the terminal entry there too. One wildcard subscription replaces a
+    subscription per run. Delivery is best effort: waiters also check the history.
+    """
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox()
+        self._waiters: dict[str, asyncio.Future[Any]] = {}
+        self._sub: Any = None
+
+    async def open(self) -> None:
+        self._sub = await self._nc.subscribe(self._prefix + ".*", cb=self._on_msg)
+
+    def subject(self, run_id: str) -> str:
+        return f"{self._prefix}.{encode_token(run_id)}"
+
+    def expect(self, run_id: str) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[run_id] = fut
+        return fut
+
+    def forget(self, run_id: str) -> None:
+        self._waiters.pop(run_id, None)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        fut = self._waiters.pop(decode_token(msg.subject.rsplit(".", 1)[-1]), None)
+        if fut is None or fut.done():
+            return
+        for entry in decode_history(msg.data):
+            if entry.k in TERMINAL_KINDS:
+                fut.set_result(entry)
+                return
 
 
 @dataclass
@@ -31,6 +70,7 @@ class Connection:
     js: JetStreamContext
     history: HistoryLog
     layout: Layout
+    results: ResultInbox
 
 
 class ConnectionPool:
@@ -78,7 +118,9 @@ class ConnectionPool:
         if not self._streams_ready:
             await ensure_streams(js, self.layout)
             self._streams_ready = True
-        return Connection(nc, js, HistoryLog(nc, js, self.layout.subjects), self.layout)
+        results = ResultInbox(nc)
+        await results.open()
+        return Connection(nc, js, HistoryLog(nc, js, self.layout.subjects), self.layout, results)
 
     def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` to completion from plain (non-async) code on the private loop thread."""

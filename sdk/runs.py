@@ -41,8 +41,11 @@ class StartRequest:
     meta: dict[str, Any] | None = None
 
 
-async def start_run(conn: Connection, req: StartRequest) -> None:
+async def start_run(conn: Connection, req: StartRequest, notify: str | None = None) -> None:
     """Record the run's first entry (so it exists durably), then enqueue its first activation."""
+    meta = dict(req.meta or {})
+    if notify is not None:
+        meta["notify"] = notify
     started = RunStarted(
         run_id=req.run_id,
         task=req.task,
@@ -50,7 +53,7 @@ async def start_run(conn: Connection, req: StartRequest) -> None:
         input=req.input,
         at=utcnow(),
         execution_timeout_s=req.execution_timeout_s,
-        meta=req.meta or {},
+        meta=meta,
     )
     try:
         seq = await conn.history.append(req.run_id, [started], expected_seq=0)
@@ -104,13 +107,32 @@ async def wait_terminal(conn: Connection, run_id: str, timeout: float | None = N
 
 
 async def start_and_wait(conn: Connection, req: StartRequest, timeout: float | None = None) -> Any:
-    watch = _TerminalWatch()
-    await watch.open(conn, req.run_id)
+    """Start a run and return its terminal entry, delivered to this connection's result inbox."""
+    fut = conn.results.expect(req.run_id)
     try:
-        await start_run(conn, req)
-        return await asyncio.wait_for(watch.terminal, timeout)
+        await start_run(conn, req, notify=conn.results.subject(req.run_id))
+        return await _await_terminal(conn, req.run_id, fut, timeout)
     finally:
-        await watch.close()
+        conn.results.forget(req.run_id)
+
+
+async def _await_terminal(conn: Connection, run_id: str, fut: asyncio.Future[Any], timeout: float | None) -> Any:
+    # The inbox message is best effort (lost if this client was reconnecting at that
+    # moment), so a waiter that hears nothing for a while reads the history itself.
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    interval = 2.0
+    while True:
+        wait = interval if deadline is None else min(interval, deadline - loop.time())
+        if wait <= 0:
+            raise TimeoutError(f"run {run_id} did not finish within {timeout}s")
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), wait)
+        except TimeoutError:
+            for e in await conn.history.read_last(run_id):
+                if e.k in TERMINAL_KINDS:
+                    return e
+            interval = min(interval * 2, 15.0)
 
 
 def unwrap_terminal(run_id: str, entry: Any) -> Any:

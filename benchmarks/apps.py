@@ -1,0 +1,17 @@
+"""The task the throughput benchmark runs: one memoised step, then done."""
+
+from sdk import Bide, DurableContext, EmptyModel
+
+bide = Bide()  # BIDE_NATS_URL is set by the benchmark
+
+
+def _step(x: int) -> int:
+    return x + 1
+
+
+@bide.durable_task(name="BenchTrivial")
+async def bench_trivial(input: EmptyModel, ctx: DurableContext) -> dict[str, int]:
+    return {"value": await ctx.memo(_step, 1)}
+
+
+worker = bide.worker("bench", workflows=[bench_trivial], slots=1000, durable_slots=1000)

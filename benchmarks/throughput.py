@@ -1,0 +1,155 @@
+"""Trivial durable runs end to end, next to the raw JetStream publish rate of the same machine.
+
+    python -m benchmarks.throughput --runs 5000 --json throughput.json
+
+Starts its own nats-server and one worker process (``bide worker benchmarks.apps:worker``),
+measures pipelined JetStream publishes, then starts N trivial durable runs (one memo each)
+from this process with up to C in flight and awaits every result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+from tqdm import tqdm
+
+from actors.server import EmbeddedServer, server_version
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def publish_rate(url: str, messages: int, window: int = 1000) -> float:
+    """Raw pipelined JetStream publishes: many in flight, then await the acks."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(name="BENCH_RAW", subjects=["benchraw.>"])
+    payload = b"x" * 64
+    t0 = time.perf_counter()
+    for start in range(0, messages, window):
+        futs = [await js.publish_async(f"benchraw.{i % 16}", payload) for i in range(start, start + window)]
+        await asyncio.gather(*futs)
+    rate = messages / (time.perf_counter() - t0)
+    await js.delete_stream("BENCH_RAW")
+    await nc.close()
+    return rate
+
+
+def start_worker(url: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "BIDE_NATS_URL": url, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actors.cli", "worker", "benchmarks.apps:worker"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "ready" in line:
+            return proc
+    raise RuntimeError(f"worker exited with {proc.wait()} before it was ready")
+
+
+def stop_worker(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def drive(runs: int, concurrency: int, progress: bool) -> tuple[list[float], float, int]:
+    from benchmarks.apps import bench_trivial, bide
+    from sdk import EmptyModel
+
+    latencies: list[float] = []
+    errors = 0
+    sem = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=runs, unit="run", disable=not progress, file=sys.stderr, smoothing=0.1)
+
+    async def one() -> None:
+        nonlocal errors
+        async with sem:
+            t = time.perf_counter()
+            try:
+                result = await bench_trivial.aio_run(EmptyModel(), timeout=120)
+                assert result == {"value": 2}, result
+                latencies.append(time.perf_counter() - t)
+            except Exception as e:  # counted and reported, never hidden
+                errors += 1
+                if errors <= 3:
+                    print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr)
+            bar.update(1)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(runs)))
+    wall = time.perf_counter() - t0
+    bar.close()
+    await bide.aclose()
+    return latencies, wall, errors
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5000)
+    ap.add_argument("--concurrency", type=int, default=500)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--publish-messages", type=int, default=20000)
+    ap.add_argument("--json", default=None, help="write the numbers here")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+
+    with EmbeddedServer() as server:
+        os.environ["BIDE_NATS_URL"] = server.url
+        pub = asyncio.run(publish_rate(server.url, args.publish_messages))
+        worker = start_worker(server.url)
+        try:
+            asyncio.run(drive(args.warmup, args.concurrency, progress=False))
+            lat, wall, errors = asyncio.run(drive(args.runs, args.concurrency, not args.no_progress))
+        finally:
+            stop_worker(worker)
+        version = ".".join(map(str, server_version(server.binary)))
+
+    rate = len(lat) / wall
+    out: dict[str, Any] = {
+        "runs": args.runs,
+        "concurrency": args.concurrency,
+        "wall_s": round(wall, 3),
+        "errors": errors,
+        "runs_per_s": round(rate, 1),
+        "p50_ms": round(pct(lat, 0.50) * 1000, 2),
+        "p99_ms": round(pct(lat, 0.99) * 1000, 2),
+        "mean_ms": round(statistics.fmean(lat) * 1000, 2) if lat else None,
+        "jetstream_publish_per_s": round(pub, 1),
+        "runs_per_publish_ratio": round(rate / pub, 4),
+        "nats_server": version,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+    print(f"{len(lat)} trivial durable runs in {wall:.2f} s: {rate:,.0f} runs/s, "
+          f"p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms, errors {errors}")
+    print(f"raw JetStream pipelined publish: {pub:,.0f} msg/s (runs/s / publish/s = {out['runs_per_publish_ratio']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
