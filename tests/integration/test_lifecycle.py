@@ -1,0 +1,99 @@
+"""Run states, recorded time, absolute sleeps, and timers that fire late or twice."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from actors.wire import Activation, encode_activation
+from sdk import Bide, DurableContext, EmptyModel, RunStatus
+from tests.support import running_worker, wait_until
+
+
+def _define(bide: Bide) -> tuple:
+    @bide.durable_task(name="LifecycleSleep")
+    async def sleeper(input: EmptyModel, ctx: DurableContext) -> dict[str, str]:
+        first = await ctx.aio_now()
+        await ctx.aio_sleep_for(timedelta(seconds=1.5))
+        again = await ctx.aio_now()
+        return {"first": first.isoformat(), "again": again.isoformat()}
+
+    @bide.durable_task(name="LifecycleUntil")
+    async def until(input: dict, ctx: DurableContext) -> float:
+        res = await ctx.aio_sleep_until(datetime.fromisoformat(input["at"]))
+        return res.duration.total_seconds()
+
+    return sleeper, until
+
+
+async def test_states_go_queued_waiting_completed(bide: Bide) -> None:
+    sleeper, until = _define(bide)
+    ref = await sleeper.aio_run_no_wait(EmptyModel())
+    # No worker yet: the run exists durably and is queued.
+    assert (await bide.runs.aio_get(ref.workflow_run_id)).status is RunStatus.QUEUED
+    async with running_worker(bide, [sleeper, until]):
+        async def status_is(s: RunStatus) -> bool:
+            return (await bide.runs.aio_get(ref.workflow_run_id)).status is s
+
+        await wait_until(lambda: status_is(RunStatus.WAITING), timeout=10, what="the run to be waiting")
+        result = await ref.aio_result(timeout=15)
+        info = await bide.runs.aio_get(ref.workflow_run_id)
+        assert info.status is RunStatus.COMPLETED
+        assert info.result == result
+        # aio_now is recorded: the value from before the eviction is the one replayed after it.
+        hist = await bide.runs.aio_history(ref.workflow_run_id)
+        recorded = [e.at for e in hist.entries if e.k == "now"]
+        assert len(recorded) == 2
+        assert datetime.fromisoformat(result["first"]) == recorded[0]
+        assert datetime.fromisoformat(result["again"]) - datetime.fromisoformat(result["first"]) >= timedelta(
+            seconds=1.5
+        )
+
+
+async def test_sleep_until_an_absolute_time(bide: Bide) -> None:
+    sleeper, until = _define(bide)
+    async with running_worker(bide, [sleeper, until]):
+        at = datetime.now(UTC) + timedelta(seconds=2)
+        slept = await until.aio_run({"at": at.isoformat()}, timeout=15)
+        assert datetime.now(UTC) >= at
+        assert 1.0 < slept <= 2.0
+
+
+async def test_duplicate_and_late_timers_do_no_harm(bide: Bide) -> None:
+    sleeper, until = _define(bide)
+    conn = await bide._pool.get()
+    async with running_worker(bide, [sleeper, until]) as worker:
+        ref = await sleeper.aio_run_no_wait(EmptyModel())
+        run_id = ref.workflow_run_id
+
+        async def sleeping() -> bool:
+            return any(e.k == "sleep_scheduled" for e in (await bide.runs.aio_history(run_id)).entries)
+
+        await wait_until(sleeping, timeout=10, what="the run to sleep")
+        subject = conn.layout.subjects.work("LifecycleSleep", run_id)
+        early = Activation(run_id=run_id, task="LifecycleSleep", kind="timer", pos=1)
+        # A timer that fires twice, early: the run replays, finds its deadline ahead, and sleeps on.
+        turns = worker.host.turns
+        for _ in range(2):
+            await conn.js.publish(subject, encode_activation(early))
+        await wait_until(lambda: worker.host.turns >= turns + 2, timeout=10, what="the early timers' turns")
+        await ref.aio_result(timeout=15)
+        # A late duplicate after the run finished is acknowledged and changes nothing.
+        before = (await bide.runs.aio_history(run_id)).entries
+        await conn.js.publish(subject, encode_activation(early))
+
+        async def consumed() -> bool:
+            info = await conn.js.consumer_info(conn.layout.subjects.work_stream,
+                                               conn.layout.subjects.consumer_name("LifecycleSleep"))
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await wait_until(consumed, timeout=10, what="the late timer to be consumed")
+        after = (await bide.runs.aio_history(run_id)).entries
+        assert [e.k for e in after] == [e.k for e in before]
+        kinds = [(e.k, getattr(e, "pos", None)) for e in after]
+        assert kinds.count(("sleep_scheduled", 1)) == 1
+        assert kinds.count(("sleep_fired", 1)) == 1
+        assert sum(1 for e in after if e.k == "run_completed") == 1
+        # The early timers did not end the sleep before its recorded deadline.
+        wake_at = next(e.wake_at for e in after if e.k == "sleep_scheduled")
+        fired_at = next(e.at for e in after if e.k == "sleep_fired")
+        assert fired_at >= wake_at
