@@ -7,9 +7,8 @@ from typing import Any
 
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
-from actors.jetstream import ERR_WRONG_LAST_SEQUENCE, direct_get_last, direct_get_subject
+from actors.jetstream import ERR_WRONG_LAST_SEQUENCE, Publisher, direct_get_last, direct_get_subject
 from actors.wire import (
     HDR_EXPECTED_LAST_SUBJECT_SEQ,
     TERMINAL_KINDS,
@@ -48,9 +47,9 @@ class RunHistory:
 class HistoryLog:
     """Reads and appends run histories on ``<prefix>.history.<run>``."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, subjects: Subjects) -> None:
+    def __init__(self, nc: NATS, publisher: Publisher, subjects: Subjects) -> None:
         self._nc = nc
-        self._js = js
+        self._pub = publisher
         self._subjects = subjects
 
     async def read(self, run_id: str) -> RunHistory:
@@ -81,10 +80,8 @@ class HistoryLog:
         """
         data = encode_history(entries)
         try:
-            ack = await self._js.publish(
-                self._subjects.history(run_id),
-                data,
-                headers={HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq)},
+            seq = await self._pub.publish(
+                self._subjects.history(run_id), data, {HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq)}
             )
         except nats.js.errors.APIError as e:
             if e.err_code == ERR_WRONG_LAST_SEQUENCE:
@@ -92,4 +89,4 @@ class HistoryLog:
             raise
         if notify and entries and entries[-1].k in TERMINAL_KINDS:
             await self._nc.publish(notify, data)
-        return int(ack.seq)
+        return seq

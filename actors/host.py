@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 
 from actors.activation_queue import ActivationQueue, SlotPool
 from actors.history import HistoryConflict, HistoryLog, RunHistory
-from actors.jetstream import Layout, connect, ensure_streams, ensure_task_consumer
+from actors.jetstream import Layout, Publisher, connect, ensure_streams, ensure_task_consumer
 from actors.replay import Turn
 from actors.timers import TimerScheduler
 from actors.wire import (
@@ -80,6 +80,7 @@ class ActorHost:
         self._locks: dict[str, asyncio.Lock] = {}
         self._in_flight: dict[int, Msg] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._publisher: Publisher | None = None
         self.turns = 0
 
     async def start(self) -> None:
@@ -87,7 +88,8 @@ class ActorHost:
                                       connect_timeout=self.config.connect_timeout_s)
         js = nc.jetstream(timeout=10.0)
         await ensure_streams(js, self.layout)
-        self._history = HistoryLog(nc, js, self.layout.subjects)
+        self._publisher = await Publisher(nc).start()
+        self._history = HistoryLog(nc, self._publisher, self.layout.subjects)
         self._timers = TimerScheduler(js, self.layout.subjects)
         for t in self._tasks.values():
             consumer = await ensure_task_consumer(js, self.layout, t.name)
@@ -113,6 +115,8 @@ class ActorHost:
             await q.close()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if self._publisher is not None:
+            await self._publisher.close()
         if self._nc is not None:
             await self._nc.drain()
 

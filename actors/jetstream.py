@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -138,6 +141,77 @@ async def ensure_task_consumer(js: JetStreamContext, layout: Layout, task: str) 
     await js.add_consumer(layout.subjects.work_stream, cfg)
     assert cfg.durable_name is not None
     return cfg.durable_name
+
+
+class Publisher:
+    """JetStream publishes awaiting their acks through one reply subscription.
+
+    ``js.publish`` makes every publish a core request (a reply token and a timer each);
+    on the hot path that costs more than the publish. Here acks are matched by a
+    counter token and one sweeper fails publishes whose ack never came.
+    """
+
+    def __init__(self, nc: NATS, timeout: float = 10.0) -> None:
+        self._nc = nc
+        self._timeout = timeout
+        self._prefix = nc.new_inbox() + "."
+        self._ids = itertools.count()
+        self._pending: dict[str, asyncio.Future[int]] = {}
+        self._deadlines: deque[tuple[float, str]] = deque()
+        self._sub: Any = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> Publisher:
+        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_ack)
+        self._sweeper = asyncio.create_task(self._sweep(), name="bide-publish-sweeper")
+        return self
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        """Publish and return the stream sequence; raises the JetStream API error on refusal."""
+        token = str(next(self._ids))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._pending[token] = fut
+        self._deadlines.append((loop.time() + self._timeout, token))
+        try:
+            await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
+            return await fut
+        finally:
+            self._pending.pop(token, None)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self._pending.pop(msg.subject[len(self._prefix):], None)
+        if fut is None or fut.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            fut.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        resp = orjson.loads(msg.data)
+        err = resp.get("error")
+        if err is None:
+            fut.set_result(int(resp["seq"]))
+            return
+        try:
+            nats.js.errors.APIError.from_error(err)  # raises the typed error
+        except nats.js.errors.APIError as e:
+            fut.set_exception(e)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.5)
+            now = loop.time()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, token = self._deadlines.popleft()
+                fut = self._pending.pop(token, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(TimeoutError(f"no JetStream ack within {self._timeout}s"))
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._sub is not None:
+            await self._sub.unsubscribe()
 
 
 async def api_request(nc: NATS, subject: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from actors.history import HistoryLog
-from actors.jetstream import Layout, connect, ensure_streams
+from actors.jetstream import Layout, Publisher, connect, ensure_streams
 from actors.wire import TERMINAL_KINDS, Subjects, decode_history, decode_token, encode_token
 from sdk.config import BideConfig
 
@@ -71,6 +71,7 @@ class Connection:
     history: HistoryLog
     layout: Layout
     results: ResultInbox
+    publisher: Publisher
 
 
 class ConnectionPool:
@@ -120,7 +121,8 @@ class ConnectionPool:
             self._streams_ready = True
         results = ResultInbox(nc)
         await results.open()
-        return Connection(nc, js, HistoryLog(nc, js, self.layout.subjects), self.layout, results)
+        publisher = await Publisher(nc).start()
+        return Connection(nc, js, HistoryLog(nc, publisher, self.layout.subjects), self.layout, results, publisher)
 
     def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` to completion from plain (non-async) code on the private loop thread."""
@@ -135,7 +137,9 @@ class ConnectionPool:
         with self._lock:
             fut = self._by_loop.pop(loop, None)
         if fut is not None and fut.done() and fut.exception() is None:
-            await fut.result().nc.close()
+            conn = fut.result()
+            await conn.publisher.close()
+            await conn.nc.close()
 
     def close(self) -> None:
         with self._lock:

@@ -60,8 +60,8 @@ async def start_run(conn: Connection, req: StartRequest, notify: str | None = No
     except HistoryConflict:
         raise ValueError(f"a run with id {req.run_id!r} already exists") from None
     act = Activation(run_id=req.run_id, task=req.task, kind="start", history_seq=seq, started=started)
-    await conn.js.publish(
-        conn.layout.subjects.work(req.task, req.run_id), encode_activation(act), headers={HDR_BIDE_KIND: "start"}
+    await conn.publisher.publish(
+        conn.layout.subjects.work(req.task, req.run_id), encode_activation(act), {HDR_BIDE_KIND: "start"}
     )
 
 
