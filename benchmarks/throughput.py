@@ -30,16 +30,31 @@ from actors.server import EmbeddedServer, server_version
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def publish_rate(url: str, messages: int, window: int = 1000) -> float:
-    """Raw pipelined JetStream publishes: many in flight, then await the acks."""
+async def publish_rate(url: str, messages: int, window: int = 2000) -> float:
+    """Raw pipelined JetStream publishes: up to ``window`` unacked, acks counted on one inbox."""
     nc = await nats.connect(url)
     js = nc.jetstream()
     await js.add_stream(name="BENCH_RAW", subjects=["benchraw.>"])
+    inbox = nc.new_inbox()
+    acked = 0
+    progress = asyncio.Event()
+
+    async def on_ack(msg: Any) -> None:
+        nonlocal acked
+        acked += 1
+        progress.set()
+
+    await nc.subscribe(inbox + ".*", cb=on_ack)
     payload = b"x" * 64
     t0 = time.perf_counter()
-    for start in range(0, messages, window):
-        futs = [await js.publish_async(f"benchraw.{i % 16}", payload) for i in range(start, start + window)]
-        await asyncio.gather(*futs)
+    for i in range(messages):
+        while i - acked >= window:
+            progress.clear()
+            await progress.wait()
+        await nc.publish(f"benchraw.{i % 16}", payload, reply=f"{inbox}.{i}")
+    while acked < messages:
+        progress.clear()
+        await progress.wait()
     rate = messages / (time.perf_counter() - t0)
     await js.delete_stream("BENCH_RAW")
     await nc.close()
