@@ -65,6 +65,9 @@ async def start_run(conn: Connection, req: StartRequest, notify: str | None = No
     )
 
 
+_TERMINAL_MARKERS = tuple(f'"k":"{k}"'.encode() for k in TERMINAL_KINDS)
+
+
 class _TerminalWatch:
     """A core-NATS subscription on the run's history subject, opened before anything can finish."""
 
@@ -74,7 +77,8 @@ class _TerminalWatch:
 
     async def open(self, conn: Connection, run_id: str) -> None:
         async def _on_msg(m: Msg) -> None:
-            if self.terminal.done():
+            # Most history messages are checkpoints: skip decoding those.
+            if self.terminal.done() or not any(t in m.data for t in _TERMINAL_MARKERS):
                 return
             for e in decode_history(m.data):
                 if e.k in TERMINAL_KINDS:

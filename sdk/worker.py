@@ -48,10 +48,8 @@ class Worker:
 
         async def main() -> None:
             loop = asyncio.get_running_loop()
-            task = asyncio.current_task()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._request_stop)
-            del task
             await self.async_start()
 
         asyncio.run(main())
