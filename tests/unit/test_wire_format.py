@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from actors.wire import (
+    MemoRecorded,
+    RunCompleted,
+    RunStarted,
+    Subjects,
+    args_hash,
+    decode_history,
+    decode_token,
+    encode_history,
+    encode_token,
+    utcnow,
+)
+from sdk.context import parse_duration
+
+TRICKY = ["a.b", "x y", "tab\there", "%", "%2E", "*", ">", "a.*.>", "user:update", "é/ü", "line\nbreak",
+          "nbsp\u00a0", "sep\u2028", "orders/2024/created"]
+
+
+@pytest.mark.parametrize("value", TRICKY)
+def test_tokens_round_trip_and_never_hold_separators(value: str) -> None:
+    token = encode_token(value)
+    assert decode_token(token) == value
+    assert not any(c in token for c in ".*>") and not any(c.isspace() for c in token)
+
+
+def test_plain_names_stay_readable() -> None:
+    assert encode_token("user:update") == "user:update"
+    assert Subjects("bide").history("abc") == "bide.history.abc"
+    with pytest.raises(ValueError):
+        encode_token("")
+
+
+def test_history_envelope_round_trips() -> None:
+    now = utcnow()
+    entries = [
+        RunStarted(run_id="r", task="T", durable=True, input={"a": [1, 2]}, at=now),
+        MemoRecorded(pos=0, name="f", args_hash="ab", result={"x": None}),
+        RunCompleted(result=[1, "two"], at=now),
+    ]
+    assert decode_history(encode_history(entries)) == entries
+
+
+def test_newer_envelope_versions_are_refused() -> None:
+    with pytest.raises(ValueError, match="newer"):
+        decode_history(b'{"v":99,"e":[]}')
+
+
+def test_args_hash_is_stable_and_order_sensitive() -> None:
+    assert args_hash(1, {"b": 2, "a": 1}) == args_hash(1, {"a": 1, "b": 2})
+    assert args_hash(1, 2) != args_hash(2, 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("5s", 5), ("2m", 120), ("1h30m", 5400), ("500ms", 0.5), ("3d", 259200), (timedelta(seconds=7), 7), (1.5, 1.5)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text, "d").total_seconds() == seconds  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["", "5", "5x", "5 parsecs", "s"])
+def test_bad_durations_name_the_value(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text, "duration")
+
+
+def test_negative_durations_are_refused() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        parse_duration(-1, "duration")
