@@ -226,11 +226,7 @@ class ActorHost:
                 await self._timers.schedule(hist.run_id, defn.name, t.pos, t.wake_at)
         else:
             await _cancel(user)
-            err = TaskTimeoutError(
-                f"task {defn.name!r} (run {hist.run_id}) exceeded its execution_timeout of "
-                f"{started.execution_timeout_s:g}s"
-            )
-            await turn.flush([RunFailed(error=error_info(err), at=utcnow())])
+            await turn.flush([_timed_out(defn, hist.run_id, started.execution_timeout_s)])
 
     async def _regular_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int) -> None:
         started = hist.entries[0]
@@ -251,12 +247,7 @@ class ActorHost:
             outcome: Any = self._outcome(user, defn)
         else:
             await _cancel(user)
-            outcome = RunFailed(
-                error=error_info(TaskTimeoutError(
-                    f"task {defn.name!r} (run {hist.run_id}) exceeded its execution_timeout of "
-                    f"{started.execution_timeout_s:g}s")),
-                at=utcnow(),
-            )
+            outcome = _timed_out(defn, hist.run_id, started.execution_timeout_s)
         await self._history.append(hist.run_id, [begun, outcome], hist.last_seq, started.meta.get("notify"))
 
     @staticmethod
@@ -268,6 +259,11 @@ class ActorHost:
             return RunCompleted(result=defn.signature.dump_output(user.result()), at=utcnow())
         except OutputSerializationError as e:
             return RunFailed(error=error_info(e), at=utcnow())
+
+
+def _timed_out(defn: TaskDefinition, run_id: str, limit_s: float) -> RunFailed:
+    err = TaskTimeoutError(f"task {defn.name!r} (run {run_id}) exceeded its execution_timeout of {limit_s:g}s")
+    return RunFailed(error=error_info(err), at=utcnow())
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
