@@ -206,26 +206,22 @@ class ActorHost:
         except asyncio.CancelledError:
             await _cancel(user)
             raise
+        finished = user in done
+        # Evict (the slot and the coroutine's memory are freed now); a finished task's
+        # exception is marked retrieved either way.
+        await _cancel(user)
         if turn.fatal is not None:
-            await _cancel(user)
             if isinstance(turn.fatal, HistoryConflict):
-                raise turn.fatal
+                raise turn.fatal  # another host wrote first: drop this stale turn
             await turn.flush([RunFailed(error=error_info(turn.fatal), at=utcnow())])
-        elif user in done:
+        elif finished:
             await turn.flush([self._outcome(user, defn)])
         elif turn.suspended in done:
-            await _cancel(user)  # evict: the slot and the coroutine's memory are freed now
-            if turn.fatal is not None:
-                if isinstance(turn.fatal, HistoryConflict):
-                    raise turn.fatal
-                await turn.flush([RunFailed(error=error_info(turn.fatal), at=utcnow())])
-                return
             if turn.has_new_facts:
                 await turn.flush()
             for t in turn.timers:
                 await self._timers.schedule(hist.run_id, defn.name, t.pos, t.wake_at)
         else:
-            await _cancel(user)
             await turn.flush([_timed_out(defn, hist.run_id, started.execution_timeout_s)])
 
     async def _regular_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int) -> None:
