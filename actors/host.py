@@ -92,7 +92,7 @@ class ActorHost:
         self._history = HistoryLog(nc, self._publisher, self.layout.subjects)
         self._timers = TimerScheduler(js, self.layout.subjects)
         for t in self._tasks.values():
-            consumer = await ensure_task_consumer(js, self.layout, t.name)
+            consumer = await ensure_task_consumer(js, self.layout, t.name, t.durable)
             pool = self.durable_slots if t.durable else self.slots
             q = ActivationQueue(nc, self.layout.subjects.work_stream, consumer, pool, self._handle)
             await q.start()

@@ -120,7 +120,7 @@ async def ensure_streams(js: JetStreamContext, layout: Layout) -> None:
             await js.update_stream(cfg)
 
 
-def task_consumer_config(layout: Layout, task: str) -> ConsumerConfig:
+def task_consumer_config(layout: Layout, task: str, durable: bool) -> ConsumerConfig:
     s = layout.subjects
     return ConsumerConfig(
         durable_name=s.consumer_name(task),
@@ -132,12 +132,12 @@ def task_consumer_config(layout: Layout, task: str) -> ConsumerConfig:
         max_ack_pending=20_000,
         max_waiting=2048,
         num_replicas=layout.replicas,
-        metadata={"bide_task": task},
+        metadata={"bide_task": task, "bide_durable": "true" if durable else "false"},
     )
 
 
-async def ensure_task_consumer(js: JetStreamContext, layout: Layout, task: str) -> str:
-    cfg = task_consumer_config(layout, task)
+async def ensure_task_consumer(js: JetStreamContext, layout: Layout, task: str, durable: bool) -> str:
+    cfg = task_consumer_config(layout, task, durable)
     await js.add_consumer(layout.subjects.work_stream, cfg)
     assert cfg.durable_name is not None
     return cfg.durable_name

@@ -117,7 +117,9 @@ class Bide:
         validate_task_name(task)
         conn = await self._pool.get()
         try:
-            await conn.js.consumer_info(conn.layout.subjects.work_stream, conn.layout.subjects.consumer_name(task))
+            info = await conn.js.consumer_info(
+                conn.layout.subjects.work_stream, conn.layout.subjects.consumer_name(task)
+            )
         except nats.js.errors.NotFoundError:
             known = await self.aio_known_tasks()
             raise UnknownTaskError(
@@ -127,7 +129,7 @@ class Bide:
         defined = self._tasks.get(task)
         req = StartRequest(
             task=task,
-            durable=defined.durable if defined else False,
+            durable=defined.durable if defined else (info.config.metadata or {}).get("bide_durable") == "true",
             input=defined.signature.dump_input(input) if defined else input,
             run_id=new_run_id(),
         )
