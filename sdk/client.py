@@ -11,7 +11,7 @@ import nats.js.errors
 from sdk._connection import ConnectionPool
 from sdk.config import BideConfig
 from sdk.errors import UnknownTaskError
-from sdk.runs import RunRef, RunsClient, StartRequest, new_run_id, start_and_wait, start_run, unwrap_terminal
+from sdk.runs import RunRef, RunsClient, StartRequest, new_run_id, start_run
 from sdk.tasks import TaskDefinition, validate_task_name
 from sdk.worker import Worker
 
@@ -155,4 +155,4 @@ class Bide:
         await self.aclose()
 
 
-__all__ = ["Bide", "start_and_wait", "unwrap_terminal"]
+__all__ = ["Bide"]
