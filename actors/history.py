@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,10 +13,13 @@ from actors.jetstream import ERR_WRONG_LAST_SEQUENCE, Publisher, direct_get_last
 from actors.wire import (
     HDR_EXPECTED_LAST_SUBJECT_SEQ,
     TERMINAL_KINDS,
+    EventSignal,
     Subjects,
     decode_history,
     encode_history,
 )
+
+log = logging.getLogger("bide.history")
 
 
 class HistoryConflict(Exception):
@@ -35,6 +39,8 @@ class RunHistory:
     entries: list[Any] = field(default_factory=list)
     last_seq: int = 0
     times: list[str] = field(default_factory=list)
+    inbox: list[tuple[int, EventSignal]] = field(default_factory=list)
+    """Signals on the run's inbox that no history entry has taken yet, in arrival order."""
 
     @property
     def terminal(self) -> Any | None:
@@ -53,16 +59,31 @@ class HistoryLog:
         self._subjects = subjects
 
     async def read(self, run_id: str) -> RunHistory:
+        """The run's history and its untaken inbox signals, in one read (both subjects, stream order)."""
         msgs = await direct_get_subject(
-            self._nc, self._subjects.history_stream, self._subjects.history(run_id)
+            self._nc, self._subjects.history_stream, self._subjects.run_all(run_id)
         )
         hist = RunHistory(run_id)
+        inbox_subject = self._subjects.inbox(run_id)
+        inbox: list[tuple[int, EventSignal]] = []
+        taken = 0
         for m in msgs:
+            hdrs = m.headers or {}
+            seq = int(hdrs.get("Nats-Sequence", "0"))
+            if hdrs.get("Nats-Subject") == inbox_subject:
+                try:
+                    inbox.append((seq, EventSignal.model_validate_json(m.data)))
+                except ValueError:
+                    log.error("run %s: dropping malformed inbox message %d: %r", run_id, seq, m.data[:200])
+                continue
             batch = decode_history(m.data)
             hist.entries.extend(batch)
-            hdrs = m.headers or {}
             hist.times.extend([hdrs.get("Nats-Time-Stamp", "")] * len(batch))
-            hist.last_seq = int(hdrs.get("Nats-Sequence", "0"))
+            hist.last_seq = seq
+            for e in batch:
+                if e.k == "signal":
+                    taken = max(taken, e.inbox_seq)
+        hist.inbox = [(seq, sig) for seq, sig in inbox if seq > taken]
         return hist
 
     async def read_last(self, run_id: str) -> list[Any]:

@@ -18,16 +18,20 @@ from nats.aio.msg import Msg
 
 from actors.activation_queue import ActivationQueue, SlotPool
 from actors.history import HistoryConflict, HistoryLog, RunHistory
-from actors.jetstream import Layout, Publisher, connect, ensure_streams, ensure_task_consumer
+from actors.jetstream import Layout, Publisher, api_request, connect, ensure_streams, ensure_task_consumer
 from actors.replay import Turn
+from actors.router import EventRouter, publish_registrations
 from actors.timers import TimerScheduler
 from actors.wire import (
+    HDR_ROLLUP,
+    HDR_TTL,
     Activation,
     ActivationBegun,
     ErrorInfo,
     RunCompleted,
     RunFailed,
-    Subjects,
+    SignalReceived,
+    TriggerRegistration,
     decode_activation,
     utcnow,
 )
@@ -65,10 +69,11 @@ class ActorHost:
         durable_slots: int,
         *,
         shutdown_grace_s: float = 20.0,
+        route_events: bool = True,
     ) -> None:
         self.config = config
         self.host_id = f"{name}@{socket.gethostname()}:{os.getpid()}"
-        self.layout = Layout(Subjects(config.prefix), replicas=config.replicas, ack_wait_s=config.ack_wait_s)
+        self.layout = Layout.from_config(config)
         self._tasks = {t.name: t for t in tasks}
         if len(self._tasks) != len(tasks):
             raise ValueError("a worker cannot host two tasks with the same name")
@@ -81,6 +86,9 @@ class ActorHost:
         self._in_flight: dict[int, Msg] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._publisher: Publisher | None = None
+        self._route_events = route_events
+        self.router: EventRouter | None = None
+        self._chores: set[asyncio.Task[Any]] = set()
         self.turns = 0
 
     async def start(self) -> None:
@@ -91,6 +99,16 @@ class ActorHost:
         self._publisher = await Publisher(nc).start()
         self._history = HistoryLog(nc, self._publisher, self.layout.subjects)
         self._timers = TimerScheduler(js, self.layout.subjects)
+        for t in self._tasks.values():
+            if t.on_events:
+                # Triggers travel in the events stream: every event after this one sees them.
+                trig = TriggerRegistration(task=t.name, durable=t.durable, on_events=list(t.on_events))
+                await self._publisher.publish(
+                    self.layout.subjects.trigger(t.name), trig.model_dump_json().encode(),
+                    {HDR_ROLLUP: "sub", HDR_TTL: "never"},
+                )
+        if self._route_events:
+            self.router = await EventRouter(nc, self._publisher, self.layout, self._history).start()
         for t in self._tasks.values():
             consumer = await ensure_task_consumer(js, self.layout, t.name, t.durable)
             pool = self.durable_slots if t.durable else self.slots
@@ -113,6 +131,10 @@ class ActorHost:
                 await asyncio.wait(still, timeout=5)
         for q in self._queues:
             await q.close()
+        if self.router is not None:
+            await self.router.stop()
+        if self._chores:
+            await asyncio.wait(self._chores, timeout=5)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         if self._publisher is not None:
@@ -182,6 +204,15 @@ class ActorHost:
         if hist.terminal is not None:
             await msg.ack()
             return
+        if defn.durable and act.kind in ("timer", "signal") and not _needs_user_code(act, hist):
+            # Nothing for the code to do (a loser of an or-group, a signal taken already, an
+            # event for a wait not made yet): record any new signals, never resume the code.
+            if hist.inbox:
+                entries: list[Any] = [SignalReceived(inbox_seq=q, signal=sig) for q, sig in hist.inbox]
+                await self._history.append(act.run_id, entries, hist.last_seq)
+                self._purge_inbox(act.run_id, hist.inbox[-1][0])
+            await msg.ack()
+            return
         self.turns += 1
         if defn.durable:
             await self._durable_turn(hist, defn, attempt)
@@ -213,16 +244,65 @@ class ActorHost:
         if turn.fatal is not None:
             if isinstance(turn.fatal, HistoryConflict):
                 raise turn.fatal  # another host wrote first: drop this stale turn
+            turn.finished_or_failed = True
             await turn.flush([RunFailed(error=error_info(turn.fatal), at=utcnow())])
         elif finished:
+            turn.finished_or_failed = True
             await turn.flush([self._outcome(user, defn)])
         elif turn.suspended in done:
             if turn.has_new_facts:
                 await turn.flush()
             for t in turn.timers:
                 await self._timers.schedule(hist.run_id, defn.name, t.pos, t.wake_at)
+            if turn.pending_wait is not None:
+                # After the wait is in the history: a crash in between re-registers on replay.
+                await publish_registrations(self._publisher_, self.layout, turn.pending_wait.wait, hist.run_id,
+                                            defn.name, turn.run_input, "register")
         else:
             await turn.flush([_timed_out(defn, hist.run_id, started.execution_timeout_s)])
+        await self._after_turn(turn, defn, hist)
+
+    async def _after_turn(self, turn: Turn, defn: TaskDefinition, hist: RunHistory) -> None:
+        """Tidy up what the turn left behind: registrations of waits that ended, their timers, the inbox."""
+        ended = list(turn.resolved)
+        if turn.finished_or_failed:
+            ended += list(turn.open_waits.values())  # the run ended while they were open
+        now = utcnow()
+        for w in ended:
+            await publish_registrations(self._publisher_, self.layout, w, hist.run_id, defn.name, None, "cancel")
+            if any(c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for g in w.groups for c in g):
+                # The loser of an or-group never resumes the run: its timer is withdrawn.
+                self._chore(self._timers.cancel(hist.run_id, w.pos))
+        if turn.took_signals:
+            self._purge_inbox(hist.run_id, hist.inbox[-1][0])
+
+    @property
+    def _publisher_(self) -> Publisher:
+        assert self._publisher is not None
+        return self._publisher
+
+    def _purge_inbox(self, run_id: str, upto_seq: int) -> None:
+        """Signals recorded in the history leave the inbox (the history keeps the taken seq)."""
+        s = self.layout.subjects
+        nc = self._nc
+        assert nc is not None
+
+        async def _purge() -> None:
+            await api_request(nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
+                              {"filter": s.inbox(run_id), "seq": upto_seq + 1})
+
+        self._chore(_purge())
+
+    def _chore(self, coro: Any) -> None:
+        async def _guarded() -> None:
+            try:
+                await coro
+            except Exception as e:
+                log.debug("background chore failed: %s", e)
+
+        t = asyncio.create_task(_guarded())
+        self._chores.add(t)
+        t.add_done_callback(self._chores.discard)
 
     async def _regular_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int) -> None:
         started = hist.entries[0]
@@ -255,6 +335,31 @@ class ActorHost:
             return RunCompleted(result=defn.signature.dump_output(user.result()), at=utcnow())
         except OutputSerializationError as e:
             return RunFailed(error=error_info(e), at=utcnow())
+
+
+def _needs_user_code(act: Activation, hist: RunHistory) -> bool:
+    """Whether a timer or signal activation can change what the run's code does next."""
+    open_waits: dict[str, Any] = {}
+    fired: set[int] = set()
+    for e in hist.entries:
+        if e.k == "wait_registered":
+            open_waits[e.wait_id] = e
+        elif e.k == "wait_resolved":
+            open_waits.pop(e.wait_id, None)
+            fired.add(e.pos)
+        elif e.k == "sleep_fired":
+            fired.add(e.pos)
+    if act.kind == "timer" and act.pos is not None and act.pos not in fired:
+        return True
+    for _, sig in hist.inbox:
+        if sig.source == "event" and sig.wait_id in open_waits:
+            return True
+        if sig.source == "direct" and any(
+            c.kind == "event" and c.event_key == sig.name
+            for w in open_waits.values() for g in w.groups for c in g
+        ):
+            return True
+    return False
 
 
 def _timed_out(defn: TaskDefinition, run_id: str, limit_s: float) -> RunFailed:

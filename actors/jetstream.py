@@ -8,7 +8,7 @@ import json
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 import nats.errors
@@ -29,6 +29,9 @@ from nats.js.api import (
 
 from actors.wire import Subjects
 
+if TYPE_CHECKING:
+    from sdk.config import BideConfig
+
 log = logging.getLogger("bide.jetstream")
 
 ERR_WRONG_LAST_SEQUENCE = 10071
@@ -48,6 +51,21 @@ class Layout:
     replicas: int = 1
     history_max_age_s: float = 30 * 24 * 3600
     ack_wait_s: float = 30.0
+    events_max_age_s: float = 24 * 3600
+    """How long events are kept for lookback (the longest lookback window that can see anything)."""
+    event_dedupe_window_s: float = 600.0
+    """Pushing an event id again within this window is a no-op (JetStream de-duplication)."""
+    router_failover_s: float = 5.0
+    """How long the event router's owner may be silent before another process takes over."""
+
+    @classmethod
+    def from_config(cls, config: BideConfig) -> Layout:
+        return cls(
+            Subjects(config.prefix),
+            replicas=config.replicas,
+            ack_wait_s=config.ack_wait_s,
+            events_max_age_s=config.events_max_age_s,
+        )
 
 
 async def connect(url: str, *, name: str = "bide", connect_timeout: float = 2.0) -> NATS:
@@ -85,7 +103,7 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
     return [
         StreamConfig(
             name=s.history_stream,
-            subjects=[s.history_all],
+            subjects=[s.history_all, s.inbox_all],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=layout.history_max_age_s,
@@ -105,19 +123,68 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
             allow_direct=True,
             duplicate_window=120.0,
         ),
+        StreamConfig(
+            name=s.events_stream,
+            subjects=[s.events_all, s.waits_all, s.triggers_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=layout.events_max_age_s,
+            num_replicas=layout.replicas,
+            allow_direct=True,
+            allow_rollup_hdrs=True,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=layout.event_dedupe_window_s,
+        ),
     ]
 
 
 async def ensure_streams(js: JetStreamContext, layout: Layout) -> None:
     """Create or update every stream; safe to call from every process at start-up."""
     for cfg in _stream_configs(layout):
+        # nats-py's StreamConfig has no allow_msg_ttl: send the raw request.
+        body = cfg.as_dict()
+        if cfg.name == layout.subjects.events_stream:
+            body["allow_msg_ttl"] = True
         try:
-            await js.add_stream(cfg)
-        except nats.js.errors.BadRequestError as e:
+            await api_request(js._nc, f"$JS.API.STREAM.CREATE.{cfg.name}", body)
+        except nats.js.errors.APIError as e:
             # 10058: stream name in use with a different configuration.
             if e.err_code != 10058:
                 raise
-            await js.update_stream(cfg)
+            await api_request(js._nc, f"$JS.API.STREAM.UPDATE.{cfg.name}", body)
+    await ensure_router_consumer(js._nc, layout)
+
+
+async def ensure_router_consumer(nc: NATS, layout: Layout) -> None:
+    """The event router's consumer: every event, wait and trigger registration, in stream order.
+
+    It exists as soon as the stream does, so nothing published later is missed. One
+    process at a time owns it (a pinned-client priority group, ADR-42); another takes
+    over when the owner has been silent for ``router_failover_s``.
+    """
+    s = layout.subjects
+    config = {
+        "durable_name": s.router_consumer,
+        "filter_subjects": [s.events_all, s.waits_all, s.triggers_all],
+        "ack_policy": "explicit",
+        "deliver_policy": "all",
+        "ack_wait": int(max(30.0, layout.ack_wait_s) * 1e9),
+        "max_deliver": -1,
+        "max_ack_pending": 100_000,
+        "num_replicas": layout.replicas,
+        "priority_groups": [ROUTER_GROUP],
+        "priority_policy": "pinned_client",
+        "priority_timeout": int(layout.router_failover_s * 1e9),
+    }
+    await api_request(
+        nc,
+        f"$JS.API.CONSUMER.CREATE.{s.events_stream}.{s.router_consumer}",
+        {"stream_name": s.events_stream, "config": config},
+    )
+
+
+ROUTER_GROUP = "router"
+"""The priority group the router's owner is pinned in."""
 
 
 def task_consumer_config(layout: Layout, task: str, durable: bool) -> ConsumerConfig:
@@ -223,7 +290,15 @@ async def api_request(nc: NATS, subject: str, body: dict[str, Any], timeout: flo
 
 
 async def direct_get_subject(
-    nc: NATS, stream: str, subject: str, *, start_seq: int = 0, batch: int = 1000, timeout: float = 5.0
+    nc: NATS,
+    stream: str,
+    subject: str,
+    *,
+    start_seq: int = 0,
+    batch: int = 1000,
+    limit: int | None = None,
+    start_time: str | None = None,
+    timeout: float = 5.0,
 ) -> list[Msg]:
     """Every message on ``subject`` from ``start_seq``, by batch direct get (ADR-31).
 
@@ -248,7 +323,11 @@ async def direct_get_subject(
 
         sub = await nc.subscribe(inbox, cb=_on_msg)
         try:
-            req = {"seq": seq, "next_by_subj": subject, "batch": batch}
+            req: dict[str, Any] = {"next_by_subj": subject, "batch": batch}
+            if start_time is not None and seq == start_seq:
+                req["start_time"] = start_time
+            else:
+                req["seq"] = seq
             await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(), reply=inbox)
             status = await asyncio.wait_for(done, timeout)
         finally:
@@ -261,13 +340,19 @@ async def direct_get_subject(
             await asyncio.sleep(_NO_RESPONDERS_RETRY_S)
             continue
         out.extend(got)
-        if status == 404 or not got:
+        if status == 404 or not got or (limit is not None and len(out) >= limit):
             return out
         last = got[-1]
         pending = int((last.headers or {}).get("Nats-Num-Pending", "0"))
         if pending == 0 or len(got) < batch:
             return out
         seq = int((last.headers or {})["Nats-Sequence"]) + 1
+
+
+async def direct_get_first(nc: NATS, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
+    """The first message on ``subject`` or ``None``."""
+    msgs = await direct_get_subject(nc, stream, subject, batch=1, limit=1, timeout=timeout)
+    return msgs[0] if msgs else None
 
 
 async def direct_get_last(nc: NATS, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:

@@ -19,14 +19,21 @@ from actors.history import HistoryLog, RunHistory
 from actors.timers import RESIDENT_MAX
 from actors.wire import (
     ActivationBegun,
+    EventSignal,
     MemoRecorded,
     NowRecorded,
+    SignalReceived,
     SleepFired,
     SleepScheduled,
+    WaitCondition,
+    WaitRegistered,
+    WaitResolved,
     args_hash,
     utcnow,
 )
+from sdk import _cel
 from sdk._codec import return_adapter, to_json_value
+from sdk.conditions import Condition, ParentCondition, SleepCondition, UserEventCondition
 from sdk.errors import NonDeterminismError
 from sdk.models import SleepResult
 
@@ -37,6 +44,13 @@ class TimerRequest:
 
     pos: int
     wake_at: datetime
+
+
+@dataclass(frozen=True)
+class PendingWait:
+    """The run suspended on this wait: its event conditions must be registered with the router."""
+
+    wait: WaitRegistered
 
 
 class Suspended(Exception):
@@ -59,16 +73,39 @@ class Turn:
         self.task = task
         self._log = log
         self.last_seq = history.last_seq
-        self.notify: str | None = history.entries[0].meta.get("notify") if history.entries else None
+        started = history.entries[0] if history.entries else None
+        self.notify: str | None = started.meta.get("notify") if started is not None else None
+        self.run_input: Any = started.input if started is not None else None
         self._by_pos: dict[int, dict[str, Any]] = {}
+        # Signals taken from the inbox, in arrival order, and the direct ones waits have consumed.
+        self._signals: list[tuple[int, EventSignal]] = []
+        self._consumed: set[int] = set()
+        self.open_waits: dict[str, WaitRegistered] = {}
+        """Waits registered and not resolved (their router registrations are live)."""
         for e in history.entries:
             pos = getattr(e, "pos", None)
             if pos is not None:
                 self._by_pos.setdefault(pos, {})[e.k] = e
+            if e.k == "signal":
+                self._signals.append((e.inbox_seq, e.signal))
+            elif e.k == "wait_registered":
+                self.open_waits[e.wait_id] = e
+            elif e.k == "wait_resolved":
+                self._consumed.update(e.consumed)
+                self.open_waits.pop(e.wait_id, None)
         self._next = 0
         # The activation record rides on the turn's first flush; a turn that appends
         # nothing else (a stale or duplicate activation) writes nothing at all.
         self._pending: list[Any] = [ActivationBegun(host=host_id, attempt=attempt, at=utcnow())]
+        # New inbox signals become history entries with this turn's first flush: never taken twice.
+        for seq, sig in history.inbox:
+            self._pending.append(SignalReceived(inbox_seq=seq, signal=sig))
+            self._signals.append((seq, sig))
+        self.took_signals = bool(history.inbox)
+        self.pending_wait: PendingWait | None = None
+        self.finished_or_failed = False
+        self.resolved: list[WaitRegistered] = []
+        """Waits that were open when this turn began and resolved in it (cancel their registrations)."""
         self._flush_lock = asyncio.Lock()
         self.timers: list[TimerRequest] = []
         self.suspended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -96,6 +133,9 @@ class Turn:
             return f"sleep({rec['sleep_scheduled'].duration_s:g}s)"
         if "now" in rec:
             return "now()"
+        w = rec.get("wait_registered") or rec.get("wait_resolved")
+        if w is not None:
+            return f"wait_for({w.label!r}, args hash {w.args_hash})"
         return ", ".join(sorted(rec))
 
     @property
@@ -186,3 +226,143 @@ class Turn:
             await asyncio.sleep(remaining.total_seconds())
         self._pending.append(SleepFired(pos=pos, at=utcnow()))
         return SleepResult(length)
+
+    async def wait(self, label: str, groups: list[list[Condition]]) -> dict[str, Any]:
+        pos = self._position()
+        specs = [[self._condition(c) for c in g] for g in groups]
+        digest = args_hash(label, [[c.model_dump(mode="json") for c in g] for g in specs])
+        requested = f"wait_for({label!r}, args hash {digest})"
+        rec = self._by_pos.get(pos)
+        wait_id = f"{self.run_id}:{pos}"
+        if rec is not None:
+            done = rec.get("wait_resolved")
+            reg = rec.get("wait_registered")
+            recorded = done or reg
+            if recorded is None or recorded.args_hash != digest:
+                self._mismatch(pos, self._describe(rec), requested)
+            if done is not None:
+                result: dict[str, Any] = done.result
+                return result
+            assert reg is not None
+        else:
+            now = utcnow()
+            # Sleeps keep their deadline: every sleep condition's wake time is fixed now, once.
+            fixed = [
+                [c.model_copy(update={"wake_at": now + timedelta(seconds=c.duration_s or 0)}) if c.kind == "sleep"
+                 else c for c in g]
+                for g in specs
+            ]
+            reg = WaitRegistered(pos=pos, wait_id=wait_id, label=label, args_hash=digest, groups=fixed, at=now)
+        while True:
+            outcome = self._try_resolve(reg)
+            if outcome is not None:
+                result, consumed = outcome
+                self._consumed.update(consumed)
+                if rec is not None and reg.wait_id in self.open_waits:
+                    self.resolved.append(reg)
+                    self.open_waits.pop(reg.wait_id, None)
+                self._pending.append(WaitResolved(
+                    pos=pos, wait_id=reg.wait_id, label=label, args_hash=digest, result=result,
+                    consumed=consumed, at=utcnow(),
+                ))
+                return result
+            if rec is None:
+                self._pending.append(reg)
+                self.open_waits[reg.wait_id] = reg
+                rec = {"wait_registered": reg}
+            wake = self._next_wake(reg)
+            remaining = None if wake is None else wake - utcnow()
+            if remaining is not None and remaining <= RESIDENT_MAX:
+                await asyncio.sleep(max(remaining.total_seconds(), 0))
+                continue
+            self.pending_wait = PendingWait(reg)
+            self._suspend(TimerRequest(pos, wake) if wake is not None else None)
+            await asyncio.get_running_loop().create_future()  # never resolves: the host evicts the run
+
+    def _condition(self, c: Condition) -> WaitCondition:
+        if isinstance(c, SleepCondition):
+            return WaitCondition(kind="sleep", key=c.readable_data_key, duration_s=c.duration.total_seconds())
+        if isinstance(c, UserEventCondition):
+            expression = c.expression
+            if c.match is not None:
+                expression = _match_expression(c.match, self.run_input, expression)
+            return WaitCondition(
+                kind="event",
+                key=c.readable_data_key,
+                event_key=c.event_key,
+                expression=expression,
+                scope=c.scope,
+                lookback_s=None if c.lookback_window is None else c.lookback_window.total_seconds(),
+            )
+        if isinstance(c, ParentCondition):
+            raise TypeError("ParentCondition applies to DAG tasks (wait_for=/skip_if=), not to ctx.aio_wait_for")
+        raise TypeError(f"not a wait condition: {c!r}")
+
+    def _try_resolve(self, reg: WaitRegistered) -> tuple[dict[str, Any], list[int]] | None:
+        """The wait's result if every group has a satisfied condition (the earliest wins in a group)."""
+        now = utcnow()
+        result: dict[str, Any] = {}
+        consumed: list[int] = []
+        taken: set[int] = set()
+        flat = 0
+        for group in reg.groups:
+            best: tuple[datetime, str, Any, int | None] | None = None
+            for cond in group:
+                idx, flat = flat, flat + 1
+                hit = self._satisfied(reg.wait_id, idx, cond, now, taken)
+                if hit is not None and (best is None or hit[0] < best[0]):
+                    best = (hit[0], cond.key, hit[1], hit[2])
+            if best is None:
+                return None
+            result[best[1]] = best[2]
+            if best[3] is not None:
+                consumed.append(best[3])
+                taken.add(best[3])
+        return result, consumed
+
+    def _satisfied(
+        self, wait_id: str, idx: int, cond: WaitCondition, now: datetime, taken: set[int]
+    ) -> tuple[datetime, Any, int | None] | None:
+        if cond.kind == "sleep":
+            assert cond.wake_at is not None
+            if cond.wake_at <= now:
+                return cond.wake_at, {"duration_seconds": cond.duration_s}, None
+            return None
+        for seq, sig in self._signals:
+            if sig.source == "event":
+                if sig.wait_id == wait_id and sig.cond == idx:
+                    return sig.at, {sig.event_id: sig.payload}, None
+            elif (
+                seq not in self._consumed
+                and seq not in taken
+                and sig.name == cond.event_key
+                and _cel.evaluate(cond.expression, sig.payload, self.run_input)
+            ):
+                # Direct delivery: the first matching signal not yet consumed (FIFO).
+                return sig.at, {sig.event_id: sig.payload}, seq
+        return None
+
+    @staticmethod
+    def _next_wake(reg: WaitRegistered) -> datetime | None:
+        wakes = [c.wake_at for g in reg.groups for c in g if c.kind == "sleep" and c.wake_at is not None]
+        return min(wakes) if wakes else None
+
+
+def _match_expression(path: str, run_input: Any, expression: str | None) -> str:
+    """``match="data.userId"``: the field must be equal in the payload and the run's input.
+
+    The run's value is written into the expression as a literal, so the router can index
+    it. Bide's events carry their payload directly (no ``data`` envelope), so a leading
+    ``data.`` is dropped when the run's input has no ``data`` field.
+    """
+    parts = path.split(".")
+    if parts[0] == "data" and len(parts) > 1 and not (isinstance(run_input, dict) and "data" in run_input):
+        parts = parts[1:]
+    try:
+        value = _cel.lookup(run_input, tuple(parts))
+    except KeyError:
+        raise ValueError(f"match={path!r}: the run's input has no field {'.'.join(parts)!r}") from None
+    literal = _cel.cel_literal(value)
+    field = "input." + ".".join(parts)
+    clause = f"{field} == {literal}" if literal is not None else f"{field} == event.{'.'.join(parts)}"
+    return clause if expression is None else f"({expression}) && {clause}"

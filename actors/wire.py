@@ -29,6 +29,16 @@ HDR_MSG_ID = "Nats-Msg-Id"
 """JetStream de-duplication id."""
 HDR_BIDE_KIND = "Bide-Kind"
 """What an activation is for (start, timer, ...), readable with ``nats sub``."""
+HDR_TTL = "Nats-TTL"
+"""Per-message TTL (ADR-43); ``never`` keeps a wait registration past the events' max age."""
+HDR_ROLLUP = "Nats-Rollup"
+"""``sub`` keeps only this message on its subject (trigger registrations)."""
+HDR_EVENT_METADATA = "Bide-Metadata"
+"""An event's metadata, as a JSON object."""
+HDR_TRACEPARENT = "traceparent"
+"""W3C trace context of whoever published the message."""
+NO_SCOPE = "_"
+"""Not a real scope: what the router reports for an event pushed without one."""
 
 _NEEDS_ESCAPE = re.compile(r"[.*>%\s]")
 
@@ -92,6 +102,71 @@ class Subjects:
     @property
     def timers_all(self) -> str:
         return f"{self.prefix}.timers.>"
+
+    # -- events (one stream: user events, wait registrations and trigger registrations) --------
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self.prefix.upper()}_EVENTS"
+
+    def event(self, key: str, scope: str | None = None) -> str:
+        """``<prefix>.events.<key>`` or ``<prefix>.events.<key>.<scope>``: where events are pushed."""
+        base = f"{self.prefix}.events.{encode_token(key)}"
+        return base if scope is None else f"{base}.{encode_token(scope)}"
+
+    def event_filters(self, key: str, scope: str | None) -> list[str]:
+        """The subjects a wait for ``key`` reads: its scope's, or (unscoped) every scope of the key."""
+        if scope is not None:
+            return [self.event(key, scope)]
+        return [self.event(key), f"{self.event(key)}.*"]
+
+    @property
+    def events_all(self) -> str:
+        return f"{self.prefix}.events.>"
+
+    def parse_event_subject(self, subject: str) -> tuple[str, str | None] | None:
+        """``(key, scope)`` of an event subject, or ``None`` if it is not one."""
+        parts = subject.split(".")
+        head = f"{self.prefix}.events".split(".")
+        if parts[: len(head)] != head:
+            return None
+        rest = parts[len(head):]
+        if len(rest) == 1:
+            return decode_token(rest[0]), None
+        if len(rest) == 2:
+            return decode_token(rest[0]), decode_token(rest[1])
+        return None
+
+    def waits(self, key: str) -> str:
+        return f"{self.prefix}.waits.{encode_token(key)}"
+
+    @property
+    def waits_all(self) -> str:
+        return f"{self.prefix}.waits.>"
+
+    def trigger(self, task: str) -> str:
+        return f"{self.prefix}.triggers.{encode_token(task)}"
+
+    @property
+    def triggers_all(self) -> str:
+        return f"{self.prefix}.triggers.>"
+
+    @property
+    def router_consumer(self) -> str:
+        return "event_router"
+
+    # -- a run's inbox (in the history stream, read together with the history) ---------------
+
+    def inbox(self, run_id: str) -> str:
+        return f"{self.prefix}.inbox.{encode_token(run_id)}"
+
+    @property
+    def inbox_all(self) -> str:
+        return f"{self.prefix}.inbox.>"
+
+    def run_all(self, run_id: str) -> str:
+        """History and inbox of one run, in stream order, in one read."""
+        return f"{self.prefix}.*.{encode_token(run_id)}"
 
     def consumer_name(self, task: str) -> str:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
@@ -175,6 +250,75 @@ class SleepFired(_Entry):
     at: datetime
 
 
+class WaitCondition(BaseModel):
+    """One condition of a durable wait, as recorded: an event (by key, scope, CEL) or a sleep."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: Literal["event", "sleep"]
+    key: str
+    """The condition's name in the wait's result."""
+    event_key: str | None = None
+    expression: str | None = None
+    scope: str | None = None
+    lookback_s: float | None = None
+    duration_s: float | None = None
+    wake_at: datetime | None = None
+
+
+class WaitRegistered(_Entry):
+    """A wait began: an AND of or-groups of conditions, with every sleep's wake time fixed."""
+
+    k: Literal["wait_registered"] = "wait_registered"
+    pos: int
+    wait_id: str
+    label: str
+    args_hash: str
+    groups: list[list[WaitCondition]]
+    at: datetime
+
+
+class EventSignal(BaseModel):
+    """An event delivered to one run: matched by the router, or sent directly (on the run's inbox)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    v: int = WIRE_VERSION
+    source: Literal["event", "direct"]
+    name: str
+    """The event's key (router) or name (direct delivery)."""
+    payload: Any = None
+    event_id: str
+    wait_id: str | None = None
+    cond: int | None = None
+    """Index of the satisfied condition in the wait's flattened condition list (router signals)."""
+    scope: str | None = None
+    event_seq: int | None = None
+    at: datetime
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class SignalReceived(_Entry):
+    """The host took a signal from the run's inbox (``inbox_seq``); it is never taken twice."""
+
+    k: Literal["signal"] = "signal"
+    inbox_seq: int
+    signal: EventSignal
+
+
+class WaitResolved(_Entry):
+    """A wait finished: its result, and the direct signals it consumed. Replays return ``result``."""
+
+    k: Literal["wait_resolved"] = "wait_resolved"
+    pos: int
+    wait_id: str
+    label: str
+    args_hash: str
+    result: dict[str, Any]
+    consumed: list[int] = Field(default_factory=list)
+    at: datetime
+
+
 class RunCompleted(_Entry):
     k: Literal["run_completed"] = "run_completed"
     result: Any = None
@@ -206,6 +350,9 @@ Entry = Annotated[
     | NowRecorded
     | SleepScheduled
     | SleepFired
+    | WaitRegistered
+    | SignalReceived
+    | WaitResolved
     | RunCompleted
     | RunFailed
     | RunCancelled,
@@ -246,7 +393,7 @@ def decode_history(data: bytes) -> list[Any]:
 
 # --- activations -----------------------------------------------------------------------------------
 
-ActivationKind = Literal["start", "timer", "retry"]
+ActivationKind = Literal["start", "timer", "retry", "signal"]
 
 
 class Activation(BaseModel):
@@ -270,6 +417,43 @@ def encode_activation(act: Activation) -> bytes:
 
 def decode_activation(data: bytes) -> Activation:
     return Activation.model_validate_json(data)
+
+
+# --- the event router's inputs ------------------------------------------------------------------------
+
+
+class WaitRegistration(BaseModel):
+    """On ``<prefix>.waits.<key>``: one event condition of a wait, registered with (or cancelled at) the router.
+
+    It travels in the events stream, so its sequence orders it against every event:
+    events before it are the lookback's, events after it are live (waits are race-free).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    v: int = WIRE_VERSION
+    op: Literal["register", "cancel"]
+    wait_id: str
+    cond: int
+    run_id: str
+    task: str
+    event_key: str
+    scope: str | None = None
+    expression: str | None = None
+    lookback_s: float | None = None
+    run_input: Any = None
+    """The waiting run's input, sent only when the expression reads it (as ``event``)."""
+
+
+class TriggerRegistration(BaseModel):
+    """On ``<prefix>.triggers.<task>``: the event keys that start a run of ``task`` (latest wins)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    v: int = WIRE_VERSION
+    task: str
+    durable: bool
+    on_events: list[str]
 
 
 def rfc3339(ts: datetime) -> str:

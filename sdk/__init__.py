@@ -4,13 +4,18 @@
 """
 
 from sdk.client import Bide
+from sdk.conditions import OrGroup, ParentCondition, SleepCondition, UserEventCondition, or_
 from sdk.config import BideConfig
 from sdk.context import Context, DurableContext
 from sdk.errors import (
     BideError,
+    EventPayloadError,
+    EventTimeout,
     InputValidationError,
+    InvalidExpression,
     NonDeterminismError,
     OutputSerializationError,
+    PayloadValidationError,
     RunCancelledError,
     RunFailedError,
     RunNotFoundError,
@@ -18,6 +23,7 @@ from sdk.errors import (
     TaskTimeoutError,
     UnknownTaskError,
 )
+from sdk.events import BulkPushEvent, DeliveryReceipt, EventRef, RunAlreadyFinishedError
 from sdk.models import EmptyModel, RunStatus, SleepResult
 from sdk.runs import RunInfo, RunRef
 from sdk.tasks import TaskDefinition
@@ -27,12 +33,22 @@ __all__ = [
     "Bide",
     "BideConfig",
     "BideError",
+    "BulkPushEvent",
     "Context",
+    "DeliveryReceipt",
     "DurableContext",
     "EmptyModel",
+    "EventPayloadError",
+    "EventRef",
+    "EventTimeout",
     "InputValidationError",
+    "InvalidExpression",
     "NonDeterminismError",
+    "OrGroup",
     "OutputSerializationError",
+    "ParentCondition",
+    "PayloadValidationError",
+    "RunAlreadyFinishedError",
     "RunCancelledError",
     "RunFailedError",
     "RunInfo",
@@ -40,9 +56,12 @@ __all__ = [
     "RunRef",
     "RunStatus",
     "ServerBinaryNotFoundError",
+    "SleepCondition",
     "SleepResult",
     "TaskDefinition",
     "TaskTimeoutError",
     "UnknownTaskError",
+    "UserEventCondition",
     "Worker",
+    "or_",
 ]

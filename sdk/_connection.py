@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 
 from actors.history import HistoryLog
 from actors.jetstream import Layout, Publisher, connect, ensure_streams
-from actors.wire import TERMINAL_KINDS, Subjects, decode_history, decode_token, encode_token
+from actors.wire import TERMINAL_KINDS, decode_history, decode_token, encode_token
 from sdk.config import BideConfig
 
 T = TypeVar("T")
@@ -79,9 +79,7 @@ class ConnectionPool:
 
     def __init__(self, config: BideConfig, name: str = "bide-client") -> None:
         self.config = config
-        self.layout = Layout(
-            subjects=Subjects(config.prefix), replicas=config.replicas, ack_wait_s=config.ack_wait_s
-        )
+        self.layout = Layout.from_config(config)
         self._name = name
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[Connection]] = (
             weakref.WeakKeyDictionary()

@@ -11,6 +11,7 @@ import nats.js.errors
 from sdk._connection import ConnectionPool
 from sdk.config import BideConfig
 from sdk.errors import UnknownTaskError
+from sdk.events import EventsClient
 from sdk.runs import RunRef, RunsClient, StartRequest, new_run_id, start_run
 from sdk.tasks import TaskDefinition, validate_task_name
 from sdk.worker import Worker
@@ -42,6 +43,8 @@ class Bide:
         self.config = BideConfig.from_env(nats_url, prefix, replicas, ack_wait)
         self._pool = ConnectionPool(self.config)
         self.runs = RunsClient(self._pool)
+        self.event = EventsClient(self._pool)
+        """Push events (``push``, ``aio_push``, ``bulk_push``) or send one to a run (``send``)."""
         self._tasks: dict[str, TaskDefinition] = {}
         if debug:
             import logging
@@ -57,9 +60,13 @@ class Bide:
         *,
         name: str | None = None,
         execution_timeout: timedelta | float | str | None = None,
+        on_events: Sequence[str] | None = None,
     ) -> Any:
-        """Define a regular task: ``fn(input, ctx: Context)``, sync or async, run at least once."""
-        return self._define(fn, name, durable=False, execution_timeout=execution_timeout)
+        """Define a regular task: ``fn(input, ctx: Context)``, sync or async, run at least once.
+
+        ``on_events`` lists event keys that each start one run (the event's payload is the input).
+        """
+        return self._define(fn, name, durable=False, execution_timeout=execution_timeout, on_events=on_events)
 
     def durable_task(
         self,
@@ -68,18 +75,26 @@ class Bide:
         *,
         name: str | None = None,
         execution_timeout: timedelta | float | str | None = None,
+        on_events: Sequence[str] | None = None,
     ) -> Any:
         """Define a durable task: ``async fn(input, ctx: DurableContext)``, checkpointed and replayed."""
-        return self._define(fn, name, durable=True, execution_timeout=execution_timeout)
+        return self._define(fn, name, durable=True, execution_timeout=execution_timeout, on_events=on_events)
 
     def _define(
-        self, fn: Callable[..., Any] | None, name: str | None, *, durable: bool, execution_timeout: Any
+        self,
+        fn: Callable[..., Any] | None,
+        name: str | None,
+        *,
+        durable: bool,
+        execution_timeout: Any,
+        on_events: Sequence[str] | None = None,
     ) -> Any:
         def wrap(f: Callable[..., Any]) -> TaskDefinition:
             task_name = name or f.__name__
             if task_name in self._tasks and self._tasks[task_name].fn is not f:
                 raise ValueError(f"a task named {task_name!r} is already defined on this client")
-            t = TaskDefinition(self._pool, f, name=task_name, durable=durable, execution_timeout=execution_timeout)
+            t = TaskDefinition(self._pool, f, name=task_name, durable=durable, execution_timeout=execution_timeout,
+                               on_events=on_events)
             self._tasks[task_name] = t
             return t
 

@@ -27,6 +27,10 @@ class BideConfig:
     replicas: int = 1
     ack_wait_s: float = 30.0
     connect_timeout_s: float = 2.0
+    events_max_age_s: float = 24 * 3600.0
+    """How long pushed events are kept for lookback (``BIDE_EVENTS_MAX_AGE``, seconds)."""
+    api_token: str | None = None
+    """Bearer token the HTTP API requires when set (``BIDE_API_TOKEN``)."""
 
     @classmethod
     def from_env(
@@ -42,6 +46,8 @@ class BideConfig:
             replicas=replicas if replicas is not None else int(_env_float("BIDE_REPLICAS", 1)),
             ack_wait_s=ack_wait_s if ack_wait_s is not None else _env_float("BIDE_ACK_WAIT", 30.0),
             connect_timeout_s=_env_float("BIDE_CONNECT_TIMEOUT", 2.0),
+            events_max_age_s=_env_float("BIDE_EVENTS_MAX_AGE", 24 * 3600.0),
+            api_token=os.environ.get("BIDE_API_TOKEN") or None,
         )
         cfg.validate()
         return cfg
@@ -53,3 +59,5 @@ class BideConfig:
             raise ValueError(f"replicas={self.replicas} must be 1, 3 or 5")
         if self.ack_wait_s < 1:
             raise ValueError(f"ack_wait_s={self.ack_wait_s} must be at least 1 second")
+        if self.events_max_age_s < 1:
+            raise ValueError(f"events_max_age_s={self.events_max_age_s} must be at least 1 second")

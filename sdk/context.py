@@ -5,11 +5,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
+from pydantic import BaseModel, ValidationError
+
+from sdk.errors import EventTimeout, PayloadValidationError
 from sdk.models import SleepResult
 
+if TYPE_CHECKING:
+    from sdk.conditions import Condition, OrGroup
+
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 class DurableRuntime(Protocol):
@@ -20,6 +27,8 @@ class DurableRuntime(Protocol):
     async def sleep_until(self, wake_at: datetime | None, duration: timedelta | None) -> SleepResult: ...
 
     async def now(self) -> datetime: ...
+
+    async def wait(self, label: str, groups: list[list[Condition]]) -> dict[str, Any]: ...
 
 
 class Context:
@@ -86,6 +95,103 @@ class DurableContext(Context):
         """Run ``fn(*args)`` once; replays return the recorded result (keyed on the arguments)."""
         result: T = await self._runtime.memo(fn, args)
         return result
+
+    async def aio_wait_for(self, label: str, *conditions: Condition | OrGroup) -> dict[str, Any]:
+        """Wait durably until every condition (or ``or_`` group) is satisfied; the run is evicted meanwhile.
+
+        Returns:
+            ``{condition key: {event id: payload}}`` for events and ``{condition key:
+            {"duration_seconds": ...}}`` for sleeps; in an ``or_`` group only the winner appears.
+        """
+        from sdk.conditions import as_groups
+
+        if not isinstance(label, str) or not label:
+            raise ValueError(f"aio_wait_for needs a non-empty label, got {label!r}")
+        return await self._runtime.wait(label, as_groups(conditions))
+
+    @overload
+    async def aio_wait_for_event(
+        self,
+        key: str,
+        expression: str | None = None,
+        *,
+        scope: str | None = None,
+        lookback_window: timedelta | float | str | None = None,
+        payload_validator: type[M],
+        timeout: timedelta | float | str | None = None,
+        match: str | None = None,
+        raise_on_timeout: bool = False,
+    ) -> M: ...
+
+    @overload
+    async def aio_wait_for_event(
+        self,
+        key: str,
+        expression: str | None = None,
+        *,
+        scope: str | None = None,
+        lookback_window: timedelta | float | str | None = None,
+        payload_validator: None = None,
+        timeout: timedelta | float | str | None = None,
+        match: str | None = None,
+        raise_on_timeout: bool = False,
+    ) -> Any: ...
+
+    async def aio_wait_for_event(
+        self,
+        key: str,
+        expression: str | None = None,
+        *,
+        scope: str | None = None,
+        lookback_window: timedelta | float | str | None = None,
+        payload_validator: type[BaseModel] | None = None,
+        timeout: timedelta | float | str | None = None,
+        match: str | None = None,
+        raise_on_timeout: bool = False,
+    ) -> Any:
+        """Wait durably for one event with ``key`` and return its payload.
+
+        Args:
+            key: the event key (or the name a direct delivery uses).
+            expression: CEL over ``input`` (the payload) and ``event`` (this run's input).
+            scope: only events pushed with this scope; lookback reads only that scope.
+            lookback_window: also accept events pushed this long before the wait.
+            payload_validator: a pydantic model the payload is validated into.
+            timeout: give up after this long: returns ``None`` (or raises :class:`EventTimeout`
+                with ``raise_on_timeout=True``).
+            match: a field equal in the payload and this run's input (``"data.userId"``).
+        """
+        from sdk.conditions import SleepCondition, UserEventCondition
+
+        group: list[Condition] = [
+            UserEventCondition(
+                key, expression, scope=scope, lookback_window=lookback_window, readable_data_key="event", match=match
+            )
+        ]
+        if timeout is not None:
+            group.append(SleepCondition(timeout, readable_data_key="timeout"))
+        result = await self._runtime.wait(f"event:{key}", [group])
+        got = result.get("event")
+        if not got:
+            if raise_on_timeout:
+                raise EventTimeout(f"run {self.run_id}: no event {key!r} arrived within {timeout}")
+            return None
+        payload = next(iter(got.values()))
+        if payload_validator is None:
+            return payload
+        try:
+            return payload_validator.model_validate(payload)
+        except ValidationError as e:
+            raise PayloadValidationError(
+                f"run {self.run_id}: the payload of event {key!r} does not fit {payload_validator.__name__}: "
+                f"{e.error_count()} error(s): {'; '.join(_brief(err) for err in e.errors()[:3])}; "
+                f"payload was {payload!r:.300}"
+            ) from None
+
+
+def _brief(err: Any) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "payload"
+    return f"{loc}: {err.get('msg')}"
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

@@ -60,3 +60,24 @@ class TaskTimeoutError(BideError, TimeoutError):
 
 class ServerBinaryNotFoundError(BideError, FileNotFoundError):
     """The ``nats-server`` binary for the embedded server cannot be found."""
+
+
+class EventTimeout(BideError, TimeoutError):
+    """A wait for an event timed out (raised only when the caller asked for it; otherwise ``None``)."""
+
+
+class InvalidExpression(BideError, ValueError):
+    """A CEL expression that does not parse or uses names a wait cannot see."""
+
+    def __init__(self, expression: str, reason: str) -> None:
+        super().__init__(f"invalid CEL expression {expression!r}: {reason}")
+        self.expression = expression
+        self.reason = reason
+
+
+class PayloadValidationError(BideError, ValueError):
+    """An awaited event's payload does not fit the wait's ``payload_validator``."""
+
+
+class EventPayloadError(BideError, ValueError):
+    """An event payload (or metadata) that is not JSON data."""

@@ -161,7 +161,7 @@ def status_of(hist: RunHistory) -> RunStatus:
         return RunStatus.CANCELLED
     if last == "run_started":
         return RunStatus.QUEUED
-    if last == "sleep_scheduled":
+    if last in ("sleep_scheduled", "wait_registered", "signal"):
         return RunStatus.WAITING
     return RunStatus.RUNNING
 

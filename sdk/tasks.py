@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ class TaskDefinition:
         name: str,
         durable: bool,
         execution_timeout: timedelta | float | str | None = None,
+        on_events: Sequence[str] | None = None,
     ) -> None:
         if durable and not inspect.iscoroutinefunction(fn):
             raise TypeError(f"durable task {name!r} must be an async function (async def)")
@@ -46,6 +47,12 @@ class TaskDefinition:
             parse_duration(execution_timeout, "execution_timeout") if execution_timeout is not None else None
         )
         self.signature = Signature(fn, self.name)
+        if on_events is not None and (isinstance(on_events, str) or not all(
+            isinstance(k, str) and k.strip() for k in on_events
+        )):
+            raise ValueError(f"on_events of task {name!r} must be a list of event keys, got {on_events!r}")
+        self.on_events: tuple[str, ...] = tuple(on_events or ())
+        """Event keys that start a run of this task, one run per event (the payload is its input)."""
         self._pool = pool
 
     def _request(self, input: Any, run_id: str | None) -> StartRequest:

@@ -1,0 +1,221 @@
+"""CEL expressions of waits: checked when a wait is made, compiled once, read for an index.
+
+In an expression ``input`` (also ``async``, Inngest's name) is the awaited event's
+payload and ``event`` is the waiting run's own input. The router indexes waits by the
+equality predicates it can read out of an expression (``input.user_id == '1234'``), so
+an event costs one evaluation per *candidate*, not per wait.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from typing import Any
+
+import celpy
+import celpy.celparser
+from celpy.adapter import json_to_cel
+from lark import Token, Tree
+
+from sdk.errors import InvalidExpression
+
+log = logging.getLogger("bide.cel")
+
+_env = celpy.Environment()
+
+Path = tuple[str, ...]
+IndexValue = tuple[str, Any]
+"""A payload value as the index sees it, tagged by CEL type (``"1" != 1`` and, in cel-python, ``1 != 1.0``)."""
+
+
+def is_trivial(expression: str | None) -> bool:
+    """An expression that accepts every payload."""
+    return expression is None or expression.strip() in ("", "true")
+
+
+def check_expression(expression: str) -> str:
+    """Parse ``expression`` now, so a bad one fails where it was written (with the parser's reason)."""
+    if not isinstance(expression, str):
+        raise InvalidExpression(repr(expression), f"an expression must be a string, got {type(expression).__name__}")
+    if is_trivial(expression):
+        return expression
+    _compiled(expression)
+    return expression
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(expression: str) -> Any:
+    try:
+        ast = _env.compile(expression)
+    except celpy.celparser.CELParseError as e:
+        col = getattr(e, "column", None)
+        where = f" at column {col}" if col else ""
+        raise InvalidExpression(expression, f"syntax error{where}:\n{str(e).rstrip()}") from None
+    return _env.program(ast)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tree(expression: str) -> Tree[Any]:
+    return _env.compile(expression)
+
+
+def evaluate(expression: str | None, payload: Any, run_input: Any = None) -> bool:
+    """Whether ``payload`` satisfies ``expression``. An evaluation error (a missing field) is "no"."""
+    if is_trivial(expression):
+        return True
+    assert expression is not None
+    program = _compiled(expression)
+    awaited = json_to_cel(payload)
+    activation = {"input": awaited, "async": awaited, "event": json_to_cel(run_input)}
+    try:
+        result = program.evaluate(activation)
+    except Exception as e:  # cel-python raises several types for missing fields and bad types
+        log.debug("expression %r raised %s on %r", expression, e, payload)
+        return False
+    return result is True or (isinstance(result, celpy.celtypes.BoolType) and bool(result))
+
+
+def reads_run_input(expression: str | None) -> bool:
+    """Whether the expression uses ``event`` (the run's own input)."""
+    if is_trivial(expression):
+        return False
+    assert expression is not None
+    tokens = _tree(expression).scan_values(lambda _: True)
+    return any(isinstance(t, Token) and t.type == "IDENT" and t == "event" for t in tokens)
+
+
+def index_value(value: Any) -> IndexValue | None:
+    """The tagged form of a payload value, or ``None`` if it cannot be an equality key."""
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, int):
+        return ("i", value)
+    if isinstance(value, float):
+        return ("d", value)
+    if isinstance(value, str):
+        return ("s", value)
+    if value is None:
+        return ("z", None)
+    return None
+
+
+def lookup(payload: Any, path: Path) -> Any:
+    """``payload`` at ``path``; raises ``KeyError`` if absent."""
+    for part in path:
+        if not isinstance(payload, dict):
+            raise KeyError(part)
+        payload = payload[part]
+    return payload
+
+
+def cel_literal(value: Any) -> str | None:
+    """``value`` written as a CEL literal, or ``None`` if it is not a scalar."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int | float | str):
+        return json.dumps(value)
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def equality_predicates(expression: str | None) -> tuple[tuple[tuple[Path, IndexValue], ...], bool]:
+    """The ``input.<path> == <literal>`` conjuncts of an expression, and whether they are all of it.
+
+    Every wait the expression accepts satisfies each predicate, so an index on any one
+    of them never hides a match. When the predicates are the whole expression the
+    index lookup *is* the evaluation.
+    """
+    if is_trivial(expression):
+        return (), True
+    assert expression is not None
+    preds: list[tuple[Path, IndexValue]] = []
+    complete = True
+    for conjunct in _conjuncts(_tree(expression)):
+        pred = _equality(conjunct)
+        if pred is None:
+            complete = False
+        else:
+            preds.append(pred)
+    return tuple(preds), complete
+
+
+def _unwrap(node: Any) -> Any:
+    while isinstance(node, Tree) and len(node.children) == 1 and node.data in (
+        "expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary", "member",
+    ):
+        node = node.children[0]
+    return node
+
+
+def _conjuncts(node: Any) -> list[Any]:
+    node = _unwrap(node)
+    if isinstance(node, Tree) and node.data == "conditionaland":
+        out: list[Any] = []
+        for child in node.children:
+            out.extend(_conjuncts(child))
+        return out
+    return [node]
+
+
+def _equality(node: Any) -> tuple[Path, IndexValue] | None:
+    if not (isinstance(node, Tree) and node.data == "relation" and len(node.children) == 2):
+        return None
+    left, right = node.children
+    if not (isinstance(left, Tree) and left.data == "relation_eq" and len(left.children) == 1):
+        return None
+    a, b = _operand(left.children[0]), _operand(right)
+    if a is None or b is None:
+        return None
+    if a[0] == "path" and b[0] == "lit":
+        return a[1], b[1]
+    if b[0] == "path" and a[0] == "lit":
+        return b[1], a[1]
+    return None
+
+
+def _operand(node: Any) -> tuple[str, Any] | None:
+    node = _unwrap(node)
+    if not isinstance(node, Tree):
+        return None
+    if node.data == "primary" or node.data == "literal":
+        return _literal(node)
+    parts: list[str] = []
+    while isinstance(node, Tree) and node.data == "member_dot" and len(node.children) == 2:
+        field = node.children[1]
+        if not isinstance(field, Token):
+            return None
+        parts.append(str(field))
+        node = _unwrap(node.children[0])
+    if isinstance(node, Tree) and node.data == "primary" and len(node.children) == 1:
+        ident = node.children[0]
+        if isinstance(ident, Tree) and ident.data == "ident" and ident.children:
+            ident = ident.children[0]
+        if isinstance(ident, Token) and str(ident) in ("input", "async") and parts:
+            return "path", tuple(reversed(parts))
+    return None
+
+
+def _literal(node: Tree[Any]) -> tuple[str, Any] | None:
+    text = node
+    while isinstance(text, Tree) and len(text.children) == 1:
+        text = text.children[0]
+    if not isinstance(text, Token):
+        return None
+    try:
+        value = _env.program(_env.compile(str(text))).evaluate({})
+    except Exception:
+        return None
+    if isinstance(value, celpy.celtypes.BoolType):
+        tagged = index_value(bool(value))
+    elif isinstance(value, celpy.celtypes.StringType):
+        tagged = index_value(str(value))
+    elif isinstance(value, celpy.celtypes.IntType | celpy.celtypes.UintType):
+        tagged = index_value(int(value))
+    elif isinstance(value, celpy.celtypes.DoubleType):
+        tagged = index_value(float(value))
+    else:
+        return None
+    return ("lit", tagged) if tagged is not None else None

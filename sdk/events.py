@@ -1,0 +1,230 @@
+"""Pushing events (matched by the router against waits and triggers) and sending them to one run.
+
+An event is a JSON payload published on ``<prefix>.events.<key>[.<scope>]``. Anything
+that can publish to NATS can push one — ``nats pub bide.events.user:update '{"user_id": 1}'``
+is as good as :meth:`EventsClient.push`. The SDK adds an event id (JetStream
+de-duplication makes a repeated push a no-op) and metadata.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from pydantic import BaseModel
+
+from actors.jetstream import direct_get_first, direct_get_last
+from actors.wire import (
+    HDR_BIDE_KIND,
+    HDR_EVENT_METADATA,
+    HDR_MSG_ID,
+    TERMINAL_KINDS,
+    Activation,
+    EventSignal,
+    decode_history,
+    encode_activation,
+    utcnow,
+)
+from sdk.errors import BideError, EventPayloadError, RunNotFoundError
+
+if TYPE_CHECKING:
+    from sdk._connection import Connection, ConnectionPool
+
+
+@dataclass(frozen=True)
+class EventRef:
+    """A pushed event: its id, key, scope and stream sequence."""
+
+    event_id: str
+    key: str
+    scope: str | None
+    seq: int
+
+    @property
+    def eventId(self) -> str:
+        return self.event_id
+
+
+@dataclass(frozen=True)
+class BulkPushEvent:
+    """One event of :meth:`EventsClient.bulk_push`."""
+
+    key: str
+    payload: Any = None
+    scope: str | None = None
+    event_id: str | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryReceipt:
+    """The answer to a direct delivery (Zart's ``offer_event``)."""
+
+    execution_id: str
+    event_name: str
+    event_id: str
+    status: str = "delivered"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"status": self.status, "execution_id": self.execution_id, "event_name": self.event_name}
+
+
+class RunAlreadyFinishedError(BideError):
+    """A direct delivery to a run that has already finished (it can wait for nothing more)."""
+
+
+def validate_key(key: object, what: str = "event key") -> str:
+    if not isinstance(key, str) or not key or key != key.strip():
+        raise ValueError(f"{what} must be a non-empty string without surrounding spaces, got {key!r}")
+    return key
+
+
+def payload_to_json(payload: Any, what: str) -> bytes:
+    """The event body: JSON bytes. A pydantic model is dumped; anything else must be JSON data."""
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump(mode="json")
+    try:
+        return orjson.dumps(payload)
+    except TypeError as e:
+        raise EventPayloadError(f"the payload of {what} is not JSON data ({e}): {payload!r:.200}") from None
+
+
+def _metadata_header(metadata: Mapping[str, Any] | None, what: str) -> dict[str, str]:
+    if not metadata:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata of {what} must be a mapping, got {type(metadata).__name__}")
+    try:
+        return {HDR_EVENT_METADATA: orjson.dumps(dict(metadata)).decode()}
+    except TypeError as e:
+        raise EventPayloadError(f"metadata of {what} is not JSON data ({e})") from None
+
+
+class EventsClient:
+    """``bide.event``: push events by key (and scope), or send one straight to a run."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+
+    # -- push --------------------------------------------------------------------------------
+
+    def _prepare(
+        self, key: str, payload: Any, scope: str | None, event_id: str | None, metadata: Mapping[str, Any] | None
+    ) -> tuple[str, bytes, dict[str, str], str]:
+        key = validate_key(key)
+        if scope is not None:
+            scope = validate_key(scope, "scope")
+        what = f"event {key!r}"
+        if event_id is not None and (not isinstance(event_id, str) or not event_id):
+            raise ValueError(f"event_id of {what} must be a non-empty string, got {event_id!r}")
+        eid = event_id or uuid.uuid4().hex
+        headers = {HDR_MSG_ID: eid, **_metadata_header(metadata, what)}
+        subject = self._pool.layout.subjects.event(key, scope)
+        return subject, payload_to_json(payload, what), headers, eid
+
+    async def aio_push(
+        self,
+        key: str,
+        payload: Any = None,
+        scope: str | None = None,
+        event_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> EventRef:
+        """Push one event. Every wait and every ``on_events`` task matching it sees it.
+
+        Args:
+            key: the event key, e.g. ``"user:update"``.
+            payload: JSON data or a pydantic model.
+            scope: narrows the event to waits with the same scope (and makes lookback cheap).
+            event_id: makes the push idempotent: the same id pushed again is dropped.
+            metadata: extra JSON data carried in a header.
+        """
+        subject, body, headers, eid = self._prepare(key, payload, scope, event_id, metadata)
+        conn = await self._pool.get()
+        seq = await conn.publisher.publish(subject, body, headers)
+        return EventRef(eid, key, scope, seq)
+
+    def push(
+        self,
+        key: str,
+        payload: Any = None,
+        scope: str | None = None,
+        event_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> EventRef:
+        """Blocking :meth:`aio_push`."""
+        return self._pool.run_sync(self.aio_push(key, payload, scope, event_id, metadata))
+
+    async def aio_bulk_push(self, events: Iterable[BulkPushEvent | Mapping[str, Any]]) -> list[EventRef]:
+        """Push many events, pipelined. Every event is checked before any is published."""
+        prepared = []
+        for i, ev in enumerate(events):
+            if isinstance(ev, Mapping):
+                unknown = set(ev) - {"key", "payload", "scope", "event_id", "metadata", "additional_metadata"}
+                if unknown or "key" not in ev:
+                    raise ValueError(f"bulk event #{i} needs 'key' (and optionally payload, scope, event_id, "
+                                     f"metadata); got fields {sorted(ev)}")
+                ev = BulkPushEvent(ev["key"], ev.get("payload"), ev.get("scope"), ev.get("event_id"),
+                                   ev.get("metadata") or ev.get("additional_metadata"))
+            prepared.append((ev, self._prepare(ev.key, ev.payload, ev.scope, ev.event_id, ev.metadata)))
+        conn = await self._pool.get()
+        import asyncio
+
+        seqs = await asyncio.gather(*(conn.publisher.publish(s, b, h) for _, (s, b, h, _) in prepared))
+        return [EventRef(p[3], ev.key, ev.scope, seq) for (ev, p), seq in zip(prepared, seqs, strict=True)]
+
+    def bulk_push(self, events: Iterable[BulkPushEvent | Mapping[str, Any]]) -> list[EventRef]:
+        """Blocking :meth:`aio_bulk_push`."""
+        return self._pool.run_sync(self.aio_bulk_push(list(events)))
+
+    # -- direct delivery ---------------------------------------------------------------------
+
+    async def aio_send(
+        self, run_id: str, name: str, payload: Any = None, event_id: str | None = None
+    ) -> DeliveryReceipt:
+        """Deliver an event to one run (Zart's ``offer_event``).
+
+        A wait for ``name`` in that run receives it. If the run is not waiting yet, the
+        event is kept — in the order sent — until it waits.
+
+        Raises:
+            RunNotFoundError: no run has that id.
+            RunAlreadyFinishedError: the run has finished.
+        """
+        run_id = validate_key(run_id, "run id")
+        name = validate_key(name, "event name")
+        body = payload_to_json(payload, f"event {name!r} for run {run_id}")
+        conn = await self._pool.get()
+        task = await _live_run_task(conn, run_id)
+        eid = event_id or uuid.uuid4().hex
+        signal = EventSignal(source="direct", name=name, payload=orjson.loads(body), event_id=eid, at=utcnow())
+        s = conn.layout.subjects
+        await conn.publisher.publish(s.inbox(run_id), signal.model_dump_json().encode(), {HDR_MSG_ID: f"send:{eid}"})
+        act = Activation(run_id=run_id, task=task, kind="signal")
+        await conn.publisher.publish(s.work(task, run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
+        return DeliveryReceipt(run_id, name, eid)
+
+    def send(self, run_id: str, name: str, payload: Any = None, event_id: str | None = None) -> DeliveryReceipt:
+        """Blocking :meth:`aio_send`."""
+        return self._pool.run_sync(self.aio_send(run_id, name, payload, event_id))
+
+    # Zart's name for the same thing.
+    aio_offer_event = aio_send
+    offer_event = send
+
+
+async def _live_run_task(conn: Connection, run_id: str) -> str:
+    """The task of a run that exists and has not finished."""
+    s = conn.layout.subjects
+    first = await direct_get_first(conn.nc, s.history_stream, s.history(run_id))
+    if first is None:
+        raise RunNotFoundError(f"no run with id {run_id!r}")
+    started = decode_history(first.data)[0]
+    last = await direct_get_last(conn.nc, s.history_stream, s.history(run_id))
+    if last is not None and any(e.k in TERMINAL_KINDS for e in decode_history(last.data)):
+        raise RunAlreadyFinishedError(f"run {run_id} has already finished; the event was not delivered")
+    task: str = started.task
+    return task
