@@ -1,4 +1,4 @@
-"""The ``bide`` command line: ``dev``, ``worker``, ``run``, ``runs show``."""
+"""The ``bide`` command line: ``dev``, ``worker``, ``run``, ``runs show``, ``serve``, ``event push|send``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from actors.http_api import serve_http, url_of
 from actors.server import EmbeddedServer
 from sdk import Bide, BideError, Worker
 from sdk.tasks import TaskDefinition
@@ -28,7 +29,7 @@ def _parse_json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise CliError(f"{what} is not valid JSON ({e.msg} at position {e.pos}): {text!r}") from None
+        raise CliError(f"{what} is not valid JSON: {e.msg} at position {e.pos} in {text!r}") from None
 
 
 def load_worker(target: str, *, slots: int | None, durable_slots: int | None, name: str | None) -> Worker:
@@ -95,7 +96,45 @@ def _install_stop(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+DEFAULT_HTTP_PORT = 8080
+
+
+async def _start_http(client: Bide, host: str, port: int, token: str | None) -> asyncio.Task[None]:
+    """``serve_http`` in a task, returned once it listens. ``OSError`` if it cannot listen."""
+    ready = asyncio.Event()
+    serving = asyncio.create_task(serve_http(client, host, port, token, ready))
+    listening = asyncio.create_task(ready.wait())
+    try:
+        await asyncio.wait([serving, listening], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listening.cancel()
+    if not ready.is_set():
+        await serving  # raises why it stopped
+        raise RuntimeError(f"the HTTP server on {host}:{port} stopped before it listened")
+    return serving
+
+
+async def _stop_http(serving: asyncio.Task[None] | None) -> None:
+    """Shut the HTTP server down; re-raise what it died of, if it died on its own."""
+    if serving is None:
+        return
+    if serving.done():
+        if not serving.cancelled() and serving.exception() is not None:
+            raise serving.exception()  # type: ignore[misc]
+        return
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
+
+
+def _api_token(given: str | None, client: Bide) -> str | None:
+    if given is not None and not given:
+        raise CliError("--token must not be empty (leave it out, and BIDE_API_TOKEN unset, for no token)")
+    return given or client.config.api_token
+
+
 async def cmd_dev(args: argparse.Namespace) -> int:
+    if args.http_port is not None and not 0 <= args.http_port < 65536:
+        raise CliError(f"--http-port must be between 0 (no HTTP API) and 65535, got {args.http_port}")
     store = Path(args.store).resolve()
     server = EmbeddedServer(port=args.port, store_dir=store, log_file=store.parent / "nats-server.log")
     try:
@@ -108,24 +147,42 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         workers = [load_worker(t, slots=None, durable_slots=None, name=None) for t in args.modules]
         stop = asyncio.Event()
         _install_stop(stop)
-        ready = asyncio.Event()
-        serving = asyncio.create_task(_serve_workers(workers, stop, ready))
-        await asyncio.wait([asyncio.create_task(ready.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
-        if serving.done():
+        client = Bide(server.url)
+        http: asyncio.Task[None] | None = None
+        try:
+            http_port = DEFAULT_HTTP_PORT if args.http_port is None else args.http_port
+            if http_port:
+                try:
+                    http = await _start_http(client, "127.0.0.1", http_port, client.config.api_token)
+                except OSError as e:
+                    if args.http_port is not None:  # asked for explicitly: a failure is an error
+                        raise CliError(f"{e.strerror or e}; pick another --http-port, or 0 for none") from None
+                    print(f"bide dev: warning: no HTTP API: {e.strerror or e} (pick another port with "
+                          "--http-port, or 0 for none)", file=sys.stderr, flush=True)
+                else:
+                    http.add_done_callback(lambda _: stop.set())  # the server died: stop dev, report why
+                    print(f"bide dev: HTTP API at {url_of('127.0.0.1', http_port)}", file=sys.stderr, flush=True)
+            ready = asyncio.Event()
+            serving = asyncio.create_task(_serve_workers(workers, stop, ready))
+            await asyncio.wait([asyncio.create_task(ready.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
+            if serving.done():
+                await serving
+                return 0
+            if workers:
+                print(f"bide dev: worker(s) up for {', '.join(args.modules)}", file=sys.stderr, flush=True)
+            if args.run:
+                try:
+                    result = await client.aio_run_by_name(args.run, _parse_json(args.input, "--input"))
+                    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+                finally:
+                    stop.set()
             await serving
             return 0
-        if workers:
-            print(f"bide dev: worker(s) up for {', '.join(args.modules)}", file=sys.stderr, flush=True)
-        if args.run:
-            client = Bide(server.url)
+        finally:
             try:
-                result = await client.aio_run_by_name(args.run, _parse_json(args.input, "--input"))
-                print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+                await _stop_http(http)
             finally:
                 await client.aclose()
-                stop.set()
-        await serving
-        return 0
     finally:
         server.stop()
 
@@ -173,6 +230,60 @@ async def cmd_runs_show(args: argparse.Namespace) -> int:
         await client.aclose()
 
 
+async def cmd_serve(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port must be between 1 and 65535, got {args.port}")
+    client = Bide()
+    try:
+        token = _api_token(args.token, client)
+        await client._pool.get()  # connect now: a wrong BIDE_NATS_URL fails here, not on the first request
+        stop = asyncio.Event()
+        _install_stop(stop)
+        try:
+            http = await _start_http(client, args.host, args.port, token)
+        except OSError as e:
+            raise CliError(f"{e.strerror or e}; pick another --port") from None
+        if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"bide serve: warning: no token (--token or BIDE_API_TOKEN): anyone who can reach "
+                  f"{args.host}:{args.port} can push events", file=sys.stderr, flush=True)
+        print(f"serving HTTP API on {url_of(args.host, args.port)}", flush=True)
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait([http, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            await _stop_http(http)
+        return 0
+    finally:
+        await client.aclose()
+
+
+def _print_json(data: Any) -> None:
+    print(orjson.dumps(data).decode(), flush=True)
+
+
+async def cmd_event_push(args: argparse.Namespace) -> int:
+    payload = _parse_json(args.data, "--data")
+    client = Bide()
+    try:
+        ref = await client.event.aio_push(args.key, payload, scope=args.scope, event_id=args.event_id)
+        _print_json({"event_id": ref.event_id, "key": ref.key, "scope": ref.scope, "seq": ref.seq})
+        return 0
+    finally:
+        await client.aclose()
+
+
+async def cmd_event_send(args: argparse.Namespace) -> int:
+    payload = _parse_json(args.data, "--data")
+    client = Bide()
+    try:
+        receipt = await client.event.aio_send(args.run_id, args.name, payload, event_id=args.event_id)
+        _print_json(receipt.as_dict())
+        return 0
+    finally:
+        await client.aclose()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bide", description="Durable async Python tasks on NATS JetStream.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -184,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--store", default=".bide/jetstream", help="JetStream store folder (default .bide/jetstream)")
     dev.add_argument("--run", metavar="TASK", help="run TASK once the workers are up, print its result, exit")
     dev.add_argument("--input", default="{}", help="JSON input for --run (default {})")
+    dev.add_argument("--http-port", type=int, default=None,
+                     help=f"serve the HTTP API on 127.0.0.1:PORT (default {DEFAULT_HTTP_PORT}; 0 for none)")
     dev.set_defaults(func=cmd_dev)
 
     wk = sub.add_parser("worker", help="run an actor host for module[:attr]")
@@ -205,6 +318,28 @@ def build_parser() -> argparse.ArgumentParser:
     show = runs_sub.add_parser("show", help="print a run's state and history")
     show.add_argument("run_id")
     show.set_defaults(func=cmd_runs_show)
+
+    serve = sub.add_parser("serve", help="serve the HTTP API (push events, webhooks, delivery to a run)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help=f"port (default {DEFAULT_HTTP_PORT})")
+    serve.add_argument("--token", default=None,
+                       help="bearer token every /api/ request must carry (default: BIDE_API_TOKEN; none if unset)")
+    serve.set_defaults(func=cmd_serve)
+
+    event = sub.add_parser("event", help="push an event, or send one to a run")
+    event_sub = event.add_subparsers(dest="event_command", required=True)
+    push = event_sub.add_parser("push", help="push event KEY; print its id, key, scope and sequence as JSON")
+    push.add_argument("key")
+    push.add_argument("--data", default="null", help="JSON payload (default null)")
+    push.add_argument("--scope", help="narrows the event to waits with the same scope")
+    push.add_argument("--id", dest="event_id", help="event id: pushing the same id again is a no-op")
+    push.set_defaults(func=cmd_event_push)
+    send = event_sub.add_parser("send", help="deliver event NAME to run RUN_ID (Zart's offer_event)")
+    send.add_argument("run_id")
+    send.add_argument("name")
+    send.add_argument("--data", default="null", help="JSON payload (default null)")
+    send.add_argument("--id", dest="event_id", help="event id (default: a new one)")
+    send.set_defaults(func=cmd_event_send)
     return p
 
 

@@ -253,10 +253,7 @@ class EventRouter:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({self._task}, timeout=5.0)
         for t in list(self._chores):
             t.cancel()
 
@@ -280,7 +277,9 @@ class EventRouter:
                 received = 0
                 while received < _PULL_BATCH:
                     try:
-                        m = await asyncio.wait_for(queue.get(), _PULL_EXPIRES_S + 1.0)
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel.
+                        async with asyncio.timeout(_PULL_EXPIRES_S + 1.0):
+                            m = await queue.get()
                     except TimeoutError:
                         break
                     status = m.headers.get("Status") if m.headers else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -153,3 +154,138 @@ async def test_invalid_cel_fails_the_run_with_the_expression(bide: Bide) -> None
     async with running_worker(bide, [bad_cel]):
         with pytest.raises(RunFailedError, match=r"InvalidExpression: invalid CEL expression 'input.user_id =='"):
             await bad_cel.aio_run(EmptyModel(), timeout=10)
+
+
+async def test_raw_nats_publish_resumes_a_wait(bide: Bide, nats_server: Any) -> None:
+    """Exactly what ``nats pub bide.events.<key>[.<scope>] '<json>' [-H ...]`` sends: a core publish."""
+    import nats
+
+    @bide.durable_task(name="RawPub")
+    async def raw_pub(input: dict, ctx: DurableContext) -> list[Any]:
+        a = await ctx.aio_wait_for_event("user:update", f"input.user_id == {input['user_id']}")
+        b = await ctx.aio_wait_for_event("order:paid", scope=f"user_id:{input['user_id']}")
+        return [a, b]
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with running_worker(bide, [raw_pub]):
+            ref = await raw_pub.aio_run_no_wait({"user_id": 7})
+            await waiting(bide, ref.workflow_run_id)
+            await nc.publish("bide.events.user:update", b'{"user_id": 7}')
+
+            async def second_wait() -> bool:
+                hist = await bide.runs.aio_history(ref.workflow_run_id)
+                return sum(e.k == "wait_registered" for e in hist.entries) == 2
+
+            await wait_until(second_wait, what="the scoped wait")
+            await nc.publish("bide.events.order:paid.user_id:8", b'{"total": 1}')  # another scope
+            await nc.publish(
+                "bide.events.order:paid.user_id:7", b'{"total": 2}', headers={"Nats-Msg-Id": "pay-7", "X-Any": "1"}
+            )
+            assert await ref.aio_result(timeout=10) == [{"user_id": 7}, {"total": 2}]
+            hist = await bide.runs.aio_history(ref.workflow_run_id)
+            signals = [e.signal for e in hist.entries if e.k == "signal"]
+            assert [s.event_id for s in signals][-1] == "pay-7"
+            assert signals[-1].scope == "user_id:7"
+    finally:
+        await nc.close()
+
+
+class LookbackEventPayload(BaseModel):
+    user_id: int
+    name: str
+
+
+async def test_lookback_sees_the_window_and_only_its_scope(bide: Bide) -> None:
+    @bide.durable_task(name="Lookback")
+    async def lookback(input: dict, ctx: DurableContext) -> dict[str, Any]:
+        event = await ctx.aio_wait_for_event(
+            key="user:create",
+            expression=f"input.user_id == {input['user_id']}",
+            scope=f"user_id:{input['user_id']}",
+            lookback_window=timedelta(seconds=input["window"]),
+            payload_validator=LookbackEventPayload,
+            timeout=input["timeout"],
+        )
+        return {"event": None if event is None else event.model_dump()}
+
+    async with running_worker(bide, [lookback]):
+        # Inside the window, same scope: found although pushed before the wait existed.
+        await bide.event.aio_push("user:create", {"user_id": 1, "name": "in-window"}, scope="user_id:1")
+        assert await lookback.aio_run({"user_id": 1, "window": 60, "timeout": 30}, timeout=15) == {
+            "event": {"user_id": 1, "name": "in-window"}
+        }
+        # Same payload under another scope: neither lookback nor live delivery sees it.
+        await bide.event.aio_push("user:create", {"user_id": 2, "name": "wrong-scope"}, scope="user_id:3")
+        ref = await lookback.aio_run_no_wait({"user_id": 2, "window": 60, "timeout": 2})
+        await waiting(bide, ref.workflow_run_id)
+        await bide.event.aio_push("user:create", {"user_id": 2, "name": "live-wrong-scope"}, scope="user_id:3")
+        assert await ref.aio_result(timeout=15) == {"event": None}
+        # Outside the window: an event older than the lookback is not seen.
+        old = await bide.event.aio_push("user:create", {"user_id": 4, "name": "too-old"}, scope="user_id:4")
+        await asyncio.sleep(1.2)  # age the event past a 1 s window (the behaviour under test, not a wait)
+        assert old.seq > 0
+        assert await lookback.aio_run({"user_id": 4, "window": 1, "timeout": 1.5}, timeout=15) == {"event": None}
+
+
+async def test_unscoped_lookback_reads_every_scope_of_the_key(bide: Bide) -> None:
+    @bide.durable_task(name="LookbackAnyScope")
+    async def any_scope(input: dict, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("invoice:sent", "input.n == 2", lookback_window="1m", timeout="5s")
+
+    async with running_worker(bide, [any_scope]):
+        await bide.event.aio_push("invoice:sent", {"n": 1}, scope="a")
+        await bide.event.aio_push("invoice:sent", {"n": 2}, scope="b")
+        await bide.event.aio_push("invoice:sent", {"n": 2, "late": True})
+        assert await any_scope.aio_run({}, timeout=15) == {"n": 2}
+
+
+async def test_payload_validator_failure_fails_that_run_only(bide: Bide) -> None:
+    @bide.durable_task(name="Validated")
+    async def validated(input: dict, ctx: DurableContext) -> str:
+        ev = await ctx.aio_wait_for_event("typed:event", f"input.run == {input['run']}",
+                                          payload_validator=AwaitedEvent)
+        return ev.id
+
+    async with running_worker(bide, [validated]):
+        bad = await validated.aio_run_no_wait({"run": 1})
+        good = await validated.aio_run_no_wait({"run": 2})
+        await waiting(bide, bad.workflow_run_id)
+        await waiting(bide, good.workflow_run_id)
+        await bide.event.aio_push("typed:event", {"run": 1, "id": 5})
+        with pytest.raises(RunFailedError, match=r"PayloadValidationError: .*does not fit AwaitedEvent.*id"):
+            await bad.aio_result(timeout=10)
+        await bide.event.aio_push("typed:event", {"run": 2, "id": "ok"})
+        assert await good.aio_result(timeout=10) == "ok"
+
+
+async def test_one_event_satisfies_every_matching_wait(bide: Bide) -> None:
+    @bide.durable_task(name="Broadcast")
+    async def broadcast(input: dict, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("deploy:done", "input.env == 'prod'")
+
+    async with running_worker(bide, [broadcast]):
+        refs = [await broadcast.aio_run_no_wait({}) for _ in range(5)]
+        for r in refs:
+            await waiting(bide, r.workflow_run_id)
+        await bide.event.aio_push("deploy:done", {"env": "staging"})
+        await bide.event.aio_push("deploy:done", {"env": "prod"})
+        assert [await r.aio_result(timeout=10) for r in refs] == [{"env": "prod"}] * 5
+
+
+async def test_and_of_or_groups(bide: Bide) -> None:
+    @bide.durable_task(name="AndOfOr")
+    async def and_of_or(input: dict, ctx: DurableContext) -> dict[str, Any]:
+        res = await ctx.aio_wait_for(
+            "both",
+            or_(UserEventCondition("a:event"), SleepCondition("30s")),
+            UserEventCondition("b:event", "input.ok == true"),
+        )
+        return {k: list(v.values()) for k, v in res.items()}
+
+    async with running_worker(bide, [and_of_or]):
+        ref = await and_of_or.aio_run_no_wait({})
+        await waiting(bide, ref.workflow_run_id)
+        await bide.event.aio_push("b:event", {"ok": True}, event_id="b1")
+        await bide.event.aio_push("a:event", {"x": 1}, event_id="a1")
+        assert await ref.aio_result(timeout=10) == {"a:event": [{"x": 1}], "b:event": [{"ok": True}]}

@@ -1,0 +1,364 @@
+"""The HTTP API: push events, receive webhooks and deliver events to one run, over plain HTTP.
+
+``create_app`` builds a FastAPI app around a :class:`~sdk.Bide` client; ``serve_http``
+runs it with uvicorn inside the caller's event loop (``bide serve`` and ``bide dev`` use it).
+
+=====================================  =====================================================
+``POST /api/v1/events``                push an event: ``{"key", "payload", "scope", "event_id", "metadata"}``
+``POST /api/v1/webhooks/{key}``        push an event whose payload is the raw JSON body (the key may contain ``/``)
+``POST /api/v1/events/{run}/{name}``   deliver the raw JSON body to one run (Zart's ``offer_event``)
+``GET /healthz``                       ``{"status": "ok"}``, never behind the token
+=====================================  =====================================================
+
+When a token is configured every ``/api/`` request needs ``Authorization: Bearer <token>``.
+Bodies larger than ``max_body_bytes`` are refused with 413 before they are read in full.
+An empty body on the two raw-body routes is the payload ``null``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import orjson
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sdk import Bide, EventRef, RunAlreadyFinishedError, RunNotFoundError
+
+DEFAULT_MAX_BODY_BYTES = 1_048_576
+API_PREFIX = "/api/"
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+class PushEventRequest(BaseModel):
+    """An event to push: every wait and every ``on_events`` task matching its key (and scope) sees it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(description="the event key, e.g. `user:update`", examples=["user:update"])
+    payload: Any = Field(default=None, description="any JSON value; `null` when omitted")
+    scope: str | None = Field(default=None, description="narrows the event to waits with the same scope")
+    event_id: str | None = Field(default=None, description="makes the push idempotent: a repeated id is dropped")
+    metadata: dict[str, Any] | None = Field(default=None, description="extra JSON data carried with the event")
+
+
+class EventAccepted(BaseModel):
+    """A pushed event, stored in JetStream."""
+
+    status: Literal["accepted"] = "accepted"
+    event_id: str
+    key: str
+    scope: str | None
+    seq: int = Field(description="the event's sequence number in the events stream")
+
+    @classmethod
+    def of(cls, ref: EventRef) -> EventAccepted:
+        return cls(event_id=ref.event_id, key=ref.key, scope=ref.scope, seq=ref.seq)
+
+
+class EventDelivered(BaseModel):
+    """The answer to a direct delivery, as Zart gives it."""
+
+    status: Literal["delivered"] = "delivered"
+    execution_id: str
+    event_name: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ErrorDetail(BaseModel):
+    """Why a request was refused."""
+
+    detail: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    reasons = {
+        400: "the body is not JSON, or the SDK refused a value (the detail names it)",
+        401: "missing or wrong bearer token",
+        404: "no run with that id",
+        409: "the run has already finished",
+        413: "the body is larger than the server's limit",
+        503: "NATS JetStream is unreachable or did not answer in time",
+    }
+    return {c: {"model": ErrorDetail, "description": reasons[c]} for c in codes}
+
+
+_RAW_JSON_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "description": "any JSON value: the event payload (an empty body is `null`)",
+        "content": {"application/json": {"schema": {}}},
+    }
+}
+
+
+# -- guard: token and body size --------------------------------------------------------------------
+
+
+def _auth_failure(authorization: bytes | None, token: bytes) -> str | None:
+    """Why ``authorization`` does not carry ``token`` (``None`` when it does)."""
+    if not authorization:
+        return "missing bearer token"
+    scheme, _, given = authorization.strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not given.strip():
+        return "the Authorization header must be 'Bearer <token>'"
+    if not secrets.compare_digest(given.strip(), token):
+        return "invalid bearer token"
+    return None
+
+
+class _Guard:
+    """Pure ASGI middleware: the bearer token on ``/api/`` paths, then the body size limit.
+
+    The size is checked twice: the ``Content-Length`` header (refused before anything is
+    read) and the bytes actually received (a chunked body has no header, a lying one is
+    caught too).
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.token = token.encode() if token is not None else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if self.token is not None and str(scope.get("path", "")).startswith(API_PREFIX):
+            reason = _auth_failure(headers.get(b"authorization"), self.token)
+            if reason is not None:
+                challenge = "Bearer" if reason == "missing bearer token" else 'Bearer error="invalid_token"'
+                resp = JSONResponse({"detail": reason}, status_code=401, headers={"WWW-Authenticate": challenge})
+                await resp(scope, receive, send)
+                return
+        limit = self.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                await JSONResponse({"detail": f"invalid Content-Length header {declared.decode('latin-1')!r}"},
+                                   status_code=400)(scope, receive, send)
+                return
+            if size > limit:
+                await JSONResponse({"detail": _too_large(limit, f"{size} bytes")}, status_code=413)(
+                    scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise HTTPException(413, _too_large(limit, f"more than {limit} bytes received"))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large(limit: int, got: str) -> str:
+    return f"request body too large: {got}, the limit is {limit} bytes"
+
+
+async def _json_body(request: Request, max_body_bytes: int) -> Any:
+    """The raw body parsed as JSON; an empty body is ``None``."""
+    body = await request.body()
+    if len(body) > max_body_bytes:
+        raise HTTPException(413, _too_large(max_body_bytes, f"{len(body)} bytes"))
+    if not body.strip():
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise HTTPException(400, f"request body is not valid JSON: {e}") from None
+
+
+# -- the app ---------------------------------------------------------------------------------------
+
+
+def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The HTTP API over ``bide``. ``token`` (if not ``None``) is required as a bearer token on ``/api/``."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+    if token is not None and not token:
+        raise ValueError("the API token must not be empty (pass None for no token)")
+    app = FastAPI(
+        title="Bide HTTP API",
+        version="1",
+        summary="Push events and deliver them to durable runs.",
+    )
+    app.state.bide = bide
+    # Documents the scheme in the OpenAPI schema; the check itself is in _Guard, before the body is read.
+    auth = [Security(HTTPBearer(auto_error=False))] if token is not None else []
+    app.add_middleware(_Guard, token=token, max_body_bytes=max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                why = (err.get("ctx") or {}).get("error") or err.get("msg", "")
+                loc: tuple[Any, ...] = tuple(err.get("loc") or ())
+                where = f" at position {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+                return JSONResponse({"detail": f"request body is not valid JSON: {why}{where}"}, status_code=400)
+        return await request_validation_exception_handler(request, exc)
+
+    @app.exception_handler(ConnectionError)
+    async def _unavailable(request: Request, exc: ConnectionError) -> JSONResponse:
+        return JSONResponse({"detail": f"NATS JetStream is unavailable: {exc}"}, status_code=503)
+
+    @app.exception_handler(TimeoutError)
+    async def _timed_out(request: Request, exc: TimeoutError) -> JSONResponse:
+        return JSONResponse({"detail": f"NATS JetStream did not answer in time: {exc or type(exc).__name__}"},
+                            status_code=503)
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz() -> Health:
+        """Liveness: the HTTP server answers. Needs no token."""
+        return Health()
+
+    async def push(key: str, payload: Any, scope: str | None, event_id: str | None,
+                   metadata: dict[str, Any] | None) -> EventAccepted:
+        try:
+            ref = await bide.event.aio_push(key, payload, scope=scope, event_id=event_id, metadata=metadata)
+        except ValueError as e:  # EventPayloadError is a ValueError too
+            raise HTTPException(400, str(e)) from None
+        return EventAccepted.of(ref)
+
+    @app.post("/api/v1/events", status_code=202, response_model=EventAccepted, dependencies=auth,
+              responses=_errors(400, 401, 413, 503), tags=["events"])
+    async def push_event(event: PushEventRequest) -> EventAccepted:
+        """Push an event. Every wait and every ``on_events`` task matching its key (and scope) sees it."""
+        return await push(event.key, event.payload, event.scope, event.event_id, event.metadata)
+
+    @app.post("/api/v1/webhooks/{key:path}", status_code=202, response_model=EventAccepted, dependencies=auth,
+              responses=_errors(400, 401, 413, 503), openapi_extra=_RAW_JSON_BODY, tags=["events"])
+    async def webhook(request: Request, key: str, scope: str | None = None,
+                      event_id: str | None = None) -> EventAccepted:
+        """Push the raw JSON body as the payload of event ``key`` (which may contain ``/``)."""
+        payload = await _json_body(request, max_body_bytes)
+        return await push(key, payload, scope, event_id, None)
+
+    @app.post("/api/v1/events/{run_id}/{name}", response_model=EventDelivered, dependencies=auth,
+              responses=_errors(400, 401, 404, 409, 413, 503), openapi_extra=_RAW_JSON_BODY, tags=["events"])
+    async def deliver(request: Request, run_id: str, name: str) -> EventDelivered:
+        """Deliver the raw JSON body to one run as event ``name`` (Zart's ``offer_event``).
+
+        A wait for ``name`` in that run receives it; if the run is not waiting yet, the event
+        is kept, in the order sent, until it waits.
+        """
+        payload = await _json_body(request, max_body_bytes)
+        try:
+            receipt = await bide.event.aio_send(run_id, name, payload)
+        except RunNotFoundError as e:
+            raise HTTPException(404, str(e)) from None
+        except RunAlreadyFinishedError as e:
+            raise HTTPException(409, str(e)) from None
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        return EventDelivered(execution_id=receipt.execution_id, event_name=receipt.event_name)
+
+    return app
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers (the caller owns SIGINT/SIGTERM and cancels us)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.listening.set()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``; ``OSError`` (e.g. the port is taken) names the address."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve_http(
+    bide: Bide,
+    host: str,
+    port: int,
+    token: str | None,
+    ready: asyncio.Event | None = None,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> None:
+    """Serve the HTTP API on ``host:port`` in the running loop until cancelled.
+
+    ``ready`` is set once the server accepts connections. Cancelling the task shuts the
+    server down gracefully (in-flight requests get up to 5 s) before the cancellation
+    propagates. Raises ``OSError`` naming the address if it cannot be bound.
+    """
+    app = create_app(bide, token, max_body_bytes)
+    # Bound here rather than by uvicorn, which logs a bind error and calls sys.exit().
+    listening = bind(host, port)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                            timeout_graceful_shutdown=5)
+    server = _Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[listening]), name=f"bide-http-{host}:{port}")
+    try:
+        started = asyncio.create_task(server.listening.wait())
+        try:
+            await asyncio.wait([serving, started], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+        if server.started and ready is not None:
+            ready.set()
+        await asyncio.shield(serving)
+    except asyncio.CancelledError:
+        server.should_exit = True
+        await asyncio.gather(serving, return_exceptions=True)
+        raise
+    finally:
+        if not serving.done():
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+        listening.close()

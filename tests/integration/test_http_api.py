@@ -1,0 +1,184 @@
+"""The HTTP API against a real nats-server: in-process (ASGI) and through a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from actors.http_api import create_app, serve_http
+from actors.server import free_port
+from sdk import Bide, DurableContext, EmptyModel, RunStatus
+from tests.support import running_worker, wait_until
+
+TOKEN = "s3cret-token"
+
+
+def client_for(bide: Bide, token: str | None = None, max_body_bytes: int = 1_048_576) -> httpx.AsyncClient:
+    app = create_app(bide, token, max_body_bytes=max_body_bytes)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bide.test")
+
+
+@pytest.fixture
+async def api(bide: Bide) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(bide) as client:
+        yield client
+
+
+async def waiting(bide: Bide, run_id: str, waits: int = 1) -> None:
+    """Until the run has registered its ``waits``-th wait and been evicted."""
+
+    async def _is_waiting() -> bool:
+        hist = await bide.runs.aio_history(run_id)
+        registered = sum(e.k == "wait_registered" for e in hist.entries)
+        return registered >= waits and (await bide.runs.aio_get(run_id)).status is RunStatus.WAITING
+
+    await wait_until(_is_waiting, what=f"run {run_id} to wait")
+
+
+async def test_push_resumes_a_waiting_run(bide: Bide, api: httpx.AsyncClient) -> None:
+    @bide.durable_task(name="WaitsForSignup")
+    async def waits_for_signup(input: EmptyModel, ctx: DurableContext) -> dict[str, Any]:
+        return {"got": await ctx.aio_wait_for_event("user:signup")}
+
+    async with running_worker(bide, [waits_for_signup]):
+        ref = await waits_for_signup.aio_run_no_wait(EmptyModel())
+        await waiting(bide, ref.workflow_run_id)
+        resp = await api.post("/api/v1/events", json={"key": "user:signup", "payload": {"user": "ada"},
+                                                      "event_id": "signup-1", "metadata": {"source": "test"}})
+        assert resp.status_code == 202, resp.text
+        body = resp.json()
+        assert body["status"] == "accepted" and body["event_id"] == "signup-1"
+        assert body["key"] == "user:signup" and body["scope"] is None and body["seq"] >= 1
+        assert await ref.aio_result(timeout=10) == {"got": {"user": "ada"}}
+
+
+async def test_webhook_with_a_slash_in_the_key_through_a_real_server(bide: Bide) -> None:
+    @bide.durable_task(name="WaitsForAccount")
+    async def waits_for_account(input: EmptyModel, ctx: DurableContext) -> dict[str, Any]:
+        return {"got": await ctx.aio_wait_for_event("app/account.created", scope="acct-1")}
+
+    port = free_port()
+    ready = asyncio.Event()
+    server = asyncio.create_task(serve_http(bide, "127.0.0.1", port, TOKEN, ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        async with running_worker(bide, [waits_for_account]), \
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/healthz")).json() == {"status": "ok"}
+            ref = await waits_for_account.aio_run_no_wait(EmptyModel())
+            await waiting(bide, ref.workflow_run_id)
+            denied = await http.post("/api/v1/webhooks/app/account.created", content=b'{"id": 7}')
+            assert denied.status_code == 401
+            resp = await http.post("/api/v1/webhooks/app/account.created", params={"scope": "acct-1"},
+                                   content=b'{"id": 7, "plan": "pro"}', headers=auth)
+            assert resp.status_code == 202, resp.text
+            assert resp.json()["key"] == "app/account.created" and resp.json()["scope"] == "acct-1"
+            assert await ref.aio_result(timeout=10) == {"got": {"id": 7, "plan": "pro"}}
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+    assert server.cancelled()
+    with socket.socket() as s:  # the listening socket was closed on cancel
+        s.bind(("127.0.0.1", port))
+
+
+async def test_direct_delivery_answers_like_zart(bide: Bide, api: httpx.AsyncClient) -> None:
+    @bide.durable_task(name="NeedsApproval")
+    async def needs_approval(input: EmptyModel, ctx: DurableContext) -> dict[str, Any]:
+        return {"approval": await ctx.aio_wait_for_event("manager-approval", timeout="30s")}
+
+    async with running_worker(bide, [needs_approval]):
+        ref = await needs_approval.aio_run_no_wait(EmptyModel())
+        run_id = ref.workflow_run_id
+        await waiting(bide, run_id)
+        resp = await api.post(f"/api/v1/events/{run_id}/manager-approval", content=b'{"approved": true}')
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"status": "delivered", "execution_id": run_id, "event_name": "manager-approval"}
+        assert await ref.aio_result(timeout=10) == {"approval": {"approved": True}}
+
+        late = await api.post(f"/api/v1/events/{run_id}/manager-approval", content=b"1")
+        assert late.status_code == 409
+        assert run_id in late.json()["detail"] and "finished" in late.json()["detail"]
+
+
+async def test_unknown_run_is_404(api: httpx.AsyncClient) -> None:
+    resp = await api.post("/api/v1/events/no-such-run/manager-approval", content=b"{}")
+    assert resp.status_code == 404
+    assert resp.json() == {"detail": "no run with id 'no-such-run'"}
+
+
+@pytest.mark.parametrize("path", ["/api/v1/events", "/api/v1/webhooks/k", "/api/v1/events/some-run/ev"])
+async def test_a_body_that_is_not_json_is_400_with_the_reason(api: httpx.AsyncClient, path: str) -> None:
+    resp = await api.post(path, content=b'{"key": "k",', headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["detail"].startswith("request body is not valid JSON: ")
+    assert len(resp.json()["detail"]) > len("request body is not valid JSON: ")
+
+
+async def test_bad_fields_are_refused_with_the_reason(api: httpx.AsyncClient) -> None:
+    missing = await api.post("/api/v1/events", json={"payload": {"a": 1}})
+    assert missing.status_code == 422
+    assert missing.json()["detail"][0]["loc"] == ["body", "key"]
+    unknown = await api.post("/api/v1/events", json={"key": "k", "paylod": 1})
+    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "paylod"]
+    spaced = await api.post("/api/v1/events", json={"key": " k "})
+    assert spaced.status_code == 400 and "event key" in spaced.json()["detail"]
+    bad_scope = await api.post("/api/v1/webhooks/k", params={"scope": " "}, content=b"{}")
+    assert bad_scope.status_code == 400 and "scope" in bad_scope.json()["detail"]
+
+
+async def test_an_oversized_body_is_413(bide: Bide) -> None:
+    async with client_for(bide, max_body_bytes=64) as api:
+        declared = await api.post("/api/v1/webhooks/k", content=b"[" + b"1," * 40 + b"1]")
+        assert declared.status_code == 413
+        assert "64 bytes" in declared.json()["detail"]
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+            for _ in range(10):
+                yield b"1" * 10
+
+        streamed = await api.post("/api/v1/events", content=chunks(), headers={"Content-Type": "application/json"})
+        assert streamed.status_code == 413 and "64 bytes" in streamed.json()["detail"]
+
+        small = await api.post("/api/v1/webhooks/k", content=b'{"ok": true}')
+        assert small.status_code == 202, small.text
+
+
+async def test_bearer_token(bide: Bide) -> None:
+    async with client_for(bide, token=TOKEN) as api:
+        missing = await api.post("/api/v1/events", json={"key": "k"})
+        assert missing.status_code == 401
+        assert missing.json() == {"detail": "missing bearer token"}
+        assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+
+        wrong = await api.post("/api/v1/events", json={"key": "k"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code in (401, 403) and "invalid bearer token" in wrong.json()["detail"]
+        basic = await api.post("/api/v1/events/r/e", content=b"{}", headers={"Authorization": f"Basic {TOKEN}"})
+        assert basic.status_code in (401, 403) and "Bearer" in basic.json()["detail"]
+        # Refused before the body is looked at: no token and a broken body is still 401.
+        assert (await api.post("/api/v1/webhooks/k", content=b"{")).status_code == 401
+
+        ok = await api.post("/api/v1/events", json={"key": "k"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 202, ok.text
+        assert (await api.get("/healthz")).json() == {"status": "ok"}
+
+
+async def test_openapi_documents_the_endpoints(bide: Bide) -> None:
+    async with client_for(bide, token=TOKEN) as api:
+        spec = (await api.get("/openapi.json")).json()
+    paths = spec["paths"]
+    for path in ("/api/v1/events", "/api/v1/webhooks/{key}", "/api/v1/events/{run_id}/{name}"):
+        assert "post" in paths[path], path
+    assert "get" in paths["/healthz"]
+    schemas = spec["components"]["schemas"]
+    assert {"PushEventRequest", "EventAccepted", "EventDelivered", "ErrorDetail"} <= set(schemas)
+    assert set(schemas["PushEventRequest"]["properties"]) == {"key", "payload", "scope", "event_id", "metadata"}
+    delivered = paths["/api/v1/events/{run_id}/{name}"]["post"]["responses"]
+    assert {"200", "404", "409", "401"} <= set(delivered)
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
