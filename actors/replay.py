@@ -230,7 +230,8 @@ class Turn:
     async def wait(self, label: str, groups: list[list[Condition]]) -> dict[str, Any]:
         pos = self._position()
         specs = [[self._condition(c) for c in g] for g in groups]
-        digest = args_hash(label, [[c.model_dump(mode="json") for c in g] for g in specs])
+        # The label is not hashed: Hatchet's examples use a fresh uuid4().hex as the label.
+        digest = args_hash([[c.model_dump(mode="json") for c in g] for g in specs])
         requested = f"wait_for({label!r}, args hash {digest})"
         rec = self._by_pos.get(pos)
         wait_id = f"{self.run_id}:{pos}"

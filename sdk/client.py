@@ -15,6 +15,7 @@ from sdk.events import EventsClient
 from sdk.runs import RunRef, RunsClient, StartRequest, new_run_id, start_run
 from sdk.tasks import TaskDefinition, validate_task_name
 from sdk.worker import Worker
+from sdk.workflow import Workflow
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -100,6 +101,10 @@ class Bide:
 
         return wrap(fn) if fn is not None else wrap
 
+    def workflow(self, name: str, *, on_events: Sequence[str] | None = None) -> Workflow:
+        """A named group of tasks (Hatchet's ``hatchet.workflow(name=...)``)."""
+        return Workflow(self, name, on_events)
+
     @property
     def tasks(self) -> dict[str, TaskDefinition]:
         return dict(self._tasks)
@@ -107,13 +112,23 @@ class Bide:
     def worker(
         self,
         name: str,
-        workflows: Sequence[TaskDefinition] | None = None,
+        workflows: Sequence[TaskDefinition | Workflow] | None = None,
         slots: int = 100,
         durable_slots: int = 1000,
     ) -> Worker:
-        """An actor host for ``workflows`` (default: every task defined on this client)."""
-        return Worker(self, name, list(workflows) if workflows is not None else list(self._tasks.values()),
-                      slots=slots, durable_slots=durable_slots)
+        """An actor host for ``workflows`` (tasks or workflows; default: every task defined on this client)."""
+        if workflows is None:
+            tasks = list(self._tasks.values())
+        else:
+            tasks = []
+            for w in workflows:
+                if isinstance(w, Workflow):
+                    tasks.extend(w.tasks)
+                elif isinstance(w, TaskDefinition):
+                    tasks.append(w)
+                else:
+                    raise TypeError(f"worker {name!r}: workflows= takes tasks and workflows, got {w!r}")
+        return Worker(self, name, tasks, slots=slots, durable_slots=durable_slots)
 
     # -- running by name -----------------------------------------------------------------------
 

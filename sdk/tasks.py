@@ -52,6 +52,8 @@ class TaskDefinition:
         )):
             raise ValueError(f"on_events of task {name!r} must be a list of event keys, got {on_events!r}")
         self.on_events: tuple[str, ...] = tuple(on_events or ())
+        self.workflow_key: str = name
+        """The task's name inside its workflow (its key in the workflow's result)."""
         """Event keys that start a run of this task, one run per event (the payload is its input)."""
         self._pool = pool
 
