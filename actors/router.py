@@ -68,6 +68,7 @@ class PendingWaitEntry:
         "expression",
         "index_key",
         "key",
+        "more_preds",
         "run_id",
         "run_input",
         "scope",
@@ -87,13 +88,16 @@ class PendingWaitEntry:
         self.expression = reg.expression
         preds, self.complete = _cel.equality_predicates(reg.expression)
         self.index_key: tuple[_cel.Path, _cel.IndexValue] | None = preds[0] if preds else None
+        # Kept here, not looked up again: the parse cache is bounded and waits are many.
+        self.more_preds = preds[1:] or None
         self.run_input = reg.run_input
         self.seq = seq
 
     def matches(self, payload: Any) -> bool:
         if self.complete:
             # The expression is only equality predicates: checking them is evaluating it, ~100x cheaper.
-            for path, value in _cel.equality_predicates(self.expression)[0]:
+            preds = ([self.index_key] if self.index_key is not None else []) + list(self.more_preds or ())
+            for path, value in preds:
                 try:
                     if _cel.index_value(_cel.lookup(payload, path)) != value:
                         return False
