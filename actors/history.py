@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,9 +61,14 @@ class HistoryLog:
 
     async def read(self, run_id: str) -> RunHistory:
         """The run's history and its untaken inbox signals, in one read (both subjects, stream order)."""
-        msgs = await direct_get_subject(
-            self._nc, self._subjects.history_stream, self._subjects.run_all(run_id)
+        # Two exact subjects, read at once: a filter with a wildcard in the middle
+        # (``bide.*.<run>``) gets slower as the stream grows, exact subjects do not.
+        stream = self._subjects.history_stream
+        hist_msgs, inbox_msgs = await asyncio.gather(
+            direct_get_subject(self._nc, stream, self._subjects.history(run_id)),
+            direct_get_subject(self._nc, stream, self._subjects.inbox(run_id)),
         )
+        msgs = sorted(hist_msgs + inbox_msgs, key=lambda m: int((m.headers or {}).get("Nats-Sequence", "0")))
         hist = RunHistory(run_id)
         inbox_subject = self._subjects.inbox(run_id)
         inbox: list[tuple[int, EventSignal]] = []

@@ -269,7 +269,10 @@ class ActorHost:
             ended += list(turn.open_waits.values())  # the run ended while they were open
         now = utcnow()
         for w in ended:
-            await publish_registrations(self._publisher_, self.layout, w, hist.run_id, defn.name, None, "cancel")
+            # A condition the router satisfied is gone from the router already.
+            done = {sig.cond for _, sig in turn.signals if sig.source == "event" and sig.wait_id == w.wait_id}
+            await publish_registrations(self._publisher_, self.layout, w, hist.run_id, defn.name, None, "cancel",
+                                        skip=done)
             if any(c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for g in w.groups for c in g):
                 # The loser of an or-group never resumes the run: its timer is withdrawn.
                 self._chore(self._timers.cancel(hist.run_id, w.pos))

@@ -343,6 +343,11 @@ class Turn:
                 return sig.at, {sig.event_id: sig.payload}, seq
         return None
 
+    @property
+    def signals(self) -> list[tuple[int, EventSignal]]:
+        """Every signal the run has taken, in inbox order."""
+        return self._signals
+
     @staticmethod
     def _next_wake(reg: WaitRegistered) -> datetime | None:
         wakes = [c.wake_at for g in reg.groups for c in g if c.kind == "sleep" and c.wake_at is not None]

@@ -110,13 +110,15 @@ class PendingWaitEntry:
 class _Bucket:
     """The waits for one (key, scope): by one equality predicate each, or scanned."""
 
-    __slots__ = ("by_value", "scan")
+    __slots__ = ("by_value", "count", "scan")
 
     def __init__(self) -> None:
         self.by_value: dict[_cel.Path, dict[_cel.IndexValue, dict[str, PendingWaitEntry]]] = {}
         self.scan: dict[str, PendingWaitEntry] = {}
+        self.count = 0
 
     def add(self, w: PendingWaitEntry) -> None:
+        self.count += 1
         if w.index_key is None:
             self.scan[w.cid] = w
         else:
@@ -124,6 +126,7 @@ class _Bucket:
             self.by_value.setdefault(path, {}).setdefault(value, {})[w.cid] = w
 
     def remove(self, w: PendingWaitEntry) -> None:
+        self.count -= 1
         if w.index_key is None:
             self.scan.pop(w.cid, None)
             return
@@ -150,7 +153,7 @@ class _Bucket:
                 yield from list(values[tagged].values())
 
     def __len__(self) -> int:
-        return len(self.scan) + sum(len(g) for v in self.by_value.values() for g in v.values())
+        return self.count
 
 
 class WaitIndex:
@@ -545,12 +548,21 @@ def _registration(
 
 
 async def publish_registrations(
-    pub: Publisher, layout: Layout, wait: WaitRegistered, run_id: str, task: str, run_input: Any, op: str
+    pub: Publisher,
+    layout: Layout,
+    wait: WaitRegistered,
+    run_id: str,
+    task: str,
+    run_input: Any,
+    op: str,
+    skip: set[int | None] | None = None,
 ) -> None:
     """Register (or cancel) a wait's event conditions with the router. Safe to repeat."""
     s = layout.subjects
     sends = []
     for key, reg in registrations(wait, run_id, task, run_input, op):
+        if skip and reg.cond in skip:
+            continue
         headers = {HDR_MSG_ID: f"{op}:{wait.wait_id}/{reg.cond}"}
         if op == "register":
             # Waits outlive the events' max age (a wait may last a week).

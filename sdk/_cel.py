@@ -44,10 +44,10 @@ def check_expression(expression: str) -> str:
     return expression
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)
 def _compiled(expression: str) -> Any:
     try:
-        ast = _env.compile(expression)
+        ast = _tree(expression)
     except celpy.celparser.CELParseError as e:
         col = getattr(e, "column", None)
         where = f" at column {col}" if col else ""
@@ -55,7 +55,7 @@ def _compiled(expression: str) -> Any:
     return _env.program(ast)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)
 def _tree(expression: str) -> Tree[Any]:
     return _env.compile(expression)
 
@@ -204,8 +204,13 @@ def _literal(node: Tree[Any]) -> tuple[str, Any] | None:
         text = text.children[0]
     if not isinstance(text, Token):
         return None
+    return _literal_value(str(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal_value(text: str) -> tuple[str, Any] | None:
     try:
-        value = _env.program(_env.compile(str(text))).evaluate({})
+        value = _env.program(_env.compile(text)).evaluate({})
     except Exception:
         return None
     if isinstance(value, celpy.celtypes.BoolType):

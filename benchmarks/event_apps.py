@@ -1,0 +1,16 @@
+"""The task the event latency benchmark runs: wait durably for one event, then return its send time."""
+
+from typing import Any
+
+from sdk import Bide, DurableContext
+
+bide = Bide()  # BIDE_NATS_URL is set by the benchmark
+
+
+@bide.durable_task(name="WaitForMe")
+async def wait_for_me(input: dict, ctx: DurableContext) -> dict[str, Any]:
+    payload = await ctx.aio_wait_for_event("bench:go", f"input.n == {input['n']}")
+    return {"n": input["n"], "sent_at": payload["sent_at"]}
+
+
+worker = bide.worker("bench-events", workflows=[wait_for_me], durable_slots=2000)
