@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from actors.activation_queue import ActivationQueue, SlotPool
 from actors.history import HistoryConflict, HistoryLog, RunHistory
 from actors.jetstream import Layout, Publisher, api_request, connect, ensure_streams, ensure_task_consumer
-from actors.replay import Turn
+from actors.replay import Turn, open_waits
 from actors.router import EventRouter, publish_registrations
 from actors.timers import TimerScheduler
 from actors.wire import (
@@ -256,7 +256,7 @@ class ActorHost:
                 await self._timers.schedule(hist.run_id, defn.name, t.pos, t.wake_at)
             if turn.pending_wait is not None:
                 # After the wait is in the history: a crash in between re-registers on replay.
-                await publish_registrations(self._publisher_, self.layout, turn.pending_wait.wait, hist.run_id,
+                await publish_registrations(self._publisher_, self.layout, turn.pending_wait, hist.run_id,
                                             defn.name, turn.run_input, "register")
         else:
             await turn.flush([_timed_out(defn, hist.run_id, started.execution_timeout_s)])
@@ -342,27 +342,15 @@ class ActorHost:
 
 def _needs_user_code(act: Activation, hist: RunHistory) -> bool:
     """Whether a timer or signal activation can change what the run's code does next."""
-    open_waits: dict[str, Any] = {}
-    fired: set[int] = set()
-    for e in hist.entries:
-        if e.k == "wait_registered":
-            open_waits[e.wait_id] = e
-        elif e.k == "wait_resolved":
-            open_waits.pop(e.wait_id, None)
-            fired.add(e.pos)
-        elif e.k == "sleep_fired":
-            fired.add(e.pos)
-    if act.kind == "timer" and act.pos is not None and act.pos not in fired:
-        return True
-    for _, sig in hist.inbox:
-        if sig.source == "event" and sig.wait_id in open_waits:
+    if act.kind == "timer" and act.pos is not None:
+        fired = {e.pos for e in hist.entries if e.k in ("wait_resolved", "sleep_fired")}
+        if act.pos not in fired:
             return True
-        if sig.source == "direct" and any(
-            c.kind == "event" and c.event_key == sig.name
-            for w in open_waits.values() for g in w.groups for c in g
-        ):
-            return True
-    return False
+    waits = open_waits(hist.entries)
+    waited_names = {c.event_key for w in waits.values() for g in w.groups for c in g if c.kind == "event"}
+    return any(
+        sig.wait_id in waits if sig.source == "event" else sig.name in waited_names for _, sig in hist.inbox
+    )
 
 
 def _timed_out(defn: TaskDefinition, run_id: str, limit_s: float) -> RunFailed:

@@ -46,15 +46,15 @@ class TimerRequest:
     wake_at: datetime
 
 
-@dataclass(frozen=True)
-class PendingWait:
-    """The run suspended on this wait: its event conditions must be registered with the router."""
-
-    wait: WaitRegistered
-
-
-class Suspended(Exception):
-    """Why the turn ended without the run finishing (the run is evicted)."""
+def open_waits(entries: list[Any]) -> dict[str, WaitRegistered]:
+    """Waits registered and not yet resolved, by wait id (their router registrations are live)."""
+    waits: dict[str, WaitRegistered] = {}
+    for e in entries:
+        if e.k == "wait_registered":
+            waits[e.wait_id] = e
+        elif e.k == "wait_resolved":
+            waits.pop(e.wait_id, None)
+    return waits
 
 
 class Turn:
@@ -80,19 +80,15 @@ class Turn:
         # Signals taken from the inbox, in arrival order, and the direct ones waits have consumed.
         self._signals: list[tuple[int, EventSignal]] = []
         self._consumed: set[int] = set()
-        self.open_waits: dict[str, WaitRegistered] = {}
-        """Waits registered and not resolved (their router registrations are live)."""
+        self.open_waits = open_waits(history.entries)
         for e in history.entries:
             pos = getattr(e, "pos", None)
             if pos is not None:
                 self._by_pos.setdefault(pos, {})[e.k] = e
             if e.k == "signal":
                 self._signals.append((e.inbox_seq, e.signal))
-            elif e.k == "wait_registered":
-                self.open_waits[e.wait_id] = e
             elif e.k == "wait_resolved":
                 self._consumed.update(e.consumed)
-                self.open_waits.pop(e.wait_id, None)
         self._next = 0
         # The activation record rides on the turn's first flush; a turn that appends
         # nothing else (a stale or duplicate activation) writes nothing at all.
@@ -102,7 +98,8 @@ class Turn:
             self._pending.append(SignalReceived(inbox_seq=seq, signal=sig))
             self._signals.append((seq, sig))
         self.took_signals = bool(history.inbox)
-        self.pending_wait: PendingWait | None = None
+        self.pending_wait: WaitRegistered | None = None
+        """The wait the run suspended on: its event conditions must be registered with the router."""
         self.finished_or_failed = False
         self.resolved: list[WaitRegistered] = []
         """Waits that were open when this turn began and resolved in it (cancel their registrations)."""
@@ -276,7 +273,7 @@ class Turn:
             if remaining is not None and remaining <= RESIDENT_MAX:
                 await asyncio.sleep(max(remaining.total_seconds(), 0))
                 continue
-            self.pending_wait = PendingWait(reg)
+            self.pending_wait = reg
             self._suspend(TimerRequest(pos, wake) if wake is not None else None)
             await asyncio.get_running_loop().create_future()  # never resolves: the host evicts the run
 

@@ -8,6 +8,7 @@ de-duplication makes a repeated push a no-op) and metadata.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -171,8 +172,6 @@ class EventsClient:
                                    ev.get("metadata") or ev.get("additional_metadata"))
             prepared.append((ev, self._prepare(ev.key, ev.payload, ev.scope, ev.event_id, ev.metadata)))
         conn = await self._pool.get()
-        import asyncio
-
         seqs = await asyncio.gather(*(conn.publisher.publish(s, b, h) for _, (s, b, h, _) in prepared))
         return [EventRef(p[3], ev.key, ev.scope, seq) for (ev, p), seq in zip(prepared, seqs, strict=True)]
 
