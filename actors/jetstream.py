@@ -329,7 +329,13 @@ async def direct_get_subject(
             else:
                 req["seq"] = seq
             await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(), reply=inbox)
-            status = await asyncio.wait_for(done, timeout)
+            # Short attempts: a request routed to a replica that just died is never answered.
+            remaining = deadline - asyncio.get_running_loop().time()
+            status = await asyncio.wait_for(done, max(0.05, min(2.0, remaining)))
+        except TimeoutError:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            continue
         finally:
             await sub.unsubscribe()
         if status == 503 and not got:
@@ -357,16 +363,19 @@ async def direct_get_first(nc: NATS, stream: str, subject: str, timeout: float =
 
 async def direct_get_last(nc: NATS, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
     """The last message on ``subject`` or ``None`` (direct get, served by any replica)."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     while True:
         try:
+            # Short attempts: a request routed to a replica that just died is never answered.
             msg = await nc.request(
-                f"$JS.API.DIRECT.GET.{stream}", json.dumps({"last_by_subj": subject}).encode(), timeout=timeout
+                f"$JS.API.DIRECT.GET.{stream}", json.dumps({"last_by_subj": subject}).encode(),
+                timeout=max(0.05, min(1.0, deadline - loop.time())),
             )
             break
-        except nats.errors.NoRespondersError:
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             # No replica answers for a moment (e.g. a cluster just lost a node): wait for one.
-            if asyncio.get_running_loop().time() >= deadline:
+            if loop.time() >= deadline:
                 raise
             await asyncio.sleep(_NO_RESPONDERS_RETRY_S)
     status = msg.headers.get("Status") if msg.headers else None
