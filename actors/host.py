@@ -12,31 +12,50 @@ import logging
 import os
 import socket
 import traceback
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
 from actors.activation_queue import ActivationQueue, SlotPool
+from actors.children import ChildStart, child_run_id, notify_parent, request_cancel, start_children
 from actors.history import HistoryConflict, HistoryLog, RunHistory
 from actors.jetstream import Layout, Publisher, api_request, connect, ensure_streams, ensure_task_consumer
 from actors.replay import Turn, open_waits
 from actors.router import EventRouter, publish_registrations
 from actors.timers import TimerScheduler
 from actors.wire import (
+    HDR_BIDE_KIND,
     HDR_ROLLUP,
     HDR_TTL,
     Activation,
     ActivationBegun,
+    AttemptFailed,
+    ChildrenSpawned,
     ErrorInfo,
+    ParentLink,
+    RunCancelled,
     RunCompleted,
     RunFailed,
     SignalReceived,
     TriggerRegistration,
     decode_activation,
+    encode_activation,
     utcnow,
 )
-from sdk.context import Context, DurableContext
-from sdk.errors import OutputSerializationError, TaskTimeoutError
+from sdk.context import Context, DurableContext, current_runtime
+from sdk.errors import (
+    InputValidationError,
+    NonDeterminismError,
+    NonRetryableError,
+    OutputSerializationError,
+    PayloadValidationError,
+    ScheduleTimeoutError,
+    TaskCancelledByCondition,
+    TaskSkipped,
+    TaskTimeoutError,
+)
+from sdk.workflow import SKIPPED
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -77,6 +96,10 @@ class ActorHost:
         self._tasks = {t.name: t for t in tasks}
         if len(self._tasks) != len(tasks):
             raise ValueError("a worker cannot host two tasks with the same name")
+        self._workflows = {t.name for t in tasks if t.workflow is not None and t is t.workflow.runner}
+        self._running: dict[str, tuple[asyncio.Task[Any], Turn | None]] = {}
+        """Runs whose code is running here now (what the cancel broadcast stops)."""
+        self._cancelled_here: set[str] = set()
         self.slots = SlotPool(slots)
         self.durable_slots = SlotPool(durable_slots)
         self._grace = shutdown_grace_s
@@ -99,6 +122,7 @@ class ActorHost:
         self._publisher = await Publisher(nc).start()
         self._history = HistoryLog(nc, self._publisher, self.layout.subjects)
         self._timers = TimerScheduler(js, self.layout.subjects)
+        await nc.subscribe(self.layout.subjects.cancel_broadcast, cb=self._on_cancel_msg)
         for t in self._tasks.values():
             if t.on_events:
                 # Triggers travel in the events stream: every event after this one sees them.
@@ -201,10 +225,21 @@ class ActorHost:
                 log.warning("dropping activation for run %s: the run has no history", act.run_id)
                 await msg.ack()
             return
-        if hist.terminal is not None:
+        started = hist.entries[0]
+        terminal = hist.terminal
+        if terminal is not None:
+            if attempt > 1 and started.parent is not None:
+                # The host that ended it may have died before telling the parent (idempotent).
+                await notify_parent(self._nc_, self._publisher_, self.layout.subjects, hist.run_id, started.parent,
+                                    terminal)
             await msg.ack()
             return
-        if defn.durable and act.kind in ("timer", "signal") and not _needs_user_code(act, hist):
+        if defn.workflow is not None and defn is defn.workflow.runner:
+            self.turns += 1
+            await self._workflow_turn(hist, defn, attempt)
+            await msg.ack()
+            return
+        if defn.runs_durably and act.kind in ("timer", "signal") and not _needs_user_code(act, hist):
             # Nothing for the code to do (a loser of an or-group, a signal taken already, an
             # event for a wait not made yet): record any new signals, never resume the code.
             if hist.inbox:
@@ -214,41 +249,78 @@ class ActorHost:
             await msg.ack()
             return
         self.turns += 1
-        if defn.durable:
+        if defn.runs_durably:
             await self._durable_turn(hist, defn, attempt)
         else:
             await self._regular_turn(hist, defn, attempt)
         await msg.ack()
 
+    def _late(self, hist: RunHistory, defn: TaskDefinition) -> RunFailed | None:
+        """``schedule_timeout``: a run that waited too long for its first turn fails without running."""
+        if defn.schedule_timeout is None or any(e.k == "activation" for e in hist.entries):
+            return None
+        waited = utcnow() - hist.entries[0].at
+        if waited <= defn.schedule_timeout:
+            return None
+        err = ScheduleTimeoutError(
+            f"run {hist.run_id} of task {defn.name!r} waited {waited.total_seconds():.1f}s for a worker, longer than "
+            f"its schedule_timeout of {defn.schedule_timeout.total_seconds():g}s")
+        return RunFailed(error=error_info(err), at=utcnow())
+
     async def _durable_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int) -> None:
         started = hist.entries[0]
-        turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, attempt=attempt)
+        turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, attempt=attempt,
+                    start_children=self._start_children)
+        late = self._late(hist, defn)
+        if late is not None or (turn.cancel_reason is not None and not turn.began):
+            # Never ran: end it without running any code.
+            turn.finished_or_failed = True
+            never: Any = late or RunCancelled(reason=turn.cancel_reason or "", at=utcnow())
+            await turn.flush([never])
+            await self._after_turn(turn, defn, hist)
+            await self._finished(hist.run_id, started, never, turn.unfinished_children)
+            return
         try:
             value = defn.signature.load_input(started.input)
         except Exception as e:
-            await turn.flush([RunFailed(error=error_info(e), at=utcnow())])
+            turn.finished_or_failed = True
+            failed = RunFailed(error=error_info(e), at=utcnow())
+            await turn.flush([failed])
+            await self._finished(hist.run_id, started, failed, [])
             return
-        ctx = DurableContext(hist.run_id, defn.name, attempt, started.input, turn)
-        user = asyncio.create_task(defn.fn(value, ctx), name=f"bide-run:{hist.run_id}")
+        retry_count = sum(1 for e in hist.entries if e.k == "attempt_failed")
+        ctx = DurableContext(hist.run_id, defn.name, attempt, started.input, turn, retry_count=retry_count,
+                             parents=started.parents)
+
+        async def drive() -> Any:
+            current_runtime.set(turn)  # task.aio_run() in this code spawns children of this run
+            return await defn.entry(value, ctx)
+
+        user = asyncio.create_task(drive(), name=f"bide-run:{hist.run_id}")
+        self._running[hist.run_id] = (user, turn)
+        timeout = started.execution_timeout_s or (defn.execution_timeout.total_seconds()
+                                                  if defn.execution_timeout else None)
         try:
-            done, _ = await asyncio.wait(
-                {user, turn.suspended}, timeout=started.execution_timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait({user, turn.suspended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             await _cancel(user)
             raise
+        finally:
+            self._running.pop(hist.run_id, None)
         finished = user in done
         # Evict (the slot and the coroutine's memory are freed now); a finished task's
         # exception is marked retrieved either way.
         await _cancel(user)
+        end: Any = None
         if turn.fatal is not None:
             if isinstance(turn.fatal, HistoryConflict):
                 raise turn.fatal  # another host wrote first: drop this stale turn
-            turn.finished_or_failed = True
-            await turn.flush([RunFailed(error=error_info(turn.fatal), at=utcnow())])
+            end = RunFailed(error=error_info(turn.fatal), at=utcnow())
         elif finished:
-            turn.finished_or_failed = True
-            await turn.flush([self._outcome(user, defn)])
+            if turn.cancel_reason is not None and (user.cancelled() or _cancelled_error(user)):
+                end = RunCancelled(reason=turn.cancel_reason, at=utcnow())
+            else:
+                end = self._outcome(user, defn)
         elif turn.suspended in done:
             if turn.has_new_facts:
                 await turn.flush()
@@ -259,8 +331,71 @@ class ActorHost:
                 await publish_registrations(self._publisher_, self.layout, turn.pending_wait, hist.run_id,
                                             defn.name, turn.run_input, "register")
         else:
-            await turn.flush([_timed_out(defn, hist.run_id, started.execution_timeout_s)])
+            end = _timed_out(defn, hist.run_id, timeout or 0)
+        if end is not None:
+            if end.k == "run_failed" and not isinstance(turn.fatal, NonDeterminismError):
+                retry = self._retry(defn, hist, end, user if finished else None)
+                if retry is not None:
+                    await turn.flush([retry])
+                    await self._after_turn(turn, defn, hist)
+                    await self._schedule_retry(hist.run_id, defn, retry)
+                    return
+            turn.finished_or_failed = True
+            await turn.flush([end])
         await self._after_turn(turn, defn, hist)
+        if end is not None:
+            await self._finished(hist.run_id, started, end, turn.unfinished_children)
+
+    def _retry(self, defn: TaskDefinition, hist: RunHistory, failed: RunFailed,
+               user: asyncio.Task[Any] | None) -> AttemptFailed | None:
+        """The failed attempt, if the task has retries left and the error may be retried."""
+        failures = sum(1 for e in hist.entries if e.k == "attempt_failed")
+        if failures >= defn.retries:
+            return None
+        exc = user.exception() if user is not None and user.done() and not user.cancelled() else None
+        if isinstance(exc, _NEVER_RETRIED):
+            return None
+        delay = defn.retry_delay(failures + 1)
+        now = utcnow()
+        return AttemptFailed(attempt=failures + 1, error=failed.error, retry_at=now + timedelta(seconds=delay), at=now)
+
+    async def _schedule_retry(self, run_id: str, defn: TaskDefinition, retry: AttemptFailed) -> None:
+        delay = (retry.retry_at - utcnow()).total_seconds()
+        if delay >= 1.0:
+            await self._timers.schedule_retry(run_id, defn.name, retry.attempt, retry.retry_at)
+            return
+        # A short backoff waits here (the activation is not acked yet, so a crash loses nothing).
+        if delay > 0:
+            await asyncio.sleep(delay)
+        act = Activation(run_id=run_id, task=defn.name, kind="retry")
+        await self._publisher_.publish(self.layout.subjects.work(defn.name, run_id), encode_activation(act),
+                                       {HDR_BIDE_KIND: "retry"})
+
+    async def _start_children(self, parent: ParentLink, starts: list[ChildStart]) -> None:
+        await start_children(self._history, self._publisher_, self.layout.subjects, parent, starts)
+
+    async def _finished(self, run_id: str, started: Any, end: Any, unfinished: list[tuple[str, str]]) -> None:
+        """A run ended: tell its parent; a cancelled run cancels the children it still has running."""
+        if started.parent is not None:
+            await notify_parent(self._nc_, self._publisher_, self.layout.subjects, run_id, started.parent, end)
+        if end.k == "run_cancelled" or (end.k == "run_failed" and started.task in self._workflows):
+            for child, task in unfinished:
+                self._chore(request_cancel(self._nc_, self._publisher_, self._history, self.layout.subjects, child,
+                                           f"parent run {run_id} ended: {end.k.removeprefix('run_')}", task))
+
+    async def _on_cancel_msg(self, msg: Msg) -> None:
+        self._on_cancel(msg.data.decode(errors="replace"))
+
+    def _on_cancel(self, run_id: str) -> None:
+        """The cancel broadcast: stop the run now if it is running here (its inbox has the durable request)."""
+        running = self._running.get(run_id)
+        if running is None:
+            return
+        user, turn = running
+        if turn is not None and turn.cancel_reason is None:
+            turn.cancel_reason = "cancelled"
+        self._cancelled_here.add(run_id)
+        user.cancel()
 
     async def _after_turn(self, turn: Turn, defn: TaskDefinition, hist: RunHistory) -> None:
         """Tidy up what the turn left behind: registrations of waits that ended, their timers, the inbox."""
@@ -273,7 +408,7 @@ class ActorHost:
             done = {sig.cond for _, sig in turn.signals if sig.source == "event" and sig.wait_id == w.wait_id}
             await publish_registrations(self._publisher_, self.layout, w, hist.run_id, defn.name, None, "cancel",
                                         skip=done)
-            if any(c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for g in w.groups for c in g):
+            if any(c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for c in w.flat()):
                 # The loser of an or-group never resumes the run: its timer is withdrawn.
                 self._chore(self._timers.cancel(hist.run_id, w.pos))
         if turn.took_signals:
@@ -284,11 +419,15 @@ class ActorHost:
         assert self._publisher is not None
         return self._publisher
 
+    @property
+    def _nc_(self) -> NATS:
+        assert self._nc is not None
+        return self._nc
+
     def _purge_inbox(self, run_id: str, upto_seq: int) -> None:
         """Signals recorded in the history leave the inbox (the history keeps the taken seq)."""
         s = self.layout.subjects
-        nc = self._nc
-        assert nc is not None
+        nc = self._nc_
 
         async def _purge() -> None:
             await api_request(nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
@@ -309,29 +448,130 @@ class ActorHost:
 
     async def _regular_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int) -> None:
         started = hist.entries[0]
+        notify = started.meta.get("notify")
         begun = ActivationBegun(host=self.host_id, attempt=attempt, at=utcnow())
-        try:
-            value = defn.signature.load_input(started.input)
-        except Exception as e:
-            await self._history.append(hist.run_id, [begun, RunFailed(error=error_info(e), at=utcnow())],
-                                       hist.last_seq, started.meta.get("notify"))
+        cancel = next((sig for _, sig in hist.inbox if sig.source == "cancel"), None)
+        end: Any = self._late(hist, defn)
+        if end is None and cancel is not None:
+            end = RunCancelled(reason=(cancel.payload or {}).get("reason") or "cancelled", at=utcnow())
+        if end is None:
+            try:
+                value = defn.signature.load_input(started.input)
+            except Exception as e:
+                end = RunFailed(error=error_info(e), at=utcnow())
+        if end is not None:
+            await self._history.append(hist.run_id, [begun, end], hist.last_seq, notify)
+            await self._finished(hist.run_id, started, end, [])
             return
-        ctx = Context(hist.run_id, defn.name, attempt, started.input)
-        if asyncio.iscoroutinefunction(defn.fn):
-            user: asyncio.Task[Any] = asyncio.create_task(defn.fn(value, ctx))
-        else:
-            user = asyncio.create_task(asyncio.to_thread(defn.fn, value, ctx))
-        done, _ = await asyncio.wait({user}, timeout=started.execution_timeout_s)
-        if user in done:
-            outcome: Any = self._outcome(user, defn)
+        retry_count = sum(1 for e in hist.entries if e.k == "attempt_failed")
+        ctx = Context(hist.run_id, defn.name, attempt, started.input, retry_count=retry_count,
+                      parents=started.parents)
+        user: asyncio.Task[Any] = asyncio.create_task(defn.entry(value, ctx))
+        self._running[hist.run_id] = (user, None)
+        timeout = started.execution_timeout_s or (defn.execution_timeout.total_seconds()
+                                                  if defn.execution_timeout else None)
+        try:
+            done, _ = await asyncio.wait({user}, timeout=timeout)
+        finally:
+            self._running.pop(hist.run_id, None)
+        if hist.run_id in self._cancelled_here:
+            self._cancelled_here.discard(hist.run_id)
+            await _cancel(user)
+            end = RunCancelled(reason="cancelled", at=utcnow())
+        elif user in done:
+            end = self._outcome(user, defn)
         else:
             await _cancel(user)
-            outcome = _timed_out(defn, hist.run_id, started.execution_timeout_s)
-        await self._history.append(hist.run_id, [begun, outcome], hist.last_seq, started.meta.get("notify"))
+            end = _timed_out(defn, hist.run_id, timeout or 0)
+        if end.k == "run_failed":
+            retry = self._retry(defn, hist, end, user if user in done else None)
+            if retry is not None:
+                await self._history.append(hist.run_id, [begun, retry], hist.last_seq)
+                await self._schedule_retry(hist.run_id, defn, retry)
+                return
+        await self._history.append(hist.run_id, [begun, end], hist.last_seq, notify)
+        await self._finished(hist.run_id, started, end, [])
+
+    async def _workflow_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int) -> None:
+        """A DAG run: start every task whose parents have all ended; end when all have.
+
+        The state is the history: which tasks were spawned (``children_spawned``, one
+        position per task) and which have reported back (``child`` signals). A task is
+        recorded before it is started, and starting is idempotent, so a crash anywhere
+        neither loses nor doubles a task.
+        """
+        wf = defn.workflow
+        assert wf is not None
+        started = hist.entries[0]
+        now = utcnow()
+        new: list[Any] = [ActivationBegun(host=self.host_id, attempt=attempt, at=now)]
+        new += [SignalReceived(inbox_seq=q, signal=sig) for q, sig in hist.inbox]
+        spawned: dict[str, str] = {}
+        outcomes: dict[str, dict[str, Any]] = {}
+        cancel: str | None = None
+        for e in hist.entries + new:
+            if e.k == "children_spawned":
+                spawned[e.task] = e.run_ids[0]
+            elif e.k == "signal" and e.signal.source == "child":
+                outcomes.setdefault(e.signal.name, e.signal.payload)
+            elif e.k == "signal" and e.signal.source == "cancel" and cancel is None:
+                cancel = (e.signal.payload or {}).get("reason") or "cancelled"
+        steps = wf.order()
+        done = {t.workflow_key: outcomes[spawned[t.name]] for t in steps
+                if t.name in spawned and spawned[t.name] in outcomes}
+        end: Any = self._late(hist, defn)
+        if end is None and cancel is not None:
+            end = RunCancelled(reason=cancel, at=now)
+        for t in steps:
+            o = done.get(t.workflow_key)
+            if end is not None or o is None:
+                continue
+            if o["status"] == "failed":
+                err = o.get("error") or {}
+                end = RunFailed(error=ErrorInfo(
+                    type=err.get("type", "Error"),
+                    message=f"task {t.workflow_key!r} failed: {err.get('type')}: {err.get('message')}",
+                    traceback=err.get("traceback", "")), at=now)
+            elif o["status"] == "cancelled":
+                end = RunCancelled(reason=f"task {t.workflow_key!r} was cancelled: {o.get('reason')}", at=now)
+        to_start: list[tuple[int, TaskDefinition]] = []
+        if end is None:
+            for idx, t in enumerate(steps):
+                if t.name not in spawned and all(p.workflow_key in done for p in t.parents):
+                    rid = child_run_id(hist.run_id, idx, 0, None)
+                    new.append(ChildrenSpawned(pos=idx, task=t.name, run_ids=[rid], args_hash="", at=now))
+                    spawned[t.name] = rid
+                    to_start.append((idx, t))
+            if len(done) == len(steps):
+                end = RunCompleted(result={k: SKIPPED if o.get("skipped") else o.get("result")
+                                           for k, o in done.items()}, at=now)
+        if end is not None:
+            new.append(end)
+        await self._history.append(hist.run_id, new, hist.last_seq, started.meta.get("notify"))
+        if hist.inbox:
+            self._purge_inbox(hist.run_id, hist.inbox[-1][0])
+        if end is None and attempt > 1:
+            # This activation came back: the turn that recorded a task may have died before starting it.
+            to_start += [(idx, t) for idx, t in enumerate(steps)
+                         if t.name in spawned and spawned[t.name] not in outcomes and (idx, t) not in to_start]
+        for idx, t in to_start:
+            link = ParentLink(run_id=hist.run_id, task=defn.name, pos=idx, n=1)
+            start = ChildStart(run_id=spawned[t.name], task=t.name, durable=t.runs_durably, input=started.input,
+                               parents={p.workflow_key: done[p.workflow_key] for p in t.parents})
+            await self._start_children(link, [start])
+        if end is not None:
+            unfinished = [(rid, task) for task, rid in spawned.items() if rid not in outcomes]
+            await self._finished(hist.run_id, started, end, unfinished)
 
     @staticmethod
-    def _outcome(user: asyncio.Task[Any], defn: TaskDefinition) -> RunCompleted | RunFailed:
+    def _outcome(user: asyncio.Task[Any], defn: TaskDefinition) -> RunCompleted | RunFailed | RunCancelled:
+        if user.cancelled():
+            return RunCancelled(reason="cancelled", at=utcnow())
         exc = user.exception()
+        if isinstance(exc, TaskSkipped):
+            return RunCompleted(result=None, skipped=True, at=utcnow())
+        if isinstance(exc, TaskCancelledByCondition):
+            return RunCancelled(reason=str(exc), at=utcnow())
         if exc is not None:
             return RunFailed(error=error_info(exc), at=utcnow())
         try:
@@ -342,15 +582,26 @@ class ActorHost:
 
 def _needs_user_code(act: Activation, hist: RunHistory) -> bool:
     """Whether a timer or signal activation can change what the run's code does next."""
+    if any(sig.source in ("child", "cancel") for _, sig in hist.inbox):
+        return True
     if act.kind == "timer" and act.pos is not None:
         fired = {e.pos for e in hist.entries if e.k in ("wait_resolved", "sleep_fired")}
         if act.pos not in fired:
             return True
     waits = open_waits(hist.entries)
-    waited_names = {c.event_key for w in waits.values() for g in w.groups for c in g if c.kind == "event"}
+    waited_names = {c.event_key for w in waits.values() for c in w.flat() if c.kind == "event"}
     return any(
         sig.wait_id in waits if sig.source == "event" else sig.name in waited_names for _, sig in hist.inbox
     )
+
+
+_NEVER_RETRIED = (NonRetryableError, NonDeterminismError, InputValidationError, PayloadValidationError,
+                  OutputSerializationError)
+"""Errors a retry cannot fix: the same input, history or payload would fail the same way."""
+
+
+def _cancelled_error(task: asyncio.Task[Any]) -> bool:
+    return task.done() and (task.cancelled() or isinstance(task.exception(), asyncio.CancelledError))
 
 
 def _timed_out(defn: TaskDefinition, run_id: str, limit_s: float) -> RunFailed:

@@ -135,6 +135,18 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
             discard=DiscardPolicy.OLD,
             duplicate_window=layout.event_dedupe_window_s,
         ),
+        StreamConfig(
+            # One counter per spawn batch: each finished child adds one and learns the total,
+            # so only the child that completes the batch wakes the parent.
+            name=s.counters_stream,
+            subjects=[s.counters_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=layout.history_max_age_s,
+            num_replicas=layout.replicas,
+            allow_direct=True,
+            discard=DiscardPolicy.OLD,
+        ),
     ]
 
 
@@ -145,6 +157,8 @@ async def ensure_streams(js: JetStreamContext, layout: Layout) -> None:
         body = cfg.as_dict()
         if cfg.name == layout.subjects.events_stream:
             body["allow_msg_ttl"] = True
+        if cfg.name == layout.subjects.counters_stream:
+            body["allow_msg_counter"] = True
         try:
             await api_request(js._nc, f"$JS.API.STREAM.CREATE.{cfg.name}", body)
         except nats.js.errors.APIError as e:
@@ -388,3 +402,15 @@ async def direct_get_last(nc: NATS, stream: str, subject: str, timeout: float = 
 
 async def purge_subject(js: JetStreamContext, stream: str, subject: str) -> None:
     await js.purge_stream(stream, subject=subject)
+
+
+async def increment(nc: NATS, subject: str, timeout: float = 5.0) -> int:
+    """Add one to a JetStream counter (ADR-49) and return the new total."""
+    msg = await nc.request(subject, b"", timeout=timeout, headers={"Nats-Incr": "+1"})
+    resp: dict[str, Any] = orjson.loads(msg.data)
+    if "error" in resp:
+        try:
+            nats.js.errors.APIError.from_error(resp["error"])
+        except nats.js.errors.APIError:
+            raise
+    return int(resp["val"])

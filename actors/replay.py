@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
+from actors.children import ChildStart, child_run_id
 from actors.history import HistoryLog, RunHistory
 from actors.timers import RESIDENT_MAX
 from actors.wire import (
     ActivationBegun,
+    ChildrenSpawned,
     EventSignal,
     MemoRecorded,
     NowRecorded,
+    ParentLink,
     SignalReceived,
     SleepFired,
     SleepScheduled,
@@ -34,8 +37,12 @@ from actors.wire import (
 from sdk import _cel
 from sdk._codec import return_adapter, to_json_value
 from sdk.conditions import Condition, ParentCondition, SleepCondition, UserEventCondition
+from sdk.context import ChildSpec
 from sdk.errors import NonDeterminismError
 from sdk.models import SleepResult
+
+StartChildren = Callable[[ParentLink, list[ChildStart]], Awaitable[None]]
+"""How a turn starts child runs (the host's publisher)."""
 
 
 @dataclass(frozen=True)
@@ -68,9 +75,12 @@ class Turn:
         task: str,
         host_id: str,
         attempt: int,
+        start_children: StartChildren | None = None,
     ) -> None:
         self.run_id = history.run_id
         self.task = task
+        self._start_children = start_children
+        self._redelivered = attempt > 1
         self._log = log
         self.last_seq = history.last_seq
         started = history.entries[0] if history.entries else None
@@ -80,13 +90,22 @@ class Turn:
         # Signals taken from the inbox, in arrival order, and the direct ones waits have consumed.
         self._signals: list[tuple[int, EventSignal]] = []
         self._consumed: set[int] = set()
+        self._outcomes: dict[str, dict[str, Any]] = {}
+        """Children that ended: their outcome by run id (the first report wins)."""
+        self.cancel_reason: str | None = None
+        """Set when someone asked to cancel the run: its code is stopped where it would suspend."""
+        self.began = any(e.k == "activation" for e in history.entries)
+        self.spawned: dict[str, str] = {}
+        """Every child this run spawned: run id -> task."""
         self.open_waits = open_waits(history.entries)
         for e in history.entries:
             pos = getattr(e, "pos", None)
             if pos is not None:
                 self._by_pos.setdefault(pos, {})[e.k] = e
             if e.k == "signal":
-                self._signals.append((e.inbox_seq, e.signal))
+                self._take(e.inbox_seq, e.signal)
+            elif e.k == "children_spawned":
+                self.spawned.update(dict.fromkeys(e.run_ids, e.task))
             elif e.k == "wait_resolved":
                 self._consumed.update(e.consumed)
         self._next = 0
@@ -96,7 +115,7 @@ class Turn:
         # New inbox signals become history entries with this turn's first flush: never taken twice.
         for seq, sig in history.inbox:
             self._pending.append(SignalReceived(inbox_seq=seq, signal=sig))
-            self._signals.append((seq, sig))
+            self._take(seq, sig)
         self.took_signals = bool(history.inbox)
         self.pending_wait: WaitRegistered | None = None
         """The wait the run suspended on: its event conditions must be registered with the router."""
@@ -109,6 +128,23 @@ class Turn:
         self.fatal: BaseException | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _take(self, seq: int, sig: EventSignal) -> None:
+        if sig.source == "child":
+            self._outcomes.setdefault(sig.name, sig.payload)
+        elif sig.source == "cancel":
+            if self.cancel_reason is None:
+                self.cancel_reason = (sig.payload or {}).get("reason") or "cancelled"
+        else:
+            self._signals.append((seq, sig))
+
+    async def _park(self, timer: TimerRequest | None) -> NoReturn:
+        """Suspend here: the host evicts the run. A run being cancelled is stopped here instead."""
+        if self.cancel_reason is not None:
+            raise asyncio.CancelledError(f"run {self.run_id} was cancelled: {self.cancel_reason}")
+        self._suspend(timer)
+        await asyncio.get_running_loop().create_future()  # never resolves: the host evicts the run
+        raise AssertionError("unreachable")
 
     def _position(self) -> int:
         pos = self._next
@@ -130,6 +166,9 @@ class Turn:
             return f"sleep({rec['sleep_scheduled'].duration_s:g}s)"
         if "now" in rec:
             return "now()"
+        if "children_spawned" in rec:
+            c = rec["children_spawned"]
+            return f"run children({c.task!r} x{len(c.run_ids)}, args hash {c.args_hash})"
         w = rec.get("wait_registered") or rec.get("wait_resolved")
         if w is not None:
             return f"wait_for({w.label!r}, args hash {w.args_hash})"
@@ -217,18 +256,22 @@ class Turn:
             await self.flush([SleepScheduled(pos=pos, duration_s=length.total_seconds(), wake_at=wake)])
         remaining = wake - utcnow()
         if remaining > RESIDENT_MAX:
-            self._suspend(TimerRequest(pos, wake))
-            await asyncio.get_running_loop().create_future()  # never resolves: the host evicts the run
+            await self._park(TimerRequest(pos, wake))
         if remaining > timedelta(0):
             await asyncio.sleep(remaining.total_seconds())
         self._pending.append(SleepFired(pos=pos, at=utcnow()))
         return SleepResult(length)
 
-    async def wait(self, label: str, groups: list[list[Condition]]) -> dict[str, Any]:
+    async def wait(self, label: str, groups: list[list[Condition]],
+                   any_of: list[tuple[str, Condition]] | None = None) -> dict[str, Any]:
         pos = self._position()
         specs = [[self._condition(c) for c in g] for g in groups]
+        extra = [self._condition(c).model_copy(update={"key": key}) for key, c in (any_of or [])]
         # The label is not hashed: Hatchet's examples use a fresh uuid4().hex as the label.
-        digest = args_hash([[c.model_dump(mode="json") for c in g] for g in specs])
+        dumped: list[Any] = [[c.model_dump(mode="json") for c in g] for g in specs]
+        if extra:
+            dumped.append({"any_of": [c.model_dump(mode="json") for c in extra]})
+        digest = args_hash(dumped)
         requested = f"wait_for({label!r}, args hash {digest})"
         rec = self._by_pos.get(pos)
         wait_id = f"{self.run_id}:{pos}"
@@ -245,12 +288,13 @@ class Turn:
         else:
             now = utcnow()
             # Sleeps keep their deadline: every sleep condition's wake time is fixed now, once.
-            fixed = [
-                [c.model_copy(update={"wake_at": now + timedelta(seconds=c.duration_s or 0)}) if c.kind == "sleep"
-                 else c for c in g]
-                for g in specs
-            ]
-            reg = WaitRegistered(pos=pos, wait_id=wait_id, label=label, args_hash=digest, groups=fixed, at=now)
+            def fix(c: WaitCondition) -> WaitCondition:
+                if c.kind != "sleep":
+                    return c
+                return c.model_copy(update={"wake_at": now + timedelta(seconds=c.duration_s or 0)})
+
+            reg = WaitRegistered(pos=pos, wait_id=wait_id, label=label, args_hash=digest,
+                                 groups=[[fix(c) for c in g] for g in specs], at=now, any_of=[fix(c) for c in extra])
         while True:
             outcome = self._try_resolve(reg)
             if outcome is not None:
@@ -274,8 +318,7 @@ class Turn:
                 await asyncio.sleep(max(remaining.total_seconds(), 0))
                 continue
             self.pending_wait = reg
-            self._suspend(TimerRequest(pos, wake) if wake is not None else None)
-            await asyncio.get_running_loop().create_future()  # never resolves: the host evicts the run
+            await self._park(TimerRequest(pos, wake) if wake is not None else None)
 
     def _condition(self, c: Condition) -> WaitCondition:
         if isinstance(c, SleepCondition):
@@ -302,6 +345,15 @@ class Turn:
         result: dict[str, Any] = {}
         consumed: list[int] = []
         taken: set[int] = set()
+        flat = sum(len(g) for g in reg.groups)
+        first: tuple[datetime, str, Any, int | None] | None = None
+        for i, cond in enumerate(reg.any_of):
+            # Any one of these ends the wait by itself (a DAG task's skip_if / cancel_if).
+            hit = self._satisfied(reg.wait_id, flat + i, cond, now, taken)
+            if hit is not None and (first is None or hit[0] < first[0]):
+                first = (hit[0], cond.key, hit[1], hit[2])
+        if first is not None:
+            return {first[1]: first[2]}, [first[3]] if first[3] is not None else []
         flat = 0
         for group in reg.groups:
             best: tuple[datetime, str, Any, int | None] | None = None
@@ -347,8 +399,57 @@ class Turn:
 
     @staticmethod
     def _next_wake(reg: WaitRegistered) -> datetime | None:
-        wakes = [c.wake_at for g in reg.groups for c in g if c.kind == "sleep" and c.wake_at is not None]
+        wakes = [c.wake_at for c in reg.flat() if c.kind == "sleep" and c.wake_at is not None]
         return min(wakes) if wakes else None
+
+    # -- children ------------------------------------------------------------------------------
+
+    async def spawn(self, children: list[ChildSpec], wait: bool) -> list[Any]:
+        """Start ``children`` (one checkpoint); with ``wait``, return their outcomes once all have ended."""
+        pos = self._position()
+        task = children[0].task if len({c.task for c in children}) == 1 else "*"
+        digest = args_hash([[c.task, c.input, c.key] for c in children])
+        requested = f"run children({task!r} x{len(children)}, args hash {digest})"
+        ids = [child_run_id(self.run_id, pos, i, c.key) for i, c in enumerate(children)]
+        rec = self._by_pos.get(pos)
+        if rec is not None:
+            spawned = rec.get("children_spawned")
+            if spawned is None or spawned.args_hash != digest:
+                self._mismatch(pos, self._describe(rec), requested)
+            if self._redelivered and any(i not in self._outcomes for i in ids):
+                # This activation came back: the turn that recorded the spawn may have died
+                # before starting every child. Starting is idempotent.
+                await self._start(pos, ids, children)
+        else:
+            # Written before any child exists: a replay never spawns a child twice.
+            await self.flush([ChildrenSpawned(pos=pos, task=task, run_ids=ids, args_hash=digest, at=utcnow())])
+            self.spawned.update({rid: c.task for rid, c in zip(ids, children, strict=True)})
+            await self._start(pos, ids, children)
+        if not wait:
+            return ids
+        return await self.outcomes(ids)
+
+    async def _start(self, pos: int, ids: list[str], children: list[ChildSpec]) -> None:
+        if self._start_children is None:
+            raise RuntimeError("this turn cannot start child runs")
+        link = ParentLink(run_id=self.run_id, task=self.task, pos=pos, n=len(ids))
+        todo = [ChildStart(run_id=rid, task=c.task, durable=c.durable, input=c.input,
+                           execution_timeout_s=c.execution_timeout_s)
+                for rid, c in zip(ids, children, strict=True) if rid not in self._outcomes]
+        if todo:
+            await self._start_children(link, todo)
+
+    @property
+    def unfinished_children(self) -> list[tuple[str, str]]:
+        """``(run id, task)`` of children spawned and not heard back from."""
+        return [(rid, task) for rid, task in self.spawned.items() if rid not in self._outcomes]
+
+    async def outcomes(self, ids: list[str]) -> list[Any]:
+        """The outcomes of these children, suspending the run until every one has ended."""
+        missing = [i for i in ids if i not in self._outcomes]
+        if missing:
+            await self._park(None)
+        return [{**self._outcomes[i], "run_id": i} for i in ids]
 
 
 def _match_expression(path: str, run_input: Any, expression: str | None) -> str:

@@ -519,12 +519,8 @@ def registrations(
 ) -> list[tuple[str, WaitRegistration]]:
     """The router messages for a wait's event conditions (index = position in the flattened groups)."""
     out = []
-    flat = 0
-    for group in wait.groups:
-        for cond in group:
-            idx, flat = flat, flat + 1
-            if cond.kind != "event":
-                continue
+    for idx, cond in enumerate(wait.flat()):
+        if cond.kind == "event":
             out.append((cond.event_key or "", _registration(wait, idx, cond, run_id, task, run_input, op)))
     return out
 

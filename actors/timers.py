@@ -38,15 +38,24 @@ class TimerScheduler:
 
     async def schedule(self, run_id: str, task: str, pos: int, wake_at: datetime) -> None:
         """(Re)publish the timer for ``pos``; a duplicate replaces the earlier schedule."""
-        fire_at = max(wake_at - FIRE_LEAD, utcnow() + _MIN_AHEAD)
         act = Activation(run_id=run_id, task=task, kind="timer", pos=pos)
+        await self._publish(self._subjects.timer(run_id, pos), task, run_id, act, max(wake_at - FIRE_LEAD,
+                                                                                         utcnow() + _MIN_AHEAD))
+
+    async def schedule_retry(self, run_id: str, task: str, retry: int, at: datetime) -> None:
+        """Retry number ``retry`` of the run, at ``at``."""
+        act = Activation(run_id=run_id, task=task, kind="retry")
+        await self._publish(self._subjects.timer(run_id, f"retry{retry}"), task, run_id, act,
+                            max(at, utcnow() + _MIN_AHEAD))
+
+    async def _publish(self, subject: str, task: str, run_id: str, act: Activation, fire_at: datetime) -> None:
         await self._js.publish(
-            self._subjects.timer(run_id, pos),
+            subject,
             encode_activation(act),
             headers={
                 HDR_SCHEDULE: f"@at {rfc3339(fire_at)}",
                 HDR_SCHEDULE_TARGET: self._subjects.work(task, run_id),
-                HDR_BIDE_KIND: "timer",
+                HDR_BIDE_KIND: act.kind,
             },
         )
 

@@ -95,7 +95,7 @@ class Subjects:
     def work_all(self) -> str:
         return f"{self.prefix}.work.>"
 
-    def timer(self, run_id: str, pos: int) -> str:
+    def timer(self, run_id: str, pos: int | str) -> str:
         # One schedule per subject: a new schedule for the same (run, pos) replaces the old one.
         return f"{self.prefix}.timers.{encode_token(run_id)}.{pos}"
 
@@ -168,6 +168,24 @@ class Subjects:
         """History and inbox of one run, in stream order, in one read."""
         return f"{self.prefix}.*.{encode_token(run_id)}"
 
+    # -- children: how many of a spawn batch have reported back (a JetStream counter) -----------
+
+    @property
+    def counters_stream(self) -> str:
+        return f"{self.prefix.upper()}_COUNTERS"
+
+    def counter(self, run_id: str, pos: int) -> str:
+        return f"{self.prefix}.count.{encode_token(run_id)}.{pos}"
+
+    @property
+    def counters_all(self) -> str:
+        return f"{self.prefix}.count.>"
+
+    @property
+    def cancel_broadcast(self) -> str:
+        """Core NATS: "stop run R now if you are running it" (the durable request is on the inbox)."""
+        return f"{self.prefix}.control.cancel"
+
     def consumer_name(self, task: str) -> str:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
         if safe != task:
@@ -197,6 +215,17 @@ class _Entry(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
+class ParentLink(BaseModel):
+    """Who spawned a child run: its result goes to ``run_id``'s inbox, batch ``pos`` of ``n`` children."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    run_id: str
+    task: str
+    pos: int
+    n: int = 1
+
+
 class RunStarted(_Entry):
     """The run exists: written by whoever started it, first on the run's subject."""
 
@@ -208,6 +237,9 @@ class RunStarted(_Entry):
     at: datetime
     execution_timeout_s: float | None = None
     meta: dict[str, Any] = Field(default_factory=dict)
+    parent: ParentLink | None = None
+    parents: dict[str, Any] | None = None
+    """A workflow step's parent outcomes by task key (what ``ctx.task_output`` reads)."""
 
 
 class ActivationBegun(_Entry):
@@ -267,7 +299,10 @@ class WaitCondition(BaseModel):
 
 
 class WaitRegistered(_Entry):
-    """A wait began: an AND of or-groups of conditions, with every sleep's wake time fixed."""
+    """A wait began: an AND of or-groups of conditions, with every sleep's wake time fixed.
+
+    ``any_of`` conditions end the wait on their own (a DAG task's ``skip_if`` / ``cancel_if``).
+    """
 
     k: Literal["wait_registered"] = "wait_registered"
     pos: int
@@ -276,6 +311,11 @@ class WaitRegistered(_Entry):
     args_hash: str
     groups: list[list[WaitCondition]]
     at: datetime
+    any_of: list[WaitCondition] = Field(default_factory=list)
+
+    def flat(self) -> list[WaitCondition]:
+        """Every condition, in the order their indexes count (groups first, then ``any_of``)."""
+        return [c for g in self.groups for c in g] + list(self.any_of)
 
 
 class EventSignal(BaseModel):
@@ -284,7 +324,7 @@ class EventSignal(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     v: int = WIRE_VERSION
-    source: Literal["event", "direct"]
+    source: Literal["event", "direct", "child", "cancel"]
     name: str
     """The event's key (router) or name (direct delivery)."""
     payload: Any = None
@@ -319,16 +359,39 @@ class WaitResolved(_Entry):
     at: datetime
 
 
-class RunCompleted(_Entry):
-    k: Literal["run_completed"] = "run_completed"
-    result: Any = None
-    at: datetime
-
-
 class ErrorInfo(BaseModel):
     type: str
     message: str
     traceback: str = ""
+
+
+class ChildrenSpawned(_Entry):
+    """The run spawns ``run_ids`` of ``task`` at ``pos``; written before any of them is started."""
+
+    k: Literal["children_spawned"] = "children_spawned"
+    pos: int
+    task: str
+    run_ids: list[str]
+    args_hash: str
+    at: datetime
+
+
+class AttemptFailed(_Entry):
+    """An attempt raised and will be retried at ``retry_at`` (the attempt number is their count + 1)."""
+
+    k: Literal["attempt_failed"] = "attempt_failed"
+    attempt: int
+    error: ErrorInfo
+    retry_at: datetime
+    at: datetime
+
+
+class RunCompleted(_Entry):
+    k: Literal["run_completed"] = "run_completed"
+    result: Any = None
+    at: datetime
+    skipped: bool = False
+    """A workflow task whose ``skip_if`` (or an unmet parent condition) skipped it."""
 
 
 class RunFailed(_Entry):
@@ -353,6 +416,8 @@ Entry = Annotated[
     | WaitRegistered
     | SignalReceived
     | WaitResolved
+    | ChildrenSpawned
+    | AttemptFailed
     | RunCompleted
     | RunFailed
     | RunCancelled,
@@ -394,6 +459,7 @@ def decode_history(data: bytes) -> list[Any]:
 # --- activations -----------------------------------------------------------------------------------
 
 ActivationKind = Literal["start", "timer", "retry", "signal"]
+"""Why a run needs a turn: it was started, a timer fired, an attempt is retried, or its inbox has mail."""
 
 
 class Activation(BaseModel):

@@ -14,19 +14,24 @@ from sdk.errors import (
     InputValidationError,
     InvalidExpression,
     NonDeterminismError,
+    NonRetryableError,
+    NonRetryableException,
     OutputSerializationError,
     PayloadValidationError,
     RunCancelledError,
     RunFailedError,
     RunNotFoundError,
+    ScheduleTimeoutError,
     ServerBinaryNotFoundError,
     TaskTimeoutError,
     UnknownTaskError,
+    WorkflowDefinitionError,
 )
 from sdk.events import BulkPushEvent, DeliveryReceipt, EventRef, RunAlreadyFinishedError
 from sdk.models import EmptyModel, RunStatus, SleepResult
 from sdk.runs import RunInfo, RunRef
-from sdk.tasks import TaskDefinition
+from sdk.tasks import BulkRunItem, TaskDefinition
+from sdk.workflow import Workflow
 from sdk.worker import Worker
 
 __all__ = [
@@ -34,6 +39,7 @@ __all__ = [
     "BideConfig",
     "BideError",
     "BulkPushEvent",
+    "BulkRunItem",
     "Context",
     "DeliveryReceipt",
     "DurableContext",
@@ -44,6 +50,8 @@ __all__ = [
     "InputValidationError",
     "InvalidExpression",
     "NonDeterminismError",
+    "NonRetryableError",
+    "NonRetryableException",
     "OrGroup",
     "OutputSerializationError",
     "ParentCondition",
@@ -55,6 +63,7 @@ __all__ = [
     "RunNotFoundError",
     "RunRef",
     "RunStatus",
+    "ScheduleTimeoutError",
     "ServerBinaryNotFoundError",
     "SleepCondition",
     "SleepResult",
@@ -63,5 +72,7 @@ __all__ = [
     "UnknownTaskError",
     "UserEventCondition",
     "Worker",
+    "Workflow",
+    "WorkflowDefinitionError",
     "or_",
 ]

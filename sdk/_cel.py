@@ -76,6 +76,19 @@ def evaluate(expression: str | None, payload: Any, run_input: Any = None) -> boo
     return result is True or (isinstance(result, celpy.celtypes.BoolType) and bool(result))
 
 
+def evaluate_output(expression: str, output: Any) -> bool:
+    """A ``ParentCondition``: ``expression`` over ``output`` (the parent's output). An error is "no"."""
+    if is_trivial(expression):
+        return True
+    program = _compiled(expression)
+    try:
+        result = program.evaluate({"output": json_to_cel(output)})
+    except Exception as e:
+        log.debug("expression %r raised %s on %r", expression, e, output)
+        return False
+    return result is True or (isinstance(result, celpy.celtypes.BoolType) and bool(result))
+
+
 def reads_run_input(expression: str | None) -> bool:
     """Whether the expression uses ``event`` (the run's own input)."""
     if is_trivial(expression):

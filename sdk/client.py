@@ -47,6 +47,7 @@ class Bide:
         self.event = EventsClient(self._pool)
         """Push events (``push``, ``aio_push``, ``bulk_push``) or send one to a run (``send``)."""
         self._tasks: dict[str, TaskDefinition] = {}
+        self._workflows: dict[str, Workflow] = {}
         if debug:
             import logging
 
@@ -61,13 +62,21 @@ class Bide:
         *,
         name: str | None = None,
         execution_timeout: timedelta | float | str | None = None,
+        schedule_timeout: timedelta | float | str | None = None,
         on_events: Sequence[str] | None = None,
+        retries: int = 0,
+        backoff_factor: float | None = None,
+        backoff_max_seconds: float | None = None,
     ) -> Any:
         """Define a regular task: ``fn(input, ctx: Context)``, sync or async, run at least once.
 
         ``on_events`` lists event keys that each start one run (the event's payload is the input).
+        ``retries`` failed attempts are retried, ``backoff_factor ** (n - 1)`` seconds apart
+        (capped at ``backoff_max_seconds``); raise ``NonRetryableError`` to fail at once.
         """
-        return self._define(fn, name, durable=False, execution_timeout=execution_timeout, on_events=on_events)
+        return self._define(fn, name, durable=False, execution_timeout=execution_timeout, on_events=on_events,
+                            retries=retries, backoff_factor=backoff_factor, backoff_max_seconds=backoff_max_seconds,
+                            schedule_timeout=schedule_timeout)
 
     def durable_task(
         self,
@@ -76,10 +85,19 @@ class Bide:
         *,
         name: str | None = None,
         execution_timeout: timedelta | float | str | None = None,
+        schedule_timeout: timedelta | float | str | None = None,
         on_events: Sequence[str] | None = None,
+        retries: int = 0,
+        backoff_factor: float | None = None,
+        backoff_max_seconds: float | None = None,
     ) -> Any:
-        """Define a durable task: ``async fn(input, ctx: DurableContext)``, checkpointed and replayed."""
-        return self._define(fn, name, durable=True, execution_timeout=execution_timeout, on_events=on_events)
+        """Define a durable task: ``async fn(input, ctx: DurableContext)``, checkpointed and replayed.
+
+        A retry resumes from the last checkpoint: recorded steps are not run again.
+        """
+        return self._define(fn, name, durable=True, execution_timeout=execution_timeout, on_events=on_events,
+                            retries=retries, backoff_factor=backoff_factor, backoff_max_seconds=backoff_max_seconds,
+                            schedule_timeout=schedule_timeout)
 
     def _define(
         self,
@@ -89,21 +107,26 @@ class Bide:
         durable: bool,
         execution_timeout: Any,
         on_events: Sequence[str] | None = None,
+        **options: Any,
     ) -> Any:
         def wrap(f: Callable[..., Any]) -> TaskDefinition:
             task_name = name or f.__name__
             if task_name in self._tasks and self._tasks[task_name].fn is not f:
                 raise ValueError(f"a task named {task_name!r} is already defined on this client")
             t = TaskDefinition(self._pool, f, name=task_name, durable=durable, execution_timeout=execution_timeout,
-                               on_events=on_events)
+                               on_events=on_events, **options)
             self._tasks[task_name] = t
             return t
 
         return wrap(fn) if fn is not None else wrap
 
     def workflow(self, name: str, *, on_events: Sequence[str] | None = None) -> Workflow:
-        """A named group of tasks (Hatchet's ``hatchet.workflow(name=...)``)."""
-        return Workflow(self, name, on_events)
+        """A DAG of tasks (Hatchet's ``hatchet.workflow(name=...)``); ``on_events`` start a run each."""
+        if name in self._workflows:
+            raise ValueError(f"a workflow named {name!r} is already defined on this client")
+        wf = Workflow(self, name, on_events)
+        self._workflows[name] = wf
+        return wf
 
     @property
     def tasks(self) -> dict[str, TaskDefinition]:
@@ -119,16 +142,22 @@ class Bide:
         """An actor host for ``workflows`` (tasks or workflows; default: every task defined on this client)."""
         if workflows is None:
             tasks = list(self._tasks.values())
+            for wf in self._workflows.values():
+                wf._check_runnable()
+                tasks.append(wf.runner)
         else:
             tasks = []
             for w in workflows:
                 if isinstance(w, Workflow):
+                    w._check_runnable()
                     tasks.extend(w.tasks)
+                    tasks.append(w.runner)
                 elif isinstance(w, TaskDefinition):
                     tasks.append(w)
                 else:
                     raise TypeError(f"worker {name!r}: workflows= takes tasks and workflows, got {w!r}")
-        return Worker(self, name, tasks, slots=slots, durable_slots=durable_slots)
+        unique = list({id(t): t for t in tasks}.values())  # a workflow's tasks may also be listed alone
+        return Worker(self, name, unique, slots=slots, durable_slots=durable_slots)
 
     # -- running by name -----------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
@@ -19,8 +21,23 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 
+@dataclass(frozen=True)
+class ChildSpec:
+    """A child run a durable task asks for: which task, its JSON input, an optional ``child_key``."""
+
+    task: str
+    durable: bool
+    input: Any
+    key: str | None = None
+    execution_timeout_s: float | None = None
+
+
 class DurableRuntime(Protocol):
     """What a :class:`DurableContext` asks of the runtime driving the run (see ``actors.replay``)."""
+
+    async def spawn(self, children: list[ChildSpec], wait: bool) -> list[Any]: ...
+
+    async def outcomes(self, ids: list[str]) -> list[Any]: ...
 
     async def memo(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any: ...
 
@@ -28,17 +45,27 @@ class DurableRuntime(Protocol):
 
     async def now(self) -> datetime: ...
 
-    async def wait(self, label: str, groups: list[list[Condition]]) -> dict[str, Any]: ...
+    async def wait(self, label: str, groups: list[list[Condition]],
+                   any_of: list[tuple[str, Condition]] | None = None) -> dict[str, Any]: ...
+
+
+current_runtime: contextvars.ContextVar[DurableRuntime | None] = contextvars.ContextVar(
+    "bide_durable_runtime", default=None
+)
+"""Set inside a durable run's code: ``task.aio_run()`` there spawns a child instead of a top-level run."""
 
 
 class Context:
     """What every task receives: who it is and where it runs."""
 
-    def __init__(self, run_id: str, task_name: str, attempt: int, input_data: Any) -> None:
+    def __init__(self, run_id: str, task_name: str, attempt: int, input_data: Any, *, retry_count: int = 0,
+                 parents: dict[str, Any] | None = None) -> None:
         self._run_id = run_id
         self._task_name = task_name
         self._attempt = attempt
+        self._retry_count = retry_count
         self._input = input_data
+        self._parents = parents or {}
         self.logger = logging.getLogger(f"bide.task.{task_name}")
 
     @property
@@ -56,8 +83,39 @@ class Context:
 
     @property
     def attempt_number(self) -> int:
-        """1 on the first delivery of this activation, higher after a host crash or retry."""
+        """1 on the first attempt, 2 on the first retry (``retries=``), and so on."""
+        return self._retry_count + 1
+
+    @property
+    def retry_count(self) -> int:
+        """How many earlier attempts of this run failed and were retried (Hatchet's ``retry_count``)."""
+        return self._retry_count
+
+    @property
+    def delivery_count(self) -> int:
+        """How many times this activation was delivered (above 1 after a host crash)."""
         return self._attempt
+
+    def task_output(self, parent: Any) -> Any:
+        """The output of a parent task of this workflow task (``None`` if the parent was skipped)."""
+        _, outcome = self._parent_outcome(parent)
+        if outcome.get("skipped"):
+            return None
+        load = getattr(parent, "signature", None)
+        result = outcome.get("result")
+        return load.load_output(result) if load is not None else result
+
+    def was_skipped(self, parent: Any) -> bool:
+        """Whether a parent task was skipped (its ``skip_if`` held, or a parent condition was false)."""
+        return bool(self._parent_outcome(parent)[1].get("skipped"))
+
+    def _parent_outcome(self, parent: Any) -> tuple[str, dict[str, Any]]:
+        key = parent if isinstance(parent, str) else getattr(parent, "workflow_key", None)
+        if key is None or key not in self._parents:
+            known = ", ".join(sorted(self._parents)) or "none: this task has no parents"
+            raise ValueError(f"task {self._task_name!r}: {parent!r} is not a parent of this task (parents: {known})")
+        out: dict[str, Any] = self._parents[key]
+        return key, out
 
     @property
     def input(self) -> Any:
@@ -72,9 +130,10 @@ class DurableContext(Context):
     """A :class:`Context` whose awaits are checkpoints: they survive crashes and free the worker."""
 
     def __init__(
-        self, run_id: str, task_name: str, attempt: int, input_data: Any, runtime: DurableRuntime
+        self, run_id: str, task_name: str, attempt: int, input_data: Any, runtime: DurableRuntime, *,
+        retry_count: int = 0, parents: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(run_id, task_name, attempt, input_data)
+        super().__init__(run_id, task_name, attempt, input_data, retry_count=retry_count, parents=parents)
         self._runtime = runtime
 
     async def aio_sleep_for(self, duration: timedelta | float | str) -> SleepResult:

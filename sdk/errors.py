@@ -81,3 +81,27 @@ class PayloadValidationError(BideError, ValueError):
 
 class EventPayloadError(BideError, ValueError):
     """An event payload (or metadata) that is not JSON data."""
+
+
+class NonRetryableError(BideError):
+    """Raise it from a task to fail the run at once, whatever its ``retries``."""
+
+
+NonRetryableException = NonRetryableError
+"""Hatchet's name for :class:`NonRetryableError`."""
+
+
+class ScheduleTimeoutError(BideError, TimeoutError):
+    """A run waited in the queue longer than its task's ``schedule_timeout`` before a host took it."""
+
+
+class WorkflowDefinitionError(BideError, ValueError):
+    """A workflow's tasks do not form a valid graph (unknown parent, a cycle, a misplaced condition)."""
+
+
+class TaskSkipped(BideError):
+    """Raised inside a workflow task's run when its ``skip_if`` holds: the task ends as skipped."""
+
+
+class TaskCancelledByCondition(BideError):
+    """Raised inside a workflow task's run when its ``cancel_if`` holds: the run ends cancelled."""

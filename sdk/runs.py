@@ -148,6 +148,31 @@ def unwrap_terminal(run_id: str, entry: Any) -> Any:
     raise RunCancelledError(f"run {run_id} was cancelled: {entry.reason or 'no reason given'}")
 
 
+def outcome_of_terminal(run_id: str, entry: Any) -> dict[str, Any]:
+    """A terminal entry in the form a parent's child signal carries it."""
+    if entry.k == "run_completed":
+        return {"status": "completed", "result": entry.result, "skipped": bool(getattr(entry, "skipped", False)),
+                "run_id": run_id}
+    if entry.k == "run_failed":
+        return {"status": "failed", "error": entry.error.model_dump(), "run_id": run_id}
+    return {"status": "cancelled", "reason": entry.reason, "run_id": run_id}
+
+
+def unwrap_outcome(outcome: dict[str, Any], load_output: Any = None) -> Any:
+    """A child's result (``None`` if it was skipped), or its ``RunFailedError`` / ``RunCancelledError``."""
+    run_id = outcome.get("run_id", "?")
+    status = outcome.get("status")
+    if status == "completed":
+        if outcome.get("skipped"):
+            return None
+        result = outcome.get("result")
+        return load_output(result) if load_output is not None else result
+    if status == "failed":
+        err = outcome.get("error") or {}
+        raise RunFailedError(run_id, err.get("type", "Error"), err.get("message", ""), err.get("traceback", ""))
+    raise RunCancelledError(f"run {run_id} was cancelled: {outcome.get('reason') or 'no reason given'}")
+
+
 def status_of(hist: RunHistory) -> RunStatus:
     kinds = [e.k for e in hist.entries]
     if not kinds:
@@ -217,6 +242,25 @@ class RunsClient:
 
     def result(self, run_id: str, timeout: float | None = None) -> Any:
         return self._pool.run_sync(self.aio_result(run_id, timeout))
+
+    async def aio_cancel(self, run_id: str, reason: str = "cancelled by request") -> bool:
+        """Cancel a run, its children (transitively) and its pending waits.
+
+        A run that is queued never starts; a regular task that is running is interrupted;
+        a durable task gets ``asyncio.CancelledError`` where it waits, and can clean up.
+        Returns ``False`` if the run had already finished.
+        """
+        from actors.children import request_cancel
+
+        conn = await self._pool.get()
+        try:
+            return await request_cancel(conn.nc, conn.publisher, conn.history, conn.layout.subjects, run_id, reason)
+        except LookupError:
+            raise RunNotFoundError(f"no run with id {run_id!r}") from None
+
+    def cancel(self, run_id: str, reason: str = "cancelled by request") -> bool:
+        """Blocking :meth:`aio_cancel`."""
+        return self._pool.run_sync(self.aio_cancel(run_id, reason))
 
 
 class RunRef:

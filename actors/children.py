@@ -1,0 +1,139 @@
+"""Child runs: starting them, telling their parent when they end, and cancelling runs.
+
+A parent records what it spawns (``children_spawned``) before any child exists, so a
+parent that crashes and replays starts the same children again, and starting is
+idempotent: a child's first append expects an empty subject, its activation carries a
+de-duplication id. A child that ends puts its outcome on the parent's inbox, then adds
+one to its batch's counter; only a child that brings the counter to the batch size
+wakes the parent, so a fan-out of N children costs the parent one turn, not N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from actors.history import HistoryConflict, HistoryLog
+from actors.jetstream import Publisher, direct_get_first, increment
+from actors.wire import (
+    HDR_BIDE_KIND,
+    HDR_MSG_ID,
+    TERMINAL_KINDS,
+    Activation,
+    EventSignal,
+    ParentLink,
+    RunStarted,
+    Subjects,
+    decode_history,
+    encode_activation,
+    utcnow,
+)
+
+log = logging.getLogger("bide.children")
+
+
+@dataclass(frozen=True)
+class ChildStart:
+    """One child run to start (its id is already fixed by the parent's history)."""
+
+    run_id: str
+    task: str
+    durable: bool
+    input: Any
+    execution_timeout_s: float | None = None
+    parents: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def child_run_id(parent_run_id: str, pos: int, index: int, key: str | None) -> str:
+    """Deterministic: the same parent position (or ``child_key``) always names the same child."""
+    if key is not None:
+        return f"{parent_run_id}-k-{key}"
+    return f"{parent_run_id}-{pos}-{index}"
+
+
+async def start_children(history: HistoryLog, pub: Publisher, subjects: Subjects, parent: ParentLink,
+                         starts: list[ChildStart]) -> None:
+    """Start every child that is not started yet; safe to repeat after a crash."""
+
+    async def one(c: ChildStart) -> None:
+        started = RunStarted(run_id=c.run_id, task=c.task, durable=c.durable, input=c.input, at=utcnow(),
+                             execution_timeout_s=c.execution_timeout_s, meta=dict(c.meta), parent=parent,
+                             parents=c.parents)
+        seq: int | None
+        try:
+            seq = await history.append(c.run_id, [started], expected_seq=0)
+        except HistoryConflict:
+            # Started before: a replay after a crash. Re-send its activation only if it never ran
+            # (the de-duplication id drops a second copy of one that was sent).
+            last = await history.read_last(c.run_id)
+            if not (len(last) == 1 and last[0].k == "run_started"):
+                return
+            seq = None
+        act = Activation(run_id=c.run_id, task=c.task, kind="start", history_seq=seq,
+                         started=started if seq is not None else None)
+        await pub.publish(subjects.work(c.task, c.run_id), encode_activation(act),
+                          {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{c.run_id}"})
+
+    await asyncio.gather(*(one(c) for c in starts))
+
+
+def outcome_of(terminal: Any) -> dict[str, Any]:
+    """What a parent learns of a child's end (the payload of its ``child`` signal)."""
+    if terminal.k == "run_completed":
+        return {"status": "completed", "result": terminal.result, "skipped": bool(terminal.skipped)}
+    if terminal.k == "run_failed":
+        return {"status": "failed", "error": terminal.error.model_dump()}
+    return {"status": "cancelled", "reason": terminal.reason}
+
+
+async def notify_parent(nc: NATS, pub: Publisher, subjects: Subjects, run_id: str, parent: ParentLink,
+                        terminal: Any) -> None:
+    """No signal is lost: the outcome is on the parent's inbox before the counter moves."""
+    sig = EventSignal(source="child", name=run_id, payload=outcome_of(terminal), event_id=run_id,
+                      wait_id=f"{parent.run_id}:{parent.pos}", at=utcnow())
+    await pub.publish(subjects.inbox(parent.run_id), sig.model_dump_json().encode(), {HDR_MSG_ID: f"child:{run_id}"})
+    total = await increment(nc, subjects.counter(parent.run_id, parent.pos))
+    if total >= parent.n:
+        act = Activation(run_id=parent.run_id, task=parent.task, kind="signal")
+        await pub.publish(subjects.work(parent.task, parent.run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
+
+
+async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects: Subjects, run_id: str,
+                         reason: str, task: str | None = None) -> bool:
+    """Ask a run to stop: durably (its inbox, then an activation) and at once (a broadcast to hosts).
+
+    Returns ``False`` if the run had already finished, and raises ``LookupError`` if it does not exist.
+    """
+    if task is None:
+        first = await direct_get_first(nc, subjects.history_stream, subjects.history(run_id))
+        if first is None:
+            raise LookupError(run_id)
+        task = decode_history(first.data)[0].task
+    last = await history.read_last(run_id)
+    if any(e.k in TERMINAL_KINDS for e in last):
+        return False
+    sig = EventSignal(source="cancel", name="cancel", payload={"reason": reason}, event_id=uuid.uuid4().hex,
+                      at=utcnow())
+    await pub.publish(subjects.inbox(run_id), sig.model_dump_json().encode())
+    act = Activation(run_id=run_id, task=task, kind="signal")
+    await pub.publish(subjects.work(task, run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
+    await nc.publish(subjects.cancel_broadcast, run_id.encode())
+    return True
+
+
+def unfinished_children(entries: list[Any]) -> list[tuple[str, str]]:
+    """``(run_id, task)`` of every child the history spawned and has not heard back from."""
+    spawned: dict[str, str] = {}
+    for e in entries:
+        if e.k == "children_spawned":
+            for rid in e.run_ids:
+                spawned[rid] = e.task
+        elif e.k == "signal" and e.signal.source == "child":
+            spawned.pop(e.signal.name, None)
+    return list(spawned.items())
