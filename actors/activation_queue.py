@@ -30,7 +30,14 @@ class SlotPool:
     def __init__(self, size: int) -> None:
         self.size = size
         self.free = size
+        self.queues = 0
+        """How many queues share this pool (each registers when it starts)."""
         self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def scarce(self) -> bool:
+        """Fewer slots than queues: reserving slots as pull credit would starve some queues."""
+        return self.size < self.queues
 
     async def acquire_some(self, most: int) -> int:
         """Wait for at least one free slot, then take up to ``most``."""
@@ -60,6 +67,8 @@ class SlotPool:
 class _Pull:
     remaining: int
     deadline: float
+    pooled: bool = True
+    """Its credit is slots taken from the pool (not in scarce mode, where a message waits for a slot)."""
 
 
 Handler = Callable[[Msg], Awaitable[None]]
@@ -89,6 +98,7 @@ class ActivationQueue:
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
+        self._slots.queues += 1
         self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._on_msg)
         self._runner = asyncio.create_task(self._pull_loop(), name=f"pull:{self._api}")
         self._reaper = asyncio.create_task(self._reap_loop(), name=f"reap:{self._api}")
@@ -97,16 +107,23 @@ class ActivationQueue:
         while not self._stopping:
             # Hold at most ``_want`` unused credit, so a pool shared by several queues is not all
             # reserved by the first one until its pulls expire (the others would starve).
-            while self._outstanding() >= self._want:
+            scarce = self._slots.scarce
+            while self._outstanding() >= (1 if scarce else self._want):
                 self._credit.clear()
                 await self._credit.wait()
-            n = await self._slots.acquire_some(min(self._want - self._outstanding(), self._max_batch))
-            await asyncio.sleep(0)  # let slots freed in the same tick join this request
+            if scarce:
+                # More queues than slots: every queue keeps one pull open without a slot, and a
+                # message that arrives waits for a free slot (see _handle), so none starves.
+                n = 1
+            else:
+                n = await self._slots.acquire_some(min(self._want - self._outstanding(), self._max_batch))
+                await asyncio.sleep(0)  # let slots freed in the same tick join this request
             if self._stopping:
-                self._slots.release(n)
+                if not scarce:
+                    self._slots.release(n)
                 return
             req_id = str(next(self._ids))
-            self._pulls[req_id] = _Pull(n, time.monotonic() + _PULL_EXPIRES_S + 2.0)
+            self._pulls[req_id] = _Pull(n, time.monotonic() + _PULL_EXPIRES_S + 2.0, pooled=not scarce)
             body = {"batch": n, "expires": int(_PULL_EXPIRES_S * 1e9)}
             try:
                 await self._nc.publish(self._api, orjson.dumps(body), reply=f"{self._inbox}.{req_id}")
@@ -122,7 +139,8 @@ class ActivationQueue:
         pull = self._pulls.pop(req_id, None)
         if pull is not None:
             self._credit.set()
-            self._slots.release(pull.remaining)
+            if pull.pooled:
+                self._slots.release(pull.remaining)
             # Adapt: ask for less after a pull that came back mostly unused.
             if pull.remaining > 0:
                 self._want = max(1, self._want // 2)
@@ -145,16 +163,18 @@ class ActivationQueue:
                 pull.remaining -= 1
             await msg.nak()
             return
+        needs_slot = False
         if pull is not None:
             pull.remaining -= 1
             self._credit.set()
+            needs_slot = not pull.pooled
             if pull.remaining <= 0:
                 del self._pulls[req_id]
                 self._want = min(self._max_batch, self._want * 2)
         else:
             # Delivered after we gave the credit back: take a slot anyway (briefly over budget).
             self._slots.free -= 1
-        task = asyncio.create_task(self._handle(msg))
+        task = asyncio.create_task(self._wait_for_slot(msg) if needs_slot else self._handle(msg))
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
 
@@ -165,6 +185,19 @@ class ActivationQueue:
             log.exception("activation handler failed on %s", msg.subject)
         finally:
             self._slots.release(1)
+
+    async def _wait_for_slot(self, msg: Msg) -> None:
+        """Scarce mode: hold the message (telling JetStream it is being worked on) until a slot frees."""
+        acquire = asyncio.ensure_future(self._slots.acquire_some(1))
+        try:
+            while not acquire.done():
+                done, _ = await asyncio.wait({acquire}, timeout=1.0)
+                if not done:
+                    await msg.in_progress()
+        except BaseException:
+            acquire.cancel()
+            raise
+        await self._handle(msg)
 
     async def _reap_loop(self) -> None:
         # Pull requests lost with a connection never report back: reclaim their credit.

@@ -31,8 +31,8 @@ from sdk.events import BulkPushEvent, DeliveryReceipt, EventRef, RunAlreadyFinis
 from sdk.models import EmptyModel, RunStatus, SleepResult
 from sdk.runs import RunInfo, RunRef
 from sdk.tasks import BulkRunItem, TaskDefinition
-from sdk.workflow import Workflow
 from sdk.worker import Worker
+from sdk.workflow import Workflow
 
 __all__ = [
     "Bide",

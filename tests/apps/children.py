@@ -34,6 +34,7 @@ class ChildInput(BaseModel):
     n: int
     log: str = ""
     fail: bool = False
+    delay: float = 0.0
 
 
 class FanOutInput(BaseModel):
@@ -41,6 +42,7 @@ class FanOutInput(BaseModel):
     log: str = ""
     gate: str = ""
     fail_at: int = -1
+    delay: float = 0.0
 
 
 class FlakyInput(BaseModel):
@@ -63,6 +65,8 @@ def define(client: Bide) -> dict[str, Any]:
     @client.task(name="ChildSquare")
     async def child_square(input: ChildInput, ctx: Context) -> dict[str, int]:
         _record(input.log, f"child {input.n}")
+        if input.delay:
+            await asyncio.sleep(input.delay)
         if input.fail:
             raise ValueError(f"child {input.n} was told to fail")
         return {"square": input.n * input.n}
@@ -79,7 +83,7 @@ def define(client: Bide) -> dict[str, Any]:
             while not Path(input.gate).exists():  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         results = await child_square.aio_run_many(
-            [ChildInput(n=i, log=input.log, fail=i == input.fail_at) for i in range(input.count)]
+            [ChildInput(n=i, log=input.log, fail=i == input.fail_at, delay=input.delay) for i in range(input.count)]
         )
         return {"total": sum(r["square"] for r in results), "count": len(results)}
 
@@ -124,6 +128,18 @@ def define(client: Bide) -> dict[str, Any]:
     async def slow(input: EmptyModel, ctx: Context) -> None:
         await asyncio.sleep(30)
 
+    @client.task(name="Blocker")
+    async def blocker(input: FanOutInput, ctx: Context) -> None:
+        _record(input.log, "blocking")
+        try:
+            await asyncio.sleep(600)
+        finally:
+            _record(input.log, "interrupted")
+
+    @client.task(name="LateStart", schedule_timeout="1s")
+    def late_start(input: EmptyModel, ctx: Context) -> str:
+        return "ran"
+
     @client.durable_task(name="CancelMe")
     async def cancel_me(input: FanOutInput, ctx: DurableContext) -> dict[str, Any]:
         refs = [await child_sleeper.aio_run_no_wait(ChildInput(n=600)) for _ in range(input.count)]
@@ -136,7 +152,7 @@ def define(client: Bide) -> dict[str, Any]:
         finally:
             del refs
 
-    # The seed's DAG (sleeps shortened so the test is quick).
+    # The seed's DAG, as documented.
     wf = client.workflow(name="TaskConditionWorkflow")
 
     @wf.task()
@@ -145,7 +161,12 @@ def define(client: Bide) -> dict[str, Any]:
 
     @wf.task(
         parents=[start],
-        wait_for=[or_(SleepCondition(duration=timedelta(minutes=1)), UserEventCondition(event_key="wait_for_event:start"))],
+        wait_for=[
+            or_(
+                SleepCondition(duration=timedelta(minutes=1)),
+                UserEventCondition(event_key="wait_for_event:start"),
+            )
+        ],
     )
     def wait_for_event(input: EmptyModel, ctx: Context) -> StepOutput:
         return StepOutput(random_number=ctx.task_output(start).random_number + 1)
@@ -169,17 +190,45 @@ def define(client: Bide) -> dict[str, Any]:
             "skipped": [p for p in ("skip_on_event", "skipped_by_parent") if ctx.was_skipped(p)],
         }
 
+    quick = client.workflow(name="QuickConditions")
+
+    @quick.task()
+    def first(input: EmptyModel, ctx: Context) -> StepOutput:
+        return StepOutput(random_number=1)
+
+    @quick.task(parents=[first], wait_for=[or_(SleepCondition("1s"), UserEventCondition(event_key="quick:go"))],
+                skip_if=[UserEventCondition(event_key="quick:skip")])
+    def second(input: EmptyModel, ctx: Context) -> StepOutput:
+        return StepOutput(random_number=ctx.task_output(first).random_number + 1)
+
+    @quick.task(parents=[first], cancel_if=[UserEventCondition(event_key="quick:cancel")],
+                wait_for=[SleepCondition("2s")])
+    def third(input: EmptyModel, ctx: Context) -> StepOutput:
+        return StepOutput(random_number=3)
+
     @client.durable_task(name="RunsWorkflow")
     async def runs_workflow(input: EmptyModel, ctx: DurableContext) -> dict[str, Any]:
-        out = await wf.aio_run(EmptyModel())
-        return {"start": out["start"].random_number}
+        out = await quick.aio_run(EmptyModel())
+        return {"second": out["second"].random_number, "third": out["third"].random_number}
 
     return {
         "child_square": child_square, "child_sleeper": child_sleeper, "fan_out": fan_out,
         "fan_out_catch": fan_out_catch, "one_child": one_child, "flaky": flaky, "flaky_regular": flaky_regular,
-        "slow": slow, "cancel_me": cancel_me, "workflow": wf, "runs_workflow": runs_workflow,
+        "slow": slow, "cancel_me": cancel_me, "workflow": wf, "runs_workflow": runs_workflow, "quick": quick,
+        "blocker": blocker, "late_start": late_start,
     }
 
+
+if os.environ.get("BIDE_TEST_DIE_AFTER_SPAWN"):
+    # A crash at the worst moment: the spawn is in the parent's history, no child exists yet.
+    import signal
+
+    from actors.host import ActorHost
+
+    async def _die(self: Any, parent: Any, starts: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    ActorHost._start_children = _die  # type: ignore[method-assign]
 
 _client = Bide()
 defs = define(_client)

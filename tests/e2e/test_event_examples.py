@@ -25,8 +25,14 @@ def examples(nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> Mo
 async def _waiting(mod: ModuleType, run_id: str, waits: int = 1) -> None:
     async def ok() -> bool:
         hist = await mod.hatchet.runs.aio_history(run_id)
-        return sum(e.k == "wait_registered" for e in hist.entries) >= waits and (
-            (await mod.hatchet.runs.aio_get(run_id)).status is RunStatus.WAITING)
+        # A workflow's run waits through its tasks' runs (its children).
+        children = [rid for e in hist.entries if e.k == "children_spawned" for rid in e.run_ids]
+        for rid in [run_id, *children]:
+            h = await mod.hatchet.runs.aio_history(rid)
+            if sum(e.k == "wait_registered" for e in h.entries) >= waits and (
+                    (await mod.hatchet.runs.aio_get(rid)).status is RunStatus.WAITING):
+                return True
+        return False
 
     await wait_until(ok, timeout=15, what=f"run {run_id} to wait")
 

@@ -14,6 +14,9 @@ EXPECTED = [
     "BulkPushEvent", "DeliveryReceipt", "EventPayloadError", "EventRef", "EventTimeout", "InvalidExpression",
     "OrGroup", "ParentCondition", "PayloadValidationError", "RunAlreadyFinishedError", "SleepCondition",
     "UserEventCondition", "or_",
+    # children, workflows, retries
+    "BulkRunItem", "NonRetryableError", "NonRetryableException", "ScheduleTimeoutError", "Workflow",
+    "WorkflowDefinitionError",
 ]
 
 

@@ -1,0 +1,120 @@
+"""Retries with backoff, timeouts and cancellation against a real nats-server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from sdk import Bide, EmptyModel, RunCancelledError, RunFailedError, RunStatus
+from tests.apps.children import FanOutInput, FlakyInput, define
+from tests.support import running_worker, wait_until
+
+
+def _lines(log: Path) -> list[str]:
+    return [line.rsplit(" ", 1)[0] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+async def test_retries_with_backoff_count_attempts_and_keep_checkpoints(bide: Bide, tmp_path: Path) -> None:
+    d = define(bide)
+    log = tmp_path / "flaky.log"
+    async with running_worker(bide, [d["flaky"]]):
+        ref = await d["flaky"].aio_run_no_wait(FlakyInput(log=str(log), fail_times=2))
+        assert await ref.aio_result(timeout=30) == {"attempt": 3, "seen": 1}
+        # The memo before the failure ran once: a durable retry resumes from its checkpoints.
+        assert _lines(log) == ["memo", "attempt 1", "attempt 2", "attempt 3"]
+        hist = await bide.runs.aio_history(ref.workflow_run_id)
+        failed = [e for e in hist.entries if e.k == "attempt_failed"]
+        assert [f.attempt for f in failed] == [1, 2]
+        assert "attempt 1 failed" in failed[0].error.message
+        # backoff_factor=2, backoff_max_seconds=1.5: 2**0 = 1 s, then 2**1 = 2 s capped at 1.5 s.
+        delays = [(f.retry_at - f.at).total_seconds() for f in failed]
+        assert delays == pytest.approx([1.0, 1.5], abs=0.01)
+        begun = [e.at for e in hist.entries if e.k == "activation"]
+        assert (begun[1] - failed[0].at).total_seconds() >= 0.95
+        assert (begun[2] - failed[1].at).total_seconds() >= 1.45
+
+
+async def test_retries_run_out_and_non_retryable_fails_at_once(bide: Bide, tmp_path: Path) -> None:
+    d = define(bide)
+    log = tmp_path / "flaky.log"
+    async with running_worker(bide, [d["flaky"], d["flaky_regular"]]):
+        with pytest.raises(RunFailedError, match="attempt 3 failed"):
+            await d["flaky_regular"].aio_run(FlakyInput(log=str(log), fail_times=5), timeout=30)
+        assert _lines(log) == ["attempt 1", "attempt 2", "attempt 3"]  # retries=2: three attempts
+        log.unlink()
+        with pytest.raises(RunFailedError) as err:
+            await d["flaky"].aio_run(FlakyInput(log=str(log), fail_times=5, non_retryable=True), timeout=30)
+        assert err.value.error_type == "NonRetryableError"
+        assert _lines(log) == ["memo", "attempt 1"]
+
+
+async def test_execution_timeout_and_schedule_timeout(bide: Bide) -> None:
+    d = define(bide)
+    async with running_worker(bide, [d["slow"]]):
+        with pytest.raises(RunFailedError) as err:
+            await d["slow"].aio_run(EmptyModel(), timeout=30)
+        assert err.value.error_type == "TaskTimeoutError"
+    # No worker hosts LateStart yet: the run waits in the queue past its schedule_timeout.
+    ref = await d["late_start"].aio_run_no_wait(EmptyModel())
+    queued_at = time.monotonic()
+    await wait_until(lambda: time.monotonic() - queued_at > 1.2, timeout=5, what="the schedule timeout to pass")
+    async with running_worker(bide, [d["late_start"]]):
+        with pytest.raises(RunFailedError) as err:
+            await ref.aio_result(timeout=30)
+        assert err.value.error_type == "ScheduleTimeoutError"
+        # In time, the same task runs.
+        assert await d["late_start"].aio_run(EmptyModel(), timeout=30) == "ran"
+
+
+async def test_cancel_cascades_to_children_and_pending_waits(bide: Bide, tmp_path: Path) -> None:
+    d = define(bide)
+    log = tmp_path / "cancel.log"
+    async with running_worker(bide, list(bide.tasks.values())) as worker:
+        ref = await d["cancel_me"].aio_run_no_wait(FanOutInput(count=3, log=str(log)))
+        rid = ref.workflow_run_id
+
+        async def waiting() -> bool:
+            hist = await bide.runs.aio_history(rid)
+            return any(e.k == "wait_registered" for e in hist.entries)
+
+        await wait_until(waiting, timeout=20, what="the parent waiting for its event")
+        children = [f"{rid}-{i}-0" for i in range(3)]
+        for c in children:
+            await wait_until(lambda c=c: _status_is(bide, c, RunStatus.WAITING), timeout=20, what=f"{c} sleeping")
+        index = worker.host.router.index
+        await wait_until(lambda: any(w.run_id == rid for w in index.by_cid.values()), timeout=10,
+                         what="the wait registered with the router")
+        assert await bide.runs.aio_cancel(rid, reason="test says stop") is True
+        with pytest.raises(RunCancelledError, match="test says stop"):
+            await ref.aio_result(timeout=20)
+        # The task saw the cancellation where it waited and cleaned up.
+        assert "cleanup" in _lines(log)
+        for c in children:
+            await wait_until(lambda c=c: _status_is(bide, c, RunStatus.CANCELLED), timeout=20,
+                             what=f"child {c} cancelled")
+        # Its event wait is gone from the router: a late event resumes nothing.
+        await wait_until(lambda: not any(w.run_id == rid for w in index.by_cid.values()), timeout=10,
+                         what="the wait withdrawn from the router")
+        assert await bide.runs.aio_cancel(rid) is False  # already finished
+
+
+async def test_cancel_interrupts_a_running_regular_task(bide: Bide, tmp_path: Path) -> None:
+    d = define(bide)
+    log = tmp_path / "blocker.log"
+    async with running_worker(bide, [d["blocker"]]):
+        ref = await d["blocker"].aio_run_no_wait(FanOutInput(count=0, log=str(log)))
+        await wait_until(lambda: "blocking" in _lines(log), timeout=20, what="the task running")
+        assert await bide.runs.aio_cancel(ref.workflow_run_id) is True
+        with pytest.raises(RunCancelledError):
+            await ref.aio_result(timeout=10)
+        assert _lines(log) == ["blocking", "interrupted"]
+
+
+async def _status_is(client: Bide, run_id: str, status: RunStatus) -> bool:
+    try:
+        return (await client.runs.aio_get(run_id)).status == status
+    except Exception:
+        return False
+

@@ -1,0 +1,109 @@
+"""DAG workflows against a real nats-server: the seed's example, conditions, skips, definition errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sdk import (
+    Bide,
+    Context,
+    EmptyModel,
+    ParentCondition,
+    RunCancelledError,
+    RunStatus,
+    SleepCondition,
+    UserEventCondition,
+    WorkflowDefinitionError,
+)
+from tests.apps.children import StepOutput, define
+from tests.support import running_worker, wait_until
+
+
+async def _waiting_on(client: Bide, run_id: str, task_key: str) -> bool:
+    """Whether the workflow's task ``task_key`` is started and registered its wait."""
+    hist = await client.runs.aio_history(run_id)
+    for e in hist.entries:
+        if e.k == "children_spawned" and e.task.endswith(f":{task_key}"):
+            child = await client.runs.aio_history(e.run_ids[0])
+            return any(c.k == "wait_registered" for c in child.entries)
+    return False
+
+
+async def test_the_seeds_dag_with_conditions(bide: Bide) -> None:
+    """start -> wait_for_event (or_(sleep 1 min, event)) and skip_on_event (sleep 30 s, skip_if event)."""
+    d = define(bide)
+    wf = d["workflow"]
+    async with running_worker(bide, [wf]):
+        ref = await wf.aio_run_no_wait()
+        for key in ("wait_for_event", "skip_on_event"):
+            await wait_until(lambda key=key: _waiting_on(bide, ref.workflow_run_id, key), timeout=20,
+                             what=f"{key} waiting")
+        # The event wins the or-group long before its one-minute sleep; the skip event skips
+        # the other task before its 30 s wait is over.
+        await bide.event.aio_push("wait_for_event:start", {"go": True})
+        await bide.event.aio_push("skip_on_event:skip", {})
+        out = await ref.aio_result(timeout=20)
+        assert out["start"] == StepOutput(random_number=7)
+        assert out["wait_for_event"] == StepOutput(random_number=8)
+        assert out["skip_on_event"] == {"skipped": True}
+        # skip_if=[ParentCondition(start, "output.random_number > 5")]: start returned 7.
+        assert out["skipped_by_parent"] == {"skipped": True}
+        assert out["sum_up"] == {"sum": 8, "skipped": ["skip_on_event", "skipped_by_parent"]}
+        info = await bide.runs.aio_get(ref.workflow_run_id)
+        assert info.status == RunStatus.COMPLETED
+
+
+async def test_sleep_path_and_a_workflow_as_a_child(bide: Bide) -> None:
+    """No events: the or-group's 1 s sleep lets ``second`` run, ``third`` runs after its 2 s wait."""
+    d = define(bide)
+    async with running_worker(bide, [d["quick"], d["runs_workflow"]]):
+        out = await d["runs_workflow"].aio_run(EmptyModel(), timeout=30)
+        assert out == {"second": 2, "third": 3}
+
+
+async def test_cancel_if_cancels_the_workflow(bide: Bide) -> None:
+    d = define(bide)
+    quick = d["quick"]
+    async with running_worker(bide, [quick]):
+        ref = await quick.aio_run_no_wait()
+        await wait_until(lambda: _waiting_on(bide, ref.workflow_run_id, "third"), timeout=20, what="third waiting")
+        await bide.event.aio_push("quick:cancel", {})
+        with pytest.raises(RunCancelledError, match="third"):
+            await ref.aio_result(timeout=20)
+
+
+def test_definition_errors_name_the_problem(bide: Bide) -> None:
+    wf = bide.workflow(name="Errors")
+    other = bide.workflow(name="Other")
+
+    @wf.task()
+    def a(input: EmptyModel, ctx: Context) -> None: ...
+
+    @other.task()
+    def b(input: EmptyModel, ctx: Context) -> None: ...
+
+    with pytest.raises(WorkflowDefinitionError, match=r"unknown parent .*workflow 'Other'"):
+        wf.task(parents=[b])(_noop)
+    with pytest.raises(WorkflowDefinitionError, match="parents must be a list"):
+        wf.task(parents="a")(_noop)  # type: ignore[arg-type]
+    with pytest.raises(WorkflowDefinitionError, match=r"names 'a', which is not a parent"):
+        wf.task(skip_if=[ParentCondition(parent=a, expression="output.x > 1")])(_noop)
+    with pytest.raises(WorkflowDefinitionError, match="wait_for takes SleepCondition"):
+        wf.task(parents=[a], wait_for=["soon"])(_noop)  # type: ignore[list-item]
+    with pytest.raises(WorkflowDefinitionError, match="already has a task named 'a'"):
+        wf.task(name="a")(_noop)
+
+    @wf.task(parents=[a], wait_for=[SleepCondition("1s")], skip_if=[UserEventCondition("k", "input.x == 1")])
+    def c(input: EmptyModel, ctx: Context) -> None: ...
+
+    # Parents are defined before their children, so the order is always a valid one.
+    assert [t.workflow_key for t in wf.order()] == ["a", "c"]
+    # A cycle cannot be declared with task objects; a graph edited into one is still refused.
+    a.parents = [c]
+    with pytest.raises(WorkflowDefinitionError, match="cycle"):
+        wf.order()
+
+
+def _noop(input: Any, ctx: Context) -> None: ...
