@@ -23,6 +23,10 @@ from actors.wire import (
 log = logging.getLogger("bide.history")
 
 
+MAX_MESSAGE_BYTES = 900_000
+"""Below the server's default max payload (1 MiB), with room for headers."""
+
+
 class HistoryConflict(Exception):
     """Another writer appended to the run first; this writer's view is stale."""
 
@@ -106,6 +110,12 @@ class HistoryLog:
         are also sent there (core NATS, best effort: the history stays the source of truth).
         """
         data = encode_history(entries)
+        if len(data) > MAX_MESSAGE_BYTES and len(entries) > 1:
+            # Too big for one message (a fan-out's results): append in order, in parts. Each part
+            # is a prefix of the batch, so a crash between parts leaves a consistent history.
+            half = len(entries) // 2
+            seq = await self.append(run_id, entries[:half], expected_seq)
+            return await self.append(run_id, entries[half:], seq, notify)
         try:
             seq = await self._pub.publish(
                 self._subjects.history(run_id), data, {HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq)}

@@ -186,7 +186,7 @@ def status_of(hist: RunHistory) -> RunStatus:
         return RunStatus.CANCELLED
     if last == "run_started":
         return RunStatus.QUEUED
-    if last in ("sleep_scheduled", "wait_registered", "signal"):
+    if last in ("sleep_scheduled", "wait_registered", "signal", "children_spawned"):
         return RunStatus.WAITING
     return RunStatus.RUNNING
 

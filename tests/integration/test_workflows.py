@@ -12,6 +12,7 @@ from sdk import (
     EmptyModel,
     ParentCondition,
     RunCancelledError,
+    RunNotFoundError,
     RunStatus,
     SleepCondition,
     UserEventCondition,
@@ -26,7 +27,10 @@ async def _waiting_on(client: Bide, run_id: str, task_key: str) -> bool:
     hist = await client.runs.aio_history(run_id)
     for e in hist.entries:
         if e.k == "children_spawned" and e.task.endswith(f":{task_key}"):
-            child = await client.runs.aio_history(e.run_ids[0])
+            try:
+                child = await client.runs.aio_history(e.run_ids[0])
+            except RunNotFoundError:
+                return False  # recorded, not started yet
             return any(c.k == "wait_registered" for c in child.entries)
     return False
 
