@@ -85,6 +85,7 @@ class ActivationQueue:
         self._slots = slots
         self._handler = handler
         self._max_batch = max_batch
+        slots.queues += 1  # counted before any queue starts pulling (see SlotPool.scarce)
         self._want = 1  # grows as pulls come back full; a queue that gets nothing keeps 1 credit
         self._credit = asyncio.Event()  # set when this queue's unused pull credit shrinks
         self._pulls: dict[str, _Pull] = {}
@@ -98,7 +99,6 @@ class ActivationQueue:
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
-        self._slots.queues += 1
         self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._on_msg)
         self._runner = asyncio.create_task(self._pull_loop(), name=f"pull:{self._api}")
         self._reaper = asyncio.create_task(self._reap_loop(), name=f"reap:{self._api}")

@@ -135,10 +135,10 @@ class ActorHost:
             self.router = await EventRouter(nc, self._publisher, self.layout, self._history).start()
         for t in self._tasks.values():
             consumer = await ensure_task_consumer(js, self.layout, t.name, t.durable)
-            pool = self.durable_slots if t.durable else self.slots
-            q = ActivationQueue(nc, self.layout.subjects.work_stream, consumer, pool, self._handle)
+            pool = self.durable_slots if t.runs_durably else self.slots
+            self._queues.append(ActivationQueue(nc, self.layout.subjects.work_stream, consumer, pool, self._handle))
+        for q in self._queues:  # every queue is counted before any pulls (scarce slots)
             await q.start()
-            self._queues.append(q)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="bide-heartbeat")
         log.info("host %s serving %s", self.host_id, ", ".join(sorted(self._tasks)))
 

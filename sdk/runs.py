@@ -105,7 +105,9 @@ async def wait_terminal(conn: Connection, run_id: str, timeout: float | None = N
         for e in last:
             if e.k in TERMINAL_KINDS:
                 return e
-        return await asyncio.wait_for(watch.terminal, timeout)
+        # The watch can miss an entry routed before its SUB took effect and stored after the
+        # read above: re-read now and then, as the result inbox's waiters do.
+        return await _await_terminal(conn, run_id, watch.terminal, timeout, first_interval=0.25)
     finally:
         await watch.close()
 
@@ -120,12 +122,13 @@ async def start_and_wait(conn: Connection, req: StartRequest, timeout: float | N
         conn.results.forget(req.run_id)
 
 
-async def _await_terminal(conn: Connection, run_id: str, fut: asyncio.Future[Any], timeout: float | None) -> Any:
+async def _await_terminal(conn: Connection, run_id: str, fut: asyncio.Future[Any], timeout: float | None,
+                          first_interval: float = 2.0) -> Any:
     # The inbox message is best effort (lost if this client was reconnecting at that
     # moment), so a waiter that hears nothing for a while reads the history itself.
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
-    interval = 2.0
+    interval = first_interval
     while True:
         wait = interval if deadline is None else min(interval, deadline - loop.time())
         if wait <= 0:
