@@ -1,4 +1,4 @@
-"""The ``bide`` command line: ``dev``, ``worker``, ``run``, ``runs show``, ``serve``, ``event push|send``."""
+"""The ``bide`` command line: ``dev``, ``worker``, ``run``, ``runs show|cancel``, ``serve``, ``event push|send``."""
 
 from __future__ import annotations
 
@@ -230,6 +230,18 @@ async def cmd_runs_show(args: argparse.Namespace) -> int:
         await client.aclose()
 
 
+async def cmd_runs_cancel(args: argparse.Namespace) -> int:
+    client = Bide()
+    try:
+        if await client.runs.aio_cancel(args.run_id, reason=args.reason):
+            print(f"cancelled {args.run_id}")
+        else:
+            print(f"run {args.run_id} had already finished")
+        return 0
+    finally:
+        await client.aclose()
+
+
 async def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise CliError(f"--port must be between 1 and 65535, got {args.port}")
@@ -313,11 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result")
     run.set_defaults(func=cmd_run)
 
-    runs = sub.add_parser("runs", help="inspect runs")
+    runs = sub.add_parser("runs", help="inspect or cancel runs")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
     show = runs_sub.add_parser("show", help="print a run's state and history")
     show.add_argument("run_id")
     show.set_defaults(func=cmd_runs_show)
+    cancel = runs_sub.add_parser("cancel", help="cancel a run, its children and its pending waits")
+    cancel.add_argument("run_id")
+    cancel.add_argument("--reason", default="cancelled by request",
+                        help="why, recorded in the run's history (default 'cancelled by request')")
+    cancel.set_defaults(func=cmd_runs_cancel)
 
     serve = sub.add_parser("serve", help="serve the HTTP API (push events, webhooks, delivery to a run)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

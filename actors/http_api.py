@@ -1,4 +1,4 @@
-"""The HTTP API: push events, receive webhooks and deliver events to one run, over plain HTTP.
+"""The HTTP API: push events, receive webhooks, deliver events to one run and cancel runs, over plain HTTP.
 
 ``create_app`` builds a FastAPI app around a :class:`~sdk.Bide` client; ``serve_http``
 runs it with uvicorn inside the caller's event loop (``bide serve`` and ``bide dev`` use it).
@@ -7,12 +7,13 @@ runs it with uvicorn inside the caller's event loop (``bide serve`` and ``bide d
 ``POST /api/v1/events``                push an event: ``{"key", "payload", "scope", "event_id", "metadata"}``
 ``POST /api/v1/webhooks/{key}``        push an event whose payload is the raw JSON body (the key may contain ``/``)
 ``POST /api/v1/events/{run}/{name}``   deliver the raw JSON body to one run (Zart's ``offer_event``)
+``POST /api/v1/runs/{run}/cancel``     cancel a run, its children and its waits: ``{"reason"}`` (optional)
 ``GET /healthz``                       ``{"status": "ok"}``, never behind the token
 =====================================  =====================================================
 
 When a token is configured every ``/api/`` request needs ``Authorization: Bearer <token>``.
 Bodies larger than ``max_body_bytes`` are refused with 413 before they are read in full.
-An empty body on the two raw-body routes is the payload ``null``.
+An empty body on the two raw-body routes is the payload ``null``; on ``cancel`` it is the default reason.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ class EventDelivered(BaseModel):
     event_name: str
 
 
+class RunCancelled(BaseModel):
+    """The answer to a cancel request."""
+
+    run_id: str
+    cancelled: bool = Field(description="`false` if the run had already finished (nothing was cancelled)")
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
@@ -106,6 +114,43 @@ _RAW_JSON_BODY: dict[str, Any] = {
         "content": {"application/json": {"schema": {}}},
     }
 }
+
+
+DEFAULT_CANCEL_REASON = "cancelled by request"
+
+_CANCEL_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "description": "optional: why, recorded in the run's history (an empty body is the default reason)",
+        "content": {"application/json": {"schema": {
+            "type": "object",
+            "properties": {"reason": {"type": "string", "default": DEFAULT_CANCEL_REASON}},
+            "additionalProperties": False,
+        }}},
+    }
+}
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def _cancel_reason(body: Any, empty: bool) -> str:
+    """The ``reason`` in a cancel request's body (the default when the body is ``empty``); 400 if malformed."""
+    if empty:
+        return DEFAULT_CANCEL_REASON
+    if not isinstance(body, dict):
+        raise HTTPException(400, 'the request body must be a JSON object such as {"reason": "..."}, '
+                                 f"got {_JSON_TYPES.get(type(body), type(body).__name__)}")
+    unknown = sorted(set(body) - {"reason"})
+    if unknown:
+        raise HTTPException(400, f"unknown field(s) in the request body: {', '.join(map(repr, unknown))}; "
+                                 "only 'reason' is accepted")
+    reason = body.get("reason", DEFAULT_CANCEL_REASON)
+    if not isinstance(reason, str):
+        raise HTTPException(400, f"'reason' must be a string, got {_JSON_TYPES.get(type(reason), '?')}: "
+                                 f"{orjson.dumps(reason).decode()[:200]}")
+    return reason
 
 
 # -- guard: token and body size --------------------------------------------------------------------
@@ -275,6 +320,24 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return EventDelivered(execution_id=receipt.execution_id, event_name=receipt.event_name)
+
+    @app.post("/api/v1/runs/{run_id}/cancel", response_model=RunCancelled, dependencies=auth,
+              responses=_errors(400, 401, 404, 413, 503), openapi_extra=_CANCEL_BODY, tags=["runs"])
+    async def cancel_run(request: Request, run_id: str) -> RunCancelled:
+        """Cancel a run, its children (transitively) and its pending waits.
+
+        The cancellation is asynchronous: the run ends ``cancelled`` shortly after. ``cancelled``
+        is ``false`` if the run had already finished.
+        """
+        body = await _json_body(request, max_body_bytes)
+        reason = _cancel_reason(body, empty=not (await request.body()).strip())
+        try:
+            cancelled = await bide.runs.aio_cancel(run_id, reason=reason)
+        except RunNotFoundError as e:
+            raise HTTPException(404, str(e)) from None
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        return RunCancelled(run_id=run_id, cancelled=cancelled)
 
     return app
 

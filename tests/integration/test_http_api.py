@@ -182,3 +182,93 @@ async def test_openapi_documents_the_endpoints(bide: Bide) -> None:
     delivered = paths["/api/v1/events/{run_id}/{name}"]["post"]["responses"]
     assert {"200", "404", "409", "401"} <= set(delivered)
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+async def test_cancel_a_waiting_run_then_it_is_already_finished(bide: Bide) -> None:
+    @bide.durable_task(name="HttpNeverResumes")
+    async def never_resumes(input: EmptyModel, ctx: DurableContext) -> None:
+        await ctx.aio_wait_for_event("never")
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with running_worker(bide, [never_resumes]), client_for(bide, token=TOKEN) as api:
+        ref = await never_resumes.aio_run_no_wait(EmptyModel())
+        run_id = ref.workflow_run_id
+        await waiting(bide, run_id)
+        denied = await api.post(f"/api/v1/runs/{run_id}/cancel", json={"reason": "no token"})
+        assert denied.status_code == 401
+        assert (await bide.runs.aio_get(run_id)).status is RunStatus.WAITING
+
+        resp = await api.post(f"/api/v1/runs/{run_id}/cancel", json={"reason": "over HTTP"}, headers=auth)
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"run_id": run_id, "cancelled": True}
+
+        async def is_cancelled() -> bool:
+            return (await bide.runs.aio_get(run_id)).status is RunStatus.CANCELLED
+
+        await wait_until(is_cancelled, what=f"run {run_id} to be cancelled")
+        terminal = (await bide.runs.aio_history(run_id)).terminal
+        assert terminal is not None and terminal.k == "run_cancelled" and terminal.reason == "over HTTP"
+
+        again = await api.post(f"/api/v1/runs/{run_id}/cancel", headers=auth)  # no body: the default reason
+        assert again.status_code == 200, again.text
+        assert again.json() == {"run_id": run_id, "cancelled": False}
+
+
+async def test_cancel_without_a_body_uses_the_default_reason(bide: Bide, api: httpx.AsyncClient) -> None:
+    @bide.durable_task(name="HttpNeverResumesEither")
+    async def never_resumes(input: EmptyModel, ctx: DurableContext) -> None:
+        await ctx.aio_wait_for_event("never")
+
+    async with running_worker(bide, [never_resumes]):
+        ref = await never_resumes.aio_run_no_wait(EmptyModel())
+        run_id = ref.workflow_run_id
+        await waiting(bide, run_id)
+        resp = await api.post(f"/api/v1/runs/{run_id}/cancel")
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"run_id": run_id, "cancelled": True}
+
+        async def is_cancelled() -> bool:
+            return (await bide.runs.aio_get(run_id)).status is RunStatus.CANCELLED
+
+        await wait_until(is_cancelled, what=f"run {run_id} to be cancelled")
+        terminal = (await bide.runs.aio_history(run_id)).terminal
+        assert terminal is not None and terminal.reason == "cancelled by request"
+
+
+async def test_cancel_an_unknown_run_is_404(api: httpx.AsyncClient) -> None:
+    resp = await api.post("/api/v1/runs/no-such-run/cancel", json={"reason": "why not"})
+    assert resp.status_code == 404
+    assert resp.json() == {"detail": "no run with id 'no-such-run'"}
+    empty = await api.post("/api/v1/runs/no-such-run/cancel")
+    assert empty.status_code == 404
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    (b'["reason"]', "must be a JSON object"),
+    (b'"stop"', "must be a JSON object"),
+    (b"null", "must be a JSON object"),
+    (b'{"reason": 42}', "'reason' must be a string"),
+    (b'{"reason": null}', "'reason' must be a string"),
+    (b'{"reasn": "typo"}', "unknown field(s) in the request body: 'reasn'"),
+    (b'{"reason": ', "request body is not valid JSON: "),
+])
+async def test_cancel_with_a_bad_body_is_400_with_the_reason(bide: Bide, api: httpx.AsyncClient, body: bytes,
+                                                             why: str) -> None:
+    @bide.durable_task(name="HttpNotCancelled")
+    async def not_cancelled(input: EmptyModel, ctx: DurableContext) -> None:
+        await ctx.aio_wait_for_event("never")
+
+    run_id = (await not_cancelled.aio_run_no_wait(EmptyModel())).workflow_run_id  # exists: the body is at fault
+    resp = await api.post(f"/api/v1/runs/{run_id}/cancel", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert why in resp.json()["detail"]
+    assert (await bide.runs.aio_history(run_id)).terminal is None  # nothing was cancelled
+
+
+async def test_openapi_documents_cancel(bide: Bide) -> None:
+    async with client_for(bide) as api:
+        spec = (await api.get("/openapi.json")).json()
+    cancel = spec["paths"]["/api/v1/runs/{run_id}/cancel"]["post"]
+    assert {"200", "400", "404"} <= set(cancel["responses"])
+    assert "reason" in cancel["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert set(spec["components"]["schemas"]["RunCancelled"]["properties"]) == {"run_id", "cancelled"}
