@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from actors.wire import decode_token
 from sdk import (
     Bide,
     Context,
@@ -111,3 +112,36 @@ def test_definition_errors_name_the_problem(bide: Bide) -> None:
 
 
 def _noop(input: Any, ctx: Context) -> None: ...
+
+
+async def test_on_events_starts_one_workflow_run_per_event(bide: Bide) -> None:
+    wf = bide.workflow(name="OnSignup", on_events=["user:signup"])
+
+    @wf.task()
+    def greet(input: dict[str, Any], ctx: Context) -> dict[str, str]:
+        return {"hello": input["name"]}
+
+    @wf.task(parents=[greet])
+    def shout(input: dict[str, Any], ctx: Context) -> dict[str, str]:
+        return {"loud": ctx.task_output(greet)["hello"].upper()}
+
+    async with running_worker(bide, [wf]):
+        await bide.event.aio_push("user:signup", {"name": "ada"})
+        await bide.event.aio_push("user:signup", {"name": "bob"})
+        conn = await bide._pool.get()
+        s = conn.layout.subjects
+        results: list[Any] = []
+
+        async def both_done() -> bool:
+            results.clear()
+            info = await conn.js.stream_info(s.history_stream, subjects_filter=s.history_all)
+            head = f"{s.prefix}.history."
+            ids = [decode_token(subj.removeprefix(head)) for subj in (info.state.subjects or {})]
+            for rid in ids:
+                hist = await bide.runs.aio_history(rid)
+                if hist.entries[0].task == wf.name and hist.terminal is not None:
+                    results.append(hist.terminal.result)
+            return len(results) == 2
+
+        await wait_until(both_done, timeout=20, what="two workflow runs completed")
+        assert sorted(r["shout"]["loud"] for r in results) == ["ADA", "BOB"]
