@@ -126,14 +126,3 @@ async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects
     await nc.publish(subjects.cancel_broadcast, run_id.encode())
     return True
 
-
-def unfinished_children(entries: list[Any]) -> list[tuple[str, str]]:
-    """``(run_id, task)`` of every child the history spawned and has not heard back from."""
-    spawned: dict[str, str] = {}
-    for e in entries:
-        if e.k == "children_spawned":
-            for rid in e.run_ids:
-                spawned[rid] = e.task
-        elif e.k == "signal" and e.signal.source == "child":
-            spawned.pop(e.signal.name, None)
-    return list(spawned.items())

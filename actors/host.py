@@ -392,9 +392,10 @@ class ActorHost:
         if running is None:
             return
         user, turn = running
-        if turn is not None and turn.cancel_reason is None:
+        if turn is None:
+            self._cancelled_here.add(run_id)  # a regular task: its turn records the cancellation
+        elif turn.cancel_reason is None:
             turn.cancel_reason = "cancelled"
-        self._cancelled_here.add(run_id)
         user.cancel()
 
     async def _after_turn(self, turn: Turn, defn: TaskDefinition, hist: RunHistory) -> None:
