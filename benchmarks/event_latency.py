@@ -47,12 +47,12 @@ WARMUP_BASE = 1_000_000  # warm-up runs wait for n values the measured runs neve
 
 
 class WorkerProc:
-    """``bide worker benchmarks.event_apps:worker`` in a child process; its output drained in a thread."""
+    """``bide worker TARGET [ARGS]`` in a child process; its output drained in a thread."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, target: str = "benchmarks.event_apps:worker", *args: str) -> None:
         env = {**os.environ, "BIDE_NATS_URL": url, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.cli", "worker", "benchmarks.event_apps:worker"],
+            [sys.executable, "-m", "actors.cli", "worker", target, *args],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.tail: collections.deque[str] = collections.deque(maxlen=50)

@@ -25,72 +25,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
-import sys
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from actors.server import EmbeddedServer, server_version
-from benchmarks.event_latency import gather_limited
+from benchmarks.event_latency import WorkerProc, gather_limited
 
-REPO = Path(__file__).resolve().parent.parent
 TARGET = "benchmarks.fanout_apps:worker"
 START_CONCURRENCY = 200  # top-level starts in flight at once (as event_latency starts its runs)
-
-
-# -- the worker process ----------------------------------------------------------------------------
-
-
-class WorkerProc:
-    """``bide worker benchmarks.fanout_apps:worker --slots S`` in a child process; its output drained in a thread."""
-
-    def __init__(self, url: str, slots: int) -> None:
-        env = {**os.environ, "BIDE_NATS_URL": url, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.cli", "worker", TARGET, "--slots", str(slots)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.tail: collections.deque[str] = collections.deque(maxlen=50)
-        self._ready = threading.Event()
-        self._drain = threading.Thread(target=self._read, daemon=True)
-        self._drain.start()
-
-    def _read(self) -> None:
-        # Always read: a worker that logs into a full pipe would block.
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.tail.append(line)
-            if "ready" in line:
-                self._ready.set()
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready (exit {self.proc.poll()}):\n" + "".join(self.tail))
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n" + "".join(self.tail))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._drain.join(timeout=5)
 
 
 # -- reading histories -----------------------------------------------------------------------------
@@ -359,7 +307,7 @@ def main() -> None:
     worker: WorkerProc | None = None
     try:
         os.environ["BIDE_NATS_URL"] = server.url
-        worker = WorkerProc(server.url, args.worker_slots)
+        worker = WorkerProc(server.url, TARGET, "--slots", str(args.worker_slots))
         worker.wait_ready()
         out = asyncio.run(drive(args, worker))
         version = ".".join(map(str, server_version(server.binary)))
