@@ -104,6 +104,18 @@ async def notify_parent(nc: NATS, pub: Publisher, subjects: Subjects, run_id: st
         await pub.publish(subjects.work(parent.task, parent.run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
 
 
+async def live_run_task(nc: NATS, history: HistoryLog, subjects: Subjects, run_id: str) -> str | None:
+    """The task of a run that has not finished, ``None`` if it has; ``LookupError`` if there is no such run."""
+    first = await direct_get_first(nc, subjects.history_stream, subjects.history(run_id))
+    if first is None:
+        raise LookupError(run_id)
+    last = await history.read_last(run_id)
+    if any(e.k in TERMINAL_KINDS for e in last):
+        return None
+    task: str = decode_history(first.data)[0].task
+    return task
+
+
 async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects: Subjects, run_id: str,
                          reason: str, task: str | None = None) -> bool:
     """Ask a run to stop: durably (its inbox, then an activation) and at once (a broadcast to hosts).
@@ -111,12 +123,10 @@ async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects
     Returns ``False`` if the run had already finished, and raises ``LookupError`` if it does not exist.
     """
     if task is None:
-        first = await direct_get_first(nc, subjects.history_stream, subjects.history(run_id))
-        if first is None:
-            raise LookupError(run_id)
-        task = decode_history(first.data)[0].task
-    last = await history.read_last(run_id)
-    if any(e.k in TERMINAL_KINDS for e in last):
+        task = await live_run_task(nc, history, subjects, run_id)
+        if task is None:
+            return False
+    elif any(e.k in TERMINAL_KINDS for e in await history.read_last(run_id)):
         return False
     sig = EventSignal(source="cancel", name="cancel", payload={"reason": reason}, event_id=uuid.uuid4().hex,
                       at=utcnow())
@@ -125,4 +135,3 @@ async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects
     await pub.publish(subjects.work(task, run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
     await nc.publish(subjects.cancel_broadcast, run_id.encode())
     return True
-

@@ -288,7 +288,7 @@ class ActorHost:
             await turn.flush([failed])
             await self._finished(hist.run_id, started, failed, [])
             return
-        retry_count = sum(1 for e in hist.entries if e.k == "attempt_failed")
+        retry_count = _failures(hist)
         ctx = DurableContext(hist.run_id, defn.name, attempt, started.input, turn, retry_count=retry_count,
                              parents=started.parents)
 
@@ -298,8 +298,7 @@ class ActorHost:
 
         user = asyncio.create_task(drive(), name=f"bide-run:{hist.run_id}")
         self._running[hist.run_id] = (user, turn)
-        timeout = started.execution_timeout_s or (defn.execution_timeout.total_seconds()
-                                                  if defn.execution_timeout else None)
+        timeout = _time_limit(started, defn)
         try:
             done, _ = await asyncio.wait({user, turn.suspended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -349,7 +348,7 @@ class ActorHost:
     def _retry(self, defn: TaskDefinition, hist: RunHistory, failed: RunFailed,
                user: asyncio.Task[Any] | None) -> AttemptFailed | None:
         """The failed attempt, if the task has retries left and the error may be retried."""
-        failures = sum(1 for e in hist.entries if e.k == "attempt_failed")
+        failures = _failures(hist)
         if failures >= defn.retries:
             return None
         exc = user.exception() if user is not None and user.done() and not user.cancelled() else None
@@ -464,13 +463,12 @@ class ActorHost:
             await self._history.append(hist.run_id, [begun, end], hist.last_seq, notify)
             await self._finished(hist.run_id, started, end, [])
             return
-        retry_count = sum(1 for e in hist.entries if e.k == "attempt_failed")
+        retry_count = _failures(hist)
         ctx = Context(hist.run_id, defn.name, attempt, started.input, retry_count=retry_count,
                       parents=started.parents)
         user: asyncio.Task[Any] = asyncio.create_task(defn.entry(value, ctx))
         self._running[hist.run_id] = (user, None)
-        timeout = started.execution_timeout_s or (defn.execution_timeout.total_seconds()
-                                                  if defn.execution_timeout else None)
+        timeout = _time_limit(started, defn)
         try:
             done, _ = await asyncio.wait({user}, timeout=timeout)
         finally:
@@ -555,11 +553,12 @@ class ActorHost:
             # This activation came back: the turn that recorded a task may have died before starting it.
             to_start += [(idx, t) for idx, t in enumerate(steps)
                          if t.name in spawned and spawned[t.name] not in outcomes and (idx, t) not in to_start]
-        for idx, t in to_start:
-            link = ParentLink(run_id=hist.run_id, task=defn.name, pos=idx, n=1)
-            start = ChildStart(run_id=spawned[t.name], task=t.name, durable=t.runs_durably, input=started.input,
-                               parents={p.workflow_key: done[p.workflow_key] for p in t.parents})
-            await self._start_children(link, [start])
+        await asyncio.gather(*(
+            self._start_children(
+                ParentLink(run_id=hist.run_id, task=defn.name, pos=idx, n=1),
+                [ChildStart(run_id=spawned[t.name], task=t.name, durable=t.runs_durably, input=started.input,
+                            parents={p.workflow_key: done[p.workflow_key] for p in t.parents})])
+            for idx, t in to_start))
         if end is not None:
             unfinished = [(rid, task) for task, rid in spawned.items() if rid not in outcomes]
             await self._finished(hist.run_id, started, end, unfinished)
@@ -603,6 +602,19 @@ _NEVER_RETRIED = (NonRetryableError, NonDeterminismError, InputValidationError, 
 
 def _cancelled_error(task: asyncio.Task[Any]) -> bool:
     return task.done() and (task.cancelled() or isinstance(task.exception(), asyncio.CancelledError))
+
+
+def _failures(hist: RunHistory) -> int:
+    """Failed attempts so far (the attempt number is this plus one, on every host)."""
+    return sum(1 for e in hist.entries if e.k == "attempt_failed")
+
+
+def _time_limit(started: Any, defn: TaskDefinition) -> float | None:
+    """``execution_timeout`` of a turn: the starter's, else the task's."""
+    if started.execution_timeout_s:
+        limit: float = started.execution_timeout_s
+        return limit
+    return defn.execution_timeout.total_seconds() if defn.execution_timeout else None
 
 
 def _timed_out(defn: TaskDefinition, run_id: str, limit_s: float) -> RunFailed:

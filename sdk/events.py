@@ -17,15 +17,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import BaseModel
 
-from actors.jetstream import direct_get_first, direct_get_last
 from actors.wire import (
     HDR_BIDE_KIND,
     HDR_EVENT_METADATA,
     HDR_MSG_ID,
-    TERMINAL_KINDS,
     Activation,
     EventSignal,
-    decode_history,
     encode_activation,
     utcnow,
 )
@@ -217,13 +214,12 @@ class EventsClient:
 
 async def _live_run_task(conn: Connection, run_id: str) -> str:
     """The task of a run that exists and has not finished."""
-    s = conn.layout.subjects
-    first = await direct_get_first(conn.nc, s.history_stream, s.history(run_id))
-    if first is None:
-        raise RunNotFoundError(f"no run with id {run_id!r}")
-    started = decode_history(first.data)[0]
-    last = await direct_get_last(conn.nc, s.history_stream, s.history(run_id))
-    if last is not None and any(e.k in TERMINAL_KINDS for e in decode_history(last.data)):
+    from actors.children import live_run_task
+
+    try:
+        task = await live_run_task(conn.nc, conn.history, conn.layout.subjects, run_id)
+    except LookupError:
+        raise RunNotFoundError(f"no run with id {run_id!r}") from None
+    if task is None:
         raise RunAlreadyFinishedError(f"run {run_id} has already finished; the event was not delivered")
-    task: str = started.task
     return task

@@ -152,13 +152,10 @@ def unwrap_terminal(run_id: str, entry: Any) -> Any:
 
 
 def outcome_of_terminal(run_id: str, entry: Any) -> dict[str, Any]:
-    """A terminal entry in the form a parent's child signal carries it."""
-    if entry.k == "run_completed":
-        return {"status": "completed", "result": entry.result, "skipped": bool(getattr(entry, "skipped", False)),
-                "run_id": run_id}
-    if entry.k == "run_failed":
-        return {"status": "failed", "error": entry.error.model_dump(), "run_id": run_id}
-    return {"status": "cancelled", "reason": entry.reason, "run_id": run_id}
+    """A terminal entry in the form a parent's child signal carries it (plus the run id)."""
+    from actors.children import outcome_of
+
+    return {**outcome_of(entry), "run_id": run_id}
 
 
 def unwrap_outcome(outcome: dict[str, Any], load_output: Any = None) -> Any:
