@@ -230,6 +230,17 @@ if os.environ.get("BIDE_TEST_DIE_AFTER_SPAWN"):
 
     ActorHost._start_children = _die  # type: ignore[method-assign]
 
+if os.environ.get("BIDE_TEST_DIE_BEFORE_NOTIFY"):
+    # A crash after a child's end is in its history, before its parent has heard of it.
+    import signal
+
+    import actors.host
+
+    async def _die_before_notify(*args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    actors.host.notify_parent = _die_before_notify  # type: ignore[assignment]
+
 _client = Bide()
 defs = define(_client)
 worker = _client.worker("children-worker", slots=200, durable_slots=int(os.environ.get("BIDE_DURABLE_SLOTS", "1000")))

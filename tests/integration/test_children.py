@@ -128,6 +128,32 @@ async def test_parent_killed_between_recording_and_starting_children(nats_server
         await client.aclose()
 
 
+async def test_child_end_reaches_the_parent_after_a_crash_before_notifying(nats_server: EmbeddedServer,
+                                                                         tmp_path: Path) -> None:
+    """No signal is lost: the child's end is recorded, its host dies before telling the parent."""
+    log = tmp_path / "children.log"
+    client = Bide(nats_server.url, ack_wait=2.0)
+    d = define(client)
+    first = WorkerProcess("tests.apps.children:worker", nats_server.url, ack_wait=2.0,
+                          env={"BIDE_TEST_DIE_BEFORE_NOTIFY": "1"}).start()
+    second: WorkerProcess | None = None
+    try:
+        ref = await d["fan_out"].aio_run_no_wait(FanOutInput(count=1, log=str(log)))
+        child = f"{ref.workflow_run_id}-0-0"
+        await wait_until(lambda: first.proc is not None and first.proc.poll() is not None, timeout=30,
+                         what="the worker to die before notifying the parent")
+        assert (await client.runs.aio_get(child)).status == RunStatus.COMPLETED
+        assert (await client.runs.aio_get(ref.workflow_run_id)).status == RunStatus.WAITING
+        second = WorkerProcess("tests.apps.children:worker", nats_server.url, ack_wait=2.0).start()
+        assert await ref.aio_result(timeout=60) == {"total": 0, "count": 1}
+        assert _lines(log, "child") == ["child 0"]  # the child did not run again
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+        await client.aclose()
+
+
 async def test_twenty_parents_with_one_durable_slot_all_complete(bide: Bide) -> None:
     d = define(bide)
     async with running_worker(bide, list(bide.tasks.values()), durable_slots=1):
