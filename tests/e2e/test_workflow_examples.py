@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,8 @@ def examples(nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> Mo
     return importlib.import_module("examples.workflows.worker")
 
 
-async def _task_waiting(m: ModuleType, run_id: str, key: str) -> bool:
+async def _task_waiting(m: ModuleType, worker: Any, run_id: str, key: str) -> bool:
+    """Whether task ``key`` of the workflow run waits, registered with the router (events now count)."""
     hist = await m.hatchet.runs.aio_history(run_id)
     for e in hist.entries:
         if e.k == "children_spawned" and e.task.endswith(f":{key}"):
@@ -29,7 +31,9 @@ async def _task_waiting(m: ModuleType, run_id: str, key: str) -> bool:
                 child = await m.hatchet.runs.aio_history(e.run_ids[0])
             except RunNotFoundError:
                 return False  # recorded, not started yet
-            return any(c.k == "wait_registered" for c in child.entries)
+            index = worker.host.router.index
+            return any(c.k == "wait_registered" for c in child.entries) and any(
+                w.run_id == e.run_ids[0] for w in index.by_cid.values())
     return False
 
 
@@ -43,9 +47,9 @@ async def test_fan_out_parent(examples: ModuleType) -> None:
 
 async def test_durable_workflow_of_two_root_tasks(examples: ModuleType) -> None:
     m = examples
-    async with running_worker(m.hatchet, m.worker.tasks):
+    async with running_worker(m.hatchet, m.worker.tasks) as worker:
         ref = await m.durable_workflow.aio_run_no_wait()
-        await wait_until(lambda: _task_waiting(m, ref.workflow_run_id, "durable_task"), timeout=30,
+        await wait_until(lambda: _task_waiting(m, worker, ref.workflow_run_id, "durable_task"), timeout=30,
                          what="durable_task waiting for its event")
         await m.hatchet.event.aio_push(m.EVENT_KEY, {"id": "evt-1"})
         out = await ref.aio_result(timeout=20)
@@ -55,10 +59,10 @@ async def test_durable_workflow_of_two_root_tasks(examples: ModuleType) -> None:
 
 async def test_task_condition_workflow(examples: ModuleType) -> None:
     m = examples
-    async with running_worker(m.hatchet, m.worker.tasks):
+    async with running_worker(m.hatchet, m.worker.tasks) as worker:
         ref = await m.task_condition_workflow.aio_run_no_wait()
         for key in ("wait_for_event", "skip_on_event"):
-            await wait_until(lambda key=key: _task_waiting(m, ref.workflow_run_id, key), timeout=20,
+            await wait_until(lambda key=key: _task_waiting(m, worker, ref.workflow_run_id, key), timeout=20,
                              what=f"{key} waiting")
         await m.hatchet.event.aio_push("wait_for_event:start", {})
         await m.hatchet.event.aio_push("skip_on_event:skip", {})

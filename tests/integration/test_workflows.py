@@ -23,8 +23,12 @@ from tests.apps.children import StepOutput, define
 from tests.support import running_worker, wait_until
 
 
-async def _waiting_on(client: Bide, run_id: str, task_key: str) -> bool:
-    """Whether the workflow's task ``task_key`` is started and registered its wait."""
+async def _waiting_on(client: Bide, worker: Any, run_id: str, task_key: str) -> bool:
+    """Whether the workflow's task ``task_key`` is started and its wait is registered with the router.
+
+    Only then is an event pushed certain to be seen (before, it would be lookback, and these
+    waits have none).
+    """
     hist = await client.runs.aio_history(run_id)
     for e in hist.entries:
         if e.k == "children_spawned" and e.task.endswith(f":{task_key}"):
@@ -32,7 +36,9 @@ async def _waiting_on(client: Bide, run_id: str, task_key: str) -> bool:
                 child = await client.runs.aio_history(e.run_ids[0])
             except RunNotFoundError:
                 return False  # recorded, not started yet
-            return any(c.k == "wait_registered" for c in child.entries)
+            index = worker.host.router.index
+            return any(c.k == "wait_registered" for c in child.entries) and any(
+                w.run_id == e.run_ids[0] for w in index.by_cid.values())
     return False
 
 
@@ -40,10 +46,10 @@ async def test_the_seeds_dag_with_conditions(bide: Bide) -> None:
     """start -> wait_for_event (or_(sleep 1 min, event)) and skip_on_event (sleep 30 s, skip_if event)."""
     d = define(bide)
     wf = d["workflow"]
-    async with running_worker(bide, [wf]):
+    async with running_worker(bide, [wf]) as worker:
         ref = await wf.aio_run_no_wait()
         for key in ("wait_for_event", "skip_on_event"):
-            await wait_until(lambda key=key: _waiting_on(bide, ref.workflow_run_id, key), timeout=20,
+            await wait_until(lambda key=key: _waiting_on(bide, worker, ref.workflow_run_id, key), timeout=20,
                              what=f"{key} waiting")
         # The event wins the or-group long before its one-minute sleep; the skip event skips
         # the other task before its 30 s wait is over.
@@ -71,9 +77,10 @@ async def test_sleep_path_and_a_workflow_as_a_child(bide: Bide) -> None:
 async def test_cancel_if_cancels_the_workflow(bide: Bide) -> None:
     d = define(bide)
     quick = d["quick"]
-    async with running_worker(bide, [quick]):
+    async with running_worker(bide, [quick]) as worker:
         ref = await quick.aio_run_no_wait()
-        await wait_until(lambda: _waiting_on(bide, ref.workflow_run_id, "third"), timeout=20, what="third waiting")
+        await wait_until(lambda: _waiting_on(bide, worker, ref.workflow_run_id, "third"), timeout=20,
+                         what="third waiting")
         await bide.event.aio_push("quick:cancel", {})
         with pytest.raises(RunCancelledError, match="third"):
             await ref.aio_result(timeout=20)
