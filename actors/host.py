@@ -321,14 +321,18 @@ class ActorHost:
             else:
                 end = self._outcome(user, defn)
         elif turn.suspended in done:
+            if turn.pending_wait is not None:
+                # Before the wait is in the history, so that a run seen waiting (history,
+                # `bide runs get`) already counts every event pushed from then on. A crash or
+                # a lost race in between is harmless: the wait id is the run and position, the
+                # replay registers the same wait again, and a signal that came early waits in
+                # the run's inbox.
+                await publish_registrations(self._publisher_, self.layout, turn.pending_wait, hist.run_id,
+                                            defn.name, turn.run_input, "register")
             if turn.has_new_facts:
                 await turn.flush()
             for t in turn.timers:
                 await self._timers.schedule(hist.run_id, defn.name, t.pos, t.wake_at)
-            if turn.pending_wait is not None:
-                # After the wait is in the history: a crash in between re-registers on replay.
-                await publish_registrations(self._publisher_, self.layout, turn.pending_wait, hist.run_id,
-                                            defn.name, turn.run_input, "register")
         else:
             end = _timed_out(defn, hist.run_id, timeout or 0)
         if end is not None:
