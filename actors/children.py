@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 
 from actors.history import HistoryConflict, HistoryLog
 from actors.jetstream import Publisher, direct_get_first, increment
+from actors.tracing import TRACEPARENT, Tracing
 from actors.wire import (
     HDR_BIDE_KIND,
     HDR_MSG_ID,
@@ -48,6 +49,8 @@ class ChildStart:
     execution_timeout_s: float | None = None
     parents: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    detached: bool = False
+    """Fire-and-forget (``aio_run_no_wait``): its trace is its own, linked to the parent's."""
 
 
 def child_run_id(parent_run_id: str, pos: int, index: int, key: str | None) -> str:
@@ -58,17 +61,29 @@ def child_run_id(parent_run_id: str, pos: int, index: int, key: str | None) -> s
 
 
 async def start_children(history: HistoryLog, pub: Publisher, subjects: Subjects, parent: ParentLink,
-                         starts: list[ChildStart]) -> None:
-    """Start every child that is not started yet; safe to repeat after a crash."""
+                         starts: list[ChildStart], tracing: Tracing | None = None) -> None:
+    """Start every child that is not started yet; safe to repeat after a crash.
+
+    Each child's trace context is the span of its start, nested under the parent's current
+    (activation) span; a repeated start after a crash emits no second span.
+    """
 
     async def one(c: ChildStart) -> None:
+        meta = dict(c.meta)
+        subject = subjects.work(c.task, c.run_id)
+        span = tracing.start_run(c.task, c.run_id, subject, detached=c.detached,
+                                 attributes={"bide.parent_run_id": parent.run_id}) if tracing else None
+        if span is not None and span.traceparent:
+            meta[TRACEPARENT] = span.traceparent
         started = RunStarted(run_id=c.run_id, task=c.task, durable=c.durable, input=c.input, at=utcnow(),
-                             execution_timeout_s=c.execution_timeout_s, meta=dict(c.meta), parent=parent,
+                             execution_timeout_s=c.execution_timeout_s, meta=meta, parent=parent,
                              parents=c.parents)
         seq: int | None
         try:
             seq = await history.append(c.run_id, [started], expected_seq=0)
         except HistoryConflict:
+            if span is not None:
+                span.discard()
             # Started before: a replay after a crash. Re-send its activation only if it never ran
             # (the de-duplication id drops a second copy of one that was sent).
             last = await history.read_last(c.run_id)
@@ -77,8 +92,9 @@ async def start_children(history: HistoryLog, pub: Publisher, subjects: Subjects
             seq = None
         act = Activation(run_id=c.run_id, task=c.task, kind="start", history_seq=seq,
                          started=started if seq is not None else None)
-        await pub.publish(subjects.work(c.task, c.run_id), encode_activation(act),
-                          {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{c.run_id}"})
+        await pub.publish(subject, encode_activation(act), {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{c.run_id}"})
+        if span is not None:
+            span.end()
 
     await asyncio.gather(*(one(c) for c in starts))
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from actors.jetstream import Layout, Publisher, api_request, connect, ensure_str
 from actors.replay import Turn, open_waits
 from actors.router import EventRouter, publish_registrations
 from actors.timers import TimerScheduler
+from actors.tracing import Tracing, mark_failed, mark_outcome
 from actors.wire import (
     HDR_BIDE_KIND,
     HDR_ROLLUP,
@@ -89,8 +91,10 @@ class ActorHost:
         *,
         shutdown_grace_s: float = 20.0,
         route_events: bool = True,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
+        self.tracing = tracing or Tracing(config.prefix)
         self.host_id = f"{name}@{socket.gethostname()}:{os.getpid()}"
         self.layout = Layout.from_config(config)
         self._tasks = {t.name: t for t in tasks}
@@ -132,7 +136,7 @@ class ActorHost:
                     {HDR_ROLLUP: "sub", HDR_TTL: "never"},
                 )
         if self._route_events:
-            self.router = await EventRouter(nc, self._publisher, self.layout, self._history).start()
+            self.router = await EventRouter(nc, self._publisher, self.layout, self._history, self.tracing).start()
         for t in self._tasks.values():
             consumer = await ensure_task_consumer(js, self.layout, t.name, t.durable)
             pool = self.durable_slots if t.runs_durably else self.slots
@@ -165,6 +169,7 @@ class ActorHost:
             await self._publisher.close()
         if self._nc is not None:
             await self._nc.drain()
+        await asyncio.to_thread(self.tracing.force_flush)  # a stopped host's last spans are exported
 
     async def _heartbeat_loop(self) -> None:
         # Long turns tell JetStream they are alive, so only a dead host's work is redelivered.
@@ -212,6 +217,7 @@ class ActorHost:
             self._in_flight.pop(id(msg), None)
 
     async def _turn(self, msg: Msg, act: Activation, defn: TaskDefinition) -> None:
+        began_ns = time.time_ns()
         attempt = msg.metadata.num_delivered or 1
         if act.kind == "start" and attempt == 1 and act.started is not None and act.history_seq:
             # First delivery of a start: the history is exactly the start entry.
@@ -234,9 +240,13 @@ class ActorHost:
                                     terminal)
             await msg.ack()
             return
+        span = self.tracing.activation(started, kind=act.kind, subject=msg.subject, delivery=attempt,
+                                       attempt=_failures(hist) + 1, signals=[sig for _, sig in hist.inbox],
+                                       began_ns=began_ns)
         if defn.workflow is not None and defn is defn.workflow.runner:
             self.turns += 1
-            await self._workflow_turn(hist, defn, attempt)
+            with span:
+                await self._workflow_turn(hist, defn, attempt)
             await msg.ack()
             return
         if defn.runs_durably and act.kind in ("timer", "signal") and not _needs_user_code(act, hist):
@@ -249,10 +259,11 @@ class ActorHost:
             await msg.ack()
             return
         self.turns += 1
-        if defn.runs_durably:
-            await self._durable_turn(hist, defn, attempt)
-        else:
-            await self._regular_turn(hist, defn, attempt)
+        with span:
+            if defn.runs_durably:
+                await self._durable_turn(hist, defn, attempt)
+            else:
+                await self._regular_turn(hist, defn, attempt)
         await msg.ack()
 
     def _late(self, hist: RunHistory, defn: TaskDefinition) -> RunFailed | None:
@@ -270,7 +281,7 @@ class ActorHost:
     async def _durable_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int) -> None:
         started = hist.entries[0]
         turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, attempt=attempt,
-                    start_children=self._start_children)
+                    start_children=self._start_children, trace=self.tracing.turn(started))
         late = self._late(hist, defn)
         if late is not None or (turn.cancel_reason is not None and not turn.began):
             # Never ran: end it without running any code.
@@ -363,6 +374,8 @@ class ActorHost:
         return AttemptFailed(attempt=failures + 1, error=failed.error, retry_at=now + timedelta(seconds=delay), at=now)
 
     async def _schedule_retry(self, run_id: str, defn: TaskDefinition, retry: AttemptFailed) -> None:
+        mark_outcome("retry")
+        mark_failed(f"{retry.error.type}: {retry.error.message}")
         delay = (retry.retry_at - utcnow()).total_seconds()
         if delay >= 1.0:
             await self._timers.schedule_retry(run_id, defn.name, retry.attempt, retry.retry_at)
@@ -375,10 +388,13 @@ class ActorHost:
                                        {HDR_BIDE_KIND: "retry"})
 
     async def _start_children(self, parent: ParentLink, starts: list[ChildStart]) -> None:
-        await start_children(self._history, self._publisher_, self.layout.subjects, parent, starts)
+        await start_children(self._history, self._publisher_, self.layout.subjects, parent, starts, self.tracing)
 
     async def _finished(self, run_id: str, started: Any, end: Any, unfinished: list[tuple[str, str]]) -> None:
         """A run ended: tell its parent; a cancelled run cancels the children it still has running."""
+        mark_outcome(end.k.removeprefix("run_"))
+        if end.k == "run_failed":
+            mark_failed(f"{end.error.type}: {end.error.message}")
         if started.parent is not None:
             await notify_parent(self._nc_, self._publisher_, self.layout.subjects, run_id, started.parent, end)
         if end.k == "run_cancelled" or (end.k == "run_failed" and started.task in self._workflows):

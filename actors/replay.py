@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
@@ -18,6 +19,7 @@ from typing import Any, NoReturn
 from actors.children import ChildStart, child_run_id
 from actors.history import HistoryLog, RunHistory
 from actors.timers import RESIDENT_MAX
+from actors.tracing import RunTrace
 from actors.wire import (
     ActivationBegun,
     ChildrenSpawned,
@@ -76,10 +78,15 @@ class Turn:
         host_id: str,
         attempt: int,
         start_children: StartChildren | None = None,
+        trace: RunTrace | None = None,
     ) -> None:
         self.run_id = history.run_id
         self.task = task
         self._start_children = start_children
+        self._trace = trace
+        # Where each sleep and wait began (recorded or new), for their spans when they end.
+        self._sleeps: dict[int, SleepScheduled] = {}
+        self._waits: dict[int, WaitRegistered] = {}
         self._redelivered = attempt > 1
         self._log = log
         self.last_seq = history.last_seq
@@ -191,6 +198,22 @@ class Turn:
                 if self.fatal is None:
                     self.fatal = e
                 raise
+            if self._trace is not None:
+                self._report_ended(entries)
+
+    def _report_ended(self, written: list[Any]) -> None:
+        """Spans for the sleeps and waits this append ended (only written entries: replay is silent)."""
+        assert self._trace is not None
+        for e in written:
+            if e.k == "sleep_fired" and e.pos in self._sleeps:
+                sched = self._sleeps[e.pos]
+                self._trace.sleep(e.pos, sched.duration_s,
+                                  sched.wake_at - timedelta(seconds=sched.duration_s), e.at)
+            elif e.k == "wait_resolved" and e.pos in self._waits:
+                won = {eid for v in e.result.values() if isinstance(v, dict) for eid in v}
+                signals = [sig for seq, sig in self._signals if sig.event_id in won
+                           and (sig.wait_id == e.wait_id or seq in e.consumed)]
+                self._trace.wait(self._waits[e.pos], e, signals)
 
     def _suspend(self, timer: TimerRequest | None) -> None:
         if timer is not None:
@@ -211,9 +234,10 @@ class Turn:
                 self._mismatch(pos, self._describe(rec), f"memo({name!r}, args hash {digest})")
             adapter = return_adapter(fn)
             return adapter.validate_python(m.result) if adapter is not None else m.result
-        result = fn(*args)
-        if inspect.isawaitable(result):
-            result = await result
+        with self._trace.memo(name, pos) if self._trace is not None else nullcontext():
+            result = fn(*args)
+            if inspect.isawaitable(result):
+                result = await result
         data = to_json_value(result, f"the result of memo {name!r} in run {self.run_id}")
         # Nothing completed runs twice: the result is durable before the code goes on.
         await self.flush([MemoRecorded(pos=pos, name=name, args_hash=digest, result=data)])
@@ -243,6 +267,7 @@ class Turn:
                 self._mismatch(pos, self._describe(rec), requested)
             wake: datetime = sched.wake_at
             length = timedelta(seconds=sched.duration_s)
+            self._sleeps[pos] = sched
             if "sleep_fired" in rec:
                 return SleepResult(length)
         else:
@@ -253,7 +278,9 @@ class Turn:
                 assert duration is not None
                 wake, length = now + duration, duration
             # Sleeps keep their deadline: the wake time is recorded once, before any timer exists.
-            await self.flush([SleepScheduled(pos=pos, duration_s=length.total_seconds(), wake_at=wake)])
+            sched = SleepScheduled(pos=pos, duration_s=length.total_seconds(), wake_at=wake)
+            self._sleeps[pos] = sched
+            await self.flush([sched])
         remaining = wake - utcnow()
         if remaining > RESIDENT_MAX:
             await self._park(TimerRequest(pos, wake))
@@ -295,6 +322,7 @@ class Turn:
 
             reg = WaitRegistered(pos=pos, wait_id=wait_id, label=label, args_hash=digest,
                                  groups=[[fix(c) for c in g] for g in specs], at=now, any_of=[fix(c) for c in extra])
+        self._waits[pos] = reg
         while True:
             outcome = self._try_resolve(reg)
             if outcome is not None:
@@ -419,22 +447,22 @@ class Turn:
             if self._redelivered and any(i not in self._outcomes for i in ids):
                 # This activation came back: the turn that recorded the spawn may have died
                 # before starting every child. Starting is idempotent.
-                await self._start(pos, ids, children)
+                await self._start(pos, ids, children, detached=not wait)
         else:
             # Written before any child exists: a replay never spawns a child twice.
             await self.flush([ChildrenSpawned(pos=pos, task=task, run_ids=ids, args_hash=digest, at=utcnow())])
             self.spawned.update({rid: c.task for rid, c in zip(ids, children, strict=True)})
-            await self._start(pos, ids, children)
+            await self._start(pos, ids, children, detached=not wait)
         if not wait:
             return ids
         return await self.outcomes(ids)
 
-    async def _start(self, pos: int, ids: list[str], children: list[ChildSpec]) -> None:
+    async def _start(self, pos: int, ids: list[str], children: list[ChildSpec], detached: bool) -> None:
         if self._start_children is None:
             raise RuntimeError("this turn cannot start child runs")
         link = ParentLink(run_id=self.run_id, task=self.task, pos=pos, n=len(ids))
         todo = [ChildStart(run_id=rid, task=c.task, durable=c.durable, input=c.input,
-                           execution_timeout_s=c.execution_timeout_s)
+                           execution_timeout_s=c.execution_timeout_s, detached=detached)
                 for rid, c in zip(ids, children, strict=True) if rid not in self._outcomes]
         if todo:
             await self._start_children(link, todo)

@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 
 from actors.history import HistoryConflict, HistoryLog
 from actors.jetstream import ROUTER_GROUP, Layout, Publisher, api_request, direct_get_subject
+from actors.tracing import TRACEPARENT, Tracing, span_context_of
 from actors.wire import (
     HDR_BIDE_KIND,
     HDR_EVENT_METADATA,
@@ -228,8 +229,8 @@ def decode_event(msg: Msg, key: str, scope: str | None, seq: int, at: datetime) 
             meta = dict(orjson.loads(hdrs[HDR_EVENT_METADATA]))
         except (orjson.JSONDecodeError, TypeError, ValueError):
             meta = {}
-    if "traceparent" in hdrs:
-        meta["traceparent"] = hdrs["traceparent"]
+    if TRACEPARENT in hdrs:
+        meta[TRACEPARENT] = hdrs[TRACEPARENT]
     event_id = hdrs.get(HDR_MSG_ID) or f"evt-{seq}"
     return IncomingEvent(key, scope, payload, event_id, seq, at, meta)
 
@@ -237,7 +238,9 @@ def decode_event(msg: Msg, key: str, scope: str | None, seq: int, at: datetime) 
 class EventRouter:
     """Consumes the events stream (when this process owns it) and delivers matches to runs."""
 
-    def __init__(self, nc: NATS, publisher: Publisher, layout: Layout, history: HistoryLog) -> None:
+    def __init__(self, nc: NATS, publisher: Publisher, layout: Layout, history: HistoryLog,
+                 tracing: Tracing | None = None) -> None:
+        self._tracing = tracing or Tracing(layout.subjects.prefix)
         self._nc = nc
         self._pub = publisher
         self._layout = layout
@@ -467,21 +470,28 @@ class EventRouter:
     async def _start_triggered(self, trig: TriggerRegistration, event: IncomingEvent) -> None:
         """Exactly one run per (event, task): its id derives from the event, its first append expects none."""
         run_id = uuid.uuid5(_RUN_NAMESPACE, f"{trig.task}|{event.event_id}|{event.seq}|{event.at.isoformat()}").hex
-        meta = {"trigger": {"event_key": event.key, "event_id": event.event_id, "scope": event.scope}}
-        if "traceparent" in event.meta:
-            meta["traceparent"] = event.meta["traceparent"]
+        meta: dict[str, Any] = {"trigger": {"event_key": event.key, "event_id": event.event_id,
+                                            "scope": event.scope}}
+        subject = self._s.work(trig.task, run_id)
+        # The run joins the event's trace (a `nats pub` with a traceparent header too).
+        span = self._tracing.start_run(trig.task, run_id, subject, parent=span_context_of(event.meta.get(TRACEPARENT)),
+                                       attributes={"bide.event.key": event.key, "bide.event.id": event.event_id})
+        if span.traceparent:
+            meta[TRACEPARENT] = span.traceparent
+        elif TRACEPARENT in event.meta:
+            meta[TRACEPARENT] = event.meta[TRACEPARENT]
         started = RunStarted(run_id=run_id, task=trig.task, durable=trig.durable, input=event.payload,
                              at=utcnow(), meta=meta)
         try:
             seq = await self._history.append(run_id, [started], expected_seq=0)
         except HistoryConflict:
             seq = None  # started before (this event was redelivered): make sure it has its activation
+            span.discard()
         act = Activation(run_id=run_id, task=trig.task, kind="start", history_seq=seq,
                          started=started if seq is not None else None)
-        await self._pub.publish(
-            self._s.work(trig.task, run_id), encode_activation(act),
-            {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{run_id}"},
-        )
+        await self._pub.publish(subject, encode_activation(act),
+                                {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{run_id}"})
+        span.end()
 
     # -- chores ------------------------------------------------------------------------------
 

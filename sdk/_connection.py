@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 
 from actors.history import HistoryLog
 from actors.jetstream import Layout, Publisher, connect, ensure_streams
+from actors.tracing import Tracing
 from actors.wire import TERMINAL_KINDS, decode_history, decode_token, encode_token
 from sdk.config import BideConfig
 
@@ -72,14 +73,16 @@ class Connection:
     layout: Layout
     results: ResultInbox
     publisher: Publisher
+    tracing: Tracing
 
 
 class ConnectionPool:
     """Lazily connects once per event loop; closes everything on :meth:`close`."""
 
-    def __init__(self, config: BideConfig, name: str = "bide-client") -> None:
+    def __init__(self, config: BideConfig, name: str = "bide-client", tracing: Tracing | None = None) -> None:
         self.config = config
         self.layout = Layout.from_config(config)
+        self.tracing = tracing or Tracing(config.prefix)
         self._name = name
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[Connection]] = (
             weakref.WeakKeyDictionary()
@@ -120,7 +123,8 @@ class ConnectionPool:
         results = ResultInbox(nc)
         await results.open()
         publisher = await Publisher(nc).start()
-        return Connection(nc, js, HistoryLog(nc, publisher, self.layout.subjects), self.layout, results, publisher)
+        return Connection(nc, js, HistoryLog(nc, publisher, self.layout.subjects), self.layout, results, publisher,
+                          self.tracing)
 
     def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` to completion from plain (non-async) code on the private loop thread."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats.js.errors
 
+from actors.tracing import Tracing, configure_from_env
 from sdk._connection import ConnectionPool
 from sdk.config import BideConfig
 from sdk.errors import UnknownTaskError
@@ -16,6 +17,9 @@ from sdk.runs import RunRef, RunsClient, StartRequest, new_run_id, start_run
 from sdk.tasks import TaskDefinition, validate_task_name
 from sdk.worker import Worker
 from sdk.workflow import Workflow
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -30,6 +34,10 @@ class Bide:
         replicas: stream replica count (1, or 3 on a cluster); default ``BIDE_REPLICAS`` or 1.
         ack_wait: seconds before an unacknowledged activation is redelivered to another host.
         debug: accepted for Hatchet compatibility; enables debug logging.
+        tracer_provider: an OpenTelemetry tracer provider for Bide's spans. Default: the global
+            one; if the application set none, one is made from the standard ``OTEL_*``
+            variables when they ask for an exporter (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+            ``OTEL_TRACES_EXPORTER``). With neither, tracing is off and costs next to nothing.
     """
 
     def __init__(
@@ -40,9 +48,13 @@ class Bide:
         replicas: int | None = None,
         ack_wait: float | None = None,
         debug: bool = False,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.config = BideConfig.from_env(nats_url, prefix, replicas, ack_wait)
-        self._pool = ConnectionPool(self.config)
+        if tracer_provider is None:
+            configure_from_env()
+        self.tracing = Tracing(self.config.prefix, tracer_provider)
+        self._pool = ConnectionPool(self.config, tracing=self.tracing)
         self.runs = RunsClient(self._pool)
         self.event = EventsClient(self._pool)
         """Push events (``push``, ``aio_push``, ``bulk_push``) or send one to a run (``send``)."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import BaseModel
 
+from actors.tracing import TRACEPARENT
 from actors.wire import (
     HDR_BIDE_KIND,
     HDR_EVENT_METADATA,
@@ -142,7 +143,7 @@ class EventsClient:
         """
         subject, body, headers, eid = self._prepare(key, payload, scope, event_id, metadata)
         conn = await self._pool.get()
-        seq = await conn.publisher.publish(subject, body, headers)
+        seq = await _traced_publish(conn, key, scope, eid, subject, body, headers)
         return EventRef(eid, key, scope, seq)
 
     def push(
@@ -169,7 +170,8 @@ class EventsClient:
                                    ev.get("metadata") or ev.get("additional_metadata"))
             prepared.append((ev, self._prepare(ev.key, ev.payload, ev.scope, ev.event_id, ev.metadata)))
         conn = await self._pool.get()
-        seqs = await asyncio.gather(*(conn.publisher.publish(s, b, h) for _, (s, b, h, _) in prepared))
+        seqs = await asyncio.gather(*(_traced_publish(conn, ev.key, ev.scope, eid, s, b, h)
+                                      for ev, (s, b, h, eid) in prepared))
         return [EventRef(p[3], ev.key, ev.scope, seq) for (ev, p), seq in zip(prepared, seqs, strict=True)]
 
     def bulk_push(self, events: Iterable[BulkPushEvent | Mapping[str, Any]]) -> list[EventRef]:
@@ -196,11 +198,20 @@ class EventsClient:
         conn = await self._pool.get()
         task = await _live_run_task(conn, run_id)
         eid = event_id or uuid.uuid4().hex
-        signal = EventSignal(source="direct", name=name, payload=orjson.loads(body), event_id=eid, at=utcnow())
         s = conn.layout.subjects
-        await conn.publisher.publish(s.inbox(run_id), signal.model_dump_json().encode(), {HDR_MSG_ID: f"send:{eid}"})
-        act = Activation(run_id=run_id, task=task, kind="signal")
-        await conn.publisher.publish(s.work(task, run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
+        span = conn.tracing.send_to_run(run_id, name, s.inbox(run_id), eid)
+        meta = {TRACEPARENT: span.traceparent} if span.traceparent else {}
+        signal = EventSignal(source="direct", name=name, payload=orjson.loads(body), event_id=eid, at=utcnow(),
+                             meta=meta)
+        try:
+            await conn.publisher.publish(s.inbox(run_id), signal.model_dump_json().encode(),
+                                         {HDR_MSG_ID: f"send:{eid}"})
+            act = Activation(run_id=run_id, task=task, kind="signal")
+            await conn.publisher.publish(s.work(task, run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
+        except BaseException as e:
+            span.fail(e)
+            raise
+        span.end()
         return DeliveryReceipt(run_id, name, eid)
 
     def send(self, run_id: str, name: str, payload: Any = None, event_id: str | None = None) -> DeliveryReceipt:
@@ -210,6 +221,21 @@ class EventsClient:
     # Zart's name for the same thing.
     aio_offer_event = aio_send
     offer_event = send
+
+
+async def _traced_publish(conn: Connection, key: str, scope: str | None, event_id: str, subject: str, body: bytes,
+                          headers: dict[str, str]) -> int:
+    """Publish one event inside its PRODUCER span; the ``traceparent`` header carries the span."""
+    span = conn.tracing.push_event(key, scope, subject, event_id)
+    if span.traceparent:
+        headers = {**headers, TRACEPARENT: span.traceparent}
+    try:
+        seq: int = await conn.publisher.publish(subject, body, headers)
+    except BaseException as e:
+        span.fail(e)
+        raise
+    span.end()
+    return seq
 
 
 async def _live_run_task(conn: Connection, run_id: str) -> str:

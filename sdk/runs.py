@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 
 from actors.history import HistoryConflict, RunHistory
+from actors.tracing import TRACEPARENT
 from actors.wire import (
     HDR_BIDE_KIND,
     TERMINAL_KINDS,
@@ -46,6 +47,11 @@ async def start_run(conn: Connection, req: StartRequest, notify: str | None = No
     meta = dict(req.meta or {})
     if notify is not None:
         meta["notify"] = notify
+    subject = conn.layout.subjects.work(req.task, req.run_id)
+    # The run's trace: this span (under the caller's current span), restored at every activation.
+    span = conn.tracing.start_run(req.task, req.run_id, subject)
+    if span.traceparent:
+        meta[TRACEPARENT] = span.traceparent
     started = RunStarted(
         run_id=req.run_id,
         task=req.task,
@@ -57,12 +63,15 @@ async def start_run(conn: Connection, req: StartRequest, notify: str | None = No
     )
     try:
         seq = await conn.history.append(req.run_id, [started], expected_seq=0)
+        act = Activation(run_id=req.run_id, task=req.task, kind="start", history_seq=seq, started=started)
+        await conn.publisher.publish(subject, encode_activation(act), {HDR_BIDE_KIND: "start"})
     except HistoryConflict:
+        span.discard()
         raise ValueError(f"a run with id {req.run_id!r} already exists") from None
-    act = Activation(run_id=req.run_id, task=req.task, kind="start", history_seq=seq, started=started)
-    await conn.publisher.publish(
-        conn.layout.subjects.work(req.task, req.run_id), encode_activation(act), {HDR_BIDE_KIND: "start"}
-    )
+    except BaseException as e:
+        span.fail(e)
+        raise
+    span.end()
 
 
 _TERMINAL_MARKERS = tuple(f'"k":"{k}"'.encode() for k in TERMINAL_KINDS)

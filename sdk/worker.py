@@ -34,7 +34,8 @@ class Worker:
         from actors.host import ActorHost  # the one seam into the runtime
 
         self._stop = asyncio.Event()
-        self._host = ActorHost(self.client.config, self.name, self.tasks, self.slots, self.durable_slots)
+        self._host = ActorHost(self.client.config, self.name, self.tasks, self.slots, self.durable_slots,
+                               tracing=self.client.tracing)
         await self._host.start()
         if ready is not None:
             ready.set()

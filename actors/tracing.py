@@ -1,0 +1,380 @@
+"""OpenTelemetry tracing: one trace per run, across activations, evictions, hosts and children.
+
+Whoever starts a run (the SDK, the event router for ``on_events``, a parent run) opens a
+PRODUCER span and writes its W3C ``traceparent`` into the run's first history entry. Every
+activation, on any host, reads it back and becomes a CONSUMER span under it, so every span of
+the run shares one trace id however many hosts and crashes it crosses. A run started with no
+trace context still gets one trace: its id is derived from the run id.
+
+Nothing is held open across an eviction. A sleep or a wait is emitted as one span, with its
+real start and end, by the turn that writes its end into the history. Only entries a turn
+*writes* produce spans, never entries it replays, so replay is silent.
+
+With no tracer provider (none given, no global one, no ``OTEL_*`` exporter configured), every
+call here returns at its first check: tracing costs a few attribute reads per turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span, Tracer, TracerProvider
+
+    from actors.wire import EventSignal, RunStarted, WaitRegistered, WaitResolved
+
+log = logging.getLogger("bide.tracing")
+
+TRACEPARENT = "traceparent"
+"""The W3C trace-context header (and ``RunStarted.meta`` key) that carries a span's context."""
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_INSTRUMENTATION = "bide"
+
+
+class TracingConfigError(ValueError):
+    """An ``OTEL_*`` variable asks for something Bide cannot set up (names the variable and value)."""
+
+
+# -- configuration from OTEL_* ---------------------------------------------------------------------
+
+_env_configured = False
+
+
+def _is_unset(provider: Any) -> bool:
+    return isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+def exporter_names(env: Mapping[str, str]) -> list[str]:
+    """The exporters ``OTEL_TRACES_EXPORTER`` asks for; an OTLP endpoint alone means ``otlp``.
+
+    Unlike the OpenTelemetry default (``otlp``), nothing is exported unless asked for: a
+    machine with no collector does not pay for spans nobody reads.
+    """
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    raw = env.get("OTEL_TRACES_EXPORTER", "").strip()
+    if not raw:
+        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        return ["otlp"] if endpoint else []
+    names = [n.strip().lower() for n in raw.split(",") if n.strip()]
+    for n in names:
+        if n not in ("otlp", "console", "none"):
+            raise TracingConfigError(f"OTEL_TRACES_EXPORTER={raw!r}: unknown exporter {n!r}; "
+                                     "expected a comma-separated list of 'otlp', 'console' or 'none'")
+    return [n for n in names if n != "none"]
+
+
+def _otlp_exporter(env: Mapping[str, str]) -> Any:
+    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or "http/protobuf").strip()
+    if protocol == "http/protobuf":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise TracingConfigError("OTLP export is configured (OTEL_TRACES_EXPORTER or OTEL_EXPORTER_OTLP_ENDPOINT) "
+                                     "but the exporter is not installed: pip install 'bide[otlp]'") from None
+        return OTLPSpanExporter()
+    if protocol == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+        except ImportError:
+            raise TracingConfigError("OTEL_EXPORTER_OTLP_PROTOCOL='grpc' needs the gRPC exporter: "
+                                     "pip install opentelemetry-exporter-otlp-proto-grpc") from None
+        return GrpcExporter()
+    raise TracingConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: expected 'http/protobuf' or 'grpc'")
+
+
+def configure_from_env(env: Mapping[str, str] | None = None) -> TracerProvider | None:
+    """Install a global tracer provider from ``OTEL_*`` variables, once per process.
+
+    Does nothing if the application set a global provider itself (its choice wins) or no
+    exporter is asked for. Honours the SDK's own variables: ``OTEL_SERVICE_NAME``,
+    ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*`` and ``OTEL_EXPORTER_OTLP_*``.
+    """
+    global _env_configured
+    env = os.environ if env is None else env
+    if _env_configured or not _is_unset(trace.get_tracer_provider()):
+        return None
+    names = exporter_names(env)
+    if not names:
+        return None
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    exporters = [_otlp_exporter(env) if n == "otlp" else ConsoleSpanExporter() for n in names]
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: "bide"}))
+    provider = SdkTracerProvider(resource=resource)
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _env_configured = True
+    log.info("tracing: exporting spans with %s", ", ".join(names))
+    return provider
+
+
+# -- trace context helpers -------------------------------------------------------------------------
+
+def _ns(at: datetime) -> int:
+    return int(at.timestamp() * 1_000_000_000)
+
+
+def span_context_of(traceparent: str | None) -> SpanContext | None:
+    """The span context a ``traceparent`` value names, or ``None`` if it is missing or malformed."""
+    if not traceparent:
+        return None
+    ctx = trace.get_current_span(_PROPAGATOR.extract({TRACEPARENT: traceparent})).get_span_context()
+    return ctx if ctx.is_valid else None
+
+
+def derived_context(run_id: str) -> SpanContext:
+    """A run's trace when no one gave it one: ids derived from the run id, the same on every host."""
+    digest = hashlib.sha256(run_id.encode()).digest()
+    trace_id = int.from_bytes(digest[:16], "big") or 1
+    span_id = int.from_bytes(digest[16:24], "big") or 1
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+
+def _messaging(operation: str, subject: str, template: str) -> dict[str, Any]:
+    return {
+        "messaging.system": "nats",
+        "messaging.operation.type": operation,
+        "messaging.operation.name": operation,
+        "messaging.destination.name": subject,
+        "messaging.destination.template": template,
+    }
+
+
+def _clean(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attrs.items() if v is not None}
+
+
+class ProducerSpan:
+    """A PRODUCER span around one publish; :attr:`traceparent` goes into the message.
+
+    ``end()`` once the message is durable. A publish that turns out to be a repeat (a run
+    that already existed) calls ``discard()``: the span is never ended, so never exported.
+    """
+
+    def __init__(self, span: Span | None) -> None:
+        self._span = span
+        self.traceparent: str | None = None
+        if span is not None:
+            carrier: dict[str, str] = {}
+            _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+            self.traceparent = carrier.get(TRACEPARENT)
+
+    def end(self) -> None:
+        if self._span is not None:
+            self._span.end()
+            self._span = None
+
+    def fail(self, exc: BaseException) -> None:
+        if self._span is not None:
+            self._span.record_exception(exc)
+            self._span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            self.end()
+
+    def discard(self) -> None:
+        self._span = None
+
+
+_NO_SPAN = ProducerSpan(None)
+
+
+class Tracing:
+    """The spans one Bide client or actor host emits.
+
+    Args:
+        prefix: the deployment's subject prefix (span names are destination templates).
+        provider: a tracer provider; default the global one (which may be set later, or
+            from ``OTEL_*`` by :func:`configure_from_env`).
+    """
+
+    def __init__(self, prefix: str, provider: TracerProvider | None = None) -> None:
+        self.prefix = prefix
+        self._provider = provider
+        self._tracer: Tracer = (provider or trace.get_tracer_provider()).get_tracer(_INSTRUMENTATION)
+
+    @property
+    def enabled(self) -> bool:
+        return self._provider is not None or not _is_unset(trace.get_tracer_provider())
+
+    def force_flush(self) -> None:
+        provider = self._provider or trace.get_tracer_provider()
+        flush = getattr(provider, "force_flush", None)
+        if flush is not None and self.enabled:
+            flush()
+
+    # -- producers -------------------------------------------------------------------------------
+
+    def work_template(self, task: str) -> str:
+        from actors.wire import encode_token
+
+        return f"{self.prefix}.work.{encode_token(task)}.{{run_id}}"
+
+    def start_run(self, task: str, run_id: str, subject: str, *, parent: SpanContext | None = None,
+                  detached: bool = False, attributes: Mapping[str, Any] | None = None) -> ProducerSpan:
+        """The span of starting a run; its ``traceparent`` becomes the run's trace context.
+
+        The span is a child of ``parent`` if given, else of the current span. A ``detached``
+        run (a fire-and-forget child) starts a trace of its own, linked to the current span.
+        """
+        if not self.enabled:
+            return _NO_SPAN
+        template = self.work_template(task)
+        ctx: Context | None = None
+        links = None
+        if parent is not None:
+            ctx = trace.set_span_in_context(NonRecordingSpan(parent))
+        elif detached:
+            ctx = Context()
+            current = trace.get_current_span().get_span_context()
+            links = [Link(current, {"bide.link": "spawned_by"})] if current.is_valid else None
+        attrs = {**_messaging("send", subject, template), "bide.run_id": run_id, "bide.task": task,
+                 **_clean(attributes or {})}
+        span = self._tracer.start_span(f"send {template}", context=ctx, kind=SpanKind.PRODUCER, attributes=attrs,
+                                       links=links)
+        return ProducerSpan(span)
+
+    def push_event(self, key: str, scope: str | None, subject: str, event_id: str) -> ProducerSpan:
+        """The span of pushing an event: the span a resumed wait links to."""
+        if not self.enabled:
+            return _NO_SPAN
+        from actors.wire import encode_token
+
+        template = f"{self.prefix}.events.{encode_token(key)}" + (".{scope}" if scope is not None else "")
+        attrs = {**_messaging("send", subject, template), "messaging.message.id": event_id,
+                 "bide.event.key": key, **_clean({"bide.event.scope": scope})}
+        return ProducerSpan(self._tracer.start_span(f"send {template}", kind=SpanKind.PRODUCER, attributes=attrs))
+
+    def send_to_run(self, run_id: str, name: str, subject: str, event_id: str) -> ProducerSpan:
+        """The span of delivering an event straight to one run's inbox."""
+        if not self.enabled:
+            return _NO_SPAN
+        template = f"{self.prefix}.inbox.{{run_id}}"
+        attrs = {**_messaging("send", subject, template), "messaging.message.id": event_id,
+                 "bide.run_id": run_id, "bide.event.key": name}
+        return ProducerSpan(self._tracer.start_span(f"send {template}", kind=SpanKind.PRODUCER, attributes=attrs))
+
+    # -- consumers -------------------------------------------------------------------------------
+
+    def run_context(self, started: RunStarted) -> Context:
+        """The run's trace context, as its starter recorded it (or derived from its id)."""
+        parent = span_context_of(started.meta.get(TRACEPARENT)) or derived_context(started.run_id)
+        return trace.set_span_in_context(NonRecordingSpan(parent))
+
+    def activation(self, started: RunStarted, *, kind: str, subject: str, delivery: int, attempt: int,
+                   signals: list[EventSignal], began_ns: int) -> Any:
+        """The CONSUMER span of one turn, current while the run's code runs (a context manager).
+
+        Links to the publish span of every event the turn takes from the inbox: the events
+        that resumed the run.
+        """
+        if not self.enabled:
+            return nullcontext(None)
+        template = self.work_template(started.task)
+        links = _signal_links(signals)
+        attrs = {**_messaging("process", subject, template), "bide.run_id": started.run_id,
+                 "bide.task": started.task, "bide.attempt": attempt, "bide.delivery": delivery,
+                 "bide.activation": kind}
+        if started.parent is not None:
+            attrs["bide.parent_run_id"] = started.parent.run_id
+        return self._tracer.start_as_current_span(
+            f"process {template}", context=self.run_context(started), kind=SpanKind.CONSUMER, attributes=attrs,
+            links=links, start_time=began_ns, record_exception=True, set_status_on_exception=True)
+
+    def turn(self, started: RunStarted) -> RunTrace | None:
+        """What a durable turn reports its memos, sleeps and waits to (``None`` when off)."""
+        return RunTrace(self, started) if self.enabled else None
+
+
+def _signal_links(signals: list[EventSignal]) -> list[Link]:
+    links = []
+    for sig in signals:
+        ctx = span_context_of(sig.meta.get(TRACEPARENT)) if sig.meta else None
+        if ctx is not None:
+            links.append(Link(ctx, _clean({"bide.event.key": sig.name, "bide.event.id": sig.event_id,
+                                           "bide.event.scope": sig.scope})))
+    return links
+
+
+def mark_failed(message: str) -> None:
+    """Mark the current (activation) span as failed: the run's attempt raised."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_status(Status(StatusCode.ERROR, message))
+
+
+def mark_outcome(outcome: str) -> None:
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("bide.outcome", outcome)
+
+
+class RunTrace:
+    """The spans of one turn's checkpoints: memos live, sleeps and waits once they have ended."""
+
+    def __init__(self, tracing: Tracing, started: RunStarted) -> None:
+        self._tracer = tracing._tracer
+        self._run_ctx = tracing.run_context(started)
+        self._attrs = {"bide.run_id": started.run_id, "bide.task": started.task}
+
+    @contextmanager
+    def memo(self, name: str, pos: int) -> Iterator[None]:
+        """A step that runs now (under the activation span); a replayed memo has no span."""
+        with self._tracer.start_as_current_span(f"memo {name}", attributes={**self._attrs, "bide.position": pos},
+                                                record_exception=True, set_status_on_exception=True):
+            yield
+
+    def sleep(self, pos: int, duration_s: float, began: datetime, ended: datetime) -> None:
+        """A sleep that has just ended, with its real start and end (a child of the run's context)."""
+        span = self._tracer.start_span("sleep", context=self._run_ctx, start_time=_ns(began), attributes={
+            **self._attrs, "bide.position": pos, "bide.sleep.duration_s": duration_s})
+        span.end(end_time=_ns(ended))
+
+    def wait(self, reg: WaitRegistered, resolved: WaitResolved, signals: list[EventSignal]) -> None:
+        """A wait that has just been resolved, linked to the publish spans of the events that ended it."""
+        keys = sorted({c.event_key for c in reg.flat() if c.event_key})
+        scopes = sorted({c.scope for c in reg.flat() if c.scope})
+        attrs: dict[str, Any] = {**self._attrs, "bide.position": reg.pos, "bide.wait.id": reg.wait_id,
+                                 "bide.wait.label": reg.label}
+        if keys:
+            attrs["bide.event.key"] = keys[0] if len(keys) == 1 else keys
+        if scopes:
+            attrs["bide.event.scope"] = scopes[0] if len(scopes) == 1 else scopes
+        won = [k for k in resolved.result]
+        if won:
+            attrs["bide.wait.satisfied"] = won
+        span = self._tracer.start_span(f"wait_for {' | '.join(keys) if keys else 'sleep'}", context=self._run_ctx,
+                                       start_time=_ns(reg.at), attributes=attrs, links=_signal_links(signals))
+        span.end(end_time=_ns(resolved.at))
+
+
+__all__ = [
+    "TRACEPARENT",
+    "ProducerSpan",
+    "RunTrace",
+    "Tracing",
+    "TracingConfigError",
+    "configure_from_env",
+    "derived_context",
+    "exporter_names",
+    "mark_failed",
+    "mark_outcome",
+    "span_context_of",
+]
