@@ -220,7 +220,7 @@ async def cmd_runs_show(args: argparse.Namespace) -> int:
     try:
         info = await client.runs.aio_get(args.run_id)
         hist = await client.runs.aio_history(args.run_id)
-        print(f"run {info.run_id}  task {info.task}  status {info.status.value}")
+        print(f"run {info.run_id}  task {info.task}  status {info.status.value}  trace {info.trace_id}")
         for i, (entry, ts) in enumerate(zip(hist.entries, hist.times, strict=False), 1):
             data = entry.model_dump(mode="json", exclude={"k"}, exclude_none=True)
             detail = " ".join(f"{k}={orjson.dumps(v).decode()}" for k, v in data.items() if k not in ("run_id",))

@@ -32,9 +32,11 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
+from opentelemetry import context as otel_context
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from actors.tracing import TRACEPARENT, extract_context
 from sdk import Bide, EventRef, RunAlreadyFinishedError, RunNotFoundError
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576
@@ -217,7 +219,14 @@ class _Guard:
                     raise HTTPException(413, _too_large(limit, f"more than {limit} bytes received"))
             return message
 
-        await self.app(scope, limited_receive, send)
+        # A caller's W3C trace context (e.g. a webhook sender's) parents the spans of this request.
+        traceparent = headers.get(TRACEPARENT.encode())
+        token = otel_context.attach(extract_context(traceparent.decode("latin-1"))) if traceparent else None
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
 
 
 def _too_large(limit: int, got: str) -> str:

@@ -141,12 +141,23 @@ def span_context_of(traceparent: str | None) -> SpanContext | None:
     return ctx if ctx.is_valid else None
 
 
+def extract_context(traceparent: str) -> Context:
+    """The OpenTelemetry context a ``traceparent`` header value carries (empty if malformed)."""
+    return _PROPAGATOR.extract({TRACEPARENT: traceparent})
+
+
 def derived_context(run_id: str) -> SpanContext:
     """A run's trace when no one gave it one: ids derived from the run id, the same on every host."""
     digest = hashlib.sha256(run_id.encode()).digest()
     trace_id = int.from_bytes(digest[:16], "big") or 1
     span_id = int.from_bytes(digest[16:24], "big") or 1
     return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+
+def trace_id_of(started: RunStarted) -> str:
+    """The run's trace id in hex, the id to search for in a trace backend."""
+    ctx = span_context_of(started.meta.get(TRACEPARENT)) or derived_context(started.run_id)
+    return f"{ctx.trace_id:032x}"
 
 
 def _messaging(operation: str, subject: str, template: str) -> dict[str, Any]:
@@ -374,7 +385,9 @@ __all__ = [
     "configure_from_env",
     "derived_context",
     "exporter_names",
+    "extract_context",
     "mark_failed",
     "mark_outcome",
     "span_context_of",
+    "trace_id_of",
 ]

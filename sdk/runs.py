@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 
 from actors.history import HistoryConflict, RunHistory
-from actors.tracing import TRACEPARENT
+from actors.tracing import TRACEPARENT, trace_id_of
 from actors.wire import (
     HDR_BIDE_KIND,
     TERMINAL_KINDS,
@@ -212,6 +212,8 @@ class RunInfo:
     result: Any = None
     error: str | None = None
     entries: int = 0
+    trace_id: str = ""
+    """The run's OpenTelemetry trace id (hex): every span of the run, on any host, is in this trace."""
 
 
 class RunsClient:
@@ -240,6 +242,7 @@ class RunsClient:
             result=term.result if term is not None and term.k == "run_completed" else None,
             error=f"{term.error.type}: {term.error.message}" if term is not None and term.k == "run_failed" else None,
             entries=len(hist.entries),
+            trace_id=trace_id_of(first),
         )
 
     def get(self, run_id: str) -> RunInfo:

@@ -268,3 +268,18 @@ def test_runs_without_the_exporter_installed(nats_server: EmbeddedServer) -> Non
     failed = _python(_WITHOUT_EXPORTER, nats_server.url, env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
     assert failed.returncode != 0
     assert "TracingConfigError" in failed.stderr and "pip install 'bide[otlp]'" in failed.stderr
+
+
+async def test_webhook_caller_trace_parents_the_push_span(
+    traced: Bide, memory: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    from tests.integration.test_http_api import client_for
+
+    trace_id, span_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
+    async with client_for(traced) as http:
+        resp = await http.post("/api/v1/webhooks/order:paid", params={"scope": "o-1"}, content=b'{"total": 3}',
+                               headers={"traceparent": f"00-{trace_id:032x}-{span_id:016x}-01"})
+        assert resp.status_code == 202, resp.text
+    push = _one([span_record(s) for s in memory[1].get_finished_spans()], "send bide.events.order:paid.{scope}")
+    assert (push["trace_id"], push["parent_id"]) == (f"{trace_id:032x}", f"{span_id:016x}")
+    assert push["attributes"]["bide.event.scope"] == "o-1"

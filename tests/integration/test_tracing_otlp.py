@@ -1,0 +1,239 @@
+"""One run's trace exported over OTLP/HTTP to a real receiver process, across a host crash.
+
+The run (``tests.apps.traced``: a step, a child, a sleep, an event wait) starts on host 1,
+which is SIGKILLed in the middle of the sleep; host 2 finishes it. Every process (the test's
+client and both hosts) exports with a ``BatchSpanProcessor`` and the stock OTLP/HTTP exporter
+to ``tests.otlp_receiver``, which decodes each protobuf request and writes the spans to a
+file. The hosts are configured only by the standard ``OTEL_*`` variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from actors.server import EmbeddedServer
+from actors.timers import FIRE_LEAD
+from actors.wire import utcnow
+from sdk import Bide, RunStatus
+from tests.apps.traced import EVENT_KEY, TracedInput, define
+from tests.support import REPO, WorkerProcess, wait_until
+
+APP = "tests.apps.traced:worker"
+SLEEP_S = 4.0
+TEST_SERVICE, HOST_1, HOST_2 = "traced-test", "traced-host-1", "traced-host-2"
+
+Span = dict[str, Any]
+
+
+@dataclass
+class Receiver:
+    """The receiver process: its port and the JSON-lines file of the spans it decoded."""
+
+    port: int
+    out: Path
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spans(self) -> list[Span]:
+        """Every span received so far (a line still being appended is left for the next read)."""
+        if not self.out.exists():
+            return []
+        *whole, _partial = self.out.read_bytes().split(b"\n")
+        return [orjson.loads(line) for line in whole if line]
+
+
+@pytest.fixture
+async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
+    """``python -m tests.otlp_receiver`` in its own process, SIGKILLed at teardown."""
+    port_file, out, log = tmp_path / "otlp.port", tmp_path / "spans.jsonl", tmp_path / "receiver.log"
+    with log.open("wb") as log_f:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.otlp_receiver", "--port-file", str(port_file), "--out", str(out),
+            cwd=REPO, stdout=log_f, stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        def listening() -> bool:
+            if proc.returncode is not None:
+                raise AssertionError(f"the OTLP receiver exited with {proc.returncode}:\n{log.read_text()}")
+            return port_file.exists()
+
+        await wait_until(listening, timeout=20, what="the OTLP receiver to listen")
+        yield Receiver(int(port_file.read_text()), out)
+    finally:
+        if proc.returncode is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), 10)
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[WorkerProcess]]:
+    """Worker processes started by the test; any still alive are SIGKILLed at teardown."""
+    procs: list[WorkerProcess] = []
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+
+
+@pytest.fixture
+def provider(receiver: Receiver) -> Iterator[TracerProvider]:
+    """The test's own tracer provider: batch export over OTLP/HTTP, as a real application would."""
+    tp = TracerProvider(resource=Resource.create({SERVICE_NAME: TEST_SERVICE}))
+    tp.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces")))
+    try:
+        yield tp
+    finally:
+        tp.shutdown()
+
+
+async def start_host(procs: list[WorkerProcess], url: str, receiver: Receiver, service: str) -> WorkerProcess:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": service,
+           "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    proc = WorkerProcess(APP, url, ack_wait=3.0, env=env)
+    procs.append(proc)
+    await asyncio.to_thread(proc.start)
+    return proc
+
+
+async def test_a_run_across_a_host_crash_is_one_trace_over_otlp_http(
+    nats_server: EmbeddedServer, receiver: Receiver, provider: TracerProvider, hosts: list[WorkerProcess]
+) -> None:
+    client = Bide(nats_server.url, ack_wait=3.0, tracer_provider=provider)
+    try:
+        tasks = define(client)
+        scope = f"order-{uuid.uuid4().hex[:8]}"
+
+        host_1 = await start_host(hosts, nats_server.url, receiver, HOST_1)
+        ref = await tasks["run"].aio_run_no_wait(TracedInput(n=21, sleep_s=SLEEP_S, scope=scope))
+        run_id = ref.workflow_run_id
+
+        async def kinds() -> list[str]:
+            return [e.k for e in (await client.runs.aio_history(run_id)).entries]
+
+        async def sleeping() -> bool:
+            status = (await client.runs.aio_get(run_id)).status
+            return "sleep_scheduled" in await kinds() and status == RunStatus.WAITING
+
+        await wait_until(sleeping, timeout=15, what="the run to sleep on host 1")
+        hist = await client.runs.aio_history(run_id)
+        wake_at = next(e.wake_at for e in hist.entries if e.k == "sleep_scheduled")
+        child_id = next(e.run_ids[0] for e in hist.entries if e.k == "children_spawned")
+
+        def exported_by_host_1() -> bool:
+            # The kill must come after host 1 exported what it did (a batch exporter's spans
+            # not yet sent die with the process: expected, and not what this test is about).
+            spans = [s for s in receiver.spans() if s["service"] == HOST_1]
+            consumers = {s["attributes"].get("bide.run_id") for s in spans if s["kind"] == "CONSUMER"}
+            return any(s["name"] == "memo double" for s in spans) and {run_id, child_id} <= consumers
+
+        await wait_until(exported_by_host_1, timeout=10, what="host 1's spans to reach the receiver")
+        # Crash host 1 in the middle of the sleep, before its timer can fire.
+        assert utcnow() < wake_at - FIRE_LEAD - timedelta(milliseconds=300), "too late to crash mid-sleep"
+        host_1.kill()
+        assert "sleep_fired" not in await kinds()
+
+        host_2 = await start_host(hosts, nats_server.url, receiver, HOST_2)
+
+        async def waiting_for_event() -> bool:
+            return "wait_registered" in await kinds()
+
+        await wait_until(waiting_for_event, timeout=20, what="the run to wait for the event on host 2")
+        await client.event.aio_push(EVENT_KEY, {"ok": True}, scope=scope)
+        result = await ref.aio_result(timeout=20)
+        assert result == {"doubled": 42, "child": {"squared": 42 * 42}, "approved": True}
+        provider.force_flush()
+        t0 = time.monotonic()
+        assert await asyncio.to_thread(host_2.terminate) == 0  # a graceful stop exports the host's last spans
+        assert time.monotonic() - t0 < 15
+
+        def has_wait_span() -> bool:
+            return any(s["name"] == f"wait_for {EVENT_KEY}" for s in receiver.spans())
+
+        await wait_until(has_wait_span, timeout=10, what="host 2's wait span to reach the receiver")
+    finally:
+        await client.aclose()
+
+    spans = receiver.spans()
+    check_trace(spans, run_id, child_id, scope)
+
+
+def check_trace(spans: list[Span], run_id: str, child_id: str, scope: str) -> None:
+    def describe() -> str:
+        return "\n".join(f"{s['service']:>14} {s['kind']:>8} {s['span_id']} <- {s['parent_id']} {s['name']} "
+                         f"{s['attributes'].get('bide.run_id')}" for s in sorted(spans, key=lambda s: s["start"]))
+
+    print(describe()); ids = Counter(s["span_id"] for s in spans)
+    assert all(n == 1 for n in ids.values()), f"a span was exported twice:\n{describe()}"
+    by_id = {s["span_id"]: s for s in spans}
+
+    ours = [s for s in spans if s["attributes"].get("bide.run_id") in (run_id, child_id)]
+    assert {s["trace_id"] for s in ours} and len({s["trace_id"] for s in ours}) == 1, describe()
+    trace_id = ours[0]["trace_id"]
+
+    # The root: the test's PRODUCER span of starting the run.
+    roots = [s for s in ours if s["parent_id"] is None]
+    assert len(roots) == 1, describe()
+    root = roots[0]
+    assert root["kind"] == "PRODUCER" and root["service"] == TEST_SERVICE, root
+    assert root["name"] == "send bide.work.TracedRun.{run_id}", root
+    assert root["attributes"]["bide.run_id"] == run_id and root["attributes"]["bide.task"] == "TracedRun"
+
+    # Activations on both hosts, each under the root.
+    activations = [s for s in ours if s["kind"] == "CONSUMER" and s["attributes"]["bide.run_id"] == run_id]
+    assert {s["service"] for s in activations} == {HOST_1, HOST_2}, describe()
+    for act in activations:
+        assert act["parent_id"] == root["span_id"], act
+        assert act["name"] == "process bide.work.TracedRun.{run_id}", act
+        assert act["attributes"]["messaging.system"] == "nats", act
+        attempt = act["attributes"]["bide.attempt"]
+        assert isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 1, act
+    activation_ids = {s["span_id"] for s in activations}
+
+    [memo] = [s for s in spans if s["name"] == "memo double"]
+    assert memo["service"] == HOST_1 and memo["parent_id"] in activation_ids, memo
+    assert by_id[memo["parent_id"]]["service"] == HOST_1
+
+    [sleep] = [s for s in spans if s["name"] == "sleep"]
+    assert sleep["service"] == HOST_2 and sleep["parent_id"] == root["span_id"], sleep
+    assert sleep["attributes"]["bide.run_id"] == run_id
+    assert sleep["end"] - sleep["start"] >= (SLEEP_S - 0.05) * 1e9, sleep
+
+    # The child: started by a parent's activation, run under its start span.
+    [child_start] = [s for s in ours if s["kind"] == "PRODUCER" and s["attributes"]["bide.run_id"] == child_id]
+    assert child_start["name"] == "send bide.work.TracedChild.{run_id}", child_start
+    assert child_start["parent_id"] in activation_ids, child_start
+    assert child_start["attributes"]["bide.parent_run_id"] == run_id
+    child_acts = [s for s in ours if s["kind"] == "CONSUMER" and s["attributes"]["bide.run_id"] == child_id]
+    assert child_acts and all(s["parent_id"] == child_start["span_id"] for s in child_acts), describe()
+
+    # The wait, linked to the test's publish span of the event that ended it.
+    [push] = [s for s in spans if s["name"] == f"send bide.events.{EVENT_KEY}.{{scope}}"]
+    assert push["kind"] == "PRODUCER" and push["service"] == TEST_SERVICE, push
+    assert push["attributes"]["bide.event.scope"] == scope and push["attributes"]["messaging.system"] == "nats"
+    [wait] = [s for s in spans if s["name"] == f"wait_for {EVENT_KEY}"]
+    assert wait["service"] == HOST_2 and wait["parent_id"] == root["span_id"] and wait["trace_id"] == trace_id
+    assert {"trace_id": push["trace_id"], "span_id": push["span_id"]} in wait["links"], (wait, push)
+    attrs = wait["attributes"]
+    assert attrs["bide.event.key"] == EVENT_KEY and attrs["bide.event.scope"] == scope, attrs
+    assert attrs["bide.run_id"] == run_id and isinstance(attrs["bide.position"], int), attrs
