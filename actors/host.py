@@ -13,6 +13,7 @@ import os
 import socket
 import time
 import traceback
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -240,9 +241,11 @@ class ActorHost:
                                     terminal)
             await msg.ack()
             return
-        span = self.tracing.activation(started, kind=act.kind, subject=msg.subject, delivery=attempt,
-                                       attempt=_failures(hist) + 1, signals=[sig for _, sig in hist.inbox],
-                                       began_ns=began_ns)
+        span: Any = nullcontext()
+        if self.tracing.enabled:
+            span = self.tracing.activation(started, kind=act.kind, subject=msg.subject, delivery=attempt,
+                                           attempt=_failures(hist) + 1, signals=[sig for _, sig in hist.inbox],
+                                           began_ns=began_ns)
         if defn.workflow is not None and defn is defn.workflow.runner:
             self.turns += 1
             with span:

@@ -151,6 +151,7 @@ async def test_a_run_across_a_host_crash_is_one_trace_over_otlp_http(
         # Crash host 1 in the middle of the sleep, before its timer can fire.
         assert utcnow() < wake_at - FIRE_LEAD - timedelta(milliseconds=300), "too late to crash mid-sleep"
         host_1.kill()
+        killed_ns = time.time_ns()
         assert "sleep_fired" not in await kinds()
 
         host_2 = await start_host(hosts, nats_server.url, receiver, HOST_2)
@@ -162,7 +163,7 @@ async def test_a_run_across_a_host_crash_is_one_trace_over_otlp_http(
         await client.event.aio_push(EVENT_KEY, {"ok": True}, scope=scope)
         result = await ref.aio_result(timeout=20)
         assert result == {"doubled": 42, "child": {"squared": 42 * 42}, "approved": True}
-        provider.force_flush()
+        assert await asyncio.to_thread(provider.force_flush)
         t0 = time.monotonic()
         assert await asyncio.to_thread(host_2.terminate) == 0  # a graceful stop exports the host's last spans
         assert time.monotonic() - t0 < 15
@@ -175,15 +176,15 @@ async def test_a_run_across_a_host_crash_is_one_trace_over_otlp_http(
         await client.aclose()
 
     spans = receiver.spans()
-    check_trace(spans, run_id, child_id, scope)
+    check_trace(spans, run_id, child_id, scope, killed_ns)
 
 
-def check_trace(spans: list[Span], run_id: str, child_id: str, scope: str) -> None:
+def check_trace(spans: list[Span], run_id: str, child_id: str, scope: str, killed_ns: int) -> None:
     def describe() -> str:
         return "\n".join(f"{s['service']:>14} {s['kind']:>8} {s['span_id']} <- {s['parent_id']} {s['name']} "
                          f"{s['attributes'].get('bide.run_id')}" for s in sorted(spans, key=lambda s: s["start"]))
 
-    print(describe()); ids = Counter(s["span_id"] for s in spans)
+    ids = Counter(s["span_id"] for s in spans)
     assert all(n == 1 for n in ids.values()), f"a span was exported twice:\n{describe()}"
     by_id = {s["span_id"]: s for s in spans}
 
@@ -210,30 +211,39 @@ def check_trace(spans: list[Span], run_id: str, child_id: str, scope: str) -> No
         assert isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 1, act
     activation_ids = {s["span_id"] for s in activations}
 
-    [memo] = [s for s in spans if s["name"] == "memo double"]
+    def only(matching: list[Span], what: str) -> Span:
+        assert len(matching) == 1, f"expected exactly one {what}, got {len(matching)}:\n{describe()}"
+        return matching[0]
+
+    memo = only([s for s in spans if s["name"] == "memo double"], "memo span")
     assert memo["service"] == HOST_1 and memo["parent_id"] in activation_ids, memo
     assert by_id[memo["parent_id"]]["service"] == HOST_1
 
-    [sleep] = [s for s in spans if s["name"] == "sleep"]
+    sleep = only([s for s in spans if s["name"] == "sleep"], "sleep span")
     assert sleep["service"] == HOST_2 and sleep["parent_id"] == root["span_id"], sleep
     assert sleep["attributes"]["bide.run_id"] == run_id
     assert sleep["end"] - sleep["start"] >= (SLEEP_S - 0.05) * 1e9, sleep
+    assert sleep["start"] < killed_ns < sleep["end"], "host 1 died in the middle of the sleep"
+    assert sleep["attributes"]["bide.sleep.duration_s"] == SLEEP_S
 
     # The child: started by a parent's activation, run under its start span.
-    [child_start] = [s for s in ours if s["kind"] == "PRODUCER" and s["attributes"]["bide.run_id"] == child_id]
+    child_start = only([s for s in ours if s["kind"] == "PRODUCER" and s["attributes"]["bide.run_id"] == child_id],
+                       "start span of the child")
     assert child_start["name"] == "send bide.work.TracedChild.{run_id}", child_start
     assert child_start["parent_id"] in activation_ids, child_start
     assert child_start["attributes"]["bide.parent_run_id"] == run_id
     child_acts = [s for s in ours if s["kind"] == "CONSUMER" and s["attributes"]["bide.run_id"] == child_id]
     assert child_acts and all(s["parent_id"] == child_start["span_id"] for s in child_acts), describe()
+    assert all(isinstance(s["attributes"]["bide.attempt"], int) for s in child_acts)
 
     # The wait, linked to the test's publish span of the event that ended it.
-    [push] = [s for s in spans if s["name"] == f"send bide.events.{EVENT_KEY}.{{scope}}"]
+    push = only([s for s in spans if s["name"] == f"send bide.events.{EVENT_KEY}.{{scope}}"], "push span")
     assert push["kind"] == "PRODUCER" and push["service"] == TEST_SERVICE, push
     assert push["attributes"]["bide.event.scope"] == scope and push["attributes"]["messaging.system"] == "nats"
-    [wait] = [s for s in spans if s["name"] == f"wait_for {EVENT_KEY}"]
+    wait = only([s for s in spans if s["name"] == f"wait_for {EVENT_KEY}"], "wait span")
     assert wait["service"] == HOST_2 and wait["parent_id"] == root["span_id"] and wait["trace_id"] == trace_id
     assert {"trace_id": push["trace_id"], "span_id": push["span_id"]} in wait["links"], (wait, push)
     attrs = wait["attributes"]
     assert attrs["bide.event.key"] == EVENT_KEY and attrs["bide.event.scope"] == scope, attrs
     assert attrs["bide.run_id"] == run_id and isinstance(attrs["bide.position"], int), attrs
+    assert attrs["bide.wait.label"] == f"event:{EVENT_KEY}" and attrs["bide.wait.satisfied"] == ["event"], attrs

@@ -1,0 +1,364 @@
+"""Tracing overhead: trivial-run throughput with tracing on (batch exporter) divided by off; target ≥ 0.85.
+
+    python -m benchmarks.tracing_overhead --runs 3000 --rounds 3 --json tracing.json
+
+Starts one nats-server and one OTLP/HTTP receiver (``python -m tests.otlp_receiver``, which
+decodes every protobuf body it is sent and counts the spans) for the whole benchmark, then
+alternates rounds of two modes, ``off, on, off, on, ...`` (``--rounds`` of each), so that
+machine noise hits both alike. Every round has a fresh worker process
+(``bide worker benchmarks.apps:worker``) and a fresh driver client, warms up, then starts
+``--runs`` trivial durable runs (one memo each, the ``BenchTrivial`` task of
+``benchmarks.throughput``) with up to ``--concurrency`` in flight and awaits every result.
+
+* off: no ``OTEL_*`` variable in the driver or the worker: tracing is disabled.
+* on: the driver passes ``Bide(url, tracer_provider=...)`` an SDK provider with a
+  ``BatchSpanProcessor(OTLPSpanExporter(endpoint=receiver))``; the worker gets
+  ``OTEL_EXPORTER_OTLP_ENDPOINT`` and ``OTEL_SERVICE_NAME=bench-worker`` (so ``Bide()``
+  installs its own batch exporter). After the round the driver's provider is flushed, the
+  worker is stopped with SIGTERM (the host flushes on stop) and the receiver's count says how
+  many spans per run really arrived (a producer span, an activation span and a memo span are
+  expected; fewer means the batch processor dropped some). Zero is an error.
+
+Reports runs/s per round, the median of each mode and their ratio (on / off), plus the CPU
+time per run of each process (driver, worker, nats-server, receiver) over the measured part.
+``--otel-env KEY=VALUE`` (repeatable) sets extra ``OTEL_*`` variables (e.g. ``OTEL_BSP_*``)
+for the driver's and the worker's batch processors in on rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from actors.server import EmbeddedServer, server_version
+from benchmarks.event_latency import WorkerProc
+from benchmarks.throughput import REPO, pct
+
+TARGET = 0.85
+WORKER_TARGET = "benchmarks.apps:worker"
+EXPECTED_SPANS_PER_RUN = 3  # send (driver), process (worker), memo (worker)
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+# -- processes ---------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process (all its threads); this process if ``pid`` is None."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15)
+
+
+class Receiver:
+    """``python -m tests.otlp_receiver`` in a child process: a real OTLP/HTTP endpoint that counts spans."""
+
+    def __init__(self, tmp: Path) -> None:
+        port_file = tmp / "otlp.port"
+        self.log = (tmp / "otlp-receiver.log").open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.otlp_receiver", "--port-file", str(port_file)],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while not port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"OTLP receiver did not start (exit {self.proc.poll()}), see {self.log.name}")
+            time.sleep(0.05)
+        self.base = f"http://127.0.0.1:{int(port_file.read_text())}"
+        self.endpoint = f"{self.base}/v1/traces"
+
+    def count(self) -> int:
+        with urllib.request.urlopen(f"{self.base}/count", timeout=10) as r:
+            return int(r.read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@contextmanager
+def env_vars(extra: dict[str, str]) -> Any:
+    """``os.environ`` plus ``extra`` for the duration (``WorkerProc`` and the SDK both read it)."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def make_provider(endpoint: str) -> Any:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "bench-driver"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    return provider
+
+
+# -- one round ---------------------------------------------------------------------------------------
+
+
+async def drive(url: str, provider: Any, warmup: int, runs: int, concurrency: int, progress: bool,
+                pids: dict[str, int | None]) -> dict[str, Any]:
+    """Warm up, then ``runs`` trivial runs from a fresh client; CPU seconds of ``pids`` over the measured part."""
+    from benchmarks.apps import bench_trivial
+    from sdk import Bide, EmptyModel
+
+    client = Bide(url, tracer_provider=provider)
+    task = client.durable_task(name=bench_trivial.name)(bench_trivial.fn)
+    latencies: list[float] = []
+    errors = 0
+
+    async def batch(n: int, bar: Any) -> None:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            nonlocal errors
+            async with sem:
+                t = time.perf_counter()
+                try:
+                    result = await task.aio_run(EmptyModel(), timeout=120)
+                    assert result == {"value": 2}, result
+                    latencies.append(time.perf_counter() - t)
+                except Exception as e:  # counted and reported, never hidden
+                    errors += 1
+                    if errors <= 3:
+                        print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr)
+                bar.update(1)
+
+        await asyncio.gather(*(one() for _ in range(n)))
+
+    try:
+        with tqdm(disable=True) as quiet:
+            await batch(warmup, quiet)
+        latencies.clear()
+        warm_errors, errors = errors, 0
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        with tqdm(total=runs, unit="run", disable=not progress, file=sys.stderr, smoothing=0.1, leave=False) as bar:
+            t0 = time.perf_counter()
+            await batch(runs, bar)
+            wall = time.perf_counter() - t0
+        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    finally:
+        await client.aclose()
+    return {"latencies": latencies, "wall": wall, "errors": errors, "warmup_errors": warm_errors, "cpu": cpu}
+
+
+def one_round(index: int, mode: str, url: str, server_pid: int, receiver: Receiver, args: argparse.Namespace,
+              otel_env: dict[str, str]) -> dict[str, Any]:
+    on = mode == "on"
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.base, "OTEL_SERVICE_NAME": "bench-worker", **otel_env} if on else {}
+    with env_vars(env):  # WorkerProc copies os.environ; BatchSpanProcessor reads OTEL_BSP_* from it
+        worker = WorkerProc(url, WORKER_TARGET)
+        provider = make_provider(receiver.endpoint) if on else None
+    try:
+        worker.wait_ready()
+        spans0 = receiver.count()
+        pids = {"driver": None, "worker": worker.proc.pid, "nats_server": server_pid, "receiver": receiver.proc.pid}
+        res = asyncio.run(drive(url, provider, args.warmup, args.runs, args.concurrency, not args.no_progress, pids))
+        worker.check_alive()
+        flushed = None
+        if provider is not None:
+            t = time.perf_counter()
+            provider.force_flush()
+            provider.shutdown()
+            flushed = time.perf_counter() - t
+    finally:
+        worker.stop()
+    lat, wall = res["latencies"], res["wall"]
+    done = len(lat)
+    row: dict[str, Any] = {
+        "round": index,
+        "mode": mode,
+        "runs": args.runs,
+        "errors": res["errors"] + res["warmup_errors"],
+        "wall_s": round(wall, 3),
+        "runs_per_s": round(done / wall, 1),
+        "p50_ms": round(pct(lat, 0.50) * 1000, 2),
+        "p99_ms": round(pct(lat, 0.99) * 1000, 2),
+        "cpu_ms_per_run": {k: round(v * 1000 / max(done, 1), 3) for k, v in res["cpu"].items()},
+        "worker_exit": worker.proc.returncode,
+    }
+    if on:
+        spans = receiver.count() - spans0
+        total_runs = args.warmup + args.runs
+        row["spans_received"] = spans
+        row["spans_per_run"] = round(spans / total_runs, 3)
+        row["driver_flush_s"] = round(flushed or 0.0, 3)
+        if spans == 0:
+            raise SystemExit(f"round {index} (on): the OTLP receiver got 0 spans for {total_runs} runs; "
+                             f"worker output:\n{''.join(worker.tail)}")
+        dropped = [line for line in worker.tail if "dropping" in line.lower()]
+        if dropped:
+            row["worker_drop_warnings"] = len(dropped)
+    return row
+
+
+# -- report ------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "opentelemetry_sdk": dist_version("opentelemetry-sdk"),
+        "otlp_http_exporter": dist_version("opentelemetry-exporter-otlp-proto-http"),
+        "nats_py": dist_version("nats-py"),
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    cpu_keys = ["driver", "worker", "nats_server", "receiver"]
+    head = (f"{'round':>5} {'mode':>4} {'runs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'err':>4} "
+            + " ".join(f"{k[:6] + ' ms':>9}" for k in cpu_keys) + f" {'spans/run':>9}")
+    print("CPU columns: CPU milliseconds per run of each process over the measured part")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        cpu = r["cpu_ms_per_run"]
+        spr = f"{r['spans_per_run']:.2f}" if "spans_per_run" in r else "-"
+        print(f"{r['round']:>5} {r['mode']:>4} {r['runs_per_s']:>8,.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+              f"{r['errors']:>4} " + " ".join(f"{cpu[k]:>9.3f}" for k in cpu_keys) + f" {spr:>9}")
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in ("off", "on"):
+        mine = [r for r in rows if r["mode"] == mode]
+        out[mode] = {
+            "runs_per_s": [r["runs_per_s"] for r in mine],
+            "median_runs_per_s": round(statistics.median(r["runs_per_s"] for r in mine), 1),
+            "median_p50_ms": round(statistics.median(r["p50_ms"] for r in mine), 2),
+            "median_cpu_ms_per_run": {
+                k: round(statistics.median(r["cpu_ms_per_run"][k] for r in mine), 3) for k in mine[0]["cpu_ms_per_run"]
+            },
+        }
+    out["on"]["spans_per_run"] = [r["spans_per_run"] for r in rows if r["mode"] == "on"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=4000, help="measured runs per round")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of each mode (off and on alternate)")
+    ap.add_argument("--concurrency", type=int, default=500)
+    ap.add_argument("--warmup", type=int, default=300, help="runs per round before measuring")
+    ap.add_argument("--otel-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra OTEL_* variable for on rounds (driver and worker), e.g. OTEL_BSP_SCHEDULE_DELAY=500")
+    ap.add_argument("--json", default=None, help="write the numbers here")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+    otel_env = dict(kv.split("=", 1) for kv in args.otel_env)
+    for k in otel_env:
+        if not k.startswith("OTEL_"):
+            ap.error(f"--otel-env {k}: only OTEL_* variables")
+
+    # "off" means no OTEL_* anywhere: not inherited by the worker, not read by Bide() in this process.
+    stripped = sorted(k for k in os.environ if k.startswith("OTEL_"))
+    for k in stripped:
+        del os.environ[k]
+    if stripped:
+        print(f"ignoring {', '.join(stripped)} from the environment", file=sys.stderr)
+    info = machine()
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bide-tracing-") as tmp, EmbeddedServer() as server:
+        os.environ["BIDE_NATS_URL"] = server.url  # benchmarks.apps makes its Bide() at import
+        receiver = Receiver(Path(tmp))
+        try:
+            for i in range(2 * args.rounds):
+                mode = "off" if i % 2 == 0 else "on"
+                row = one_round(i + 1, mode, server.url, server.proc.pid, receiver, args, otel_env)
+                rows.append(row)
+                extra = f", {row['spans_per_run']:.2f} spans/run" if mode == "on" else ""
+                print(f"round {i + 1} ({mode}): {row['runs_per_s']:,.0f} runs/s, errors {row['errors']}{extra}",
+                      file=sys.stderr)
+        finally:
+            receiver.stop()
+        version = ".".join(map(str, server_version(server.binary)))
+
+    summary = summarize(rows)
+    ratio = summary["on"]["median_runs_per_s"] / summary["off"]["median_runs_per_s"]
+    spans = summary["on"]["spans_per_run"]
+    errors = sum(r["errors"] for r in rows)
+    out: dict[str, Any] = {
+        "benchmark": "tracing_overhead",
+        "machine": info,
+        "nats_server": version,
+        "parameters": {
+            "runs": args.runs, "rounds_per_mode": args.rounds, "concurrency": args.concurrency,
+            "warmup": args.warmup, "worker": WORKER_TARGET, "otel_env": otel_env,
+            "expected_spans_per_run": EXPECTED_SPANS_PER_RUN,
+        },
+        "rounds": rows,
+        "off": summary["off"],
+        "on": summary["on"],
+        "ratio_on_off": round(ratio, 4),
+        "target": TARGET,
+        "target_met": ratio >= TARGET,
+        "errors": errors,
+    }
+
+    print()
+    print_table(rows)
+    print()
+    print(f"median runs/s: off {summary['off']['median_runs_per_s']:,.0f}, on {summary['on']['median_runs_per_s']:,.0f}"
+          f"  ->  on/off = {ratio:.3f} (target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'})")
+    for mode in ("off", "on"):
+        cpu = summary[mode]["median_cpu_ms_per_run"]
+        print(f"median CPU ms/run ({mode:>3}): " + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items()))
+    print(f"spans received per run (on rounds, incl. warm-up runs): {', '.join(f'{s:.2f}' for s in spans)} "
+          f"(expected {EXPECTED_SPANS_PER_RUN})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    if errors:
+        raise SystemExit(f"{errors} runs failed")
+    if min(spans) < EXPECTED_SPANS_PER_RUN:
+        print(f"warning: fewer than {EXPECTED_SPANS_PER_RUN} spans per run arrived in some round "
+              "(dropped by a full batch queue?)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
