@@ -141,11 +141,13 @@ async def test_a_run_across_a_host_crash_is_one_trace_over_otlp_http(
         child_id = next(e.run_ids[0] for e in hist.entries if e.k == "children_spawned")
 
         def exported_by_host_1() -> bool:
-            # The kill must come after host 1 exported what it did (a batch exporter's spans
-            # not yet sent die with the process: expected, and not what this test is about).
+            # The kill comes after host 1 exported what it did (a batch exporter's spans not
+            # yet sent die with the process: expected, and not what this test is about): the
+            # memo, the child's run, and both of the parent's turns (the start, which spawns the
+            # child and parks, and the child's signal, which schedules the sleep and evicts).
             spans = [s for s in receiver.spans() if s["service"] == HOST_1]
-            consumers = {s["attributes"].get("bide.run_id") for s in spans if s["kind"] == "CONSUMER"}
-            return any(s["name"] == "memo double" for s in spans) and {run_id, child_id} <= consumers
+            turns = Counter(s["attributes"].get("bide.run_id") for s in spans if s["kind"] == "CONSUMER")
+            return any(s["name"] == "memo double" for s in spans) and turns[run_id] >= 2 and turns[child_id] >= 1
 
         await wait_until(exported_by_host_1, timeout=10, what="host 1's spans to reach the receiver")
         # Crash host 1 in the middle of the sleep, before its timer can fire.
@@ -191,6 +193,7 @@ def check_trace(spans: list[Span], run_id: str, child_id: str, scope: str, kille
     ours = [s for s in spans if s["attributes"].get("bide.run_id") in (run_id, child_id)]
     assert {s["trace_id"] for s in ours} and len({s["trace_id"] for s in ours}) == 1, describe()
     trace_id = ours[0]["trace_id"]
+    assert all(s["status"] != "ERROR" for s in ours), describe()
 
     # The root: the test's PRODUCER span of starting the run.
     roots = [s for s in ours if s["parent_id"] is None]
@@ -210,6 +213,9 @@ def check_trace(spans: list[Span], run_id: str, child_id: str, scope: str, kille
         attempt = act["attributes"]["bide.attempt"]
         assert isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 1, act
     activation_ids = {s["span_id"] for s in activations}
+    # Host 1's turns all ended before it was killed, host 2's all began after.
+    assert all(s["end"] < killed_ns for s in activations if s["service"] == HOST_1), describe()
+    assert all(s["start"] > killed_ns for s in activations if s["service"] == HOST_2), describe()
 
     def only(matching: list[Span], what: str) -> Span:
         assert len(matching) == 1, f"expected exactly one {what}, got {len(matching)}:\n{describe()}"
@@ -224,7 +230,8 @@ def check_trace(spans: list[Span], run_id: str, child_id: str, scope: str, kille
     assert sleep["attributes"]["bide.run_id"] == run_id
     assert sleep["end"] - sleep["start"] >= (SLEEP_S - 0.05) * 1e9, sleep
     assert sleep["start"] < killed_ns < sleep["end"], "host 1 died in the middle of the sleep"
-    assert sleep["attributes"]["bide.sleep.duration_s"] == SLEEP_S
+    duration = sleep["attributes"]["bide.sleep.duration_s"]
+    assert isinstance(duration, float) and duration == SLEEP_S, sleep
 
     # The child: started by a parent's activation, run under its start span.
     child_start = only([s for s in ours if s["kind"] == "PRODUCER" and s["attributes"]["bide.run_id"] == child_id],
