@@ -26,7 +26,7 @@ from actors.jetstream import Layout, Publisher, api_request, connect, ensure_str
 from actors.replay import Turn, open_waits
 from actors.router import EventRouter, publish_registrations
 from actors.timers import TimerScheduler
-from actors.tracing import Tracing, mark_failed, mark_outcome
+from actors.tracing import RunTrace, Tracing, mark_failed, mark_outcome
 from actors.wire import (
     HDR_BIDE_KIND,
     HDR_ROLLUP,
@@ -241,11 +241,12 @@ class ActorHost:
                                     terminal)
             await msg.ack()
             return
+        run_trace = self.tracing.run(started)
         span: Any = nullcontext()
-        if self.tracing.enabled:
-            span = self.tracing.activation(started, kind=act.kind, subject=msg.subject, delivery=attempt,
-                                           attempt=_failures(hist) + 1, signals=[sig for _, sig in hist.inbox],
-                                           began_ns=began_ns)
+        if run_trace is not None:
+            span = run_trace.activation(kind=act.kind, subject=msg.subject, delivery=attempt,
+                                        attempt=_failures(hist) + 1, signals=[sig for _, sig in hist.inbox],
+                                        began_ns=began_ns)
         if defn.workflow is not None and defn is defn.workflow.runner:
             self.turns += 1
             with span:
@@ -264,7 +265,7 @@ class ActorHost:
         self.turns += 1
         with span:
             if defn.runs_durably:
-                await self._durable_turn(hist, defn, attempt)
+                await self._durable_turn(hist, defn, attempt, run_trace)
             else:
                 await self._regular_turn(hist, defn, attempt)
         await msg.ack()
@@ -281,10 +282,11 @@ class ActorHost:
             f"its schedule_timeout of {defn.schedule_timeout.total_seconds():g}s")
         return RunFailed(error=error_info(err), at=utcnow())
 
-    async def _durable_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int) -> None:
+    async def _durable_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int,
+                            run_trace: RunTrace | None) -> None:
         started = hist.entries[0]
         turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, attempt=attempt,
-                    start_children=self._start_children, trace=self.tracing.turn(started))
+                    start_children=self._start_children, trace=run_trace)
         late = self._late(hist, defn)
         if late is not None or (turn.cancel_reason is not None and not turn.began):
             # Never ran: end it without running any code.
@@ -337,7 +339,7 @@ class ActorHost:
         elif turn.suspended in done:
             if turn.pending_wait is not None:
                 # Before the wait is in the history, so that a run seen waiting (history,
-                # `bide runs get`) already counts every event pushed from then on. A crash or
+                # `bide runs show`) already counts every event pushed from then on. A crash or
                 # a lost race in between is harmless: the wait id is the run and position, the
                 # replay registers the same wait again, and a signal that came early waits in
                 # the run's inbox.

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -160,13 +160,13 @@ def trace_id_of(started: RunStarted) -> str:
     return f"{ctx.trace_id:032x}"
 
 
-def _messaging(operation: str, subject: str, template: str) -> dict[str, Any]:
+def _messaging(operation: str, subject: str) -> dict[str, Any]:
+    # The destination template is the span's name; the real subject is an attribute.
     return {
         "messaging.system": "nats",
         "messaging.operation.type": operation,
         "messaging.operation.name": operation,
         "messaging.destination.name": subject,
-        "messaging.destination.template": template,
     }
 
 
@@ -219,11 +219,16 @@ class Tracing:
     def __init__(self, prefix: str, provider: TracerProvider | None = None) -> None:
         self.prefix = prefix
         self._provider = provider
+        self._on = provider is not None
         self._tracer: Tracer = (provider or trace.get_tracer_provider()).get_tracer(_INSTRUMENTATION)
+        self._templates: dict[str, str] = {}
 
     @property
     def enabled(self) -> bool:
-        return self._provider is not None or not _is_unset(trace.get_tracer_provider())
+        # A global provider, once set, stays set: only "off" is looked up again.
+        if not self._on and not _is_unset(trace.get_tracer_provider()):
+            self._on = True
+        return self._on
 
     def force_flush(self) -> None:
         provider = self._provider or trace.get_tracer_provider()
@@ -231,12 +236,15 @@ class Tracing:
         if flush is not None and self.enabled:
             flush()
 
-    # -- producers -------------------------------------------------------------------------------
-
     def work_template(self, task: str) -> str:
-        from actors.wire import encode_token
+        template = self._templates.get(task)
+        if template is None:
+            from actors.wire import encode_token
 
-        return f"{self.prefix}.work.{encode_token(task)}.{{run_id}}"
+            template = self._templates[task] = f"{self.prefix}.work.{encode_token(task)}.{{run_id}}"
+        return template
+
+    # -- producers -------------------------------------------------------------------------------
 
     def start_run(self, task: str, run_id: str, subject: str, *, parent: SpanContext | None = None,
                   detached: bool = False, attributes: Mapping[str, Any] | None = None) -> ProducerSpan:
@@ -247,7 +255,6 @@ class Tracing:
         """
         if not self.enabled:
             return _NO_SPAN
-        template = self.work_template(task)
         ctx: Context | None = None
         links = None
         if parent is not None:
@@ -256,10 +263,11 @@ class Tracing:
             ctx = Context()
             current = trace.get_current_span().get_span_context()
             links = [Link(current, {"bide.link": "spawned_by"})] if current.is_valid else None
-        attrs = {**_messaging("send", subject, template), "bide.run_id": run_id, "bide.task": task,
-                 **_clean(attributes or {})}
-        span = self._tracer.start_span(f"send {template}", context=ctx, kind=SpanKind.PRODUCER, attributes=attrs,
-                                       links=links)
+        attrs = {**_messaging("send", subject), "bide.run_id": run_id, "bide.task": task}
+        if attributes:
+            attrs.update(_clean(attributes))
+        span = self._tracer.start_span(f"send {self.work_template(task)}", context=ctx, kind=SpanKind.PRODUCER,
+                                       attributes=attrs, links=links)
         return ProducerSpan(span)
 
     def push_event(self, key: str, scope: str | None, subject: str, event_id: str) -> ProducerSpan:
@@ -269,59 +277,41 @@ class Tracing:
         from actors.wire import encode_token
 
         template = f"{self.prefix}.events.{encode_token(key)}" + (".{scope}" if scope is not None else "")
-        attrs = {**_messaging("send", subject, template), "messaging.message.id": event_id,
-                 "bide.event.key": key, **_clean({"bide.event.scope": scope})}
+        attrs = {**_messaging("send", subject), "messaging.message.id": event_id, "bide.event.key": key}
+        if scope is not None:
+            attrs["bide.event.scope"] = scope
         return ProducerSpan(self._tracer.start_span(f"send {template}", kind=SpanKind.PRODUCER, attributes=attrs))
 
     def send_to_run(self, run_id: str, name: str, subject: str, event_id: str) -> ProducerSpan:
         """The span of delivering an event straight to one run's inbox."""
         if not self.enabled:
             return _NO_SPAN
-        template = f"{self.prefix}.inbox.{{run_id}}"
-        attrs = {**_messaging("send", subject, template), "messaging.message.id": event_id,
-                 "bide.run_id": run_id, "bide.event.key": name}
-        return ProducerSpan(self._tracer.start_span(f"send {template}", kind=SpanKind.PRODUCER, attributes=attrs))
+        attrs = {**_messaging("send", subject), "messaging.message.id": event_id, "bide.run_id": run_id,
+                 "bide.event.key": name}
+        return ProducerSpan(self._tracer.start_span(f"send {self.prefix}.inbox.{{run_id}}", kind=SpanKind.PRODUCER,
+                                                    attributes=attrs))
 
     # -- consumers -------------------------------------------------------------------------------
 
-    def run_context(self, started: RunStarted) -> Context:
-        """The run's trace context, as its starter recorded it (or derived from its id)."""
-        parent = span_context_of(started.meta.get(TRACEPARENT)) or derived_context(started.run_id)
-        return trace.set_span_in_context(NonRecordingSpan(parent))
-
-    def activation(self, started: RunStarted, *, kind: str, subject: str, delivery: int, attempt: int,
-                   signals: list[EventSignal], began_ns: int) -> Any:
-        """The CONSUMER span of one turn, current while the run's code runs (a context manager).
-
-        Links to the publish span of every event the turn takes from the inbox: the events
-        that resumed the run.
-        """
-        if not self.enabled:
-            return nullcontext(None)
-        template = self.work_template(started.task)
-        links = _signal_links(signals)
-        attrs = {**_messaging("process", subject, template), "bide.run_id": started.run_id,
-                 "bide.task": started.task, "bide.attempt": attempt, "bide.delivery": delivery,
-                 "bide.activation": kind}
-        if started.parent is not None:
-            attrs["bide.parent_run_id"] = started.parent.run_id
-        return self._tracer.start_as_current_span(
-            f"process {template}", context=self.run_context(started), kind=SpanKind.CONSUMER, attributes=attrs,
-            links=links, start_time=began_ns, record_exception=True, set_status_on_exception=True)
-
-    def turn(self, started: RunStarted) -> RunTrace | None:
-        """What a durable turn reports its memos, sleeps and waits to (``None`` when off)."""
+    def run(self, started: RunStarted) -> RunTrace | None:
+        """The spans of one turn of this run (``None`` when tracing is off)."""
         return RunTrace(self, started) if self.enabled else None
 
 
-def _signal_links(signals: list[EventSignal]) -> list[Link]:
+def run_context(started: RunStarted) -> Context:
+    """The run's trace context, as its starter recorded it (or derived from its id)."""
+    parent = span_context_of(started.meta.get(TRACEPARENT)) or derived_context(started.run_id)
+    return trace.set_span_in_context(NonRecordingSpan(parent))
+
+
+def _signal_links(signals: list[EventSignal]) -> list[Link] | None:
     links = []
     for sig in signals:
         ctx = span_context_of(sig.meta.get(TRACEPARENT)) if sig.meta else None
         if ctx is not None:
             links.append(Link(ctx, _clean({"bide.event.key": sig.name, "bide.event.id": sig.event_id,
                                            "bide.event.scope": sig.scope})))
-    return links
+    return links or None
 
 
 def mark_failed(message: str) -> None:
@@ -338,37 +328,61 @@ def mark_outcome(outcome: str) -> None:
 
 
 class RunTrace:
-    """The spans of one turn's checkpoints: memos live, sleeps and waits once they have ended."""
+    """The spans of one turn of one run: its activation, memos live, sleeps and waits once ended.
+
+    The run's trace context is parsed once per turn. Spans under the activation carry only
+    what differs from it (a position, a label): the rest is one click up the tree.
+    """
 
     def __init__(self, tracing: Tracing, started: RunStarted) -> None:
         self._tracer = tracing._tracer
-        self._run_ctx = tracing.run_context(started)
-        self._attrs = {"bide.run_id": started.run_id, "bide.task": started.task}
+        self._started = started
+        self._template = tracing.work_template(started.task)
+        self._run_ctx = run_context(started)
+
+    def activation(self, *, kind: str, subject: str, delivery: int, attempt: int, signals: list[EventSignal],
+                   began_ns: int) -> Any:
+        """The CONSUMER span of one turn, current while the run's code runs (a context manager).
+
+        Links to the publish span of every event the turn takes from the inbox: the events
+        that resumed the run.
+        """
+        started = self._started
+        attrs = {**_messaging("process", subject), "bide.run_id": started.run_id, "bide.task": started.task,
+                 "bide.attempt": attempt, "bide.activation": kind}
+        if delivery > 1:
+            attrs["bide.delivery"] = delivery  # a redelivery: the previous host died or gave it back
+        if started.parent is not None:
+            attrs["bide.parent_run_id"] = started.parent.run_id
+        return self._tracer.start_as_current_span(
+            f"process {self._template}", context=self._run_ctx, kind=SpanKind.CONSUMER, attributes=attrs,
+            links=_signal_links(signals) if signals else None, start_time=began_ns, record_exception=True,
+            set_status_on_exception=True)
 
     @contextmanager
     def memo(self, name: str, pos: int) -> Iterator[None]:
         """A step that runs now (under the activation span); a replayed memo has no span."""
-        with self._tracer.start_as_current_span(f"memo {name}", attributes={**self._attrs, "bide.position": pos},
+        with self._tracer.start_as_current_span(f"memo {name}", attributes={"bide.position": pos},
                                                 record_exception=True, set_status_on_exception=True):
             yield
 
     def sleep(self, pos: int, duration_s: float, began: datetime, ended: datetime) -> None:
         """A sleep that has just ended, with its real start and end (a child of the run's context)."""
         span = self._tracer.start_span("sleep", context=self._run_ctx, start_time=_ns(began), attributes={
-            **self._attrs, "bide.position": pos, "bide.sleep.duration_s": duration_s})
+            "bide.run_id": self._started.run_id, "bide.position": pos, "bide.sleep.duration_s": duration_s})
         span.end(end_time=_ns(ended))
 
     def wait(self, reg: WaitRegistered, resolved: WaitResolved, signals: list[EventSignal]) -> None:
         """A wait that has just been resolved, linked to the publish spans of the events that ended it."""
         keys = sorted({c.event_key for c in reg.flat() if c.event_key})
         scopes = sorted({c.scope for c in reg.flat() if c.scope})
-        attrs: dict[str, Any] = {**self._attrs, "bide.position": reg.pos, "bide.wait.id": reg.wait_id,
-                                 "bide.wait.label": reg.label}
+        attrs: dict[str, Any] = {"bide.run_id": self._started.run_id, "bide.position": reg.pos,
+                                 "bide.wait.id": reg.wait_id, "bide.wait.label": reg.label}
         if keys:
             attrs["bide.event.key"] = keys[0] if len(keys) == 1 else keys
         if scopes:
             attrs["bide.event.scope"] = scopes[0] if len(scopes) == 1 else scopes
-        won = [k for k in resolved.result]
+        won = list(resolved.result)
         if won:
             attrs["bide.wait.satisfied"] = won
         span = self._tracer.start_span(f"wait_for {' | '.join(keys) if keys else 'sleep'}", context=self._run_ctx,
@@ -388,6 +402,7 @@ __all__ = [
     "extract_context",
     "mark_failed",
     "mark_outcome",
+    "run_context",
     "span_context_of",
     "trace_id_of",
 ]

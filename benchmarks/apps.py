@@ -1,4 +1,4 @@
-"""The task the throughput benchmark runs: one memoised step, then done."""
+"""The tasks the throughput benchmarks run: one memoised step then done, or nothing at all."""
 
 from sdk import Bide, DurableContext, EmptyModel
 
@@ -14,4 +14,9 @@ async def bench_trivial(input: EmptyModel, ctx: DurableContext) -> dict[str, int
     return {"value": await ctx.memo(_step, 1)}
 
 
-worker = bide.worker("bench", workflows=[bench_trivial], slots=1000, durable_slots=1000)
+@bide.durable_task(name="BenchNoop")
+async def bench_noop(input: EmptyModel, ctx: DurableContext) -> dict[str, int]:
+    return {"value": 1}
+
+
+worker = bide.worker("bench", workflows=[bench_trivial, bench_noop], slots=1000, durable_slots=1000)

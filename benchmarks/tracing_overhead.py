@@ -7,8 +7,9 @@ decodes every protobuf body it is sent and counts the spans) for the whole bench
 alternates rounds of two modes, ``off, on, off, on, ...`` (``--rounds`` of each), so that
 machine noise hits both alike. Every round has a fresh worker process
 (``bide worker benchmarks.apps:worker``) and a fresh driver client, warms up, then starts
-``--runs`` trivial durable runs (one memo each, the ``BenchTrivial`` task of
-``benchmarks.throughput``) with up to ``--concurrency`` in flight and awaits every result.
+``--runs`` trivial durable runs with up to ``--concurrency`` in flight and awaits every result.
+``--task BenchNoop`` (the default) returns at once: two spans per run. ``--task BenchTrivial``
+makes one memoised step first, as in ``benchmarks.throughput``: three spans per run.
 
 * off: no ``OTEL_*`` variable in the driver or the worker: tracing is disabled.
 * on: the driver passes ``Bide(url, tracer_provider=...)`` an SDK provider with a
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version as dist_version
 from pathlib import Path
@@ -51,21 +53,28 @@ from benchmarks.throughput import REPO, pct
 
 TARGET = 0.85
 WORKER_TARGET = "benchmarks.apps:worker"
-EXPECTED_SPANS_PER_RUN = 3  # send (driver), process (worker), memo (worker)
+SPANS_PER_RUN = {"BenchNoop": 2, "BenchTrivial": 3}  # send (driver), process (worker) [, memo (worker)]
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
 # -- processes ---------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU time of a process (all its threads); this process if ``pid`` is None."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    with open(f"/proc/{pid}/stat") as f:
+def _stat_cpu(path: str) -> float:
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15)
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15 of proc(5) stat)
+
+
+def cpu_seconds(pid: int | None = None) -> tuple[float, float]:
+    """User + system CPU seconds of a process: (main thread, all other threads); this process if ``pid`` is None.
+
+    In the driver and the worker the other threads are mostly the batch span processor's
+    export thread (encoding protobuf and POSTing it), so on - off of each shows where tracing costs.
+    """
+    pid = os.getpid() if pid is None else pid
+    main = _stat_cpu(f"/proc/{pid}/task/{pid}/stat")
+    return main, _stat_cpu(f"/proc/{pid}/stat") - main  # the process's total counts threads that have ended
 
 
 class Receiver:
@@ -102,7 +111,7 @@ class Receiver:
 
 
 @contextmanager
-def env_vars(extra: dict[str, str]) -> Any:
+def env_vars(extra: dict[str, str]) -> Iterator[None]:
     """``os.environ`` plus ``extra`` for the duration (``WorkerProc`` and the SDK both read it)."""
     saved = {k: os.environ.get(k) for k in extra}
     os.environ.update(extra)
@@ -130,14 +139,15 @@ def make_provider(endpoint: str) -> Any:
 # -- one round ---------------------------------------------------------------------------------------
 
 
-async def drive(url: str, provider: Any, warmup: int, runs: int, concurrency: int, progress: bool,
-                pids: dict[str, int | None]) -> dict[str, Any]:
+async def drive(url: str, task_name: str, provider: Any, warmup: int, runs: int, concurrency: int,
+                progress: bool, pids: dict[str, int | None]) -> dict[str, Any]:
     """Warm up, then ``runs`` trivial runs from a fresh client; CPU seconds of ``pids`` over the measured part."""
-    from benchmarks.apps import bench_trivial
+    from benchmarks import apps
     from sdk import Bide, EmptyModel
 
     client = Bide(url, tracer_provider=provider)
-    task = client.durable_task(name=bench_trivial.name)(bench_trivial.fn)
+    defined = {t.name: t for t in (apps.bench_trivial, apps.bench_noop)}[task_name]
+    task = client.durable_task(name=defined.name)(defined.fn)
     latencies: list[float] = []
     errors = 0
 
@@ -170,7 +180,14 @@ async def drive(url: str, provider: Any, warmup: int, runs: int, concurrency: in
             t0 = time.perf_counter()
             await batch(runs, bar)
             wall = time.perf_counter() - t0
-        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        cpu: dict[str, float] = {}
+        for name, pid in pids.items():
+            (main1, other1), (main0, other0) = cpu_seconds(pid), cpu0[name]
+            if name in ("driver", "worker"):
+                cpu[name] = main1 - main0
+                cpu[f"{name}_bg"] = max(0.0, other1 - other0)  # two reads of 10 ms ticks can cross
+            else:
+                cpu[name] = main1 + other1 - main0 - other0
     finally:
         await client.aclose()
     return {"latencies": latencies, "wall": wall, "errors": errors, "warmup_errors": warm_errors, "cpu": cpu}
@@ -187,7 +204,8 @@ def one_round(index: int, mode: str, url: str, server_pid: int, receiver: Receiv
         worker.wait_ready()
         spans0 = receiver.count()
         pids = {"driver": None, "worker": worker.proc.pid, "nats_server": server_pid, "receiver": receiver.proc.pid}
-        res = asyncio.run(drive(url, provider, args.warmup, args.runs, args.concurrency, not args.no_progress, pids))
+        res = asyncio.run(drive(url, args.task, provider, args.warmup, args.runs, args.concurrency,
+                                not args.no_progress, pids))
         worker.check_alive()
         flushed = None
         if provider is not None:
@@ -208,7 +226,7 @@ def one_round(index: int, mode: str, url: str, server_pid: int, receiver: Receiv
         "runs_per_s": round(done / wall, 1),
         "p50_ms": round(pct(lat, 0.50) * 1000, 2),
         "p99_ms": round(pct(lat, 0.99) * 1000, 2),
-        "cpu_ms_per_run": {k: round(v * 1000 / max(done, 1), 3) for k, v in res["cpu"].items()},
+        "cpu_us_per_run": {k: round(v * 1e6 / max(done, 1), 1) for k, v in res["cpu"].items()},
         "worker_exit": worker.proc.returncode,
     }
     if on:
@@ -248,18 +266,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+CPU_KEYS = ["driver", "driver_bg", "worker", "worker_bg", "nats_server", "receiver"]
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cpu_keys = ["driver", "worker", "nats_server", "receiver"]
-    head = (f"{'round':>5} {'mode':>4} {'runs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'err':>4} "
-            + " ".join(f"{k[:6] + ' ms':>9}" for k in cpu_keys) + f" {'spans/run':>9}")
-    print("CPU columns: CPU milliseconds per run of each process over the measured part")
+    print("CPU columns: CPU microseconds per run over the measured part; *_bg = the process's other threads")
+    print("(the batch span processor's export thread), driver/worker = their main (event loop) thread")
+    head = (f"{'round':>5} {'mode':>4} {'runs/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'err':>3} "
+            + " ".join(f"{k.replace('_server', '').replace('receiver', 'otlp_rx'):>9}" for k in CPU_KEYS)
+            + f" {'spans/run':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        cpu = r["cpu_ms_per_run"]
+        cpu = r["cpu_us_per_run"]
         spr = f"{r['spans_per_run']:.2f}" if "spans_per_run" in r else "-"
-        print(f"{r['round']:>5} {r['mode']:>4} {r['runs_per_s']:>8,.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-              f"{r['errors']:>4} " + " ".join(f"{cpu[k]:>9.3f}" for k in cpu_keys) + f" {spr:>9}")
+        print(f"{r['round']:>5} {r['mode']:>4} {r['runs_per_s']:>7,.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
+              f"{r['errors']:>3} " + " ".join(f"{cpu[k]:>9.0f}" for k in CPU_KEYS) + f" {spr:>9}")
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -270,22 +292,29 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "runs_per_s": [r["runs_per_s"] for r in mine],
             "median_runs_per_s": round(statistics.median(r["runs_per_s"] for r in mine), 1),
             "median_p50_ms": round(statistics.median(r["p50_ms"] for r in mine), 2),
-            "median_cpu_ms_per_run": {
-                k: round(statistics.median(r["cpu_ms_per_run"][k] for r in mine), 3) for k in mine[0]["cpu_ms_per_run"]
-            },
+            "median_cpu_us_per_run": {k: round(statistics.median(r["cpu_us_per_run"][k] for r in mine))
+                                      for k in CPU_KEYS},
         }
     out["on"]["spans_per_run"] = [r["spans_per_run"] for r in rows if r["mode"] == "on"]
+    off_cpu, on_cpu = out["off"]["median_cpu_us_per_run"], out["on"]["median_cpu_us_per_run"]
+    out["added_cpu_us_per_run"] = {k: on_cpu[k] - off_cpu[k] for k in CPU_KEYS}
+    # Each on round over the off round just before it: the noise of the moment mostly cancels.
+    pairs = [on["runs_per_s"] / off["runs_per_s"] for off, on in zip(rows[::2], rows[1::2], strict=True)]
+    out["pair_ratios"] = [round(x, 3) for x in pairs]
+    out["median_pair_ratio"] = round(statistics.median(pairs), 4)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=4000, help="measured runs per round")
-    ap.add_argument("--rounds", type=int, default=4, help="rounds of each mode (off and on alternate)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of each mode (off and on alternate)")
     ap.add_argument("--concurrency", type=int, default=500)
     ap.add_argument("--warmup", type=int, default=300, help="runs per round before measuring")
     ap.add_argument("--otel-env", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra OTEL_* variable for on rounds (driver and worker), e.g. OTEL_BSP_SCHEDULE_DELAY=500")
+    ap.add_argument("--task", choices=sorted(SPANS_PER_RUN), default="BenchNoop",
+                    help="BenchNoop returns at once; BenchTrivial makes one memoised step first")
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
@@ -312,13 +341,14 @@ def main() -> None:
                 row = one_round(i + 1, mode, server.url, server.proc.pid, receiver, args, otel_env)
                 rows.append(row)
                 extra = f", {row['spans_per_run']:.2f} spans/run" if mode == "on" else ""
-                print(f"round {i + 1} ({mode}): {row['runs_per_s']:,.0f} runs/s, errors {row['errors']}{extra}",
-                      file=sys.stderr)
+                print(f"round {i + 1}/{2 * args.rounds} ({mode}): {row['runs_per_s']:,.0f} runs/s, "
+                      f"errors {row['errors']}{extra}", flush=True)
         finally:
             receiver.stop()
         version = ".".join(map(str, server_version(server.binary)))
 
     summary = summarize(rows)
+    expected = SPANS_PER_RUN[args.task]
     ratio = summary["on"]["median_runs_per_s"] / summary["off"]["median_runs_per_s"]
     spans = summary["on"]["spans_per_run"]
     errors = sum(r["errors"] for r in rows)
@@ -329,12 +359,15 @@ def main() -> None:
         "parameters": {
             "runs": args.runs, "rounds_per_mode": args.rounds, "concurrency": args.concurrency,
             "warmup": args.warmup, "worker": WORKER_TARGET, "otel_env": otel_env,
-            "expected_spans_per_run": EXPECTED_SPANS_PER_RUN,
+            "task": args.task, "expected_spans_per_run": expected,
         },
         "rounds": rows,
         "off": summary["off"],
         "on": summary["on"],
+        "added_cpu_us_per_run": summary["added_cpu_us_per_run"],
         "ratio_on_off": round(ratio, 4),
+        "pair_ratios": summary["pair_ratios"],
+        "median_pair_ratio": summary["median_pair_ratio"],
         "target": TARGET,
         "target_met": ratio >= TARGET,
         "errors": errors,
@@ -345,18 +378,24 @@ def main() -> None:
     print()
     print(f"median runs/s: off {summary['off']['median_runs_per_s']:,.0f}, on {summary['on']['median_runs_per_s']:,.0f}"
           f"  ->  on/off = {ratio:.3f} (target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'})")
+    print(f"on/off of each (off, on) pair: {', '.join(f'{x:.3f}' for x in summary['pair_ratios'])} "
+          f"(median {summary['median_pair_ratio']:.3f})")
+    print("median CPU us/run:  " + "  ".join(f"{k:>11}" for k in CPU_KEYS))
     for mode in ("off", "on"):
-        cpu = summary[mode]["median_cpu_ms_per_run"]
-        print(f"median CPU ms/run ({mode:>3}): " + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items()))
+        cpu = summary[mode]["median_cpu_us_per_run"]
+        print(f"  {mode:>15}: " + "  ".join(f"{cpu[k]:>11}" for k in CPU_KEYS))
+    added = summary["added_cpu_us_per_run"]
+    print(f"  {'added (on-off)':>15}: " + "  ".join(f"{added[k]:>11}" for k in CPU_KEYS)
+          + f"   total {sum(added.values())} us/run")
     print(f"spans received per run (on rounds, incl. warm-up runs): {', '.join(f'{s:.2f}' for s in spans)} "
-          f"(expected {EXPECTED_SPANS_PER_RUN})")
+          f"(expected {expected})")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")
     if errors:
         raise SystemExit(f"{errors} runs failed")
-    if min(spans) < EXPECTED_SPANS_PER_RUN:
-        print(f"warning: fewer than {EXPECTED_SPANS_PER_RUN} spans per run arrived in some round "
+    if min(spans) < expected:
+        print(f"warning: fewer than {expected} spans per run arrived in some round "
               "(dropped by a full batch queue?)", file=sys.stderr)
 
 
