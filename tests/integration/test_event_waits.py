@@ -289,3 +289,38 @@ async def test_and_of_or_groups(bide: Bide) -> None:
         await bide.event.aio_push("b:event", {"ok": True}, event_id="b1")
         await bide.event.aio_push("a:event", {"x": 1}, event_id="a1")
         assert await ref.aio_result(timeout=10) == {"a:event": [{"x": 1}], "b:event": [{"ok": True}]}
+
+
+async def test_a_wait_is_live_before_the_history_shows_it(bide: Bide) -> None:
+    """Waits are race-free from the moment a reader sees them: the router's registration is
+    published before the ``wait_registered`` entry, so an event pushed by someone who saw the
+    run waiting (in its history, or `bide runs show`) is after the registration in the stream."""
+    from actors.wire import decode_history
+
+    @bide.durable_task(name="WaitOrderProbe")
+    async def probe(input: EmptyModel, ctx: DurableContext) -> dict[str, Any]:
+        return await ctx.aio_wait_for("probe", UserEventCondition(event_key="probe:go"))
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    seen: list[str] = []
+
+    async def on_msg(msg: Any) -> None:
+        if msg.subject.startswith(f"{s.prefix}.waits."):
+            seen.append("registration")
+        elif any(e.k == "wait_registered" for e in decode_history(msg.data)):
+            seen.append("history")
+
+    sub_waits = await conn.nc.subscribe(s.waits_all, cb=on_msg)
+    sub_hist = await conn.nc.subscribe(f"{s.prefix}.history.>", cb=on_msg)
+    try:
+        async with running_worker(bide, [probe]):
+            ref = await probe.aio_run_no_wait()
+            await wait_until(lambda: "history" in seen, timeout=20, what="the wait in the history")
+            assert seen[:2] == ["registration", "history"], seen
+            await bide.event.aio_push("probe:go", {"n": 1})
+            result = await ref.aio_result(timeout=10)
+            assert [list(got.values()) for got in result.values()] == [[{"n": 1}]], result
+    finally:
+        await sub_waits.unsubscribe()
+        await sub_hist.unsubscribe()
