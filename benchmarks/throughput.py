@@ -84,21 +84,20 @@ def stop_worker(proc: subprocess.Popen[str]) -> None:
             proc.wait()
 
 
-async def drive(runs: int, concurrency: int, progress: bool) -> tuple[list[float], float, int]:
-    from benchmarks.apps import bench_trivial, bide
+async def run_many(task: Any, runs: int, concurrency: int, bar: Any) -> tuple[list[float], int]:
+    """``runs`` runs of a benchmark task, up to ``concurrency`` in flight: (latencies of the good ones, errors)."""
     from sdk import EmptyModel
 
     latencies: list[float] = []
     errors = 0
     sem = asyncio.Semaphore(concurrency)
-    bar = tqdm(total=runs, unit="run", disable=not progress, file=sys.stderr, smoothing=0.1)
 
     async def one() -> None:
         nonlocal errors
         async with sem:
             t = time.perf_counter()
             try:
-                result = await bench_trivial.aio_run(EmptyModel(), timeout=120)
+                result = await task.aio_run(EmptyModel(), timeout=120)
                 assert result == {"value": 2}, result
                 latencies.append(time.perf_counter() - t)
             except Exception as e:  # counted and reported, never hidden
@@ -107,10 +106,17 @@ async def drive(runs: int, concurrency: int, progress: bool) -> tuple[list[float
                     print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr)
             bar.update(1)
 
-    t0 = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(runs)))
-    wall = time.perf_counter() - t0
-    bar.close()
+    return latencies, errors
+
+
+async def drive(runs: int, concurrency: int, progress: bool) -> tuple[list[float], float, int]:
+    from benchmarks.apps import bench_trivial, bide
+
+    with tqdm(total=runs, unit="run", disable=not progress, file=sys.stderr, smoothing=0.1) as bar:
+        t0 = time.perf_counter()
+        latencies, errors = await run_many(bench_trivial, runs, concurrency, bar)
+        wall = time.perf_counter() - t0
     await bide.aclose()
     return latencies, wall, errors
 

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from actors.server import EmbeddedServer, server_version
 from benchmarks.event_latency import WorkerProc
-from benchmarks.throughput import REPO, pct
+from benchmarks.throughput import REPO, pct, run_many
 
 TARGET = 0.85
 WORKER_TARGET = "benchmarks.apps:worker"
@@ -143,42 +143,18 @@ async def drive(url: str, task_name: str, provider: Any, warmup: int, runs: int,
                 progress: bool, pids: dict[str, int | None]) -> dict[str, Any]:
     """Warm up, then ``runs`` trivial runs from a fresh client; CPU seconds of ``pids`` over the measured part."""
     from benchmarks import apps
-    from sdk import Bide, EmptyModel
+    from sdk import Bide
 
     client = Bide(url, tracer_provider=provider)
     defined = {t.name: t for t in (apps.bench_trivial, apps.bench_noop)}[task_name]
     task = client.durable_task(name=defined.name)(defined.fn)
-    latencies: list[float] = []
-    errors = 0
-
-    async def batch(n: int, bar: Any) -> None:
-        sem = asyncio.Semaphore(concurrency)
-
-        async def one() -> None:
-            nonlocal errors
-            async with sem:
-                t = time.perf_counter()
-                try:
-                    result = await task.aio_run(EmptyModel(), timeout=120)
-                    assert result == {"value": 2}, result
-                    latencies.append(time.perf_counter() - t)
-                except Exception as e:  # counted and reported, never hidden
-                    errors += 1
-                    if errors <= 3:
-                        print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr)
-                bar.update(1)
-
-        await asyncio.gather(*(one() for _ in range(n)))
-
     try:
         with tqdm(disable=True) as quiet:
-            await batch(warmup, quiet)
-        latencies.clear()
-        warm_errors, errors = errors, 0
+            _, warm_errors = await run_many(task, warmup, concurrency, quiet)
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         with tqdm(total=runs, unit="run", disable=not progress, file=sys.stderr, smoothing=0.1, leave=False) as bar:
             t0 = time.perf_counter()
-            await batch(runs, bar)
+            latencies, errors = await run_many(task, runs, concurrency, bar)
             wall = time.perf_counter() - t0
         cpu: dict[str, float] = {}
         for name, pid in pids.items():

@@ -6,6 +6,7 @@ import pytest
 
 from actors.server import EmbeddedServer
 from sdk import Bide
+from tests.support import WorkerProcess
 
 
 @pytest.fixture
@@ -17,6 +18,17 @@ def nats_server() -> Iterator[EmbeddedServer]:
     finally:
         server.kill()
         server.stop()
+
+
+@pytest.fixture
+def hosts(nats_server: EmbeddedServer) -> Iterator[list[WorkerProcess]]:
+    """Worker processes a test starts (``WorkerProcess``); any still alive are SIGKILLed at teardown."""
+    procs: list[WorkerProcess] = []
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import logging
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,17 +28,6 @@ from tests.support import WorkerProcess, running_worker, wait_until
 APP = "tests.apps.durability:worker"
 CHECKPOINT_KINDS = ("memo", "now", "sleep_scheduled", "sleep_fired")
 TERMINAL = ("run_completed", "run_failed", "run_cancelled")
-
-
-@pytest.fixture
-async def hosts(nats_server: EmbeddedServer) -> AsyncIterator[list[WorkerProcess]]:
-    """Worker processes started by a test; any still alive are SIGKILLed at teardown."""
-    procs: list[WorkerProcess] = []
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            p.kill()
 
 
 async def start_host(procs: list[WorkerProcess], url: str) -> WorkerProcess:

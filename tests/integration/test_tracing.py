@@ -49,16 +49,6 @@ async def traced(nats_server: EmbeddedServer, memory: tuple[TracerProvider, InMe
         await client.aclose()
 
 
-@pytest.fixture
-def hosts() -> Iterator[list[WorkerProcess]]:
-    procs: list[WorkerProcess] = []
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            p.kill()
-
-
 async def _has(client: Bide, run_id: str, kind: str) -> bool:
     return any(e.k == kind for e in (await client.runs.aio_history(run_id)).entries)
 

@@ -86,17 +86,6 @@ async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
 
 
 @pytest.fixture
-def hosts() -> Iterator[list[WorkerProcess]]:
-    """Worker processes started by the test; any still alive are SIGKILLed at teardown."""
-    procs: list[WorkerProcess] = []
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            p.kill()
-
-
-@pytest.fixture
 def provider(receiver: Receiver) -> Iterator[TracerProvider]:
     """The test's own tracer provider: batch export over OTLP/HTTP, as a real application would."""
     tp = TracerProvider(resource=Resource.create({SERVICE_NAME: TEST_SERVICE}))
