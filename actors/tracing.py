@@ -19,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -76,7 +78,8 @@ def exporter_names(env: Mapping[str, str]) -> list[str]:
     return [n for n in names if n != "none"]
 
 
-def _otlp_exporter(env: Mapping[str, str]) -> Any:
+def otlp_exporter_class(env: Mapping[str, str]) -> Any:
+    """The SDK's OTLP span exporter class for ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``."""
     protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
                 or "http/protobuf").strip()
     if protocol == "http/protobuf":
@@ -85,46 +88,114 @@ def _otlp_exporter(env: Mapping[str, str]) -> Any:
         except ImportError:
             raise TracingConfigError("OTLP export is configured (OTEL_TRACES_EXPORTER or OTEL_EXPORTER_OTLP_ENDPOINT) "
                                      "but the exporter is not installed: pip install 'bide[otlp]'") from None
-        return OTLPSpanExporter()
+        return OTLPSpanExporter
     if protocol == "grpc":
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
         except ImportError:
             raise TracingConfigError("OTEL_EXPORTER_OTLP_PROTOCOL='grpc' needs the gRPC exporter: "
                                      "pip install opentelemetry-exporter-otlp-proto-grpc") from None
-        return GrpcExporter()
+        return GrpcExporter
     raise TracingConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: expected 'http/protobuf' or 'grpc'")
 
 
-def configure_from_env(env: Mapping[str, str] | None = None) -> TracerProvider | None:
-    """Install a global tracer provider from ``OTEL_*`` variables, once per process.
+SPAN_EXPORT = "BIDE_SPAN_EXPORT"
+"""Where spans are encoded and sent: ``process`` (default, a child process) or ``thread`` (the SDK's own
+batch processor inside this process)."""
 
-    Does nothing if the application set a global provider itself (its choice wins) or no
-    exporter is asked for. Honours the SDK's own variables: ``OTEL_SERVICE_NAME``,
-    ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*`` and ``OTEL_EXPORTER_OTLP_*``.
+_light_tracers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+"""The light tracer of each provider that :func:`provider_from_env` made in ``process`` mode."""
+
+
+def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise TracingConfigError(f"{name}={raw!r}: expected a positive whole number")
+    return value
+
+
+def provider_from_env(env: Mapping[str, str] | None = None) -> TracerProvider | None:
+    """A tracer provider that exports as ``OTEL_*`` asks (``None`` if no exporter is asked for).
+
+    Honours the SDK's own variables: ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
+    ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*`` and ``OTEL_EXPORTER_OTLP_*``.
+
+    By default (``BIDE_SPAN_EXPORT=process``) spans are encoded and sent by a child process
+    (:mod:`actors.span_export`), and Bide's own spans are light ones (:mod:`actors.spans`):
+    the host's event loop pays a few microseconds per span, not a few hundred.
+    ``BIDE_SPAN_EXPORT=thread`` keeps everything in this process, with the SDK's batch processor.
+    ``env`` defaults to ``os.environ``; the SDK reads the resource and the sampler from ``os.environ``.
     """
-    global _env_configured
     env = os.environ if env is None else env
-    if _env_configured or not _is_unset(trace.get_tracer_provider()):
-        return None
     names = exporter_names(env)
     if not names:
         return None
+    mode = env.get(SPAN_EXPORT, "process").strip().lower() or "process"
+    if mode not in ("process", "thread"):
+        raise TracingConfigError(f"{SPAN_EXPORT}={env[SPAN_EXPORT]!r}: expected 'process' or 'thread'")
+    interval_s = _int_env(env, "OTEL_BSP_SCHEDULE_DELAY", 200) / 1000
+    max_queue = _int_env(env, "OTEL_BSP_MAX_QUEUE_SIZE", 65_536)
+    max_batch = _int_env(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-    exporters = [_otlp_exporter(env) if n == "otlp" else ConsoleSpanExporter() for n in names]
+    exporter_classes = [otlp_exporter_class(env) if n == "otlp" else ConsoleSpanExporter for n in names]
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: "bide"}))
     provider = SdkTracerProvider(resource=resource)
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    _env_configured = True
-    log.info("tracing: exporting spans with %s", ", ".join(names))
+    if mode == "thread":
+        for cls in exporter_classes:
+            provider.add_span_processor(BatchSpanProcessor(cls()))
+    else:
+        from actors.span_export import ExportPipe, PipeSpanProcessor
+        from actors.spans import LightTracer
+
+        pipe = ExportPipe(names, resource.attributes, env=env, interval_s=interval_s, max_queue=max_queue,
+                          max_batch=max_batch)
+        provider.add_span_processor(PipeSpanProcessor(pipe))  # the application's own spans
+        _light_tracers[provider] = LightTracer(pipe, provider.sampler, _INSTRUMENTATION, _version())
+    log.info("tracing: exporting spans with %s (%s)", ", ".join(names), mode)
     return provider
+
+
+def configure_from_env(env: Mapping[str, str] | None = None) -> TracerProvider | None:
+    """Install :func:`provider_from_env` as the global tracer provider, once per process.
+
+    Does nothing if the application set a global provider itself (its choice wins) or no
+    exporter is asked for.
+    """
+    global _env_configured
+    if _env_configured or not _is_unset(trace.get_tracer_provider()):
+        return None
+    provider = provider_from_env(env)
+    if provider is not None:
+        trace.set_tracer_provider(provider)
+        _env_configured = True
+    return provider
+
+
+def _version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bide")
+    except PackageNotFoundError:
+        return None
+
+
+def _tracer_of(provider: TracerProvider) -> Tracer:
+    light = _light_tracers.get(provider)
+    if light is not None:
+        return cast("Tracer", light)
+    return provider.get_tracer(_INSTRUMENTATION, _version())
 
 
 # -- trace context helpers -------------------------------------------------------------------------
@@ -133,12 +204,28 @@ def _ns(at: datetime) -> int:
     return int(at.timestamp() * 1_000_000_000)
 
 
+_TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+
+
 def span_context_of(traceparent: str | None) -> SpanContext | None:
-    """The span context a ``traceparent`` value names, or ``None`` if it is missing or malformed."""
+    """The span context a W3C ``traceparent`` value names, or ``None`` if it is missing or malformed."""
     if not traceparent:
         return None
-    ctx = trace.get_current_span(_PROPAGATOR.extract({TRACEPARENT: traceparent})).get_span_context()
-    return ctx if ctx.is_valid else None
+    m = _TRACEPARENT_RE.fullmatch(traceparent.strip())
+    if m is None:
+        return None
+    version, trace_hex, span_hex, flags, rest = m.groups()
+    if version == "ff" or (version == "00" and rest):  # version 00 has exactly four fields
+        return None
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not trace_id or not span_id:
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(flags, 16)))
+
+
+def traceparent_of(ctx: SpanContext) -> str:
+    """The W3C ``traceparent`` value of a span context."""
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
 def extract_context(traceparent: str) -> Context:
@@ -185,9 +272,8 @@ class ProducerSpan:
         self._span = span
         self.traceparent: str | None = None
         if span is not None:
-            carrier: dict[str, str] = {}
-            _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
-            self.traceparent = carrier.get(TRACEPARENT)
+            ctx = span.get_span_context()
+            self.traceparent = traceparent_of(ctx) if ctx.is_valid else None
 
     def end(self) -> None:
         if self._span is not None:
@@ -220,14 +306,17 @@ class Tracing:
         self.prefix = prefix
         self._provider = provider
         self._on = provider is not None
-        self._tracer: Tracer = (provider or trace.get_tracer_provider()).get_tracer(_INSTRUMENTATION)
+        self._tracer: Tracer = _tracer_of(provider) if provider is not None else trace.NoOpTracer()
         self._templates: dict[str, str] = {}
 
     @property
     def enabled(self) -> bool:
         # A global provider, once set, stays set: only "off" is looked up again.
-        if not self._on and not _is_unset(trace.get_tracer_provider()):
-            self._on = True
+        if not self._on:
+            provider = trace.get_tracer_provider()
+            if not _is_unset(provider):
+                self._tracer = _tracer_of(provider)
+                self._on = True
         return self._on
 
     def force_flush(self) -> None:
@@ -402,7 +491,10 @@ __all__ = [
     "extract_context",
     "mark_failed",
     "mark_outcome",
+    "otlp_exporter_class",
+    "provider_from_env",
     "run_context",
     "span_context_of",
     "trace_id_of",
+    "traceparent_of",
 ]

@@ -12,16 +12,20 @@ machine noise hits both alike. Every round has a fresh worker process
 makes one memoised step first, as in ``benchmarks.throughput``: three spans per run.
 
 * off: no ``OTEL_*`` variable in the driver or the worker: tracing is disabled.
-* on: the driver passes ``Bide(url, tracer_provider=...)`` an SDK provider with a
-  ``BatchSpanProcessor(OTLPSpanExporter(endpoint=receiver))``; the worker gets
-  ``OTEL_EXPORTER_OTLP_ENDPOINT`` and ``OTEL_SERVICE_NAME=bench-worker`` (so ``Bide()``
-  installs its own batch exporter). After the round the driver's provider is flushed, the
-  worker is stopped with SIGTERM (the host flushes on stop) and the receiver's count says how
-  many spans per run really arrived (a producer span, an activation span and a memo span are
-  expected; fewer means the batch processor dropped some). Zero is an error.
+* on: the driver and the worker are both set up by ``OTEL_EXPORTER_OTLP_ENDPOINT=<receiver>``
+  (and ``OTEL_SERVICE_NAME``), as a deployment would be: the worker through its environment,
+  the driver through ``Bide(url, tracer_provider=provider_from_env(...))`` (a global provider
+  could not be switched off for the next off round). ``--export process`` (the default) is
+  Bide's default: light spans, encoded and sent by a child exporter process;
+  ``--export thread`` is ``BIDE_SPAN_EXPORT=thread``: the SDK's spans and its
+  ``BatchSpanProcessor`` inside each process. After the round the driver's provider is flushed,
+  the worker is stopped with SIGTERM (the host flushes on stop) and the receiver's count says
+  how many spans per run really arrived (a producer span, an activation span and a memo span
+  are expected; fewer means some were dropped). Zero is an error.
 
 Reports runs/s per round, the median of each mode and their ratio (on / off), plus the CPU
-time per run of each process (driver, worker, nats-server, receiver) over the measured part.
+time per run of each process (driver, worker, nats-server, receiver, and the span exporter
+processes of both) over the measured part.
 ``--otel-env KEY=VALUE`` (repeatable) sets extra ``OTEL_*`` variables (e.g. ``OTEL_BSP_*``)
 for the driver's and the worker's batch processors in on rounds.
 """
@@ -125,22 +129,36 @@ def env_vars(extra: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def make_provider(endpoint: str) -> Any:
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+def make_provider(env: dict[str, str]) -> Any:
+    """The driver's provider, as ``OTEL_*`` in ``env`` ask (set in ``os.environ`` while it is made)."""
+    from actors.tracing import provider_from_env
 
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "bench-driver"}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    return provider
+    with env_vars({**env, "OTEL_SERVICE_NAME": "bench-driver"}):
+        return provider_from_env()
+
+
+def exporter_cpu() -> dict[int, float]:
+    """CPU seconds of every span exporter process (``python -m actors.span_export``) now alive."""
+    out: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"actors.span_export" not in f.read():
+                    continue
+            out[int(entry)] = _stat_cpu(f"/proc/{entry}/stat")
+        except OSError:
+            continue
+    return out
 
 
 # -- one round ---------------------------------------------------------------------------------------
 
 
 async def drive(url: str, task_name: str, provider: Any, warmup: int, runs: int, concurrency: int,
-                progress: bool, pids: dict[str, int | None]) -> dict[str, Any]:
+                progress: bool, pids: dict[str, int | None], warm: Any = None,
+                received: Any = None) -> dict[str, Any]:
     """Warm up, then ``runs`` trivial runs from a fresh client; CPU seconds of ``pids`` over the measured part."""
     from benchmarks import apps
     from sdk import Bide
@@ -151,12 +169,16 @@ async def drive(url: str, task_name: str, provider: Any, warmup: int, runs: int,
     try:
         with tqdm(disable=True) as quiet:
             _, warm_errors = await run_many(task, warmup, concurrency, quiet)
+        if warm is not None:
+            await asyncio.to_thread(warm)
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        exp0 = exporter_cpu()
         with tqdm(total=runs, unit="run", disable=not progress, file=sys.stderr, smoothing=0.1, leave=False) as bar:
             t0 = time.perf_counter()
             latencies, errors = await run_many(task, runs, concurrency, bar)
             wall = time.perf_counter() - t0
-        cpu: dict[str, float] = {}
+        exp1 = exporter_cpu()
+        cpu: dict[str, float] = {"exporters": sum(v - exp0.get(pid, 0.0) for pid, v in exp1.items())}
         for name, pid in pids.items():
             (main1, other1), (main0, other0) = cpu_seconds(pid), cpu0[name]
             if name in ("driver", "worker"):
@@ -164,24 +186,39 @@ async def drive(url: str, task_name: str, provider: Any, warmup: int, runs: int,
                 cpu[f"{name}_bg"] = max(0.0, other1 - other0)  # two reads of 10 ms ticks can cross
             else:
                 cpu[name] = main1 + other1 - main0 - other0
+        # After the CPU readings: asking the receiver makes it decode what it holds.
+        received_at_end = await asyncio.to_thread(received) if received is not None else None
     finally:
         await client.aclose()
-    return {"latencies": latencies, "wall": wall, "errors": errors, "warmup_errors": warm_errors, "cpu": cpu}
+    return {"latencies": latencies, "wall": wall, "errors": errors, "warmup_errors": warm_errors, "cpu": cpu,
+            "received_at_end": received_at_end}
 
 
 def one_round(index: int, mode: str, url: str, server_pid: int, receiver: Receiver, args: argparse.Namespace,
               otel_env: dict[str, str]) -> dict[str, Any]:
     on = mode == "on"
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.base, "OTEL_SERVICE_NAME": "bench-worker", **otel_env} if on else {}
-    with env_vars(env):  # WorkerProc copies os.environ; BatchSpanProcessor reads OTEL_BSP_* from it
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.base, "BIDE_SPAN_EXPORT": args.export, **otel_env} if on else {}
+    with env_vars({**env, "OTEL_SERVICE_NAME": "bench-worker"} if on else {}):  # WorkerProc copies os.environ
         worker = WorkerProc(url, WORKER_TARGET)
-        provider = make_provider(receiver.endpoint) if on else None
+    provider = make_provider(env) if on else None
     try:
         worker.wait_ready()
         spans0 = receiver.count()
         pids = {"driver": None, "worker": worker.proc.pid, "nats_server": server_pid, "receiver": receiver.proc.pid}
+        expected = SPANS_PER_RUN[args.task] * args.warmup
+
+        def warm() -> None:
+            # Measure only once both exporters are up: the warm-up's spans have all arrived.
+            deadline = time.monotonic() + 60
+            while receiver.count() - spans0 < expected:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"round {index}: the warm-up's spans did not all arrive "
+                                     f"({receiver.count() - spans0} of {expected})")
+                time.sleep(0.05)
+
         res = asyncio.run(drive(url, args.task, provider, args.warmup, args.runs, args.concurrency,
-                                not args.no_progress, pids))
+                                not args.no_progress, pids, warm if on else None,
+                                (lambda: receiver.count() - spans0) if on else None))
         worker.check_alive()
         flushed = None
         if provider is not None:
@@ -211,6 +248,9 @@ def one_round(index: int, mode: str, url: str, server_pid: int, receiver: Receiv
         row["spans_received"] = spans
         row["spans_per_run"] = round(spans / total_runs, 3)
         row["driver_flush_s"] = round(flushed or 0.0, 3)
+        # Spans made but not yet at the receiver when the last run's result came back: an
+        # exporter that cannot keep up shows here (at most about one 200 ms interval's worth is normal).
+        row["export_backlog_at_end"] = SPANS_PER_RUN[args.task] * total_runs - res["received_at_end"]
         if spans == 0:
             raise SystemExit(f"round {index} (on): the OTLP receiver got 0 spans for {total_runs} runs; "
                              f"worker output:\n{''.join(worker.tail)}")
@@ -242,12 +282,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-CPU_KEYS = ["driver", "driver_bg", "worker", "worker_bg", "nats_server", "receiver"]
+CPU_KEYS = ["driver", "driver_bg", "worker", "worker_bg", "exporters", "nats_server", "receiver"]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print("CPU columns: CPU microseconds per run over the measured part; *_bg = the process's other threads")
-    print("(the batch span processor's export thread), driver/worker = their main (event loop) thread")
+    print("(the span export thread), driver/worker = their main (event loop) thread, exporters = the span")
+    print("exporter processes of both (--export process)")
     head = (f"{'round':>5} {'mode':>4} {'runs/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'err':>3} "
             + " ".join(f"{k.replace('_server', '').replace('receiver', 'otlp_rx'):>9}" for k in CPU_KEYS)
             + f" {'spans/run':>9}")
@@ -291,6 +332,8 @@ def main() -> None:
                     help="an extra OTEL_* variable for on rounds (driver and worker), e.g. OTEL_BSP_SCHEDULE_DELAY=500")
     ap.add_argument("--task", choices=sorted(SPANS_PER_RUN), default="BenchNoop",
                     help="BenchNoop returns at once; BenchTrivial makes one memoised step first")
+    ap.add_argument("--export", choices=["process", "thread"], default="process",
+                    help="BIDE_SPAN_EXPORT in on rounds: a child exporter process (default) or the SDK in-process")
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
@@ -316,7 +359,8 @@ def main() -> None:
                 mode = "off" if i % 2 == 0 else "on"
                 row = one_round(i + 1, mode, server.url, server.proc.pid, receiver, args, otel_env)
                 rows.append(row)
-                extra = f", {row['spans_per_run']:.2f} spans/run" if mode == "on" else ""
+                extra = (f", {row['spans_per_run']:.2f} spans/run, export backlog at end {row['export_backlog_at_end']}"
+                         if mode == "on" else "")
                 print(f"round {i + 1}/{2 * args.rounds} ({mode}): {row['runs_per_s']:,.0f} runs/s, "
                       f"errors {row['errors']}{extra}", flush=True)
         finally:
@@ -335,7 +379,7 @@ def main() -> None:
         "parameters": {
             "runs": args.runs, "rounds_per_mode": args.rounds, "concurrency": args.concurrency,
             "warmup": args.warmup, "worker": WORKER_TARGET, "otel_env": otel_env,
-            "task": args.task, "expected_spans_per_run": expected,
+            "task": args.task, "expected_spans_per_run": expected, "export": args.export,
         },
         "rounds": rows,
         "off": summary["off"],

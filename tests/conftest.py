@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from actors.server import EmbeddedServer
 from sdk import Bide
-from tests.support import WorkerProcess
+from tests.support import Receiver, WorkerProcess, otlp_receiver
 
 
 @pytest.fixture
@@ -38,3 +39,10 @@ async def bide(nats_server: EmbeddedServer) -> AsyncIterator[Bide]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
+    """A real OTLP/HTTP receiver process (``tests.otlp_receiver``), SIGKILLed at teardown."""
+    async with otlp_receiver(tmp_path) as rx:
+        yield rx

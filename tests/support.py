@@ -10,8 +10,11 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from sdk import Bide, TaskDefinition
 
@@ -97,3 +100,45 @@ class WorkerProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
+
+
+@dataclass
+class Receiver:
+    """The receiver process: its port and the JSON-lines file of the spans it decoded."""
+
+    port: int
+    out: Path
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spans(self) -> list[dict[str, Any]]:
+        """Every span received so far (a line still being appended is left for the next read)."""
+        if not self.out.exists():
+            return []
+        *whole, _partial = self.out.read_bytes().split(b"\n")
+        return [orjson.loads(line) for line in whole if line]
+
+
+@contextlib.asynccontextmanager
+async def otlp_receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
+    """``python -m tests.otlp_receiver`` in its own process, SIGKILLed at teardown."""
+    port_file, out, log = tmp_path / "otlp.port", tmp_path / "spans.jsonl", tmp_path / "receiver.log"
+    with log.open("wb") as log_f:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.otlp_receiver", "--port-file", str(port_file), "--out", str(out),
+            cwd=REPO, stdout=log_f, stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        def listening() -> bool:
+            if proc.returncode is not None:
+                raise AssertionError(f"the OTLP receiver exited with {proc.returncode}:\n{log.read_text()}")
+            return port_file.exists()
+
+        await wait_until(listening, timeout=20, what="the OTLP receiver to listen")
+        yield Receiver(int(port_file.read_text()), out)
+    finally:
+        if proc.returncode is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), 10)

@@ -1,28 +1,23 @@
 """One run's trace exported over OTLP/HTTP to a real receiver process, across a host crash.
 
 The run (``tests.apps.traced``: a step, a child, a sleep, an event wait) starts on host 1,
-which is SIGKILLed in the middle of the sleep; host 2 finishes it. Every process (the test's
-client and both hosts) exports with a ``BatchSpanProcessor`` and the stock OTLP/HTTP exporter
-to ``tests.otlp_receiver``, which decodes each protobuf request and writes the spans to a
-file. The hosts are configured only by the standard ``OTEL_*`` variables.
+which is SIGKILLed in the middle of the sleep; host 2 finishes it. Every process exports to
+``tests.otlp_receiver``, which decodes each protobuf request and writes the spans to a file:
+the test's client with a ``BatchSpanProcessor`` and the stock OTLP/HTTP exporter, the hosts as
+only the standard ``OTEL_*`` variables tell them, once with Bide's default (light spans sent
+by a child exporter process) and once with ``BIDE_SPAN_EXPORT=thread`` (the SDK in-process).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -34,55 +29,13 @@ from actors.timers import FIRE_LEAD
 from actors.wire import utcnow
 from sdk import Bide, RunStatus
 from tests.apps.traced import EVENT_KEY, TracedInput, define
-from tests.support import REPO, WorkerProcess, wait_until
+from tests.support import Receiver, WorkerProcess, wait_until
 
 APP = "tests.apps.traced:worker"
 SLEEP_S = 4.0
 TEST_SERVICE, HOST_1, HOST_2 = "traced-test", "traced-host-1", "traced-host-2"
 
 Span = dict[str, Any]
-
-
-@dataclass
-class Receiver:
-    """The receiver process: its port and the JSON-lines file of the spans it decoded."""
-
-    port: int
-    out: Path
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def spans(self) -> list[Span]:
-        """Every span received so far (a line still being appended is left for the next read)."""
-        if not self.out.exists():
-            return []
-        *whole, _partial = self.out.read_bytes().split(b"\n")
-        return [orjson.loads(line) for line in whole if line]
-
-
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    """``python -m tests.otlp_receiver`` in its own process, SIGKILLed at teardown."""
-    port_file, out, log = tmp_path / "otlp.port", tmp_path / "spans.jsonl", tmp_path / "receiver.log"
-    with log.open("wb") as log_f:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.otlp_receiver", "--port-file", str(port_file), "--out", str(out),
-            cwd=REPO, stdout=log_f, stderr=asyncio.subprocess.STDOUT,
-        )
-    try:
-        def listening() -> bool:
-            if proc.returncode is not None:
-                raise AssertionError(f"the OTLP receiver exited with {proc.returncode}:\n{log.read_text()}")
-            return port_file.exists()
-
-        await wait_until(listening, timeout=20, what="the OTLP receiver to listen")
-        yield Receiver(int(port_file.read_text()), out)
-    finally:
-        if proc.returncode is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        await asyncio.wait_for(proc.wait(), 10)
 
 
 @pytest.fixture
@@ -96,24 +49,27 @@ def provider(receiver: Receiver) -> Iterator[TracerProvider]:
         tp.shutdown()
 
 
-async def start_host(procs: list[WorkerProcess], url: str, receiver: Receiver, service: str) -> WorkerProcess:
+async def start_host(procs: list[WorkerProcess], url: str, receiver: Receiver, service: str,
+                     export: str) -> WorkerProcess:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": service,
-           "OTEL_BSP_SCHEDULE_DELAY": "100"}
+           "OTEL_BSP_SCHEDULE_DELAY": "100", "BIDE_SPAN_EXPORT": export}
     proc = WorkerProcess(APP, url, ack_wait=3.0, env=env)
     procs.append(proc)
     await asyncio.to_thread(proc.start)
     return proc
 
 
+@pytest.mark.parametrize("export", ["process", "thread"])
 async def test_a_run_across_a_host_crash_is_one_trace_over_otlp_http(
-    nats_server: EmbeddedServer, receiver: Receiver, provider: TracerProvider, hosts: list[WorkerProcess]
+    nats_server: EmbeddedServer, receiver: Receiver, provider: TracerProvider, hosts: list[WorkerProcess],
+    export: str,
 ) -> None:
     client = Bide(nats_server.url, ack_wait=3.0, tracer_provider=provider)
     try:
         tasks = define(client)
         scope = f"order-{uuid.uuid4().hex[:8]}"
 
-        host_1 = await start_host(hosts, nats_server.url, receiver, HOST_1)
+        host_1 = await start_host(hosts, nats_server.url, receiver, HOST_1, export)
         ref = await tasks["run"].aio_run_no_wait(TracedInput(n=21, sleep_s=SLEEP_S, scope=scope))
         run_id = ref.workflow_run_id
 
@@ -145,7 +101,7 @@ async def test_a_run_across_a_host_crash_is_one_trace_over_otlp_http(
         killed_ns = time.time_ns()
         assert "sleep_fired" not in await kinds()
 
-        host_2 = await start_host(hosts, nats_server.url, receiver, HOST_2)
+        host_2 = await start_host(hosts, nats_server.url, receiver, HOST_2, export)
 
         async def waiting_for_event() -> bool:
             return "wait_registered" in await kinds()
