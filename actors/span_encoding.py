@@ -97,7 +97,10 @@ class SpanEncoder:
                 span.MergeFromString(self._attributes(attrs))
             if trace_state:
                 span.trace_state = ",".join(f"{k}={v}" for k, v in trace_state)
-            span.status.CopyFrom(Status(code=status_code, message=status_desc or ""))
+            if status_code:
+                span.status.CopyFrom(Status(code=status_code, message=status_desc or ""))
+            else:
+                span.status.SetInParent()  # present and UNSET, as the SDK's encoder sends it
             for ev_name, ev_time, ev_attrs in events:
                 span.events.add(name=ev_name, time_unix_nano=ev_time,
                                 attributes=[KeyValue(key=k, value=any_value(v)) for k, v in ev_attrs.items()])

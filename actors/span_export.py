@@ -18,7 +18,8 @@ export, the child drops what comes in the next five seconds.
 
 Frames, parent to child: a 4-byte big-endian length, then a pickle of ``(kind, body)``:
 ``("header", {"resource": {...}, "exporters": [...], "batch": n})`` once, then
-``("spans", [SpanRecord, ...])`` or ``("flush", token)``. The child answers a flush by
+``("spans", ([SpanRecord, ...], end_of_batch))`` or ``("flush", token)``: the child sends
+what it has at the end of each of the parent's batches (or every ``max_batch`` records). The child answers a flush by
 writing the 4-byte token to the acknowledgement pipe once its exporters have flushed.
 """
 
@@ -50,6 +51,7 @@ scope_version)``. Plain values only: it is pickled on the hot path's behalf by t
 
 _FRAME = struct.Struct(">I")
 _COOL_DOWN_S = 5.0
+_FRAME_RECORDS = 64
 _NICE = 10
 _PKG_ROOT = str(Path(__file__).resolve().parent.parent)  # the child imports actors from where we did
 
@@ -120,10 +122,14 @@ class ExportPipe:
         batch = self._take()
         if not batch:
             return self._alive()
-        if not self._write(("spans", batch)):
-            self.dropped += len(batch)
-            return False
-        self.shipped += len(batch)
+        # Frames of a few hundred microseconds of pickling each: pickle holds the GIL for a
+        # whole call, and the host's event loop should not wait for a whole interval's batch.
+        for i in range(0, len(batch), _FRAME_RECORDS):
+            chunk = batch[i:i + _FRAME_RECORDS]
+            if not self._write(("spans", (chunk, i + _FRAME_RECORDS >= len(batch)))):
+                self.dropped += len(batch) - i
+                return False
+            self.shipped += len(chunk)
         return True
 
     @property
@@ -363,31 +369,44 @@ def serve(stream: Any, ack: Callable[[int], None]) -> None:
     batch = max(1, int(header["batch"]))
     scopes: dict[tuple[str, str | None], Any] = {}
     down_until, dropped = 0.0, 0
+    pending: list[SpanRecord] = []
+
+    def export(records: list[SpanRecord]) -> None:
+        nonlocal down_until, dropped
+        spans = None
+        for i in range(0, len(records), batch):
+            chunk = records[i:i + batch]
+            for exporter, send in zip(exporters, senders, strict=True):
+                if send is None:
+                    if spans is None:
+                        spans = [readable_span(r, resource, scopes) for r in records]
+                    exporter.export(spans[i:i + batch])
+                elif time.monotonic() < down_until:
+                    dropped += len(chunk)
+                elif not send(encoder.encode(chunk)):  # the client retried and logged why
+                    # A collector that is down is not waited for batch after batch: what
+                    # comes in the next few seconds is dropped, as a full queue would be.
+                    down_until = time.monotonic() + _COOL_DOWN_S
+                    dropped += len(chunk)
+
     try:
         while (frame := _read_frame(stream)) is not None:
             kind, body = frame
             if kind == "spans":
-                spans = None
-                for i in range(0, len(body), batch):
-                    chunk = body[i:i + batch]
-                    for exporter, send in zip(exporters, senders, strict=True):
-                        if send is not None:
-                            if time.monotonic() < down_until:
-                                dropped += len(chunk)
-                            elif not send(encoder.encode(chunk)):  # the client retried and logged why
-                                # A collector that is down is not waited for batch after batch:
-                                # what comes in the next few seconds is dropped, as a full queue would.
-                                down_until = time.monotonic() + _COOL_DOWN_S
-                                dropped += len(chunk)
-                        else:
-                            if spans is None:
-                                spans = [readable_span(r, resource, scopes) for r in body]
-                            exporter.export(spans[i:i + batch])
+                records, end_of_batch = body
+                pending.extend(records)
+                if end_of_batch or len(pending) >= batch:
+                    export(pending)
+                    pending = []
             elif kind == "flush":
+                export(pending)
+                pending = []
                 for exporter in exporters:
                     exporter.force_flush()
                 ack(body)
     finally:
+        if pending:
+            export(pending)
         for exporter in exporters:
             exporter.shutdown()
         if dropped:
