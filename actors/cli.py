@@ -207,7 +207,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
         if args.no_wait:
             print(ref.workflow_run_id)
             return 0
-        print(f"run {ref.workflow_run_id}", file=sys.stderr, flush=True)
+        trace = ""
+        if client.tracing.enabled:  # where to find it in the trace backend
+            trace = f"  trace {(await client.runs.aio_get(ref.workflow_run_id)).trace_id}"
+        print(f"run {ref.workflow_run_id}{trace}", file=sys.stderr, flush=True)
         result = await ref.aio_result(timeout=args.timeout)
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return 0

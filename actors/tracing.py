@@ -21,8 +21,8 @@ import logging
 import os
 import re
 import weakref
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
@@ -448,12 +448,10 @@ class RunTrace:
             links=_signal_links(signals) if signals else None, start_time=began_ns, record_exception=True,
             set_status_on_exception=True)
 
-    @contextmanager
-    def memo(self, name: str, pos: int) -> Iterator[None]:
+    def memo(self, name: str, pos: int) -> AbstractContextManager[Any]:
         """A step that runs now (under the activation span); a replayed memo has no span."""
-        with self._tracer.start_as_current_span(f"memo {name}", attributes={"bide.position": pos},
-                                                record_exception=True, set_status_on_exception=True):
-            yield
+        return self._tracer.start_as_current_span(f"memo {name}", attributes={"bide.position": pos},
+                                                  record_exception=True, set_status_on_exception=True)
 
     def sleep(self, pos: int, duration_s: float, began: datetime, ended: datetime) -> None:
         """A sleep that has just ended, with its real start and end (a child of the run's context)."""

@@ -2,10 +2,11 @@
 
     python -m benchmarks.tracing_overhead --runs 3000 --rounds 3 --json tracing.json
 
-Starts one nats-server and one OTLP/HTTP receiver (``python -m tests.otlp_receiver``, which
-decodes every protobuf body it is sent and counts the spans) for the whole benchmark, then
-alternates rounds of two modes, ``off, on, off, on, ...`` (``--rounds`` of each), so that
-machine noise hits both alike. Every round has a fresh worker process
+Starts one OTLP/HTTP receiver (``python -m tests.otlp_receiver``, which decodes every
+protobuf body it is sent and counts the spans) for the whole benchmark, then runs rounds of
+two modes in the order ``off, on, on, off, off, on, ...`` (``--rounds`` of each), so that a
+drift of the machine's speed hits both alike. Every round has a fresh nats-server with an
+empty store (a server whose streams earlier rounds filled is slower), a fresh worker process
 (``bide worker benchmarks.apps:worker``) and a fresh driver client, warms up, then starts
 ``--runs`` trivial durable runs with up to ``--concurrency`` in flight and awaits every result.
 ``--task BenchNoop`` (the default) returns at once: two spans per run. ``--task BenchTrivial``
@@ -196,7 +197,7 @@ async def drive(url: str, task_name: str, provider: Any, warmup: int, runs: int,
 
 def one_round(index: int, mode: str, url: str, server_pid: int, receiver: Receiver, args: argparse.Namespace,
               otel_env: dict[str, str]) -> dict[str, Any]:
-    on = mode == "on"
+    on = mode == "on" and not args.control
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.base, "BIDE_SPAN_EXPORT": args.export, **otel_env} if on else {}
     with env_vars({**env, "OTEL_SERVICE_NAME": "bench-worker"} if on else {}):  # WorkerProc copies os.environ
         worker = WorkerProc(url, WORKER_TARGET)
@@ -242,6 +243,8 @@ def one_round(index: int, mode: str, url: str, server_pid: int, receiver: Receiv
         "cpu_us_per_run": {k: round(v * 1e6 / max(done, 1), 1) for k, v in res["cpu"].items()},
         "worker_exit": worker.proc.returncode,
     }
+    if mode == "on" and args.control:
+        row["spans_per_run"] = 0.0
     if on:
         spans = receiver.count() - spans0
         total_runs = args.warmup + args.runs
@@ -315,8 +318,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["on"]["spans_per_run"] = [r["spans_per_run"] for r in rows if r["mode"] == "on"]
     off_cpu, on_cpu = out["off"]["median_cpu_us_per_run"], out["on"]["median_cpu_us_per_run"]
     out["added_cpu_us_per_run"] = {k: on_cpu[k] - off_cpu[k] for k in CPU_KEYS}
-    # Each on round over the off round just before it: the noise of the moment mostly cancels.
-    pairs = [on["runs_per_s"] / off["runs_per_s"] for off, on in zip(rows[::2], rows[1::2], strict=True)]
+    # Each on round over the off round next to it: the noise of the moment mostly cancels.
+    pairs = []
+    for a, b in zip(rows[::2], rows[1::2], strict=True):
+        off, on = (a, b) if a["mode"] == "off" else (b, a)
+        pairs.append(on["runs_per_s"] / off["runs_per_s"])
     out["pair_ratios"] = [round(x, 3) for x in pairs]
     out["median_pair_ratio"] = round(statistics.median(pairs), 4)
     return out
@@ -334,6 +340,8 @@ def main() -> None:
                     help="BenchNoop returns at once; BenchTrivial makes one memoised step first")
     ap.add_argument("--export", choices=["process", "thread"], default="process",
                     help="BIDE_SPAN_EXPORT in on rounds: a child exporter process (default) or the SDK in-process")
+    ap.add_argument("--control", action="store_true",
+                    help="A/A check: 'on' rounds run untraced too; on/off then shows the noise between rounds")
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
@@ -351,21 +359,27 @@ def main() -> None:
     info = machine()
 
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bide-tracing-") as tmp, EmbeddedServer() as server:
-        os.environ["BIDE_NATS_URL"] = server.url  # benchmarks.apps makes its Bide() at import
+    version = ""
+    with tempfile.TemporaryDirectory(prefix="bide-tracing-") as tmp:
         receiver = Receiver(Path(tmp))
         try:
             for i in range(2 * args.rounds):
-                mode = "off" if i % 2 == 0 else "on"
-                row = one_round(i + 1, mode, server.url, server.proc.pid, receiver, args, otel_env)
+                # off, on, on, off, off, on, ...: a drift over the benchmark (the machine's other
+                # load) hits both modes alike; each pair is still one off and one on round.
+                mode = "off" if i % 4 in (0, 3) else "on"
+                # A fresh, empty server per round: no round runs against the streams an earlier
+                # round filled.
+                with EmbeddedServer() as server:
+                    os.environ["BIDE_NATS_URL"] = server.url  # benchmarks.apps makes its Bide() at import
+                    row = one_round(i + 1, mode, server.url, server.proc.pid, receiver, args, otel_env)
+                    version = ".".join(map(str, server_version(server.binary)))
                 rows.append(row)
                 extra = (f", {row['spans_per_run']:.2f} spans/run, export backlog at end {row['export_backlog_at_end']}"
-                         if mode == "on" else "")
+                         if "export_backlog_at_end" in row else "")
                 print(f"round {i + 1}/{2 * args.rounds} ({mode}): {row['runs_per_s']:,.0f} runs/s, "
                       f"errors {row['errors']}{extra}", flush=True)
         finally:
             receiver.stop()
-        version = ".".join(map(str, server_version(server.binary)))
 
     summary = summarize(rows)
     expected = SPANS_PER_RUN[args.task]
@@ -380,6 +394,7 @@ def main() -> None:
             "runs": args.runs, "rounds_per_mode": args.rounds, "concurrency": args.concurrency,
             "warmup": args.warmup, "worker": WORKER_TARGET, "otel_env": otel_env,
             "task": args.task, "expected_spans_per_run": expected, "export": args.export,
+            "control": args.control,
         },
         "rounds": rows,
         "off": summary["off"],
@@ -414,7 +429,7 @@ def main() -> None:
         print(f"wrote {args.json}")
     if errors:
         raise SystemExit(f"{errors} runs failed")
-    if min(spans) < expected:
+    if min(spans) < expected and not args.control:
         print(f"warning: fewer than {expected} spans per run arrived in some round "
               "(dropped by a full batch queue?)", file=sys.stderr)
 

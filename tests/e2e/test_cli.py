@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,8 +14,9 @@ from actors.server import EmbeddedServer, free_port
 from tests.support import REPO, WorkerProcess
 
 
-def bide(*args: str, url: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def bide(*args: str, url: str | None = None, timeout: float = 60,
+         extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     if url:
         env["BIDE_NATS_URL"] = url
     return subprocess.run([sys.executable, "-m", "actors.cli", *args], cwd=REPO, env=env, capture_output=True,
@@ -58,6 +60,15 @@ def test_run_and_show_against_a_worker(nats_server: EmbeddedServer) -> None:
 
         missing = bide("runs", "show", "nosuchrun", url=url)
         assert missing.returncode == 2 and "no run with id" in missing.stderr
+
+        # Traced, `bide run` says where the run's trace is; the spans (console exporter) carry that id.
+        traced = bide("run", "Hello", url=url, extra_env={"OTEL_TRACES_EXPORTER": "console"})
+        assert traced.returncode == 0, traced.stderr
+        found = re.search(r"^run (\S+)  trace ([0-9a-f]{32})$", traced.stderr, re.MULTILINE)
+        assert found, traced.stderr
+        assert f'"trace_id": "0x{found[2]}"' in traced.stdout, traced.stdout
+        shown = bide("runs", "show", found[1], url=url)
+        assert f"trace {found[2]}" in shown.stdout
     finally:
         worker.kill()
 
