@@ -255,22 +255,30 @@ class ExportPipe:
             log.warning("tracing: %d spans were dropped (the exporter process fell behind or was down)", self.dropped)
 
 
+def span_record(name: str, kind: int, ctx: Any, parent: Any, start: int, end: int, attrs: dict[str, Any],
+                links: Sequence[Any], status: tuple[int, str | None], events: list[tuple[str, int, dict[str, Any]]],
+                scope_name: str, scope_version: str | None) -> SpanRecord:
+    """The record of one ended span (``ctx``, ``parent`` and each link's ``context`` are API ``SpanContext``)."""
+    return (name, kind, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
+            list(ctx.trace_state.items()) if ctx.trace_state else None,
+            parent.span_id if parent is not None else 0, bool(parent is not None and parent.is_remote),
+            start, end, attrs,
+            [(lk.context.trace_id, lk.context.span_id, int(lk.context.trace_flags), dict(lk.attributes or {}))
+             for lk in links],
+            status[0], status[1], events, scope_name, scope_version)
+
+
 def record_of(span: Any) -> SpanRecord | None:
     """The record of an SDK ``ReadableSpan`` (a span the application made), or None if not sampled."""
     ctx = span.context
     if ctx is None or not ctx.trace_flags.sampled:
         return None
-    parent = span.parent
     scope = span.instrumentation_scope
-    return (span.name, span.kind.value, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
-            list(ctx.trace_state.items()) or None,
-            parent.span_id if parent is not None else 0, bool(parent is not None and parent.is_remote),
-            span.start_time, span.end_time, dict(span.attributes or {}),
-            [(link.context.trace_id, link.context.span_id, int(link.context.trace_flags), dict(link.attributes or {}))
-             for link in span.links],
-            span.status.status_code.value, span.status.description,
-            [(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events],
-            scope.name if scope else "", scope.version if scope else None)
+    return span_record(span.name, span.kind.value, ctx, span.parent, span.start_time, span.end_time,
+                       dict(span.attributes or {}), span.links,
+                       (span.status.status_code.value, span.status.description),
+                       [(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events],
+                       scope.name if scope else "", scope.version if scope else None)
 
 
 class PipeSpanProcessor(SpanProcessor):

@@ -29,7 +29,7 @@ from opentelemetry.trace import (
     TraceFlags,
 )
 
-from actors.span_export import ExportPipe
+from actors.span_export import ExportPipe, span_record
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
@@ -116,16 +116,10 @@ class LightSpan(trace.Span):
         if self._ended:
             return
         self._ended = True
-        ctx, parent, tracer = self._ctx, self._parent, self._tracer
-        tracer.pipe.emit((
-            self._name, self._kind.value, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
-            list(ctx.trace_state.items()) if ctx.trace_state else None,
-            parent.span_id if parent is not None else 0, bool(parent is not None and parent.is_remote),
-            self._start, end_time or time_ns(), self._attrs,
-            [(lk.context.trace_id, lk.context.span_id, int(lk.context.trace_flags), dict(lk.attributes or {}))
-             for lk in self._links] if self._links else [],
-            self._status[0], self._status[1], self._events or [], tracer.scope_name, tracer.scope_version,
-        ))
+        tracer = self._tracer
+        tracer.pipe.emit(span_record(self._name, self._kind.value, self._ctx, self._parent, self._start,
+                                     end_time or time_ns(), self._attrs, self._links or (), self._status,
+                                     self._events or [], tracer.scope_name, tracer.scope_version))
 
     def __repr__(self) -> str:
         return f"LightSpan({self._name!r}, trace_id={self._ctx.trace_id:032x}, span_id={self._ctx.span_id:016x})"

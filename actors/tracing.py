@@ -16,6 +16,7 @@ call here returns at its first check: tracing costs a few attribute reads per tu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -182,6 +183,7 @@ def configure_from_env(env: Mapping[str, str] | None = None) -> TracerProvider |
     return provider
 
 
+@functools.cache
 def _version() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
