@@ -69,8 +69,11 @@ class SpanEncoder:
                 ck, piece = None, None
             if piece is None:
                 piece = Span(attributes=[KeyValue(key=key, value=any_value(value))]).SerializeToString()
-                if ck is not None and len(cache) < _CACHE_SIZE and (
-                        not isinstance(value, str) or len(value) <= _CACHED_VALUE_LEN):
+                if ck is not None and (not isinstance(value, str) or len(value) <= _CACHED_VALUE_LEN):
+                    if len(cache) >= _CACHE_SIZE:
+                        # Full of one-off values (run ids): start again, so values that do
+                        # repeat (tasks, outcomes) are kept whatever came first.
+                        cache.clear()
                     cache[ck] = piece
             pieces.append(piece)
         return b"".join(pieces)

@@ -52,7 +52,7 @@ scope_version)``. Plain values only: it is pickled on the hot path's behalf by t
 _FRAME = struct.Struct(">I")
 _COOL_DOWN_S = 5.0
 _FRAME_RECORDS = 64
-_NICE = 10
+_NICE = 19
 _PKG_ROOT = str(Path(__file__).resolve().parent.parent)  # the child imports actors from where we did
 
 

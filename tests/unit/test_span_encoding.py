@@ -84,3 +84,12 @@ def test_the_otlp_http_exporter_of_this_version_takes_request_bodies() -> None:
         assert raw_sender(exporter) is not None
     finally:
         exporter.shutdown()
+
+
+def test_one_off_values_do_not_crowd_out_repeating_ones() -> None:
+    encoder = SpanEncoder(RESOURCE)
+    for i in range(3 * 8192):  # far more distinct run ids than the cache holds
+        encoder.encode([_record(i, attrs={"bide.run_id": f"run-{i}"})])
+    encoder.encode([_record(0, attrs={"bide.task": "Repeats"})])
+    assert ("bide.task", "Repeats", str) in encoder._attr_bytes
+    assert len(encoder._attr_bytes) <= 8192
