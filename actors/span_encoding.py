@@ -4,9 +4,9 @@ The SDK's OTLP exporter encodes ``ReadableSpan`` objects attribute by attribute,
 per span with the ``ReadableSpan`` itself; most of Bide's attributes repeat from span to span
 (``messaging.system=nats``, the task, the activation kind). This encoder builds the same
 ``ExportTraceServiceRequest`` with the OpenTelemetry protobuf classes, from
-:data:`~actors.span_export.SpanRecord` tuples, and keeps the serialized form of each repeating
-attribute: a span's attributes are those pieces joined and merged in one call (repeated
-fields concatenate on the protobuf wire). About 20 µs per span.
+:data:`~actors.span_export.SpanRecord` tuples, and keeps the serialized form of each attribute
+seen more than once: a span's repeating attributes are those pieces joined and merged in one
+call (repeated fields concatenate on the protobuf wire). About 15 µs per span.
 
 The request is sent by the SDK exporter's own HTTP client (endpoint, headers, TLS,
 compression, retries all as ``OTEL_EXPORTER_OTLP_*`` say). :func:`raw_sender` finds it; an
@@ -26,8 +26,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span, Status
 _HAS_IS_REMOTE = 0x100  # SpanFlags: the parent's remoteness is known ...
 _IS_REMOTE = 0x200  # ... and it is remote
 _INT64 = (-(2**63), 2**63 - 1)
-_CACHED_VALUE_LEN = 64  # longer strings (subjects, run ids) are mostly unique: not worth keeping
 _CACHE_SIZE = 8192
+_UNSEEN: Any = object()
 
 
 def any_value(value: Any) -> AnyValue:
@@ -55,28 +55,41 @@ class SpanEncoder:
 
     def __init__(self, resource: Mapping[str, Any]) -> None:
         self._resource = Resource(attributes=[KeyValue(key=k, value=any_value(v)) for k, v in resource.items()])
-        self._attr_bytes: dict[tuple[str, Any, type], bytes] = {}
+        # attribute key -> value (numbers with their type: 1, 1.0 and True are equal keys)
+        # -> None (seen once) or the attribute serialized as a Span field (seen again).
+        self._seen: dict[str, dict[Any, bytes | None]] = {}
+        self._seen_count = 0
 
-    def _attributes(self, attrs: Mapping[str, Any]) -> bytes:
-        """The attributes as serialized ``Span`` fields (a piece per attribute, the repeating ones kept)."""
-        cache = self._attr_bytes
+    def _attributes(self, span: Span, attrs: Mapping[str, Any]) -> None:
+        """Add ``attrs`` to ``span``: a value seen before as a kept piece, others one by one."""
+        seen = self._seen
         pieces = []
         for key, value in attrs.items():
-            try:
-                ck: tuple[str, Any, type] | None = (key, value, type(value))
-                piece = cache.get(ck)  # type: ignore[arg-type]
-            except TypeError:  # a list value: not hashable, not kept
-                ck, piece = None, None
-            if piece is None:
-                piece = Span(attributes=[KeyValue(key=key, value=any_value(value))]).SerializeToString()
-                if ck is not None and (not isinstance(value, str) or len(value) <= _CACHED_VALUE_LEN):
-                    if len(cache) >= _CACHE_SIZE:
-                        # Full of one-off values (run ids): start again, so values that do
-                        # repeat (tasks, outcomes) are kept whatever came first.
-                        cache.clear()
-                    cache[ck] = piece
-            pieces.append(piece)
-        return b"".join(pieces)
+            t = type(value)
+            if t is not str and t is not int and t is not float and t is not bool:
+                span.attributes.add(key=key, value=any_value(value))  # a list or a map: not kept
+                continue
+            values = seen.get(key)
+            if values is None:
+                values = seen[key] = {}
+            vk = value if t is str else (t, value)
+            piece = values.get(vk, _UNSEEN)
+            if piece is None:  # the second time: a repeating value, worth keeping encoded
+                piece = values[vk] = Span(attributes=[KeyValue(key=key, value=any_value(value))]).SerializeToString()
+            if piece is _UNSEEN:  # the first time (most run ids stop here)
+                span.attributes.add(key=key, value=any_value(value))
+                self._seen_count += 1
+                if self._seen_count > _CACHE_SIZE:
+                    # Full of one-off values: start again, so that values that do repeat
+                    # (tasks, outcomes) are kept whatever came first.
+                    seen.clear()
+                    self._seen_count = 0
+                else:
+                    values[vk] = None
+            else:
+                pieces.append(piece)
+        if pieces:
+            span.MergeFromString(b"".join(pieces))  # repeated fields concatenate on the wire
 
     def encode(self, records: Sequence[tuple[Any, ...]]) -> bytes:
         """One request holding ``records`` (see :data:`actors.span_export.SpanRecord`), serialized."""
@@ -97,7 +110,7 @@ class SpanEncoder:
                 start_time_unix_nano=start, end_time_unix_nano=end,
                 flags=_HAS_IS_REMOTE | (_IS_REMOTE if parent_remote else 0))  # as the SDK's encoder sets them
             if attrs:
-                span.MergeFromString(self._attributes(attrs))
+                self._attributes(span, attrs)
             if trace_state:
                 span.trace_state = ",".join(f"{k}={v}" for k, v in trace_state)
             if status_code:
