@@ -41,33 +41,21 @@ _DEFAULT_SAMPLER = ("ParentBased{root:AlwaysOnSampler,remoteParentSampled:Always
 class LightSpan(trace.Span):
     """A recording span whose end is one record in the export pipe."""
 
-    __slots__ = (
-        "_attrs",
-        "_ctx",
-        "_ended",
-        "_events",
-        "_kind",
-        "_links",
-        "_name",
-        "_parent",
-        "_start",
-        "_status",
-        "_tracer",
-    )
+    # What most spans never set stays on the class (an API span has a __dict__ anyway).
+    _events: list[tuple[str, int, dict[str, Any]]] | None = None
+    _status: tuple[int, str | None] = (0, None)  # UNSET
+    _ended = False
 
-    def __init__(self, tracer: LightTracer, name: str, kind: SpanKind, ctx: SpanContext, parent: SpanContext | None,
+    def __init__(self, tracer: LightTracer, name: str, kind: int, ctx: SpanContext, parent: SpanContext | None,
                  start: int, attrs: dict[str, Any], links: Sequence[Link] | None) -> None:
         self._tracer = tracer
         self._name = name
-        self._kind = kind
+        self._kind = kind  # the SpanKind's value
         self._ctx = ctx
         self._parent = parent
         self._start = start
         self._attrs = attrs
         self._links = links
-        self._events: list[tuple[str, int, dict[str, Any]]] | None = None
-        self._status: tuple[int, str | None] = (StatusCode.UNSET.value, None)
-        self._ended = False
 
     def get_span_context(self) -> SpanContext:
         return self._ctx
@@ -117,7 +105,7 @@ class LightSpan(trace.Span):
             return
         self._ended = True
         tracer = self._tracer
-        tracer.pipe.emit(span_record(self._name, self._kind.value, self._ctx, self._parent, self._start,
+        tracer.pipe.emit(span_record(self._name, self._kind, self._ctx, self._parent, self._start,
                                      end_time or time_ns(), self._attrs, self._links or (), self._status,
                                      self._events or [], tracer.scope_name, tracer.scope_version))
 
@@ -141,25 +129,35 @@ class LightTracer(trace.Tracer):
                    start_time: int | None = None, record_exception: bool = True,
                    set_status_on_exception: bool = True) -> trace.Span:
         parent: SpanContext | None = trace.get_current_span(context).get_span_context()
-        if parent is not None and parent.is_valid:
-            trace_id = parent.trace_id
-        else:
-            parent = None
-            trace_id = random.getrandbits(128)
+        attrs = {k: v for k, v in attributes.items() if v is not None} if attributes else {}
+        return self.start_under(parent if parent is not None and parent.is_valid else None, name, kind, attrs, links,
+                                start_time, context)
+
+    def start_under(self, parent: SpanContext | None, name: str, kind: SpanKind, attrs: dict[str, Any],
+                    links: Sequence[Link] | None = None, start_time: int | None = None,
+                    context: Context | None = None) -> trace.Span:
+        """``start_span`` for Bide's own spans: the parent given, not looked up; ``attrs`` owned and clean."""
+        trace_id = parent.trace_id if parent is not None else random.getrandbits(128)
         extra: Mapping[str, Any] | None = None
         if self._parent_or_on:
-            sampled = parent is None or parent.trace_flags.sampled
+            sampled = parent is None or bool(parent.trace_flags & TraceFlags.SAMPLED)
             state = parent.trace_state if parent is not None else None
         else:
-            decision = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+            if context is None and parent is not None:
+                context = trace.set_span_in_context(NonRecordingSpan(parent))
+            decision = self.sampler.should_sample(context, trace_id, name, kind, attrs, links)
             sampled, state, extra = decision.decision.is_sampled(), decision.trace_state, decision.attributes
         ctx = SpanContext(trace_id, random.getrandbits(64), False, _SAMPLED if sampled else _NOT_SAMPLED, state)
         if not sampled:
             return NonRecordingSpan(ctx)
-        attrs = {k: v for k, v in attributes.items() if v is not None} if attributes else {}
         if extra:
             attrs.update(extra)
-        return LightSpan(self, name, kind, ctx, parent, start_time or time_ns(), attrs, links)
+        return LightSpan(self, name, kind._value_, ctx, parent, start_time or time_ns(), attrs, links)
+
+    def current_under(self, parent: SpanContext | None, name: str, kind: SpanKind, attrs: dict[str, Any],
+                      links: Sequence[Link] | None = None, start_time: int | None = None) -> Current:
+        """:meth:`start_under`, the span current for a ``with`` block and ended after it."""
+        return Current(self.start_under(parent, name, kind, attrs, links, start_time), True, True, True)
 
     def start_as_current_span(  # type: ignore[override]  # a context manager, as the API's is
             self, name: str, context: Context | None = None, kind: SpanKind = SpanKind.INTERNAL,

@@ -389,12 +389,6 @@ class Tracing:
         return RunTrace(self, started) if self.enabled else None
 
 
-def run_context(started: RunStarted) -> Context:
-    """The run's trace context, as its starter recorded it (or derived from its id)."""
-    parent = span_context_of(started.meta.get(TRACEPARENT)) or derived_context(started.run_id)
-    return trace.set_span_in_context(NonRecordingSpan(parent))
-
-
 def _signal_links(signals: list[EventSignal]) -> list[Link] | None:
     links = []
     for sig in signals:
@@ -427,9 +421,19 @@ class RunTrace:
 
     def __init__(self, tracing: Tracing, started: RunStarted) -> None:
         self._tracer = tracing._tracer
+        # Bide's light tracer (actors.spans) takes parents directly: no context to build or search.
+        self._light: Any = self._tracer if hasattr(self._tracer, "current_under") else None
         self._started = started
         self._template = tracing.work_template(started.task)
-        self._run_ctx = run_context(started)
+        self._parent = span_context_of(started.meta.get(TRACEPARENT)) or derived_context(started.run_id)
+        self._ctx: Context | None = None
+
+    @property
+    def _run_ctx(self) -> Context:
+        """The run's trace context (its starter's span), as an OpenTelemetry context."""
+        if self._ctx is None:
+            self._ctx = trace.set_span_in_context(NonRecordingSpan(self._parent))
+        return self._ctx
 
     def activation(self, *, kind: str, subject: str, delivery: int, attempt: int, signals: list[EventSignal],
                    began_ns: int) -> Any:
@@ -445,13 +449,20 @@ class RunTrace:
             attrs["bide.delivery"] = delivery  # a redelivery: the previous host died or gave it back
         if started.parent is not None:
             attrs["bide.parent_run_id"] = started.parent.run_id
+        links = _signal_links(signals) if signals else None
+        if self._light is not None:
+            return self._light.current_under(self._parent, f"process {self._template}", SpanKind.CONSUMER, attrs,
+                                             links, began_ns)
         return self._tracer.start_as_current_span(
             f"process {self._template}", context=self._run_ctx, kind=SpanKind.CONSUMER, attributes=attrs,
-            links=_signal_links(signals) if signals else None, start_time=began_ns, record_exception=True,
-            set_status_on_exception=True)
+            links=links, start_time=began_ns, record_exception=True, set_status_on_exception=True)
 
     def memo(self, name: str, pos: int) -> AbstractContextManager[Any]:
-        """A step that runs now (under the activation span); a replayed memo has no span."""
+        """A step that runs now (under the current span: the activation); a replayed memo has no span."""
+        if self._light is not None:
+            parent = trace.get_current_span().get_span_context()
+            return cast("AbstractContextManager[Any]", self._light.current_under(
+                parent if parent.is_valid else None, f"memo {name}", SpanKind.INTERNAL, {"bide.position": pos}))
         return self._tracer.start_as_current_span(f"memo {name}", attributes={"bide.position": pos},
                                                   record_exception=True, set_status_on_exception=True)
 
@@ -493,7 +504,6 @@ __all__ = [
     "mark_outcome",
     "otlp_exporter_class",
     "provider_from_env",
-    "run_context",
     "span_context_of",
     "trace_id_of",
     "traceparent_of",
