@@ -256,15 +256,17 @@ class ExportPipe:
 
 
 def span_record(name: str, kind: int, ctx: Any, parent: Any, start: int, end: int, attrs: dict[str, Any],
-                links: Sequence[Any], status: tuple[int, str | None], events: list[tuple[str, int, dict[str, Any]]],
+                links: Sequence[Any], status: tuple[int, str | None], events: Sequence[tuple[str, int, dict[str, Any]]],
                 scope_name: str, scope_version: str | None) -> SpanRecord:
     """The record of one ended span (``ctx``, ``parent`` and each link's ``context`` are API ``SpanContext``)."""
+    # Tuples, not lists, where a span has nothing: records wait up to an interval in the host,
+    # and a tuple of plain values is one the garbage collector soon stops looking at.
     return (name, kind, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
-            list(ctx.trace_state.items()) if ctx.trace_state else None,
+            tuple(ctx.trace_state.items()) if ctx.trace_state else None,
             parent.span_id if parent is not None else 0, bool(parent is not None and parent.is_remote),
             start, end, attrs,
-            [(lk.context.trace_id, lk.context.span_id, int(lk.context.trace_flags), dict(lk.attributes or {}))
-             for lk in links],
+            tuple((lk.context.trace_id, lk.context.span_id, int(lk.context.trace_flags), dict(lk.attributes or {}))
+                  for lk in links) if links else (),
             status[0], status[1], events, scope_name, scope_version)
 
 
@@ -277,7 +279,7 @@ def record_of(span: Any) -> SpanRecord | None:
     return span_record(span.name, span.kind.value, ctx, span.parent, span.start_time, span.end_time,
                        dict(span.attributes or {}), span.links,
                        (span.status.status_code.value, span.status.description),
-                       [(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events],
+                       tuple((e.name, e.timestamp, dict(e.attributes or {})) for e in span.events),
                        scope.name if scope else "", scope.version if scope else None)
 
 

@@ -107,7 +107,7 @@ class LightSpan(trace.Span):
         tracer = self._tracer
         tracer.pipe.emit(span_record(self._name, self._kind, self._ctx, self._parent, self._start,
                                      end_time or time_ns(), self._attrs, self._links or (), self._status,
-                                     self._events or [], tracer.scope_name, tracer.scope_version))
+                                     self._events or (), tracer.scope_name, tracer.scope_version))
 
     def __repr__(self) -> str:
         return f"LightSpan({self._name!r}, trace_id={self._ctx.trace_id:032x}, span_id={self._ctx.span_id:016x})"
