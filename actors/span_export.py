@@ -118,10 +118,8 @@ class ExportPipe:
         return batch
 
     def _ship(self) -> bool:
-        """Write what has accumulated to the child (holding ``_io``); False if no child took it."""
+        """Write what has accumulated to the child (holding ``_io``); False if some was dropped."""
         batch = self._take()
-        if not batch:
-            return self._alive()
         # Frames of a few hundred microseconds of pickling each: pickle holds the GIL for a
         # whole call, and the host's event loop should not wait for a whole interval's batch.
         for i in range(0, len(batch), _FRAME_RECORDS):
@@ -205,7 +203,11 @@ class ExportPipe:
             return False
         try:
             if not self._ship():
-                return not self._buf and self._proc is None  # nothing ever shipped: nothing to flush
+                return False  # spans were dropped: not everything handed over was exported
+            if not self._alive():
+                # No exporter now: fine if there never was one (nothing was ever shipped);
+                # one that died may have taken spans with it.
+                return self.started == 0
             self._token = (self._token + 1) & 0xFFFFFFFF
             if not self._write_frame(("flush", self._token)):
                 return False

@@ -101,3 +101,22 @@ async def test_an_exporter_process_that_dies_is_replaced(receiver: Receiver, tmp
         assert pipe.dropped == 0
     finally:
         await asyncio.to_thread(pipe.shutdown)
+
+
+async def test_a_flush_that_could_not_export_everything_says_so(receiver: Receiver) -> None:
+    pipe = ExportPipe(["otlp"], {"service.name": SERVICE}, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint},
+                      interval_s=3600, restart_delay_s=3600)  # no restart: the next batch has nowhere to go
+    tracer = LightTracer(pipe, DEFAULT_ON, "bide")
+    try:
+        tracer.start_span("before").end()
+        assert await asyncio.to_thread(pipe.force_flush, 30)
+        first = pipe.child_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await wait_until(lambda: pipe.child_pid is None, timeout=10, what="the exporter's death to be seen")
+        for i in range(5):
+            tracer.start_span(f"lost-{i}").end()
+        assert not await asyncio.to_thread(pipe.force_flush, 10)
+        assert pipe.dropped == 5
+    finally:
+        await asyncio.to_thread(pipe.shutdown, 1)
