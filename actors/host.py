@@ -29,7 +29,6 @@ from actors.timers import TimerScheduler
 from actors.tracing import RunTrace, Tracing, mark_failed, mark_outcome
 from actors.wire import (
     HDR_BIDE_KIND,
-    HDR_ROLLUP,
     HDR_TTL,
     Activation,
     ActivationBegun,
@@ -134,7 +133,7 @@ class ActorHost:
                 trig = TriggerRegistration(task=t.name, durable=t.durable, on_events=list(t.on_events))
                 await self._publisher.publish(
                     self.layout.subjects.trigger(t.name), trig.model_dump_json().encode(),
-                    {HDR_ROLLUP: "sub", HDR_TTL: "never"},
+                    {HDR_TTL: "never"},  # the router keeps the latest per task and deletes the rest
                 )
         if self._route_events:
             self.router = await EventRouter(nc, self._publisher, self.layout, self._history, self.tracing).start()

@@ -109,7 +109,8 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
             max_age=layout.history_max_age_s,
             num_replicas=layout.replicas,
             allow_direct=True,
-            allow_rollup_hdrs=True,
+            # Invariant 10: whoever may deliver to a run cannot purge histories with a rollup header.
+            allow_rollup_hdrs=False,
             discard=DiscardPolicy.OLD,
             duplicate_window=120.0,
         ),
@@ -125,13 +126,14 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=s.events_stream,
-            subjects=[s.events_all, s.waits_all, s.triggers_all],
+            subjects=[s.events_all, s.waits_all, s.triggers_all, s.rejected_all],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=layout.events_max_age_s,
             num_replicas=layout.replicas,
             allow_direct=True,
-            allow_rollup_hdrs=True,
+            # Invariant 10: a `nats pub` with Nats-Rollup must not wipe every event and wait.
+            allow_rollup_hdrs=False,
             discard=DiscardPolicy.OLD,
             duplicate_window=layout.event_dedupe_window_s,
         ),
@@ -174,13 +176,15 @@ async def ensure_router_consumer(nc: NATS, layout: Layout) -> None:
 
     It exists as soon as the stream does, so nothing published later is missed. One
     process at a time owns it (a pinned-client priority group, ADR-42); another takes
-    over when the owner has been silent for ``router_failover_s``.
+    over when the owner has been silent for ``router_failover_s``. Acks are cumulative
+    (``all``): the owner acks a batch once its writes are durable, so the ack floor is
+    the checkpoint a new owner rebuilds to (invariant 11).
     """
     s = layout.subjects
-    config = {
+    config: dict[str, Any] = {
         "durable_name": s.router_consumer,
         "filter_subjects": [s.events_all, s.waits_all, s.triggers_all],
-        "ack_policy": "explicit",
+        "ack_policy": "all",
         "deliver_policy": "all",
         "ack_wait": int(max(30.0, layout.ack_wait_s) * 1e9),
         "max_deliver": -1,
@@ -190,13 +194,30 @@ async def ensure_router_consumer(nc: NATS, layout: Layout) -> None:
         "priority_policy": "pinned_client",
         "priority_timeout": int(layout.router_failover_s * 1e9),
     }
-    await api_request(
-        nc,
-        f"$JS.API.CONSUMER.CREATE.{s.events_stream}.{s.router_consumer}",
-        {"stream_name": s.events_stream, "config": config},
-    )
+    create = f"$JS.API.CONSUMER.CREATE.{s.events_stream}.{s.router_consumer}"
+    try:
+        await api_request(nc, f"$JS.API.CONSUMER.INFO.{s.events_stream}.{s.router_consumer}", {})
+    except nats.js.errors.APIError as e:
+        if e.err_code != ERR_CONSUMER_NOT_FOUND:
+            raise
+        # A store made by the first router (explicit acks, another name) goes on where it stopped.
+        try:
+            old = await api_request(nc, f"$JS.API.CONSUMER.INFO.{s.events_stream}.{LEGACY_ROUTER_CONSUMER}", {})
+        except nats.js.errors.APIError as e2:
+            if e2.err_code != ERR_CONSUMER_NOT_FOUND:
+                raise
+        else:
+            floor = int(old.get("ack_floor", {}).get("stream_seq", 0))
+            config.update(deliver_policy="by_start_sequence", opt_start_seq=floor + 1)
+            await api_request(nc, create, {"stream_name": s.events_stream, "config": config})
+            await api_request(nc, f"$JS.API.CONSUMER.DELETE.{s.events_stream}.{LEGACY_ROUTER_CONSUMER}", {})
+            return
+    await api_request(nc, create, {"stream_name": s.events_stream, "config": config})
 
 
+ERR_CONSUMER_NOT_FOUND = 10014
+LEGACY_ROUTER_CONSUMER = "event_router"
+"""The first router's consumer (explicit acks): replaced, from its ack floor, at start-up."""
 ROUTER_GROUP = "router"
 """The priority group the router's owner is pinned in."""
 
@@ -313,11 +334,14 @@ async def direct_get_subject(
     limit: int | None = None,
     start_time: str | None = None,
     timeout: float = 5.0,
+    min_last_seq: int | None = None,
 ) -> list[Msg]:
     """Every message on ``subject`` from ``start_seq``, by batch direct get (ADR-31).
 
     nats-py has no helper for batched direct get, so the raw request is sent and the
-    replies are collected up to the end-of-batch status (204).
+    replies are collected up to the end-of-batch status (204). With ``min_last_seq``
+    (read-after-write, ADR-53) a replica that has not yet stored that stream sequence
+    answers 412 instead of a stale view, and the read is tried again.
     """
     out: list[Msg] = []
     seq = start_seq
@@ -338,6 +362,8 @@ async def direct_get_subject(
         sub = await nc.subscribe(inbox, cb=_on_msg)
         try:
             req: dict[str, Any] = {"next_by_subj": subject, "batch": batch}
+            if min_last_seq:
+                req["min_last_seq"] = min_last_seq
             if start_time is not None and seq == start_seq:
                 req["start_time"] = start_time
             else:
@@ -352,7 +378,7 @@ async def direct_get_subject(
             continue
         finally:
             await sub.unsubscribe()
-        if status == 503 and not got:
+        if status in (503, 412) and not got:
             # No replica answers direct gets for a moment (e.g. a cluster just lost a node): an
             # empty answer here would read as "no history", so wait for a replica or fail.
             if asyncio.get_running_loop().time() >= deadline:

@@ -8,10 +8,23 @@ signal durably to the run's inbox and enqueues an activation; the run's host —
 single writer — records it. The router never writes a run's history, except the
 first entry of a run an event starts.
 
-One process at a time owns the router through a pinned-client priority group on
-its JetStream consumer (ADR-42). A new owner rebuilds the pending waits from the
-registrations still in the stream (satisfied ones are deleted) up to the consumer's
-ack floor, then goes on from there.
+Invariant 11 (the router sees the stream in order, through any crash) holds by
+construction:
+
+- One process at a time owns the router: a pinned-client priority group on its
+  JetStream consumer (ADR-42). Ownership is JetStream's decision, never ours.
+- The consumer acks cumulatively (``ack_policy: all``), and the owner acks a batch
+  only after every write it caused is durable (:mod:`actors.router_effects`). So the
+  ack floor F is a checkpoint: every message up to F has been fully handled.
+- A new owner rebuilds its index from the registrations still in the stream up to F
+  (satisfied and cancelled ones are deleted, after their delivery was durable), then
+  handles the stream strictly in order from F+1: a delivery above the next expected
+  sequence first has the gap read from the stream (what a dead owner took and never
+  acked, or what sits above a gap), a delivery at or below it was handled already.
+  Deliveries' own order (redeliveries come late) therefore never matters.
+- A message that cannot be handled (malformed, invalid CEL, a payload CEL cannot
+  hold, a signal too big to deliver) is a recorded rejection on
+  ``<prefix>.rejected.<seq>``, acked like any other: it never blocks or pins anything.
 """
 
 from __future__ import annotations
@@ -19,23 +32,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from actors.history import HistoryConflict, HistoryLog
 from actors.jetstream import ROUTER_GROUP, Layout, Publisher, api_request, direct_get_subject
+from actors.router_effects import Effects, is_transient, retry_transient
 from actors.tracing import TRACEPARENT, Tracing, span_context_of
+from actors.wait_index import IncomingEvent, PendingWaitEntry, WaitIndex, decode_event
 from actors.wire import (
     HDR_BIDE_KIND,
-    HDR_EVENT_METADATA,
     HDR_MSG_ID,
     HDR_TTL,
     NO_SCOPE,
@@ -56,183 +66,14 @@ log = logging.getLogger("bide.router")
 
 _PULL_BATCH = 512
 _PULL_EXPIRES_S = 1.0
+_MAX_QUEUED = 4096
+"""Deliveries taken but not yet handled; above this the owner pulls one at a time (it keeps its pin)."""
+_HANDLE_BATCH = 512
+_SIGNAL_HEADROOM = 1024
+"""Bytes kept free under the server's max payload for headers (a signal is rejected above it)."""
 _RUN_NAMESPACE = uuid.UUID("5b0c1f0e-7d1c-4b47-9a55-2b1de0b1de00")
-
-
-class PendingWaitEntry:
-    """One event condition of one wait, as the router holds it (small: it may hold millions)."""
-
-    __slots__ = (
-        "cid",
-        "complete",
-        "cond",
-        "expression",
-        "index_key",
-        "key",
-        "more_preds",
-        "run_id",
-        "run_input",
-        "scope",
-        "seq",
-        "task",
-        "wait_id",
-    )
-
-    def __init__(self, reg: WaitRegistration, seq: int) -> None:
-        self.cid = f"{reg.wait_id}/{reg.cond}"
-        self.wait_id = reg.wait_id
-        self.cond = reg.cond
-        self.run_id = reg.run_id
-        self.task = sys.intern(reg.task)
-        self.key = sys.intern(reg.event_key)
-        self.scope = None if reg.scope is None else sys.intern(reg.scope)
-        self.expression = reg.expression
-        preds, self.complete = _cel.equality_predicates(reg.expression)
-        self.index_key: tuple[_cel.Path, _cel.IndexValue] | None = preds[0] if preds else None
-        # Kept here, not looked up again: the parse cache is bounded and waits are many.
-        self.more_preds = preds[1:] or None
-        self.run_input = reg.run_input
-        self.seq = seq
-
-    def matches(self, payload: Any) -> bool:
-        if self.complete:
-            # The expression is only equality predicates: checking them is evaluating it, ~100x cheaper.
-            preds = ([self.index_key] if self.index_key is not None else []) + list(self.more_preds or ())
-            for path, value in preds:
-                try:
-                    if _cel.index_value(_cel.lookup(payload, path)) != value:
-                        return False
-                except KeyError:
-                    return False
-            return True
-        return _cel.evaluate(self.expression, payload, self.run_input)
-
-
-class _Bucket:
-    """The waits for one (key, scope): by one equality predicate each, or scanned."""
-
-    __slots__ = ("by_value", "count", "scan")
-
-    def __init__(self) -> None:
-        self.by_value: dict[_cel.Path, dict[_cel.IndexValue, dict[str, PendingWaitEntry]]] = {}
-        self.scan: dict[str, PendingWaitEntry] = {}
-        self.count = 0
-
-    def add(self, w: PendingWaitEntry) -> None:
-        self.count += 1
-        if w.index_key is None:
-            self.scan[w.cid] = w
-        else:
-            path, value = w.index_key
-            self.by_value.setdefault(path, {}).setdefault(value, {})[w.cid] = w
-
-    def remove(self, w: PendingWaitEntry) -> None:
-        self.count -= 1
-        if w.index_key is None:
-            self.scan.pop(w.cid, None)
-            return
-        path, value = w.index_key
-        values = self.by_value.get(path)
-        if values is None:
-            return
-        group = values.get(value)
-        if group is not None:
-            group.pop(w.cid, None)
-            if not group:
-                del values[value]
-        if not values:
-            del self.by_value[path]
-
-    def candidates(self, payload: Any) -> Iterator[PendingWaitEntry]:
-        yield from list(self.scan.values())
-        for path, values in list(self.by_value.items()):
-            try:
-                tagged = _cel.index_value(_cel.lookup(payload, path))
-            except KeyError:
-                continue
-            if tagged is not None and tagged in values:
-                yield from list(values[tagged].values())
-
-    def __len__(self) -> int:
-        return self.count
-
-
-class WaitIndex:
-    """Pending waits by event key, scope and one equality predicate: an event costs O(candidates)."""
-
-    def __init__(self) -> None:
-        self.by_cid: dict[str, PendingWaitEntry] = {}
-        self._buckets: dict[tuple[str, str | None], _Bucket] = {}
-
-    def __len__(self) -> int:
-        return len(self.by_cid)
-
-    def add(self, w: PendingWaitEntry) -> None:
-        if w.cid in self.by_cid:
-            return
-        self.by_cid[w.cid] = w
-        self._buckets.setdefault((w.key, w.scope), _Bucket()).add(w)
-
-    def remove(self, cid: str) -> PendingWaitEntry | None:
-        w = self.by_cid.pop(cid, None)
-        if w is not None:
-            bucket = self._buckets.get((w.key, w.scope))
-            if bucket is not None:
-                bucket.remove(w)
-                if not len(bucket):
-                    del self._buckets[(w.key, w.scope)]
-        return w
-
-    def matches(self, key: str, scope: str | None, payload: Any) -> list[PendingWaitEntry]:
-        """Waits satisfied by an event: same key; same scope, or a wait without scope."""
-        out: list[PendingWaitEntry] = []
-        for bucket_scope in (scope, None) if scope is not None else (None,):
-            bucket = self._buckets.get((key, bucket_scope))
-            if bucket is not None:
-                out.extend(w for w in bucket.candidates(payload) if w.matches(payload))
-        return out
-
-    def clear(self) -> None:
-        self.by_cid.clear()
-        self._buckets.clear()
-
-
-@dataclass(frozen=True)
-class IncomingEvent:
-    key: str
-    scope: str | None
-    payload: Any
-    event_id: str
-    seq: int
-    at: datetime
-    meta: dict[str, Any]
-
-
-def decode_event(msg: Msg, key: str, scope: str | None, seq: int, at: datetime) -> IncomingEvent:
-    """An event as published by anyone (``nats pub``, the SDK, HTTP): a JSON body, optional headers.
-
-    A body that is not JSON (a raw ``nats pub`` of plain text) becomes a string payload.
-    """
-    data = msg.data
-    payload: Any
-    if not data:
-        payload = None
-    else:
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            payload = data.decode("utf-8", errors="replace")
-    hdrs = msg.headers or {}
-    meta: dict[str, Any] = {}
-    if HDR_EVENT_METADATA in hdrs:
-        try:
-            meta = dict(orjson.loads(hdrs[HDR_EVENT_METADATA]))
-        except (orjson.JSONDecodeError, TypeError, ValueError):
-            meta = {}
-    if TRACEPARENT in hdrs:
-        meta[TRACEPARENT] = hdrs[TRACEPARENT]
-    event_id = hdrs.get(HDR_MSG_ID) or f"evt-{seq}"
-    return IncomingEvent(key, scope, payload, event_id, seq, at, meta)
+_LOST = object()
+"""Queued by the puller when JetStream says another process holds the pin."""
 
 
 class EventRouter:
@@ -247,99 +88,155 @@ class EventRouter:
         self._s = layout.subjects
         self._history = history
         self.index = WaitIndex()
-        self.triggers: dict[str, TriggerRegistration] = {}
+        self.triggers: dict[str, tuple[int, TriggerRegistration]] = {}
         self._pin: str | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._chores: set[asyncio.Task[Any]] = set()
+        self.handled_seq = 0
+        """The stream sequence up to which every message has been handled, in order."""
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
         self.events_routed = 0
+        self.rejected = 0
         self.owner = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> EventRouter:
-        self._task = asyncio.create_task(self._run(), name="bide-event-router")
+        self._tasks = [
+            asyncio.create_task(self._pull_loop(), name="bide-router-pull"),
+            asyncio.create_task(self._handle_loop(), name="bide-router-handle"),
+        ]
         return self
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=5.0)
-        for t in list(self._chores):
+        for t in self._tasks:
             t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
+        if self.owner:
+            # Hand over at once: the next candidate is pinned without waiting out the timeout.
+            try:
+                await api_request(self._nc, f"$JS.API.CONSUMER.UNPIN.{self._s.events_stream}.{self._s.router_consumer}",
+                                  {"group": ROUTER_GROUP}, timeout=2.0)
+            except Exception as e:
+                log.debug("router: unpin on stop failed: %s", e)
+            self._drop_state()
 
-    async def _run(self) -> None:
+    # -- taking deliveries -------------------------------------------------------------------
+
+    async def _pull_loop(self) -> None:
+        """Keeps one pull request open at all times (that is what keeps the pin), queueing deliveries."""
         api = f"$JS.API.CONSUMER.MSG.NEXT.{self._s.events_stream}.{self._s.router_consumer}"
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        done = asyncio.Event()
+        outstanding = 0
 
         async def _on_msg(m: Msg) -> None:
-            await queue.put(m)
+            nonlocal outstanding
+            status = m.headers.get("Status") if m.headers else None
+            if status is None:
+                outstanding -= 1
+                self._queue.put_nowait(m)
+                if outstanding <= 0:
+                    done.set()
+                return
+            if status == "423":  # another process holds the pin: we are not the owner
+                self._queue.put_nowait(_LOST)
+            if status in ("408", "409", "423", "400", "404"):
+                done.set()
 
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox, cb=_on_msg)
         try:
             while True:
-                req: dict[str, Any] = {
-                    "batch": _PULL_BATCH, "expires": int(_PULL_EXPIRES_S * 1e9), "group": ROUTER_GROUP,
-                }
+                batch = max(1, min(_PULL_BATCH, _MAX_QUEUED - self._queue.qsize()))
+                req: dict[str, Any] = {"batch": batch, "expires": int(_PULL_EXPIRES_S * 1e9), "group": ROUTER_GROUP}
                 if self._pin is not None:
                     req["id"] = self._pin
-                await self._nc.publish(api, json.dumps(req).encode(), reply=inbox)
-                received = 0
-                while received < _PULL_BATCH:
-                    try:
-                        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel.
-                        async with asyncio.timeout(_PULL_EXPIRES_S + 1.0):
-                            m = await queue.get()
-                    except TimeoutError:
-                        break
-                    status = m.headers.get("Status") if m.headers else None
-                    if status is not None:
-                        if status == "423":  # another process holds the pin: we are not the owner
-                            self._lose_ownership()
-                        if status in ("408", "409", "423", "400"):
-                            break
-                        continue
-                    received += 1
-                    try:
-                        await self._on_delivery(m)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        log.exception("router failed on %s; it will be redelivered", m.subject)
-                        await m.nak(delay=1.0)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("event router stopped")
+                done.clear()
+                outstanding = batch
+                try:
+                    await self._nc.publish(api, json.dumps(req).encode(), reply=inbox)
+                    async with asyncio.timeout(_PULL_EXPIRES_S + 1.0):
+                        await done.wait()
+                except TimeoutError:
+                    pass
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.debug("router pull failed: %s", e)
+                    await asyncio.sleep(0.5)
         finally:
             try:
                 await sub.unsubscribe()
             except Exception:
                 pass
 
-    def _lose_ownership(self) -> None:
+    async def _handle_loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < _HANDLE_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._handle_batch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Nothing was acked: the deliveries come back, and this process starts over as owner.
+                log.exception("router batch failed; state dropped, the batch will be handled again")
+                self._drop_state()
+                await asyncio.sleep(0.5)
+
+    def _drop_state(self) -> None:
         if self.owner:
-            log.info("router ownership moved to another process")
+            log.info("router ownership left this process")
         self.owner = False
         self._pin = None
+        self.handled_seq = 0
         self.index.clear()
         self.triggers.clear()
 
-    async def _on_delivery(self, m: Msg) -> None:
-        pin = m.headers.get("Nats-Pin-Id") if m.headers else None
-        if pin is not None and pin != self._pin:
-            # Pinned: this process owns the router now. Rebuild before handling anything.
-            self._pin = pin
-            await self._rebuild()
-            self.owner = True
-            log.info("router owner: %d pending waits, %d triggers", len(self.index), len(self.triggers))
-        meta = m.metadata
-        seq = meta.sequence.stream
-        at = meta.timestamp if isinstance(meta.timestamp, datetime) else utcnow()
-        await self._apply(m, seq, at, live=True)
-        await m.ack()
+    async def _handle_batch(self, batch: list[Any]) -> None:
+        effects = Effects(self._nc, self._pub, self._s)
+        last: Msg | None = None
+        for m in batch:
+            if m is _LOST:
+                await self._finish(effects, last)
+                effects, last = Effects(self._nc, self._pub, self._s), None
+                self._drop_state()
+                continue
+            pin = m.headers.get("Nats-Pin-Id") if m.headers else None
+            if pin is not None and pin != self._pin:
+                await self._finish(effects, last)
+                effects, last = Effects(self._nc, self._pub, self._s), None
+                await self._take_over(pin)
+            seq = m.metadata.sequence.stream
+            if seq > self.handled_seq:
+                if seq > self.handled_seq + 1:
+                    await self._fill(self.handled_seq + 1, seq - 1, effects)
+                at = m.metadata.timestamp if isinstance(m.metadata.timestamp, datetime) else utcnow()
+                await self._apply(m.subject, m, seq, at, effects, live=True)
+                self.handled_seq = seq
+            last = m
+        await self._finish(effects, last)
 
-    async def _rebuild(self) -> None:
+    async def _finish(self, effects: Effects, last: Msg | None) -> None:
+        """Make the batch's writes durable, then ack it (cumulatively: every delivery up to ``last``)."""
+        if effects:
+            await effects.flush()
+        self.rejected += effects.rejected
+        if last is not None:
+            await retry_transient("router ack", last.ack_sync)
+
+    async def _take_over(self, pin: str) -> None:
+        """Pinned: rebuild exactly up to the ack floor before handling anything."""
+        self._drop_state()
+        self.handled_seq = await retry_transient("router rebuild", self._rebuild)
+        self._pin = pin
+        self.owner = True
+        log.info("router owner from sequence %d: %d pending waits, %d triggers", self.handled_seq, len(self.index),
+                 len(self.triggers))
+
+    async def _rebuild(self) -> int:
         """Pending waits and triggers up to the consumer's ack floor, from what the stream holds."""
         self.index.clear()
         self.triggers.clear()
@@ -348,73 +245,109 @@ class EventRouter:
         )
         floor = int(info.get("ack_floor", {}).get("stream_seq", 0))
         if floor == 0:
-            return
+            return 0
+        scratch = Effects(self._nc, self._pub, self._s)  # nothing is written during a rebuild
         for subject in (self._s.triggers_all, self._s.waits_all):
-            for m in await direct_get_subject(self._nc, self._s.events_stream, subject, timeout=30.0):
+            for m in await direct_get_subject(self._nc, self._s.events_stream, subject, timeout=30.0,
+                                              min_last_seq=floor):
                 seq = int((m.headers or {}).get("Nats-Sequence", "0"))
                 if seq > floor:
                     break
-                m.subject = (m.headers or {}).get("Nats-Subject", m.subject)
-                await self._apply(m, seq, utcnow(), live=False)
+                await self._apply((m.headers or {}).get("Nats-Subject", m.subject), m, seq, utcnow(), scratch,
+                                  live=False)
+        return floor
 
-    async def _apply(self, m: Msg, seq: int, at: datetime, *, live: bool) -> None:
-        subject = m.subject
-        if subject.startswith(f"{self._s.prefix}.waits."):
-            await self._on_registration(m, seq, at, live=live)
-        elif subject.startswith(f"{self._s.prefix}.triggers."):
-            try:
-                trig = TriggerRegistration.model_validate_json(m.data)
-            except ValueError:
-                log.error("ignoring malformed trigger registration on %s", subject)
+    async def _fill(self, first: int, last: int, effects: Effects) -> None:
+        """Handle stream messages ``first..last`` that were not delivered here (a dead owner's batch, a gap)."""
+        seq = first
+        while seq <= last:
+            async def read(start: int = seq) -> list[Msg]:
+                return await direct_get_subject(
+                    self._nc, self._s.events_stream, f"{self._s.prefix}.>", start_seq=start,
+                    batch=min(256, last - start + 1), limit=last - start + 1, timeout=30.0, min_last_seq=last)
+
+            msgs: list[Msg] = await retry_transient("router gap read", read)
+            if not msgs:
                 return
-            self.triggers[trig.task] = trig
-        else:
-            parsed = self._s.parse_event_subject(subject)
-            if parsed is None:
-                log.warning("ignoring message on %s: not an event subject", subject)
-                return
-            event = decode_event(m, parsed[0], parsed[1], seq, at)
-            await self._on_event(event)
+            for m in msgs:
+                hdrs = m.headers or {}
+                mseq = int(hdrs.get("Nats-Sequence", "0"))
+                if mseq > last:
+                    return
+                if mseq > self.handled_seq:
+                    await self._apply(hdrs.get("Nats-Subject", m.subject), m, mseq,
+                                      _parse_time(hdrs.get("Nats-Time-Stamp")), effects, live=True)
+                    self.handled_seq = mseq
+                seq = mseq + 1
+
+    async def _apply(self, subject: str, m: Msg, seq: int, at: datetime, effects: Effects, *, live: bool) -> None:
+        """One message, in stream order. Anything but an infrastructure error is a recorded rejection."""
+        try:
+            if subject.startswith(f"{self._s.prefix}.waits."):
+                await self._on_registration(subject, m, seq, at, effects, live=live)
+            elif subject.startswith(f"{self._s.prefix}.triggers."):
+                self._on_trigger(subject, m, seq, effects, live=live)
+            elif subject.startswith(f"{self._s.prefix}.events."):
+                parsed = self._s.parse_event_subject(subject)
+                if parsed is None:
+                    raise ValueError("not an event subject")
+                if live:
+                    await self._on_event(decode_event(m, parsed[0], parsed[1], seq, at), subject, effects)
+            # Anything else in the stream (rejection records) is not the router's input.
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if is_transient(e):
+                raise
+            if live:
+                effects.reject(seq, subject, f"{type(e).__name__}: {e}")
+            else:
+                log.error("router rebuild skipped message %d on %s: %s", seq, subject, e)
 
     # -- waits -------------------------------------------------------------------------------
 
-    async def _on_registration(self, m: Msg, seq: int, at: datetime, *, live: bool) -> None:
+    async def _on_registration(self, subject: str, m: Msg, seq: int, at: datetime, effects: Effects, *,
+                               live: bool) -> None:
         try:
             reg = WaitRegistration.model_validate_json(m.data)
-        except ValueError:
-            log.error("ignoring malformed wait registration %d: %r", seq, m.data[:200])
-            return
-        cid = f"{reg.wait_id}/{reg.cond}"
+            cid = f"{reg.wait_id}/{reg.cond}"
+            entry = PendingWaitEntry(reg, seq) if reg.op == "register" else None  # parses the CEL
+        except Exception:
+            if live:
+                effects.deletes.add(seq)  # rejected once, recorded; a rebuild need not trip over it again
+            raise
         if reg.op == "cancel":
             gone = self.index.remove(cid)
-            if gone is not None and live:
-                self._delete_later(gone.seq)
             if live:
-                self._delete_later(seq)
+                if gone is not None:
+                    effects.deletes.add(gone.seq)
+                effects.deletes.add(seq)
             return
-        if cid in self.index.by_cid:
-            if live:
-                self._delete_later(seq)  # a re-published registration: the first one stands
+        assert entry is not None
+        held = self.index.by_cid.get(cid)
+        if held is not None:
+            if live and held.seq != seq:
+                effects.deletes.add(seq)  # a re-published registration: the first one stands
             return
-        entry = PendingWaitEntry(reg, seq)
         if live and reg.lookback_s:
             # Lookback: events before this registration (in stream order) inside the window.
-            event = await self._lookback(entry, reg.lookback_s, seq, at)
-            if event is not None:
-                await self._deliver([entry], event)
-                self._delete_later(seq)
+            event = await self._lookback(entry, reg.lookback_s, seq, at, effects)
+            if event is not None and self._deliver([entry], event, effects):
+                effects.deletes.add(seq)
                 return
         self.index.add(entry)
 
-    async def _lookback(
-        self, w: PendingWaitEntry, window_s: float, before_seq: int, at: datetime
-    ) -> IncomingEvent | None:
+    async def _lookback(self, w: PendingWaitEntry, window_s: float, before_seq: int, at: datetime,
+                        effects: Effects) -> IncomingEvent | None:
         start = rfc3339(at - timedelta(seconds=window_s))
         found: list[tuple[int, Msg]] = []
         for subject in self._s.event_filters(w.key, w.scope):
-            for m in await direct_get_subject(
-                self._nc, self._s.events_stream, subject, start_time=start, timeout=30.0
-            ):
+            async def read(subject: str = subject) -> list[Msg]:
+                return await direct_get_subject(self._nc, self._s.events_stream, subject, start_time=start,
+                                                timeout=30.0, min_last_seq=before_seq)
+
+            msgs: list[Msg] = await retry_transient("lookback read", read)
+            for m in msgs:
                 seq = int((m.headers or {}).get("Nats-Sequence", "0"))
                 if seq >= before_seq:
                     break
@@ -425,89 +358,118 @@ class EventRouter:
             parsed = self._s.parse_event_subject(hdrs.get("Nats-Subject", ""))
             if parsed is None:
                 continue
-            ts = _parse_time(hdrs.get("Nats-Time-Stamp"))
-            event = decode_event(m, parsed[0], parsed[1], seq, ts)
-            if w.matches(event.payload):
-                return event
+            event = decode_event(m, parsed[0], parsed[1], seq, _parse_time(hdrs.get("Nats-Time-Stamp")))
+            try:
+                if w.matches(event.payload):
+                    return event
+            except Exception as e:
+                log.warning("lookback of wait %s: expression failed on event %d: %s", w.cid, seq, e)
         return None
+
+    # -- triggers ----------------------------------------------------------------------------
+
+    def _on_trigger(self, subject: str, m: Msg, seq: int, effects: Effects, *, live: bool) -> None:
+        trig = TriggerRegistration.model_validate_json(m.data)
+        held = self.triggers.get(trig.task)
+        if held is not None and held[0] > seq:
+            if live:
+                effects.deletes.add(seq)
+            return
+        if held is not None and live:
+            effects.deletes.add(held[0])  # latest wins; the older registration leaves the stream
+        self.triggers[trig.task] = (seq, trig)
 
     # -- events ------------------------------------------------------------------------------
 
-    async def _on_event(self, event: IncomingEvent) -> None:
+    async def _on_event(self, event: IncomingEvent, subject: str, effects: Effects) -> None:
         self.events_routed += 1
-        matched = self.index.matches(event.key, event.scope, event.payload)
-        if matched:
-            for w in matched:
-                self.index.remove(w.cid)
-            await self._deliver(matched, event)
-            for w in matched:
-                self._delete_later(w.seq)
-        for trig in list(self.triggers.values()):
-            if event.key in trig.on_events:
-                await self._start_triggered(trig, event)
 
-    async def _deliver(self, waits: list[PendingWaitEntry], event: IncomingEvent) -> None:
-        """No signal is lost: each signal is on the run's inbox before its activation, both before the ack."""
-        signals = []
+        def failed(w: PendingWaitEntry, e: Exception) -> None:
+            effects.reject(event.seq, subject, f"expression of wait {w.cid} failed: {type(e).__name__}: {e}",
+                           {"wait": w.cid, "run_id": w.run_id})
+
+        matched = self.index.matches(event.key, event.scope, event.payload, on_error=failed)
+        if matched and self._deliver(matched, event, effects, subject):
+            for w in matched:
+                self.index.remove(w.cid)  # in memory now; the stream keeps it until delivery is durable
+                effects.deletes.add(w.seq)
+        for _, trig in list(self.triggers.values()):
+            if event.key in trig.on_events:
+                self._start_triggered(trig, event, subject, effects)
+
+    def _deliver(self, waits: list[PendingWaitEntry], event: IncomingEvent, effects: Effects,
+                 subject: str = "") -> bool:
+        """Signals to the runs' inboxes, then their activations; False (recorded) if they cannot be written."""
+        limit = self._nc.max_payload - _SIGNAL_HEADROOM
+        prepared: list[tuple[PendingWaitEntry, bytes]] = []
         for w in waits:
             sig = EventSignal(
                 source="event", name=event.key, payload=event.payload, event_id=event.event_id,
                 wait_id=w.wait_id, cond=w.cond, scope=event.scope, event_seq=event.seq, at=event.at,
                 meta=event.meta,
             )
-            signals.append(self._pub.publish(
-                self._s.inbox(w.run_id), sig.model_dump_json().encode(), {HDR_MSG_ID: f"sig:{w.cid}:{event.seq}"}
-            ))
-        await asyncio.gather(*signals)
-        acts = []
-        for w in waits:
+            try:
+                data = sig.model_dump_json().encode()
+            except Exception as e:
+                effects.reject(event.seq, subject or self._s.event(event.key, event.scope),
+                               f"the event cannot be delivered: {type(e).__name__}: {e}")
+                return False
+            if len(data) > limit:
+                effects.reject(event.seq, subject or self._s.event(event.key, event.scope),
+                               f"the event's signal is {len(data)} bytes, over the {limit} a delivery may hold")
+                return False
+            prepared.append((w, data))
+        for w, data in prepared:
+            # De-duplication ids make a redone batch harmless.
+            effects.first.append((self._s.inbox(w.run_id), data, {HDR_MSG_ID: f"sig:{w.cid}:{event.seq}"}))
             act = Activation(run_id=w.run_id, task=w.task, kind="signal")
-            acts.append(self._pub.publish(
-                self._s.work(w.task, w.run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"}
-            ))
-        await asyncio.gather(*acts)
+            effects.activations.append((self._s.work(w.task, w.run_id), encode_activation(act),
+                                        {HDR_BIDE_KIND: "signal", HDR_MSG_ID: f"act:{w.cid}:{event.seq}"}))
+        return True
 
-    async def _start_triggered(self, trig: TriggerRegistration, event: IncomingEvent) -> None:
+    def _start_triggered(self, trig: TriggerRegistration, event: IncomingEvent, subject: str,
+                         effects: Effects) -> None:
         """Exactly one run per (event, task): its id derives from the event, its first append expects none."""
         run_id = uuid.uuid5(_RUN_NAMESPACE, f"{trig.task}|{event.event_id}|{event.seq}|{event.at.isoformat()}").hex
         meta: dict[str, Any] = {"trigger": {"event_key": event.key, "event_id": event.event_id,
                                             "scope": event.scope}}
+        if TRACEPARENT in event.meta:
+            meta[TRACEPARENT] = event.meta[TRACEPARENT]
+        started = RunStarted(run_id=run_id, task=trig.task, durable=trig.durable, input=event.payload,
+                             at=utcnow(), meta=meta)
+        try:
+            size = len(started.model_dump_json())
+        except Exception as e:
+            effects.reject(event.seq, subject, f"cannot start {trig.task!r}: {type(e).__name__}: {e}")
+            return
+        if size > self._nc.max_payload - _SIGNAL_HEADROOM:
+            effects.reject(event.seq, subject, f"cannot start {trig.task!r}: its input is {size} bytes")
+            return
+        effects.starts.append(lambda: self._start_run(trig, event, run_id, started))
+
+    async def _start_run(self, trig: TriggerRegistration, event: IncomingEvent, run_id: str,
+                         started: RunStarted) -> None:
         subject = self._s.work(trig.task, run_id)
         # The run joins the event's trace (a `nats pub` with a traceparent header too).
         span = self._tracing.start_run(trig.task, run_id, subject, parent=span_context_of(event.meta.get(TRACEPARENT)),
                                        attributes={"bide.event.key": event.key, "bide.event.id": event.event_id})
         if span.traceparent:
-            meta[TRACEPARENT] = span.traceparent
-        elif TRACEPARENT in event.meta:
-            meta[TRACEPARENT] = event.meta[TRACEPARENT]
-        started = RunStarted(run_id=run_id, task=trig.task, durable=trig.durable, input=event.payload,
-                             at=utcnow(), meta=meta)
-        try:
-            seq = await self._history.append(run_id, [started], expected_seq=0)
-        except HistoryConflict:
-            seq = None  # started before (this event was redelivered): make sure it has its activation
+            started = started.model_copy(update={"meta": {**started.meta, TRACEPARENT: span.traceparent}})
+
+        async def append() -> int | None:
+            try:
+                return await self._history.append(run_id, [started], expected_seq=0)
+            except HistoryConflict:
+                return None  # started before (this batch is being redone): make sure it has its activation
+
+        seq = await retry_transient(f"start of run {run_id}", append)
+        if seq is None:
             span.discard()
         act = Activation(run_id=run_id, task=trig.task, kind="start", history_seq=seq,
                          started=started if seq is not None else None)
-        await self._pub.publish(subject, encode_activation(act),
-                                {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{run_id}"})
+        await retry_transient(f"activation of run {run_id}", lambda: self._pub.publish(
+            subject, encode_activation(act), {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{run_id}"}))
         span.end()
-
-    # -- chores ------------------------------------------------------------------------------
-
-    def _delete_later(self, seq: int) -> None:
-        """Satisfied or cancelled registrations leave the stream, so a rebuild does not see them."""
-        async def _delete() -> None:
-            try:
-                await api_request(
-                    self._nc, f"$JS.API.STREAM.MSG.DELETE.{self._s.events_stream}", {"seq": seq, "no_erase": True}
-                )
-            except Exception as e:
-                log.debug("could not delete registration %d: %s", seq, e)
-
-        t = asyncio.create_task(_delete())
-        self._chores.add(t)
-        t.add_done_callback(self._chores.discard)
 
 
 def _parse_time(raw: str | None) -> datetime:
@@ -577,4 +539,5 @@ async def publish_registrations(
     await asyncio.gather(*sends)
 
 
-__all__ = ["NO_SCOPE", "EventRouter", "WaitIndex", "publish_registrations", "registrations"]
+__all__ = ["NO_SCOPE", "EventRouter", "IncomingEvent", "PendingWaitEntry", "WaitIndex", "publish_registrations",
+           "registrations"]

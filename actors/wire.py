@@ -31,8 +31,6 @@ HDR_BIDE_KIND = "Bide-Kind"
 """What an activation is for (start, timer, ...), readable with ``nats sub``."""
 HDR_TTL = "Nats-TTL"
 """Per-message TTL (ADR-43); ``never`` keeps a wait registration past the events' max age."""
-HDR_ROLLUP = "Nats-Rollup"
-"""``sub`` keeps only this message on its subject (trigger registrations)."""
 HDR_EVENT_METADATA = "Bide-Metadata"
 """An event's metadata, as a JSON object."""
 HDR_TRACEPARENT = "traceparent"
@@ -153,7 +151,15 @@ class Subjects:
 
     @property
     def router_consumer(self) -> str:
-        return "event_router"
+        return "event_router_v2"
+
+    def rejected(self, seq: int) -> str:
+        """Where the router records a message it could not handle (by the message's stream sequence)."""
+        return f"{self.prefix}.rejected.{seq}"
+
+    @property
+    def rejected_all(self) -> str:
+        return f"{self.prefix}.rejected.>"
 
     # -- a run's inbox (in the history stream, read together with the history) ---------------
 

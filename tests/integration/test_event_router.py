@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 from actors.router import IncomingEvent
+from actors.router_effects import Effects
 from actors.server import EmbeddedServer
 from actors.wire import utcnow
 from sdk import Bide, Context, DurableContext
@@ -90,8 +91,10 @@ async def test_on_events_starts_exactly_one_run_per_event(bide: Bide) -> None:
         # A redelivered event (the router crashed before its ack) starts nothing new.
         router = worker.host.router
         again = IncomingEvent("order:created", None, {"order": 3}, "order-3", seq=999, at=utcnow(), meta={})
-        await router._on_event(again)
-        await router._on_event(again)
+        for _ in range(2):
+            effects = Effects(router._nc, router._pub, router._s)
+            await router._on_event(again, "bide.events.order:created", effects)
+            await effects.flush()
         await wait_until(lambda: 3 in seen, what="the event-started run")
         await bide.event.aio_push("order:created", {"order": 4}, event_id="order-4")
         await wait_until(lambda: 4 in seen, what="a later run")

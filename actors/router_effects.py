@@ -1,0 +1,119 @@
+"""What the event router writes for a batch of messages, made durable before the batch is acked.
+
+The router decides in memory, in stream order; :class:`Effects` collects the writes
+those decisions need and :meth:`Effects.flush` carries them out in an order that
+keeps every crash safe:
+
+1. signals on the runs' inboxes, runs started by triggers, rejection records;
+2. the activations that wake those runs;
+3. deletes of satisfied or cancelled registrations and of superseded triggers.
+
+Only then does the router ack (the consumer acks cumulatively), so the stream still
+holds everything a new owner needs to redo the batch. Every write is idempotent
+(de-duplication ids, expected sequences, "no such message" on a delete), so redoing
+it is harmless. Infrastructure errors (no ack, 503, a leader election) are retried
+with backoff, never turned into a lost wake-up; a write the server refuses for good
+is recorded as a rejection and the router goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.aio.client import Client as NATS
+
+from actors.jetstream import Publisher, api_request
+from actors.wire import HDR_MSG_ID, Subjects
+
+log = logging.getLogger("bide.router")
+
+ERR_NO_MESSAGE = 10037
+"""JetStream: no message found (a delete that already happened)."""
+_BACKOFF_MAX_S = 2.0
+
+
+def is_transient(e: BaseException) -> bool:
+    """An error that goes away by itself (retry), as opposed to a write the server refuses for good."""
+    if isinstance(e, nats.errors.MaxPayloadError):
+        return False
+    if isinstance(e, nats.js.errors.APIError):
+        # Unavailable, timed out, a server error: worth a retry. Any other API error is a refusal.
+        return e.code in (408, 500, 503)
+    return isinstance(e, (TimeoutError, nats.errors.Error, nats.js.errors.Error, ConnectionError, OSError))
+
+
+async def retry_transient(what: str, op: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``op`` until it succeeds or fails for good; infrastructure errors are retried with backoff."""
+    delay = 0.05
+    while True:
+        try:
+            return await op()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            log.warning("router: %s failed (%s: %s); retrying in %.2fs", what, type(e).__name__, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(_BACKOFF_MAX_S, delay * 2)
+
+
+class Effects:
+    """The durable writes one batch of router decisions needs."""
+
+    def __init__(self, nc: NATS, pub: Publisher, subjects: Subjects) -> None:
+        self._nc = nc
+        self._pub = pub
+        self._s = subjects
+        self.first: list[tuple[str, bytes, dict[str, str]]] = []
+        """Inbox signals and rejection records."""
+        self.starts: list[Callable[[], Awaitable[None]]] = []
+        """Runs started by triggers (each appends ``run_started`` and publishes its activation)."""
+        self.activations: list[tuple[str, bytes, dict[str, str]]] = []
+        self.deletes: set[int] = set()
+        self.rejected = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.first or self.starts or self.activations or self.deletes)
+
+    def reject(self, seq: int, subject: str, reason: str, detail: dict[str, Any] | None = None) -> None:
+        """A message the router cannot handle: recorded (kept with the events), logged, and passed."""
+        self.rejected += 1
+        log.error("router rejected message %d on %s: %s", seq, subject, reason)
+        body = orjson.dumps({"seq": seq, "subject": subject, "reason": reason, **(detail or {})})
+        self.first.append((self._s.rejected(seq), body, {HDR_MSG_ID: f"rejected:{seq}:{self.rejected}"}))
+
+    async def flush(self) -> None:
+        """Carry out every write, in the crash-safe order; returns once all are durable."""
+        await asyncio.gather(*(self._publish(*w) for w in self.first))
+        await asyncio.gather(*(start() for start in self.starts))
+        await asyncio.gather(*(self._publish(*w) for w in self.activations))
+        await asyncio.gather(*(self._delete(seq) for seq in sorted(self.deletes)))
+
+    async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        try:
+            await retry_transient(f"publish to {subject}", lambda: self._pub.publish(subject, data, headers))
+        except Exception as e:
+            # Sizes are checked when the router decides, so this is a refusal nobody foresaw:
+            # retrying it forever would wedge every run behind it.
+            log.error("router: publish to %s refused for good (%s: %s); skipped", subject, type(e).__name__, e)
+
+    async def _delete(self, seq: int) -> None:
+        async def op() -> None:
+            try:
+                await api_request(self._nc, f"$JS.API.STREAM.MSG.DELETE.{self._s.events_stream}",
+                                  {"seq": seq, "no_erase": True})
+            except nats.js.errors.APIError as e:
+                if e.err_code != ERR_NO_MESSAGE:
+                    raise
+
+        try:
+            await retry_transient(f"delete of message {seq}", op)
+        except Exception as e:
+            log.error("router: could not delete message %d (%s); a rebuild will see it again", seq, e)

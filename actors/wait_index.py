@@ -1,0 +1,212 @@
+"""The router's index of pending waits: by event key, scope and one equality predicate.
+
+Pure (no I/O): the event router holds one :class:`WaitIndex` per owned partition, and
+the matching benchmark drives it without a server. An event costs O(candidates), not
+O(all waits).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from nats.aio.msg import Msg
+
+from actors.tracing import TRACEPARENT
+from actors.wire import HDR_EVENT_METADATA, HDR_MSG_ID, WaitRegistration
+from sdk import _cel
+
+
+class PendingWaitEntry:
+    """One event condition of one wait, as the router holds it (small: it may hold millions)."""
+
+    __slots__ = (
+        "cid",
+        "complete",
+        "cond",
+        "expression",
+        "index_key",
+        "key",
+        "more_preds",
+        "run_id",
+        "run_input",
+        "scope",
+        "seq",
+        "task",
+        "wait_id",
+    )
+
+    def __init__(self, reg: WaitRegistration, seq: int) -> None:
+        self.cid = f"{reg.wait_id}/{reg.cond}"
+        self.wait_id = reg.wait_id
+        self.cond = reg.cond
+        self.run_id = reg.run_id
+        self.task = sys.intern(reg.task)
+        self.key = sys.intern(reg.event_key)
+        self.scope = None if reg.scope is None else sys.intern(reg.scope)
+        self.expression = reg.expression
+        preds, self.complete = _cel.equality_predicates(reg.expression)
+        self.index_key: tuple[_cel.Path, _cel.IndexValue] | None = preds[0] if preds else None
+        # Kept here, not looked up again: the parse cache is bounded and waits are many.
+        self.more_preds = preds[1:] or None
+        self.run_input = reg.run_input
+        self.seq = seq
+
+    def matches(self, payload: Any) -> bool:
+        if self.complete:
+            # The expression is only equality predicates: checking them is evaluating it, ~100x cheaper.
+            preds = ([self.index_key] if self.index_key is not None else []) + list(self.more_preds or ())
+            for path, value in preds:
+                try:
+                    if _cel.index_value(_cel.lookup(payload, path)) != value:
+                        return False
+                except KeyError:
+                    return False
+            return True
+        return _cel.evaluate(self.expression, payload, self.run_input)
+
+
+class _Bucket:
+    """The waits for one (key, scope): by one equality predicate each, or scanned."""
+
+    __slots__ = ("by_value", "count", "scan")
+
+    def __init__(self) -> None:
+        self.by_value: dict[_cel.Path, dict[_cel.IndexValue, dict[str, PendingWaitEntry]]] = {}
+        self.scan: dict[str, PendingWaitEntry] = {}
+        self.count = 0
+
+    def add(self, w: PendingWaitEntry) -> None:
+        self.count += 1
+        if w.index_key is None:
+            self.scan[w.cid] = w
+        else:
+            path, value = w.index_key
+            self.by_value.setdefault(path, {}).setdefault(value, {})[w.cid] = w
+
+    def remove(self, w: PendingWaitEntry) -> None:
+        self.count -= 1
+        if w.index_key is None:
+            self.scan.pop(w.cid, None)
+            return
+        path, value = w.index_key
+        values = self.by_value.get(path)
+        if values is None:
+            return
+        group = values.get(value)
+        if group is not None:
+            group.pop(w.cid, None)
+            if not group:
+                del values[value]
+        if not values:
+            del self.by_value[path]
+
+    def candidates(self, payload: Any) -> Iterator[PendingWaitEntry]:
+        yield from list(self.scan.values())
+        for path, values in list(self.by_value.items()):
+            try:
+                tagged = _cel.index_value(_cel.lookup(payload, path))
+            except KeyError:
+                continue
+            if tagged is not None and tagged in values:
+                yield from list(values[tagged].values())
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class WaitIndex:
+    """Pending waits by event key, scope and one equality predicate: an event costs O(candidates)."""
+
+    def __init__(self) -> None:
+        self.by_cid: dict[str, PendingWaitEntry] = {}
+        self._buckets: dict[tuple[str, str | None], _Bucket] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_cid)
+
+    def add(self, w: PendingWaitEntry) -> None:
+        if w.cid in self.by_cid:
+            return
+        self.by_cid[w.cid] = w
+        self._buckets.setdefault((w.key, w.scope), _Bucket()).add(w)
+
+    def remove(self, cid: str) -> PendingWaitEntry | None:
+        w = self.by_cid.pop(cid, None)
+        if w is not None:
+            bucket = self._buckets.get((w.key, w.scope))
+            if bucket is not None:
+                bucket.remove(w)
+                if not len(bucket):
+                    del self._buckets[(w.key, w.scope)]
+        return w
+
+    def matches(
+        self, key: str, scope: str | None, payload: Any,
+        on_error: Callable[[PendingWaitEntry, Exception], None] | None = None,
+    ) -> list[PendingWaitEntry]:
+        """Waits satisfied by an event: same key; same scope, or a wait without scope.
+
+        An expression that raises on this payload (an integer CEL cannot hold) does not
+        match; ``on_error`` hears of it, and the other candidates are still checked.
+        """
+        out: list[PendingWaitEntry] = []
+        for bucket_scope in (scope, None) if scope is not None else (None,):
+            bucket = self._buckets.get((key, bucket_scope))
+            if bucket is None:
+                continue
+            for w in bucket.candidates(payload):
+                try:
+                    if w.matches(payload):
+                        out.append(w)
+                except Exception as e:
+                    if on_error is None:
+                        raise
+                    on_error(w, e)
+        return out
+
+    def clear(self) -> None:
+        self.by_cid.clear()
+        self._buckets.clear()
+
+
+@dataclass(frozen=True)
+class IncomingEvent:
+    key: str
+    scope: str | None
+    payload: Any
+    event_id: str
+    seq: int
+    at: datetime
+    meta: dict[str, Any]
+
+
+def decode_event(msg: Msg, key: str, scope: str | None, seq: int, at: datetime) -> IncomingEvent:
+    """An event as published by anyone (``nats pub``, the SDK, HTTP): a JSON body, optional headers.
+
+    A body that is not JSON (a raw ``nats pub`` of plain text) becomes a string payload.
+    """
+    data = msg.data
+    payload: Any
+    if not data:
+        payload = None
+    else:
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            payload = data.decode("utf-8", errors="replace")
+    hdrs = msg.headers or {}
+    meta: dict[str, Any] = {}
+    if HDR_EVENT_METADATA in hdrs:
+        try:
+            meta = dict(orjson.loads(hdrs[HDR_EVENT_METADATA]))
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            meta = {}
+    if TRACEPARENT in hdrs:
+        meta[TRACEPARENT] = hdrs[TRACEPARENT]
+    event_id = hdrs.get(HDR_MSG_ID) or f"evt-{seq}"
+    return IncomingEvent(key, scope, payload, event_id, seq, at, meta)

@@ -1,0 +1,55 @@
+"""The event router on a real 3-node cluster at R3 while the events stream's leader dies."""
+
+from __future__ import annotations
+
+import asyncio
+
+from actors.server import EmbeddedServer
+from sdk import Bide, DurableContext
+from tests.integration.test_cluster import _jetstream_ready, cluster  # noqa: F401  (the cluster fixture)
+from tests.support import running_worker, wait_until
+
+
+async def _push_until_stored(client: Bide, n: int) -> None:
+    """A push during an election may time out: retried with the same event id (a push is idempotent)."""
+    for _ in range(60):
+        try:
+            await client.event.aio_push("cluster:event", {"n": n}, event_id=f"cluster-{n}")
+            return
+        except Exception:
+            await asyncio.sleep(0.25)
+    raise AssertionError(f"event {n} could not be pushed")
+
+
+async def test_events_matched_while_the_events_leader_is_killed(cluster: list[EmbeddedServer]) -> None:  # noqa: F811
+    for node in cluster:
+        await wait_until(lambda node=node: _jetstream_ready(node.url), timeout=30, what=f"JetStream on {node.url}")
+    client = Bide(",".join(n.url for n in cluster), replicas=3, ack_wait=3.0)
+
+    @client.durable_task(name="ClusterWait")
+    async def waiter(input: dict, ctx: DurableContext) -> int:
+        got = await ctx.aio_wait_for_event("cluster:event", f"input.n == {input['n']}")
+        return int(got["n"])
+
+    try:
+        async with running_worker(client, [waiter]):
+            conn = await client._pool.get()
+            s = conn.layout.subjects
+            refs = [await waiter.aio_run_no_wait({"n": n}) for n in range(40)]
+
+            async def all_routed() -> bool:
+                waits = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits_all)
+                router = await conn.js.consumer_info(s.events_stream, s.router_consumer)
+                registered = sum((waits.state.subjects or {}).values())
+                return registered >= 40 and router.num_pending == 0 and router.num_ack_pending == 0
+
+            await wait_until(all_routed, timeout=60, interval=0.2, what="40 waits taken in by the router")
+            info = await conn.js.stream_info(s.events_stream)
+            assert info.cluster is not None
+            leader = next(n for n in cluster if n.server_name == info.cluster.leader)
+            leader.kill()  # SIGKILL, while the events are pushed and their signals written
+            await asyncio.gather(*(_push_until_stored(client, n) for n in range(40)))
+            results = await asyncio.gather(*(r.aio_result(timeout=90) for r in refs))
+            assert results == list(range(40))
+    finally:
+        await client.aclose()

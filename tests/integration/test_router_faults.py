@@ -1,0 +1,162 @@
+"""The event router through faults: a dead owner's unacked batch, gaps, poison messages, hostile headers.
+
+Each test here was written against the first router (acked per message, rebuilt up to the
+consumer's ack floor, naked what it could not handle) and failed on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import nats.js.errors
+import orjson
+import pytest
+from nats.aio.msg import Msg
+
+from actors.jetstream import ROUTER_GROUP, api_request
+from actors.wire import HDR_TTL, WaitRegistration
+from sdk import Bide, DurableContext
+from tests.support import running_worker, wait_until
+
+
+class FakeOwner:
+    """A router owner that takes deliveries and dies without handling them (a SIGKILLed owner's batch)."""
+
+    def __init__(self, conn: Any, *, ack_every: int = 0) -> None:
+        self.nc = conn.nc
+        self.s = conn.layout.subjects
+        self.ack_every = ack_every
+        self.got: list[Msg] = []
+        self.pin: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> FakeOwner:
+        inbox = self.nc.new_inbox()
+        api = f"$JS.API.CONSUMER.MSG.NEXT.{self.s.events_stream}.{self.s.router_consumer}"
+
+        async def on_msg(m: Msg) -> None:
+            if m.headers and m.headers.get("Status"):
+                return
+            self.pin = (m.headers or {}).get("Nats-Pin-Id", self.pin)
+            self.got.append(m)
+            if self.ack_every and len(self.got) % self.ack_every == 0:
+                await m.ack()  # acked above what it never handled: a gap below the ack
+
+        self._sub = await self.nc.subscribe(inbox, cb=on_msg)
+
+        async def pull() -> None:
+            while True:
+                req: dict[str, Any] = {"batch": 100, "expires": int(0.5e9), "group": ROUTER_GROUP}
+                if self.pin is not None:
+                    req["id"] = self.pin
+                await self.nc.publish(api, json.dumps(req).encode(), reply=inbox)
+                await asyncio.sleep(0.4)
+
+        self._task = asyncio.create_task(pull())
+        return self
+
+    async def die(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await self._sub.unsubscribe()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None and not self._task.done():
+            await self.die()
+
+
+async def _router_info(conn: Any) -> dict[str, Any]:
+    s = conn.layout.subjects
+    return await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.events_stream}.{s.router_consumer}", {})
+
+
+@pytest.mark.parametrize("ack_every", [0, 2])
+async def test_a_dead_owners_unacked_batch_is_matched_in_order(bide: Bide, ack_every: int) -> None:
+    """The owner took 20 registrations and died (acking every 2nd, or none): events after them still match."""
+    @bide.durable_task(name="DeadOwnerWait")
+    async def waiter(input: dict, ctx: DurableContext) -> int:
+        got = await ctx.aio_wait_for_event("dead:owner", f"input.n == {input['n']}")
+        return int(got["n"])
+
+    conn = await bide._pool.get()
+    async with FakeOwner(conn, ack_every=ack_every) as fake:
+        async with running_worker(bide, [waiter]):
+            refs = [await waiter.aio_run_no_wait({"n": n}) for n in range(20)]
+            await wait_until(lambda: len(fake.got) >= 20, timeout=30, what="the fake owner to take 20 registrations")
+            await fake.die()
+            # The next owner is pinned by the next delivery: these events, well after the registrations.
+            for n in range(20):
+                await bide.event.aio_push("dead:owner", {"n": n})
+            # Well inside the consumer's 30 s ack wait: the batch must not wait for its redelivery.
+            results = await asyncio.gather(*(r.aio_result(timeout=20) for r in refs))
+            assert results == list(range(20))
+
+
+async def test_poison_messages_are_rejected_and_a_later_owner_loses_nothing(bide: Bide) -> None:
+    """Invalid CEL in a raw registration, an int64 overflow in CEL, JSON too deep, an event too big to deliver."""
+    @bide.durable_task(name="PoisonWait")
+    async def waiter(input: dict, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event(input["key"], input.get("expr"))
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    nc = conn.nc
+    async with running_worker(bide, [waiter], name="first"):
+        overflow = await waiter.aio_run_no_wait({"key": "poison:int", "expr": "input.n > 5"})
+        deep = await waiter.aio_run_no_wait({"key": "poison:deep"})
+        big = await waiter.aio_run_no_wait({"key": "poison:big"})
+
+        async def registered(n: int) -> bool:
+            info = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits_all)
+            return sum((info.state.subjects or {}).values()) >= n
+
+        await wait_until(lambda: registered(3), timeout=20, what="three waits registered")
+        bad_cel = WaitRegistration(op="register", wait_id="raw-wait", cond=0, run_id="no-such-run", task="PoisonWait",
+                                   event_key="poison:cel", expression="input.n ==")
+        await conn.js.publish(s.waits("poison:cel"), bad_cel.model_dump_json().encode(), headers={HDR_TTL: "never"})
+        await nc.publish(s.event("poison:int", None), b'{"n": 18446744073709551615}')
+        nested: Any = 1
+        for _ in range(300):
+            nested = [nested]
+        await nc.publish(s.event("poison:deep", None), json.dumps(nested).encode())
+        await nc.publish(s.event("poison:big", None), orjson.dumps("x" * (nc.max_payload - 200)))
+        await nc.flush()
+
+        async def all_taken() -> bool:
+            info = await _router_info(conn)
+            return info["num_pending"] == 0 and info["num_ack_pending"] == 0
+
+        # Poison is handled once and acked: it does not pin the ack floor.
+        await wait_until(all_taken, timeout=20, interval=0.1, what="the router to take every message")
+        later = await waiter.aio_run_no_wait({"key": "poison:later", "expr": "input.ok == true"})
+        # Four: the raw registration was rejected and deleted.
+        await wait_until(lambda: registered(4), timeout=20, what="the later wait registered")
+        await wait_until(all_taken, timeout=20, interval=0.1, what="the router to take the later wait")
+    # A new owner rebuilds: every wait registered after the poison is still there.
+    async with running_worker(bide, [waiter], name="second"):
+        for key, payload in (("poison:int", {"n": 7}), ("poison:deep", {"d": 1}), ("poison:big", {"b": 1}),
+                             ("poison:later", {"ok": True})):
+            await bide.event.aio_push(key, payload)
+        assert await overflow.aio_result(timeout=30) == {"n": 7}
+        assert await deep.aio_result(timeout=30) == {"d": 1}
+        assert await big.aio_result(timeout=30) == {"b": 1}
+        assert await later.aio_result(timeout=30) == {"ok": True}
+    rejected = await conn.js.stream_info(s.events_stream, subjects_filter=s.rejected_all)
+    assert sum((rejected.state.subjects or {}).values()) == 4, rejected.state.subjects
+
+
+@pytest.mark.parametrize("rollup", ["all", "sub"])
+async def test_no_ingress_accepts_rollup(bide: Bide, rollup: str) -> None:
+    """A plain publish with Nats-Rollup cannot wipe events, waits or a run's inbox."""
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    for subject in (s.event("user:update", None), s.waits("user:update"), s.inbox("some-run")):
+        await conn.js.publish(subject, b"{}")
+    for stream, subject in ((s.events_stream, s.event("user:update", None)), (s.events_stream, s.waits("x")),
+                            (s.history_stream, s.inbox("some-run")), (s.history_stream, s.history("some-run"))):
+        before = (await conn.js.stream_info(stream)).state.messages
+        with pytest.raises(nats.js.errors.APIError):
+            await conn.js.publish(subject, b"{}", headers={"Nats-Rollup": rollup})
+        assert (await conn.js.stream_info(stream)).state.messages == before
