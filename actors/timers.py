@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import orjson
 from nats.js import JetStreamContext
 
 from actors.jetstream import purge_subject
@@ -11,6 +12,7 @@ from actors.wire import (
     HDR_BIDE_KIND,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
+    WIRE_VERSION,
     Activation,
     Subjects,
     encode_activation,
@@ -48,14 +50,26 @@ class TimerScheduler:
         await self._publish(self._subjects.timer(run_id, f"retry{retry}"), task, run_id, act,
                             max(at, utcnow() + _MIN_AHEAD))
 
+    async def schedule_removal(self, run_id: str, at: datetime) -> None:
+        """The finished run's removal, due at ``at`` (retention, DESIGN.md invariant 9).
+
+        One schedule subject per run, so publishing it again (a redelivered end) replaces it.
+        """
+        await self._schedule(self._subjects.reap_timer(run_id), self._subjects.reap(run_id),
+                             orjson.dumps({"v": WIRE_VERSION, "run_id": run_id}), "reap",
+                             max(at, utcnow() + _MIN_AHEAD))
+
     async def _publish(self, subject: str, task: str, run_id: str, act: Activation, fire_at: datetime) -> None:
+        await self._schedule(subject, self._subjects.work(task, run_id), encode_activation(act), act.kind, fire_at)
+
+    async def _schedule(self, subject: str, target: str, data: bytes, kind: str, fire_at: datetime) -> None:
         await self._js.publish(
             subject,
-            encode_activation(act),
+            data,
             headers={
                 HDR_SCHEDULE: f"@at {rfc3339(fire_at)}",
-                HDR_SCHEDULE_TARGET: self._subjects.work(task, run_id),
-                HDR_BIDE_KIND: act.kind,
+                HDR_SCHEDULE_TARGET: target,
+                HDR_BIDE_KIND: kind,
             },
         )
 
