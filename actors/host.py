@@ -239,8 +239,8 @@ class ActorHost:
         started = hist.entries[0]
         terminal = hist.terminal
         if terminal is not None:
-            if attempt > 1:  # the host that ended it may have died before scheduling its removal (idempotent)
-                await self._reaper.schedule(hist.run_id, terminal)
+            # The host that ended it may have died before scheduling its removal (idempotent).
+            await self._reaper.schedule(hist.run_id, terminal)
             if attempt > 1 and started.parent is not None:
                 # The host that ended it may have died before telling the parent (idempotent).
                 await notify_parent(self._nc_, self._publisher_, self.layout.subjects, hist.run_id, started.parent,

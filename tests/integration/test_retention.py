@@ -13,8 +13,24 @@ import pytest
 
 from actors.http_api import create_app
 from actors.jetstream import api_request
+from actors.router import publish_registrations
 from actors.server import EmbeddedServer
-from actors.wire import HDR_SCHEDULE, HDR_SCHEDULE_TARGET, EventSignal, rfc3339, utcnow
+from actors.wire import (
+    HDR_BIDE_KIND,
+    HDR_SCHEDULE,
+    HDR_SCHEDULE_TARGET,
+    Activation,
+    ErrorInfo,
+    EventSignal,
+    RunCompleted,
+    RunFailed,
+    RunStarted,
+    WaitCondition,
+    WaitRegistered,
+    encode_activation,
+    rfc3339,
+    utcnow,
+)
 from sdk import Bide, Context, DurableContext, EmptyModel, RunNotFoundError, RunStatus
 from sdk._connection import Connection
 from tests.e2e.test_cli_events import cli
@@ -176,3 +192,61 @@ async def test_a_removal_before_the_retention_has_passed_is_put_off(bide: Bide) 
         await _removal_handled(conn, run_id)
         assert (await bide.runs.aio_get(run_id)).status is RunStatus.COMPLETED
         assert await _subjects(conn, s.work_stream, s.reap_timer(run_id)) == {s.reap_timer(run_id): 1}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(bide, None)),
+                                     base_url="http://bide.test") as api:
+            resp = await api.get(f"/api/v1/runs/{run_id}")
+            assert resp.status_code == 200, resp.text
+            assert resp.json() | {"started_at": "", "trace_id": ""} == {
+                "run_id": run_id, "task": "RetQuick", "status": "completed", "started_at": "", "result": 7,
+                "error": None, "entries": 3, "trace_id": ""}
+
+
+async def test_the_removal_withdraws_the_waits_a_dead_host_left_registered(short: Bide) -> None:
+    @short.durable_task(name="RetLeft")
+    async def left(input: EmptyModel, ctx: DurableContext) -> None:
+        await ctx.aio_wait_for_event("ret:left")
+
+    conn = await short._pool.get()
+    s = conn.layout.subjects
+    run_id = "ret-left-1"
+    ended = utcnow() - timedelta(seconds=10)
+    wait = WaitRegistered(pos=0, wait_id=f"{run_id}:0", label="ret:left", args_hash="", at=ended,
+                          groups=[[WaitCondition(kind="event", key="ret:left", event_key="ret:left")]])
+    # What a host that died right after ending the run leaves: the end is in the history, but the
+    # wait it was in is still registered with the router (and no removal was scheduled).
+    await conn.history.append(run_id, [
+        RunStarted(run_id=run_id, task="RetLeft", durable=True, input={}, at=ended), wait,
+        RunFailed(error=ErrorInfo(type="Crash", message="host died", traceback=""), at=ended)], 0)
+    await publish_registrations(conn.publisher, conn.layout, wait, run_id, "RetLeft", {}, "register")
+    async with running_worker(short, [left]):  # the event router and the reaper
+        await _publish_removal(conn, run_id)
+
+        async def removed() -> bool:
+            return not await _leftovers(conn, run_id) and not await _subjects(conn, s.events_stream, s.waits_all)
+
+        await wait_until(removed, timeout=15, interval=0.2, what=f"run {run_id} and its registration to be removed")
+
+
+async def test_a_run_whose_host_died_before_scheduling_its_removal_is_removed_at_its_next_activation(
+        short: Bide) -> None:
+    @short.task(name="RetEnded")
+    async def ended(input: EmptyModel, ctx: Context) -> int:
+        return 1
+
+    conn = await short._pool.get()
+    s = conn.layout.subjects
+    run_id = "ret-ended-1"
+    at = utcnow() - timedelta(seconds=10)
+    # What a host that died right after appending the end leaves: a finished run, no removal scheduled.
+    await conn.history.append(run_id, [RunStarted(run_id=run_id, task="RetEnded", durable=False, input={}, at=at),
+                                       RunCompleted(result=1, at=at)], 0)
+    async with running_worker(short, [ended]):
+        # Its activation comes back (unacked by the dead host): the run is finished, its removal is scheduled.
+        await conn.publisher.publish(s.work("RetEnded", run_id),
+                                     encode_activation(Activation(run_id=run_id, task="RetEnded", kind="start")),
+                                     {HDR_BIDE_KIND: "start"})
+
+        async def removed() -> bool:
+            return not await _leftovers(conn, run_id)
+
+        await wait_until(removed, timeout=15, interval=0.2, what=f"run {run_id} to be removed")
