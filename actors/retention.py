@@ -18,7 +18,6 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -29,7 +28,7 @@ from actors.jetstream import Layout, Publisher, api_request, ensure_reaper_consu
 from actors.replay import open_waits
 from actors.router import publish_registrations
 from actors.timers import TimerScheduler
-from actors.wire import utcnow
+from actors.wire import RunRemoval, utcnow
 
 log = logging.getLogger("bide.retention")
 
@@ -67,10 +66,8 @@ class Reaper:
     async def handle(self, msg: Msg) -> None:
         """One removal that fell due: carry it out, then ack (a failure is retried later)."""
         try:
-            run_id = orjson.loads(msg.data)["run_id"]
-            if not isinstance(run_id, str) or not run_id:
-                raise ValueError("run_id must be a non-empty string")
-        except (ValueError, KeyError, TypeError) as e:
+            run_id = RunRemoval.model_validate_json(msg.data).run_id
+        except ValueError as e:
             log.error("dropping malformed removal on %s (%s): %r", msg.subject, e, msg.data[:200])
             await msg.term()
             return

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-import orjson
 from nats.js import JetStreamContext
 
 from actors.jetstream import purge_subject
@@ -12,8 +11,8 @@ from actors.wire import (
     HDR_BIDE_KIND,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
-    WIRE_VERSION,
     Activation,
+    RunRemoval,
     Subjects,
     encode_activation,
     rfc3339,
@@ -56,7 +55,7 @@ class TimerScheduler:
         One schedule subject per run, so publishing it again (a redelivered end) replaces it.
         """
         await self._schedule(self._subjects.reap_timer(run_id), self._subjects.reap(run_id),
-                             orjson.dumps({"v": WIRE_VERSION, "run_id": run_id}), "reap",
+                             RunRemoval(run_id=run_id).model_dump_json().encode(), "reap",
                              max(at, utcnow() + _MIN_AHEAD))
 
     async def _publish(self, subject: str, task: str, run_id: str, act: Activation, fire_at: datetime) -> None:

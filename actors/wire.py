@@ -514,6 +514,15 @@ def decode_activation(data: bytes) -> Activation:
     return Activation.model_validate_json(data)
 
 
+class RunRemoval(BaseModel):
+    """A message on ``<prefix>.work.@reaper.<run>``: the finished run's retention has passed, remove it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    v: int = WIRE_VERSION
+    run_id: str = Field(min_length=1)
+
+
 # --- the event router's inputs ------------------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from actors.http_api import create_app
@@ -24,6 +23,7 @@ from actors.wire import (
     EventSignal,
     RunCompleted,
     RunFailed,
+    RunRemoval,
     RunStarted,
     WaitCondition,
     WaitRegistered,
@@ -77,7 +77,8 @@ async def _removal_handled(conn: Connection, run_id: str) -> None:
 
 async def _publish_removal(conn: Connection, run_id: str) -> None:
     """A removal message falling due now, as the run's schedule would publish it."""
-    await conn.publisher.publish(conn.layout.subjects.reap(run_id), orjson.dumps({"v": 1, "run_id": run_id}))
+    removal = RunRemoval(run_id=run_id).model_dump_json().encode()
+    await conn.publisher.publish(conn.layout.subjects.reap(run_id), removal)
 
 
 async def test_history_and_counter_streams_have_no_max_age(nats_server: EmbeddedServer, bide: Bide) -> None:
@@ -170,6 +171,10 @@ async def test_a_removal_for_a_live_run_changes_nothing(short: Bide) -> None:
         await _removal_handled(conn, run_id)
         after = await short.runs.aio_history(run_id)
         assert after.entries == before.entries and after.last_seq == before.last_seq
+
+        await conn.publisher.publish(conn.layout.subjects.reap(run_id), b'{"run": 1}')  # malformed: dropped
+        await _removal_handled(conn, run_id)
+        assert (await short.runs.aio_history(run_id)).last_seq == before.last_seq
 
         await short.event.aio_push("ret:go", {"ok": True})
         assert await ref.aio_result(timeout=15) == {"got": {"ok": True}}
