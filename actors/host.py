@@ -24,6 +24,7 @@ from actors.children import ChildStart, child_run_id, notify_parent, request_can
 from actors.history import HistoryConflict, HistoryLog, RunHistory
 from actors.jetstream import Layout, Publisher, api_request, connect, ensure_streams, ensure_task_consumer
 from actors.replay import Turn, open_waits
+from actors.retention import Reaper
 from actors.router import EventRouter, publish_registrations
 from actors.timers import TimerScheduler
 from actors.tracing import RunTrace, Tracing, mark_failed, mark_outcome
@@ -141,6 +142,9 @@ class ActorHost:
             consumer = await ensure_task_consumer(js, self.layout, t.name, t.durable)
             pool = self.durable_slots if t.runs_durably else self.slots
             self._queues.append(ActivationQueue(nc, self.layout.subjects.work_stream, consumer, pool, self._handle))
+        self._reaper = Reaper(nc, self._publisher, self.layout, self._history, self._timers,
+                              self.config.history_retention_s)
+        self._queues.append(await self._reaper.queue(js))
         for q in self._queues:  # every queue is counted before any pulls (scarce slots)
             await q.start()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="bide-heartbeat")
@@ -234,6 +238,8 @@ class ActorHost:
         started = hist.entries[0]
         terminal = hist.terminal
         if terminal is not None:
+            # The host that ended it may have died before scheduling its removal (idempotent).
+            await self._reaper.schedule(hist.run_id, terminal)
             if attempt > 1 and started.parent is not None:
                 # The host that ended it may have died before telling the parent (idempotent).
                 await notify_parent(self._nc_, self._publisher_, self.layout.subjects, hist.run_id, started.parent,
@@ -397,6 +403,7 @@ class ActorHost:
     async def _finished(self, run_id: str, started: Any, end: Any, unfinished: list[tuple[str, str]]) -> None:
         """A run ended: tell its parent; a cancelled run cancels the children it still has running."""
         mark_outcome(end.k.removeprefix("run_"))
+        await self._reaper.schedule(run_id, end)  # retention starts now (DESIGN.md invariant 9)
         if end.k == "run_failed":
             mark_failed(f"{end.error.type}: {end.error.message}")
         if started.parent is not None:

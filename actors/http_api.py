@@ -87,6 +87,19 @@ class RunCancelled(BaseModel):
     cancelled: bool = Field(description="`false` if the run had already finished (nothing was cancelled)")
 
 
+class RunState(BaseModel):
+    """A run's state, as `bide runs show` prints it (its first line)."""
+
+    run_id: str
+    task: str
+    status: str = Field(description="queued, running, waiting, completed, failed or cancelled")
+    started_at: str
+    result: Any = Field(default=None, description="the result of a completed run")
+    error: str | None = Field(default=None, description="`Type: message` of a failed run")
+    entries: int = Field(description="how many entries its history holds")
+    trace_id: str
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
@@ -329,6 +342,19 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return EventDelivered(execution_id=receipt.execution_id, event_name=receipt.event_name)
+
+    @app.get("/api/v1/runs/{run_id}", response_model=RunState, dependencies=auth,
+             responses=_errors(401, 404, 503), tags=["runs"])
+    async def get_run(run_id: str) -> RunState:
+        """A run's state. 404 if there is no such run: it never existed, or it finished and was
+        removed after the history retention (`BIDE_HISTORY_RETENTION`)."""
+        try:
+            info = await bide.runs.aio_get(run_id)
+        except RunNotFoundError as e:
+            raise HTTPException(404, str(e)) from None
+        return RunState(run_id=info.run_id, task=info.task, status=info.status.value,
+                        started_at=info.started_at.isoformat(), result=info.result, error=info.error,
+                        entries=info.entries, trace_id=info.trace_id)
 
     @app.post("/api/v1/runs/{run_id}/cancel", response_model=RunCancelled, dependencies=auth,
               responses=_errors(400, 401, 404, 413, 503), openapi_extra=_CANCEL_BODY, tags=["runs"])

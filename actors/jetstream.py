@@ -49,7 +49,6 @@ class Layout:
 
     subjects: Subjects
     replicas: int = 1
-    history_max_age_s: float = 30 * 24 * 3600
     ack_wait_s: float = 30.0
     events_max_age_s: float = 24 * 3600
     """How long events are kept for lookback (the longest lookback window that can see anything)."""
@@ -106,7 +105,9 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
             subjects=[s.history_all, s.inbox_all],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
-            max_age=layout.history_max_age_s,
+            # No max age: a live run never expires (DESIGN.md invariant 9); a finished run is
+            # removed by the reaper (actors/retention.py) after BIDE_HISTORY_RETENTION.
+            max_age=0,
             num_replicas=layout.replicas,
             allow_direct=True,
             # Invariant 10: whoever may deliver to a run cannot purge histories with a rollup header.
@@ -144,7 +145,7 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
             subjects=[s.counters_all],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
-            max_age=layout.history_max_age_s,
+            max_age=0,  # as the history: removed with its run, never by age
             num_replicas=layout.replicas,
             allow_direct=True,
             discard=DiscardPolicy.OLD,
@@ -236,6 +237,23 @@ def task_consumer_config(layout: Layout, task: str, durable: bool) -> ConsumerCo
         num_replicas=layout.replicas,
         metadata={"bide_task": task, "bide_durable": "true" if durable else "false"},
     )
+
+
+async def ensure_reaper_consumer(js: JetStreamContext, layout: Layout) -> str:
+    """The consumer every host pulls finished runs' removals from (they fall due as scheduled messages)."""
+    s = layout.subjects
+    cfg = ConsumerConfig(
+        durable_name=s.reaper_consumer,
+        filter_subject=s.reap_all,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=layout.ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=1000,
+        num_replicas=layout.replicas,
+    )
+    await js.add_consumer(s.work_stream, cfg)
+    return s.reaper_consumer
 
 
 async def ensure_task_consumer(js: JetStreamContext, layout: Layout, task: str, durable: bool) -> str:

@@ -12,6 +12,7 @@ from actors.wire import (
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
     Activation,
+    RunRemoval,
     Subjects,
     encode_activation,
     rfc3339,
@@ -48,14 +49,26 @@ class TimerScheduler:
         await self._publish(self._subjects.timer(run_id, f"retry{retry}"), task, run_id, act,
                             max(at, utcnow() + _MIN_AHEAD))
 
+    async def schedule_removal(self, run_id: str, at: datetime) -> None:
+        """The finished run's removal, due at ``at`` (retention, DESIGN.md invariant 9).
+
+        One schedule subject per run, so publishing it again (a redelivered end) replaces it.
+        """
+        await self._schedule(self._subjects.reap_timer(run_id), self._subjects.reap(run_id),
+                             RunRemoval(run_id=run_id).model_dump_json().encode(), "reap",
+                             max(at, utcnow() + _MIN_AHEAD))
+
     async def _publish(self, subject: str, task: str, run_id: str, act: Activation, fire_at: datetime) -> None:
+        await self._schedule(subject, self._subjects.work(task, run_id), encode_activation(act), act.kind, fire_at)
+
+    async def _schedule(self, subject: str, target: str, data: bytes, kind: str, fire_at: datetime) -> None:
         await self._js.publish(
             subject,
-            encode_activation(act),
+            data,
             headers={
                 HDR_SCHEDULE: f"@at {rfc3339(fire_at)}",
-                HDR_SCHEDULE_TARGET: self._subjects.work(task, run_id),
-                HDR_BIDE_KIND: act.kind,
+                HDR_SCHEDULE_TARGET: target,
+                HDR_BIDE_KIND: kind,
             },
         )
 

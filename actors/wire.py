@@ -187,6 +187,35 @@ class Subjects:
     def counters_all(self) -> str:
         return f"{self.prefix}.count.>"
 
+    # -- retention: a finished run's removal, due BIDE_HISTORY_RETENTION after it ended ---------
+
+    def reap(self, run_id: str) -> str:
+        """Where a run's removal falls due: a work subject no task can own (``@`` is never in a task name)."""
+        return f"{self.prefix}.work.@reaper.{encode_token(run_id)}"
+
+    def reap_timer(self, run_id: str) -> str:
+        """The schedule of a run's removal (one per run: scheduling it again replaces it)."""
+        return self.timer(run_id, "reap")
+
+    @property
+    def reap_all(self) -> str:
+        return f"{self.prefix}.work.@reaper.>"
+
+    @property
+    def reaper_consumer(self) -> str:
+        return "reaper"
+
+    def run_timers(self, run_id: str) -> str:
+        """Every schedule of one run (its sleeps, retries and its removal)."""
+        return f"{self.prefix}.timers.{encode_token(run_id)}.>"
+
+    def run_counters(self, run_id: str) -> str:
+        return f"{self.prefix}.count.{encode_token(run_id)}.>"
+
+    def run_work(self, run_id: str) -> str:
+        """Every activation of one run, whatever its task."""
+        return f"{self.prefix}.work.*.{encode_token(run_id)}"
+
     @property
     def cancel_broadcast(self) -> str:
         """Core NATS: "stop run R now if you are running it" (the durable request is on the inbox)."""
@@ -489,6 +518,15 @@ def encode_activation(act: Activation) -> bytes:
 
 def decode_activation(data: bytes) -> Activation:
     return Activation.model_validate_json(data)
+
+
+class RunRemoval(BaseModel):
+    """A message on ``<prefix>.work.@reaper.<run>``: the finished run's retention has passed, remove it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    v: int = WIRE_VERSION
+    run_id: str = Field(min_length=1)
 
 
 # --- the event router's inputs ------------------------------------------------------------------------

@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_HISTORY_RETENTION_S = 30 * 24 * 3600.0
+
+_MAX_RETENTION_S = 100 * 365 * 86400.0
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*", re.IGNORECASE)
+_UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: str, name: str = "duration") -> float:
+    """Seconds in ``value``: a number of seconds, or a number followed by ``s``, ``m``, ``h`` or ``d``.
+
+    ``30d``, ``2h``, ``90m``, ``5s``, ``1.5h`` and ``3600`` are accepted; anything else, and
+    zero, raise a ``ValueError`` naming ``name``, the value and the accepted forms.
+    """
+    m = _DURATION.fullmatch(value)
+    seconds = float(m.group(1)) * _UNIT_S[m.group(2).lower()] if m is not None else 0.0
+    if seconds <= 0:
+        raise ValueError(
+            f"{name}={value!r} is not a positive duration: use a number of seconds or a number followed by "
+            "s, m, h or d (for example 5s, 90m, 2h, 30d)"
+        )
+    return seconds
 
 
 def _env_float(name: str, default: float) -> float:
@@ -16,6 +38,13 @@ def _env_float(name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+def _env_duration(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return parse_duration(raw, name)
 
 
 @dataclass(frozen=True)
@@ -31,6 +60,11 @@ class BideConfig:
     """How long pushed events are kept for lookback (``BIDE_EVENTS_MAX_AGE``, seconds)."""
     api_token: str | None = None
     """Bearer token the HTTP API requires when set (``BIDE_API_TOKEN``)."""
+    history_retention_s: float = DEFAULT_HISTORY_RETENTION_S
+    """How long a finished run is kept before it is removed (``BIDE_HISTORY_RETENTION``, e.g. ``30d``).
+
+    A live run never expires (DESIGN.md invariant 9): retention starts when the run ends.
+    """
 
     @classmethod
     def from_env(
@@ -48,6 +82,7 @@ class BideConfig:
             connect_timeout_s=_env_float("BIDE_CONNECT_TIMEOUT", 2.0),
             events_max_age_s=_env_float("BIDE_EVENTS_MAX_AGE", 24 * 3600.0),
             api_token=os.environ.get("BIDE_API_TOKEN") or None,
+            history_retention_s=_env_duration("BIDE_HISTORY_RETENTION", DEFAULT_HISTORY_RETENTION_S),
         )
         cfg.validate()
         return cfg
@@ -61,3 +96,5 @@ class BideConfig:
             raise ValueError(f"ack_wait_s={self.ack_wait_s} must be at least 1 second")
         if self.events_max_age_s < 1:
             raise ValueError(f"events_max_age_s={self.events_max_age_s} must be at least 1 second")
+        if not 1 <= self.history_retention_s <= _MAX_RETENTION_S:
+            raise ValueError(f"history_retention_s={self.history_retention_s:g} must be between 1 second and 100 years")

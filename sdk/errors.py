@@ -36,7 +36,11 @@ class UnknownTaskError(BideError, LookupError):
 
 
 class RunNotFoundError(BideError, LookupError):
-    """No run with that id exists."""
+    """No run with that id exists: it never did, or it finished and was removed after its retention."""
+
+    def __init__(self, message: str, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class RunFailedError(BideError):

@@ -216,6 +216,14 @@ class RunInfo:
     """The run's OpenTelemetry trace id (hex): every span of the run, on any host, is in this trace."""
 
 
+def _duration(seconds: float) -> str:
+    """``30d``, ``2h``, ``90m`` or ``5s``: the largest unit that divides it exactly."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 class RunsClient:
     """``bide.runs``: read a run's state and history, or wait for its result."""
 
@@ -230,7 +238,14 @@ class RunsClient:
         return hist
 
     async def aio_get(self, run_id: str) -> RunInfo:
-        hist = await self.aio_history(run_id)
+        """The run's state; :class:`RunNotFoundError` if it never existed or was removed after its retention."""
+        conn = await self._pool.get()
+        hist = await conn.history.read(run_id)
+        if not hist.entries:
+            retention = _duration(self._pool.config.history_retention_s)
+            raise RunNotFoundError(
+                f"no run with id {run_id!r}: it never existed, or it finished and was removed after the "
+                f"history retention period (BIDE_HISTORY_RETENTION: {retention})", run_id)
         first = hist.entries[0]
         term = hist.terminal
         return RunInfo(

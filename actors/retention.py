@@ -1,0 +1,115 @@
+"""Retention: a finished run is removed ``BIDE_HISTORY_RETENTION`` after it ended; a live run never is.
+
+DESIGN.md invariant 9. The history and counter streams have no max age, so nothing of a
+live run expires, however long it sleeps or waits. When a run ends, its host schedules
+the run's removal (a scheduled message, ADR-51, on ``<prefix>.timers.<run>.reap``) that
+falls due into ``<prefix>.work.@reaper.<run>``; every host pulls that subject through one
+durable consumer. The reaper reads the run first and removes only a finished run whose
+retention has passed, so a removal that fires twice, is redelivered, or is published for a
+live run changes nothing. It removes, in this order: the router registrations of waits the
+run left open, the run's inbox, its children's counters, its schedules (timers, retries)
+and queued activations, and last the history, so a reaper that dies half-way finds the
+terminal entry again on redelivery and finishes the job.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from actors.activation_queue import ActivationQueue, SlotPool
+from actors.history import HistoryLog
+from actors.jetstream import Layout, Publisher, api_request, ensure_reaper_consumer
+from actors.replay import open_waits
+from actors.router import publish_registrations
+from actors.timers import TimerScheduler
+from actors.wire import RunRemoval, utcnow
+
+log = logging.getLogger("bide.retention")
+
+_SLOTS = 4
+"""Removals one host carries out at once (they are short: a read and a few purges)."""
+_RETRY_DELAY_S = 5.0
+"""A removal that failed (e.g. JetStream unavailable for a moment) is tried again after this."""
+
+
+class Reaper:
+    """Schedules a finished run's removal and carries it out when it falls due."""
+
+    def __init__(self, nc: NATS, publisher: Publisher, layout: Layout, history: HistoryLog, timers: TimerScheduler,
+                 retention_s: float) -> None:
+        self._nc = nc
+        self._pub = publisher
+        self._layout = layout
+        self._history = history
+        self._timers = timers
+        self.retention = timedelta(seconds=retention_s)
+
+    async def queue(self, js: JetStreamContext) -> ActivationQueue:
+        """This host's share of the removals that fall due (one durable consumer, pulled by every host)."""
+        consumer = await ensure_reaper_consumer(js, self._layout)
+        return ActivationQueue(self._nc, self._layout.subjects.work_stream, consumer, SlotPool(_SLOTS), self.handle)
+
+    async def schedule(self, run_id: str, terminal: Any) -> None:
+        """The run ended with ``terminal``: its removal falls due one retention period later.
+
+        The due time comes from the terminal entry, so a host that schedules it again (the
+        end's activation was redelivered) schedules the same thing.
+        """
+        await self._timers.schedule_removal(run_id, terminal.at + self.retention)
+
+    async def handle(self, msg: Msg) -> None:
+        """One removal that fell due: carry it out, then ack (a failure is retried later)."""
+        try:
+            run_id = RunRemoval.model_validate_json(msg.data).run_id
+        except ValueError as e:
+            log.error("dropping malformed removal on %s (%s): %r", msg.subject, e, msg.data[:200])
+            await msg.term()
+            return
+        try:
+            await self.reap(run_id)
+        except Exception:
+            log.exception("removing run %s failed; will retry", run_id)
+            await msg.nak(delay=_RETRY_DELAY_S)
+            return
+        await msg.ack()
+
+    async def reap(self, run_id: str) -> str:
+        """Remove the run if it is finished and its retention has passed; says what it did.
+
+        ``"removed"``, ``"gone"`` (nothing left: removed before, or never existed), ``"live"``
+        (not finished: kept, DESIGN.md invariant 9) or ``"not due"`` (rescheduled for later).
+        """
+        hist = await self._history.read(run_id)
+        if not hist.entries:
+            return "gone"
+        terminal = hist.terminal
+        if terminal is None:
+            # A run that has not ended is never removed; its own end schedules its removal.
+            log.warning("not removing run %s: it has not finished", run_id)
+            return "live"
+        due = terminal.at + self.retention
+        if due > utcnow():
+            # Early (this host keeps runs longer than the one that scheduled it): wait for our due time.
+            await self.schedule(run_id, terminal)
+            return "not due"
+        s = self._layout.subjects
+        task = hist.entries[0].task
+        for wait in open_waits(hist.entries).values():
+            # The host withdraws these when the run ends; this covers a host that died before it could.
+            await publish_registrations(self._pub, self._layout, wait, run_id, task, None, "cancel")
+        await self._purge(s.history_stream, s.inbox(run_id))
+        await self._purge(s.counters_stream, s.run_counters(run_id))
+        await self._purge(s.work_stream, s.run_timers(run_id))
+        await self._purge(s.work_stream, s.run_work(run_id))
+        await self._purge(s.history_stream, s.history(run_id))  # last: until now a redelivery starts over
+        log.info("removed run %s (ended %s, retention %s)", run_id, terminal.at.isoformat(), self.retention)
+        return "removed"
+
+    async def _purge(self, stream: str, subject: str) -> None:
+        await api_request(self._nc, f"$JS.API.STREAM.PURGE.{stream}", {"filter": subject})

@@ -1,0 +1,257 @@
+"""Retention against a real nats-server: a live run never expires (DESIGN.md invariant 9); a finished
+run is removed completely ``BIDE_HISTORY_RETENTION`` after it ended, and reads of it say so."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from actors.http_api import create_app
+from actors.jetstream import api_request
+from actors.router import publish_registrations
+from actors.server import EmbeddedServer
+from actors.wire import (
+    HDR_BIDE_KIND,
+    HDR_SCHEDULE,
+    HDR_SCHEDULE_TARGET,
+    Activation,
+    ErrorInfo,
+    EventSignal,
+    RunCompleted,
+    RunFailed,
+    RunRemoval,
+    RunStarted,
+    WaitCondition,
+    WaitRegistered,
+    encode_activation,
+    rfc3339,
+    utcnow,
+)
+from sdk import Bide, Context, DurableContext, EmptyModel, RunNotFoundError, RunStatus
+from sdk._connection import Connection
+from tests.e2e.test_cli_events import cli
+from tests.support import running_worker, wait_until
+
+
+@pytest.fixture
+async def short(nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Bide]:
+    """A client (and the workers it starts) that keeps finished runs for 5 s."""
+    monkeypatch.setenv("BIDE_HISTORY_RETENTION", "5s")
+    client = Bide(nats_server.url, ack_wait=3.0)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _subjects(conn: Connection, stream: str, subject_filter: str) -> dict[str, int]:
+    info = await api_request(conn.nc, f"$JS.API.STREAM.INFO.{stream}", {"subjects_filter": subject_filter})
+    subjects: dict[str, int] = info.get("state", {}).get("subjects") or {}
+    return subjects
+
+
+async def _leftovers(conn: Connection, run_id: str) -> dict[str, int]:
+    """Whatever of the run is still stored: history, inbox, counters, schedules and activations."""
+    s = conn.layout.subjects
+    found: dict[str, int] = {}
+    for stream, subject in ((s.history_stream, s.history(run_id)), (s.history_stream, s.inbox(run_id)),
+                            (s.counters_stream, s.run_counters(run_id)), (s.work_stream, s.run_timers(run_id)),
+                            (s.work_stream, s.run_work(run_id))):
+        found |= await _subjects(conn, stream, subject)
+    return found
+
+
+async def _removal_handled(conn: Connection, run_id: str) -> None:
+    """Until the removal message for ``run_id`` has been taken and acked (a work queue drops it then)."""
+    s = conn.layout.subjects
+
+    async def gone() -> bool:
+        return not await _subjects(conn, s.work_stream, s.reap(run_id))
+
+    await wait_until(gone, timeout=15, what=f"the removal of {run_id} to be handled")
+
+
+async def _publish_removal(conn: Connection, run_id: str) -> None:
+    """A removal message falling due now, as the run's schedule would publish it."""
+    removal = RunRemoval(run_id=run_id).model_dump_json().encode()
+    await conn.publisher.publish(conn.layout.subjects.reap(run_id), removal)
+
+
+async def test_history_and_counter_streams_have_no_max_age(nats_server: EmbeddedServer, bide: Bide) -> None:
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    # A stream made by an older version (30 days) loses its max age at the next start-up.
+    await api_request(conn.nc, f"$JS.API.STREAM.UPDATE.{s.history_stream}",
+                      {**(await api_request(conn.nc, f"$JS.API.STREAM.INFO.{s.history_stream}", {}))["config"],
+                       "max_age": 30 * 86400 * 10**9})
+    async with Bide(nats_server.url) as again:
+        await again._pool.get()  # start-up: every stream is created or updated
+        for stream in (s.history_stream, s.counters_stream):
+            info = await api_request(conn.nc, f"$JS.API.STREAM.INFO.{stream}", {})
+            assert info["config"]["max_age"] == 0, stream
+
+
+async def test_a_run_sleeping_past_the_retention_completes_then_is_removed_completely(
+        nats_server: EmbeddedServer, short: Bide) -> None:
+    @short.task(name="RetChild")
+    async def child(input: EmptyModel, ctx: Context) -> int:
+        return 21
+
+    @short.durable_task(name="RetSleeper")
+    async def sleeper(input: EmptyModel, ctx: DurableContext) -> dict[str, Any]:
+        got = await child.aio_run(EmptyModel())  # a child: the run gets a batch counter
+        missed = await ctx.aio_wait_for_event("ret:never", timeout="1s")  # a wait registration
+        await ctx.aio_sleep_for(timedelta(seconds=7))  # longer than the retention
+        return {"twice": got * 2, "missed": missed}
+
+    conn = await short._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(short, [child, sleeper]):
+        ref = await sleeper.aio_run_no_wait(EmptyModel())
+        run_id = ref.workflow_run_id
+        assert await ref.aio_result(timeout=30) == {"twice": 42, "missed": None}
+        child_id = f"{run_id}-0-0"
+        assert await _subjects(conn, s.counters_stream, s.run_counters(run_id))  # there is something to remove
+        # Left behind, as a late signal or a crashed host can leave them: an inbox message and a timer.
+        late = EventSignal(source="event", name="late", payload=1, event_id="late-1", at=utcnow())
+        await conn.publisher.publish(s.inbox(run_id), late.model_dump_json().encode())
+        await conn.publisher.publish(s.timer(run_id, 99), b"{}", {
+            HDR_SCHEDULE: f"@at {rfc3339(utcnow() + timedelta(days=3))}",
+            HDR_SCHEDULE_TARGET: s.work("RetSleeper", run_id)})
+        assert set(await _leftovers(conn, run_id)) >= {s.history(run_id), s.inbox(run_id), s.timer(run_id, 99)}
+
+        async def removed() -> bool:
+            return not await _leftovers(conn, run_id) and not await _leftovers(conn, child_id)
+
+        await wait_until(removed, timeout=20, interval=0.2, what=f"run {run_id} and its child to be removed")
+        assert not await _subjects(conn, s.events_stream, s.waits_all)  # no registration is left either
+
+        with pytest.raises(RunNotFoundError) as err:
+            await short.runs.aio_get(run_id)
+        assert err.value.run_id == run_id
+        assert str(err.value) == (
+            f"no run with id {run_id!r}: it never existed, or it finished and was removed after the history "
+            "retention period (BIDE_HISTORY_RETENTION: 5s)")
+
+        out = await cli("runs", "show", run_id, url=nats_server.url)
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr == f"bide: error: {err.value}\n"
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(short, None)),
+                                     base_url="http://bide.test") as api:
+            resp = await api.get(f"/api/v1/runs/{run_id}")
+            assert resp.status_code == 404 and resp.json() == {"detail": str(err.value)}
+
+        # A removal that falls due again (a re-fired schedule, a redelivery) is harmless.
+        await _publish_removal(conn, run_id)
+        await _removal_handled(conn, run_id)
+        assert not await _leftovers(conn, run_id)
+
+
+async def test_a_removal_for_a_live_run_changes_nothing(short: Bide) -> None:
+    @short.durable_task(name="RetWaiter")
+    async def waiter(input: EmptyModel, ctx: DurableContext) -> dict[str, Any]:
+        return {"got": await ctx.aio_wait_for_event("ret:go")}
+
+    conn = await short._pool.get()
+    async with running_worker(short, [waiter]):
+        ref = await waiter.aio_run_no_wait(EmptyModel())
+        run_id = ref.workflow_run_id
+
+        async def waiting() -> bool:
+            return (await short.runs.aio_get(run_id)).status is RunStatus.WAITING
+
+        await wait_until(waiting, what=f"run {run_id} to wait")
+        before = await short.runs.aio_history(run_id)
+        await _publish_removal(conn, run_id)  # early, stray or forged: the run has not ended
+        await _removal_handled(conn, run_id)
+        after = await short.runs.aio_history(run_id)
+        assert after.entries == before.entries and after.last_seq == before.last_seq
+
+        await conn.publisher.publish(conn.layout.subjects.reap(run_id), b'{"run": 1}')  # malformed: dropped
+        await _removal_handled(conn, run_id)
+        assert (await short.runs.aio_history(run_id)).last_seq == before.last_seq
+
+        await short.event.aio_push("ret:go", {"ok": True})
+        assert await ref.aio_result(timeout=15) == {"got": {"ok": True}}
+
+
+async def test_a_removal_before_the_retention_has_passed_is_put_off(bide: Bide) -> None:
+    @bide.task(name="RetQuick")
+    async def quick(input: EmptyModel, ctx: Context) -> int:
+        return 7
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(bide, [quick]):
+        ref = await quick.aio_run_no_wait(EmptyModel())
+        run_id = ref.workflow_run_id
+        assert await ref.aio_result(timeout=15) == 7
+        # Ending it scheduled its removal for 30 days (the default) after its end.
+        assert await _subjects(conn, s.work_stream, s.reap_timer(run_id)) == {s.reap_timer(run_id): 1}
+        await _publish_removal(conn, run_id)
+        await _removal_handled(conn, run_id)
+        assert (await bide.runs.aio_get(run_id)).status is RunStatus.COMPLETED
+        assert await _subjects(conn, s.work_stream, s.reap_timer(run_id)) == {s.reap_timer(run_id): 1}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(bide, None)),
+                                     base_url="http://bide.test") as api:
+            resp = await api.get(f"/api/v1/runs/{run_id}")
+            assert resp.status_code == 200, resp.text
+            assert resp.json() | {"started_at": "", "trace_id": ""} == {
+                "run_id": run_id, "task": "RetQuick", "status": "completed", "started_at": "", "result": 7,
+                "error": None, "entries": 3, "trace_id": ""}
+
+
+async def test_the_removal_withdraws_the_waits_a_dead_host_left_registered(short: Bide) -> None:
+    @short.durable_task(name="RetLeft")
+    async def left(input: EmptyModel, ctx: DurableContext) -> None:
+        await ctx.aio_wait_for_event("ret:left")
+
+    conn = await short._pool.get()
+    s = conn.layout.subjects
+    run_id = "ret-left-1"
+    ended = utcnow() - timedelta(seconds=10)
+    wait = WaitRegistered(pos=0, wait_id=f"{run_id}:0", label="ret:left", args_hash="", at=ended,
+                          groups=[[WaitCondition(kind="event", key="ret:left", event_key="ret:left")]])
+    # What a host that died right after ending the run leaves: the end is in the history, but the
+    # wait it was in is still registered with the router (and no removal was scheduled).
+    await conn.history.append(run_id, [
+        RunStarted(run_id=run_id, task="RetLeft", durable=True, input={}, at=ended), wait,
+        RunFailed(error=ErrorInfo(type="Crash", message="host died", traceback=""), at=ended)], 0)
+    await publish_registrations(conn.publisher, conn.layout, wait, run_id, "RetLeft", {}, "register")
+    async with running_worker(short, [left]):  # the event router and the reaper
+        await _publish_removal(conn, run_id)
+
+        async def removed() -> bool:
+            return not await _leftovers(conn, run_id) and not await _subjects(conn, s.events_stream, s.waits_all)
+
+        await wait_until(removed, timeout=15, interval=0.2, what=f"run {run_id} and its registration to be removed")
+
+
+async def test_a_run_whose_host_died_before_scheduling_its_removal_is_removed_at_its_next_activation(
+        short: Bide) -> None:
+    @short.task(name="RetEnded")
+    async def ended(input: EmptyModel, ctx: Context) -> int:
+        return 1
+
+    conn = await short._pool.get()
+    s = conn.layout.subjects
+    run_id = "ret-ended-1"
+    at = utcnow() - timedelta(seconds=10)
+    # What a host that died right after appending the end leaves: a finished run, no removal scheduled.
+    await conn.history.append(run_id, [RunStarted(run_id=run_id, task="RetEnded", durable=False, input={}, at=at),
+                                       RunCompleted(result=1, at=at)], 0)
+    async with running_worker(short, [ended]):
+        # Its activation comes back (unacked by the dead host): the run is finished, its removal is scheduled.
+        await conn.publisher.publish(s.work("RetEnded", run_id),
+                                     encode_activation(Activation(run_id=run_id, task="RetEnded", kind="start")),
+                                     {HDR_BIDE_KIND: "start"})
+
+        async def removed() -> bool:
+            return not await _leftovers(conn, run_id)
+
+        await wait_until(removed, timeout=15, interval=0.2, what=f"run {run_id} to be removed")
