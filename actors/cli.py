@@ -18,6 +18,7 @@ import orjson
 from actors.http_api import serve_http, url_of
 from actors.server import EmbeddedServer
 from sdk import Bide, BideError, Worker
+from sdk.limits import MAX_DEPTH
 from sdk.tasks import TaskDefinition
 
 
@@ -29,7 +30,9 @@ def _parse_json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise CliError(f"{what} is not valid JSON: {e.msg} at position {e.pos} in {text!r}") from None
+        raise CliError(f"{what} is not valid JSON: {e.msg} at position {e.pos} in {text[:200]!r}") from None
+    except RecursionError:
+        raise CliError(f"{what} is nested too deeply (Bide's limit is {MAX_DEPTH} levels of nesting)") from None
 
 
 def load_worker(target: str, *, slots: int | None, durable_slots: int | None, name: str | None) -> Worker:

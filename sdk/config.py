@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
+
+from sdk.limits import DEFAULT_MAX_PAYLOAD, PayloadLimits, parse_size
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -31,6 +34,8 @@ class BideConfig:
     """How long pushed events are kept for lookback (``BIDE_EVENTS_MAX_AGE``, seconds)."""
     api_token: str | None = None
     """Bearer token the HTTP API requires when set (``BIDE_API_TOKEN``)."""
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    """Largest payload (event, run input, result) accepted, as JSON bytes (``BIDE_MAX_PAYLOAD``, e.g. ``256KiB``)."""
 
     @classmethod
     def from_env(
@@ -48,6 +53,7 @@ class BideConfig:
             connect_timeout_s=_env_float("BIDE_CONNECT_TIMEOUT", 2.0),
             events_max_age_s=_env_float("BIDE_EVENTS_MAX_AGE", 24 * 3600.0),
             api_token=os.environ.get("BIDE_API_TOKEN") or None,
+            max_payload_bytes=parse_size(os.environ.get("BIDE_MAX_PAYLOAD") or DEFAULT_MAX_PAYLOAD),
         )
         cfg.validate()
         return cfg
@@ -61,3 +67,9 @@ class BideConfig:
             raise ValueError(f"ack_wait_s={self.ack_wait_s} must be at least 1 second")
         if self.events_max_age_s < 1:
             raise ValueError(f"events_max_age_s={self.events_max_age_s} must be at least 1 second")
+        PayloadLimits(max_bytes=self.max_payload_bytes)  # raises ValueError naming a bad limit
+
+    @cached_property
+    def payload_limits(self) -> PayloadLimits:
+        """What every way in checks a payload against (see :mod:`sdk.limits`)."""
+        return PayloadLimits(max_bytes=self.max_payload_bytes)
