@@ -16,8 +16,9 @@ from typing import Any
 import orjson
 
 from actors.http_api import serve_http, url_of
-from actors.server import EmbeddedServer
+from actors.server import DEFAULT_SYNC, SYNC_ENV, EmbeddedServer, SyncSetting
 from sdk import Bide, BideError, Worker
+from sdk.limits import MAX_DEPTH
 from sdk.tasks import TaskDefinition
 
 
@@ -29,7 +30,9 @@ def _parse_json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise CliError(f"{what} is not valid JSON: {e.msg} at position {e.pos} in {text!r}") from None
+        raise CliError(f"{what} is not valid JSON: {e.msg} at position {e.pos} in {text[:200]!r}") from None
+    except RecursionError:
+        raise CliError(f"{what} is nested too deeply (Bide's limit is {MAX_DEPTH} levels of nesting)") from None
 
 
 def load_worker(target: str, *, slots: int | None, durable_slots: int | None, name: str | None) -> Worker:
@@ -136,13 +139,18 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     if args.http_port is not None and not 0 <= args.http_port < 65536:
         raise CliError(f"--http-port must be between 0 (no HTTP API) and 65535, got {args.http_port}")
     store = Path(args.store).resolve()
-    server = EmbeddedServer(port=args.port, store_dir=store, log_file=store.parent / "nats-server.log")
+    try:
+        sync = SyncSetting.parse(args.sync) if args.sync is not None else SyncSetting.from_env()
+    except ValueError as e:
+        raise CliError(f"--sync: {e}") from None
+    server = EmbeddedServer(port=args.port, store_dir=store, log_file=store.parent / "nats-server.log", sync=sync)
     try:
         server.start()
     except RuntimeError as e:
         raise CliError(f"could not start the embedded nats-server on port {args.port}: {e}") from None
     os.environ["BIDE_NATS_URL"] = server.url
     print(f"bide dev: JetStream at {server.url} (store {store})", file=sys.stderr, flush=True)
+    print(f"bide dev: sync {sync}: a power loss loses {sync.loses_on_power_loss}", file=sys.stderr, flush=True)
     try:
         workers = [load_worker(t, slots=None, durable_slots=None, name=None) for t in args.modules]
         stop = asyncio.Event()
@@ -310,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--store", default=".bide/jetstream", help="JetStream store folder (default .bide/jetstream)")
     dev.add_argument("--run", metavar="TASK", help="run TASK once the workers are up, print its result, exit")
     dev.add_argument("--input", default="{}", help="JSON input for --run (default {})")
+    dev.add_argument("--sync", default=None, metavar="always|interval[=DURATION]",
+                     help="when the server fsyncs to disk: 'always' (every write; a power loss loses nothing "
+                          "acknowledged) or 'interval' (every 2m, or e.g. interval=1s; a power loss loses up to "
+                          f"that much). Default: {SYNC_ENV}, else {DEFAULT_SYNC}")
     dev.add_argument("--http-port", type=int, default=None,
                      help=f"serve the HTTP API on 127.0.0.1:PORT (default {DEFAULT_HTTP_PORT}; 0 for none)")
     dev.set_defaults(func=cmd_dev)

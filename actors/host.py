@@ -377,8 +377,8 @@ class ActorHost:
         if failures >= defn.retries:
             return None
         exc = user.exception() if user is not None and user.done() and not user.cancelled() else None
-        if isinstance(exc, _NEVER_RETRIED):
-            return None
+        if isinstance(exc, _NEVER_RETRIED) or (user is not None and user.done() and exc is None):
+            return None  # (no exception: the code returned, but its result cannot be stored)
         delay = defn.retry_delay(failures + 1)
         now = utcnow()
         return AttemptFailed(attempt=failures + 1, error=failed.error, retry_at=now + timedelta(seconds=delay), at=now)

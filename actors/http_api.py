@@ -12,7 +12,9 @@ runs it with uvicorn inside the caller's event loop (``bide serve`` and ``bide d
 =====================================  =====================================================
 
 When a token is configured every ``/api/`` request needs ``Authorization: Bearer <token>``.
-Bodies larger than ``max_body_bytes`` are refused with 413 before they are read in full.
+Bodies larger than ``max_body_bytes`` are refused with 413 before they are read in full; a
+payload over the payload limit (``BIDE_MAX_PAYLOAD``) gets 413 too, and one nested too deep or
+holding an integer outside int64 gets 400, each naming the limit (see :mod:`sdk.limits`).
 An empty body on the two raw-body routes is the payload ``null``; on ``cancel`` it is the default reason.
 """
 
@@ -38,6 +40,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.tracing import TRACEPARENT, extract_context
 from sdk import Bide, EventRef, RunAlreadyFinishedError, RunNotFoundError
+from sdk.errors import EventPayloadError, PayloadLimitError, PayloadTooLargeError
+from sdk.limits import PayloadLimits, check_payload
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 API_PREFIX = "/api/"
@@ -116,7 +120,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "missing or wrong bearer token",
         404: "no run with that id",
         409: "the run has already finished",
-        413: "the body is larger than the server's limit",
+        413: "the body, or the payload in it, is larger than the limit (the detail names it)",
         503: "NATS JetStream is unreachable or did not answer in time",
     }
     return {c: {"model": ErrorDetail, "description": reasons[c]} for c in codes}
@@ -246,16 +250,18 @@ def _too_large(limit: int, got: str) -> str:
     return f"request body too large: {got}, the limit is {limit} bytes"
 
 
-async def _json_body(request: Request, max_body_bytes: int) -> Any:
-    """The raw body parsed as JSON; an empty body is ``None``."""
+async def _json_body(request: Request, max_body_bytes: int, limits: PayloadLimits) -> Any:
+    """The raw body parsed as JSON and checked against the payload limits; an empty body is ``None``."""
     body = await request.body()
     if len(body) > max_body_bytes:
         raise HTTPException(413, _too_large(max_body_bytes, f"{len(body)} bytes"))
-    if not body.strip():
-        return None
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as e:
+        return check_payload(body, limits, "the request body")
+    except PayloadTooLargeError as e:
+        raise HTTPException(413, str(e)) from None
+    except PayloadLimitError as e:
+        raise HTTPException(400, str(e)) from None
+    except EventPayloadError as e:
         raise HTTPException(400, f"request body is not valid JSON: {e}") from None
 
 
@@ -274,6 +280,7 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
         summary="Push events and deliver them to durable runs.",
     )
     app.state.bide = bide
+    limits = bide.config.payload_limits
     # Documents the scheme in the OpenAPI schema; the check itself is in _Guard, before the body is read.
     auth = [Security(HTTPBearer(auto_error=False))] if token is not None else []
     app.add_middleware(_Guard, token=token, max_body_bytes=max_body_bytes)
@@ -306,7 +313,9 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
                    metadata: dict[str, Any] | None) -> EventAccepted:
         try:
             ref = await bide.event.aio_push(key, payload, scope=scope, event_id=event_id, metadata=metadata)
-        except ValueError as e:  # EventPayloadError is a ValueError too
+        except PayloadTooLargeError as e:
+            raise HTTPException(413, str(e)) from None
+        except ValueError as e:  # EventPayloadError and PayloadLimitError are ValueErrors too
             raise HTTPException(400, str(e)) from None
         return EventAccepted.of(ref)
 
@@ -321,7 +330,7 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
     async def webhook(request: Request, key: str, scope: str | None = None,
                       event_id: str | None = None) -> EventAccepted:
         """Push the raw JSON body as the payload of event ``key`` (which may contain ``/``)."""
-        payload = await _json_body(request, max_body_bytes)
+        payload = await _json_body(request, max_body_bytes, limits)
         return await push(key, payload, scope, event_id, None)
 
     @app.post("/api/v1/events/{run_id}/{name}", response_model=EventDelivered, dependencies=auth,
@@ -332,13 +341,15 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
         A wait for ``name`` in that run receives it; if the run is not waiting yet, the event
         is kept, in the order sent, until it waits.
         """
-        payload = await _json_body(request, max_body_bytes)
+        payload = await _json_body(request, max_body_bytes, limits)
         try:
             receipt = await bide.event.aio_send(run_id, name, payload)
         except RunNotFoundError as e:
             raise HTTPException(404, str(e)) from None
         except RunAlreadyFinishedError as e:
             raise HTTPException(409, str(e)) from None
+        except PayloadTooLargeError as e:
+            raise HTTPException(413, str(e)) from None
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return EventDelivered(execution_id=receipt.execution_id, event_name=receipt.event_name)
@@ -364,7 +375,7 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
         The cancellation is asynchronous: the run ends ``cancelled`` shortly after. ``cancelled``
         is ``false`` if the run had already finished.
         """
-        body = await _json_body(request, max_body_bytes)
+        body = await _json_body(request, max_body_bytes, limits)
         reason = _cancel_reason(body, empty=not (await request.body()).strip())
         try:
             cancelled = await bide.runs.aio_cancel(run_id, reason=reason)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
-from actors.children import ChildStart, child_run_id
+from actors.children import ChildStart, child_run_ids
 from actors.history import HistoryLog, RunHistory
 from actors.timers import RESIDENT_MAX
 from actors.tracing import RunTrace
@@ -438,17 +438,18 @@ class Turn:
         task = children[0].task if len({c.task for c in children}) == 1 else "*"
         digest = args_hash([[c.task, c.input, c.key] for c in children])
         requested = f"run children({task!r} x{len(children)}, args hash {digest})"
-        ids = [child_run_id(self.run_id, pos, i, c.key) for i, c in enumerate(children)]
         rec = self._by_pos.get(pos)
         if rec is not None:
             spawned = rec.get("children_spawned")
             if spawned is None or spawned.args_hash != digest:
                 self._mismatch(pos, self._describe(rec), requested)
+            ids: list[str] = list(spawned.run_ids)  # as recorded (ids derived by an older Bide stay valid)
             if self._redelivered and any(i not in self._outcomes for i in ids):
                 # This activation came back: the turn that recorded the spawn may have died
                 # before starting every child. Starting is idempotent.
                 await self._start(pos, ids, children, detached=not wait)
         else:
+            ids = child_run_ids(self.run_id, pos, [c.key for c in children], self.spawned)
             # Written before any child exists: a replay never spawns a child twice.
             await self.flush([ChildrenSpawned(pos=pos, task=task, run_ids=ids, args_hash=digest, at=utcnow())])
             self.spawned.update({rid: c.task for rid, c in zip(ids, children, strict=True)})

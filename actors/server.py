@@ -11,12 +11,82 @@ import subprocess
 import sysconfig
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from sdk.errors import ServerBinaryNotFoundError
 
 MIN_VERSION = (2, 12, 0)
+
+SYNC_ENV = "BIDE_SYNC"
+"""``always``, ``interval`` or ``interval=DURATION``: how the servers Bide starts sync JetStream to disk."""
+DEFAULT_SYNC = "interval"
+NATS_DEFAULT_SYNC_S = 120.0
+"""nats-server's own default: JetStream's files are fsynced every 2 minutes."""
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True)
+class SyncSetting:
+    """When the server fsyncs JetStream's files, and so what a power loss can lose.
+
+    A write is acknowledged once it is in the server's files (in the OS page cache): a
+    killed server or host loses nothing either way. Only losing the machine itself (power,
+    kernel panic) loses what was not yet synced: with ``always`` nothing acknowledged, with
+    ``interval`` up to one interval of acknowledged writes. Each write synced costs
+    throughput (see README, "Durability on disk").
+    """
+
+    always: bool = False
+    interval_s: float = NATS_DEFAULT_SYNC_S
+
+    @classmethod
+    def parse(cls, text: str) -> SyncSetting:
+        """``always``, ``interval`` (every 2 minutes, nats-server's default) or ``interval=30s`` (ms, s, m, h)."""
+        t = text.strip().lower()
+        if t == "always":
+            return cls(always=True)
+        if t == "interval":
+            return cls()
+        head, _, duration = t.partition("=")
+        m = _DURATION.match(duration.strip())
+        if head.strip() == "interval" and m is not None and float(m.group(1)) > 0:
+            return cls(interval_s=float(m.group(1)) * _UNIT_S[m.group(2)])
+        raise ValueError(f"sync setting {text!r}: expected 'always', 'interval' or 'interval=DURATION' "
+                         "with a positive DURATION such as 500ms, 30s or 2m")
+
+    @classmethod
+    def from_env(cls) -> SyncSetting:
+        raw = os.environ.get(SYNC_ENV) or DEFAULT_SYNC
+        try:
+            return cls.parse(raw)
+        except ValueError as e:
+            raise ValueError(f"{SYNC_ENV}: {e}") from None
+
+    def __str__(self) -> str:
+        return "always" if self.always else f"interval={_duration(self.interval_s)}"
+
+    @property
+    def loses_on_power_loss(self) -> str:
+        if self.always:
+            return "nothing acknowledged: every write is fsynced before it is acknowledged"
+        return f"up to {_duration(self.interval_s)} of acknowledged writes"
+
+    def config_line(self) -> str:
+        """The ``jetstream { ... }`` setting for ``nats-server``'s configuration file."""
+        value = "always" if self.always else f'"{round(self.interval_s * 1000)}ms"'
+        return f"sync_interval: {value}"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    return f"{round(seconds * 1000)}ms"
 
 
 def find_server_binary() -> str:
@@ -64,6 +134,8 @@ class EmbeddedServer:
         port: client port (0 picks a free one).
         store_dir: JetStream store (default: a temporary directory, removed on stop).
         extra_args: more ``nats-server`` flags (e.g. cluster routes for a 3-node test cluster).
+        sync: when JetStream's files are fsynced (:class:`SyncSetting` or its text);
+            default ``BIDE_SYNC``, else ``interval`` (nats-server's 2 minutes).
     """
 
     def __init__(
@@ -74,7 +146,9 @@ class EmbeddedServer:
         server_name: str | None = None,
         extra_args: list[str] | None = None,
         log_file: str | Path | None = None,
+        sync: SyncSetting | str | None = None,
     ) -> None:
+        self.sync = SyncSetting.parse(sync) if isinstance(sync, str) else sync or SyncSetting.from_env()
         self.binary = find_server_binary()
         version = server_version(self.binary)
         if version < MIN_VERSION:
@@ -88,7 +162,15 @@ class EmbeddedServer:
         self.server_name = server_name
         self.extra_args = extra_args or []
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        self.config_file = self.log_file.with_name("nats-server.conf")
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def durability(self, replicas: int = 1) -> dict[str, Any]:
+        """What a benchmark or report states about the server it ran on (see README, "Durability on disk")."""
+        return {"sync": str(self.sync), "replicas": replicas, "power_loss_loses": self.sync.loses_on_power_loss}
+
+    def durability_line(self, replicas: int = 1) -> str:
+        return f"server: sync {self.sync}, replicas {replicas}; a power loss loses {self.sync.loses_on_power_loss}"
 
     @property
     def url(self) -> str:
@@ -96,7 +178,11 @@ class EmbeddedServer:
 
     def start(self, timeout: float = 15.0) -> EmbeddedServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        args = [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir)]
+        # The sync setting has no command-line flag: it goes in a configuration file (flags add to it).
+        conf = f"# Written by Bide at each start.\njetstream {{\n  {self.sync.config_line()}\n}}\n"
+        self.config_file.write_text(conf)
+        args = [self.binary, "-c", str(self.config_file), "-js", "-a", "127.0.0.1", "-p", str(self.port),
+                "-sd", str(self.store_dir)]
         if self.server_name:
             args += ["-n", self.server_name]
         args += self.extra_args

@@ -385,7 +385,9 @@ def main() -> None:
             worker.stop()
         server.stop()
 
+    print(server.durability_line())
     out.update({
+        "server": server.durability(),
         "waiting": args.waiting, "warmup_runs": args.warmup, "nats_server": version,
         "python": platform.python_version(), "cpus": os.cpu_count(),
         "targets": {"event_to_resumed_p50_ms": 5, "event_to_resumed_p99_ms": 25, "bytes_per_waiting_run": 0},

@@ -316,7 +316,9 @@ def main() -> None:
             worker.stop()
         server.stop()
 
+    print(server.durability_line())
     out.update({
+        "server": server.durability(),
         "settings": {
             "children": args.children, "rounds": args.rounds, "worker_slots": args.worker_slots,
             "warmup_children": args.warmup, "pause_s": args.pause, "recheck_s": args.recheck,

@@ -48,6 +48,8 @@ async def _ordered_consumer(js: Any, n: int) -> int:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with EmbeddedServer() as srv:
+        print(srv.durability_line())
+        results["server"] = srv.durability()
         for n in args.messages:
             nc = await nats.connect(srv.url)
             js = nc.jetstream()
@@ -77,7 +79,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def _write(path: str | None, results: dict[str, Any], noise: int) -> None:
     if path:
         with open(path, "w") as f:
-            json.dump({"median_ms": results, "noise_per_message": noise}, f, indent=2)
+            server = results.pop("server")
+            json.dump({"median_ms": results, "noise_per_message": noise, "server": server}, f, indent=2)
 
 
 def main() -> None:

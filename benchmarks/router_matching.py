@@ -241,7 +241,9 @@ def main() -> None:
         "memory": {k: round(v, 1) if isinstance(v, float) else v for k, v in mem.items()},
         "targets": {"indexed_miss_ratio_max": 2, "bytes_per_wait_max": 1024},
         "python": platform.python_version(),
+        "server": None,  # in-process matching only: no server, so no sync setting or replicas
     }
+    print("server: none (in-process matching; no sync setting or replicas apply)")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

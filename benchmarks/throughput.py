@@ -148,6 +148,8 @@ def main() -> None:
         finally:
             stop_worker(worker)
         version = ".".join(map(str, server_version(server.binary)))
+        durability = server.durability()
+        durability_line = server.durability_line()
 
     rate = len(lat) / wall
     out: dict[str, Any] = {
@@ -162,9 +164,11 @@ def main() -> None:
         "jetstream_publish_per_s": round(pub, 1),
         "runs_per_publish_ratio": round(rate / pub, 4),
         "nats_server": version,
+        "server": durability,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
     }
+    print(durability_line)
     print(f"{len(lat)} trivial durable runs in {wall:.2f} s: {rate:,.0f} runs/s, "
           f"p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms, errors {errors}")
     print(f"raw JetStream pipelined publish: {pub:,.0f} msg/s (runs/s / publish/s = {out['runs_per_publish_ratio']})")

@@ -360,6 +360,8 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     version = ""
+    durability: dict[str, Any] = {}
+    durability_line = ""
     with tempfile.TemporaryDirectory(prefix="bide-tracing-") as tmp:
         receiver = Receiver(Path(tmp))
         try:
@@ -373,6 +375,7 @@ def main() -> None:
                     os.environ["BIDE_NATS_URL"] = server.url  # benchmarks.apps makes its Bide() at import
                     row = one_round(i + 1, mode, server.url, server.proc.pid, receiver, args, otel_env)
                     version = ".".join(map(str, server_version(server.binary)))
+                    durability, durability_line = server.durability(), server.durability_line()
                 rows.append(row)
                 extra = (f", {row['spans_per_run']:.2f} spans/run, export backlog at end {row['export_backlog_at_end']}"
                          if "export_backlog_at_end" in row else "")
@@ -390,6 +393,7 @@ def main() -> None:
         "benchmark": "tracing_overhead",
         "machine": info,
         "nats_server": version,
+        "server": durability,
         "parameters": {
             "runs": args.runs, "rounds_per_mode": args.rounds, "concurrency": args.concurrency,
             "warmup": args.warmup, "worker": WORKER_TARGET, "otel_env": otel_env,
@@ -409,6 +413,7 @@ def main() -> None:
     }
 
     print()
+    print(durability_line)
     print_table(rows)
     print()
     print(f"median runs/s: off {summary['off']['median_runs_per_s']:,.0f}, on {summary['on']['median_runs_per_s']:,.0f}"

@@ -7,18 +7,22 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from sdk.errors import InputValidationError, OutputSerializationError
+from sdk.errors import InputValidationError, OutputSerializationError, PayloadLimitError
+from sdk.limits import CEILING_LIMITS, PayloadLimits, checked_json
 
 
-def to_json_value(value: Any, what: str) -> Any:
-    """Turn ``value`` into plain JSON data, or raise naming ``what`` and the offending type."""
+def to_json_value(value: Any, what: str, limits: PayloadLimits = CEILING_LIMITS) -> Any:
+    """Turn ``value`` into plain JSON data, or raise naming ``what`` and the offending type.
+
+    Raises ``PayloadLimitError`` if the data is over ``limits`` (checked here, where it comes
+    in, rather than when a message that holds it is refused later).
+    """
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        value = value.model_dump(mode="json")
     try:
-        return orjson.loads(orjson.dumps(value, default=_pydantic_default))
+        return checked_json(value, limits, what, default=_pydantic_default)[1]
     except TypeError as e:
         raise OutputSerializationError(
             f"{what} is not JSON-serialisable: {e} (value: {_short_repr(value)}). "
@@ -40,8 +44,9 @@ def _short_repr(value: Any) -> str:
 class Signature:
     """What a task function takes and returns, read from its annotations."""
 
-    def __init__(self, fn: Callable[..., Any], task_name: str) -> None:
+    def __init__(self, fn: Callable[..., Any], task_name: str, limits: PayloadLimits = CEILING_LIMITS) -> None:
         self.task_name = task_name
+        self.limits = limits
         try:
             hints = typing.get_type_hints(fn)
         except Exception:
@@ -79,8 +84,8 @@ class Signature:
                 raise InputValidationError(
                     f"input for task {self.task_name!r} does not fit {model.__name__}: {_short_repr(value)}\n{e}"
                 ) from None
-            return inst.model_dump(mode="json")
-        return to_json_value(value, f"input for task {self.task_name!r}")
+            value = inst.model_dump(mode="json")
+        return to_json_value(value, f"input for task {self.task_name!r}", self.limits)
 
     def load_input(self, data: Any) -> Any:
         if self._input_adapter is None:
@@ -91,7 +96,11 @@ class Signature:
             raise InputValidationError(f"input for task {self.task_name!r} is invalid: {e}") from None
 
     def dump_output(self, value: Any) -> Any:
-        return to_json_value(value, f"the result of task {self.task_name!r}")
+        """The result as JSON data; a result over the limits cannot be stored, so it fails the run."""
+        try:
+            return to_json_value(value, f"the result of task {self.task_name!r}", self.limits)
+        except PayloadLimitError as e:
+            raise OutputSerializationError(str(e)) from e
 
     def load_output(self, data: Any) -> Any:
         if self._output_adapter is None:

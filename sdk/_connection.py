@@ -74,6 +74,7 @@ class Connection:
     results: ResultInbox
     publisher: Publisher
     tracing: Tracing
+    config: BideConfig
 
 
 class ConnectionPool:
@@ -124,7 +125,7 @@ class ConnectionPool:
         await results.open()
         publisher = await Publisher(nc).start()
         return Connection(nc, js, HistoryLog(nc, publisher, self.layout.subjects), self.layout, results, publisher,
-                          self.tracing)
+                          self.tracing, self.config)
 
     def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` to completion from plain (non-async) code on the private loop thread."""

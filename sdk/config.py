@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
+
+from sdk.limits import DEFAULT_MAX_PAYLOAD, PayloadLimits, parse_size
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_HISTORY_RETENTION_S = 30 * 24 * 3600.0
@@ -65,6 +68,8 @@ class BideConfig:
 
     A live run never expires (DESIGN.md invariant 9): retention starts when the run ends.
     """
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    """Largest payload (event, run input, result) accepted, as JSON bytes (``BIDE_MAX_PAYLOAD``, e.g. ``256KiB``)."""
 
     @classmethod
     def from_env(
@@ -83,6 +88,7 @@ class BideConfig:
             events_max_age_s=_env_float("BIDE_EVENTS_MAX_AGE", 24 * 3600.0),
             api_token=os.environ.get("BIDE_API_TOKEN") or None,
             history_retention_s=_env_duration("BIDE_HISTORY_RETENTION", DEFAULT_HISTORY_RETENTION_S),
+            max_payload_bytes=parse_size(os.environ.get("BIDE_MAX_PAYLOAD") or DEFAULT_MAX_PAYLOAD),
         )
         cfg.validate()
         return cfg
@@ -98,3 +104,9 @@ class BideConfig:
             raise ValueError(f"events_max_age_s={self.events_max_age_s} must be at least 1 second")
         if not 1 <= self.history_retention_s <= _MAX_RETENTION_S:
             raise ValueError(f"history_retention_s={self.history_retention_s:g} must be between 1 second and 100 years")
+        PayloadLimits(max_bytes=self.max_payload_bytes)  # raises ValueError naming a bad limit
+
+    @cached_property
+    def payload_limits(self) -> PayloadLimits:
+        """What every way in checks a payload against (see :mod:`sdk.limits`)."""
+        return PayloadLimits(max_bytes=self.max_payload_bytes)

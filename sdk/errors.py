@@ -87,6 +87,26 @@ class EventPayloadError(BideError, ValueError):
     """An event payload (or metadata) that is not JSON data."""
 
 
+class PayloadLimitError(BideError, ValueError):
+    """A payload over one of Bide's limits: nested too deep, or an integer outside int64.
+
+    ``what`` names the payload, ``limit`` the limit and ``found`` what broke it.
+    """
+
+    def __init__(self, what: str, limit: str, found: str, hint: str = "") -> None:
+        super().__init__(f"{what} is over Bide's limit of {limit}: it has {found}" + (f"; {hint}" if hint else ""))
+        self.what = what
+        self.limit = limit
+        self.found = found
+
+
+class PayloadTooLargeError(PayloadLimitError):
+    """A payload larger than the configured payload limit (``BIDE_MAX_PAYLOAD``)."""
+
+    def __init__(self, what: str, limit: str, found: str) -> None:
+        super().__init__(what, limit, found, hint="store large data elsewhere and pass a reference to it")
+
+
 class NonRetryableError(BideError):
     """Raise it from a task to fail the run at once, whatever its ``retries``."""
 

@@ -27,7 +27,8 @@ from actors.wire import (
     encode_activation,
     utcnow,
 )
-from sdk.errors import BideError, EventPayloadError, RunNotFoundError
+from sdk.errors import BideError, EventPayloadError, PayloadTooLargeError, RunNotFoundError
+from sdk.limits import PayloadLimits, encode_payload, format_size
 
 if TYPE_CHECKING:
     from sdk._connection import Connection, ConnectionPool
@@ -81,25 +82,32 @@ def validate_key(key: object, what: str = "event key") -> str:
     return key
 
 
-def payload_to_json(payload: Any, what: str) -> bytes:
-    """The event body: JSON bytes. A pydantic model is dumped; anything else must be JSON data."""
+def payload_to_json(payload: Any, what: str, limits: PayloadLimits) -> bytes:
+    """The event body: JSON bytes within ``limits``. A pydantic model is dumped; anything else must be JSON data."""
     if isinstance(payload, BaseModel):
         payload = payload.model_dump(mode="json")
     try:
-        return orjson.dumps(payload)
+        return encode_payload(payload, limits, f"the payload of {what}")
     except TypeError as e:
         raise EventPayloadError(f"the payload of {what} is not JSON data ({e}): {payload!r:.200}") from None
 
 
-def _metadata_header(metadata: Mapping[str, Any] | None, what: str) -> dict[str, str]:
+def _metadata_header(metadata: Mapping[str, Any] | None, what: str, limits: PayloadLimits,
+                     body: bytes) -> dict[str, str]:
     if not metadata:
         return {}
     if not isinstance(metadata, Mapping):
         raise ValueError(f"metadata of {what} must be a mapping, got {type(metadata).__name__}")
     try:
-        return {HDR_EVENT_METADATA: orjson.dumps(dict(metadata)).decode()}
+        data = encode_payload(dict(metadata), limits, f"the metadata of {what}")
     except TypeError as e:
         raise EventPayloadError(f"metadata of {what} is not JSON data ({e})") from None
+    # The metadata travels with the payload into every signal: together they must fit the limit.
+    if len(body) + len(data) > limits.max_bytes:
+        raise PayloadTooLargeError(f"{what} (payload and metadata together)",
+                                   f"{format_size(limits.max_bytes)} (BIDE_MAX_PAYLOAD)",
+                                   f"{format_size(len(body) + len(data))} as JSON")
+    return {HDR_EVENT_METADATA: data.decode()}
 
 
 class EventsClient:
@@ -120,9 +128,11 @@ class EventsClient:
         if event_id is not None and (not isinstance(event_id, str) or not event_id):
             raise ValueError(f"event_id of {what} must be a non-empty string, got {event_id!r}")
         eid = event_id or uuid.uuid4().hex
-        headers = {HDR_MSG_ID: eid, **_metadata_header(metadata, what)}
+        limits = self._pool.config.payload_limits
+        body = payload_to_json(payload, what, limits)
+        headers = {HDR_MSG_ID: eid, **_metadata_header(metadata, what, limits, body)}
         subject = self._pool.layout.subjects.event(key, scope)
-        return subject, payload_to_json(payload, what), headers, eid
+        return subject, body, headers, eid
 
     async def aio_push(
         self,
@@ -194,7 +204,7 @@ class EventsClient:
         """
         run_id = validate_key(run_id, "run id")
         name = validate_key(name, "event name")
-        body = payload_to_json(payload, f"event {name!r} for run {run_id}")
+        body = payload_to_json(payload, f"event {name!r} for run {run_id}", self._pool.config.payload_limits)
         conn = await self._pool.get()
         task = await _live_run_task(conn, run_id)
         eid = event_id or uuid.uuid4().hex

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
+from actors.children import CHILD_ID_SEPARATOR
 from actors.history import HistoryConflict, RunHistory
 from actors.tracing import TRACEPARENT, trace_id_of
 from actors.wire import (
@@ -21,7 +22,8 @@ from actors.wire import (
     encode_activation,
     utcnow,
 )
-from sdk.errors import RunCancelledError, RunFailedError, RunNotFoundError
+from sdk.errors import InputValidationError, RunCancelledError, RunFailedError, RunNotFoundError
+from sdk.limits import encode_payload
 from sdk.models import RunStatus
 
 if TYPE_CHECKING:
@@ -30,6 +32,20 @@ if TYPE_CHECKING:
 
 def new_run_id() -> str:
     return uuid.uuid4().hex
+
+
+def validate_run_id(run_id: object) -> str:
+    """A run id a caller chose: it may not contain the character that marks derived child ids.
+
+    Child ids are ``<parent>~<pos>~<i>`` or ``<parent>~k~<child_key>``; refusing
+    ``~`` in chosen ids means no run a caller starts can take the id of another run's child.
+    """
+    if not isinstance(run_id, str) or not run_id or run_id != run_id.strip():
+        raise ValueError(f"run id must be a non-empty string without surrounding spaces, got {run_id!r}")
+    if CHILD_ID_SEPARATOR in run_id:
+        raise ValueError(f"run id {run_id!r} contains {CHILD_ID_SEPARATOR!r}, which Bide keeps for the ids of "
+                         f"child runs (<parent>{CHILD_ID_SEPARATOR}<pos>{CHILD_ID_SEPARATOR}<i>); choose another id")
+    return run_id
 
 
 @dataclass(frozen=True)
@@ -43,7 +59,15 @@ class StartRequest:
 
 
 async def start_run(conn: Connection, req: StartRequest, notify: str | None = None) -> None:
-    """Record the run's first entry (so it exists durably), then enqueue its first activation."""
+    """Record the run's first entry (so it exists durably), then enqueue its first activation.
+
+    Every run a client starts comes through here: its id and input are checked first.
+    """
+    validate_run_id(req.run_id)
+    try:
+        encode_payload(req.input, conn.config.payload_limits, f"the input of run {req.run_id} of task {req.task!r}")
+    except TypeError as e:
+        raise InputValidationError(f"the input of task {req.task!r} is not JSON data: {e}") from None
     meta = dict(req.meta or {})
     if notify is not None:
         meta["notify"] = notify

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from actors.children import validate_child_key
 from sdk._codec import Signature
 from sdk.context import ChildSpec, DurableRuntime, current_runtime, parse_duration
 from sdk.runs import RunRef, StartRequest, new_run_id, start_and_wait, start_run, unwrap_outcome, unwrap_terminal
@@ -67,7 +68,7 @@ class TaskDefinition:
         self.execution_timeout: timedelta | None = (
             parse_duration(execution_timeout, "execution_timeout") if execution_timeout is not None else None
         )
-        self.signature = Signature(fn, self.name)
+        self.signature = Signature(fn, self.name, pool.config.payload_limits)
         if on_events is not None and (isinstance(on_events, str) or not all(
             isinstance(k, str) and k.strip() for k in on_events
         )):
@@ -129,8 +130,8 @@ class TaskDefinition:
     # -- children ------------------------------------------------------------------------------
 
     def _child(self, input: Any, key: str | None) -> ChildSpec:
-        if key is not None and (not isinstance(key, str) or not key):
-            raise ValueError(f"child_key must be a non-empty string, got {key!r}")
+        if key is not None:
+            validate_child_key(key)
         return ChildSpec(task=self.name, durable=self.runs_durably, input=self.signature.dump_input(input), key=key,
                          execution_timeout_s=self.execution_timeout.total_seconds() if self.execution_timeout else None)
 

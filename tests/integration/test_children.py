@@ -27,7 +27,7 @@ async def _child_runs(client: Bide, parent: str) -> set[str]:
     s = conn.layout.subjects
     info = await api_request(conn.nc, f"$JS.API.STREAM.INFO.{s.history_stream}",
                              {"subjects_filter": s.history_all})
-    prefix = s.history(parent) + "-"
+    prefix = s.history(parent) + "~"
     return {subj for subj in (info.get("state", {}).get("subjects") or {}) if subj.startswith(prefix)}
 
 
@@ -40,8 +40,8 @@ async def test_child_results_no_wait_handles_and_child_keys(bide: Bide) -> None:
         spawned = [e for e in hist.entries if e.k == "children_spawned"]
         rid = ref.workflow_run_id
         # Ids follow the parent's position, or the child_key the code gave.
-        assert [e.run_ids for e in spawned] == [[f"{rid}-0-0"], [f"{rid}-1-0"], [f"{rid}-k-second"]]
-        child = await bide.runs.aio_get(f"{rid}-k-second")
+        assert [e.run_ids for e in spawned] == [[f"{rid}~0~0"], [f"{rid}~1~0"], [f"{rid}~k~second"]]
+        child = await bide.runs.aio_get(f"{rid}~k~second")
         assert child.status == RunStatus.COMPLETED and child.result == {"square": 16}
 
 
@@ -139,7 +139,7 @@ async def test_child_end_reaches_the_parent_after_a_crash_before_notifying(nats_
     second: WorkerProcess | None = None
     try:
         ref = await d["fan_out"].aio_run_no_wait(FanOutInput(count=1, log=str(log)))
-        child = f"{ref.workflow_run_id}-0-0"
+        child = f"{ref.workflow_run_id}~0~0"
         await wait_until(lambda: first.proc is not None and first.proc.poll() is not None, timeout=30,
                          what="the worker to die before notifying the parent")
         assert (await client.runs.aio_get(child)).status == RunStatus.COMPLETED

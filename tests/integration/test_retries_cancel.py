@@ -80,7 +80,7 @@ async def test_cancel_cascades_to_children_and_pending_waits(bide: Bide, tmp_pat
             return any(e.k == "wait_registered" for e in hist.entries)
 
         await wait_until(waiting, timeout=20, what="the parent waiting for its event")
-        children = [f"{rid}-{i}-0" for i in range(3)]
+        children = [f"{rid}~{i}~0" for i in range(3)]
         for c in children:
             await wait_until(lambda c=c: _status_is(bide, c, RunStatus.WAITING), timeout=20, what=f"{c} sleeping")
         index = worker.host.router.index

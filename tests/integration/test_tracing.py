@@ -88,7 +88,7 @@ async def test_one_trace_across_a_host_killed_mid_sleep(
     host1 = [orjson.loads(line) for line in span_file.read_bytes().splitlines()]
     here = [span_record(s) for s in memory[1].get_finished_spans()]
     spans = host1 + here
-    child_id = f"{run_id}-1-0"
+    child_id = f"{run_id}~1~0"
     ours = [s for s in spans if s["attributes"].get("bide.run_id") in (run_id, child_id)]
 
     # Exactly one trace, and no span twice (replay on host 2 emitted nothing it had already).

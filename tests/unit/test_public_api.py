@@ -17,6 +17,8 @@ EXPECTED = [
     # children, workflows, retries
     "BulkRunItem", "NonRetryableError", "NonRetryableException", "ScheduleTimeoutError", "Workflow",
     "WorkflowDefinitionError",
+    # limits
+    "PayloadLimitError", "PayloadTooLargeError",
 ]
 
 

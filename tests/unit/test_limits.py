@@ -1,0 +1,89 @@
+"""The payload limits every way in checks (sdk.limits): size, nesting depth, int64."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdk import BideConfig, EventPayloadError, PayloadLimitError, PayloadTooLargeError
+from sdk.limits import (
+    DEFAULT_MAX_PAYLOAD,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_DEPTH,
+    MAX_PAYLOAD_CEILING,
+    PayloadLimits,
+    check_payload,
+    encode_payload,
+    parse_size,
+)
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_sizes_parse_with_units() -> None:
+    assert parse_size("262144") == 262144
+    assert parse_size("256KiB") == parse_size("256k") == 256 * 1024
+    assert parse_size("500KB") == 500_000
+    assert parse_size("1MiB") == 1024 * 1024
+    with pytest.raises(ValueError, match=r"'lots' is not a size"):
+        parse_size("lots")
+
+
+def test_the_limit_is_configurable_within_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert BideConfig.from_env().max_payload_bytes == DEFAULT_MAX_PAYLOAD
+    monkeypatch.setenv("BIDE_MAX_PAYLOAD", "512KiB")
+    assert BideConfig.from_env().payload_limits.max_bytes == 512 * 1024
+    monkeypatch.setenv("BIDE_MAX_PAYLOAD", "1MiB")
+    with pytest.raises(ValueError, match=r"must be between .* and 786,432 bytes \(768 KiB\), got 1,048,576"):
+        BideConfig.from_env()
+
+
+def test_a_payload_over_the_size_limit_names_the_limit_and_its_size() -> None:
+    limits = PayloadLimits(max_bytes=1024)
+    body = b'"' + b"x" * 1100 + b'"'
+    with pytest.raises(PayloadTooLargeError, match=r"the payload of event 'e' is over Bide's limit of 1,024 bytes "
+                                                   r"\(1 KiB\) \(BIDE_MAX_PAYLOAD\): it has 1,102 bytes as JSON"):
+        check_payload(body, limits, "the payload of event 'e'")
+    with pytest.raises(PayloadTooLargeError, match="1,102 bytes"):
+        encode_payload("x" * 1100, limits, "the payload of event 'e'")
+    assert encode_payload("x" * 1000, limits) == b'"' + b"x" * 1000 + b'"'
+
+
+def test_nesting_deeper_than_the_limit_is_refused_wherever_it_comes_from() -> None:
+    assert check_payload(repr(nested(MAX_DEPTH)).encode()) == nested(MAX_DEPTH)
+    for depth in (MAX_DEPTH + 1, 300, 5000):  # 300: orjson cannot write it; 5000: Python's recursion limit
+        with pytest.raises(PayloadLimitError, match=f"limit of {MAX_DEPTH} levels of nesting"):
+            encode_payload(nested(depth), what="input")
+    with pytest.raises(PayloadLimitError, match=r"limit of 64 levels of nesting: it has arrays or objects nested "
+                                                r"deeper, at \[0\]\[0\]"):
+        check_payload(repr(nested(MAX_DEPTH + 1)).encode())
+    with pytest.raises(PayloadLimitError, match="more than 200 levels"):
+        check_payload(b"[" * 5000 + b"]" * 5000)
+
+
+def test_integers_outside_int64_are_refused_with_the_value_and_where() -> None:
+    assert check_payload(f"[{INT64_MIN}, {INT64_MAX}]".encode()) == [INT64_MIN, INT64_MAX]
+    for big in (INT64_MAX + 1, 2**64, 10**30, INT64_MIN - 1):
+        with pytest.raises(PayloadLimitError, match=rf"the integer {big} at \['a'\]\[1\]; send it as a string"):
+            check_payload(f'{{"a": [0, {big}]}}'.encode())
+        with pytest.raises(PayloadLimitError, match=rf"the integer {big} at \['a'\]\[1\]"):
+            encode_payload({"a": [0, big]})
+    with pytest.raises(PayloadLimitError, match=rf"the integer {2**64};"):
+        encode_payload(2**64)
+
+
+def test_non_json_bytes_are_a_payload_error() -> None:
+    assert check_payload(b"") is None
+    with pytest.raises(EventPayloadError, match="is not JSON"):
+        check_payload(b"hello")
+    with pytest.raises(EventPayloadError, match="is not JSON"):
+        check_payload(b"[NaN]")
+
+
+def test_the_ceiling_leaves_room_in_the_servers_one_mebibyte() -> None:
+    assert DEFAULT_MAX_PAYLOAD < MAX_PAYLOAD_CEILING < 1024 * 1024
