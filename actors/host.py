@@ -137,7 +137,8 @@ class ActorHost:
                     {HDR_TTL: "never"},  # the router keeps the latest per task and deletes the rest
                 )
         if self._route_events:
-            self.router = await EventRouter(nc, self._publisher, self.layout, self._history, self.tracing).start()
+            self.router = await EventRouter(nc, self._publisher, self.layout, self._history, self.tracing,
+                                            self.config.payload_limits).start()
         for t in self._tasks.values():
             consumer = await ensure_task_consumer(js, self.layout, t.name, t.durable)
             pool = self.durable_slots if t.runs_durably else self.slots

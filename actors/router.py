@@ -61,6 +61,7 @@ from actors.wire import (
     utcnow,
 )
 from sdk import _cel
+from sdk.limits import DEFAULT_LIMITS, PayloadLimits
 
 log = logging.getLogger("bide.router")
 
@@ -80,8 +81,9 @@ class EventRouter:
     """Consumes the events stream (when this process owns it) and delivers matches to runs."""
 
     def __init__(self, nc: NATS, publisher: Publisher, layout: Layout, history: HistoryLog,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, limits: PayloadLimits = DEFAULT_LIMITS) -> None:
         self._tracing = tracing or Tracing(layout.subjects.prefix)
+        self._limits = limits
         self._nc = nc
         self._pub = publisher
         self._layout = layout
@@ -292,7 +294,8 @@ class EventRouter:
                 if parsed is None:
                     raise ValueError("not an event subject")
                 if live:
-                    await self._on_event(decode_event(m, parsed[0], parsed[1], seq, at), subject, effects)
+                    await self._on_event(decode_event(m, parsed[0], parsed[1], seq, at, self._limits), subject,
+                                         effects)
             # Anything else in the stream (rejection records) is not the router's input.
         except asyncio.CancelledError:
             raise
@@ -358,12 +361,14 @@ class EventRouter:
             parsed = self._s.parse_event_subject(hdrs.get("Nats-Subject", ""))
             if parsed is None:
                 continue
-            event = decode_event(m, parsed[0], parsed[1], seq, _parse_time(hdrs.get("Nats-Time-Stamp")))
             try:
+                # An event over a limit was rejected when it was routed: it satisfies nothing now either.
+                event = decode_event(m, parsed[0], parsed[1], seq, _parse_time(hdrs.get("Nats-Time-Stamp")),
+                                     self._limits)
                 if w.matches(event.payload):
                     return event
             except Exception as e:
-                log.warning("lookback of wait %s: expression failed on event %d: %s", w.cid, seq, e)
+                log.warning("lookback of wait %s: event %d passed over: %s", w.cid, seq, e)
         return None
 
     # -- triggers ----------------------------------------------------------------------------

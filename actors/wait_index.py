@@ -19,6 +19,8 @@ from nats.aio.msg import Msg
 from actors.tracing import TRACEPARENT
 from actors.wire import HDR_EVENT_METADATA, HDR_MSG_ID, WaitRegistration
 from sdk import _cel
+from sdk.errors import EventPayloadError
+from sdk.limits import DEFAULT_LIMITS, PayloadLimits, check_payload
 
 
 class PendingWaitEntry:
@@ -185,20 +187,18 @@ class IncomingEvent:
     meta: dict[str, Any]
 
 
-def decode_event(msg: Msg, key: str, scope: str | None, seq: int, at: datetime) -> IncomingEvent:
+def decode_event(msg: Msg, key: str, scope: str | None, seq: int, at: datetime,
+                 limits: PayloadLimits = DEFAULT_LIMITS) -> IncomingEvent:
     """An event as published by anyone (``nats pub``, the SDK, HTTP): a JSON body, optional headers.
 
-    A body that is not JSON (a raw ``nats pub`` of plain text) becomes a string payload.
+    A body that is not JSON (a raw ``nats pub`` of plain text) becomes a string payload. The
+    SDK and the HTTP API check limits before publishing; a raw publish is checked here, and
+    one over a limit raises :class:`sdk.errors.PayloadLimitError` (the router records it).
     """
-    data = msg.data
-    payload: Any
-    if not data:
-        payload = None
-    else:
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            payload = data.decode("utf-8", errors="replace")
+    try:
+        payload = check_payload(msg.data, limits, f"event {seq} on key {key!r}")
+    except EventPayloadError:
+        payload = msg.data.decode("utf-8", errors="replace")
     hdrs = msg.headers or {}
     meta: dict[str, Any] = {}
     if HDR_EVENT_METADATA in hdrs:
