@@ -72,6 +72,8 @@ _MAX_QUEUED = 4096
 _HANDLE_BATCH = 512
 _SIGNAL_HEADROOM = 1024
 """Bytes kept free under the server's max payload for headers (a signal is rejected above it)."""
+_BARRIER_TRIES = 100
+"""Reads tried (50 ms apart) before a replica is expected to hold what was just written."""
 _RUN_NAMESPACE = uuid.UUID("5b0c1f0e-7d1c-4b47-9a55-2b1de0b1de00")
 _LOST = object()
 """Queued by the puller when JetStream says another process holds the pin."""
@@ -249,9 +251,8 @@ class EventRouter:
         if floor == 0:
             return 0
         scratch = Effects(self._nc, self._pub, self._s)  # nothing is written during a rebuild
-        for subject in (self._s.triggers_all, self._s.waits_all):
-            for m in await direct_get_subject(self._nc, self._s.events_stream, subject, timeout=30.0,
-                                              min_last_seq=floor):
+        for family, subject in (("triggers", self._s.triggers_all), ("waits", self._s.waits_all)):
+            for m in await self._read_through_barrier(family, subject):
                 seq = int((m.headers or {}).get("Nats-Sequence", "0"))
                 if seq > floor:
                     break
@@ -259,32 +260,55 @@ class EventRouter:
                                   live=False)
         return floor
 
-    async def _fill(self, first: int, last: int, effects: Effects) -> None:
-        """Handle stream messages ``first..last`` that were not delivered here (a dead owner's batch, a gap)."""
-        seq = first
-        while seq <= last:
-            async def read(start: int = seq) -> list[Msg]:
-                return await direct_get_subject(
-                    self._nc, self._s.events_stream, f"{self._s.prefix}.>", start_seq=start,
-                    batch=min(256, last - start + 1), limit=last - start + 1, timeout=30.0, min_last_seq=last)
+    async def _read_through_barrier(self, family: str, subject: str) -> list[Msg]:
+        """Every message on ``subject``, from a replica proven to hold all of them (invariant 13).
 
-            msgs: list[Msg] = await retry_transient("router gap read", read)
-            if not msgs:
+        Direct gets are answered by any replica, and a follower may lag. A marker published
+        now and found in the same batch read proves the replica holds everything before it.
+        """
+        barrier = self._s.router_barrier(family)
+        mark = await self._pub.publish(barrier, b"", {HDR_TTL: "60s"})
+        for _ in range(_BARRIER_TRIES):
+            msgs = await direct_get_subject(self._nc, self._s.events_stream, subject, timeout=30.0)
+            if any(int((m.headers or {}).get("Nats-Sequence", "0")) >= mark for m in msgs):
+                return msgs
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"no replica answered with the router's barrier {mark} on {subject}")
+
+    async def _fill(self, first: int, last: int, effects: Effects) -> None:
+        """Handle stream messages ``first..last`` that were not delivered here (a dead owner's batch, a gap).
+
+        The read goes one past ``last``: that message was just delivered, so finding it proves
+        the replica that answered holds the whole range (invariant 13).
+        """
+        async def read() -> list[Msg]:
+            for _ in range(_BARRIER_TRIES):
+                msgs = await direct_get_subject(
+                    self._nc, self._s.events_stream, f"{self._s.prefix}.>", start_seq=first,
+                    batch=min(256, last - first + 2), limit=last - first + 2, timeout=30.0)
+                if msgs and int((msgs[-1].headers or {}).get("Nats-Sequence", "0")) > last:
+                    return msgs
+                await asyncio.sleep(0.05)
+            log.warning("router: message %d not found after the gap %d..%d; going on with what was read",
+                        last + 1, first, last)
+            return msgs
+
+        msgs: list[Msg] = await retry_transient("router gap read", read)
+        for m in msgs:
+            hdrs = m.headers or {}
+            mseq = int(hdrs.get("Nats-Sequence", "0"))
+            if mseq > last:
                 return
-            for m in msgs:
-                hdrs = m.headers or {}
-                mseq = int(hdrs.get("Nats-Sequence", "0"))
-                if mseq > last:
-                    return
-                if mseq > self.handled_seq:
-                    await self._apply(hdrs.get("Nats-Subject", m.subject), m, mseq,
-                                      _parse_time(hdrs.get("Nats-Time-Stamp")), effects, live=True)
-                    self.handled_seq = mseq
-                seq = mseq + 1
+            if mseq > self.handled_seq:
+                await self._apply(hdrs.get("Nats-Subject", m.subject), m, mseq,
+                                  _parse_time(hdrs.get("Nats-Time-Stamp")), effects, live=True)
+                self.handled_seq = mseq
 
     async def _apply(self, subject: str, m: Msg, seq: int, at: datetime, effects: Effects, *, live: bool) -> None:
         """One message, in stream order. Anything but an infrastructure error is a recorded rejection."""
         try:
+            if subject.endswith(".%00barrier"):
+                return  # a rebuild's marker (it expires by itself)
             if subject.startswith(f"{self._s.prefix}.waits."):
                 await self._on_registration(subject, m, seq, at, effects, live=live)
             elif subject.startswith(f"{self._s.prefix}.triggers."):

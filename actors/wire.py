@@ -153,6 +153,14 @@ class Subjects:
     def router_consumer(self) -> str:
         return "event_router_v2"
 
+    def router_barrier(self, family: str) -> str:
+        """A marker the router publishes under ``waits`` or ``triggers`` before reading them back.
+
+        Seeing it in a read proves the replica that answered holds everything before it
+        (invariant 13). ``%00`` is never written by :func:`encode_token`, so no key is named so.
+        """
+        return f"{self.prefix}.{family}.%00barrier"
+
     def rejected(self, seq: int) -> str:
         """Where the router records a message it could not handle (by the message's stream sequence)."""
         return f"{self.prefix}.rejected.{seq}"
