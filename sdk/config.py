@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_ACK_WAIT_S = 3.0
+"""A dead host's activations move to a live host after at most this long (live hosts heartbeat)."""
+DEFAULT_MAX_DELIVERIES = 20
 
 
 def _env_float(name: str, default: float) -> float:
@@ -18,6 +21,16 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number") from None
+
+
 @dataclass(frozen=True)
 class BideConfig:
     """Where to find JetStream and how Bide names and sizes its streams."""
@@ -25,12 +38,14 @@ class BideConfig:
     nats_url: str = DEFAULT_NATS_URL
     prefix: str = "bide"
     replicas: int = 1
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = DEFAULT_ACK_WAIT_S
     connect_timeout_s: float = 2.0
     events_max_age_s: float = 24 * 3600.0
     """How long pushed events are kept for lookback (``BIDE_EVENTS_MAX_AGE``, seconds)."""
     api_token: str | None = None
     """Bearer token the HTTP API requires when set (``BIDE_API_TOKEN``)."""
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    """An activation delivered more often than this fails its run (``BIDE_MAX_DELIVERIES``)."""
 
     @classmethod
     def from_env(
@@ -44,10 +59,11 @@ class BideConfig:
             nats_url=nats_url or os.environ.get("BIDE_NATS_URL") or DEFAULT_NATS_URL,
             prefix=prefix or os.environ.get("BIDE_PREFIX") or "bide",
             replicas=replicas if replicas is not None else int(_env_float("BIDE_REPLICAS", 1)),
-            ack_wait_s=ack_wait_s if ack_wait_s is not None else _env_float("BIDE_ACK_WAIT", 30.0),
+            ack_wait_s=ack_wait_s if ack_wait_s is not None else _env_float("BIDE_ACK_WAIT", DEFAULT_ACK_WAIT_S),
             connect_timeout_s=_env_float("BIDE_CONNECT_TIMEOUT", 2.0),
             events_max_age_s=_env_float("BIDE_EVENTS_MAX_AGE", 24 * 3600.0),
             api_token=os.environ.get("BIDE_API_TOKEN") or None,
+            max_deliveries=_env_int("BIDE_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES),
         )
         cfg.validate()
         return cfg
@@ -59,5 +75,7 @@ class BideConfig:
             raise ValueError(f"replicas={self.replicas} must be 1, 3 or 5")
         if self.ack_wait_s < 1:
             raise ValueError(f"ack_wait_s={self.ack_wait_s} must be at least 1 second")
+        if self.max_deliveries < 1:
+            raise ValueError(f"max_deliveries={self.max_deliveries} must be at least 1 (BIDE_MAX_DELIVERIES)")
         if self.events_max_age_s < 1:
             raise ValueError(f"events_max_age_s={self.events_max_age_s} must be at least 1 second")
