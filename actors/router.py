@@ -458,10 +458,10 @@ class EventRouter:
             signals.append(self._pub.publish(
                 self._s.inbox(w.run_id), sig.model_dump_json().encode(), {HDR_MSG_ID: f"sig:{w.cid}:{event.seq}"}
             ))
-        await asyncio.gather(*signals)
+        seqs = await asyncio.gather(*signals)
         acts = []
-        for w in waits:
-            act = Activation(run_id=w.run_id, task=w.task, kind="signal")
+        for w, seq in zip(waits, seqs, strict=True):
+            act = Activation(run_id=w.run_id, task=w.task, kind="signal", inbox_seq=seq)
             acts.append(self._pub.publish(
                 self._s.work(w.task, w.run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"}
             ))
