@@ -115,12 +115,12 @@ async def start_children(history: HistoryLog, pub: Publisher, subjects: Subjects
         seq: int | None
         try:
             seq = await history.append(c.run_id, [started], expected_seq=0)
-        except HistoryConflict:
+        except HistoryConflict as conflict:
             if span is not None:
                 span.discard()
             # Started before: a replay after a crash. Re-send its activation only if it never ran
             # (the de-duplication id drops a second copy of one that was sent).
-            last = await history.read_last(c.run_id)
+            last = await history.read_last(c.run_id, min_seq=conflict.actual_seq)
             if not (len(last) == 1 and last[0].k == "run_started"):
                 return
             seq = None
@@ -147,10 +147,12 @@ async def notify_parent(nc: NATS, pub: Publisher, subjects: Subjects, run_id: st
     """No signal is lost: the outcome is on the parent's inbox before the counter moves."""
     sig = EventSignal(source="child", name=run_id, payload=outcome_of(terminal), event_id=run_id,
                       wait_id=f"{parent.run_id}:{parent.pos}", at=utcnow())
-    await pub.publish(subjects.inbox(parent.run_id), sig.model_dump_json().encode(), {HDR_MSG_ID: f"child:{run_id}"})
+    # A duplicate (a redelivered child) is acknowledged with the first copy's sequence.
+    seq = await pub.publish(subjects.inbox(parent.run_id), sig.model_dump_json().encode(),
+                            {HDR_MSG_ID: f"child:{run_id}"})
     total = await increment(nc, subjects.counter(parent.run_id, parent.pos))
     if total >= parent.n:
-        act = Activation(run_id=parent.run_id, task=parent.task, kind="signal")
+        act = Activation(run_id=parent.run_id, task=parent.task, kind="signal", inbox_seq=seq)
         await pub.publish(subjects.work(parent.task, parent.run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
 
 
@@ -180,8 +182,8 @@ async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects
         return False
     sig = EventSignal(source="cancel", name="cancel", payload={"reason": reason}, event_id=uuid.uuid4().hex,
                       at=utcnow())
-    await pub.publish(subjects.inbox(run_id), sig.model_dump_json().encode())
-    act = Activation(run_id=run_id, task=task, kind="signal")
+    seq = await pub.publish(subjects.inbox(run_id), sig.model_dump_json().encode())
+    act = Activation(run_id=run_id, task=task, kind="signal", inbox_seq=seq)
     await pub.publish(subjects.work(task, run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
     await nc.publish(subjects.cancel_broadcast, run_id.encode())
     return True

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from actors.jetstream import ERR_WRONG_LAST_SEQUENCE, Publisher, direct_get_last, direct_get_subject
+from actors.jetstream import (
+    ERR_EXPECTED_LAST_SEQ_NOT_READY,
+    ERR_WRONG_LAST_SEQUENCE,
+    ERR_WRONG_LAST_SEQUENCE_CONSTANT,
+    Publisher,
+    StaleReadError,
+    direct_get_last,
+    direct_get_subject,
+    is_transient,
+)
 from actors.wire import (
     HDR_EXPECTED_LAST_SUBJECT_SEQ,
     TERMINAL_KINDS,
@@ -26,14 +36,21 @@ log = logging.getLogger("bide.history")
 MAX_MESSAGE_BYTES = 900_000
 """Below the server's default max payload (1 MiB), with room for headers."""
 
+_CONFLICT_CODES = (ERR_WRONG_LAST_SEQUENCE, ERR_WRONG_LAST_SEQUENCE_CONSTANT, ERR_EXPECTED_LAST_SEQ_NOT_READY)
+"""Refusals of the expected-sequence guard: someone else wrote, or may be writing, the subject."""
+_STALE_READ_RETRY_S = 0.02
+
 
 class HistoryConflict(Exception):
-    """Another writer appended to the run first; this writer's view is stale."""
+    """Another writer appended to the run first (or may be appending); this writer's view is stale."""
 
     def __init__(self, run_id: str, expected_seq: int, detail: str) -> None:
         super().__init__(f"run {run_id}: history moved past seq {expected_seq} ({detail})")
         self.run_id = run_id
         self.expected_seq = expected_seq
+        found = re.search(r"wrong last sequence: (\d+)", detail)
+        self.actual_seq = int(found.group(1)) if found else 0
+        """The subject's last sequence the server reported (0 if it did not say): a floor for the re-read."""
 
 
 @dataclass
@@ -46,6 +63,8 @@ class RunHistory:
     times: list[str] = field(default_factory=list)
     inbox: list[tuple[int, EventSignal]] = field(default_factory=list)
     """Signals on the run's inbox that no history entry has taken yet, in arrival order."""
+    inbox_seen: int = 0
+    """The highest inbox sequence this read saw, on the inbox or taken by a history entry."""
 
     @property
     def terminal(self) -> Any | None:
@@ -58,19 +77,43 @@ class RunHistory:
 class HistoryLog:
     """Reads and appends run histories on ``<prefix>.history.<run>``."""
 
-    def __init__(self, nc: NATS, publisher: Publisher, subjects: Subjects) -> None:
+    def __init__(self, nc: NATS, publisher: Publisher, subjects: Subjects, *, retry_s: float = 0.0) -> None:
         self._nc = nc
         self._pub = publisher
         self._subjects = subjects
+        self._retry_s = retry_s
+        """How long an append that fails for the infrastructure's sake (timeout, 503) is retried."""
 
-    async def read(self, run_id: str) -> RunHistory:
-        """The run's history and its untaken inbox signals, in one read (both subjects, stream order)."""
+    async def read(self, run_id: str, *, history_seq: int = 0, inbox_seq: int = 0,
+                   timeout: float = 5.0) -> RunHistory:
+        """The run's history and its untaken inbox signals, in one read (both subjects, stream order).
+
+        Reads that decide see every acknowledged write (invariant 13): ``history_seq`` is the
+        stream sequence of a history append and ``inbox_seq`` of an inbox message that the
+        caller knows were acknowledged. Direct gets may be answered by a follower that is
+        behind, so the read checks that it saw them (the history reaching ``history_seq``;
+        the inbox message, or a history entry that took it) and reads again until it does,
+        raising :class:`StaleReadError` after ``timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            hist = await self._read_once(run_id, max(history_seq, inbox_seq))
+            if hist.last_seq >= history_seq and hist.inbox_seen >= inbox_seq:
+                return hist
+            if loop.time() >= deadline:
+                raise StaleReadError(
+                    f"run {run_id}: every read for {timeout:g}s was behind an acknowledged write (history at "
+                    f"{hist.last_seq}, expected >= {history_seq}; inbox at {hist.inbox_seen}, expected >= {inbox_seq})")
+            await asyncio.sleep(_STALE_READ_RETRY_S)
+
+    async def _read_once(self, run_id: str, min_last_seq: int) -> RunHistory:
         # Two exact subjects, read at once: a filter with a wildcard in the middle
         # (``bide.*.<run>``) gets slower as the stream grows, exact subjects do not.
         stream = self._subjects.history_stream
         hist_msgs, inbox_msgs = await asyncio.gather(
-            direct_get_subject(self._nc, stream, self._subjects.history(run_id)),
-            direct_get_subject(self._nc, stream, self._subjects.inbox(run_id)),
+            direct_get_subject(self._nc, stream, self._subjects.history(run_id), min_last_seq=min_last_seq),
+            direct_get_subject(self._nc, stream, self._subjects.inbox(run_id), min_last_seq=min_last_seq),
         )
         msgs = sorted(hist_msgs + inbox_msgs, key=lambda m: int((m.headers or {}).get("Nats-Sequence", "0")))
         hist = RunHistory(run_id)
@@ -81,6 +124,7 @@ class HistoryLog:
             hdrs = m.headers or {}
             seq = int(hdrs.get("Nats-Sequence", "0"))
             if hdrs.get("Nats-Subject") == inbox_subject:
+                hist.inbox_seen = max(hist.inbox_seen, seq)
                 try:
                     inbox.append((seq, EventSignal.model_validate_json(m.data)))
                 except ValueError:
@@ -94,11 +138,26 @@ class HistoryLog:
                 if e.k == "signal":
                     taken = max(taken, e.inbox_seq)
         hist.inbox = [(seq, sig) for seq, sig in inbox if seq > taken]
+        hist.inbox_seen = max(hist.inbox_seen, taken)
         return hist
 
-    async def read_last(self, run_id: str) -> list[Any]:
-        """The entries of the run's last message only (enough to see a terminal state)."""
-        msg = await direct_get_last(self._nc, self._subjects.history_stream, self._subjects.history(run_id))
+    async def read_last(self, run_id: str, min_seq: int = 0) -> list[Any]:
+        """The entries of the run's last message only (enough to see a terminal state).
+
+        With ``min_seq`` (a history append known to be acknowledged), a reply older than it
+        is read again until one is not (invariant 13).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while True:
+            msg = await direct_get_last(self._nc, self._subjects.history_stream, self._subjects.history(run_id),
+                                        min_last_seq=min_seq)
+            seen = int((msg.headers or {}).get("Nats-Sequence", "0")) if msg is not None else 0
+            if seen >= min_seq:
+                break
+            if loop.time() >= deadline:
+                raise StaleReadError(f"run {run_id}: the last history message read was {seen}, expected >= {min_seq}")
+            await asyncio.sleep(_STALE_READ_RETRY_S)
         return [] if msg is None else decode_history(msg.data)
 
     async def append(self, run_id: str, entries: list[Any], expected_seq: int, notify: str | None = None) -> int:
@@ -116,14 +175,28 @@ class HistoryLog:
             half = len(entries) // 2
             seq = await self.append(run_id, entries[:half], expected_seq)
             return await self.append(run_id, entries[half:], seq, notify)
-        try:
-            seq = await self._pub.publish(
-                self._subjects.history(run_id), data, {HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq)}
-            )
-        except nats.js.errors.APIError as e:
-            if e.err_code == ERR_WRONG_LAST_SEQUENCE:
-                raise HistoryConflict(run_id, expected_seq, str(e.description)) from e
-            raise
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._retry_s
+        delay = 0.05
+        while True:
+            try:
+                seq = await self._pub.publish(
+                    self._subjects.history(run_id), data, {HDR_EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq)}
+                )
+                break
+            except nats.js.errors.APIError as e:
+                if e.err_code in _CONFLICT_CODES:
+                    raise HistoryConflict(run_id, expected_seq, str(e.description)) from e
+                if not is_transient(e) or loop.time() + delay > give_up:
+                    raise
+            except Exception as e:
+                if not is_transient(e) or loop.time() + delay > give_up:
+                    raise
+            # Safe to repeat: if an append that timed out was written after all, the guard refuses
+            # the repeat (HistoryConflict) and the caller replays from the history that has it.
+            log.warning("run %s: history append failed for the infrastructure's sake; retrying in %.2fs", run_id, delay)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
         if notify and entries and entries[-1].k in TERMINAL_KINDS:
             await self._nc.publish(notify, data)
         return seq

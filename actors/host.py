@@ -21,8 +21,17 @@ from nats.aio.msg import Msg
 
 from actors.activation_queue import ActivationQueue, SlotPool
 from actors.children import ChildStart, child_run_id, notify_parent, request_cancel, start_children
+from actors.heartbeat import Heartbeat
 from actors.history import HistoryConflict, HistoryLog, RunHistory
-from actors.jetstream import Layout, Publisher, api_request, connect, ensure_streams, ensure_task_consumer
+from actors.jetstream import (
+    Layout,
+    Publisher,
+    api_request,
+    connect,
+    ensure_streams,
+    ensure_task_consumer,
+    is_transient,
+)
 from actors.replay import Turn, open_waits
 from actors.retention import Reaper
 from actors.router import EventRouter, publish_registrations
@@ -48,6 +57,7 @@ from actors.wire import (
 )
 from sdk.context import Context, DurableContext, current_runtime
 from sdk.errors import (
+    DeliveryLimitExceeded,
     InputValidationError,
     NonDeterminismError,
     NonRetryableError,
@@ -69,6 +79,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("bide.host")
 
 _MISSING_HISTORY_RETRIES = 20
+_APPEND_RETRY_S = 15.0
+"""An append that times out or meets a 503 is repeated this long before the turn is retried."""
+_INFRA_RETRY_FIRST_S = 0.1
+_INFRA_RETRY_MAX_S = 5.0
+_INFRA_RETRY_BUDGET_S = 60.0
+"""How long a host retries a turn that hits infrastructure errors before handing it back (a nak)."""
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
@@ -111,8 +127,7 @@ class ActorHost:
         self._nc: NATS | None = None
         self._queues: list[ActivationQueue] = []
         self._locks: dict[str, asyncio.Lock] = {}
-        self._in_flight: dict[int, Msg] = {}
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._heartbeat: Heartbeat | None = None
         self._publisher: Publisher | None = None
         self._route_events = route_events
         self.router: EventRouter | None = None
@@ -125,7 +140,11 @@ class ActorHost:
         js = nc.jetstream(timeout=10.0)
         await ensure_streams(js, self.layout)
         self._publisher = await Publisher(nc).start()
-        self._history = HistoryLog(nc, self._publisher, self.layout.subjects)
+        self._history = HistoryLog(nc, self._publisher, self.layout.subjects, retry_s=_APPEND_RETRY_S)
+        # Long turns tell JetStream they are alive, so only a dead host's work is redelivered.
+        self._heartbeat = Heartbeat(self.config.nats_url, max(0.2, self.layout.ack_wait_s / 3),
+                                    name=f"{self.host_id}/heartbeat", connect_timeout=self.config.connect_timeout_s)
+        await self._heartbeat.start()
         self._timers = TimerScheduler(js, self.layout.subjects)
         await nc.subscribe(self.layout.subjects.cancel_broadcast, cb=self._on_cancel_msg)
         for t in self._tasks.values():
@@ -148,7 +167,6 @@ class ActorHost:
         self._queues.append(await self._reaper.queue(js))
         for q in self._queues:  # every queue is counted before any pulls (scarce slots)
             await q.start()
-        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="bide-heartbeat")
         log.info("host %s serving %s", self.host_id, ", ".join(sorted(self._tasks)))
 
     async def stop(self) -> None:
@@ -169,26 +187,18 @@ class ActorHost:
         if self._chores:
             await asyncio.wait(self._chores, timeout=5)
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
+            await self._heartbeat.stop()
         if self._publisher is not None:
             await self._publisher.close()
         if self._nc is not None:
             await self._nc.drain()
         await asyncio.to_thread(self.tracing.force_flush)  # a stopped host's last spans are exported
 
-    async def _heartbeat_loop(self) -> None:
-        # Long turns tell JetStream they are alive, so only a dead host's work is redelivered.
-        interval = max(0.5, self.layout.ack_wait_s / 3)
-        while True:
-            await asyncio.sleep(interval)
-            for msg in list(self._in_flight.values()):
-                try:
-                    await msg.in_progress()
-                except Exception:
-                    log.debug("heartbeat failed for %s", msg.subject, exc_info=True)
-
     async def _handle(self, msg: Msg) -> None:
-        self._in_flight[id(msg)] = msg
+        heartbeat = self._heartbeat
+        assert heartbeat is not None
+        heartbeat.track(msg)
+        delivered = msg.metadata.num_delivered or 1
         try:
             try:
                 act = decode_activation(msg.data)
@@ -203,7 +213,10 @@ class ActorHost:
             lock = self._locks.setdefault(act.run_id, asyncio.Lock())
             try:
                 async with lock:
-                    await self._turn(msg, act, defn)
+                    if delivered > self.config.max_deliveries:
+                        await self._give_up(msg, act, defn, delivered)
+                    else:
+                        await self._turn_retrying(msg, act, defn, delivered)
             finally:
                 if not lock.locked() and self._locks.get(act.run_id) is lock:
                     del self._locks[act.run_id]
@@ -216,19 +229,80 @@ class ActorHost:
             await msg.nak()
             raise
         except Exception:
-            log.exception("turn failed on %s; will retry", msg.subject)
-            await msg.nak(delay=1.0)
+            log.exception("turn failed on %s (delivery %d); will retry", msg.subject, delivered)
+            await msg.nak(delay=min(_INFRA_RETRY_MAX_S, 0.5 * delivered))
         finally:
-            self._in_flight.pop(id(msg), None)
+            heartbeat.untrack(msg)
 
-    async def _turn(self, msg: Msg, act: Activation, defn: TaskDefinition) -> None:
+    async def _turn_retrying(self, msg: Msg, act: Activation, defn: TaskDefinition, delivered: int) -> None:
+        """A turn; an infrastructure error (a timeout, a 503, a lost connection) is retried here.
+
+        Only the user's own errors fail a run. A turn that hit an infrastructure error is
+        replayed from the history with backoff while the activation stays with this host
+        (heartbeats keep it), so its delivery count measures crashes, not outages. Each
+        retry counts as a redelivery, so children recorded but maybe not started are started.
+        """
+        loop = asyncio.get_running_loop()
+        give_back = loop.time() + _INFRA_RETRY_BUDGET_S
+        delay = _INFRA_RETRY_FIRST_S
+        retries = 0
+        while True:
+            try:
+                await self._turn(msg, act, defn, delivered + retries)
+                return
+            except HistoryConflict:
+                raise
+            except Exception as e:
+                if not is_transient(e) or loop.time() + delay > give_back:
+                    raise
+                log.warning("run %s: infrastructure error in a turn (%s: %s); retrying in %.1fs",
+                            act.run_id, type(e).__name__, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(_INFRA_RETRY_MAX_S, delay * 2)
+            retries += 1
+
+    async def _read(self, act: Activation) -> RunHistory:
+        """The run as of every write this activation announces (invariant 13)."""
+        return await self._history.read(act.run_id, history_seq=act.history_seq or 0, inbox_seq=act.inbox_seq or 0)
+
+    async def _give_up(self, msg: Msg, act: Activation, defn: TaskDefinition, delivered: int) -> None:
+        """A poison activation: it came back too often, so its run fails without running its code again."""
+        hist = await self._read(act)
+        if not hist.entries or hist.terminal is not None:
+            if hist.terminal is not None and hist.entries[0].parent is not None:
+                await notify_parent(self._nc_, self._publisher_, self.layout.subjects, hist.run_id,
+                                    hist.entries[0].parent, hist.terminal)
+            await msg.ack()
+            return
+        err = DeliveryLimitExceeded(
+            f"run {act.run_id} of task {defn.name!r}: its {act.kind} activation was delivered {delivered} times, "
+            f"more than BIDE_MAX_DELIVERIES={self.config.max_deliveries}; each host that took it died or failed "
+            "before finishing the turn, so the run failed without running its code again")
+        log.error("%s", err)
+        end = RunFailed(error=error_info(err), at=utcnow())
+        started = hist.entries[0]
+        unfinished: list[tuple[str, str]] = []
+        if defn.runs_durably and not (defn.workflow is not None and defn is defn.workflow.runner):
+            turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, attempt=delivered)
+            turn.finished_or_failed = True
+            await turn.flush([end])
+            await self._after_turn(turn, defn, hist)
+            unfinished = turn.unfinished_children
+        else:
+            begun = ActivationBegun(host=self.host_id, attempt=delivered, at=utcnow())
+            await self._history.append(hist.run_id, [begun, end], hist.last_seq, started.meta.get("notify"))
+            if defn.workflow is not None:
+                unfinished = [(rid, e.task) for e in hist.entries if e.k == "children_spawned" for rid in e.run_ids]
+        await self._finished(hist.run_id, started, end, unfinished)
+        await msg.ack()
+
+    async def _turn(self, msg: Msg, act: Activation, defn: TaskDefinition, attempt: int) -> None:
         began_ns = time.time_ns()
-        attempt = msg.metadata.num_delivered or 1
         if act.kind == "start" and attempt == 1 and act.started is not None and act.history_seq:
             # First delivery of a start: the history is exactly the start entry.
             hist = RunHistory(act.run_id, [act.started], act.history_seq)
         else:
-            hist = await self._history.read(act.run_id)
+            hist = await self._read(act)
         if not hist.entries:
             if attempt < _MISSING_HISTORY_RETRIES:
                 await msg.nak(delay=0.2)
@@ -334,8 +408,10 @@ class ActorHost:
         await _cancel(user)
         end: Any = None
         if turn.fatal is not None:
-            if isinstance(turn.fatal, HistoryConflict):
-                raise turn.fatal  # another host wrote first: drop this stale turn
+            if isinstance(turn.fatal, HistoryConflict) or is_transient(turn.fatal):
+                # Another host wrote first (drop this stale turn), or the infrastructure failed
+                # (retry it): neither is the user's error, and the code never saw it.
+                raise turn.fatal
             end = RunFailed(error=error_info(turn.fatal), at=utcnow())
         elif finished:
             if turn.cancel_reason is not None and (user.cancelled() or _cancelled_error(user)):
@@ -354,16 +430,18 @@ class ActorHost:
             if turn.has_new_facts:
                 await turn.flush()
             for t in turn.timers:
-                await self._timers.schedule(hist.run_id, defn.name, t.pos, t.wake_at)
+                await self._timers.schedule(hist.run_id, defn.name, t.pos, t.wake_at, turn.last_seq)
         else:
             end = _timed_out(defn, hist.run_id, timeout or 0)
         if end is not None:
-            if end.k == "run_failed" and not isinstance(turn.fatal, NonDeterminismError):
+            # A fatal error (non-determinism, a write the server can never accept) is not retried:
+            # a retry would replay into the same error.
+            if end.k == "run_failed" and turn.fatal is None:
                 retry = self._retry(defn, hist, end, user if finished else None)
                 if retry is not None:
                     await turn.flush([retry])
                     await self._after_turn(turn, defn, hist)
-                    await self._schedule_retry(hist.run_id, defn, retry)
+                    await self._schedule_retry(hist.run_id, defn, retry, turn.last_seq)
                     return
             turn.finished_or_failed = True
             await turn.flush([end])
@@ -384,17 +462,17 @@ class ActorHost:
         now = utcnow()
         return AttemptFailed(attempt=failures + 1, error=failed.error, retry_at=now + timedelta(seconds=delay), at=now)
 
-    async def _schedule_retry(self, run_id: str, defn: TaskDefinition, retry: AttemptFailed) -> None:
+    async def _schedule_retry(self, run_id: str, defn: TaskDefinition, retry: AttemptFailed, history_seq: int) -> None:
         mark_outcome("retry")
         mark_failed(f"{retry.error.type}: {retry.error.message}")
         delay = (retry.retry_at - utcnow()).total_seconds()
         if delay >= 1.0:
-            await self._timers.schedule_retry(run_id, defn.name, retry.attempt, retry.retry_at)
+            await self._timers.schedule_retry(run_id, defn.name, retry.attempt, retry.retry_at, history_seq)
             return
         # A short backoff waits here (the activation is not acked yet, so a crash loses nothing).
         if delay > 0:
             await asyncio.sleep(delay)
-        act = Activation(run_id=run_id, task=defn.name, kind="retry")
+        act = Activation(run_id=run_id, task=defn.name, kind="retry", history_seq=history_seq)
         await self._publisher_.publish(self.layout.subjects.work(defn.name, run_id), encode_activation(act),
                                        {HDR_BIDE_KIND: "retry"})
 
@@ -517,8 +595,8 @@ class ActorHost:
         if end.k == "run_failed":
             retry = self._retry(defn, hist, end, user if user in done else None)
             if retry is not None:
-                await self._history.append(hist.run_id, [begun, retry], hist.last_seq)
-                await self._schedule_retry(hist.run_id, defn, retry)
+                seq = await self._history.append(hist.run_id, [begun, retry], hist.last_seq)
+                await self._schedule_retry(hist.run_id, defn, retry, seq)
                 return
         await self._history.append(hist.run_id, [begun, end], hist.last_seq, notify)
         await self._finished(hist.run_id, started, end, [])

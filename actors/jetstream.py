@@ -36,11 +36,35 @@ log = logging.getLogger("bide.jetstream")
 
 ERR_WRONG_LAST_SEQUENCE = 10071
 """JetStream error code for a failed ``Nats-Expected-Last-Subject-Sequence`` check."""
+ERR_WRONG_LAST_SEQUENCE_CONSTANT = 10164
+"""The same check refused while another write to the subject is in flight (clustered streams)."""
+ERR_EXPECTED_LAST_SEQ_NOT_READY = 10163
+"""The same check cannot be made yet (a stream leader that was just elected)."""
+ERR_MESSAGE_TOO_BIG = 10054
+"""A message larger than the stream accepts: the same message is refused every time."""
 _NO_RESPONDERS_RETRY_S = 0.1
 
 
 class NatsUnavailableError(ConnectionError):
     """The NATS server could not be reached; the message names the URL and what to do."""
+
+
+class StaleReadError(Exception):
+    """Every replica that answered a read was behind a write the reader knows was acknowledged."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed JetStream operation may succeed if repeated: infrastructure, not input.
+
+    A timeout, a lost connection, no responders (503) or any JetStream API error is
+    transient (a leader election, a limit an operator can raise), except a message the
+    server can never accept.
+    """
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return False
+    if isinstance(exc, nats.js.errors.APIError):
+        return exc.err_code != ERR_MESSAGE_TOO_BIG
+    return isinstance(exc, (TimeoutError, ConnectionError, OSError, nats.errors.Error, StaleReadError))
 
 
 @dataclass(frozen=True)
@@ -49,7 +73,7 @@ class Layout:
 
     subjects: Subjects
     replicas: int = 1
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = 3.0
     events_max_age_s: float = 24 * 3600
     """How long events are kept for lookback (the longest lookback window that can see anything)."""
     event_dedupe_window_s: float = 600.0
@@ -231,6 +255,9 @@ def task_consumer_config(layout: Layout, task: str, durable: bool) -> ConsumerCo
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=layout.ack_wait_s,
+        # Unbounded here on purpose: the host counts deliveries itself and fails a run whose
+        # activation came back too often (``BIDE_MAX_DELIVERIES``), so the run ends visibly
+        # instead of its activation sitting undeliverable in the stream.
         max_deliver=-1,
         max_ack_pending=20_000,
         max_waiting=2048,
@@ -351,15 +378,16 @@ async def direct_get_subject(
     batch: int = 1000,
     limit: int | None = None,
     start_time: str | None = None,
+    min_last_seq: int = 0,
     timeout: float = 5.0,
-    min_last_seq: int | None = None,
 ) -> list[Msg]:
     """Every message on ``subject`` from ``start_seq``, by batch direct get (ADR-31).
 
     nats-py has no helper for batched direct get, so the raw request is sent and the
-    replies are collected up to the end-of-batch status (204). With ``min_last_seq``
-    (read-after-write, ADR-53) a replica that has not yet stored that stream sequence
-    answers 412 instead of a stale view, and the read is tried again.
+    replies are collected up to the end-of-batch status (204). ``min_last_seq`` asks the
+    answering replica to have applied the stream up to that sequence (ADR-53); servers
+    that do not know the field ignore it, so callers check what they read as well
+    (:meth:`actors.history.HistoryLog.read`).
     """
     out: list[Msg] = []
     seq = start_seq
@@ -386,6 +414,8 @@ async def direct_get_subject(
                 req["start_time"] = start_time
             else:
                 req["seq"] = seq
+            if min_last_seq:
+                req["min_last_seq"] = min_last_seq
             await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(), reply=inbox)
             # Short attempts: a request routed to a replica that just died is never answered.
             remaining = deadline - asyncio.get_running_loop().time()
@@ -397,8 +427,9 @@ async def direct_get_subject(
         finally:
             await sub.unsubscribe()
         if status in (503, 412) and not got:
-            # No replica answers direct gets for a moment (e.g. a cluster just lost a node): an
-            # empty answer here would read as "no history", so wait for a replica or fail.
+            # No replica answers direct gets for a moment (e.g. a cluster just lost a node), or
+            # the one that answered is behind ``min_last_seq``: an empty answer here would read
+            # as "no history", so wait for a replica that is up to date, or fail.
             if asyncio.get_running_loop().time() >= deadline:
                 raise nats.errors.NoRespondersError
             await asyncio.sleep(_NO_RESPONDERS_RETRY_S)
@@ -419,23 +450,31 @@ async def direct_get_first(nc: NATS, stream: str, subject: str, timeout: float =
     return msgs[0] if msgs else None
 
 
-async def direct_get_last(nc: NATS, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:
+async def direct_get_last(nc: NATS, stream: str, subject: str, timeout: float = 5.0,
+                          min_last_seq: int = 0) -> Msg | None:
     """The last message on ``subject`` or ``None`` (direct get, served by any replica)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    req: dict[str, Any] = {"last_by_subj": subject}
+    if min_last_seq:
+        req["min_last_seq"] = min_last_seq
     while True:
         try:
             # Short attempts: a request routed to a replica that just died is never answered.
             msg = await nc.request(
-                f"$JS.API.DIRECT.GET.{stream}", json.dumps({"last_by_subj": subject}).encode(),
+                f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(),
                 timeout=max(0.05, min(1.0, deadline - loop.time())),
             )
-            break
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             # No replica answers for a moment (e.g. a cluster just lost a node): wait for one.
             if loop.time() >= deadline:
                 raise
             await asyncio.sleep(_NO_RESPONDERS_RETRY_S)
+            continue
+        if (msg.headers or {}).get("Status") == "412" and loop.time() < deadline:
+            await asyncio.sleep(_NO_RESPONDERS_RETRY_S)  # a replica behind min_last_seq
+            continue
+        break
     status = msg.headers.get("Status") if msg.headers else None
     if status == "404":
         return None

@@ -153,6 +153,26 @@ class Turn:
         await asyncio.get_running_loop().create_future()  # never resolves: the host evicts the run
         raise AssertionError("unreachable")
 
+    async def _durably(self, write: Awaitable[Any]) -> Any:
+        """Carry out a write the code depends on; if it fails, the code never learns of it.
+
+        A failed write (a publish timeout in a leader election, a 503, a lost race) is not the
+        user's error: the code is parked for good and the host retries or replays the turn
+        (``fatal`` says why). Only a non-determinism error is the code's to see.
+        """
+        try:
+            return await write
+        except asyncio.CancelledError:
+            raise
+        except NonDeterminismError:
+            raise
+        except BaseException as e:
+            if self.fatal is None:
+                self.fatal = e
+            self._suspend(None)
+            await asyncio.get_running_loop().create_future()  # never resolves: the host evicts the run
+            raise AssertionError("unreachable") from e
+
     def _position(self) -> int:
         pos = self._next
         self._next += 1
@@ -240,7 +260,7 @@ class Turn:
                 result = await result
         data = to_json_value(result, f"the result of memo {name!r} in run {self.run_id}")
         # Nothing completed runs twice: the result is durable before the code goes on.
-        await self.flush([MemoRecorded(pos=pos, name=name, args_hash=digest, result=data)])
+        await self._durably(self.flush([MemoRecorded(pos=pos, name=name, args_hash=digest, result=data)]))
         return result
 
     async def now(self) -> datetime:
@@ -280,7 +300,7 @@ class Turn:
             # Sleeps keep their deadline: the wake time is recorded once, before any timer exists.
             sched = SleepScheduled(pos=pos, duration_s=length.total_seconds(), wake_at=wake)
             self._sleeps[pos] = sched
-            await self.flush([sched])
+            await self._durably(self.flush([sched]))
         remaining = wake - utcnow()
         if remaining > RESIDENT_MAX:
             await self._park(TimerRequest(pos, wake))
@@ -447,13 +467,17 @@ class Turn:
             if self._redelivered and any(i not in self._outcomes for i in ids):
                 # This activation came back: the turn that recorded the spawn may have died
                 # before starting every child. Starting is idempotent.
-                await self._start(pos, ids, children, detached=not wait)
+                await self._durably(self._start(pos, ids, children, detached=not wait))
         else:
             ids = child_run_ids(self.run_id, pos, [c.key for c in children], self.spawned)
             # Written before any child exists: a replay never spawns a child twice.
-            await self.flush([ChildrenSpawned(pos=pos, task=task, run_ids=ids, args_hash=digest, at=utcnow())])
+            await self._durably(self.flush([ChildrenSpawned(pos=pos, task=task, run_ids=ids, args_hash=digest,
+                                                            at=utcnow())]))
             self.spawned.update({rid: c.task for rid, c in zip(ids, children, strict=True)})
-            await self._start(pos, ids, children, detached=not wait)
+            # A start that fails parks the code: the host retries the turn as a redelivery, which
+            # starts every unreported child again, so the parent never waits for a child that
+            # was recorded but never started.
+            await self._durably(self._start(pos, ids, children, detached=not wait))
         if not wait:
             return ids
         return await self.outcomes(ids)

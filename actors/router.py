@@ -40,8 +40,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from actors.history import HistoryConflict, HistoryLog
-from actors.jetstream import ROUTER_GROUP, Layout, Publisher, api_request, direct_get_subject
-from actors.router_effects import Effects, is_transient, retry_transient
+from actors.jetstream import ROUTER_GROUP, Layout, Publisher, api_request, direct_get_subject, is_transient
+from actors.router_effects import Effects, retry_transient
 from actors.tracing import TRACEPARENT, Tracing, span_context_of
 from actors.wait_index import IncomingEvent, PendingWaitEntry, WaitIndex, decode_event
 from actors.wire import (
@@ -450,10 +450,9 @@ class EventRouter:
             prepared.append((w, data))
         for w, data in prepared:
             # De-duplication ids make a redone batch harmless.
-            effects.first.append((self._s.inbox(w.run_id), data, {HDR_MSG_ID: f"sig:{w.cid}:{event.seq}"}))
-            act = Activation(run_id=w.run_id, task=w.task, kind="signal")
-            effects.activations.append((self._s.work(w.task, w.run_id), encode_activation(act),
-                                        {HDR_BIDE_KIND: "signal", HDR_MSG_ID: f"act:{w.cid}:{event.seq}"}))
+            effects.signal(self._s.inbox(w.run_id), data, {HDR_MSG_ID: f"sig:{w.cid}:{event.seq}"},
+                           self._s.work(w.task, w.run_id), Activation(run_id=w.run_id, task=w.task, kind="signal"),
+                           {HDR_BIDE_KIND: "signal", HDR_MSG_ID: f"act:{w.cid}:{event.seq}"})
         return True
 
     def _start_triggered(self, trig: TriggerRegistration, event: IncomingEvent, subject: str,

@@ -4,8 +4,8 @@ The router decides in memory, in stream order; :class:`Effects` collects the wri
 those decisions need and :meth:`Effects.flush` carries them out in an order that
 keeps every crash safe:
 
-1. signals on the runs' inboxes, runs started by triggers, rejection records;
-2. the activations that wake those runs;
+1. signals on the runs' inboxes and rejection records, then runs started by triggers;
+2. the activations that wake those runs (each names its signal's inbox sequence);
 3. deletes of satisfied or cancelled registrations and of superseded triggers.
 
 Only then does the router ack (the consumer acks cumulatively), so the stream still
@@ -28,24 +28,14 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 
-from actors.jetstream import Publisher, api_request
-from actors.wire import HDR_MSG_ID, Subjects
+from actors.jetstream import Publisher, api_request, is_transient
+from actors.wire import HDR_MSG_ID, Activation, Subjects, encode_activation
 
 log = logging.getLogger("bide.router")
 
 ERR_NO_MESSAGE = 10037
 """JetStream: no message found (a delete that already happened)."""
 _BACKOFF_MAX_S = 2.0
-
-
-def is_transient(e: BaseException) -> bool:
-    """An error that goes away by itself (retry), as opposed to a write the server refuses for good."""
-    if isinstance(e, nats.errors.MaxPayloadError):
-        return False
-    if isinstance(e, nats.js.errors.APIError):
-        # Unavailable, timed out, a server error: worth a retry. Any other API error is a refusal.
-        return e.code in (408, 500, 503)
-    return isinstance(e, (TimeoutError, nats.errors.Error, nats.js.errors.Error, ConnectionError, OSError))
 
 
 async def retry_transient(what: str, op: Callable[[], Awaitable[Any]]) -> Any:
@@ -72,7 +62,9 @@ class Effects:
         self._pub = pub
         self._s = subjects
         self.first: list[tuple[str, bytes, dict[str, str]]] = []
-        """Inbox signals and rejection records."""
+        """Rejection records."""
+        self.signals: list[tuple[str, bytes, dict[str, str], str, Activation, dict[str, str]]] = []
+        """Inbox signals, each with the activation that announces it (and carries its sequence)."""
         self.starts: list[Callable[[], Awaitable[None]]] = []
         """Runs started by triggers (each appends ``run_started`` and publishes its activation)."""
         self.activations: list[tuple[str, bytes, dict[str, str]]] = []
@@ -80,7 +72,12 @@ class Effects:
         self.rejected = 0
 
     def __bool__(self) -> bool:
-        return bool(self.first or self.starts or self.activations or self.deletes)
+        return bool(self.first or self.signals or self.starts or self.activations or self.deletes)
+
+    def signal(self, inbox: str, data: bytes, headers: dict[str, str], work: str, act: Activation,
+               act_headers: dict[str, str]) -> None:
+        """A signal for a run's inbox, then its activation (which names the signal's sequence)."""
+        self.signals.append((inbox, data, headers, work, act, act_headers))
 
     def reject(self, seq: int, subject: str, reason: str, detail: dict[str, Any] | None = None) -> None:
         """A message the router cannot handle: recorded (kept with the events), logged, and passed."""
@@ -91,18 +88,25 @@ class Effects:
 
     async def flush(self) -> None:
         """Carry out every write, in the crash-safe order; returns once all are durable."""
-        await asyncio.gather(*(self._publish(*w) for w in self.first))
+        seqs = await asyncio.gather(*(self._publish(*w) for w in self.first),
+                                    *(self._publish(inbox, data, hdrs) for inbox, data, hdrs, *_ in self.signals))
         await asyncio.gather(*(start() for start in self.starts))
+        for (_, _, _, work, act, hdrs), seq in zip(self.signals, seqs[len(self.first):], strict=True):
+            if seq is not None:
+                # The host reads until it sees this sequence (read-after-write, invariant 13).
+                self.activations.append((work, encode_activation(act.model_copy(update={"inbox_seq": seq})), hdrs))
         await asyncio.gather(*(self._publish(*w) for w in self.activations))
         await asyncio.gather(*(self._delete(seq) for seq in sorted(self.deletes)))
 
-    async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+    async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> int | None:
         try:
-            await retry_transient(f"publish to {subject}", lambda: self._pub.publish(subject, data, headers))
+            seq: int = await retry_transient(f"publish to {subject}", lambda: self._pub.publish(subject, data, headers))
+            return seq
         except Exception as e:
             # Sizes are checked when the router decides, so this is a refusal nobody foresaw:
             # retrying it forever would wedge every run behind it.
             log.error("router: publish to %s refused for good (%s: %s); skipped", subject, type(e).__name__, e)
+            return None
 
     async def _delete(self, seq: int) -> None:
         async def op() -> None:

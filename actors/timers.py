@@ -37,15 +37,18 @@ class TimerScheduler:
         self._js = js
         self._subjects = subjects
 
-    async def schedule(self, run_id: str, task: str, pos: int, wake_at: datetime) -> None:
-        """(Re)publish the timer for ``pos``; a duplicate replaces the earlier schedule."""
-        act = Activation(run_id=run_id, task=task, kind="timer", pos=pos)
+    async def schedule(self, run_id: str, task: str, pos: int, wake_at: datetime, history_seq: int) -> None:
+        """(Re)publish the timer for ``pos``; a duplicate replaces the earlier schedule.
+
+        ``history_seq`` is the append that recorded the sleep or wait: the woken host reads at least that far.
+        """
+        act = Activation(run_id=run_id, task=task, kind="timer", pos=pos, history_seq=history_seq or None)
         await self._publish(self._subjects.timer(run_id, pos), task, run_id, act, max(wake_at - FIRE_LEAD,
                                                                                          utcnow() + _MIN_AHEAD))
 
-    async def schedule_retry(self, run_id: str, task: str, retry: int, at: datetime) -> None:
-        """Retry number ``retry`` of the run, at ``at``."""
-        act = Activation(run_id=run_id, task=task, kind="retry")
+    async def schedule_retry(self, run_id: str, task: str, retry: int, at: datetime, history_seq: int) -> None:
+        """Retry number ``retry`` of the run, at ``at`` (``history_seq``: the append that recorded the failure)."""
+        act = Activation(run_id=run_id, task=task, kind="retry", history_seq=history_seq or None)
         await self._publish(self._subjects.timer(run_id, f"retry{retry}"), task, run_id, act,
                             max(at, utcnow() + _MIN_AHEAD))
 

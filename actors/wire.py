@@ -516,6 +516,11 @@ class Activation(BaseModel):
     kind: ActivationKind
     pos: int | None = None
     history_seq: int | None = None
+    """The stream sequence of the history append this activation follows (the start entry, the
+    checkpoint before a timer or a retry): the host's read must see it (invariant 13)."""
+    inbox_seq: int | None = None
+    """The stream sequence of the inbox message this activation announces (a signal): the host's
+    read must see it, or a history entry that took it (invariant 13)."""
     started: RunStarted | None = None
     """On a fresh start, the run's first entry, so the host can skip reading the history."""
 

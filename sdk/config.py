@@ -31,6 +31,9 @@ def parse_duration(value: str, name: str = "duration") -> float:
             "s, m, h or d (for example 5s, 90m, 2h, 30d)"
         )
     return seconds
+DEFAULT_ACK_WAIT_S = 3.0
+"""A dead host's activations move to a live host after at most this long (live hosts heartbeat)."""
+DEFAULT_MAX_DELIVERIES = 20
 
 
 def _env_float(name: str, default: float) -> float:
@@ -48,6 +51,14 @@ def _env_duration(name: str, default: float) -> float:
     if raw is None or raw == "":
         return default
     return parse_duration(raw, name)
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number") from None
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,7 @@ class BideConfig:
     nats_url: str = DEFAULT_NATS_URL
     prefix: str = "bide"
     replicas: int = 1
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = DEFAULT_ACK_WAIT_S
     connect_timeout_s: float = 2.0
     events_max_age_s: float = 24 * 3600.0
     """How long pushed events are kept for lookback (``BIDE_EVENTS_MAX_AGE``, seconds)."""
@@ -70,6 +81,8 @@ class BideConfig:
     """
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     """Largest payload (event, run input, result) accepted, as JSON bytes (``BIDE_MAX_PAYLOAD``, e.g. ``256KiB``)."""
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    """An activation delivered more often than this fails its run (``BIDE_MAX_DELIVERIES``)."""
 
     @classmethod
     def from_env(
@@ -83,12 +96,13 @@ class BideConfig:
             nats_url=nats_url or os.environ.get("BIDE_NATS_URL") or DEFAULT_NATS_URL,
             prefix=prefix or os.environ.get("BIDE_PREFIX") or "bide",
             replicas=replicas if replicas is not None else int(_env_float("BIDE_REPLICAS", 1)),
-            ack_wait_s=ack_wait_s if ack_wait_s is not None else _env_float("BIDE_ACK_WAIT", 30.0),
+            ack_wait_s=ack_wait_s if ack_wait_s is not None else _env_float("BIDE_ACK_WAIT", DEFAULT_ACK_WAIT_S),
             connect_timeout_s=_env_float("BIDE_CONNECT_TIMEOUT", 2.0),
             events_max_age_s=_env_float("BIDE_EVENTS_MAX_AGE", 24 * 3600.0),
             api_token=os.environ.get("BIDE_API_TOKEN") or None,
             history_retention_s=_env_duration("BIDE_HISTORY_RETENTION", DEFAULT_HISTORY_RETENTION_S),
             max_payload_bytes=parse_size(os.environ.get("BIDE_MAX_PAYLOAD") or DEFAULT_MAX_PAYLOAD),
+            max_deliveries=_env_int("BIDE_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES),
         )
         cfg.validate()
         return cfg
@@ -100,6 +114,8 @@ class BideConfig:
             raise ValueError(f"replicas={self.replicas} must be 1, 3 or 5")
         if self.ack_wait_s < 1:
             raise ValueError(f"ack_wait_s={self.ack_wait_s} must be at least 1 second")
+        if self.max_deliveries < 1:
+            raise ValueError(f"max_deliveries={self.max_deliveries} must be at least 1 (BIDE_MAX_DELIVERIES)")
         if self.events_max_age_s < 1:
             raise ValueError(f"events_max_age_s={self.events_max_age_s} must be at least 1 second")
         if not 1 <= self.history_retention_s <= _MAX_RETENTION_S:

@@ -119,6 +119,12 @@ class ScheduleTimeoutError(BideError, TimeoutError):
     """A run waited in the queue longer than its task's ``schedule_timeout`` before a host took it."""
 
 
+class DeliveryLimitExceeded(BideError):
+    """A run's activation came back more often than ``BIDE_MAX_DELIVERIES``: every host that took it
+    died or failed before finishing the turn (a poison input), so the run failed without its code
+    running again."""
+
+
 class WorkflowDefinitionError(BideError, ValueError):
     """A workflow's tasks do not form a valid graph (unknown parent, a cycle, a misplaced condition)."""
 

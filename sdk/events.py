@@ -214,9 +214,9 @@ class EventsClient:
         signal = EventSignal(source="direct", name=name, payload=orjson.loads(body), event_id=eid, at=utcnow(),
                              meta=meta)
         try:
-            await conn.publisher.publish(s.inbox(run_id), signal.model_dump_json().encode(),
-                                         {HDR_MSG_ID: f"send:{eid}"})
-            act = Activation(run_id=run_id, task=task, kind="signal")
+            seq = await conn.publisher.publish(s.inbox(run_id), signal.model_dump_json().encode(),
+                                               {HDR_MSG_ID: f"send:{eid}"})
+            act = Activation(run_id=run_id, task=task, kind="signal", inbox_seq=seq)
             await conn.publisher.publish(s.work(task, run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
         except BaseException as e:
             span.fail(e)

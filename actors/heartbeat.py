@@ -1,0 +1,96 @@
+"""Heartbeats for activations being worked on, sent from a thread with its own connection.
+
+A host tells JetStream that an activation is still being worked on (``+WPI`` on the
+message's reply subject), so the ack wait can be short: a dead host's work is redelivered
+within one ack wait, and a live host's long turn is not. The heartbeat must go on while user
+code runs, even code that blocks the host's event loop (a synchronous memo step), so it runs
+on a thread of its own, with a connection of its own: an ack is a plain publish to the reply
+subject, any connection of the account may send it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Future
+
+from nats.aio.msg import Msg
+
+from actors.jetstream import connect
+
+log = logging.getLogger("bide.heartbeat")
+
+_IN_PROGRESS = b"+WPI"
+
+
+class Heartbeat:
+    """Sends ``in_progress`` for every tracked activation every ``interval`` seconds."""
+
+    def __init__(self, url: str, interval: float, *, name: str = "bide-heartbeat",
+                 connect_timeout: float = 2.0) -> None:
+        self._url = url
+        self._interval = interval
+        self._name = name
+        self._connect_timeout = connect_timeout
+        self._replies: dict[int, str] = {}
+        """Reply subjects of the activations in flight, by ``id(msg)``; written by the host's loop only."""
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.beats = 0
+        """How many rounds were sent (tests read it)."""
+
+    def track(self, msg: Msg) -> None:
+        if msg.reply:
+            self._replies[id(msg)] = msg.reply
+
+    def untrack(self, msg: Msg) -> None:
+        self._replies.pop(id(msg), None)
+
+    async def start(self) -> None:
+        """Start the thread and wait until its connection is up (raising its error if it fails)."""
+        ready: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name=self._name, daemon=True)
+        self._thread.start()
+        await asyncio.wrap_future(ready)
+
+    async def stop(self) -> None:
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                pass  # the thread's loop just ended
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    def _run(self, ready: Future[None]) -> None:
+        try:
+            asyncio.run(self._main(ready))
+        except BaseException as e:  # the host learns of a failed start through ``ready``
+            if not ready.done():
+                ready.set_exception(e)
+            else:
+                log.exception("heartbeat thread ended")
+
+    async def _main(self, ready: Future[None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        nc = await connect(self._url, name=self._name, connect_timeout=self._connect_timeout)
+        ready.set_result(None)
+        try:
+            while not self._stop.is_set():
+                try:
+                    await asyncio.wait_for(self._stop.wait(), self._interval)
+                    break
+                except TimeoutError:
+                    pass
+                for reply in self._replies.copy().values():  # a copy is atomic; the host's loop writes
+                    try:
+                        await nc.publish(reply, _IN_PROGRESS)
+                    except Exception:
+                        log.debug("heartbeat failed for %s", reply, exc_info=True)
+                self.beats += 1
+        finally:
+            await nc.close()
