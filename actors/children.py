@@ -19,8 +19,9 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from actors.history import HistoryConflict, HistoryLog
+from actors.history import HistoryLog
 from actors.jetstream import Publisher, direct_get_first, increment
+from actors.protocol import deliver_signal, start_run
 from actors.tracing import TRACEPARENT, Tracing
 from actors.wire import (
     HDR_BIDE_KIND,
@@ -111,23 +112,12 @@ async def start_children(history: HistoryLog, pub: Publisher, subjects: Subjects
             meta[TRACEPARENT] = span.traceparent
         started = RunStarted(run_id=c.run_id, task=c.task, durable=c.durable, input=c.input, at=utcnow(),
                              execution_timeout_s=c.execution_timeout_s, meta=meta, parent=parent,
-                             parents=c.parents)
-        seq: int | None
-        try:
-            seq = await history.append(c.run_id, [started], expected_seq=0)
-        except HistoryConflict as conflict:
-            if span is not None:
-                span.discard()
-            # Started before: a replay after a crash. Re-send its activation only if it never ran
-            # (the de-duplication id drops a second copy of one that was sent).
-            last = await history.read_last(c.run_id, min_seq=conflict.actual_seq)
-            if not (len(last) == 1 and last[0].k == "run_started"):
-                return
-            seq = None
-        act = Activation(run_id=c.run_id, task=c.task, kind="start", history_seq=seq,
-                         started=started if seq is not None else None)
-        await pub.publish(subject, encode_activation(act), {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{c.run_id}"})
-        if span is not None:
+                             parents=c.parents, start_id=f"spawn:{parent.run_id}:{parent.pos}")
+        # A replay after a crash starts the same child again: the same start id makes it a no-op
+        # (and its activation is ignored by the host once the child has begun).
+        if await start_run(history, pub, subjects, started) is None and span is not None:
+            span.discard()
+        elif span is not None:
             span.end()
 
     await asyncio.gather(*(one(c) for c in starts))
@@ -182,8 +172,6 @@ async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects
         return False
     sig = EventSignal(source="cancel", name="cancel", payload={"reason": reason}, event_id=uuid.uuid4().hex,
                       at=utcnow())
-    seq = await pub.publish(subjects.inbox(run_id), sig.model_dump_json().encode())
-    act = Activation(run_id=run_id, task=task, kind="signal", inbox_seq=seq)
-    await pub.publish(subjects.work(task, run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
+    await deliver_signal(pub, subjects, run_id, task, sig, msg_id=f"cancel:{sig.event_id}")
     await nc.publish(subjects.cancel_broadcast, run_id.encode())
     return True

@@ -78,6 +78,7 @@ class HistoryLog:
     """Reads and appends run histories on ``<prefix>.history.<run>``."""
 
     def __init__(self, nc: NATS, publisher: Publisher, subjects: Subjects, *, retry_s: float = 0.0) -> None:
+        self.nc = nc
         self._nc = nc
         self._pub = publisher
         self._subjects = subjects

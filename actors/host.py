@@ -49,6 +49,7 @@ from actors.wire import (
     RunCancelled,
     RunCompleted,
     RunFailed,
+    RunStarted,
     SignalReceived,
     TriggerRegistration,
     decode_activation,
@@ -296,6 +297,32 @@ class ActorHost:
         await self._finished(hist.run_id, started, end, unfinished)
         await msg.ack()
 
+    async def _begin(self, msg: Msg, act: Activation, started: RunStarted, hist: RunHistory,
+                     attempt: int) -> RunHistory | None:
+        """A start activation: the run's history with its start recorded, or ``None`` (acked) if not to run.
+
+        The starter publishes the activation before ``run_started`` (actors.protocol.start_run),
+        so a starter that died in between left the start here only: record it (invariant 12).
+        """
+        if not hist.entries:
+            try:
+                seq = await self._history.append(act.run_id, [started], expected_seq=0)
+                return RunHistory(act.run_id, [started], seq)
+            except HistoryConflict:
+                hist = await self._read(act)  # the starter's own append came first
+        first = hist.entries[0]
+        if not isinstance(first, RunStarted) or not first.same_start(started):
+            log.error("dropping a start of run %s: another start (task %r) owns that run id", act.run_id,
+                      getattr(first, "task", None))
+            await msg.ack()
+            return None
+        if attempt == 1 and any(e.k == "activation" for e in hist.entries):
+            # A start sent again (a parent's replay, a retried request): the run has begun already,
+            # and its own activation, if its host died, comes back by itself.
+            await msg.ack()
+            return None
+        return hist
+
     async def _turn(self, msg: Msg, act: Activation, defn: TaskDefinition, attempt: int) -> None:
         began_ns = time.time_ns()
         if act.kind == "start" and attempt == 1 and act.started is not None and act.history_seq:
@@ -303,6 +330,11 @@ class ActorHost:
             hist = RunHistory(act.run_id, [act.started], act.history_seq)
         else:
             hist = await self._read(act)
+        if act.kind == "start" and act.started is not None:
+            began = await self._begin(msg, act, act.started, hist, attempt)
+            if began is None:
+                return
+            hist = began
         if not hist.entries:
             if attempt < _MISSING_HISTORY_RETRIES:
                 await msg.nak(delay=0.2)

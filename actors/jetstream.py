@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,31 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, nats.js.errors.APIError):
         return exc.err_code != ERR_MESSAGE_TOO_BIG
     return isinstance(exc, (TimeoutError, ConnectionError, OSError, nats.errors.Error, StaleReadError))
+
+
+_RETRY_BACKOFF_MAX_S = 2.0
+
+
+async def retry_transient(what: str, op: Callable[[], Awaitable[Any]], deadline_s: float | None = None) -> Any:
+    """Run ``op`` until it succeeds or fails for good; infrastructure errors are retried with backoff.
+
+    With ``deadline_s`` the last infrastructure error is raised once that long has passed
+    (a client gives up; the router, which must not skip anything, retries for ever).
+    """
+    loop = asyncio.get_running_loop()
+    give_up = None if deadline_s is None else loop.time() + deadline_s
+    delay = 0.05
+    while True:
+        try:
+            return await op()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if not is_transient(e) or (give_up is not None and loop.time() + delay > give_up):
+                raise
+            log.warning("%s failed (%s: %s); retrying in %.2fs", what, type(e).__name__, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(_RETRY_BACKOFF_MAX_S, delay * 2)
 
 
 @dataclass(frozen=True)

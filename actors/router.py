@@ -39,9 +39,18 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from actors.history import HistoryConflict, HistoryLog
-from actors.jetstream import ROUTER_GROUP, Layout, Publisher, api_request, direct_get_subject, is_transient
-from actors.router_effects import Effects, retry_transient
+from actors.history import HistoryLog
+from actors.jetstream import (
+    ROUTER_GROUP,
+    Layout,
+    Publisher,
+    api_request,
+    direct_get_subject,
+    is_transient,
+    retry_transient,
+)
+from actors.protocol import start_run
+from actors.router_effects import Effects
 from actors.tracing import TRACEPARENT, Tracing, span_context_of
 from actors.wait_index import IncomingEvent, PendingWaitEntry, WaitIndex, decode_event
 from actors.wire import (
@@ -56,7 +65,6 @@ from actors.wire import (
     WaitCondition,
     WaitRegistered,
     WaitRegistration,
-    encode_activation,
     rfc3339,
     utcnow,
 )
@@ -464,7 +472,7 @@ class EventRouter:
         if TRACEPARENT in event.meta:
             meta[TRACEPARENT] = event.meta[TRACEPARENT]
         started = RunStarted(run_id=run_id, task=trig.task, durable=trig.durable, input=event.payload,
-                             at=utcnow(), meta=meta)
+                             at=utcnow(), meta=meta, start_id=f"trigger:{event.event_id}:{event.seq}")
         try:
             size = len(started.model_dump_json())
         except Exception as e:
@@ -484,20 +492,11 @@ class EventRouter:
         if span.traceparent:
             started = started.model_copy(update={"meta": {**started.meta, TRACEPARENT: span.traceparent}})
 
-        async def append() -> int | None:
-            try:
-                return await self._history.append(run_id, [started], expected_seq=0)
-            except HistoryConflict:
-                return None  # started before (this batch is being redone): make sure it has its activation
-
-        seq = await retry_transient(f"start of run {run_id}", append)
-        if seq is None:
+        # One start per (event, task): a batch redone after a crash starts the same run, a no-op.
+        if await start_run(self._history, self._pub, self._s, started) is None:
             span.discard()
-        act = Activation(run_id=run_id, task=trig.task, kind="start", history_seq=seq,
-                         started=started if seq is not None else None)
-        await retry_transient(f"activation of run {run_id}", lambda: self._pub.publish(
-            subject, encode_activation(act), {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{run_id}"}))
-        span.end()
+        else:
+            span.end()
 
 
 def _parse_time(raw: str | None) -> datetime:

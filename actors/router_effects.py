@@ -28,30 +28,13 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 
-from actors.jetstream import Publisher, api_request, is_transient
+from actors.jetstream import Publisher, api_request, retry_transient
 from actors.wire import HDR_MSG_ID, Activation, Subjects, encode_activation
 
 log = logging.getLogger("bide.router")
 
 ERR_NO_MESSAGE = 10037
 """JetStream: no message found (a delete that already happened)."""
-_BACKOFF_MAX_S = 2.0
-
-
-async def retry_transient(what: str, op: Callable[[], Awaitable[Any]]) -> Any:
-    """Run ``op`` until it succeeds or fails for good; infrastructure errors are retried with backoff."""
-    delay = 0.05
-    while True:
-        try:
-            return await op()
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            if not is_transient(e):
-                raise
-            log.warning("router: %s failed (%s: %s); retrying in %.2fs", what, type(e).__name__, e, delay)
-            await asyncio.sleep(delay)
-            delay = min(_BACKOFF_MAX_S, delay * 2)
 
 
 class Effects:

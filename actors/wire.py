@@ -283,6 +283,15 @@ class RunStarted(_Entry):
     parent: ParentLink | None = None
     parents: dict[str, Any] | None = None
     """A workflow step's parent outcomes by task key (what ``ctx.task_output`` reads)."""
+    start_id: str | None = None
+    """Which start request wrote this entry: the same request repeated is recognised (idempotent
+    starts), another request for the same run id is refused. ``None`` in entries written before."""
+
+    def same_start(self, other: RunStarted) -> bool:
+        """Whether ``other`` is this start again (a retry, or the host completing it)."""
+        if self.start_id is None or other.start_id is None:
+            return self.task == other.task
+        return self.start_id == other.start_id
 
 
 class ActivationBegun(_Entry):

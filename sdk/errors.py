@@ -43,6 +43,14 @@ class RunNotFoundError(BideError, LookupError):
         self.run_id = run_id
 
 
+class RunAlreadyExistsError(BideError, ValueError):
+    """A run with this id was started before, by another request (another task or input)."""
+
+    def __init__(self, message: str, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
 class RunFailedError(BideError):
     """The run failed; ``error_type`` and ``error_message`` describe the task's exception."""
 

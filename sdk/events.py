@@ -17,14 +17,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import BaseModel
 
+from actors.protocol import deliver_signal
 from actors.tracing import TRACEPARENT
 from actors.wire import (
-    HDR_BIDE_KIND,
     HDR_EVENT_METADATA,
     HDR_MSG_ID,
-    Activation,
     EventSignal,
-    encode_activation,
     utcnow,
 )
 from sdk.errors import BideError, EventPayloadError, PayloadTooLargeError, RunNotFoundError
@@ -214,10 +212,8 @@ class EventsClient:
         signal = EventSignal(source="direct", name=name, payload=orjson.loads(body), event_id=eid, at=utcnow(),
                              meta=meta)
         try:
-            seq = await conn.publisher.publish(s.inbox(run_id), signal.model_dump_json().encode(),
-                                               {HDR_MSG_ID: f"send:{eid}"})
-            act = Activation(run_id=run_id, task=task, kind="signal", inbox_seq=seq)
-            await conn.publisher.publish(s.work(task, run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
+            # Idempotent: the same event_id sent again is stored (and wakes the run) once.
+            await deliver_signal(conn.publisher, s, run_id, task, signal, msg_id=f"send:{eid}")
         except BaseException as e:
             span.fail(e)
             raise

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
 from actors.children import CHILD_ID_SEPARATOR
-from actors.history import HistoryConflict, RunHistory
+from actors.history import RunHistory
+from actors.protocol import start_run as protocol_start_run
 from actors.tracing import TRACEPARENT, trace_id_of
 from actors.wire import (
-    HDR_BIDE_KIND,
     TERMINAL_KINDS,
-    Activation,
     RunStarted,
     decode_history,
-    encode_activation,
     utcnow,
 )
-from sdk.errors import InputValidationError, RunCancelledError, RunFailedError, RunNotFoundError
+from sdk.errors import (
+    InputValidationError,
+    RunAlreadyExistsError,
+    RunCancelledError,
+    RunFailedError,
+    RunNotFoundError,
+)
 from sdk.limits import encode_payload
 from sdk.models import RunStatus
 
@@ -56,6 +60,8 @@ class StartRequest:
     run_id: str
     execution_timeout_s: float | None = None
     meta: dict[str, Any] | None = None
+    start_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """This request: the same request retried starts the run once; another one for its id is refused."""
 
 
 async def start_run(conn: Connection, req: StartRequest, notify: str | None = None) -> None:
@@ -84,14 +90,13 @@ async def start_run(conn: Connection, req: StartRequest, notify: str | None = No
         at=utcnow(),
         execution_timeout_s=req.execution_timeout_s,
         meta=meta,
+        start_id=req.start_id,
     )
     try:
-        seq = await conn.history.append(req.run_id, [started], expected_seq=0)
-        act = Activation(run_id=req.run_id, task=req.task, kind="start", history_seq=seq, started=started)
-        await conn.publisher.publish(subject, encode_activation(act), {HDR_BIDE_KIND: "start"})
-    except HistoryConflict:
+        await protocol_start_run(conn.history, conn.publisher, conn.layout.subjects, started)
+    except RunAlreadyExistsError:
         span.discard()
-        raise ValueError(f"a run with id {req.run_id!r} already exists") from None
+        raise
     except BaseException as e:
         span.fail(e)
         raise

@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from actors.children import validate_child_key
+from actors.wire import args_hash
 from sdk._codec import Signature
 from sdk.context import ChildSpec, DurableRuntime, current_runtime, parse_duration
 from sdk.runs import RunRef, StartRequest, new_run_id, start_and_wait, start_run, unwrap_outcome, unwrap_terminal
@@ -144,12 +145,16 @@ class TaskDefinition:
         return BulkRunItem(input=input, key=child_key or key)
 
     def _request(self, input: Any, run_id: str | None) -> StartRequest:
+        dumped = self.signature.dump_input(input)
         return StartRequest(
             task=self.name,
             durable=self.durable,
-            input=self.signature.dump_input(input),
+            input=dumped,
             run_id=run_id or new_run_id(),
             execution_timeout_s=self.execution_timeout.total_seconds() if self.execution_timeout else None,
+            # With the caller's run id, the same task and input again is the same start (a retry):
+            # it returns the run; anything else for that id is refused.
+            start_id=f"{self.name}:{args_hash(dumped)}" if run_id else new_run_id(),
         )
 
     async def aio_run(self, input: Any = None, *, run_id: str | None = None, timeout: float | None = None,

@@ -1,0 +1,95 @@
+"""The protocol writes every part of Bide shares, one home each (invariant 12).
+
+- :func:`start_run`: a client, a parent's host and the event router all start runs here.
+- :func:`deliver_signal`: a direct delivery, a cancel request and a child's outcome reach a
+  run here (the router's batched form is :meth:`actors.router_effects.Effects.signal`).
+
+Each is idempotent end to end (de-duplication ids, expected sequences, a start id), and
+retries infrastructure errors itself, so a caller sees an error only when the write is
+refused or the servers stay unreachable.
+"""
+
+from __future__ import annotations
+
+from actors.history import HistoryConflict, HistoryLog
+from actors.jetstream import Publisher, direct_get_first, retry_transient
+from actors.wire import (
+    HDR_BIDE_KIND,
+    HDR_MSG_ID,
+    Activation,
+    EventSignal,
+    RunStarted,
+    Subjects,
+    decode_history,
+    encode_activation,
+)
+from sdk.errors import RunAlreadyExistsError
+
+CLIENT_RETRY_S = 30.0
+"""How long a protocol write keeps retrying infrastructure errors before its caller sees one."""
+
+
+async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, started: RunStarted) -> int | None:
+    """Start ``started``'s run; returns the sequence of ``run_started`` if this call wrote it.
+
+    The first activation goes first, carrying the start entry; ``run_started`` (expecting
+    an empty subject) second. A starter that dies between the two leaves an activation
+    whose host records the start itself, so no run is ever started and never activated.
+    The same start again (a retry, a replay of the parent that spawned it) is a no-op; a
+    different start for a run id in use raises :class:`RunAlreadyExistsError`, and its
+    activation is dropped by the host that sees the other start in the history.
+    """
+    act = Activation(run_id=started.run_id, task=started.task, kind="start", started=started)
+    subject = subjects.work(started.task, started.run_id)
+    await retry_transient(f"start of run {started.run_id}", lambda: pub.publish(
+        subject, encode_activation(act), {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{started.run_id}"}),
+        CLIENT_RETRY_S)
+
+    async def append() -> int | None:
+        try:
+            return await history.append(started.run_id, [started], expected_seq=0)
+        except HistoryConflict:
+            return None
+
+    seq: int | None = await retry_transient(f"start entry of run {started.run_id}", append, CLIENT_RETRY_S)
+    if seq is not None:
+        return seq
+    first = await first_entry(history, subjects, started.run_id)
+    if first is None or not first.same_start(started):
+        raise RunAlreadyExistsError(
+            f"a run with id {started.run_id!r} already exists"
+            + (f" (task {first.task!r}, started {first.at.isoformat()})" if first is not None else "")
+            + ": choose another run id, or leave it out to get a new one", run_id=started.run_id)
+    return None
+
+
+async def first_entry(history: HistoryLog, subjects: Subjects, run_id: str) -> RunStarted | None:
+    """The run's start entry (``None`` if the run has none yet)."""
+    async def read() -> RunStarted | None:
+        msg = await direct_get_first(history.nc, subjects.history_stream, subjects.history(run_id))
+        if msg is None:
+            return None
+        entry = decode_history(msg.data)[0]
+        return entry if isinstance(entry, RunStarted) else None
+
+    result: RunStarted | None = await retry_transient(f"read of run {run_id}", read, CLIENT_RETRY_S)
+    return result
+
+
+async def deliver_signal(pub: Publisher, subjects: Subjects, run_id: str, task: str, signal: EventSignal,
+                         msg_id: str | None = None) -> int:
+    """Put ``signal`` on the run's inbox, then the activation that names its sequence; returns that sequence.
+
+    With ``msg_id`` the inbox write is de-duplicated (a retried send is stored once) and so is
+    the activation. The inbox goes first: an activation always finds its signal.
+    """
+    headers = {HDR_MSG_ID: msg_id} if msg_id else None
+    seq: int = await retry_transient(f"signal to run {run_id}", lambda: pub.publish(
+        subjects.inbox(run_id), signal.model_dump_json().encode(), headers), CLIENT_RETRY_S)
+    act = Activation(run_id=run_id, task=task, kind="signal", inbox_seq=seq)
+    act_headers = {HDR_BIDE_KIND: "signal"}
+    if msg_id:
+        act_headers[HDR_MSG_ID] = f"act:{msg_id}"
+    await retry_transient(f"activation of run {run_id}", lambda: pub.publish(
+        subjects.work(task, run_id), encode_activation(act), act_headers), CLIENT_RETRY_S)
+    return seq

@@ -1,0 +1,103 @@
+"""The protocol writes (start a run, deliver a signal): idempotent, and complete whatever a crash leaves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from actors.wire import HDR_BIDE_KIND, Activation, RunStarted, encode_activation, utcnow
+from sdk import Bide, Context, DurableContext
+from sdk.errors import RunAlreadyExistsError
+from tests.support import running_worker, wait_until
+
+
+async def test_a_starter_that_dies_after_the_activation_leaves_a_run_that_completes(bide: Bide) -> None:
+    """Only the first write of a start was made (the starter died): the host records the start itself."""
+    @bide.durable_task(name="HalfStarted")
+    async def half(input: dict, ctx: DurableContext) -> int:
+        return int(await ctx.memo(lambda: input["x"] * 2))
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    started = RunStarted(run_id="half-started-1", task="HalfStarted", durable=True, input={"x": 21}, at=utcnow(),
+                         start_id="only-the-activation")
+    act = Activation(run_id=started.run_id, task=started.task, kind="start", started=started)
+    await conn.js.publish(s.work(started.task, started.run_id), encode_activation(act),
+                          headers={HDR_BIDE_KIND: "start"})
+    async with running_worker(bide, [half]):
+        async def recorded() -> bool:
+            return bool((await conn.history.read(started.run_id)).entries)
+
+        await wait_until(recorded, what="the host to record the start")
+        assert await bide.runs.aio_result(started.run_id, timeout=20) == 42
+    kinds = [e.k for e in (await bide.runs.aio_history(started.run_id)).entries]
+    assert kinds.count("run_started") == 1, kinds
+
+
+async def test_a_start_retried_with_its_run_id_is_one_run(bide: Bide) -> None:
+    runs: list[int] = []
+
+    @bide.task(name="Idempotent")
+    def once(input: dict, ctx: Context) -> int:
+        runs.append(input["n"])
+        return int(input["n"])
+
+    async with running_worker(bide, [once]):
+        first = await once.aio_run_no_wait({"n": 1}, run_id="order-1")
+        again = await once.aio_run_no_wait({"n": 1}, run_id="order-1")  # a caller's retry after an error
+        assert again.workflow_run_id == first.workflow_run_id
+        assert await first.aio_result(timeout=20) == 1
+        with pytest.raises(RunAlreadyExistsError, match="order-1"):
+            await once.aio_run_no_wait({"n": 2}, run_id="order-1")  # another request for that id
+        await wait_until(lambda: runs == [1], what="the run's code to have run once")
+    kinds = [e.k for e in (await bide.runs.aio_history("order-1")).entries]
+    assert kinds.count("run_started") == 1 and kinds.count("run_completed") == 1, kinds
+
+
+async def test_a_start_sent_again_does_not_replay_a_begun_run(bide: Bide) -> None:
+    """A second start activation (a spawn replayed after the de-duplication window) for a run under way."""
+    entered: list[Any] = []
+
+    @bide.durable_task(name="BegunOnce")
+    async def begun(input: dict, ctx: DurableContext) -> Any:
+        entered.append(1)  # code before the first checkpoint: re-run only by a replay
+        return await ctx.aio_wait_for_event("go")
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(bide, [begun]):
+        ref = await begun.aio_run_no_wait({})
+
+        async def waiting() -> bool:
+            h = await bide.runs.aio_history(ref.workflow_run_id)
+            return any(e.k == "wait_registered" for e in h.entries)
+
+        await wait_until(waiting, what="the run to wait")
+        started = (await bide.runs.aio_history(ref.workflow_run_id)).entries[0]
+        act = Activation(run_id=ref.workflow_run_id, task="BegunOnce", kind="start", started=started)
+        await conn.js.publish(s.work("BegunOnce", ref.workflow_run_id), encode_activation(act),
+                              headers={HDR_BIDE_KIND: "start"})
+        await wait_until(lambda: _drained(conn, s, "BegunOnce"), timeout=10, what="the duplicate start to be taken")
+        assert entered == [1]
+        await bide.event.aio_send(ref.workflow_run_id, "go", {"ok": 1})
+        assert await ref.aio_result(timeout=20) == {"ok": 1}
+
+
+async def _drained(conn: Any, s: Any, task: str) -> bool:
+    info = await conn.js.consumer_info(s.work_stream, s.consumer_name(task))
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+
+async def test_a_send_retried_with_its_event_id_wakes_the_run_once(bide: Bide) -> None:
+    @bide.durable_task(name="TwoSends")
+    async def two(input: dict, ctx: DurableContext) -> list[Any]:
+        a = await ctx.aio_wait_for_event("approval")
+        b = await ctx.aio_wait_for_event("approval", timeout="2s")
+        return [a, b]
+
+    async with running_worker(bide, [two]):
+        ref = await two.aio_run_no_wait({})
+        for _ in range(3):  # the same delivery retried: stored, and taken, once
+            await bide.event.aio_send(ref.workflow_run_id, "approval", {"ok": True}, event_id="approval-1")
+        assert await ref.aio_result(timeout=20) == [{"ok": True}, None]
