@@ -308,8 +308,10 @@ class ActorHost:
             try:
                 seq = await self._history.append(act.run_id, [started], expected_seq=0)
                 return RunHistory(act.run_id, [started], seq)
-            except HistoryConflict:
-                hist = await self._read(act)  # the starter's own append came first
+            except HistoryConflict as conflict:
+                # The starter's own append came first: read at least that far (a replica may lag).
+                hist = await self._history.read(act.run_id, history_seq=max(1, conflict.actual_seq),
+                                                inbox_seq=act.inbox_seq or 0)
         first = hist.entries[0]
         if not isinstance(first, RunStarted) or not first.same_start(started):
             log.error("dropping a start of run %s: another start (task %r) owns that run id", act.run_id,

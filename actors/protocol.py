@@ -12,7 +12,7 @@ refused or the servers stay unreachable.
 from __future__ import annotations
 
 from actors.history import HistoryConflict, HistoryLog
-from actors.jetstream import Publisher, direct_get_first, retry_transient
+from actors.jetstream import Publisher, StaleReadError, direct_get_first, retry_transient
 from actors.wire import (
     HDR_BIDE_KIND,
     HDR_MSG_ID,
@@ -54,7 +54,8 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
     seq: int | None = await retry_transient(f"start entry of run {started.run_id}", append, CLIENT_RETRY_S)
     if seq is not None:
         return seq
-    first = await first_entry(history, subjects, started.run_id)
+    # The append was refused, so a start is there: a replica that does not show it yet is behind.
+    first = await first_entry(history, subjects, started.run_id, must_exist=True)
     if first is None or not first.same_start(started):
         raise RunAlreadyExistsError(
             f"a run with id {started.run_id!r} already exists"
@@ -63,11 +64,18 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
     return None
 
 
-async def first_entry(history: HistoryLog, subjects: Subjects, run_id: str) -> RunStarted | None:
-    """The run's start entry (``None`` if the run has none yet)."""
+async def first_entry(history: HistoryLog, subjects: Subjects, run_id: str,
+                      must_exist: bool = False) -> RunStarted | None:
+    """The run's start entry (``None`` if the run has none yet).
+
+    With ``must_exist`` (the caller knows one was written) an answer without it is stale
+    (a follower behind, invariant 13) and the read is tried again.
+    """
     async def read() -> RunStarted | None:
         msg = await direct_get_first(history.nc, subjects.history_stream, subjects.history(run_id))
         if msg is None:
+            if must_exist:
+                raise StaleReadError(f"run {run_id}: its start was written but the replica read shows none")
             return None
         entry = decode_history(msg.data)[0]
         return entry if isinstance(entry, RunStarted) else None
