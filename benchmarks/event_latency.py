@@ -144,7 +144,7 @@ class Probe:
 
     async def router_idle(self) -> bool:
         info = await api_request(
-            self.nc, f"$JS.API.CONSUMER.INFO.{self.s.events_stream}.{self.s.router_consumer}", {}
+            self.nc, f"$JS.API.CONSUMER.INFO.{self.s.events_stream}.{self.s.router_consumer(0)}", {}
         )
         return int(info.get("num_pending", 1)) == 0 and int(info.get("num_ack_pending", 1)) == 0
 
