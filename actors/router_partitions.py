@@ -246,3 +246,49 @@ def _server_time(raw: str) -> float:
     from actors.router import _parse_time
 
     return _parse_time(raw).timestamp()
+
+
+async def deployment_status(nc: NATS, layout: Layout) -> dict[str, Any]:
+    """What ``bide status`` prints: the server, the streams (leader, replicas), the router's partitions.
+
+    A partition's owner is the host whose record carries the pin id JetStream reports as pinned,
+    so a dead host's stale record never shows as the owner.
+    """
+    s = layout.subjects
+    info = nc._server_info  # what the server said on connect
+    out: dict[str, Any] = {
+        "server": {"name": info.get("server_name"), "version": info.get("version"), "cluster": info.get("cluster"),
+                   "connect_urls": info.get("connect_urls") or []},
+        "streams": [],
+        "router": [],
+    }
+    for name in (s.history_stream, s.work_stream, s.events_stream, s.counters_stream, s.router_status_stream):
+        try:
+            st = await api_request(nc, f"$JS.API.STREAM.INFO.{name}", {})
+        except Exception as e:
+            out["streams"].append({"name": name, "error": str(e)})
+            continue
+        cluster = st.get("cluster") or {}
+        out["streams"].append({
+            "name": name, "messages": st.get("state", {}).get("messages"),
+            "replicas": st.get("config", {}).get("num_replicas"), "leader": cluster.get("leader"),
+            "followers": [{"name": r.get("name"), "current": r.get("current")} for r in cluster.get("replicas") or []],
+        })
+    records = {int(r["partition"]): r for r in await read_status(nc, layout, "partition")}
+    p = 0
+    while True:
+        try:
+            ci = await api_request(nc, f"$JS.API.CONSUMER.INFO.{s.events_stream}.{s.router_consumer(p)}", {})
+        except Exception:
+            break
+        pinned = next((g.get("pinned_client_id") for g in ci.get("priority_groups") or []), None)
+        rec = records.get(p, {})
+        owned = bool(pinned) and rec.get("pin") == pinned
+        out["router"].append({
+            "partition": p, "owner": rec.get("host") if owned else None, "pinned": bool(pinned),
+            "pending_waits": rec.get("waits") if owned else None,
+            "checkpoint": ci.get("ack_floor", {}).get("stream_seq"), "unhandled": ci.get("num_pending"),
+            "in_flight": ci.get("num_ack_pending"),
+        })
+        p += 1
+    return out
