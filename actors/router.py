@@ -25,6 +25,12 @@ construction:
 - A message that cannot be handled (malformed, invalid CEL, a payload CEL cannot
   hold, a signal too big to deliver) is a recorded rejection on
   ``<prefix>.rejected.<seq>``, acked like any other: it never blocks or pins anything.
+
+Partitions: one :class:`EventRouter` is one partition (of N, by the FNV-1a hash of the
+event key), with its own consumer, pin and checkpoint. It reads the whole stream in
+order as above but acts only on its keys' registrations and events; every partition
+keeps the triggers, and a triggered run is started by the event's partition. Which
+host asks for which partition is :mod:`actors.router_partitions`'s business.
 """
 
 from __future__ import annotations
