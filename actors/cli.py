@@ -326,7 +326,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
                   f"{' followers ' + followers if followers else ''}  {x.get('messages')} msgs")
         for r in st["router"]:
             owner = r["owner"] or ("(pinned, owner not yet known)" if r["pinned"] else "(none)")
-            print(f"  router partition {r['partition']}: owner {owner}  pending waits {r['pending_waits']}"
+            waits = "-" if r["pending_waits"] is None else r["pending_waits"]
+            print(f"  router partition {r['partition']}: owner {owner}  pending waits {waits}"
                   f"  checkpoint {r['checkpoint']}  unhandled {r['unhandled']}")
         return 0
     finally:
