@@ -1,4 +1,5 @@
-"""The ``bide`` command line: ``dev``, ``worker``, ``run``, ``runs show|cancel``, ``serve``, ``event push|send``."""
+"""The ``bide`` command line: ``dev``, ``worker``, ``run``, ``runs show|cancel``, ``serve``, ``event push|send``,
+``status``."""
 
 from __future__ import annotations
 
@@ -307,6 +308,32 @@ async def cmd_event_send(args: argparse.Namespace) -> int:
         await client.aclose()
 
 
+async def cmd_status(args: argparse.Namespace) -> int:
+    from actors.router_partitions import deployment_status
+
+    client = Bide()
+    try:
+        conn = await client._pool.get()
+        st = await deployment_status(conn.nc, conn.layout)
+        if args.json:
+            _print_json(st)
+            return 0
+        srv = st["server"]
+        print(f"server {srv['name']} {srv['version']}" + (f" cluster {srv['cluster']}" if srv["cluster"] else ""))
+        for x in st["streams"]:
+            followers = " ".join(f"{f['name']}{'' if f['current'] else '(behind)'}" for f in x.get("followers", []))
+            print(f"  stream {x['name']:<16} R{x.get('replicas')} leader {x.get('leader') or '-'}"
+                  f"{' followers ' + followers if followers else ''}  {x.get('messages')} msgs")
+        for r in st["router"]:
+            owner = r["owner"] or ("(pinned, owner not yet known)" if r["pinned"] else "(none)")
+            waits = "-" if r["pending_waits"] is None else r["pending_waits"]
+            print(f"  router partition {r['partition']}: owner {owner}  pending waits {waits}"
+                  f"  checkpoint {r['checkpoint']}  unhandled {r['unhandled']}")
+        return 0
+    finally:
+        await client.aclose()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bide", description="Durable async Python tasks on NATS JetStream.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -357,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", default=None,
                        help="bearer token every /api/ request must carry (default: BIDE_API_TOKEN; none if unset)")
     serve.set_defaults(func=cmd_serve)
+
+    status = sub.add_parser("status", help="servers, streams (leader, replicas), router partitions (owner, waits)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
 
     event = sub.add_parser("event", help="push an event, or send one to a run")
     event_sub = event.add_subparsers(dest="event_command", required=True)

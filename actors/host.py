@@ -34,7 +34,8 @@ from actors.jetstream import (
 )
 from actors.replay import Turn, open_waits
 from actors.retention import Reaper
-from actors.router import EventRouter, publish_registrations
+from actors.router import publish_registrations
+from actors.router_partitions import RouterPartitions
 from actors.timers import TimerScheduler
 from actors.tracing import RunTrace, Tracing, mark_failed, mark_outcome
 from actors.wire import (
@@ -131,7 +132,7 @@ class ActorHost:
         self._heartbeat: Heartbeat | None = None
         self._publisher: Publisher | None = None
         self._route_events = route_events
-        self.router: EventRouter | None = None
+        self.router: RouterPartitions | None = None
         self._chores: set[asyncio.Task[Any]] = set()
         self.turns = 0
 
@@ -157,8 +158,8 @@ class ActorHost:
                     {HDR_TTL: "never"},  # the router keeps the latest per task and deletes the rest
                 )
         if self._route_events:
-            self.router = await EventRouter(nc, self._publisher, self.layout, self._history, self.tracing,
-                                            self.config.payload_limits).start()
+            self.router = await RouterPartitions(nc, self._publisher, self.layout, self._history, self.tracing,
+                                                 self.config.payload_limits, host_id=self.host_id).start()
         for t in self._tasks.values():
             consumer = await ensure_task_consumer(js, self.layout, t.name, t.durable)
             pool = self.durable_slots if t.runs_durably else self.slots

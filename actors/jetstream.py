@@ -104,8 +104,10 @@ class Layout:
     """How long events are kept for lookback (the longest lookback window that can see anything)."""
     event_dedupe_window_s: float = 600.0
     """Pushing an event id again within this window is a no-op (JetStream de-duplication)."""
-    router_failover_s: float = 5.0
-    """How long the event router's owner may be silent before another process takes over."""
+    router_failover_s: float = 2.0
+    """How long a router partition's owner may be silent before another process takes over."""
+    router_partitions: int = 4
+    """Event router partitions a new store is made with (an existing store keeps its own)."""
 
     @classmethod
     def from_config(cls, config: BideConfig) -> Layout:
@@ -114,6 +116,7 @@ class Layout:
             replicas=config.replicas,
             ack_wait_s=config.ack_wait_s,
             events_max_age_s=config.events_max_age_s,
+            router_partitions=config.router_partitions,
         )
 
 
@@ -219,58 +222,129 @@ async def ensure_streams(js: JetStreamContext, layout: Layout) -> None:
             if e.err_code != 10058:
                 raise
             await api_request(js._nc, f"$JS.API.STREAM.UPDATE.{cfg.name}", body)
-    await ensure_router_consumer(js._nc, layout)
+    await ensure_router_consumers(js._nc, layout)
 
 
-async def ensure_router_consumer(nc: NATS, layout: Layout) -> None:
-    """The event router's consumer: every event, wait and trigger registration, in stream order.
-
-    It exists as soon as the stream does, so nothing published later is missed. One
-    process at a time owns it (a pinned-client priority group, ADR-42); another takes
-    over when the owner has been silent for ``router_failover_s``. Acks are cumulative
-    (``all``): the owner acks a batch once its writes are durable, so the ack floor is
-    the checkpoint a new owner rebuilds to (invariant 11).
-    """
-    s = layout.subjects
-    config: dict[str, Any] = {
-        "durable_name": s.router_consumer,
-        "filter_subjects": [s.events_all, s.waits_all, s.triggers_all],
-        "ack_policy": "all",
-        "deliver_policy": "all",
-        "ack_wait": int(max(30.0, layout.ack_wait_s) * 1e9),
-        "max_deliver": -1,
-        "max_ack_pending": 100_000,
-        "num_replicas": layout.replicas,
-        "priority_groups": [ROUTER_GROUP],
-        "priority_policy": "pinned_client",
-        "priority_timeout": int(layout.router_failover_s * 1e9),
-    }
-    create = f"$JS.API.CONSUMER.CREATE.{s.events_stream}.{s.router_consumer}"
-    try:
-        await api_request(nc, f"$JS.API.CONSUMER.INFO.{s.events_stream}.{s.router_consumer}", {})
-    except nats.js.errors.APIError as e:
-        if e.err_code != ERR_CONSUMER_NOT_FOUND:
-            raise
-        # A store made by the first router (explicit acks, another name) goes on where it stopped.
-        try:
-            old = await api_request(nc, f"$JS.API.CONSUMER.INFO.{s.events_stream}.{LEGACY_ROUTER_CONSUMER}", {})
-        except nats.js.errors.APIError as e2:
-            if e2.err_code != ERR_CONSUMER_NOT_FOUND:
-                raise
-        else:
-            floor = int(old.get("ack_floor", {}).get("stream_seq", 0))
-            config.update(deliver_policy="by_start_sequence", opt_start_seq=floor + 1)
-            await api_request(nc, create, {"stream_name": s.events_stream, "config": config})
-            await api_request(nc, f"$JS.API.CONSUMER.DELETE.{s.events_stream}.{LEGACY_ROUTER_CONSUMER}", {})
-            return
-    await api_request(nc, create, {"stream_name": s.events_stream, "config": config})
+class RouterPartitionsError(ValueError):
+    """The configured router partition count differs from the one the store was made with."""
 
 
 ERR_CONSUMER_NOT_FOUND = 10014
-LEGACY_ROUTER_CONSUMER = "event_router"
-"""The first router's consumer (explicit acks): replaced, from its ack floor, at start-up."""
+LEGACY_ROUTER_CONSUMERS = ("event_router_v2", "event_router")
+"""Earlier routers' single consumers (newest first): replaced, from their ack floor, at start-up."""
 ROUTER_GROUP = "router"
-"""The priority group the router's owner is pinned in."""
+"""The priority group each router partition's owner is pinned in."""
+_META_PARTITION = "bide_router_partition"
+_META_PARTITIONS = "bide_router_partitions"
+
+
+async def _consumer_info(nc: NATS, stream: str, name: str) -> dict[str, Any] | None:
+    try:
+        return await api_request(nc, f"$JS.API.CONSUMER.INFO.{stream}.{name}", {})
+    except nats.js.errors.APIError as e:
+        if e.err_code != ERR_CONSUMER_NOT_FOUND:
+            raise
+        return None
+
+
+async def router_partition_count(nc: NATS, layout: Layout) -> int | None:
+    """How many router partitions the store was made with (``None``: no partitioned router yet)."""
+    info = await _consumer_info(nc, layout.subjects.events_stream, layout.subjects.router_consumer(0))
+    if info is None:
+        return None
+    return int((info.get("config", {}).get("metadata") or {}).get(_META_PARTITIONS, "1"))
+
+
+async def check_router_partitions(nc: NATS, layout: Layout) -> int:
+    """The store's partition count; raises :class:`RouterPartitionsError` if it is not the configured one."""
+    have = await router_partition_count(nc, layout)
+    if have is not None and have != layout.router_partitions:
+        raise RouterPartitionsError(
+            f"BIDE_ROUTER_PARTITIONS={layout.router_partitions}, but the event router of this store "
+            f"(stream {layout.subjects.events_stream}) has {have} partitions. The count is fixed for the "
+            f"life of a store: set BIDE_ROUTER_PARTITIONS={have} on every host."
+        )
+    return have or layout.router_partitions
+
+
+async def ensure_router_consumers(nc: NATS, layout: Layout) -> None:
+    """The event router's partitions: one durable consumer each, reading every event, wait and trigger.
+
+    They exist as soon as the stream does, so nothing published later is missed. Each
+    partition is owned by one process at a time (a pinned-client priority group, ADR-42);
+    another takes over when the owner has been silent for ``router_failover_s``. Acks are
+    cumulative (``all``): an owner acks a batch once its writes are durable, so each
+    consumer's ack floor is its partition's checkpoint (invariant 11). The partition count
+    is recorded in every consumer's metadata; a store that has partitions keeps its count
+    (hosts with another one refuse to route, :func:`check_router_partitions`). A store made
+    by an earlier, unpartitioned router goes on from that router's ack floor.
+    """
+    s = layout.subjects
+    n = await router_partition_count(nc, layout) or layout.router_partitions
+    start = 0
+    legacy: list[str] = []
+    for name in LEGACY_ROUTER_CONSUMERS:
+        old = await _consumer_info(nc, s.events_stream, name)
+        if old is not None:
+            legacy.append(name)
+            if not start:
+                start = int(old.get("ack_floor", {}).get("stream_seq", 0)) + 1
+    for p in range(n):
+        if await _consumer_info(nc, s.events_stream, s.router_consumer(p)) is not None:
+            continue
+        config: dict[str, Any] = {
+            "durable_name": s.router_consumer(p),
+            "filter_subjects": [s.events_all, s.waits_all, s.triggers_all],
+            "ack_policy": "all",
+            "deliver_policy": "all",
+            "ack_wait": int(max(30.0, layout.ack_wait_s) * 1e9),
+            "max_deliver": -1,
+            "max_ack_pending": 100_000,
+            "num_replicas": layout.replicas,
+            "priority_groups": [ROUTER_GROUP],
+            "priority_policy": "pinned_client",
+            "priority_timeout": int(layout.router_failover_s * 1e9),
+            "metadata": {_META_PARTITION: str(p), _META_PARTITIONS: str(n)},
+        }
+        if start > 1:
+            config.update(deliver_policy="by_start_sequence", opt_start_seq=start)
+        try:
+            await api_request(nc, f"$JS.API.CONSUMER.CREATE.{s.events_stream}.{s.router_consumer(p)}",
+                              {"stream_name": s.events_stream, "config": config})
+        except nats.js.errors.APIError:
+            # Another process starting at the same time made it first (perhaps from a legacy
+            # floor it has deleted since): theirs stands.
+            if await _consumer_info(nc, s.events_stream, s.router_consumer(p)) is None:
+                raise
+    for name in legacy:
+        try:
+            await api_request(nc, f"$JS.API.CONSUMER.DELETE.{s.events_stream}.{name}", {})
+        except nats.js.errors.APIError as e:
+            if e.err_code != ERR_CONSUMER_NOT_FOUND:
+                raise
+    await ensure_router_status_stream(nc, layout)
+
+
+async def ensure_router_status_stream(nc: NATS, layout: Layout) -> None:
+    """Who routes: the last host and partition records (``bide status``, spreading partitions)."""
+    s = layout.subjects
+    body = StreamConfig(
+        name=s.router_status_stream,
+        subjects=[s.router_status_all],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.MEMORY,
+        max_msgs_per_subject=1,
+        max_age=60.0,  # a record nobody refreshes (a dead host's) leaves by itself
+        num_replicas=layout.replicas,
+        allow_direct=True,
+        discard=DiscardPolicy.OLD,
+    ).as_dict()
+    try:
+        await api_request(nc, f"$JS.API.STREAM.CREATE.{s.router_status_stream}", body)
+    except nats.js.errors.APIError as e:
+        if e.err_code != 10058:
+            raise
+        await api_request(nc, f"$JS.API.STREAM.UPDATE.{s.router_status_stream}", body)
 
 
 def task_consumer_config(layout: Layout, task: str, durable: bool) -> ConsumerConfig:

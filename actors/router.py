@@ -25,6 +25,12 @@ construction:
 - A message that cannot be handled (malformed, invalid CEL, a payload CEL cannot
   hold, a signal too big to deliver) is a recorded rejection on
   ``<prefix>.rejected.<seq>``, acked like any other: it never blocks or pins anything.
+
+Partitions: one :class:`EventRouter` is one partition (of N, by the FNV-1a hash of the
+event key), with its own consumer, pin and checkpoint. It reads the whole stream in
+order as above but acts only on its keys' registrations and events; every partition
+keeps the triggers, and a triggered run is started by the event's partition. Which
+host asks for which partition is :mod:`actors.router_partitions`'s business.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,6 +58,7 @@ from actors.jetstream import (
 )
 from actors.protocol import start_run
 from actors.router_effects import Effects
+from actors.router_inputs import publish_registrations, registrations
 from actors.tracing import TRACEPARENT, Tracing, span_context_of
 from actors.wait_index import IncomingEvent, PendingWaitEntry, WaitIndex, decode_event
 from actors.wire import (
@@ -62,13 +70,11 @@ from actors.wire import (
     EventSignal,
     RunStarted,
     TriggerRegistration,
-    WaitCondition,
-    WaitRegistered,
     WaitRegistration,
+    partition_of,
     rfc3339,
     utcnow,
 )
-from sdk import _cel
 from sdk.limits import DEFAULT_LIMITS, PayloadLimits
 
 log = logging.getLogger("bide.router")
@@ -83,6 +89,8 @@ _SIGNAL_HEADROOM = 1024
 _BARRIER_TRIES = 100
 """Reads tried (50 ms apart) before a replica is expected to hold what was just written."""
 _RUN_NAMESPACE = uuid.UUID("5b0c1f0e-7d1c-4b47-9a55-2b1de0b1de00")
+_HOLD_BACK_S = 0.5
+"""How long a candidate that should leave a partition to another host waits before asking again."""
 _LOST = object()
 """Queued by the puller when JetStream says another process holds the pin."""
 
@@ -91,7 +99,9 @@ class EventRouter:
     """Consumes the events stream (when this process owns it) and delivers matches to runs."""
 
     def __init__(self, nc: NATS, publisher: Publisher, layout: Layout, history: HistoryLog,
-                 tracing: Tracing | None = None, limits: PayloadLimits = DEFAULT_LIMITS) -> None:
+                 tracing: Tracing | None = None, limits: PayloadLimits = DEFAULT_LIMITS, *,
+                 partition: int = 0, partitions: int = 1,
+                 may_pull: Callable[[EventRouter], Awaitable[bool]] | None = None) -> None:
         self._tracing = tracing or Tracing(layout.subjects.prefix)
         self._limits = limits
         self._nc = nc
@@ -99,15 +109,29 @@ class EventRouter:
         self._layout = layout
         self._s = layout.subjects
         self._history = history
+        self.partition = partition
+        self.partitions = partitions
+        self.consumer = self._s.router_consumer(partition)
+        self._may_pull = may_pull
         self.index = WaitIndex()
         self.triggers: dict[str, tuple[int, TriggerRegistration]] = {}
+        self.superseded: dict[int, int] = {}
+        """Older trigger registration -> the sequence of the one that replaced it (deleted later, see
+        :meth:`delete_superseded`)."""
         self._pin: str | None = None
+        """The pin this process handles under (set once its rebuild is done)."""
+        self._pull_pin: str | None = None
+        """The pin deliveries carry: pull requests send it at once, so a long rebuild keeps the pin."""
+        self._released: str | None = None
+        """A pin given up (:meth:`release`): late deliveries under it are left unacked for the next owner."""
+        self._lock = asyncio.Lock()
         self.handled_seq = 0
         """The stream sequence up to which every message has been handled, in order."""
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self.events_routed = 0
         self.rejected = 0
+        self.rebuild_s = 0.0
         self.owner = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -127,17 +151,38 @@ class EventRouter:
         if self.owner:
             # Hand over at once: the next candidate is pinned without waiting out the timeout.
             try:
-                await api_request(self._nc, f"$JS.API.CONSUMER.UNPIN.{self._s.events_stream}.{self._s.router_consumer}",
-                                  {"group": ROUTER_GROUP}, timeout=2.0)
+                await self._unpin()
             except Exception as e:
                 log.debug("router: unpin on stop failed: %s", e)
             self._drop_state()
+
+    async def release(self) -> None:
+        """Give this partition up (between batches) so another host takes it at once."""
+        async with self._lock:
+            if not self.owner:
+                return
+            self._released = self._pin
+            self._drop_state()
+            await self._unpin()
+
+    async def _unpin(self) -> None:
+        await api_request(self._nc, f"$JS.API.CONSUMER.UNPIN.{self._s.events_stream}.{self.consumer}",
+                          {"group": ROUTER_GROUP}, timeout=2.0)
+
+    @property
+    def pin(self) -> str | None:
+        """The pin id this process owns the partition under (``None`` when it does not)."""
+        return self._pin if self.owner else None
+
+    def mine(self, key: str) -> bool:
+        """Whether events and waits of ``key`` belong to this partition."""
+        return self.partitions == 1 or partition_of(key, self.partitions) == self.partition
 
     # -- taking deliveries -------------------------------------------------------------------
 
     async def _pull_loop(self) -> None:
         """Keeps one pull request open at all times (that is what keeps the pin), queueing deliveries."""
-        api = f"$JS.API.CONSUMER.MSG.NEXT.{self._s.events_stream}.{self._s.router_consumer}"
+        api = f"$JS.API.CONSUMER.MSG.NEXT.{self._s.events_stream}.{self.consumer}"
         done = asyncio.Event()
         outstanding = 0
 
@@ -146,11 +191,15 @@ class EventRouter:
             status = m.headers.get("Status") if m.headers else None
             if status is None:
                 outstanding -= 1
+                pin = m.headers.get("Nats-Pin-Id") if m.headers else None
+                if pin is not None and pin != self._released:
+                    self._pull_pin = pin
                 self._queue.put_nowait(m)
                 if outstanding <= 0:
                     done.set()
                 return
             if status == "423":  # another process holds the pin: we are not the owner
+                self._pull_pin = None
                 self._queue.put_nowait(_LOST)
             if status in ("408", "409", "423", "400", "404"):
                 done.set()
@@ -159,10 +208,13 @@ class EventRouter:
         sub = await self._nc.subscribe(inbox, cb=_on_msg)
         try:
             while True:
+                if self._pull_pin is None and self._may_pull is not None and not await self._may_pull(self):
+                    await asyncio.sleep(_HOLD_BACK_S)  # another host should take this partition
+                    continue
                 batch = max(1, min(_PULL_BATCH, _MAX_QUEUED - self._queue.qsize()))
                 req: dict[str, Any] = {"batch": batch, "expires": int(_PULL_EXPIRES_S * 1e9), "group": ROUTER_GROUP}
-                if self._pin is not None:
-                    req["id"] = self._pin
+                if self._pull_pin is not None:
+                    req["id"] = self._pull_pin
                 done.clear()
                 outstanding = batch
                 try:
@@ -189,7 +241,8 @@ class EventRouter:
             while len(batch) < _HANDLE_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._handle_batch(batch)
+                async with self._lock:
+                    await self._handle_batch(batch)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -203,9 +256,11 @@ class EventRouter:
             log.info("router ownership left this process")
         self.owner = False
         self._pin = None
+        self._pull_pin = None
         self.handled_seq = 0
         self.index.clear()
         self.triggers.clear()
+        self.superseded.clear()
 
     async def _handle_batch(self, batch: list[Any]) -> None:
         effects = Effects(self._nc, self._pub, self._s)
@@ -217,6 +272,8 @@ class EventRouter:
                 self._drop_state()
                 continue
             pin = m.headers.get("Nats-Pin-Id") if m.headers else None
+            if pin is not None and pin == self._released:
+                continue  # given up: unacked, the next owner handles it (its gap read, or redelivery)
             if pin is not None and pin != self._pin:
                 await self._finish(effects, last)
                 effects, last = Effects(self._nc, self._pub, self._s), None
@@ -242,19 +299,22 @@ class EventRouter:
     async def _take_over(self, pin: str) -> None:
         """Pinned: rebuild exactly up to the ack floor before handling anything."""
         self._drop_state()
+        self._pull_pin = pin
+        started = asyncio.get_running_loop().time()
         self.handled_seq = await retry_transient("router rebuild", self._rebuild)
         self._pin = pin
+        self._released = None
         self.owner = True
-        log.info("router owner from sequence %d: %d pending waits, %d triggers", self.handled_seq, len(self.index),
-                 len(self.triggers))
+        self.rebuild_s = asyncio.get_running_loop().time() - started
+        log.info("router partition %d/%d owned from sequence %d: %d pending waits, %d triggers (rebuilt in %.3fs)",
+                 self.partition, self.partitions, self.handled_seq, len(self.index), len(self.triggers),
+                 self.rebuild_s)
 
     async def _rebuild(self) -> int:
         """Pending waits and triggers up to the consumer's ack floor, from what the stream holds."""
         self.index.clear()
         self.triggers.clear()
-        info = await api_request(
-            self._nc, f"$JS.API.CONSUMER.INFO.{self._s.events_stream}.{self._s.router_consumer}", {}
-        )
+        info = await api_request(self._nc, f"$JS.API.CONSUMER.INFO.{self._s.events_stream}.{self.consumer}", {})
         floor = int(info.get("ack_floor", {}).get("stream_seq", 0))
         if floor == 0:
             return 0
@@ -318,14 +378,21 @@ class EventRouter:
             if subject.endswith(".%00barrier"):
                 return  # a rebuild's marker (it expires by itself)
             if subject.startswith(f"{self._s.prefix}.waits."):
+                key = self._s.parse_waits_subject(subject)
+                if key is not None and not self.mine(key):
+                    return  # another partition's wait (a malformed subject is rejected by one: partition 0)
+                if key is None and self.partition != 0:
+                    return
                 await self._on_registration(subject, m, seq, at, effects, live=live)
             elif subject.startswith(f"{self._s.prefix}.triggers."):
                 self._on_trigger(subject, m, seq, effects, live=live)
             elif subject.startswith(f"{self._s.prefix}.events."):
                 parsed = self._s.parse_event_subject(subject)
                 if parsed is None:
+                    if self.partition != 0:
+                        return
                     raise ValueError("not an event subject")
-                if live:
+                if live and self.mine(parsed[0]):
                     await self._on_event(decode_event(m, parsed[0], parsed[1], seq, at, self._limits), subject,
                                          effects)
             # Anything else in the stream (rejection records) is not the router's input.
@@ -406,15 +473,34 @@ class EventRouter:
     # -- triggers ----------------------------------------------------------------------------
 
     def _on_trigger(self, subject: str, m: Msg, seq: int, effects: Effects, *, live: bool) -> None:
-        trig = TriggerRegistration.model_validate_json(m.data)
+        try:
+            trig = TriggerRegistration.model_validate_json(m.data)
+        except Exception:
+            if self.partition != 0:
+                return  # every partition reads triggers; one records the rejection
+            raise
         held = self.triggers.get(trig.task)
         if held is not None and held[0] > seq:
-            if live:
-                effects.deletes.add(seq)
+            self.superseded[seq] = held[0]
             return
-        if held is not None and live:
-            effects.deletes.add(held[0])  # latest wins; the older registration leaves the stream
+        if held is not None:
+            # Latest wins. The older registration leaves the stream only once every partition
+            # has passed this one: a partition rebuilding below it still needs the older one.
+            self.superseded[held[0]] = seq
         self.triggers[trig.task] = (seq, trig)
+
+    async def delete_superseded(self, every_floor: int) -> int:
+        """Delete the older trigger registrations whose replacement every partition has passed."""
+        async with self._lock:
+            if not self.owner:
+                return 0
+            gone = [old for old, newer in self.superseded.items() if newer <= every_floor]
+            effects = Effects(self._nc, self._pub, self._s)
+            effects.deletes.update(gone)
+            await effects.flush()
+            for old in gone:
+                del self.superseded[old]
+            return len(gone)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -508,62 +594,6 @@ def _parse_time(raw: str | None) -> datetime:
         return datetime.fromisoformat(head + ("." + frac[:6] if frac else "")).replace(tzinfo=UTC)
     except ValueError:
         return utcnow()
-
-
-# -- what hosts publish -------------------------------------------------------------------------
-
-
-def registrations(
-    wait: WaitRegistered, run_id: str, task: str, run_input: Any, op: str = "register"
-) -> list[tuple[str, WaitRegistration]]:
-    """The router messages for a wait's event conditions (index = position in the flattened groups)."""
-    out = []
-    for idx, cond in enumerate(wait.flat()):
-        if cond.kind == "event":
-            out.append((cond.event_key or "", _registration(wait, idx, cond, run_id, task, run_input, op)))
-    return out
-
-
-def _registration(
-    wait: WaitRegistered, idx: int, cond: WaitCondition, run_id: str, task: str, run_input: Any, op: str
-) -> WaitRegistration:
-    assert cond.event_key is not None
-    return WaitRegistration(
-        op="register" if op == "register" else "cancel",
-        wait_id=wait.wait_id,
-        cond=idx,
-        run_id=run_id,
-        task=task,
-        event_key=cond.event_key,
-        scope=cond.scope,
-        expression=cond.expression if op == "register" else None,
-        lookback_s=cond.lookback_s if op == "register" else None,
-        run_input=run_input if op == "register" and _cel.reads_run_input(cond.expression) else None,
-    )
-
-
-async def publish_registrations(
-    pub: Publisher,
-    layout: Layout,
-    wait: WaitRegistered,
-    run_id: str,
-    task: str,
-    run_input: Any,
-    op: str,
-    skip: set[int | None] | None = None,
-) -> None:
-    """Register (or cancel) a wait's event conditions with the router. Safe to repeat."""
-    s = layout.subjects
-    sends = []
-    for key, reg in registrations(wait, run_id, task, run_input, op):
-        if skip and reg.cond in skip:
-            continue
-        headers = {HDR_MSG_ID: f"{op}:{wait.wait_id}/{reg.cond}"}
-        if op == "register":
-            # Waits outlive the events' max age (a wait may last a week).
-            headers[HDR_TTL] = "never"
-        sends.append(pub.publish(s.waits(key), reg.model_dump_json(exclude_none=True).encode(), headers))
-    await asyncio.gather(*sends)
 
 
 __all__ = ["NO_SCOPE", "EventRouter", "IncomingEvent", "PendingWaitEntry", "WaitIndex", "publish_registrations",

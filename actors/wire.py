@@ -62,6 +62,18 @@ def decode_token(token: str) -> str:
     return token if "%" not in token else unquote(token)
 
 
+def partition_of(key: str, partitions: int) -> int:
+    """The router partition of an event key: 32-bit FNV-1a of its UTF-8 bytes, modulo ``partitions``.
+
+    Stable across processes, versions and platforms (unlike ``hash()``): every host and
+    client must agree on it for as long as a store lives.
+    """
+    h = 0x811C9DC5
+    for b in key.encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions
+
+
 @dataclass(frozen=True)
 class Subjects:
     """Subject and stream names under one prefix (default ``bide``)."""
@@ -138,6 +150,13 @@ class Subjects:
     def waits(self, key: str) -> str:
         return f"{self.prefix}.waits.{encode_token(key)}"
 
+    def parse_waits_subject(self, subject: str) -> str | None:
+        """The event key of a ``<prefix>.waits.<key>`` subject, or ``None`` if it is not one."""
+        head = f"{self.prefix}.waits."
+        if not subject.startswith(head) or "." in subject[len(head):]:
+            return None
+        return decode_token(subject[len(head):])
+
     @property
     def waits_all(self) -> str:
         return f"{self.prefix}.waits.>"
@@ -149,9 +168,25 @@ class Subjects:
     def triggers_all(self) -> str:
         return f"{self.prefix}.triggers.>"
 
+    def router_consumer(self, partition: int) -> str:
+        """The durable consumer of router partition ``partition`` (each reads the whole events stream)."""
+        return f"event_router_p{partition}"
+
     @property
-    def router_consumer(self) -> str:
-        return "event_router_v2"
+    def router_status_stream(self) -> str:
+        return f"{self.prefix.upper()}_ROUTER"
+
+    def router_host_status(self, host_id: str) -> str:
+        """Where a routing host says it is up and which partitions it owns (the last message per subject)."""
+        return f"{self.prefix}.router.host.{encode_token(host_id)}"
+
+    def router_partition_status(self, partition: int) -> str:
+        """Where a partition's owner publishes its host id, pin and pending wait count."""
+        return f"{self.prefix}.router.partition.{partition}"
+
+    @property
+    def router_status_all(self) -> str:
+        return f"{self.prefix}.router.>"
 
     def router_barrier(self, family: str) -> str:
         """A marker the router publishes under ``waits`` or ``triggers`` before reading them back.

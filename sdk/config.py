@@ -12,6 +12,7 @@ from sdk.limits import DEFAULT_MAX_PAYLOAD, PayloadLimits, parse_size
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_HISTORY_RETENTION_S = 30 * 24 * 3600.0
 
+MAX_ROUTER_PARTITIONS = 64
 _MAX_RETENTION_S = 100 * 365 * 86400.0
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*", re.IGNORECASE)
 _UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -46,11 +47,6 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
-def _env_duration(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    return parse_duration(raw, name)
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -59,6 +55,13 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a whole number") from None
+
+
+def _env_duration(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return parse_duration(raw, name)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class BideConfig:
     """Largest payload (event, run input, result) accepted, as JSON bytes (``BIDE_MAX_PAYLOAD``, e.g. ``256KiB``)."""
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
     """An activation delivered more often than this fails its run (``BIDE_MAX_DELIVERIES``)."""
+    router_partitions: int = 4
+    """Event router partitions (``BIDE_ROUTER_PARTITIONS``): fixed for the life of a store."""
 
     @classmethod
     def from_env(
@@ -103,6 +108,7 @@ class BideConfig:
             history_retention_s=_env_duration("BIDE_HISTORY_RETENTION", DEFAULT_HISTORY_RETENTION_S),
             max_payload_bytes=parse_size(os.environ.get("BIDE_MAX_PAYLOAD") or DEFAULT_MAX_PAYLOAD),
             max_deliveries=_env_int("BIDE_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES),
+            router_partitions=_env_int("BIDE_ROUTER_PARTITIONS", 4),
         )
         cfg.validate()
         return cfg
@@ -120,6 +126,9 @@ class BideConfig:
             raise ValueError(f"events_max_age_s={self.events_max_age_s} must be at least 1 second")
         if not 1 <= self.history_retention_s <= _MAX_RETENTION_S:
             raise ValueError(f"history_retention_s={self.history_retention_s:g} must be between 1 second and 100 years")
+        if not 1 <= self.router_partitions <= MAX_ROUTER_PARTITIONS:
+            raise ValueError(f"BIDE_ROUTER_PARTITIONS={self.router_partitions} must be between 1 and "
+                             f"{MAX_ROUTER_PARTITIONS}")
         PayloadLimits(max_bytes=self.max_payload_bytes)  # raises ValueError naming a bad limit
 
     @cached_property

@@ -57,8 +57,9 @@ async def test_router_owner_sigkilled_with_1000_pending_waits(nats_server: Embed
         async def all_registered_and_routed() -> bool:
             info = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits_all)
             registered = sum((info.state.subjects or {}).values())
-            router = await conn.js.consumer_info(s.events_stream, s.router_consumer)
-            return registered >= 1000 and router.num_pending == 0 and router.num_ack_pending == 0
+            routers = [await conn.js.consumer_info(s.events_stream, s.router_consumer(p))
+                       for p in range(conn.layout.router_partitions)]
+            return registered >= 1000 and all(r.num_pending == 0 and r.num_ack_pending == 0 for r in routers)
 
         await wait_until(all_registered_and_routed, timeout=60, interval=0.2,
                          what="1000 waits registered and taken in by the router")
@@ -89,7 +90,7 @@ async def test_on_events_starts_exactly_one_run_per_event(bide: Bide) -> None:
         await bide.event.aio_push("order:created", {"order": 2}, event_id="order-2")
         await wait_until(lambda: sorted(seen) == [1, 2], what="one run per event")
         # A redelivered event (the router crashed before its ack) starts nothing new.
-        router = worker.host.router
+        router = worker.host.router.for_key("order:created")
         again = IncomingEvent("order:created", None, {"order": 3}, "order-3", seq=999, at=utcnow(), meta={})
         for _ in range(2):
             effects = Effects(router._nc, router._pub, router._s)

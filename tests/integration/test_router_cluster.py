@@ -39,9 +39,10 @@ async def test_events_matched_while_the_history_leader_is_killed(cluster: list[E
 
             async def all_routed() -> bool:
                 waits = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits_all)
-                router = await conn.js.consumer_info(s.events_stream, s.router_consumer)
+                routers = [await conn.js.consumer_info(s.events_stream, s.router_consumer(p))
+                           for p in range(conn.layout.router_partitions)]
                 registered = sum((waits.state.subjects or {}).values())
-                return registered >= 40 and router.num_pending == 0 and router.num_ack_pending == 0
+                return registered >= 40 and all(r.num_pending == 0 and r.num_ack_pending == 0 for r in routers)
 
             await wait_until(all_routed, timeout=60, interval=0.2, what="40 waits taken in by the router")
             # The router's writes (inbox signals) go to the history stream: kill its leader's node

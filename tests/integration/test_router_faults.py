@@ -16,7 +16,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from actors.jetstream import ROUTER_GROUP, api_request
-from actors.wire import HDR_TTL, WaitRegistration
+from actors.wire import HDR_TTL, WaitRegistration, partition_of
 from sdk import Bide, DurableContext
 from tests.support import running_worker, wait_until
 
@@ -24,9 +24,10 @@ from tests.support import running_worker, wait_until
 class FakeOwner:
     """A router owner that takes deliveries and dies without handling them (a SIGKILLed owner's batch)."""
 
-    def __init__(self, conn: Any, *, ack_every: int = 0) -> None:
+    def __init__(self, conn: Any, key: str, *, ack_every: int = 0) -> None:
         self.nc = conn.nc
         self.s = conn.layout.subjects
+        self.consumer = self.s.router_consumer(partition_of(key, conn.layout.router_partitions))
         self.ack_every = ack_every
         self.got: list[Msg] = []
         self.pin: str | None = None
@@ -34,7 +35,7 @@ class FakeOwner:
 
     async def __aenter__(self) -> FakeOwner:
         inbox = self.nc.new_inbox()
-        api = f"$JS.API.CONSUMER.MSG.NEXT.{self.s.events_stream}.{self.s.router_consumer}"
+        api = f"$JS.API.CONSUMER.MSG.NEXT.{self.s.events_stream}.{self.consumer}"
 
         async def on_msg(m: Msg) -> None:
             if m.headers and m.headers.get("Status"):
@@ -67,21 +68,23 @@ class FakeOwner:
             await self.die()
 
 
-async def _router_info(conn: Any) -> dict[str, Any]:
+async def _router_infos(conn: Any) -> list[dict[str, Any]]:
     s = conn.layout.subjects
-    return await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.events_stream}.{s.router_consumer}", {})
+    return [await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.events_stream}.{s.router_consumer(p)}", {})
+            for p in range(conn.layout.router_partitions)]
 
 
 @pytest.mark.parametrize("ack_every", [0, 2])
 async def test_a_dead_owners_unacked_batch_is_matched_in_order(bide: Bide, ack_every: int) -> None:
-    """The owner took 20 registrations and died (acking every 2nd, or none): events after them still match."""
+    """The owner of the key's partition took 20 registrations and died (acking every 2nd, or none): events after
+    them still match."""
     @bide.durable_task(name="DeadOwnerWait")
     async def waiter(input: dict, ctx: DurableContext) -> int:
         got = await ctx.aio_wait_for_event("dead:owner", f"input.n == {input['n']}")
         return int(got["n"])
 
     conn = await bide._pool.get()
-    async with FakeOwner(conn, ack_every=ack_every) as fake:
+    async with FakeOwner(conn, "dead:owner", ack_every=ack_every) as fake:
         async with running_worker(bide, [waiter]):
             refs = [await waiter.aio_run_no_wait({"n": n}) for n in range(20)]
             await wait_until(lambda: len(fake.got) >= 20, timeout=30, what="the fake owner to take 20 registrations")
@@ -125,8 +128,7 @@ async def test_poison_messages_are_rejected_and_a_later_owner_loses_nothing(bide
         await nc.flush()
 
         async def all_taken() -> bool:
-            info = await _router_info(conn)
-            return info["num_pending"] == 0 and info["num_ack_pending"] == 0
+            return all(i["num_pending"] == 0 and i["num_ack_pending"] == 0 for i in await _router_infos(conn))
 
         # Poison is handled once and acked: it does not pin the ack floor.
         await wait_until(all_taken, timeout=20, interval=0.1, what="the router to take every message")

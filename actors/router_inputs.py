@@ -1,0 +1,65 @@
+"""What hosts publish to the event router: wait registrations (and cancellations) for a wait's event conditions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from actors.jetstream import Layout, Publisher
+from actors.wire import HDR_MSG_ID, HDR_TTL, WaitCondition, WaitRegistered, WaitRegistration
+from sdk import _cel
+
+
+def registrations(
+    wait: WaitRegistered, run_id: str, task: str, run_input: Any, op: str = "register"
+) -> list[tuple[str, WaitRegistration]]:
+    """The router messages for a wait's event conditions (index = position in the flattened groups)."""
+    out = []
+    for idx, cond in enumerate(wait.flat()):
+        if cond.kind == "event":
+            out.append((cond.event_key or "", _registration(wait, idx, cond, run_id, task, run_input, op)))
+    return out
+
+
+def _registration(
+    wait: WaitRegistered, idx: int, cond: WaitCondition, run_id: str, task: str, run_input: Any, op: str
+) -> WaitRegistration:
+    assert cond.event_key is not None
+    return WaitRegistration(
+        op="register" if op == "register" else "cancel",
+        wait_id=wait.wait_id,
+        cond=idx,
+        run_id=run_id,
+        task=task,
+        event_key=cond.event_key,
+        scope=cond.scope,
+        expression=cond.expression if op == "register" else None,
+        lookback_s=cond.lookback_s if op == "register" else None,
+        run_input=run_input if op == "register" and _cel.reads_run_input(cond.expression) else None,
+    )
+
+
+async def publish_registrations(
+    pub: Publisher,
+    layout: Layout,
+    wait: WaitRegistered,
+    run_id: str,
+    task: str,
+    run_input: Any,
+    op: str,
+    skip: set[int | None] | None = None,
+) -> None:
+    """Register (or cancel) a wait's event conditions with the router. Safe to repeat."""
+    s = layout.subjects
+    sends = []
+    for key, reg in registrations(wait, run_id, task, run_input, op):
+        if skip and reg.cond in skip:
+            continue
+        headers = {HDR_MSG_ID: f"{op}:{wait.wait_id}/{reg.cond}"}
+        if op == "register":
+            # Waits outlive the events' max age (a wait may last a week).
+            headers[HDR_TTL] = "never"
+        sends.append(pub.publish(s.waits(key), reg.model_dump_json(exclude_none=True).encode(), headers))
+    await asyncio.gather(*sends)
+
+
