@@ -252,9 +252,7 @@ class Faults:
         moments = sorted(self.rng.uniform(1, self.args.duration) for _ in range(self.args.host_kills))
         for n, at in enumerate(moments):
             await asyncio.sleep(max(0.0, t0 + at - time.time()))
-            for h in self.hosts.reap_dead():
-                self.timeline.append({"t": time.time(), "what": "host-died-by-itself", "pid": h.pid,
-                                      "name": h.name, "tail": "".join(h.tail)[-2000:]})
+            self.reap()
             owner = self.hosts.router_owner()
             ready = [h for h in self.hosts.live if h.ready.is_set()] or self.hosts.live
             victim = owner if (owner is not None and n % 3 == 0) else self.rng.choice(ready)
@@ -262,6 +260,20 @@ class Faults:
             self.hosts.kill(victim)
             self.timeline.append({"t": time.time(), "what": "host-kill", "pid": victim.pid, "name": victim.name,
                                   "router_owner": was_owner})
+
+    def reap(self) -> None:
+        for h in self.hosts.reap_dead():
+            self.timeline.append({"t": time.time(), "what": "host-died-by-itself", "pid": h.pid,
+                                  "name": h.name, "tail": "".join(h.tail)[-2000:]})
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        """Restart a host that exits on its own at once, as a process supervisor would (it is still reported)."""
+        while not stop.is_set():
+            self.reap()
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except TimeoutError:
+                pass
 
     async def server_restarts(self, t0: float) -> None:
         for k in range(self.args.server_restarts):
@@ -389,12 +401,13 @@ async def amain(args: argparse.Namespace) -> int:
             fault_tasks.append(asyncio.create_task(faults.node_kills(t0)))
         else:
             fault_tasks.append(asyncio.create_task(faults.server_restarts(t0)))
+        stop = asyncio.Event()
+        supervisor = asyncio.create_task(faults.supervise(stop))
         await asyncio.gather(*(driver.drive(sp, t0) for sp in specs), *fault_tasks)
-        for h in hosts.reap_dead():
-            faults.timeline.append({"t": time.time(), "what": "host-died-by-itself", "pid": h.pid, "name": h.name,
-                                    "tail": "".join(h.tail)[-2000:]})
         oracle = Oracle(args, specs, faults, client, raw, s, steps_file, t_begin, deadline)
         report = await oracle.check()
+        stop.set()
+        await supervisor
         report["workdir"] = str(workdir)
     finally:
         if client is not None:

@@ -215,10 +215,14 @@ class Oracle:
             if subj:
                 self.violation("left-behind", None, f"{sum(subj.values())} {what} message(s) on {len(subj)} "
                                f"subject(s), e.g. {dict(list(subj.items())[:5])}")
+        crashes: dict[str, list[str]] = collections.defaultdict(list)
         for k in self.faults.timeline:
             if k["what"] == "host-died-by-itself":
-                self.violation("host-crashed", None, f"host {k['name']} (pid {k['pid']}) died on its own: "
-                               f"{k['tail'][-400:]}")
+                last = next((ln for ln in reversed(k["tail"].splitlines()) if ln.strip()), "no output")
+                crashes[last.strip()[:200]].append(f"{k['name']}@{k['t'] - self.t_begin:.1f}s")
+        for why, who in crashes.items():
+            self.violation("host-crashed", None, f"{len(who)} host(s) exited on their own ({', '.join(who[:8])}): "
+                           f"{why}")
         resume = self.resume
         kinds: dict[str, dict[str, int]] = {}
         bad = {v["spec"].i for v in self.violations if v["spec"] is not None}
