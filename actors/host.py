@@ -81,6 +81,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("bide.host")
 
 _MISSING_HISTORY_RETRIES = 20
+_SUSPENSION_WAIT_S = 10.0
+"""How long a signal waits for a turn under way elsewhere to park the code before running it itself."""
+_SUSPENSION_POLL_S = 0.1
 _APPEND_RETRY_S = 15.0
 """An append that times out or meets a 503 is repeated this long before the turn is retried."""
 _INFRA_RETRY_FIRST_S = 0.1
@@ -326,6 +329,15 @@ class ActorHost:
             return None
         return hist
 
+    async def _until_suspended(self, act: Activation, hist: RunHistory) -> RunHistory:
+        """The run re-read until its code is parked (or it ended), for at most ``_SUSPENSION_WAIT_S``."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _SUSPENSION_WAIT_S
+        while not _suspended(hist) and hist.terminal is None and loop.time() < give_up:
+            await asyncio.sleep(_SUSPENSION_POLL_S)
+            hist = await self._read(act)
+        return hist
+
     async def _turn(self, msg: Msg, act: Activation, defn: TaskDefinition, attempt: int) -> None:
         began_ns = time.time_ns()
         if act.kind == "start" and attempt == 1 and act.started is not None and act.history_seq:
@@ -369,6 +381,22 @@ class ActorHost:
             await msg.ack()
             return
         if defn.runs_durably and act.kind in ("timer", "signal") and not _needs_user_code(act, hist):
+            if not _suspended(hist):
+                # The code is not parked at a wait or a sleep: a turn is under way on another host,
+                # or one died before it parked. Recording a signal now would make that turn lose
+                # its append and run its steps again, so wait for it to park (its activation came
+                # back if it died), then decide again; running the code is the last resort.
+                if attempt == 1:
+                    hist = await self._until_suspended(act, hist)
+                if hist.terminal is not None:
+                    await msg.ack()
+                    return
+                skip_code = _suspended(hist) and not _needs_user_code(act, hist)
+            else:
+                skip_code = True
+        else:
+            skip_code = False
+        if skip_code:
             # Nothing for the code to do (a loser of an or-group, a signal taken already, an
             # event for a wait not made yet): record any new signals, never resume the code.
             if hist.inbox:
@@ -723,6 +751,17 @@ class ActorHost:
             return RunCompleted(result=defn.signature.dump_output(user.result()), at=utcnow())
         except OutputSerializationError as e:
             return RunFailed(error=error_info(e), at=utcnow())
+
+
+def _suspended(hist: RunHistory) -> bool:
+    """Whether the run's code is parked: at an open wait, a sleep not yet over, or children not all back."""
+    if open_waits(hist.entries):
+        return True
+    fired = {e.pos for e in hist.entries if e.k == "sleep_fired"}
+    if any(e.k == "sleep_scheduled" and e.pos not in fired for e in hist.entries):
+        return True
+    reported = {e.signal.name for e in hist.entries if e.k == "signal" and e.signal.source == "child"}
+    return any(e.k == "children_spawned" and not set(e.run_ids) <= reported for e in hist.entries)
 
 
 def _needs_user_code(act: Activation, hist: RunHistory) -> bool:

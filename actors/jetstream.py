@@ -57,14 +57,16 @@ class StaleReadError(Exception):
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed JetStream operation may succeed if repeated: infrastructure, not input.
 
-    A timeout, a lost connection, no responders (503) or any JetStream API error is
+    A timeout, a lost connection, no responders (503) or a JetStream API error is
     transient (a leader election, a limit an operator can raise), except a message the
-    server can never accept.
+    server can never accept and a request it refuses as such (400: bad request, 404: not
+    found): repeating those changes nothing, and a writer that must not skip anything
+    (the router) would wait on them for ever.
     """
     if isinstance(exc, nats.errors.MaxPayloadError):
         return False
     if isinstance(exc, nats.js.errors.APIError):
-        return exc.err_code != ERR_MESSAGE_TOO_BIG
+        return exc.err_code != ERR_MESSAGE_TOO_BIG and exc.code not in (400, 404)
     return isinstance(exc, (TimeoutError, ConnectionError, OSError, nats.errors.Error, StaleReadError))
 
 

@@ -33,8 +33,8 @@ from actors.wire import HDR_MSG_ID, Activation, Subjects, encode_activation
 
 log = logging.getLogger("bide.router")
 
-ERR_NO_MESSAGE = 10037
-"""JetStream: no message found (a delete that already happened)."""
+ERR_NO_MESSAGE = (10037, 10043, 10057)
+"""JetStream: no message found, sequence not found, past the end of the store: nothing to delete."""
 
 
 class Effects:
@@ -97,7 +97,7 @@ class Effects:
                 await api_request(self._nc, f"$JS.API.STREAM.MSG.DELETE.{self._s.events_stream}",
                                   {"seq": seq, "no_erase": True})
             except nats.js.errors.APIError as e:
-                if e.err_code != ERR_NO_MESSAGE:
+                if e.err_code not in ERR_NO_MESSAGE:
                     raise
 
         try:

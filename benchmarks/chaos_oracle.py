@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from actors.children import CHILD_ID_SEPARATOR
 from actors.jetstream import api_request
 from actors.wire import Subjects, decode_token
 
@@ -111,8 +112,10 @@ class Oracle:
         for rid in runs:
             if rid in self.by_id:
                 continue
-            # Child ids are ``<parent>-<pos>-<i>`` or ``<parent>-k-<key>`` (sdk/tasks.py).
-            owner = next((p for p in (rid.rsplit("-", 2)[0], rid.rsplit("-k-", 1)[0]) if p in self.by_id), None)
+            # Child ids are ``<parent>~<pos>~<i>`` or ``<parent>~k~<key>`` (actors/children.py).
+            sep = CHILD_ID_SEPARATOR
+            owner = next((p for p in (rid.rsplit(sep, 2)[0], rid.rsplit(f"{sep}k{sep}", 1)[0]) if p in self.by_id),
+                         None)
             if owner in ok_parents:
                 counts["children"] += 1
                 continue
@@ -178,7 +181,8 @@ class Oracle:
                 if why:
                     excused += 1
                     continue
-                owner = next((sp for r, sp in self.by_id.items() if rid == r or rid.startswith(r + "-")), None)
+                owner = next((sp for r, sp in self.by_id.items() if rid == r or rid.startswith(r + CHILD_ID_SEPARATOR)),
+                             None)
                 self.violation("ran-twice", rid, f"{step} ran {len(runs)} times (pid@t: " + ", ".join(
                     f"{x['p']}@{x['t'] - self.t_begin:.2f}" for x in runs) + "), with no kill of the first host "
                     "right after it", owner)

@@ -101,3 +101,36 @@ async def test_a_send_retried_with_its_event_id_wakes_the_run_once(bide: Bide) -
         for _ in range(3):  # the same delivery retried: stored, and taken, once
             await bide.event.aio_send(ref.workflow_run_id, "approval", {"ok": True}, event_id="approval-1")
         assert await ref.aio_result(timeout=20) == [{"ok": True}, None]
+
+
+async def test_a_signal_during_a_turn_on_another_host_neither_reruns_steps_nor_is_lost(bide: Bide) -> None:
+    """Two hosts: a run's slow step is under way on one while its signals reach the other."""
+    import asyncio
+    import threading
+
+    ran: list[str] = []
+    lock = threading.Lock()
+
+    @bide.durable_task(name="SlowThenTwo")
+    async def slow_then_two(input: dict, ctx: DurableContext) -> list[Any]:
+        async def step() -> int:
+            with lock:
+                ran.append(input["id"])
+            await asyncio.sleep(1.0)  # the step under way while the signals arrive
+            return 1
+
+        await ctx.memo(step)
+        a = await ctx.aio_wait_for_event("msg")
+        b = await ctx.aio_wait_for_event("msg")
+        return [a, b]
+
+    async with running_worker(bide, [slow_then_two], name="host-a"), \
+            running_worker(bide, [slow_then_two], name="host-b"):
+        refs = [await slow_then_two.aio_run_no_wait({"id": f"r{i}"}) for i in range(6)]
+        await wait_until(lambda: len(ran) >= 6, timeout=20, what="every step to begin")
+        for ref in refs:
+            for n in range(2):
+                await bide.event.aio_send(ref.workflow_run_id, "msg", {"n": n})
+        results = await asyncio.gather(*(r.aio_result(timeout=40) for r in refs))
+    assert results == [[{"n": 0}, {"n": 1}]] * 6
+    assert sorted(ran) == sorted(f"r{i}" for i in range(6)), f"a step ran again: {sorted(ran)}"

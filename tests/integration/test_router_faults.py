@@ -162,3 +162,18 @@ async def test_no_ingress_accepts_rollup(bide: Bide, rollup: str) -> None:
         with pytest.raises(nats.js.errors.APIError):
             await conn.js.publish(subject, b"{}", headers={"Nats-Rollup": rollup})
         assert (await conn.js.stream_info(stream)).state.messages == before
+
+
+async def test_a_delete_of_a_message_already_gone_does_not_stall_the_router(bide: Bide) -> None:
+    """Two owners (or partitions) may delete the same registration: the second finds it gone, and goes on."""
+    from actors.router_effects import Effects
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    seq = (await conn.js.publish(s.waits("gone"), b"{}")).seq
+    effects = Effects(conn.nc, conn.publisher, s)
+    effects.deletes.update({seq, seq + 1000})  # one there, one never was
+    await asyncio.wait_for(effects.flush(), 10)
+    again = Effects(conn.nc, conn.publisher, s)
+    again.deletes.add(seq)  # deleted already
+    await asyncio.wait_for(again.flush(), 10)
