@@ -129,6 +129,7 @@ class EventRouter:
         """The stream sequence up to which every message has been handled, in order."""
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._chores: set[asyncio.Task[None]] = set()
         self.events_routed = 0
         self.rejected = 0
         self.rebuild_s = 0.0
@@ -339,9 +340,23 @@ class EventRouter:
         for _ in range(_BARRIER_TRIES):
             msgs = await direct_get_subject(self._nc, self._s.events_stream, subject, timeout=30.0)
             if any(int((m.headers or {}).get("Nats-Sequence", "0")) >= mark for m in msgs):
+                self._forget_barrier(mark)
                 return msgs
             await asyncio.sleep(0.05)
         raise TimeoutError(f"no replica answered with the router's barrier {mark} on {subject}")
+
+    def _forget_barrier(self, seq: int) -> None:
+        """The marker has done its work: delete it now (its TTL is the backstop)."""
+        async def delete() -> None:
+            try:
+                await api_request(self._nc, f"$JS.API.STREAM.MSG.DELETE.{self._s.events_stream}",
+                                  {"seq": seq, "no_erase": True}, timeout=2.0)
+            except Exception as e:
+                log.debug("router: barrier %d not deleted (%s); it expires", seq, e)
+
+        task = asyncio.create_task(delete())
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     async def _fill(self, first: int, last: int, effects: Effects) -> None:
         """Handle stream messages ``first..last`` that were not delivered here (a dead owner's batch, a gap).
