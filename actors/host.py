@@ -23,6 +23,7 @@ from actors.activation_queue import ActivationQueue, SlotPool
 from actors.children import ChildStart, child_run_id, notify_parent, request_cancel, start_children
 from actors.heartbeat import Heartbeat
 from actors.history import HistoryConflict, HistoryLog, RunHistory
+from actors.inbox_sweeper import InboxSweeper, ensure_inbox_sweeper_consumer
 from actors.jetstream import (
     Layout,
     Publisher,
@@ -135,6 +136,7 @@ class ActorHost:
         self._heartbeat: Heartbeat | None = None
         self._publisher: Publisher | None = None
         self._route_events = route_events
+        self._sweeper: InboxSweeper | None = None
         self.router: RouterPartitions | None = None
         self._chores: set[asyncio.Task[Any]] = set()
         self.turns = 0
@@ -170,6 +172,9 @@ class ActorHost:
         self._reaper = Reaper(nc, self._publisher, self.layout, self._history, self._timers,
                               self.config.history_retention_s)
         self._queues.append(await self._reaper.queue(js))
+        await ensure_inbox_sweeper_consumer(nc, self.layout)
+        self._sweeper = await InboxSweeper(nc, self._publisher, self._history, self.layout,
+                                           self.config.sweep_after_s).start()
         for q in self._queues:  # every queue is counted before any pulls (scarce slots)
             await q.start()
         log.info("host %s serving %s", self.host_id, ", ".join(sorted(self._tasks)))
@@ -189,6 +194,8 @@ class ActorHost:
             await q.close()
         if self.router is not None:
             await self.router.stop()
+        if self._sweeper is not None:
+            await self._sweeper.stop()
         if self._chores:
             await asyncio.wait(self._chores, timeout=5)
         if self._heartbeat is not None:

@@ -248,6 +248,11 @@ class Subjects:
     def reaper_consumer(self) -> str:
         return "reaper"
 
+    @property
+    def inbox_sweeper_consumer(self) -> str:
+        """Every host's shared look at inbox signals no turn took (``actors.inbox_sweeper``)."""
+        return "inbox_sweeper"
+
     def run_timers(self, run_id: str) -> str:
         """Every schedule of one run (its sleeps, retries and its removal)."""
         return f"{self.prefix}.timers.{encode_token(run_id)}.>"

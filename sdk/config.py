@@ -86,6 +86,9 @@ class BideConfig:
     """Largest payload (event, run input, result) accepted, as JSON bytes (``BIDE_MAX_PAYLOAD``, e.g. ``256KiB``)."""
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
     """An activation delivered more often than this fails its run (``BIDE_MAX_DELIVERIES``)."""
+    sweep_after_s: float = 10.0
+    """A signal no turn took after this long gets the activation its sender did not publish
+    (``BIDE_SWEEP_AFTER``, seconds)."""
     router_partitions: int = 4
     """Event router partitions (``BIDE_ROUTER_PARTITIONS``): fixed for the life of a store."""
 
@@ -108,6 +111,7 @@ class BideConfig:
             history_retention_s=_env_duration("BIDE_HISTORY_RETENTION", DEFAULT_HISTORY_RETENTION_S),
             max_payload_bytes=parse_size(os.environ.get("BIDE_MAX_PAYLOAD") or DEFAULT_MAX_PAYLOAD),
             max_deliveries=_env_int("BIDE_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES),
+            sweep_after_s=_env_float("BIDE_SWEEP_AFTER", 10.0),
             router_partitions=_env_int("BIDE_ROUTER_PARTITIONS", 4),
         )
         cfg.validate()

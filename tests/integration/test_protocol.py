@@ -134,3 +134,33 @@ async def test_a_signal_during_a_turn_on_another_host_neither_reruns_steps_nor_i
         results = await asyncio.gather(*(r.aio_result(timeout=40) for r in refs))
     assert results == [[{"n": 0}, {"n": 1}]] * 6
     assert sorted(ran) == sorted(f"r{i}" for i in range(6)), f"a step ran again: {sorted(ran)}"
+
+
+async def test_a_signal_whose_sender_died_before_the_activation_still_wakes_the_run(
+    nats_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the first write of a delivery was made: the hosts' inbox sweeper publishes the activation."""
+    from actors.wire import EventSignal
+
+    monkeypatch.setenv("BIDE_SWEEP_AFTER", "1")
+    bide = Bide(nats_server.url, ack_wait=3.0)
+
+    @bide.durable_task(name="Orphaned")
+    async def orphaned(input: dict, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("approval")
+
+    try:
+        conn = await bide._pool.get()
+        async with running_worker(bide, [orphaned]):
+            ref = await orphaned.aio_run_no_wait({})
+
+            async def waiting() -> bool:
+                h = await bide.runs.aio_history(ref.workflow_run_id)
+                return any(e.k == "wait_registered" for e in h.entries)
+
+            await wait_until(waiting, what="the run to wait")
+            sig = EventSignal(source="direct", name="approval", payload={"ok": True}, event_id="orphan-1", at=utcnow())
+            await conn.js.publish(conn.layout.subjects.inbox(ref.workflow_run_id), sig.model_dump_json().encode())
+            assert await ref.aio_result(timeout=20) == {"ok": True}
+    finally:
+        await bide.aclose()
