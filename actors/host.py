@@ -462,6 +462,11 @@ class ActorHost:
             current_runtime.set(turn)  # task.aio_run() in this code spawns children of this run
             return await defn.entry(value, ctx)
 
+        if turn.began and turn.took_signals:
+            # Two signals can wake a run on two hosts at once: the turn that records them first
+            # runs the code, the other loses this append before running anything (its activation
+            # comes back and finds the signals taken), so no step runs twice (invariant 1).
+            await turn.flush()
         user = asyncio.create_task(drive(), name=f"bide-run:{hist.run_id}")
         self._running[hist.run_id] = (user, turn)
         timeout = _time_limit(started, defn)
@@ -591,6 +596,12 @@ class ActorHost:
             if any(c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for c in w.flat()):
                 # The loser of an or-group never resumes the run: its timer is withdrawn.
                 self._chore(self._timers.cancel(hist.run_id, w.pos))
+        if turn.finished_or_failed:
+            # A run that ended mid-sleep (cancelled, failed) withdraws that sleep's timer too.
+            fired = {e.pos for e in hist.entries if e.k == "sleep_fired"}
+            for e in hist.entries:
+                if e.k == "sleep_scheduled" and e.pos not in fired and e.wake_at > now:
+                    self._chore(self._timers.cancel(hist.run_id, e.pos))
         if turn.took_signals:
             self._purge_inbox(hist.run_id, hist.inbox[-1][0])
 

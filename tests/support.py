@@ -37,6 +37,17 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
+async def push_until_stored(client: Bide, key: str, payload: Any, event_id: str, tries: int = 120) -> None:
+    """A push during a cluster election may time out: retried with the same event id (a push is idempotent)."""
+    for _ in range(tries):
+        try:
+            await client.event.aio_push(key, payload, event_id=event_id)
+            return
+        except Exception:
+            await asyncio.sleep(0.25)
+    raise AssertionError(f"event {event_id} could not be pushed")
+
+
 @contextlib.asynccontextmanager
 async def running_worker(
     client: Bide, tasks: list[TaskDefinition], *, name: str = "test-worker", slots: int = 100,

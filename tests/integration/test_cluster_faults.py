@@ -8,7 +8,7 @@ from datetime import timedelta
 from actors.server import EmbeddedServer
 from sdk import Bide, Context, DurableContext
 from tests.integration.test_cluster import _jetstream_ready, cluster  # noqa: F401  (the cluster fixture)
-from tests.support import running_worker, wait_until
+from tests.support import push_until_stored, running_worker, wait_until
 
 
 async def test_runs_complete_when_the_stream_leaders_node_is_killed(cluster: list[EmbeddedServer]) -> None:  # noqa: F811
@@ -45,16 +45,7 @@ async def test_runs_complete_when_the_stream_leaders_node_is_killed(cluster: lis
             leader = next(n for n in cluster if n.server_name == info.cluster.leader)
             leader.kill()  # SIGKILL the node that leads the history stream
 
-            async def push(n: int) -> None:
-                for _ in range(120):  # a push during the election may time out: same event id, idempotent
-                    try:
-                        await client.event.aio_push("cluster:go", {"n": n}, event_id=f"go-{n}")
-                        return
-                    except Exception:
-                        await asyncio.sleep(0.25)
-                raise AssertionError(f"event {n} could not be pushed")
-
-            await asyncio.gather(*(push(n) for n in range(10)))
+            await asyncio.gather(*(push_until_stored(client, "cluster:go", {"n": n}, f"go-{n}") for n in range(10)))
             results = await asyncio.gather(*(r.aio_result(timeout=120) for r in refs))
             assert results == [{"base": n * 10, "got": n, "squares": [(n + i) ** 2 for i in range(3)]}
                                for n in range(10)]

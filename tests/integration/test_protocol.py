@@ -164,3 +164,30 @@ async def test_a_signal_whose_sender_died_before_the_activation_still_wakes_the_
             assert await ref.aio_result(timeout=20) == {"ok": True}
     finally:
         await bide.aclose()
+
+
+async def test_a_run_cancelled_mid_sleep_leaves_no_timer(bide: Bide) -> None:
+    @bide.durable_task(name="SleepsLong")
+    async def sleeps(input: dict, ctx: DurableContext) -> None:
+        await ctx.aio_sleep_for("1h")
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+
+    async def timers(run_id: str) -> dict[str, int]:
+        info = await conn.js.stream_info(s.work_stream, subjects_filter=s.timers_all)
+        return {k: v for k, v in (info.state.subjects or {}).items() if run_id in k and not k.endswith(".reap")}
+
+    async with running_worker(bide, [sleeps]):
+        ref = await sleeps.aio_run_no_wait({})
+        await wait_until(lambda: _has_timer(timers, ref.workflow_run_id), what="the sleep's timer")
+        await bide.runs.aio_cancel(ref.workflow_run_id)
+
+        async def gone() -> bool:
+            return not await timers(ref.workflow_run_id)
+
+        await wait_until(gone, what="the cancelled run's timer to be withdrawn")
+
+
+async def _has_timer(timers: Any, run_id: str) -> bool:
+    return bool(await timers(run_id))

@@ -191,8 +191,12 @@ async def test_a_removal_before_the_retention_has_passed_is_put_off(bide: Bide) 
         ref = await quick.aio_run_no_wait(EmptyModel())
         run_id = ref.workflow_run_id
         assert await ref.aio_result(timeout=15) == 7
-        # Ending it scheduled its removal for 30 days (the default) after its end.
-        assert await _subjects(conn, s.work_stream, s.reap_timer(run_id)) == {s.reap_timer(run_id): 1}
+        # Ending it scheduled its removal for 30 days (the default) after its end (just after the
+        # result was sent: wait for it).
+        async def scheduled() -> bool:
+            return await _subjects(conn, s.work_stream, s.reap_timer(run_id)) == {s.reap_timer(run_id): 1}
+
+        await wait_until(scheduled, what="the removal to be scheduled")
         await _publish_removal(conn, run_id)
         await _removal_handled(conn, run_id)
         assert (await bide.runs.aio_get(run_id)).status is RunStatus.COMPLETED

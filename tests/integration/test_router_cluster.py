@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from actors.server import EmbeddedServer
 from sdk import Bide, DurableContext
 from tests.integration.test_cluster import _jetstream_ready, cluster  # noqa: F401  (the cluster fixture)
-from tests.support import running_worker, wait_until
-
-
-async def _push_until_stored(client: Bide, n: int) -> None:
-    """A push during an election may time out: retried with the same event id (a push is idempotent)."""
-    for _ in range(60):
-        try:
-            await client.event.aio_push("cluster:event", {"n": n}, event_id=f"cluster-{n}")
-            return
-        except Exception:
-            await asyncio.sleep(0.25)
-    raise AssertionError(f"event {n} could not be pushed")
+from tests.support import push_until_stored, running_worker, wait_until
 
 
 async def test_events_matched_while_the_history_leader_is_killed(cluster: list[EmbeddedServer]) -> None:  # noqa: F811
@@ -50,9 +40,12 @@ async def test_events_matched_while_the_history_leader_is_killed(cluster: list[E
             info = await conn.js.stream_info(s.history_stream)
             assert info.cluster is not None
             leader = next(n for n in cluster if n.server_name == info.cluster.leader)
-            await asyncio.gather(*(_push_until_stored(client, n) for n in range(10)))
+            def push(n: int) -> Any:
+                return push_until_stored(client, "cluster:event", {"n": n}, f"cluster-{n}")
+
+            await asyncio.gather(*(push(n) for n in range(10)))
             leader.kill()
-            await asyncio.gather(*(_push_until_stored(client, n) for n in range(10, 40)))
+            await asyncio.gather(*(push(n) for n in range(10, 40)))
             results = await asyncio.gather(*(r.aio_result(timeout=90) for r in refs))
             assert results == list(range(40))
     finally:
