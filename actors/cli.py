@@ -145,6 +145,9 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(f"--sync: {e}") from None
     server = EmbeddedServer(port=args.port, store_dir=store, log_file=store.parent / "nats-server.log", sync=sync)
+    # SIGTERM from here on stops dev gracefully, server included (it runs in its own session).
+    stop = asyncio.Event()
+    _install_stop(stop)
     try:
         server.start()
     except RuntimeError as e:
@@ -154,8 +157,6 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     print(f"bide dev: sync {sync}: a power loss loses {sync.loses_on_power_loss}", file=sys.stderr, flush=True)
     try:
         workers = [load_worker(t, slots=None, durable_slots=None, name=None) for t in args.modules]
-        stop = asyncio.Event()
-        _install_stop(stop)
         client = Bide(server.url)
         http: asyncio.Task[None] | None = None
         try:
