@@ -85,6 +85,7 @@ _MISSING_HISTORY_RETRIES = 20
 _SUSPENSION_WAIT_S = 10.0
 """How long a signal waits for a turn under way elsewhere to park the code before running it itself."""
 _SUSPENSION_POLL_S = 0.1
+_STOP_STEP_S = 5.0
 _APPEND_RETRY_S = 15.0
 """An append that times out or meets a 503 is repeated this long before the turn is retried."""
 _INFRA_RETRY_FIRST_S = 0.1
@@ -190,20 +191,21 @@ class ActorHost:
                 t.cancel()
             if still:
                 await asyncio.wait(still, timeout=5)
+        # Each step is bounded: a host stopping while its server is down must still stop.
         for q in self._queues:
-            await q.close()
+            await _bounded(q.close(), "closing a queue")
         if self.router is not None:
-            await self.router.stop()
+            await _bounded(self.router.stop(), "stopping the router")
         if self._sweeper is not None:
-            await self._sweeper.stop()
+            await _bounded(self._sweeper.stop(), "stopping the inbox sweeper")
         if self._chores:
             await asyncio.wait(self._chores, timeout=5)
         if self._heartbeat is not None:
-            await self._heartbeat.stop()
+            await _bounded(self._heartbeat.stop(), "stopping the heartbeat")
         if self._publisher is not None:
-            await self._publisher.close()
-        if self._nc is not None:
-            await self._nc.drain()
+            await _bounded(self._publisher.close(), "closing the publisher")
+        if self._nc is not None and not await _bounded(self._nc.drain(), "draining the connection"):
+            await _bounded(self._nc.close(), "closing the connection")
         await asyncio.to_thread(self.tracing.force_flush)  # a stopped host's last spans are exported
 
     async def _handle(self, msg: Msg) -> None:
@@ -769,6 +771,16 @@ class ActorHost:
             return RunCompleted(result=defn.signature.dump_output(user.result()), at=utcnow())
         except OutputSerializationError as e:
             return RunFailed(error=error_info(e), at=utcnow())
+
+
+async def _bounded(step: Any, what: str, timeout: float = _STOP_STEP_S) -> bool:
+    """Run one step of a shutdown for at most ``timeout``; False (logged) if it did not finish."""
+    try:
+        await asyncio.wait_for(step, timeout)
+        return True
+    except Exception as e:
+        log.warning("shutdown: %s did not finish (%s)", what, type(e).__name__ if isinstance(e, TimeoutError) else e)
+        return False
 
 
 def _suspended(hist: RunHistory) -> bool:
