@@ -65,6 +65,8 @@ class RunHistory:
     """Signals on the run's inbox that no history entry has taken yet, in arrival order."""
     inbox_seen: int = 0
     """The highest inbox sequence this read saw, on the inbox or taken by a history entry."""
+    size_bytes: int = 0
+    """What the read held: the run's history and untaken inbox messages, in bytes."""
 
     @property
     def terminal(self) -> Any | None:
@@ -117,7 +119,7 @@ class HistoryLog:
             direct_get_subject(self._nc, stream, self._subjects.inbox(run_id), min_last_seq=min_last_seq),
         )
         msgs = sorted(hist_msgs + inbox_msgs, key=lambda m: int((m.headers or {}).get("Nats-Sequence", "0")))
-        hist = RunHistory(run_id)
+        hist = RunHistory(run_id, size_bytes=sum(len(m.data) for m in msgs))
         inbox_subject = self._subjects.inbox(run_id)
         inbox: list[tuple[int, EventSignal]] = []
         taken = 0

@@ -61,6 +61,7 @@ from actors.wire import (
 from sdk.context import Context, DurableContext, current_runtime
 from sdk.errors import (
     DeliveryLimitExceeded,
+    HistoryTooLargeError,
     InputValidationError,
     NonDeterminismError,
     NonRetryableError,
@@ -71,6 +72,7 @@ from sdk.errors import (
     TaskSkipped,
     TaskTimeoutError,
 )
+from sdk.limits import format_size
 from sdk.workflow import SKIPPED
 
 if TYPE_CHECKING:
@@ -279,19 +281,22 @@ class ActorHost:
         """The run as of every write this activation announces (invariant 13)."""
         return await self._history.read(act.run_id, history_seq=act.history_seq or 0, inbox_seq=act.inbox_seq or 0)
 
-    async def _give_up(self, msg: Msg, act: Activation, defn: TaskDefinition, delivered: int) -> None:
-        """A poison activation: it came back too often, so its run fails without running its code again."""
-        hist = await self._read(act)
+    async def _give_up(self, msg: Msg, act: Activation, defn: TaskDefinition, delivered: int,
+                       err: Exception | None = None, hist: RunHistory | None = None) -> None:
+        """A poison activation (it came back too often) or a run over a limit: it fails without running its code."""
+        if hist is None:
+            hist = await self._read(act)
         if not hist.entries or hist.terminal is not None:
             if hist.terminal is not None and hist.entries[0].parent is not None:
                 await notify_parent(self._nc_, self._publisher_, self.layout.subjects, hist.run_id,
                                     hist.entries[0].parent, hist.terminal)
             await msg.ack()
             return
-        err = DeliveryLimitExceeded(
-            f"run {act.run_id} of task {defn.name!r}: its {act.kind} activation was delivered {delivered} times, "
-            f"more than BIDE_MAX_DELIVERIES={self.config.max_deliveries}; each host that took it died or failed "
-            "before finishing the turn, so the run failed without running its code again")
+        if err is None:
+            err = DeliveryLimitExceeded(
+                f"run {act.run_id} of task {defn.name!r}: its {act.kind} activation was delivered {delivered} "
+                f"times, more than BIDE_MAX_DELIVERIES={self.config.max_deliveries}; each host that took it died "
+                "or failed before finishing the turn, so the run failed without running its code again")
         log.error("%s", err)
         end = RunFailed(error=error_info(err), at=utcnow())
         started = hist.entries[0]
@@ -354,6 +359,12 @@ class ActorHost:
             hist = RunHistory(act.run_id, [act.started], act.history_seq)
         else:
             hist = await self._read(act)
+        if hist.size_bytes > self.config.max_history_bytes and hist.terminal is None:
+            await self._give_up(msg, act, defn, attempt, HistoryTooLargeError(
+                f"run {act.run_id} of task {defn.name!r}: its history holds {format_size(hist.size_bytes)}, more "
+                f"than BIDE_MAX_HISTORY={format_size(self.config.max_history_bytes)}; the run failed rather than "
+                "grow further (raise the limit, or keep large data outside the run and pass references)"), hist)
+            return
         if act.kind == "start" and act.started is not None:
             began = await self._begin(msg, act, act.started, hist, attempt)
             if began is None:

@@ -540,10 +540,14 @@ async def direct_get_subject(
         if status == 404 or not got or (limit is not None and len(out) >= limit):
             return out
         last = got[-1]
+        # A batch may end early (the server sends at most 64 MiB per request): only "nothing
+        # pending" ends the read, so a large history is read whole, not cut short.
         pending = int((last.headers or {}).get("Nats-Num-Pending", "0"))
-        if pending == 0 or len(got) < batch:
+        if pending == 0:
             return out
         seq = int((last.headers or {})["Nats-Sequence"]) + 1
+        # Progress made: the deadline bounds a stalled read, not the size of a large one.
+        deadline = max(deadline, asyncio.get_running_loop().time() + timeout)
 
 
 async def direct_get_first(nc: NATS, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:

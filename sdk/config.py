@@ -86,6 +86,9 @@ class BideConfig:
     """Largest payload (event, run input, result) accepted, as JSON bytes (``BIDE_MAX_PAYLOAD``, e.g. ``256KiB``)."""
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
     """An activation delivered more often than this fails its run (``BIDE_MAX_DELIVERIES``)."""
+    max_history_bytes: int = 256 * 1024 * 1024
+    """Largest history (with its untaken inbox) a run may have; past it the run fails with
+    ``HistoryTooLargeError`` (``BIDE_MAX_HISTORY``, a size such as ``256MiB``)."""
     sweep_after_s: float = 10.0
     """A signal no turn took after this long gets the activation its sender did not publish
     (``BIDE_SWEEP_AFTER``, seconds)."""
@@ -112,6 +115,8 @@ class BideConfig:
             max_payload_bytes=parse_size(os.environ.get("BIDE_MAX_PAYLOAD") or DEFAULT_MAX_PAYLOAD),
             max_deliveries=_env_int("BIDE_MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES),
             sweep_after_s=_env_float("BIDE_SWEEP_AFTER", 10.0),
+            max_history_bytes=parse_size(os.environ.get("BIDE_MAX_HISTORY") or 256 * 1024 * 1024,
+                                         "BIDE_MAX_HISTORY"),
             router_partitions=_env_int("BIDE_ROUTER_PARTITIONS", 4),
         )
         cfg.validate()

@@ -51,6 +51,10 @@ class RunAlreadyExistsError(BideError, ValueError):
         self.run_id = run_id
 
 
+class HistoryTooLargeError(BideError):
+    """A run's history grew past ``BIDE_MAX_HISTORY``: the run fails rather than grow further."""
+
+
 class RunFailedError(BideError):
     """The run failed; ``error_type`` and ``error_message`` describe the task's exception."""
 
