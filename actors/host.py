@@ -15,6 +15,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
@@ -32,6 +33,7 @@ from actors.jetstream import (
     ensure_streams,
     ensure_task_consumer,
     is_transient,
+    retry_transient,
 )
 from actors.replay import Turn, open_waits
 from actors.retention import Reaper
@@ -88,6 +90,8 @@ _SUSPENSION_WAIT_S = 10.0
 """How long a signal waits for a turn under way elsewhere to park the code before running it itself."""
 _SUSPENSION_POLL_S = 0.1
 _STOP_STEP_S = 5.0
+_START_RETRY_S = 60.0
+"""How long a starting host retries JetStream set-up through infrastructure errors before it gives up."""
 _APPEND_RETRY_S = 15.0
 """An append that times out or meets a 503 is repeated this long before the turn is retried."""
 _INFRA_RETRY_FIRST_S = 0.1
@@ -148,7 +152,9 @@ class ActorHost:
         self._nc = nc = await connect(self.config.nats_url, name=self.host_id,
                                       connect_timeout=self.config.connect_timeout_s)
         js = nc.jetstream(timeout=10.0)
-        await ensure_streams(js, self.layout)
+        # A cluster that is still electing leaders (or lost a node) answers with timeouts and 503s
+        # for a while: every set-up step below is idempotent, so it is retried, not fatal.
+        await retry_transient("setting up the streams", lambda: ensure_streams(js, self.layout), _START_RETRY_S)
         self._publisher = await Publisher(nc).start()
         self._history = HistoryLog(nc, self._publisher, self.layout.subjects, retry_s=_APPEND_RETRY_S)
         # Long turns tell JetStream they are alive, so only a dead host's work is redelivered.
@@ -161,21 +167,25 @@ class ActorHost:
             if t.on_events:
                 # Triggers travel in the events stream: every event after this one sees them.
                 trig = TriggerRegistration(task=t.name, durable=t.durable, on_events=list(t.on_events))
-                await self._publisher.publish(
-                    self.layout.subjects.trigger(t.name), trig.model_dump_json().encode(),
+                await retry_transient(f"registering the triggers of {t.name}", partial(
+                    self._publisher_.publish, self.layout.subjects.trigger(trig.task), trig.model_dump_json().encode(),
                     {HDR_TTL: "never"},  # the router keeps the latest per task and deletes the rest
-                )
+                ), _START_RETRY_S)
         if self._route_events:
-            self.router = await RouterPartitions(nc, self._publisher, self.layout, self._history, self.tracing,
-                                                 self.config.payload_limits, host_id=self.host_id).start()
+            router = RouterPartitions(nc, self._publisher, self.layout, self._history, self.tracing,
+                                      self.config.payload_limits, host_id=self.host_id)
+            self.router = await retry_transient("starting the event router", router.start, _START_RETRY_S)
         for t in self._tasks.values():
-            consumer = await ensure_task_consumer(js, self.layout, t.name, t.durable)
+            consumer: str = await retry_transient(f"the consumer of {t.name}", partial(
+                ensure_task_consumer, js, self.layout, t.name, t.durable), _START_RETRY_S)
             pool = self.durable_slots if t.runs_durably else self.slots
             self._queues.append(ActivationQueue(nc, self.layout.subjects.work_stream, consumer, pool, self._handle))
         self._reaper = Reaper(nc, self._publisher, self.layout, self._history, self._timers,
                               self.config.history_retention_s)
-        self._queues.append(await self._reaper.queue(js))
-        await ensure_inbox_sweeper_consumer(nc, self.layout)
+        self._queues.append(await retry_transient("the reaper's consumer", lambda: self._reaper.queue(js),
+                                                  _START_RETRY_S))
+        await retry_transient("the inbox sweeper's consumer", lambda: ensure_inbox_sweeper_consumer(nc, self.layout),
+                              _START_RETRY_S)
         self._sweeper = await InboxSweeper(nc, self._publisher, self._history, self.layout,
                                            self.config.sweep_after_s).start()
         for q in self._queues:  # every queue is counted before any pulls (scarce slots)

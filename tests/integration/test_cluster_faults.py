@@ -8,7 +8,7 @@ from datetime import timedelta
 from actors.server import EmbeddedServer
 from sdk import Bide, Context, DurableContext
 from tests.integration.test_cluster import _jetstream_ready, cluster  # noqa: F401  (the cluster fixture)
-from tests.support import push_until_stored, running_worker, wait_until
+from tests.support import WorkerProcess, push_until_stored, running_worker, wait_until
 
 
 async def test_runs_complete_when_the_stream_leaders_node_is_killed(cluster: list[EmbeddedServer]) -> None:  # noqa: F811
@@ -51,3 +51,35 @@ async def test_runs_complete_when_the_stream_leaders_node_is_killed(cluster: lis
                                for n in range(10)]
     finally:
         await client.aclose()
+
+
+async def test_a_host_started_while_the_cluster_has_no_quorum_waits_for_it(
+    cluster: list[EmbeddedServer], hosts: list[WorkerProcess]  # noqa: F811
+) -> None:
+    """`bide worker` started while two of three nodes are down: it retries the set-up, it does not exit."""
+    for node in cluster:
+        await wait_until(lambda node=node: _jetstream_ready(node.url), timeout=30, what=f"JetStream on {node.url}")
+    urls = ",".join(n.url for n in cluster)
+    first = Bide(urls, replicas=3, ack_wait=3.0)
+    await first._pool.get()  # the streams exist (at R3)
+    await first.aclose()
+    cluster[1].kill()
+    cluster[2].kill()
+    worker = WorkerProcess("tests.apps.events:worker", urls, env={"BIDE_REPLICAS": "3"})
+    hosts.append(worker)
+    starting = asyncio.create_task(asyncio.to_thread(worker.start, 90.0))
+    await asyncio.sleep(0)
+    await wait_until(lambda: worker.proc is not None, what="the worker process")
+    await asyncio.to_thread(_still_running_after, worker, 5.0)  # no quorum for 5 s: it waits, it does not exit
+    cluster[1].start()
+    cluster[2].start()
+    await starting  # ready once the cluster has its quorum back
+
+
+def _still_running_after(worker: WorkerProcess, seconds: float) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert worker.proc is not None and worker.proc.poll() is None, "the worker exited without a quorum"
+        time.sleep(0.1)
