@@ -30,6 +30,7 @@ from actors.jetstream import (
     Publisher,
     api_request,
     connect,
+    direct_get_last,
     ensure_streams,
     ensure_task_consumer,
     is_transient,
@@ -57,6 +58,7 @@ from actors.wire import (
     SignalReceived,
     TriggerRegistration,
     decode_activation,
+    decode_history,
     encode_activation,
     utcnow,
 )
@@ -325,6 +327,27 @@ class ActorHost:
         await self._finished(hist.run_id, started, end, unfinished)
         await msg.ack()
 
+    async def _fresh_start(self, act: Activation, started: RunStarted) -> RunHistory | None:
+        """The history of a run that has only its start entry (the common first turn), in one small read.
+
+        ``None`` when that is not known for sure: the caller reads the whole history instead.
+        """
+        if act.history_seq:
+            return RunHistory(act.run_id, [started], act.history_seq)  # a start written before its activation
+        s = self.layout.subjects
+        last = await direct_get_last(self._nc_, s.history_stream, s.history(act.run_id))
+        if last is None:
+            try:  # the starter died before its append (or it is on its way): record the start here
+                seq = await self._history.append(act.run_id, [started], expected_seq=0)
+            except HistoryConflict:
+                return None
+            return RunHistory(act.run_id, [started], seq)
+        entries = decode_history(last.data)
+        first = entries[0] if len(entries) == 1 else None
+        if isinstance(first, RunStarted) and first.same_start(started):
+            return RunHistory(act.run_id, [first], int((last.headers or {}).get("Nats-Sequence", "0")))
+        return None
+
     async def _begin(self, msg: Msg, act: Activation, started: RunStarted, hist: RunHistory,
                      attempt: int) -> RunHistory | None:
         """A start activation: the run's history with its start recorded, or ``None`` (acked) if not to run.
@@ -364,9 +387,11 @@ class ActorHost:
 
     async def _turn(self, msg: Msg, act: Activation, defn: TaskDefinition, attempt: int) -> None:
         began_ns = time.time_ns()
-        if act.kind == "start" and attempt == 1 and act.started is not None and act.history_seq:
-            # First delivery of a start: the history is exactly the start entry.
-            hist = RunHistory(act.run_id, [act.started], act.history_seq)
+        fresh = None
+        if act.kind == "start" and attempt == 1 and act.started is not None:
+            fresh = await self._fresh_start(act, act.started)
+        if fresh is not None:
+            hist = fresh  # first delivery of a start: the history is exactly the start entry
         else:
             hist = await self._read(act)
         if hist.size_bytes > self.config.max_history_bytes and hist.terminal is None:

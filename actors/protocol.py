@@ -11,6 +11,8 @@ refused or the servers stay unreachable.
 
 from __future__ import annotations
 
+import asyncio
+
 from actors.history import HistoryConflict, HistoryLog
 from actors.jetstream import Publisher, StaleReadError, direct_get_first, retry_transient
 from actors.wire import (
@@ -41,9 +43,12 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
     """
     act = Activation(run_id=started.run_id, task=started.task, kind="start", started=started)
     subject = subjects.work(started.task, started.run_id)
-    await retry_transient(f"start of run {started.run_id}", lambda: pub.publish(
+    activation = asyncio.ensure_future(retry_transient(f"start of run {started.run_id}", lambda: pub.publish(
         subject, encode_activation(act), {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{started.run_id}"}),
-        CLIENT_RETRY_S)
+        CLIENT_RETRY_S))
+    # The activation is on the wire first; the start entry follows at once rather than a round
+    # trip later, so the host that takes the activation almost always finds the entry written.
+    await asyncio.sleep(0)
 
     async def append() -> int | None:
         try:
@@ -51,7 +56,10 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
         except HistoryConflict:
             return None
 
-    seq: int | None = await retry_transient(f"start entry of run {started.run_id}", append, CLIENT_RETRY_S)
+    try:
+        seq: int | None = await retry_transient(f"start entry of run {started.run_id}", append, CLIENT_RETRY_S)
+    finally:
+        await activation  # a start is not done (nor its error reported) before its activation is stored
     if seq is not None:
         return seq
     # The append was refused, so a start is there: a replica that does not show it yet is behind.
