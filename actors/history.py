@@ -17,6 +17,7 @@ from actors.jetstream import (
     ERR_WRONG_LAST_SEQUENCE_CONSTANT,
     Publisher,
     StaleReadError,
+    direct_get_first,
     direct_get_last,
     direct_get_subject,
     is_transient,
@@ -80,7 +81,6 @@ class HistoryLog:
     """Reads and appends run histories on ``<prefix>.history.<run>``."""
 
     def __init__(self, nc: NATS, publisher: Publisher, subjects: Subjects, *, retry_s: float = 0.0) -> None:
-        self.nc = nc
         self._nc = nc
         self._pub = publisher
         self._subjects = subjects
@@ -143,6 +143,20 @@ class HistoryLog:
         hist.inbox = [(seq, sig) for seq, sig in inbox if seq > taken]
         hist.inbox_seen = max(hist.inbox_seen, taken)
         return hist
+
+    async def read_first(self, run_id: str, *, must_exist: bool = False) -> Any | None:
+        """The run's first entry (its start), or ``None`` if it has none yet.
+
+        With ``must_exist`` (the caller knows one was written) an answer without it came from
+        a replica that is behind (invariant 13): :class:`StaleReadError`, an infrastructure
+        error the caller retries.
+        """
+        msg = await direct_get_first(self._nc, self._subjects.history_stream, self._subjects.history(run_id))
+        if msg is None:
+            if must_exist:
+                raise StaleReadError(f"run {run_id}: its start was written but the replica read shows none")
+            return None
+        return decode_history(msg.data)[0]
 
     async def read_last(self, run_id: str, min_seq: int = 0) -> list[Any]:
         """The entries of the run's last message only (enough to see a terminal state).

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 
 from actors.history import HistoryConflict, HistoryLog
-from actors.jetstream import Publisher, StaleReadError, direct_get_first, retry_transient
+from actors.jetstream import Publisher, retry_transient
 from actors.wire import (
     HDR_BIDE_KIND,
     HDR_MSG_ID,
@@ -22,7 +22,6 @@ from actors.wire import (
     EventSignal,
     RunStarted,
     Subjects,
-    decode_history,
     encode_activation,
 )
 from sdk.errors import RunAlreadyExistsError
@@ -63,33 +62,14 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
     if seq is not None:
         return seq
     # The append was refused, so a start is there: a replica that does not show it yet is behind.
-    first = await first_entry(history, subjects, started.run_id, must_exist=True)
-    if first is None or not first.same_start(started):
+    first = await retry_transient(f"read of run {started.run_id}",
+                                  lambda: history.read_first(started.run_id, must_exist=True), CLIENT_RETRY_S)
+    if not isinstance(first, RunStarted) or not first.same_start(started):
         raise RunAlreadyExistsError(
             f"a run with id {started.run_id!r} already exists"
-            + (f" (task {first.task!r}, started {first.at.isoformat()})" if first is not None else "")
+            + (f" (task {first.task!r}, started {first.at.isoformat()})" if isinstance(first, RunStarted) else "")
             + ": choose another run id, or leave it out to get a new one", run_id=started.run_id)
     return None
-
-
-async def first_entry(history: HistoryLog, subjects: Subjects, run_id: str,
-                      must_exist: bool = False) -> RunStarted | None:
-    """The run's start entry (``None`` if the run has none yet).
-
-    With ``must_exist`` (the caller knows one was written) an answer without it is stale
-    (a follower behind, invariant 13) and the read is tried again.
-    """
-    async def read() -> RunStarted | None:
-        msg = await direct_get_first(history.nc, subjects.history_stream, subjects.history(run_id))
-        if msg is None:
-            if must_exist:
-                raise StaleReadError(f"run {run_id}: its start was written but the replica read shows none")
-            return None
-        entry = decode_history(msg.data)[0]
-        return entry if isinstance(entry, RunStarted) else None
-
-    result: RunStarted | None = await retry_transient(f"read of run {run_id}", read, CLIENT_RETRY_S)
-    return result
 
 
 async def deliver_signal(pub: Publisher, subjects: Subjects, run_id: str, task: str, signal: EventSignal,
