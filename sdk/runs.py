@@ -17,7 +17,6 @@ from actors.tracing import TRACEPARENT, trace_id_of
 from actors.wire import (
     TERMINAL_KINDS,
     RunStarted,
-    decode_history,
     utcnow,
 )
 from sdk.errors import (
@@ -118,8 +117,14 @@ class _TerminalWatch:
             # Most history messages are checkpoints: skip decoding those.
             if self.terminal.done() or not any(t in m.data for t in _TERMINAL_MARKERS):
                 return
-            for e in decode_history(m.data):
-                if e.k in TERMINAL_KINDS:
+            # A core subscriber also sees appends JetStream refused (a host that lost the
+            # single-writer race): the message is only a hint, the stored last entry decides.
+            try:
+                stored = await conn.history.read_last(run_id)
+            except Exception:
+                return  # the waiter's own re-reads find it
+            for e in stored:
+                if e.k in TERMINAL_KINDS and not self.terminal.done():
                     self.terminal.set_result(e)
                     return
 

@@ -191,3 +191,34 @@ async def test_a_run_cancelled_mid_sleep_leaves_no_timer(bide: Bide) -> None:
 
 async def _has_timer(timers: Any, run_id: str) -> bool:
     return bool(await timers(run_id))
+
+
+async def test_a_refused_append_is_not_taken_for_the_runs_end(bide: Bide) -> None:
+    """A host that lost the single-writer race published an end JetStream refused; a waiter must not believe it."""
+    import asyncio
+
+    import nats.js.errors
+
+    from actors.wire import HDR_EXPECTED_LAST_SUBJECT_SEQ, ErrorInfo, RunFailed, encode_history
+
+    @bide.durable_task(name="RaceLoser")
+    async def loser(input: dict, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("go")
+
+    conn = await bide._pool.get()
+    async with running_worker(bide, [loser]):
+        ref = await loser.aio_run_no_wait({})
+
+        async def waiting() -> bool:
+            h = await bide.runs.aio_history(ref.workflow_run_id)
+            return any(e.k == "wait_registered" for e in h.entries)
+
+        await wait_until(waiting, what="the run to wait")
+        result = asyncio.create_task(bide.runs.aio_result(ref.workflow_run_id, timeout=20))
+        await asyncio.sleep(0.2)  # the waiter is subscribed (a fixed pause: the fault must come after it)
+        stale = RunFailed(error=ErrorInfo(type="CancelledError", message="", traceback=""), at=utcnow())
+        with pytest.raises(nats.js.errors.APIError):
+            await conn.js.publish(conn.layout.subjects.history(ref.workflow_run_id), encode_history([stale]),
+                                  headers={HDR_EXPECTED_LAST_SUBJECT_SEQ: "1"})
+        await bide.event.aio_send(ref.workflow_run_id, "go", {"ok": 1})
+        assert await result == {"ok": 1}
