@@ -106,27 +106,21 @@ _TERMINAL_MARKERS = tuple(f'"k":"{k}"'.encode() for k in TERMINAL_KINDS)
 
 
 class _TerminalWatch:
-    """A core-NATS subscription on the run's history subject, opened before anything can finish."""
+    """A core-NATS subscription on the run's history subject, opened before anything can finish.
+
+    A core subscriber also sees appends JetStream refused (a host that lost the single-writer
+    race), so a terminal-looking message is only a hint: the stored last entry decides.
+    """
 
     def __init__(self) -> None:
-        self.terminal: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.hint = asyncio.Event()
         self.sub: Any = None
 
     async def open(self, conn: Connection, run_id: str) -> None:
         async def _on_msg(m: Msg) -> None:
-            # Most history messages are checkpoints: skip decoding those.
-            if self.terminal.done() or not any(t in m.data for t in _TERMINAL_MARKERS):
-                return
-            # A core subscriber also sees appends JetStream refused (a host that lost the
-            # single-writer race): the message is only a hint, the stored last entry decides.
-            try:
-                stored = await conn.history.read_last(run_id)
-            except Exception:
-                return  # the waiter's own re-reads find it
-            for e in stored:
-                if e.k in TERMINAL_KINDS and not self.terminal.done():
-                    self.terminal.set_result(e)
-                    return
+            # Most history messages are checkpoints: only a terminal-looking one is a hint.
+            if any(t in m.data for t in _TERMINAL_MARKERS):
+                self.hint.set()
 
         # No flush needed: the server handles this SUB before anything this connection
         # sends next (the start publish or the history read), so no terminal entry is missed.
@@ -145,12 +139,24 @@ async def wait_terminal(conn: Connection, run_id: str, timeout: float | None = N
         last = await conn.history.read_last(run_id)
         if not last:
             raise RunNotFoundError(f"no run with id {run_id!r}")
-        for e in last:
-            if e.k in TERMINAL_KINDS:
-                return e
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         # The watch can miss an entry routed before its SUB took effect and stored after the
-        # read above: re-read now and then, as the result inbox's waiters do.
-        return await _await_terminal(conn, run_id, watch.terminal, timeout, first_interval=0.25)
+        # read above: re-read now and then too, as the result inbox's waiters do.
+        interval = 0.25
+        while True:
+            for e in last:
+                if e.k in TERMINAL_KINDS:
+                    return e
+            wait = interval if deadline is None else min(interval, deadline - loop.time())
+            if wait <= 0:
+                raise TimeoutError(f"run {run_id} did not finish within {timeout}s")
+            try:
+                await asyncio.wait_for(watch.hint.wait(), wait)
+            except TimeoutError:
+                interval = min(interval * 2, 15.0)
+            watch.hint.clear()
+            last = await conn.history.read_last(run_id)
     finally:
         await watch.close()
 
