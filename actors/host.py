@@ -36,7 +36,7 @@ from actors.jetstream import (
     is_transient,
     retry_transient,
 )
-from actors.replay import Turn, open_waits
+from actors.replay import Turn, ended_registrations, last_turn, open_waits
 from actors.retention import Reaper
 from actors.router import publish_registrations
 from actors.router_partitions import RouterPartitions
@@ -45,6 +45,7 @@ from actors.tracing import RunTrace, Tracing, mark_failed, mark_outcome
 from actors.wire import (
     HDR_BIDE_KIND,
     HDR_TTL,
+    TERMINAL_KINDS,
     Activation,
     ActivationBegun,
     AttemptFailed,
@@ -400,6 +401,8 @@ class ActorHost:
                 f"than BIDE_MAX_HISTORY={format_size(self.config.max_history_bytes)}; the run failed rather than "
                 "grow further (raise the limit, or keep large data outside the run and pass references)"), hist)
             return
+        if attempt > 1 and hist.entries:
+            await self._redo_last_turn(hist, defn.name)
         if act.kind == "start" and act.started is not None:
             began = await self._begin(msg, act, act.started, hist, attempt)
             if began is None:
@@ -632,26 +635,41 @@ class ActorHost:
 
     async def _after_turn(self, turn: Turn, defn: TaskDefinition, hist: RunHistory) -> None:
         """Tidy up what the turn left behind: registrations of waits that ended, their timers, the inbox."""
-        ended = list(turn.resolved)
-        if turn.finished_or_failed:
-            ended += list(turn.open_waits.values())  # the run ended while they were open
-        now = utcnow()
-        for w in ended:
-            # A condition the router satisfied is gone from the router already.
-            done = {sig.cond for _, sig in turn.signals if sig.source == "event" and sig.wait_id == w.wait_id}
-            await publish_registrations(self._publisher_, self.layout, w, hist.run_id, defn.name, None, "cancel",
-                                        skip=done)
-            if any(c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for c in w.flat()):
-                # The loser of an or-group never resumes the run: its timer is withdrawn.
-                self._chore(self._timers.cancel(hist.run_id, w.pos))
-        if turn.finished_or_failed:
-            # A run that ended mid-sleep (cancelled, failed) withdraws that sleep's timer too.
-            fired = {e.pos for e in hist.entries if e.k == "sleep_fired"}
-            for e in hist.entries:
-                if e.k == "sleep_scheduled" and e.pos not in fired and e.wake_at > now:
-                    self._chore(self._timers.cancel(hist.run_id, e.pos))
+        await self._withdraw(hist.run_id, defn.name, hist.entries, turn.written)
         if turn.took_signals:
             self._purge_inbox(hist.run_id, hist.inbox[-1][0])
+
+    async def _withdraw(self, run_id: str, task: str, before: list[Any], written: list[Any]) -> None:
+        """Withdraw the registrations (and sleep timers) of the waits that ``written`` ended; safe to repeat."""
+        now = utcnow()
+        ended = ended_registrations(before, written)
+        for w, done in ended:
+            # A condition the router satisfied is gone from the router already.
+            await publish_registrations(self._publisher_, self.layout, w, run_id, task, None, "cancel", skip=done)
+            if any(c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for c in w.flat()):
+                # The loser of an or-group never resumes the run: its timer is withdrawn.
+                self._chore(self._timers.cancel(run_id, w.pos))
+        if any(e.k in TERMINAL_KINDS for e in written):
+            # A run that ended mid-sleep (cancelled, failed) withdraws that sleep's timer too.
+            entries = before + written
+            fired = {e.pos for e in entries if e.k == "sleep_fired"}
+            for e in entries:
+                if e.k == "sleep_scheduled" and e.pos not in fired and e.wake_at > now:
+                    self._chore(self._timers.cancel(run_id, e.pos))
+
+    async def _redo_last_turn(self, hist: RunHistory, task: str) -> None:
+        """A redelivered activation first redoes what its last turn did after its append (all idempotent).
+
+        The host that made that turn may have died, or failed to reach the server, between its
+        append and the withdrawals that follow from it: a registration left live would never be
+        withdrawn, and a signal left in the inbox never purged.
+        """
+        before, written = last_turn(hist.entries)
+        if written:
+            await self._withdraw(hist.run_id, task, before, written)
+        taken = [e.inbox_seq for e in hist.entries if e.k == "signal"]
+        if taken:
+            self._purge_inbox(hist.run_id, max(taken))
 
     @property
     def _publisher_(self) -> Publisher:

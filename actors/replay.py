@@ -21,6 +21,7 @@ from actors.history import HistoryLog, RunHistory
 from actors.timers import RESIDENT_MAX
 from actors.tracing import RunTrace
 from actors.wire import (
+    TERMINAL_KINDS,
     ActivationBegun,
     ChildrenSpawned,
     EventSignal,
@@ -66,6 +67,36 @@ def open_waits(entries: list[Any]) -> dict[str, WaitRegistered]:
     return waits
 
 
+def ended_registrations(before: list[Any], written: list[Any]) -> list[tuple[WaitRegistered, set[int | None]]]:
+    """The router registrations that a turn appending ``written`` after ``before`` must withdraw.
+
+    A wait's registration is live while the wait is open in the history; the turn that
+    resolves it, or ends the run while it is open, withdraws it. Each wait comes with the
+    conditions the router satisfied itself (it deleted those already). A pure function of
+    the history, so the next delivery of a turn that died or failed after its append (and
+    before the withdrawal was durable) computes the same list again from the stored history.
+    """
+    was_open = open_waits(before)
+    ended = [w for e in written if e.k == "wait_resolved" and (w := was_open.get(e.wait_id)) is not None]
+    if any(e.k in TERMINAL_KINDS for e in written):
+        ended += open_waits(before + written).values()
+    if not ended:
+        return []
+    done: dict[str, set[int | None]] = {}
+    for e in (*before, *written):
+        if e.k == "signal" and e.signal.source == "event" and e.signal.wait_id is not None:
+            done.setdefault(e.signal.wait_id, set()).add(e.signal.cond)
+    return [(w, done.get(w.wait_id, set())) for w in ended]
+
+
+def last_turn(entries: list[Any]) -> tuple[list[Any], list[Any]]:
+    """The history split before the last turn that wrote anything (each turn's first append begins with its marker)."""
+    for i in range(len(entries) - 1, -1, -1):
+        if entries[i].k == "activation":
+            return entries[:i], entries[i:]
+    return entries, []
+
+
 class Turn:
     """Drives one activation of one run. Implements :class:`sdk.context.DurableRuntime`."""
 
@@ -104,7 +135,6 @@ class Turn:
         self.began = any(e.k == "activation" for e in history.entries)
         self.spawned: dict[str, str] = {}
         """Every child this run spawned: run id -> task."""
-        self.open_waits = open_waits(history.entries)
         for e in history.entries:
             pos = getattr(e, "pos", None)
             if pos is not None:
@@ -127,8 +157,8 @@ class Turn:
         self.pending_wait: WaitRegistered | None = None
         """The wait the run suspended on: its event conditions must be registered with the router."""
         self.finished_or_failed = False
-        self.resolved: list[WaitRegistered] = []
-        """Waits that were open when this turn began and resolved in it (cancel their registrations)."""
+        self.written: list[Any] = []
+        """Every entry this turn appended, in order."""
         self._flush_lock = asyncio.Lock()
         self.timers: list[TimerRequest] = []
         self.suspended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -218,6 +248,7 @@ class Turn:
                 if self.fatal is None:
                     self.fatal = e
                 raise
+            self.written += entries
             if self._trace is not None:
                 self._report_ended(entries)
 
@@ -348,9 +379,6 @@ class Turn:
             if outcome is not None:
                 result, consumed = outcome
                 self._consumed.update(consumed)
-                if rec is not None and reg.wait_id in self.open_waits:
-                    self.resolved.append(reg)
-                    self.open_waits.pop(reg.wait_id, None)
                 self._pending.append(WaitResolved(
                     pos=pos, wait_id=reg.wait_id, label=label, args_hash=digest, result=result,
                     consumed=consumed, at=utcnow(),
@@ -358,7 +386,6 @@ class Turn:
                 return result
             if rec is None:
                 self._pending.append(reg)
-                self.open_waits[reg.wait_id] = reg
                 rec = {"wait_registered": reg}
             wake = self._next_wake(reg)
             remaining = None if wake is None else wake - utcnow()

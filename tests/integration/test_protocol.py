@@ -222,3 +222,54 @@ async def test_a_refused_append_is_not_taken_for_the_runs_end(bide: Bide) -> Non
                                   headers={HDR_EXPECTED_LAST_SUBJECT_SEQ: "1"})
         await bide.event.aio_send(ref.workflow_run_id, "go", {"ok": 1})
         assert await result == {"ok": 1}
+
+
+async def test_a_wait_registration_is_withdrawn_even_if_the_resolving_turn_failed_after_its_append(
+    bide: Bide, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The withdrawal of a resolved wait's registration is refused (503) after the resolving append.
+
+    The turn is retried from the stored history, where the wait is already resolved: the
+    retry must still withdraw the registration, or it stays in the router's index for good.
+    """
+    import logging
+
+    @bide.durable_task(name="WithdrawnLate")
+    async def withdrawn(input: dict, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("late-approval")
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    waits_subject = s.waits("late-approval")
+
+    async def registrations() -> int:
+        info = await conn.js.stream_info(s.events_stream, subjects_filter=waits_subject)
+        return sum((info.state.subjects or {}).values())
+
+    caplog.set_level(logging.WARNING, logger="bide.host")
+    async with running_worker(bide, [withdrawn]):
+        ref = await withdrawn.aio_run_no_wait({})
+
+        async def registered() -> bool:
+            return await registrations() == 1
+
+        await wait_until(registered, what="the wait's registration")
+        events = (await conn.js.stream_info(s.events_stream)).config
+        # Nothing takes registrations for a while: the withdrawal's publish is answered 503.
+        await conn.js.update_stream(events.evolve(subjects=[x for x in events.subjects or [] if x != s.waits_all]))
+        try:
+            await bide.event.aio_send(ref.workflow_run_id, "late-approval", {"ok": 1})
+
+            def refused() -> bool:
+                return any("infrastructure error" in r.getMessage() and ref.workflow_run_id in r.getMessage()
+                           for r in caplog.records)
+
+            await wait_until(refused, timeout=20, what="the withdrawal to be refused")
+        finally:
+            await conn.js.update_stream(events)
+        assert await ref.aio_result(timeout=20) == {"ok": 1}
+
+        async def withdrawn_for_good() -> bool:
+            return await registrations() == 0
+
+        await wait_until(withdrawn_for_good, timeout=20, what="the resolved wait's registration to be withdrawn")
