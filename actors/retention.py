@@ -25,7 +25,6 @@ from nats.js import JetStreamContext
 from actors.activation_queue import ActivationQueue, SlotPool
 from actors.history import HistoryLog
 from actors.jetstream import Layout, Publisher, api_request, ensure_reaper_consumer
-from actors.replay import open_waits
 from actors.router import publish_registrations
 from actors.timers import TimerScheduler
 from actors.wire import RunRemoval, utcnow
@@ -100,9 +99,10 @@ class Reaper:
             return "not due"
         s = self._layout.subjects
         task = hist.entries[0].task
-        for wait in open_waits(hist.entries).values():
-            # The host withdraws these when the run ends; this covers a host that died before it could.
-            await publish_registrations(self._pub, self._layout, wait, run_id, task, None, "cancel")
+        for wait in hist.entries:
+            if wait.k == "wait_registered":
+                # Their hosts withdrew them as they ended; this covers any withdrawal that never landed.
+                await publish_registrations(self._pub, self._layout, wait, run_id, task, None, "cancel")
         await self._purge(s.history_stream, s.inbox(run_id))
         await self._purge(s.counters_stream, s.run_counters(run_id))
         await self._purge(s.work_stream, s.run_timers(run_id))
