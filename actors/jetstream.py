@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import logging
@@ -548,6 +549,52 @@ async def direct_get_subject(
         seq = int((last.headers or {})["Nats-Sequence"]) + 1
         # Progress made: the deadline bounds a stalled read, not the size of a large one.
         deadline = max(deadline, asyncio.get_running_loop().time() + timeout)
+
+
+async def read_before(nc: NATS, stream: str, subject: str, before_seq: int, start_time: str,
+                      timeout: float = 30.0) -> list[Msg]:
+    """Every message on ``subject`` stored at or after ``start_time`` with a sequence below ``before_seq``.
+
+    Complete even on a cluster where a follower answers the direct get: a replica holds a
+    prefix of the stream, so what it read is complete up to its last message, and one get
+    from the leader (``STREAM.MSG.GET``, never answered by a follower) for the next message
+    on the subject proves there is nothing more below ``before_seq``, or supplies what the
+    replica had not applied yet (invariant 13).
+    """
+    msgs = [m for m in await direct_get_subject(nc, stream, subject, start_time=start_time, timeout=timeout)
+            if _seq_of(m) < before_seq]
+    while True:
+        req: dict[str, Any] = {"next_by_subj": subject}
+        if msgs:
+            req["seq"] = _seq_of(msgs[-1]) + 1
+        else:
+            req["start_time"] = start_time
+        try:
+            resp = await api_request(nc, f"$JS.API.STREAM.MSG.GET.{stream}", req, timeout=timeout)
+        except nats.js.errors.NotFoundError:
+            return msgs
+        stored = resp["message"]
+        if int(stored["seq"]) >= before_seq:
+            return msgs
+        msgs.append(_stored_msg(nc, stream, stored))
+
+
+def _seq_of(m: Msg) -> int:
+    return int((m.headers or {}).get("Nats-Sequence", "0"))
+
+
+def _stored_msg(nc: NATS, stream: str, stored: dict[str, Any]) -> Msg:
+    """A ``STREAM.MSG.GET`` answer in the shape of a direct get's (the same ``Nats-*`` headers)."""
+    headers: dict[str, str] = {}
+    raw = base64.b64decode(stored.get("hdrs") or b"").decode()
+    for line in raw.split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip()] = value.strip()
+    headers.update({"Nats-Stream": stream, "Nats-Subject": stored["subject"], "Nats-Sequence": str(stored["seq"]),
+                    "Nats-Time-Stamp": stored["time"]})
+    return Msg(_client=nc, subject=stored["subject"], data=base64.b64decode(stored.get("data") or b""),
+               headers=headers)
 
 
 async def direct_get_first(nc: NATS, stream: str, subject: str, timeout: float = 5.0) -> Msg | None:

@@ -54,6 +54,7 @@ from actors.jetstream import (
     api_request,
     direct_get_subject,
     is_transient,
+    read_before,
     retry_transient,
 )
 from actors.protocol import start_run
@@ -467,15 +468,10 @@ class EventRouter:
         found: list[tuple[int, Msg]] = []
         for subject in self._s.event_filters(w.key, w.scope):
             async def read(subject: str = subject) -> list[Msg]:
-                return await direct_get_subject(self._nc, self._s.events_stream, subject, start_time=start,
-                                                timeout=30.0, min_last_seq=before_seq)
+                return await read_before(self._nc, self._s.events_stream, subject, before_seq, start)
 
             msgs: list[Msg] = await retry_transient("lookback read", read)
-            for m in msgs:
-                seq = int((m.headers or {}).get("Nats-Sequence", "0"))
-                if seq >= before_seq:
-                    break
-                found.append((seq, m))
+            found += ((int((m.headers or {}).get("Nats-Sequence", "0")), m) for m in msgs)
         # The earliest matching event in the window wins, as if the wait had begun at its start.
         for seq, m in sorted(found, key=lambda x: x[0]):
             hdrs = m.headers or {}
