@@ -206,6 +206,19 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
             allow_direct=True,
             discard=DiscardPolicy.OLD,
         ),
+        StreamConfig(
+            # The router partitions' own checkpoints: the last sequence each handled with every
+            # effect durable. The consumers' ack floors say the same, unless an ack floor runs
+            # ahead of what was handled (seen in a cluster losing nodes): the lower one wins.
+            name=s.checkpoints_stream,
+            subjects=[s.checkpoints_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_msgs_per_subject=1,
+            num_replicas=layout.replicas,
+            allow_direct=True,
+            discard=DiscardPolicy.OLD,
+        ),
     ]
 
 

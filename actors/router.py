@@ -52,6 +52,7 @@ from actors.jetstream import (
     Layout,
     Publisher,
     api_request,
+    direct_get_last,
     direct_get_subject,
     is_transient,
     read_before,
@@ -129,6 +130,8 @@ class EventRouter:
         self._lock = asyncio.Lock()
         self.handled_seq = 0
         """The stream sequence up to which every message has been handled, in order."""
+        self._ack_floor = 0
+        """The consumer's ack floor when this process last took the partition over."""
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._chores: set[asyncio.Task[None]] = set()
@@ -297,13 +300,21 @@ class EventRouter:
             await effects.flush()
         self.rejected += effects.rejected
         if last is not None:
-            # Acks are cumulative and the batch is durable already: an ack lost in an election is
-            # covered by the next one, or redone by the next owner (idempotently). Never wait on it.
-            try:
-                await last.ack_sync(timeout=_ACK_TIMEOUT_S)
-            except Exception as e:
-                log.info("router: ack up to %d not confirmed (%s); the next ack covers it",
-                         last.metadata.sequence.stream, e)
+            # Acks and checkpoints are cumulative and the batch is durable already: one lost in an
+            # election is covered by the next, or redone by the next owner (idempotently).
+            upto = last.metadata.sequence.stream
+            checkpoint = self.handled_seq if self.owner else 0
+            acked, noted = await asyncio.gather(last.ack_sync(timeout=_ACK_TIMEOUT_S),
+                                                self._checkpoint(checkpoint), return_exceptions=True)
+            for what, outcome in (("ack", acked), ("checkpoint", noted)):
+                if isinstance(outcome, BaseException):
+                    log.info("router: %s up to %d not confirmed (%s); the next one covers it", what, upto, outcome)
+
+    async def _checkpoint(self, seq: int) -> None:
+        """Record that every message up to ``seq`` was handled with its effects durable."""
+        if seq:
+            await asyncio.wait_for(self._pub.publish(self._s.router_checkpoint(self.partition), str(seq).encode()),
+                                   _ACK_TIMEOUT_S)
 
     async def _take_over(self, pin: str) -> None:
         """Pinned: rebuild exactly up to the ack floor before handling anything."""
@@ -311,6 +322,8 @@ class EventRouter:
         self._pull_pin = pin
         started = asyncio.get_running_loop().time()
         self.handled_seq = await retry_transient("router rebuild", self._rebuild)
+        if self.handled_seq < self._ack_floor:
+            await retry_transient("router catch-up", self._catch_up)
         self._pin = pin
         self._released = None
         self.owner = True
@@ -325,6 +338,15 @@ class EventRouter:
         self.triggers.clear()
         info = await api_request(self._nc, f"$JS.API.CONSUMER.INFO.{self._s.events_stream}.{self.consumer}", {})
         floor = int(info.get("ack_floor", {}).get("stream_seq", 0))
+        noted = await direct_get_last(self._nc, self._s.checkpoints_stream, self._s.router_checkpoint(self.partition))
+        self._ack_floor = floor
+        if noted is not None and int(noted.data or 0) < floor:
+            # The consumer's ack floor ran ahead of what any owner handled (a replica's stale read
+            # of the checkpoint only lowers it, which is safe): start from the lower one; what lies
+            # between is read from the stream as a gap and handled again, idempotently.
+            log.warning("router partition %d: ack floor %d is past the checkpoint %s; rebuilding to the checkpoint",
+                        self.partition, floor, noted.data.decode())
+            floor = int(noted.data)
         if floor == 0:
             return 0
         scratch = Effects(self._nc, self._pub, self._s)  # nothing is written during a rebuild
@@ -352,6 +374,17 @@ class EventRouter:
                 return msgs
             await asyncio.sleep(0.05)
         raise TimeoutError(f"no replica answered with the router's barrier {mark} on {subject}")
+
+    async def _catch_up(self) -> None:
+        """Handle what lies between the checkpoint and the ack floor now, not when the next message comes.
+
+        A marker published now bounds the read, and finding it proves the read complete.
+        """
+        mark: int = await self._pub.publish(self._s.router_barrier("waits"), b"", {HDR_TTL: "60s"})
+        effects = Effects(self._nc, self._pub, self._s)
+        await self._fill(self.handled_seq + 1, mark - 1, effects)
+        await effects.flush()
+        self._forget_barrier(mark)
 
     def _forget_barrier(self, seq: int) -> None:
         """The marker has done its work: delete it now (its TTL is the backstop)."""

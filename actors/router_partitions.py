@@ -261,7 +261,8 @@ async def deployment_status(nc: NATS, layout: Layout) -> dict[str, Any]:
         "streams": [],
         "router": [],
     }
-    for name in (s.history_stream, s.work_stream, s.events_stream, s.counters_stream, s.router_status_stream):
+    for name in (s.history_stream, s.work_stream, s.events_stream, s.counters_stream, s.checkpoints_stream,
+                 s.router_status_stream):
         try:
             st = await api_request(nc, f"$JS.API.STREAM.INFO.{name}", {})
         except Exception as e:

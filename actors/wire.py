@@ -173,6 +173,18 @@ class Subjects:
         return f"event_router_p{partition}"
 
     @property
+    def checkpoints_stream(self) -> str:
+        return f"{self.prefix.upper()}_CHECKPOINTS"
+
+    def router_checkpoint(self, partition: int) -> str:
+        """The last stream sequence router partition ``partition`` handled with every effect durable."""
+        return f"{self.prefix}.checkpoint.router.p{partition}"
+
+    @property
+    def checkpoints_all(self) -> str:
+        return f"{self.prefix}.checkpoint.>"
+
+    @property
     def router_status_stream(self) -> str:
         return f"{self.prefix.upper()}_ROUTER"
 

@@ -1,6 +1,7 @@
 """Router partition rebuild time and memory per pending wait, and the cost of reading other partitions' messages.
 
     python -m benchmarks.router_rebuild --waits 100000 --partitions 4 --json rebuild.json
+    python -m benchmarks.router_rebuild --waits 250000 --other-waits 750000 --hold-all --repeat 1 --events 1000
 
 Starts its own nats-server, publishes ``--waits`` wait registrations (``input.id == <i>``, 100
 waits per key) on keys of partition 0, and ``--other-waits`` on keys of the other partitions,
@@ -70,6 +71,38 @@ async def checkpoint_at(nc: Any, layout: Layout, partition: int, seq: int) -> No
                       {"stream_name": s.events_stream, "config": cfg})
 
 
+def rss_bytes() -> int:
+    """This process's resident memory (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def hold_all(nc: Any, pub: Publisher, layout: Layout, first: EventRouter, last: int) -> dict[str, Any]:
+    """Every partition rebuilt and held at once in this process, as the hosts of one machine would hold them."""
+    n = layout.router_partitions
+    gc.collect()
+    base = rss_bytes()
+    routers, seconds = [first], []
+    for p in range(1, n):
+        await checkpoint_at(nc, layout, p, last)
+        router = EventRouter(nc, pub, layout, HistoryLog(nc, pub, layout.subjects), partition=p, partitions=n)
+        t = time.perf_counter()
+        await router._rebuild()
+        seconds.append(round(time.perf_counter() - t, 2))
+        routers.append(router)
+    gc.collect()
+    total = sum(len(r.index) for r in routers)
+    added = sum(len(r.index) for r in routers[1:])
+    grew = rss_bytes() - base
+    print(f"held at once: {total:,} pending waits across {n} partitions in one process; partitions 1..{n - 1} "
+          f"rebuilt in {seconds} s; process RSS {rss_bytes() / 1e6:,.0f} MB, "
+          f"{grew / max(1, added):,.0f} bytes per wait added (RSS)", flush=True)
+    return {"waits_held": total, "partitions": n, "rebuild_s": seconds, "rss_bytes": rss_bytes(),
+            "rss_bytes_per_added_wait": round(grew / max(1, added), 1)}
+
+
 async def drive(args: argparse.Namespace, url: str) -> dict[str, Any]:
     n = args.partitions
     layout = Layout(Subjects(), router_partitions=n)
@@ -110,6 +143,9 @@ async def drive(args: argparse.Namespace, url: str) -> dict[str, Any]:
               f"registrations read: best {min(times):.2f} s of {args.repeat}; index {held / max(1, args.waits):,.0f} "
               f"bytes per pending wait (tracemalloc)", flush=True)
 
+        if args.hold_all:
+            out["held_at_once"] = await hold_all(nc, pub, layout, router, last)
+
         # Reading the stream: other partitions' events vs own events with no waiter.
         router.handled_seq = last
         for label, keys in (("other_partitions", keys_of(1 % n, n, 50) if n > 1 else mine), ("own_no_waiter", mine)):
@@ -138,6 +174,8 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--hold-all", action="store_true",
+                    help="then rebuild every other partition too and hold them all at once (e.g. 1,000,000 waits)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     server = EmbeddedServer().start()

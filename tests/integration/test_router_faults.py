@@ -177,3 +177,40 @@ async def test_a_delete_of_a_message_already_gone_does_not_stall_the_router(bide
     again = Effects(conn.nc, conn.publisher, s)
     again.deletes.add(seq)  # deleted already
     await asyncio.wait_for(again.flush(), 10)
+
+
+async def test_an_ack_floor_that_runs_ahead_of_what_was_handled_loses_nothing(bide: Bide) -> None:
+    """The consumer's ack floor passes an event no owner handled (seen in a cluster losing nodes: the floor a
+    new owner read was past a batch its dead predecessor was still retrying); the event still wakes its wait."""
+    @bide.durable_task(name="FloorAheadWait")
+    async def waiter(input: dict, ctx: DurableContext) -> int:
+        got = await ctx.aio_wait_for_event("floor:ahead", "input.n == 1")
+        return int(got["n"])
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    consumer = s.router_consumer(partition_of("floor:ahead", conn.layout.router_partitions))
+
+    async def handled_everything() -> bool:
+        last = (await conn.js.stream_info(s.events_stream)).state.last_seq
+        info = await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.events_stream}.{consumer}", {})
+        return int(info["ack_floor"]["stream_seq"]) >= last
+
+    async with running_worker(bide, [waiter]):
+        ref = await waiter.aio_run_no_wait({})
+
+        async def waiting() -> bool:
+            h = await bide.runs.aio_history(ref.workflow_run_id)
+            return any(e.k == "wait_registered" for e in h.entries)
+
+        await wait_until(waiting, what="the run to wait")
+        await wait_until(handled_everything, what="the router to handle the registration")
+    # No router runs now. Something acks the event without handling it: the floor runs ahead.
+    async with FakeOwner(conn, "floor:ahead", ack_every=1) as fake:
+        await bide.event.aio_push("floor:ahead", {"n": 1})
+        await wait_until(lambda: bool(fake.got), timeout=20, what="the event to be delivered and acked")
+        await wait_until(handled_everything, what="the ack floor to pass the event")
+    async with running_worker(bide, [waiter]):
+        # A partition is taken over with a delivery: the next event (one that matches nothing).
+        await bide.event.aio_push("floor:ahead", {"n": 2})
+        assert await ref.aio_result(timeout=20) == 1
