@@ -858,9 +858,23 @@ def _suspended(hist: RunHistory) -> bool:
     return any(e.k == "children_spawned" and not set(e.run_ids) <= reported for e in hist.entries)
 
 
+def _unheeded_signals(hist: RunHistory) -> list[Any]:
+    """Signals the run's code may not have reacted to: new ones in the inbox, and those its last turn recorded.
+
+    A turn that recorded signals and nothing else either found nothing for the code to do,
+    or claimed them and died (or met an error) before the code reacted: which one, only
+    asking again tells. Without this a cancel, a child's outcome or an event recorded by a
+    host that then died was never acted on.
+    """
+    _, last = last_turn(hist.entries)
+    recorded = [e.signal for e in last if e.k == "signal"] if all(e.k in ("activation", "signal") for e in last) else []
+    return recorded + [sig for _, sig in hist.inbox]
+
+
 def _needs_user_code(act: Activation, hist: RunHistory) -> bool:
     """Whether a timer or signal activation can change what the run's code does next."""
-    if any(sig.source in ("child", "cancel") for _, sig in hist.inbox):
+    signals = _unheeded_signals(hist)
+    if any(sig.source in ("child", "cancel") for sig in signals):
         return True
     if act.kind == "timer" and act.pos is not None:
         fired = {e.pos for e in hist.entries if e.k in ("wait_resolved", "sleep_fired")}
@@ -868,9 +882,7 @@ def _needs_user_code(act: Activation, hist: RunHistory) -> bool:
             return True
     waits = open_waits(hist.entries)
     waited_names = {c.event_key for w in waits.values() for c in w.flat() if c.kind == "event"}
-    return any(
-        sig.wait_id in waits if sig.source == "event" else sig.name in waited_names for _, sig in hist.inbox
-    )
+    return any(sig.wait_id in waits if sig.source == "event" else sig.name in waited_names for sig in signals)
 
 
 _NEVER_RETRIED = (NonRetryableError, NonDeterminismError, InputValidationError, PayloadValidationError,

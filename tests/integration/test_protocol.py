@@ -273,3 +273,40 @@ async def test_a_wait_registration_is_withdrawn_even_if_the_resolving_turn_faile
             return await registrations() == 0
 
         await wait_until(withdrawn_for_good, timeout=20, what="the resolved wait's registration to be withdrawn")
+
+
+async def test_a_cancel_recorded_by_a_host_that_died_before_its_code_reacted_still_cancels(bide: Bide) -> None:
+    """A host took the cancel (its first append) and was SIGKILLed before the run ended: the redelivered
+    activation finds no new signal in the inbox, yet the recorded cancel must still end the run."""
+    from actors.wire import ActivationBegun, EventSignal, SignalReceived
+
+    @bide.durable_task(name="CancelledByTheDead")
+    async def sleeper(input: dict, ctx: DurableContext) -> None:
+        await ctx.aio_sleep_for("1h")
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(bide, [sleeper]):
+        ref = await sleeper.aio_run_no_wait({})
+        run_id = ref.workflow_run_id
+
+        async def asleep() -> bool:
+            return any(e.k == "sleep_scheduled" for e in (await conn.history.read(run_id)).entries)
+
+        await wait_until(asleep, what="the run to sleep")
+    # What the dead host left: the cancel taken from the inbox and recorded, the run not ended.
+    cancel = EventSignal(source="cancel", name="cancel", payload={"reason": "by the test"}, event_id="c-1",
+                         at=utcnow())
+    inbox_seq = (await conn.js.publish(s.inbox(run_id), cancel.model_dump_json().encode())).seq
+    hist = await conn.history.read(run_id, inbox_seq=inbox_seq)
+    await conn.history.append(run_id, [ActivationBegun(host="dead", attempt=1, at=utcnow()),
+                                       SignalReceived(inbox_seq=inbox_seq, signal=cancel)], hist.last_seq)
+    # Its activation comes back (a redelivery); the inbox holds nothing new.
+    act = Activation(run_id=run_id, task="CancelledByTheDead", kind="signal", inbox_seq=inbox_seq)
+    await conn.js.publish(s.work("CancelledByTheDead", run_id), encode_activation(act),
+                          headers={HDR_BIDE_KIND: "signal"})
+    async with running_worker(bide, [sleeper]):
+        async def cancelled() -> bool:
+            return any(e.k == "run_cancelled" for e in (await conn.history.read(run_id)).entries)
+
+        await wait_until(cancelled, timeout=20, what="the recorded cancel to end the run")
