@@ -288,7 +288,7 @@ class EventRouter:
             if seq > self.handled_seq:
                 if seq > self.handled_seq + 1:
                     await self._fill(self.handled_seq + 1, seq - 1, effects)
-                at = m.metadata.timestamp if isinstance(m.metadata.timestamp, datetime) else utcnow()
+                at = _stored_at(m)
                 await self._apply(m.subject, m, seq, at, effects, live=True)
                 self.handled_seq = seq
             last = m
@@ -603,7 +603,7 @@ class EventRouter:
     def _start_triggered(self, trig: TriggerRegistration, event: IncomingEvent, subject: str,
                          effects: Effects) -> None:
         """Exactly one run per (event, task): its id derives from the event, its first append expects none."""
-        run_id = uuid.uuid5(_RUN_NAMESPACE, f"{trig.task}|{event.event_id}|{event.seq}|{event.at.isoformat()}").hex
+        run_id = uuid.uuid5(_RUN_NAMESPACE, f"{trig.task}|{event.event_id}|{event.seq}").hex
         meta: dict[str, Any] = {"trigger": {"event_key": event.key, "event_id": event.event_id,
                                             "scope": event.scope}}
         if TRACEPARENT in event.meta:
@@ -634,6 +634,23 @@ class EventRouter:
             span.discard()
         else:
             span.end()
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _stored_at(m: Msg) -> datetime:
+    """When a delivered message was stored, to the microsecond, exactly as :func:`_parse_time` reads it from a get.
+
+    An event handled live and the same event read back from the stream (a gap, a catch-up)
+    must give the same time: a triggered run's id and a signal's content depend on it.
+    """
+    try:
+        tokens = Msg.Metadata._get_metadata_fields(m.reply)
+        ns = int(tokens[7] if len(tokens) == 9 else tokens[Msg.Ack.Timestamp])
+    except Exception:
+        return utcnow()
+    return _EPOCH + timedelta(microseconds=ns // 1000)
 
 
 def _parse_time(raw: str | None) -> datetime:

@@ -214,3 +214,35 @@ async def test_an_ack_floor_that_runs_ahead_of_what_was_handled_loses_nothing(bi
         # A partition is taken over with a delivery: the next event (one that matches nothing).
         await bide.event.aio_push("floor:ahead", {"n": 2})
         assert await ref.aio_result(timeout=20) == 1
+
+
+async def test_an_event_handled_again_from_the_stream_starts_no_second_run(bide: Bide) -> None:
+    """A new owner handles again what lies above a lower checkpoint (read back from the stream, not delivered):
+    the same event must make the same run, not a second one (seen in the long chaos run: 3 events started 2)."""
+    started: list[str] = []
+
+    @bide.task(name="TriggeredOnce", on_events=["once:only"])
+    async def triggered(input: dict, ctx: Any) -> None:
+        started.append(input["tag"])
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    partition = partition_of("once:only", conn.layout.router_partitions)
+    before = (await conn.js.stream_info(s.events_stream)).state.last_seq
+    tags = [f"t{i}" for i in range(10)]
+    async with running_worker(bide, [triggered]):
+        for tag in tags:
+            await bide.event.aio_push("once:only", {"tag": tag})
+        await wait_until(lambda: sorted(started) == tags, timeout=20, what="one run per event")
+    # The partition's checkpoint reads as older than the events (a lagging replica's answer, a lost write).
+    await conn.js.publish(s.router_checkpoint(partition), str(before).encode())
+    async with running_worker(bide, [triggered]):
+        await bide.event.aio_push("once:only", {"tag": "last"})  # a delivery: the partition is taken over
+        await wait_until(lambda: "last" in started, timeout=20, what="the next event's run")
+
+        async def drained() -> bool:
+            info = await conn.js.stream_info(s.work_stream, subjects_filter=s.work_filter("TriggeredOnce"))
+            return not any((info.state.subjects or {}).values())
+
+        await wait_until(drained, what="every queued run of the task to be taken")
+    assert sorted(started) == sorted([*tags, "last"]), started
