@@ -58,6 +58,7 @@ from actors.wire import (
     RunStarted,
     SignalReceived,
     TriggerRegistration,
+    TurnParked,
     decode_activation,
     decode_history,
     encode_activation,
@@ -438,22 +439,19 @@ class ActorHost:
                 await self._workflow_turn(hist, defn, attempt)
             await msg.ack()
             return
-        if defn.runs_durably and act.kind in ("timer", "signal") and not _needs_user_code(act, hist):
-            if not _suspended(hist):
-                # The code is not parked at a wait or a sleep: a turn is under way on another host,
-                # or one died before it parked. Recording a signal now would make that turn lose
-                # its append and run its steps again, so wait for it to park (its activation came
-                # back if it died), then decide again; running the code is the last resort.
-                if attempt == 1:
-                    hist = await self._until_suspended(act, hist)
+        skip_code = False
+        if defn.runs_durably and act.kind in ("timer", "signal"):
+            if not _suspended(hist) and attempt == 1:
+                # The code is not parked at a wait or a sleep: a turn is under way on another host
+                # (it may have claimed signals and be running steps now), or one died before it
+                # parked. Running the code now would run those steps twice, so wait for it to
+                # park (its activation comes back if it died), then decide; running the code is
+                # the last resort.
+                hist = await self._until_suspended(act, hist)
                 if hist.terminal is not None:
                     await msg.ack()
                     return
-                skip_code = _suspended(hist) and not _needs_user_code(act, hist)
-            else:
-                skip_code = True
-        else:
-            skip_code = False
+            skip_code = _suspended(hist) and not _needs_user_code(act, hist)
         if skip_code:
             # Nothing for the code to do (a loser of an or-group, a signal taken already, an
             # event for a wait not made yet): record any new signals, never resume the code.
@@ -555,6 +553,8 @@ class ActorHost:
                                             defn.name, turn.run_input, "register")
             if turn.has_new_facts:
                 await turn.flush()
+            elif _claimed(RunHistory(hist.run_id, hist.entries + turn.written, turn.last_seq)):
+                await turn.flush([TurnParked(at=utcnow())])  # the claim alone would read as a turn under way
             for t in turn.timers:
                 await self._timers.schedule(hist.run_id, defn.name, t.pos, t.wake_at, turn.last_seq)
         else:
@@ -847,8 +847,21 @@ async def _bounded(step: Any, what: str, timeout: float = _STOP_STEP_S) -> bool:
         return False
 
 
+def _claimed(hist: RunHistory) -> bool:
+    """Whether the last turn recorded signals and nothing after: its code is running now, or its host died.
+
+    A turn claims the signals it woke for before running code (invariant 1); when its code
+    parks again with nothing new it says so (:class:`actors.wire.TurnParked`), so a claim
+    standing alone means the code has not reacted yet.
+    """
+    _, last = last_turn(hist.entries)
+    return any(e.k == "signal" for e in last) and all(e.k in ("activation", "signal") for e in last)
+
+
 def _suspended(hist: RunHistory) -> bool:
     """Whether the run's code is parked: at an open wait, a sleep not yet over, or children not all back."""
+    if _claimed(hist):
+        return False  # a turn that claimed signals has not reacted yet (or its host died)
     if open_waits(hist.entries):
         return True
     fired = {e.pos for e in hist.entries if e.k == "sleep_fired"}
@@ -866,8 +879,7 @@ def _unheeded_signals(hist: RunHistory) -> list[Any]:
     asking again tells. Without this a cancel, a child's outcome or an event recorded by a
     host that then died was never acted on.
     """
-    _, last = last_turn(hist.entries)
-    recorded = [e.signal for e in last if e.k == "signal"] if all(e.k in ("activation", "signal") for e in last) else []
+    recorded = [e.signal for e in last_turn(hist.entries)[1] if e.k == "signal"] if _claimed(hist) else []
     return recorded + [sig for _, sig in hist.inbox]
 
 

@@ -355,6 +355,17 @@ class ActivationBegun(_Entry):
     at: datetime
 
 
+class TurnParked(_Entry):
+    """A turn that claimed signals ran its code, which parked again with nothing new to record.
+
+    Without it such a turn would end on its claim alone, which is also how a turn whose code
+    is still running (or whose host died) looks to another host (``actors.host._claimed``).
+    """
+
+    k: Literal["parked"] = "parked"
+    at: datetime
+
+
 class MemoRecorded(_Entry):
     """A memoised step finished; its result is returned on every replay."""
 
@@ -513,6 +524,7 @@ class RunCancelled(_Entry):
 Entry = Annotated[
     RunStarted
     | ActivationBegun
+    | TurnParked
     | MemoRecorded
     | NowRecorded
     | SleepScheduled

@@ -310,3 +310,62 @@ async def test_a_cancel_recorded_by_a_host_that_died_before_its_code_reacted_sti
             return any(e.k == "run_cancelled" for e in (await conn.history.read(run_id)).entries)
 
         await wait_until(cancelled, timeout=20, what="the recorded cancel to end the run")
+
+
+async def test_a_signal_for_a_run_whose_turn_on_another_host_is_running_a_step_does_not_rerun_it(
+    bide: Bide, tmp_path: Any
+) -> None:
+    """Host A claimed signal "a" and is running the step after the wait; signal "b" reaches host B meanwhile.
+
+    B must wait for A's turn to park, not record "b" under it (A's next append would then fail
+    and its step run again) nor run the code beside it (seen in the long chaos run: a step ran
+    twice on two hosts in the same millisecond, no host killed).
+    """
+    import asyncio
+    from pathlib import Path
+
+    from actors.jetstream import api_request
+
+    gate, log = Path(tmp_path) / "gate", Path(tmp_path) / "steps.log"
+    log.touch()
+
+    async def step(run_id: str) -> int:
+        with log.open("a") as f:
+            f.write(run_id + "\n")
+        while not gate.exists():  # the app's own pause: the step runs until the test opens the gate
+            await asyncio.sleep(0.02)
+        return 1
+
+    @bide.durable_task(name="ClaimedThenStep")
+    async def claimed(input: dict, ctx: DurableContext) -> Any:
+        await ctx.aio_wait_for_event("a")
+        await ctx.memo(step, ctx.run_id)
+        return await ctx.aio_wait_for_event("b")
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    runs = 8
+    async with running_worker(bide, [claimed], name="host-a"), running_worker(bide, [claimed], name="host-b"):
+        refs = [await claimed.aio_run_no_wait({}) for _ in range(runs)]
+
+        async def all_waiting() -> bool:
+            hists = [await conn.history.read(r.workflow_run_id) for r in refs]
+            return all(any(e.k == "wait_registered" for e in h.entries) for h in hists)
+
+        await wait_until(all_waiting, what="every run to wait for 'a'")
+        for r in refs:
+            await bide.event.aio_send(r.workflow_run_id, "a", {"n": 1})
+        await wait_until(lambda: len(log.read_text().split()) >= runs, timeout=20, what="every step to start")
+        for r in refs:
+            await bide.event.aio_send(r.workflow_run_id, "b", {"n": 2})
+
+        async def both_taken() -> bool:
+            info = await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.work_stream}.{s.consumer_name('ClaimedThenStep')}",
+                                     {})
+            return int(info["num_ack_pending"]) >= 2 * runs
+
+        await wait_until(both_taken, timeout=20, what="the 'b' activations to be taken while the steps run")
+        gate.touch()
+        assert [await r.aio_result(timeout=30) for r in refs] == [{"n": 2}] * runs
+    ran = log.read_text().split()
+    assert len(ran) == runs, f"steps ran {len(ran)} times for {runs} runs: {sorted(ran)}"
