@@ -636,6 +636,9 @@ class ActorHost:
     async def _after_turn(self, turn: Turn, defn: TaskDefinition, hist: RunHistory) -> None:
         """Tidy up what the turn left behind: registrations of waits that ended, their timers, the inbox."""
         await self._withdraw(hist.run_id, defn.name, hist.entries, turn.written)
+        if any(e.k in TERMINAL_KINDS for e in turn.written):
+            for w in turn.unrecorded_waits:
+                await publish_registrations(self._publisher_, self.layout, w, hist.run_id, defn.name, None, "cancel")
         if turn.took_signals:
             self._purge_inbox(hist.run_id, hist.inbox[-1][0])
 

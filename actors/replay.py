@@ -159,6 +159,13 @@ class Turn:
         self.finished_or_failed = False
         self.written: list[Any] = []
         """Every entry this turn appended, in order."""
+        self.unrecorded_waits: list[WaitRegistered] = []
+        """Waits the code passed that were resolved with no ``wait_registered`` in the history.
+
+        A turn that parked at such a wait registered it with the router and died (or lost the
+        append race) before recording it; the turn that then resolved it at once never knew.
+        The run's end withdraws these registrations, which may exist.
+        """
         self._flush_lock = asyncio.Lock()
         self.timers: list[TimerRequest] = []
         self.suspended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -360,6 +367,10 @@ class Turn:
             if recorded is None or recorded.args_hash != digest:
                 self._mismatch(pos, self._describe(rec), requested)
             if done is not None:
+                if reg is None:
+                    self.unrecorded_waits.append(WaitRegistered(
+                        pos=pos, wait_id=wait_id, label=label, args_hash=digest, groups=specs, at=done.at,
+                        any_of=extra))
                 result: dict[str, Any] = done.result
                 return result
             assert reg is not None
@@ -379,6 +390,8 @@ class Turn:
             if outcome is not None:
                 result, consumed = outcome
                 self._consumed.update(consumed)
+                if rec is None:
+                    self.unrecorded_waits.append(reg)
                 self._pending.append(WaitResolved(
                     pos=pos, wait_id=reg.wait_id, label=label, args_hash=digest, result=result,
                     consumed=consumed, at=utcnow(),

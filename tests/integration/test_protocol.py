@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from actors.wire import HDR_BIDE_KIND, Activation, RunStarted, encode_activation, utcnow
+from actors.wire import HDR_BIDE_KIND, HDR_TTL, Activation, RunStarted, encode_activation, utcnow
 from sdk import Bide, Context, DurableContext
 from sdk.errors import RunAlreadyExistsError
 from tests.support import running_worker, wait_until
@@ -369,3 +369,46 @@ async def test_a_signal_for_a_run_whose_turn_on_another_host_is_running_a_step_d
         assert [await r.aio_result(timeout=30) for r in refs] == [{"n": 2}] * runs
     ran = log.read_text().split()
     assert len(ran) == runs, f"steps ran {len(ran)} times for {runs} runs: {sorted(ran)}"
+
+
+async def test_a_registration_left_by_a_host_that_died_before_recording_its_wait_is_withdrawn(bide: Bide) -> None:
+    """A host registered a wait with the router and died before appending it; the next turn found the message
+    already in the inbox and resolved the wait at once. The run's end must withdraw the orphan (seen in the long
+    chaos run: 12 registrations left behind)."""
+    import orjson
+
+    from actors.wire import HDR_MSG_ID
+
+    @bide.durable_task(name="OrphanedWait")
+    async def orphaned(input: dict, ctx: DurableContext) -> Any:
+        await ctx.aio_sleep_for("3s")
+        return await ctx.aio_wait_for_event("orphan-msg")
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+
+    async def registrations() -> int:
+        info = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits("orphan-msg"))
+        return sum((info.state.subjects or {}).values())
+
+    async with running_worker(bide, [orphaned]):
+        ref = await orphaned.aio_run_no_wait({})
+        run_id = ref.workflow_run_id
+
+        async def asleep() -> bool:
+            return any(e.k == "sleep_scheduled" for e in (await conn.history.read(run_id)).entries)
+
+        await wait_until(asleep, what="the run to sleep")
+        # What a host that woke it and died left: the wait's registration (published before the wait is
+        # recorded), nothing in the history; the message the wait is for is in the inbox already.
+        reg = {"v": 1, "op": "register", "wait_id": f"{run_id}:1", "cond": 0, "run_id": run_id,
+               "task": "OrphanedWait", "event_key": "orphan-msg"}
+        await conn.js.publish(s.waits("orphan-msg"), orjson.dumps(reg),
+                              headers={HDR_MSG_ID: f"register:{run_id}:1/0", HDR_TTL: "never"})
+        await bide.event.aio_send(run_id, "orphan-msg", {"ok": 1})
+        assert await ref.aio_result(timeout=20) == {"ok": 1}
+
+        async def withdrawn() -> bool:
+            return await registrations() == 0
+
+        await wait_until(withdrawn, timeout=20, what="the orphaned registration to be withdrawn")
