@@ -326,14 +326,13 @@ async def test_a_signal_for_a_run_whose_turn_on_another_host_is_running_a_step_d
 
     from actors.jetstream import api_request
 
-    gate, log = Path(tmp_path) / "gate", Path(tmp_path) / "steps.log"
+    gate, log = asyncio.Event(), Path(tmp_path) / "steps.log"
     log.touch()
 
     async def step(run_id: str) -> int:
         with log.open("a") as f:
             f.write(run_id + "\n")
-        while not gate.exists():  # the app's own pause: the step runs until the test opens the gate
-            await asyncio.sleep(0.02)
+        await gate.wait()  # the hosts run in this process: the step runs until the test opens the gate
         return 1
 
     @bide.durable_task(name="ClaimedThenStep")
@@ -360,12 +359,12 @@ async def test_a_signal_for_a_run_whose_turn_on_another_host_is_running_a_step_d
             await bide.event.aio_send(r.workflow_run_id, "b", {"n": 2})
 
         async def both_taken() -> bool:
-            info = await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.work_stream}.{s.consumer_name('ClaimedThenStep')}",
-                                     {})
+            consumer = s.consumer_name("ClaimedThenStep")
+            info = await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.work_stream}.{consumer}", {})
             return int(info["num_ack_pending"]) >= 2 * runs
 
         await wait_until(both_taken, timeout=20, what="the 'b' activations to be taken while the steps run")
-        gate.touch()
+        gate.set()
         assert [await r.aio_result(timeout=30) for r in refs] == [{"n": 2}] * runs
     ran = log.read_text().split()
     assert len(ran) == runs, f"steps ran {len(ran)} times for {runs} runs: {sorted(ran)}"
