@@ -13,6 +13,7 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Sequence
 from contextlib import nullcontext
 from datetime import timedelta
 from functools import partial
@@ -553,7 +554,7 @@ class ActorHost:
                                             defn.name, turn.run_input, "register")
             if turn.has_new_facts:
                 await turn.flush()
-            elif _claimed(RunHistory(hist.run_id, hist.entries + turn.written, turn.last_seq)):
+            elif _claim(hist.entries + turn.written):
                 await turn.flush([TurnParked(at=utcnow())])  # the claim alone would read as a turn under way
             for t in turn.timers:
                 await self._timers.schedule(hist.run_id, defn.name, t.pos, t.wake_at, turn.last_seq)
@@ -635,17 +636,19 @@ class ActorHost:
 
     async def _after_turn(self, turn: Turn, defn: TaskDefinition, hist: RunHistory) -> None:
         """Tidy up what the turn left behind: registrations of waits that ended, their timers, the inbox."""
-        await self._withdraw(hist.run_id, defn.name, hist.entries, turn.written)
-        if any(e.k in TERMINAL_KINDS for e in turn.written):
-            for w in turn.unrecorded_waits:
-                await publish_registrations(self._publisher_, self.layout, w, hist.run_id, defn.name, None, "cancel")
+        await self._withdraw(hist.run_id, defn.name, hist.entries, turn.written, turn.unrecorded_waits)
         if turn.took_signals:
             self._purge_inbox(hist.run_id, hist.inbox[-1][0])
 
-    async def _withdraw(self, run_id: str, task: str, before: list[Any], written: list[Any]) -> None:
-        """Withdraw the registrations (and sleep timers) of the waits that ``written`` ended; safe to repeat."""
+    async def _withdraw(self, run_id: str, task: str, before: list[Any], written: list[Any],
+                        unrecorded: Sequence[Any] = ()) -> None:
+        """Withdraw the registrations (and sleep timers) of the waits that ``written`` ended; safe to repeat.
+
+        ``unrecorded``: waits the turn resolved with none recorded (``Turn.unrecorded_waits``),
+        withdrawn too when the run ends.
+        """
         now = utcnow()
-        ended = ended_registrations(before, written)
+        ended = ended_registrations(before, written, unrecorded)
         for w, done in ended:
             # A condition the router satisfied is gone from the router already.
             await publish_registrations(self._publisher_, self.layout, w, run_id, task, None, "cancel", skip=done)
@@ -850,20 +853,27 @@ async def _bounded(step: Any, what: str, timeout: float = _STOP_STEP_S) -> bool:
         return False
 
 
-def _claimed(hist: RunHistory) -> bool:
-    """Whether the last turn recorded signals and nothing after: its code is running now, or its host died.
+def _claim(entries: list[Any]) -> list[Any]:
+    """The signals of the last turn if it recorded signals and nothing after them, else none.
 
-    A turn claims the signals it woke for before running code (invariant 1); when its code
-    parks again with nothing new it says so (:class:`actors.wire.TurnParked`), so a claim
-    standing alone means the code has not reacted yet.
+    Such a turn's code is running now, or its host died: a turn claims the signals it woke
+    for before running code (invariant 1), and when its code parks again with nothing new
+    it says so (:class:`actors.wire.TurnParked`), so a claim standing alone means the code
+    has not reacted yet.
     """
-    _, last = last_turn(hist.entries)
-    return any(e.k == "signal" for e in last) and all(e.k in ("activation", "signal") for e in last)
+    claimed: list[Any] = []
+    for e in reversed(entries):
+        if e.k == "activation":
+            return claimed
+        if e.k != "signal":
+            return []
+        claimed.append(e.signal)
+    return []
 
 
 def _suspended(hist: RunHistory) -> bool:
     """Whether the run's code is parked: at an open wait, a sleep not yet over, or children not all back."""
-    if _claimed(hist):
+    if _claim(hist.entries):
         return False  # a turn that claimed signals has not reacted yet (or its host died)
     if open_waits(hist.entries):
         return True
@@ -882,8 +892,7 @@ def _unheeded_signals(hist: RunHistory) -> list[Any]:
     asking again tells. Without this a cancel, a child's outcome or an event recorded by a
     host that then died was never acted on.
     """
-    recorded = [e.signal for e in last_turn(hist.entries)[1] if e.k == "signal"] if _claimed(hist) else []
-    return recorded + [sig for _, sig in hist.inbox]
+    return _claim(hist.entries)[::-1] + [sig for _, sig in hist.inbox]
 
 
 def _needs_user_code(act: Activation, hist: RunHistory) -> bool:

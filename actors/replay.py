@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -67,7 +67,8 @@ def open_waits(entries: list[Any]) -> dict[str, WaitRegistered]:
     return waits
 
 
-def ended_registrations(before: list[Any], written: list[Any]) -> list[tuple[WaitRegistered, set[int | None]]]:
+def ended_registrations(before: list[Any], written: list[Any], unrecorded: Sequence[WaitRegistered] = ()
+                        ) -> list[tuple[WaitRegistered, set[int | None]]]:
     """The router registrations that a turn appending ``written`` after ``before`` must withdraw.
 
     A wait's registration is live while the wait is open in the history; the turn that
@@ -79,7 +80,9 @@ def ended_registrations(before: list[Any], written: list[Any]) -> list[tuple[Wai
     was_open = open_waits(before)
     ended = [w for e in written if e.k == "wait_resolved" and (w := was_open.get(e.wait_id)) is not None]
     if any(e.k in TERMINAL_KINDS for e in written):
-        ended += open_waits(before + written).values()
+        # The run ended: its open waits, and any registration a dead host made for a wait it
+        # never recorded (``Turn.unrecorded_waits``, resolved at once by a later turn).
+        ended += [*open_waits(before + written).values(), *unrecorded]
     if not ended:
         return []
     done: dict[str, set[int | None]] = {}

@@ -359,7 +359,7 @@ class TurnParked(_Entry):
     """A turn that claimed signals ran its code, which parked again with nothing new to record.
 
     Without it such a turn would end on its claim alone, which is also how a turn whose code
-    is still running (or whose host died) looks to another host (``actors.host._claimed``).
+    is still running (or whose host died) looks to another host (``actors.host._claim``).
     """
 
     k: Literal["parked"] = "parked"
