@@ -41,6 +41,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -130,8 +131,6 @@ class EventRouter:
         self._lock = asyncio.Lock()
         self.handled_seq = 0
         """The stream sequence up to which every message has been handled, in order."""
-        self._ack_floor = 0
-        """The consumer's ack floor when this process last took the partition over."""
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._chores: set[asyncio.Task[None]] = set()
@@ -321,8 +320,9 @@ class EventRouter:
         self._drop_state()
         self._pull_pin = pin
         started = asyncio.get_running_loop().time()
-        self.handled_seq = await retry_transient("router rebuild", self._rebuild)
-        if self.handled_seq < self._ack_floor:
+        start, acked = await retry_transient("router checkpoint", self._start_point)
+        self.handled_seq = await retry_transient("router rebuild", partial(self._rebuild, start))
+        if self.handled_seq < acked:
             await retry_transient("router catch-up", self._catch_up)
         self._pin = pin
         self._released = None
@@ -332,21 +332,24 @@ class EventRouter:
                  self.partition, self.partitions, self.handled_seq, len(self.index), len(self.triggers),
                  self.rebuild_s)
 
-    async def _rebuild(self) -> int:
-        """Pending waits and triggers up to the consumer's ack floor, from what the stream holds."""
+    async def _start_point(self) -> tuple[int, int]:
+        """Where a new owner starts (the lower of the partition's checkpoint and its ack floor), and the ack floor."""
+        info = await api_request(self._nc, f"$JS.API.CONSUMER.INFO.{self._s.events_stream}.{self.consumer}", {})
+        acked = int(info.get("ack_floor", {}).get("stream_seq", 0))
+        noted = await direct_get_last(self._nc, self._s.checkpoints_stream, self._s.router_checkpoint(self.partition))
+        if noted is None or int(noted.data or 0) >= acked:
+            return acked, acked
+        # The consumer's ack floor ran ahead of what any owner handled (a replica's stale read of
+        # the checkpoint only lowers it, which is safe): start from the lower one; what lies
+        # between is read from the stream and handled again, idempotently.
+        log.warning("router partition %d: ack floor %d is past the checkpoint %s; rebuilding to the checkpoint",
+                    self.partition, acked, noted.data.decode())
+        return int(noted.data), acked
+
+    async def _rebuild(self, floor: int) -> int:
+        """Pending waits and triggers up to ``floor``, from what the stream holds; returns ``floor``."""
         self.index.clear()
         self.triggers.clear()
-        info = await api_request(self._nc, f"$JS.API.CONSUMER.INFO.{self._s.events_stream}.{self.consumer}", {})
-        floor = int(info.get("ack_floor", {}).get("stream_seq", 0))
-        noted = await direct_get_last(self._nc, self._s.checkpoints_stream, self._s.router_checkpoint(self.partition))
-        self._ack_floor = floor
-        if noted is not None and int(noted.data or 0) < floor:
-            # The consumer's ack floor ran ahead of what any owner handled (a replica's stale read
-            # of the checkpoint only lowers it, which is safe): start from the lower one; what lies
-            # between is read from the stream as a gap and handled again, idempotently.
-            log.warning("router partition %d: ack floor %d is past the checkpoint %s; rebuilding to the checkpoint",
-                        self.partition, floor, noted.data.decode())
-            floor = int(noted.data)
         if floor == 0:
             return 0
         scratch = Effects(self._nc, self._pub, self._s)  # nothing is written during a rebuild

@@ -90,7 +90,7 @@ async def hold_all(nc: Any, pub: Publisher, layout: Layout, first: EventRouter, 
         await checkpoint_at(nc, layout, p, last)
         router = EventRouter(nc, pub, layout, HistoryLog(nc, pub, layout.subjects), partition=p, partitions=n)
         t = time.perf_counter()
-        await router._rebuild()
+        await router._rebuild(last)
         seconds.append(round(time.perf_counter() - t, 2))
         routers.append(router)
     gc.collect()
@@ -126,14 +126,14 @@ async def drive(args: argparse.Namespace, url: str) -> dict[str, Any]:
         for _ in range(args.repeat):
             gc.collect()
             t = time.perf_counter()
-            floor = await router._rebuild()
+            floor = await router._rebuild(last)
             times.append(time.perf_counter() - t)
             assert floor == last and len(router.index) == args.waits, (floor, last, len(router.index))
         router.index.clear()
         gc.collect()
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
-        await router._rebuild()
+        await router._rebuild(last)
         gc.collect()
         held = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
