@@ -60,6 +60,7 @@ class InboxSweeper:
         self._s = layout.subjects
         self._after = sweep_after_s
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.swept = 0
 
     async def start(self) -> InboxSweeper:
@@ -67,6 +68,9 @@ class InboxSweeper:
         return self
 
     async def stop(self) -> None:
+        # A flag as well as the cancel: nats-py's fetch can swallow a cancellation (it then fails
+        # with "connection closed" once the host closes its connection), and the loop went on for ever.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=5.0)
@@ -76,7 +80,7 @@ class InboxSweeper:
         sub = await js.pull_subscribe_bind(durable=self._s.inbox_sweeper_consumer, stream=self._s.history_stream)
         # Look a little less often than signals become old enough: most are taken and gone by then.
         interval = max(0.5, self._after / 2)
-        while True:
+        while not self._stopping:
             try:
                 msgs = await sub.fetch(_BATCH, timeout=interval)
             except TimeoutError:
