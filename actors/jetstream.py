@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -497,15 +498,42 @@ async def direct_get_subject(
     min_last_seq: int = 0,
     timeout: float = 5.0,
 ) -> list[Msg]:
-    """Every message on ``subject`` from ``start_seq``, by batch direct get (ADR-31).
+    """Every message on ``subject`` from ``start_seq``, by batch direct get (ADR-31), in one list.
 
-    nats-py has no helper for batched direct get, so the raw request is sent and the
-    replies are collected up to the end-of-batch status (204). ``min_last_seq`` asks the
-    answering replica to have applied the stream up to that sequence (ADR-53); servers
-    that do not know the field ignore it, so callers check what they read as well
-    (:meth:`actors.history.HistoryLog.read`).
+    ``min_last_seq`` asks the answering replica to have applied the stream up to that
+    sequence (ADR-53); servers that do not know the field ignore it, so callers check what
+    they read as well (:meth:`actors.history.HistoryLog.read`).
     """
     out: list[Msg] = []
+    pages = direct_get_pages(nc, stream, subject, start_seq=start_seq, batch=batch, start_time=start_time,
+                             min_last_seq=min_last_seq, timeout=timeout)
+    async with contextlib.aclosing(pages):
+        async for page in pages:
+            out.extend(page)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+async def direct_get_pages(
+    nc: NATS,
+    stream: str,
+    subject: str,
+    *,
+    start_seq: int = 0,
+    batch: int = 1000,
+    start_time: str | None = None,
+    min_last_seq: int = 0,
+    timeout: float = 5.0,
+) -> AsyncGenerator[list[Msg]]:
+    """The messages on ``subject`` from ``start_seq``, one batch direct get (ADR-31) at a time.
+
+    nats-py has no helper for batched direct get, so the raw request is sent and the
+    replies are collected up to the end-of-batch status (204). Pages let a reader of a
+    large subject (a router rebuild over a million registrations) hold one batch at a time.
+    Each page may come from a different replica; each is complete up to its last message,
+    since a replica holds a prefix of the stream.
+    """
     seq = start_seq
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -524,8 +552,6 @@ async def direct_get_subject(
         sub = await nc.subscribe(inbox, cb=_on_msg)
         try:
             req: dict[str, Any] = {"next_by_subj": subject, "batch": batch}
-            if min_last_seq:
-                req["min_last_seq"] = min_last_seq
             if start_time is not None and seq == start_seq:
                 req["start_time"] = start_time
             else:
@@ -550,15 +576,16 @@ async def direct_get_subject(
                 raise nats.errors.NoRespondersError
             await asyncio.sleep(_NO_RESPONDERS_RETRY_S)
             continue
-        out.extend(got)
-        if status == 404 or not got or (limit is not None and len(out) >= limit):
-            return out
+        if got:
+            yield got
+        if status == 404 or not got:
+            return
         last = got[-1]
         # A batch may end early (the server sends at most 64 MiB per request): only "nothing
         # pending" ends the read, so a large history is read whole, not cut short.
         pending = int((last.headers or {}).get("Nats-Num-Pending", "0"))
         if pending == 0:
-            return out
+            return
         seq = int((last.headers or {})["Nats-Sequence"]) + 1
         # Progress made: the deadline bounds a stalled read, not the size of a large one.
         deadline = max(deadline, asyncio.get_running_loop().time() + timeout)

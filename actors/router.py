@@ -36,11 +36,11 @@ host asks for which partition is :mod:`actors.router_partitions`'s business.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -54,24 +54,18 @@ from actors.jetstream import (
     Publisher,
     api_request,
     direct_get_last,
-    direct_get_subject,
     is_transient,
     read_before,
     retry_transient,
 )
-from actors.protocol import start_run
+from actors.router_deliveries import Deliveries
 from actors.router_effects import Effects
 from actors.router_inputs import publish_registrations, registrations
-from actors.tracing import TRACEPARENT, Tracing, span_context_of
+from actors.router_reads import StreamReads, parse_time, seq_of, stored_at
+from actors.tracing import Tracing
 from actors.wait_index import IncomingEvent, PendingWaitEntry, WaitIndex, decode_event
 from actors.wire import (
-    HDR_BIDE_KIND,
-    HDR_MSG_ID,
-    HDR_TTL,
     NO_SCOPE,
-    Activation,
-    EventSignal,
-    RunStarted,
     TriggerRegistration,
     WaitRegistration,
     partition_of,
@@ -87,12 +81,7 @@ _PULL_EXPIRES_S = 1.0
 _MAX_QUEUED = 4096
 """Deliveries taken but not yet handled; above this the owner pulls one at a time (it keeps its pin)."""
 _HANDLE_BATCH = 512
-_SIGNAL_HEADROOM = 1024
-"""Bytes kept free under the server's max payload for headers (a signal is rejected above it)."""
 _ACK_TIMEOUT_S = 2.0
-_BARRIER_TRIES = 100
-"""Reads tried (50 ms apart) before a replica is expected to hold what was just written."""
-_RUN_NAMESPACE = uuid.UUID("5b0c1f0e-7d1c-4b47-9a55-2b1de0b1de00")
 _HOLD_BACK_S = 0.5
 """How long a candidate that should leave a partition to another host waits before asking again."""
 _LOST = object()
@@ -106,13 +95,11 @@ class EventRouter:
                  tracing: Tracing | None = None, limits: PayloadLimits = DEFAULT_LIMITS, *,
                  partition: int = 0, partitions: int = 1,
                  may_pull: Callable[[EventRouter], Awaitable[bool]] | None = None) -> None:
-        self._tracing = tracing or Tracing(layout.subjects.prefix)
         self._limits = limits
         self._nc = nc
         self._pub = publisher
         self._layout = layout
         self._s = layout.subjects
-        self._history = history
         self.partition = partition
         self.partitions = partitions
         self.consumer = self._s.router_consumer(partition)
@@ -133,7 +120,8 @@ class EventRouter:
         """The stream sequence up to which every message has been handled, in order."""
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._chores: set[asyncio.Task[None]] = set()
+        self._reads = StreamReads(nc, publisher, self._s)
+        self._deliveries = Deliveries(nc, self._s, publisher, history, tracing or Tracing(layout.subjects.prefix))
         self.events_routed = 0
         self.rejected = 0
         self.rebuild_s = 0.0
@@ -287,7 +275,7 @@ class EventRouter:
             if seq > self.handled_seq:
                 if seq > self.handled_seq + 1:
                     await self._fill(self.handled_seq + 1, seq - 1, effects)
-                at = _stored_at(m)
+                at = stored_at(m)
                 await self._apply(m.subject, m, seq, at, effects, live=True)
                 self.handled_seq = seq
             last = m
@@ -347,88 +335,48 @@ class EventRouter:
         return int(noted.data), acked
 
     async def _rebuild(self, floor: int) -> int:
-        """Pending waits and triggers up to ``floor``, from what the stream holds; returns ``floor``."""
+        """Pending waits and triggers up to ``floor``, from what the stream holds; returns ``floor``.
+
+        Read a page at a time and applied as read: a new owner holds its index and one page,
+        not every registration of every partition.
+        """
         self.index.clear()
         self.triggers.clear()
         if floor == 0:
             return 0
         scratch = Effects(self._nc, self._pub, self._s)  # nothing is written during a rebuild
         for family, subject in (("triggers", self._s.triggers_all), ("waits", self._s.waits_all)):
-            for m in await self._read_through_barrier(family, subject):
-                seq = int((m.headers or {}).get("Nats-Sequence", "0"))
-                if seq > floor:
-                    break
-                await self._apply((m.headers or {}).get("Nats-Subject", m.subject), m, seq, utcnow(), scratch,
-                                  live=False)
+            msgs = self._reads.through_marker(family, subject)
+            async with contextlib.aclosing(msgs):
+                async for m in msgs:
+                    seq = seq_of(m)
+                    if seq > floor:
+                        break
+                    await self._apply((m.headers or {}).get("Nats-Subject", m.subject), m, seq, utcnow(), scratch,
+                                      live=False)
         return floor
-
-    async def _read_through_barrier(self, family: str, subject: str) -> list[Msg]:
-        """Every message on ``subject``, from a replica proven to hold all of them (invariant 13).
-
-        Direct gets are answered by any replica, and a follower may lag. A marker published
-        now and found in the same batch read proves the replica holds everything before it.
-        """
-        barrier = self._s.router_barrier(family)
-        mark = await self._pub.publish(barrier, b"", {HDR_TTL: "60s"})
-        for _ in range(_BARRIER_TRIES):
-            msgs = await direct_get_subject(self._nc, self._s.events_stream, subject, timeout=30.0)
-            if any(int((m.headers or {}).get("Nats-Sequence", "0")) >= mark for m in msgs):
-                self._forget_barrier(mark)
-                return msgs
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"no replica answered with the router's barrier {mark} on {subject}")
 
     async def _catch_up(self) -> None:
         """Handle what lies between the checkpoint and the ack floor now, not when the next message comes.
 
         A marker published now bounds the read, and finding it proves the read complete.
         """
-        mark: int = await self._pub.publish(self._s.router_barrier("waits"), b"", {HDR_TTL: "60s"})
+        mark = await self._reads.publish_marker("waits")
         effects = Effects(self._nc, self._pub, self._s)
         await self._fill(self.handled_seq + 1, mark - 1, effects)
         await effects.flush()
-        self._forget_barrier(mark)
-
-    def _forget_barrier(self, seq: int) -> None:
-        """The marker has done its work: delete it now (its TTL is the backstop)."""
-        async def delete() -> None:
-            try:
-                await api_request(self._nc, f"$JS.API.STREAM.MSG.DELETE.{self._s.events_stream}",
-                                  {"seq": seq, "no_erase": True}, timeout=2.0)
-            except Exception as e:
-                log.debug("router: barrier %d not deleted (%s); it expires", seq, e)
-
-        task = asyncio.create_task(delete())
-        self._chores.add(task)
-        task.add_done_callback(self._chores.discard)
+        self._reads.forget_marker(mark)
 
     async def _fill(self, first: int, last: int, effects: Effects) -> None:
-        """Handle stream messages ``first..last`` that were not delivered here (a dead owner's batch, a gap).
-
-        The read goes one past ``last``: that message was just delivered, so finding it proves
-        the replica that answered holds the whole range (invariant 13).
-        """
-        async def read() -> list[Msg]:
-            for _ in range(_BARRIER_TRIES):
-                msgs = await direct_get_subject(
-                    self._nc, self._s.events_stream, f"{self._s.prefix}.>", start_seq=first,
-                    batch=min(256, last - first + 2), limit=last - first + 2, timeout=30.0)
-                if msgs and int((msgs[-1].headers or {}).get("Nats-Sequence", "0")) > last:
-                    return msgs
-                await asyncio.sleep(0.05)
-            log.warning("router: message %d not found after the gap %d..%d; going on with what was read",
-                        last + 1, first, last)
-            return msgs
-
-        msgs: list[Msg] = await retry_transient("router gap read", read)
-        for m in msgs:
+        """Handle stream messages ``first..last`` that were not delivered here (a dead owner's batch, a gap)."""
+        for m in await self._reads.between(first, last):
             hdrs = m.headers or {}
-            mseq = int(hdrs.get("Nats-Sequence", "0"))
+            mseq = seq_of(m)
             if mseq > last:
                 return
             if mseq > self.handled_seq:
                 await self._apply(hdrs.get("Nats-Subject", m.subject), m, mseq,
-                                  _parse_time(hdrs.get("Nats-Time-Stamp")), effects, live=True)
+                                  parse_time(hdrs.get("Nats-Time-Stamp")), effects, live=True)
                 self.handled_seq = mseq
 
     async def _apply(self, subject: str, m: Msg, seq: int, at: datetime, effects: Effects, *, live: bool) -> None:
@@ -493,7 +441,7 @@ class EventRouter:
         if live and reg.lookback_s:
             # Lookback: events before this registration (in stream order) inside the window.
             event = await self._lookback(entry, reg.lookback_s, seq, at, effects)
-            if event is not None and self._deliver([entry], event, effects):
+            if event is not None and self._deliveries.signals([entry], event, effects):
                 effects.deletes.add(seq)
                 return
         self.index.add(entry)
@@ -516,7 +464,7 @@ class EventRouter:
                 continue
             try:
                 # An event over a limit was rejected when it was routed: it satisfies nothing now either.
-                event = decode_event(m, parsed[0], parsed[1], seq, _parse_time(hdrs.get("Nats-Time-Stamp")),
+                event = decode_event(m, parsed[0], parsed[1], seq, parse_time(hdrs.get("Nats-Time-Stamp")),
                                      self._limits)
                 if w.matches(event.payload):
                     return event
@@ -566,105 +514,13 @@ class EventRouter:
                            {"wait": w.cid, "run_id": w.run_id})
 
         matched = self.index.matches(event.key, event.scope, event.payload, on_error=failed)
-        if matched and self._deliver(matched, event, effects, subject):
+        if matched and self._deliveries.signals(matched, event, effects, subject):
             for w in matched:
                 self.index.remove(w.cid)  # in memory now; the stream keeps it until delivery is durable
                 effects.deletes.add(w.seq)
         for _, trig in list(self.triggers.values()):
             if event.key in trig.on_events:
-                self._start_triggered(trig, event, subject, effects)
-
-    def _deliver(self, waits: list[PendingWaitEntry], event: IncomingEvent, effects: Effects,
-                 subject: str = "") -> bool:
-        """Signals to the runs' inboxes, then their activations; False (recorded) if they cannot be written."""
-        limit = self._nc.max_payload - _SIGNAL_HEADROOM
-        prepared: list[tuple[PendingWaitEntry, bytes]] = []
-        for w in waits:
-            sig = EventSignal(
-                source="event", name=event.key, payload=event.payload, event_id=event.event_id,
-                wait_id=w.wait_id, cond=w.cond, scope=event.scope, event_seq=event.seq, at=event.at,
-                meta=event.meta,
-            )
-            try:
-                data = sig.model_dump_json().encode()
-            except Exception as e:
-                effects.reject(event.seq, subject or self._s.event(event.key, event.scope),
-                               f"the event cannot be delivered: {type(e).__name__}: {e}")
-                return False
-            if len(data) > limit:
-                effects.reject(event.seq, subject or self._s.event(event.key, event.scope),
-                               f"the event's signal is {len(data)} bytes, over the {limit} a delivery may hold")
-                return False
-            prepared.append((w, data))
-        for w, data in prepared:
-            # De-duplication ids make a redone batch harmless.
-            effects.signal(self._s.inbox(w.run_id), data, {HDR_MSG_ID: f"sig:{w.cid}:{event.seq}"},
-                           self._s.work(w.task, w.run_id), Activation(run_id=w.run_id, task=w.task, kind="signal"),
-                           {HDR_BIDE_KIND: "signal", HDR_MSG_ID: f"act:{w.cid}:{event.seq}"})
-        return True
-
-    def _start_triggered(self, trig: TriggerRegistration, event: IncomingEvent, subject: str,
-                         effects: Effects) -> None:
-        """Exactly one run per (event, task): its id derives from the event, its first append expects none."""
-        run_id = uuid.uuid5(_RUN_NAMESPACE, f"{trig.task}|{event.event_id}|{event.seq}").hex
-        meta: dict[str, Any] = {"trigger": {"event_key": event.key, "event_id": event.event_id,
-                                            "scope": event.scope}}
-        if TRACEPARENT in event.meta:
-            meta[TRACEPARENT] = event.meta[TRACEPARENT]
-        started = RunStarted(run_id=run_id, task=trig.task, durable=trig.durable, input=event.payload,
-                             at=utcnow(), meta=meta, start_id=f"trigger:{event.event_id}:{event.seq}")
-        try:
-            size = len(started.model_dump_json())
-        except Exception as e:
-            effects.reject(event.seq, subject, f"cannot start {trig.task!r}: {type(e).__name__}: {e}")
-            return
-        if size > self._nc.max_payload - _SIGNAL_HEADROOM:
-            effects.reject(event.seq, subject, f"cannot start {trig.task!r}: its input is {size} bytes")
-            return
-        effects.starts.append(lambda: self._start_run(trig, event, run_id, started))
-
-    async def _start_run(self, trig: TriggerRegistration, event: IncomingEvent, run_id: str,
-                         started: RunStarted) -> None:
-        subject = self._s.work(trig.task, run_id)
-        # The run joins the event's trace (a `nats pub` with a traceparent header too).
-        span = self._tracing.start_run(trig.task, run_id, subject, parent=span_context_of(event.meta.get(TRACEPARENT)),
-                                       attributes={"bide.event.key": event.key, "bide.event.id": event.event_id})
-        if span.traceparent:
-            started = started.model_copy(update={"meta": {**started.meta, TRACEPARENT: span.traceparent}})
-
-        # One start per (event, task): a batch redone after a crash starts the same run, a no-op.
-        if await start_run(self._history, self._pub, self._s, started) is None:
-            span.discard()
-        else:
-            span.end()
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _stored_at(m: Msg) -> datetime:
-    """When a delivered message was stored, to the microsecond, exactly as :func:`_parse_time` reads it from a get.
-
-    An event handled live and the same event read back from the stream (a gap, a catch-up)
-    must give the same time: a triggered run's id and a signal's content depend on it.
-    """
-    try:
-        tokens = Msg.Metadata._get_metadata_fields(m.reply)
-        ns = int(tokens[7] if len(tokens) == 9 else tokens[Msg.Ack.Timestamp])
-    except Exception:
-        return utcnow()
-    return _EPOCH + timedelta(microseconds=ns // 1000)
-
-
-def _parse_time(raw: str | None) -> datetime:
-    if not raw:
-        return utcnow()
-    try:
-        # Nanosecond RFC 3339 from the server: keep microseconds.
-        head, _, frac = raw.rstrip("Z").partition(".")
-        return datetime.fromisoformat(head + ("." + frac[:6] if frac else "")).replace(tzinfo=UTC)
-    except ValueError:
-        return utcnow()
+                self._deliveries.start(trig, event, subject, effects)
 
 
 __all__ = ["NO_SCOPE", "EventRouter", "IncomingEvent", "PendingWaitEntry", "WaitIndex", "publish_registrations",

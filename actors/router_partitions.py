@@ -35,6 +35,7 @@ from nats.aio.client import Client as NATS
 from actors.history import HistoryLog
 from actors.jetstream import Layout, Publisher, api_request, check_router_partitions, direct_get_subject, is_transient
 from actors.router import EventRouter
+from actors.router_reads import parse_time
 from actors.tracing import Tracing
 from actors.wire import partition_of
 from sdk.limits import DEFAULT_LIMITS, PayloadLimits
@@ -242,9 +243,7 @@ async def read_status(nc: NATS, layout: Layout, kind: str) -> list[dict[str, Any
 
 
 def _server_time(raw: str) -> float:
-    from actors.router import _parse_time
-
-    return _parse_time(raw).timestamp()
+    return parse_time(raw).timestamp()
 
 
 async def deployment_status(nc: NATS, layout: Layout) -> dict[str, Any]:

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import os
 import platform
 import time
 import tracemalloc
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,21 +46,21 @@ def keys_of(partition: int, n: int, count: int) -> list[str]:
     return out
 
 
-async def publish_all(pub: Publisher, msgs: list[tuple[str, bytes, dict[str, str]]], window: int = 2000) -> float:
+async def publish_all(pub: Publisher, msgs: Iterable[tuple[str, bytes, dict[str, str]]], window: int = 2000) -> float:
     t = time.perf_counter()
-    for i in range(0, len(msgs), window):
-        await asyncio.gather(*(pub.publish(*m) for m in msgs[i:i + window]))
+    it = iter(msgs)
+    while chunk := list(itertools.islice(it, window)):
+        await asyncio.gather(*(pub.publish(*m) for m in chunk))
     return time.perf_counter() - t
 
 
-def registrations(keys: list[str], count: int, s: Subjects, tag: str) -> list[tuple[str, bytes, dict[str, str]]]:
-    out = []
+def registrations(keys: list[str], count: int, s: Subjects, tag: str) -> Iterator[tuple[str, bytes, dict[str, str]]]:
+    """Made as they are published: a million of them need not sit in memory at once."""
     for i in range(count):
         key = keys[i // 100 % len(keys)]
         reg = WaitRegistration(op="register", wait_id=f"{tag}-{i}", cond=0, run_id=f"run-{tag}-{i}", task="Bench",
                                event_key=key, expression=f"input.id == {i}")
-        out.append((s.waits(key), reg.model_dump_json(exclude_none=True).encode(), {HDR_TTL: "never"}))
-    return out
+        yield s.waits(key), reg.model_dump_json(exclude_none=True).encode(), {HDR_TTL: "never"}
 
 
 async def checkpoint_at(nc: Any, layout: Layout, partition: int, seq: int) -> None:
