@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
@@ -28,6 +28,8 @@ HDR_SCHEDULE_TARGET = "Nats-Schedule-Target"
 HDR_MSG_ID = "Nats-Msg-Id"
 """JetStream de-duplication id."""
 HDR_BIDE_KIND = "Bide-Kind"
+HDR_BIDE_DUE = "Bide-Due"
+"""On a timer: when it is due in engine time (:class:`Clock`), which the test environment's skip reads."""
 """What an activation is for (start, timer, ...), readable with ``nats sub``."""
 HDR_TTL = "Nats-TTL"
 """Per-message TTL (ADR-43); ``never`` keeps a wait registration past the events' max age."""
@@ -288,8 +290,27 @@ class Subjects:
         return f"task_{safe}"
 
 
+class Clock:
+    """The engine's one source of "now": wall time, moved forward by a virtual offset in tests.
+
+    Every recorded time (a sleep's wake time, a wait's timeout, a retry's backoff,
+    ``ctx.aio_now()``) is read here. :class:`sdk.testing.BideTestEnv` moves ``offset`` forward
+    to skip time; the offset is this process's, so one test environment runs at a time.
+    Timers are scheduled at wall time (:meth:`wall`), so a timer a skip did not reach still
+    fires when its real moment comes.
+    """
+
+    offset = timedelta(0)
+
+    @classmethod
+    def wall(cls, at: datetime) -> datetime:
+        """The wall-clock moment of engine time ``at``."""
+        return at - cls.offset
+
+
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """Now, in engine time (:class:`Clock`)."""
+    return datetime.now(UTC) + Clock.offset
 
 
 def args_hash(*values: Any) -> str:

@@ -127,6 +127,20 @@ class ConnectionPool:
         return Connection(nc, js, HistoryLog(nc, publisher, self.layout.subjects), self.layout, results, publisher,
                           self.tracing, self.config)
 
+    async def retarget(self, config: BideConfig) -> None:
+        """Close every connection and connect to ``config`` from now on (a test environment's server)."""
+        await self.aclose()
+        with self._lock:
+            portal, self._portal = self._portal, None
+        if portal is not None:
+            await asyncio.to_thread(portal.run, self.aclose())
+            portal.stop()
+        with self._lock:
+            self._by_loop.clear()
+            self.config = config
+            self.layout = Layout.from_config(config)
+            self._streams_ready = False
+
     def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` to completion from plain (non-async) code on the private loop thread."""
         with self._lock:

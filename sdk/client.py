@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -215,6 +216,11 @@ class Bide:
 
     async def aclose(self) -> None:
         await self._pool.aclose()
+
+    async def _retarget(self, nats_url: str) -> None:
+        """Point this client (and workers made from it later) at another server (:class:`sdk.testing.BideTestEnv`)."""
+        self.config = dataclasses.replace(self.config, nats_url=nats_url)
+        await self._pool.retarget(self.config)
 
     def close(self) -> None:
         self._pool.close()
