@@ -1,5 +1,5 @@
-"""The ``bide`` command line: ``dev``, ``worker``, ``run``, ``runs show|cancel``, ``serve``, ``event push|send``,
-``status``."""
+"""The ``bide`` command line: ``dev``, ``worker``, ``run``, ``runs show|export|cancel``, ``replay``, ``serve``,
+``event push|send``, ``status``."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from typing import Any
 
 import orjson
 
+from actors.history import export_run
 from actors.http_api import serve_http, url_of
 from actors.server import DEFAULT_SYNC, SYNC_ENV, EmbeddedServer, SyncSetting
-from sdk import Bide, BideError, Worker
+from sdk import Bide, BideError, NonDeterminismError, Worker
 from sdk.limits import MAX_DEPTH
 from sdk.tasks import TaskDefinition
 
@@ -243,6 +244,38 @@ async def cmd_runs_show(args: argparse.Namespace) -> int:
         await client.aclose()
 
 
+async def cmd_runs_export(args: argparse.Namespace) -> int:
+    client = Bide()
+    try:
+        doc = export_run(await client.runs.aio_history(args.run_id))
+    finally:
+        await client.aclose()
+    text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote the history of run {args.run_id} ({len(doc['entries'])} entries) to {args.output}",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+async def cmd_replay(args: argparse.Namespace) -> int:
+    from sdk.testing import aio_replay
+
+    tasks = load_worker(args.target, slots=None, durable_slots=None, name=None).tasks
+    failed = 0
+    for file in args.files:
+        try:
+            await aio_replay(Path(file), tasks)
+        except NonDeterminismError as e:
+            failed += 1
+            print(f"{file}: NOT compatible: {e}")
+            continue
+        print(f"{file}: compatible")
+    return 1 if failed else 0
+
+
 async def cmd_runs_cancel(args: argparse.Namespace) -> int:
     client = Bide()
     try:
@@ -373,11 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
     show = runs_sub.add_parser("show", help="print a run's state and history")
     show.add_argument("run_id")
     show.set_defaults(func=cmd_runs_show)
+    export = runs_sub.add_parser("export", help="write a run's history (and untaken inbox) as JSON, for `bide replay`")
+    export.add_argument("run_id")
+    export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    export.set_defaults(func=cmd_runs_export)
     cancel = runs_sub.add_parser("cancel", help="cancel a run, its children and its pending waits")
     cancel.add_argument("run_id")
     cancel.add_argument("--reason", default="cancelled by request",
                         help="why, recorded in the run's history (default 'cancelled by request')")
     cancel.set_defaults(func=cmd_runs_cancel)
+
+    rp = sub.add_parser("replay", help="check exported runs against the code in module[:attr]; exit 1 on a mismatch")
+    rp.add_argument("target", help="module or module:attr naming a Worker, a Bide client, a task or a list of tasks")
+    rp.add_argument("files", nargs="+", metavar="FILE", help="files written by `bide runs export`")
+    rp.set_defaults(func=cmd_replay)
 
     serve = sub.add_parser("serve", help="serve the HTTP API (push events, webhooks, delivery to a run)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -416,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = asyncio.run(args.func(args))
         return code
-    except (CliError, BideError, ValueError, ConnectionError, TimeoutError) as e:
+    except (CliError, BideError, ValueError, ConnectionError, TimeoutError, FileNotFoundError) as e:
         print(f"bide: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ from actors.wire import (
     MemoRecorded,
     NowRecorded,
     ParentLink,
+    PatchMarked,
     SignalReceived,
     SleepFired,
     SleepScheduled,
@@ -46,6 +47,18 @@ from sdk.models import SleepResult
 
 StartChildren = Callable[[ParentLink, list[ChildStart]], Awaitable[None]]
 """How a turn starts child runs (the host's publisher)."""
+
+
+class HistoryEnded(BaseException):
+    """A replay-only turn reached a checkpoint its history does not hold (see :class:`Turn`).
+
+    A ``BaseException``, like a cancellation, so user code's ``except Exception`` does not stop it.
+    """
+
+    def __init__(self, pos: int, requested: str) -> None:
+        super().__init__(f"the history ends before position {pos} ({requested})")
+        self.pos = pos
+        self.requested = requested
 
 
 @dataclass(frozen=True)
@@ -113,8 +126,12 @@ class Turn:
         attempt: int,
         start_children: StartChildren | None = None,
         trace: RunTrace | None = None,
+        replay_only: bool = False,
     ) -> None:
         self.run_id = history.run_id
+        self._replay_only = replay_only
+        """Check the code against the history and nothing more (:func:`sdk.testing.replay`): a
+        checkpoint past the recorded ones raises :class:`HistoryEnded` before anything runs."""
         self.task = task
         self._start_children = start_children
         self._trace = trace
@@ -215,8 +232,35 @@ class Turn:
 
     def _position(self) -> int:
         pos = self._next
-        self._next += 1
+        # A patch marker the code no longer asks about (the patched() call was removed once every
+        # run had passed it) is stepped over: the changed path is the only one left.
+        while (rec := self._by_pos.get(pos)) is not None and rec.keys() == {"patched"}:
+            pos += 1
+        self._next = pos + 1
         return pos
+
+    def _new(self, pos: int, requested: str) -> None:
+        """The code asks for ``requested`` at a position the history does not hold yet."""
+        if self._replay_only:
+            raise HistoryEnded(pos, requested)
+
+    @property
+    def recorded_positions(self) -> int:
+        """How many checkpoint positions the history holds."""
+        return max(self._by_pos, default=-1) + 1
+
+    @property
+    def next_position(self) -> int:
+        """The position the code's next checkpoint takes (a patch marker it no longer asks about is passed)."""
+        pos = self._next
+        while (rec := self._by_pos.get(pos)) is not None and rec.keys() == {"patched"}:
+            pos += 1
+        return pos
+
+    def describe_position(self, pos: int) -> str:
+        """What the history recorded at ``pos``."""
+        rec = self._by_pos.get(pos)
+        return self._describe(rec) if rec is not None else "nothing"
 
     def _mismatch(self, pos: int, recorded: str, requested: str) -> NoReturn:
         err = NonDeterminismError(self.run_id, pos, recorded, requested)
@@ -233,6 +277,8 @@ class Turn:
             return f"sleep({rec['sleep_scheduled'].duration_s:g}s)"
         if "now" in rec:
             return "now()"
+        if "patched" in rec:
+            return f"patched({rec['patched'].change_id!r})"
         if "children_spawned" in rec:
             c = rec["children_spawned"]
             return f"run children({c.task!r} x{len(c.run_ids)}, args hash {c.args_hash})"
@@ -295,6 +341,7 @@ class Turn:
                 self._mismatch(pos, self._describe(rec), f"memo({name!r}, args hash {digest})")
             adapter = return_adapter(fn)
             return adapter.validate_python(m.result) if adapter is not None else m.result
+        self._new(pos, f"memo({name!r}, args hash {digest})")
         with self._trace.memo(name, pos) if self._trace is not None else nullcontext():
             result = fn(*args)
             if inspect.isawaitable(result):
@@ -313,10 +360,30 @@ class Turn:
                 self._mismatch(pos, self._describe(rec), "now()")
             at: datetime = n.at
             return at
+        self._new(pos, "now()")
         at = utcnow()
         # Written with the next checkpoint: anything that used this value durably flushes it first.
         self._pending.append(NowRecorded(pos=pos, at=at))
         return at
+
+    def patched(self, change_id: str) -> bool:
+        pos = self._next
+        rec = self._by_pos.get(pos)
+        if rec is not None:
+            marked = rec.get("patched")
+            if marked is None:
+                # The run passed this point under the code before the change: the old path, and
+                # the position stays for the checkpoint the old code made here.
+                return False
+            if marked.change_id != change_id:
+                self._mismatch(pos, self._describe(rec), f"patched({change_id!r})")
+            self._next += 1
+            return True
+        self._new(pos, f"patched({change_id!r})")
+        self._next += 1
+        # Written with the next checkpoint, as now() is: the path taken is what depends on it.
+        self._pending.append(PatchMarked(pos=pos, change_id=change_id))
+        return True
 
     async def sleep_until(self, wake_at: datetime | None, duration: timedelta | None) -> SleepResult:
         pos = self._position()
@@ -332,6 +399,7 @@ class Turn:
             if "sleep_fired" in rec:
                 return SleepResult(length)
         else:
+            self._new(pos, requested)
             now = utcnow()
             if wake_at is not None:
                 wake, length = wake_at, max(wake_at - now, timedelta(0))
@@ -378,6 +446,7 @@ class Turn:
                 return result
             assert reg is not None
         else:
+            self._new(pos, requested)
             now = utcnow()
             # Sleeps keep their deadline: every sleep condition's wake time is fixed now, once.
             def fix(c: WaitCondition) -> WaitCondition:
@@ -512,6 +581,7 @@ class Turn:
                 # before starting every child. Starting is idempotent.
                 await self._durably(self._start(pos, ids, children, detached=not wait))
         else:
+            self._new(pos, requested)
             ids = child_run_ids(self.run_id, pos, [c.key for c in children], self.spawned)
             # Written before any child exists: a replay never spawns a child twice.
             await self._durably(self.flush([ChildrenSpawned(pos=pos, task=task, run_ids=ids, args_hash=digest,

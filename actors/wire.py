@@ -403,6 +403,14 @@ class NowRecorded(_Entry):
     at: datetime
 
 
+class PatchMarked(_Entry):
+    """``ctx.patched(change_id)`` returned True here: the run took the changed code's path."""
+
+    k: Literal["patched"] = "patched"
+    pos: int
+    change_id: str
+
+
 class SleepScheduled(_Entry):
     """A sleep's wake time, recorded once (sleeps keep their deadline across crashes)."""
 
@@ -548,6 +556,7 @@ Entry = Annotated[
     | TurnParked
     | MemoRecorded
     | NowRecorded
+    | PatchMarked
     | SleepScheduled
     | SleepFired
     | WaitRegistered

@@ -45,6 +45,8 @@ class DurableRuntime(Protocol):
 
     async def now(self) -> datetime: ...
 
+    def patched(self, change_id: str) -> bool: ...
+
     async def wait(self, label: str, groups: list[list[Condition]],
                    any_of: list[tuple[str, Condition]] | None = None) -> dict[str, Any]: ...
 
@@ -149,6 +151,22 @@ class DurableContext(Context):
     async def aio_now(self) -> datetime:
         """The current time, recorded: every replay sees the same value."""
         return await self._runtime.now()
+
+    def patched(self, change_id: str) -> bool:
+        """Whether this run takes the changed code's path marked ``change_id`` (Temporal's ``patched``).
+
+        True for new runs and for runs that had not reached this point when the change was
+        deployed (the answer is recorded, so every replay sees it); False when replaying a run
+        that passed this point under the old code. Keep both paths until no run needs the old one::
+
+            if ctx.patched("send-receipt-v2"):
+                await ctx.memo(send_receipt_v2, order)
+            else:
+                await ctx.memo(send_receipt, order)
+        """
+        if not isinstance(change_id, str) or not change_id:
+            raise ValueError(f"patched() needs a non-empty change id string, got {change_id!r}")
+        return self._runtime.patched(change_id)
 
     async def memo(self, fn: Callable[..., Awaitable[T] | T], *args: Any) -> T:
         """Run ``fn(*args)`` once; replays return the recorded result (keyed on the arguments)."""

@@ -21,25 +21,33 @@ moment they are due. The clock is this process's: one environment at a time.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
+import json
+import os
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
+from actors.history import RunHistory, import_run
 from actors.jetstream import api_request, direct_get_subject
 from actors.server import EmbeddedServer
 from actors.wire import HDR_BIDE_DUE, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, Clock, utcnow
+from sdk.errors import NonDeterminismError
+from sdk.tasks import TaskDefinition
 from sdk.worker import Worker
+from sdk.workflow import Workflow
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
+    from actors.history import HistoryLog
     from sdk.client import Bide
-    from sdk.tasks import TaskDefinition
-    from sdk.workflow import Workflow
 
-__all__ = ["BideTestEnv"]
+__all__ = ["BideTestEnv", "aio_replay", "replay"]
 
 _SCHEDULE_HEADERS = (HDR_SCHEDULE, HDR_SCHEDULE_TARGET, HDR_BIDE_DUE, "Nats-TTL", "Nats-Schedule-TTL")
 
@@ -210,3 +218,136 @@ class BideTestEnv:
 
 def _parse(raw: str) -> datetime:
     return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+
+
+# -- the replayer -----------------------------------------------------------------------------
+
+
+def replay(history: str | os.PathLike[str] | dict[str, Any] | RunHistory,
+           workflows: Sequence[TaskDefinition | Workflow]) -> None:
+    """Replay a run's history against the code in ``workflows``, with no server.
+
+    ``history`` is what ``bide runs export`` wrote: its text, its parsed JSON, or the path
+    of the file. Returns normally when the code is compatible with the history (it asks for
+    the same checkpoints in the same order, as far as the history goes); raises
+    :class:`sdk.NonDeterminismError` naming the position and both calls when it does not.
+    Nothing the code would do past the history runs: no step, no child, no write.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(aio_replay(history, workflows))
+        return
+    # Called from async code (an async test): replay on a loop of its own, in a thread.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bide-replay") as pool:
+        pool.submit(asyncio.run, aio_replay(history, workflows)).result()
+
+
+async def aio_replay(history: str | os.PathLike[str] | dict[str, Any] | RunHistory,
+                     workflows: Sequence[TaskDefinition | Workflow]) -> None:
+    """:func:`replay`, from async code."""
+    hist = _load_history(history)
+    task = hist.entries[0].task
+    by_name: dict[str, TaskDefinition] = {}
+    for w in workflows:
+        if isinstance(w, Workflow):
+            by_name[w.runner.name] = w.runner
+            by_name.update({t.name: t for t in w.tasks})
+        elif isinstance(w, TaskDefinition):
+            by_name[w.name] = w
+        else:
+            raise TypeError(f"replay: workflows= takes tasks and workflows, got {w!r}")
+    defn = by_name.get(task)
+    if defn is None:
+        raise ValueError(f"run {hist.run_id} is a run of task {task!r}, which is not among the given workflows "
+                         f"({', '.join(sorted(by_name)) or 'none'})")
+    if defn.workflow is not None:
+        _replay_dag(hist, defn.workflow)
+    elif not defn.runs_durably:
+        raise ValueError(f"task {task!r} is not durable: a regular task runs again from the top on a retry, "
+                         "so it has no checkpoints to replay")
+    else:
+        await _replay_durable(hist, defn)
+
+
+def _load_history(history: Any) -> RunHistory:
+    if isinstance(history, RunHistory):
+        return history
+    if isinstance(history, dict):
+        return import_run(history)
+    if isinstance(history, os.PathLike) or (isinstance(history, str) and not history.lstrip().startswith("{")):
+        path = Path(history)
+        if not path.is_file():
+            raise FileNotFoundError(f"no run export at {str(path)!r} (write one with `bide runs export RUN_ID`)")
+        history = path.read_text()
+    if not isinstance(history, str):
+        raise TypeError(f"replay takes an export's text, its parsed JSON or a path, got {type(history).__name__}")
+    try:
+        doc = json.loads(history)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the run export is not JSON: {e}") from e
+    return import_run(doc)
+
+
+class _NoWrites:
+    """A replay writes nothing: a turn that tries is a bug in the replayer, not in the user's code."""
+
+    async def append(self, *args: Any, **kwargs: Any) -> int:
+        raise AssertionError("a replay-only turn tried to append to the history")
+
+
+async def _replay_durable(hist: RunHistory, defn: TaskDefinition) -> None:
+    from actors.replay import HistoryEnded, Turn
+    from sdk.context import DurableContext, current_runtime
+
+    started = hist.entries[0]
+    turn = Turn(history=hist, log=cast("HistoryLog", _NoWrites()), task=defn.name, host_id="replay", attempt=1,
+                replay_only=True)
+    value = defn.signature.load_input(started.input)
+    retry_count = sum(1 for e in hist.entries if e.k == "attempt_failed")
+    ctx = DurableContext(hist.run_id, defn.name, 1, started.input, turn, retry_count=retry_count,
+                         parents=started.parents)
+
+    async def drive() -> Any:
+        current_runtime.set(turn)
+        return await defn.entry(value, ctx)
+
+    user = asyncio.create_task(drive(), name=f"bide-replay:{hist.run_id}")
+    try:
+        await asyncio.wait({user, turn.suspended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        parked = not user.done()
+        user.cancel()
+        with contextlib.suppress(BaseException):
+            await user
+    if isinstance(turn.fatal, NonDeterminismError):
+        raise turn.fatal
+    if turn.fatal is not None:
+        raise RuntimeError(f"the replay of run {hist.run_id} failed: {turn.fatal!r}") from turn.fatal
+    if parked:
+        return  # the code waits where the run waited: compatible as far as the history goes
+    exc = user.exception() if not user.cancelled() else None
+    terminal = hist.terminal
+    if isinstance(exc, HistoryEnded):
+        if terminal is not None and terminal.k == "run_completed":
+            raise NonDeterminismError(hist.run_id, exc.pos, "the end of the run (it completed there)", exc.requested)
+        return
+    if isinstance(exc, NonDeterminismError):
+        raise exc
+    left = turn.recorded_positions
+    if turn.next_position < left:
+        recorded = turn.describe_position(turn.next_position)
+        ending = "an end (it returned)" if exc is None else f"an end (it raised {type(exc).__name__}: {exc})"
+        raise NonDeterminismError(hist.run_id, turn.next_position, recorded, ending)
+
+
+def _replay_dag(hist: RunHistory, wf: Workflow) -> None:
+    """A workflow run's recorded tasks must be the tasks the workflow now has at the same places."""
+    steps = wf.order()
+    for e in hist.entries:
+        if e.k != "children_spawned":
+            continue
+        now = steps[e.pos].name if e.pos < len(steps) else None
+        if now != e.task:
+            raise NonDeterminismError(hist.run_id, e.pos, f"task {e.task!r} started",
+                                      f"task {now!r}" if now is not None else "no task there (the DAG is smaller)")

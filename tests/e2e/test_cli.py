@@ -79,3 +79,45 @@ def test_worker_without_a_server_says_so() -> None:
     assert out.returncode != 0
     assert "cannot connect to NATS" in out.stderr + out.stdout
     assert time.monotonic() - t0 < 15
+
+
+CHANGED_EXAMPLE = '''
+from sdk import Bide, DurableContext, EmptyModel
+
+bide = Bide()
+
+
+@bide.durable_task(name="StepsThenSleep")
+async def steps_then_sleep(input: EmptyModel, ctx: DurableContext) -> dict[str, int | str]:
+    started = await ctx.aio_now()  # moved before the step: runs already recorded cannot resume
+    await ctx.aio_sleep_for("2s")
+    return {"started": started.isoformat()}
+'''
+
+
+def test_export_a_run_and_replay_it_against_old_and_changed_code(nats_server: EmbeddedServer, tmp_path: Path) -> None:
+    worker = WorkerProcess("examples.durable.worker:worker", nats_server.url).start()
+    url = nats_server.url
+    try:
+        started = bide("run", "StepsThenSleep", url=url)
+        assert started.returncode == 0, started.stderr
+        run_id = re.search(r"^run (\S+)", started.stderr, re.MULTILINE)
+        assert run_id, started.stderr
+        out = tmp_path / "run.json"
+        exported = bide("runs", "export", run_id[1], "--output", str(out), url=url)
+        assert exported.returncode == 0, exported.stderr
+        doc = json.loads(out.read_text())
+        assert doc["format"] == "bide.run-history/1" and doc["task"] == "StepsThenSleep"
+        printed = bide("runs", "export", run_id[1], url=url)
+        assert json.loads(printed.stdout)["entries"] == doc["entries"]
+    finally:
+        worker.kill()
+
+    same = bide("replay", "examples.durable.worker:worker", str(out))
+    assert same.returncode == 0 and "compatible" in same.stdout, same.stdout + same.stderr
+    (tmp_path / "changed_example.py").write_text(CHANGED_EXAMPLE)
+    changed = bide("replay", "changed_example", str(out), extra_env={"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}"})
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    assert "NOT compatible" in changed.stdout and "position 0" in changed.stdout and "fetch_order" in changed.stdout
+    missing = bide("replay", "examples.durable.worker:worker", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2 and "no run export at" in missing.stderr
