@@ -133,6 +133,13 @@ class BideTestEnv:
                     self._server.stop()
                     self._server = None
 
+    @property
+    def worker(self) -> Worker:
+        """The worker hosting the environment's tasks (``RuntimeError`` if none were given)."""
+        if self._worker is None:
+            raise RuntimeError("this BideTestEnv hosts no tasks: pass workflows=[...]")
+        return self._worker
+
     # -- time --------------------------------------------------------------------------------
 
     def now(self) -> datetime:

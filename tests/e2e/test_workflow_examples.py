@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from datetime import timedelta
 from types import ModuleType
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from actors.server import EmbeddedServer
 from sdk import RunNotFoundError
+from sdk.testing import BideTestEnv
 from tests.support import running_worker, wait_until
 
 
@@ -45,11 +47,13 @@ async def test_fan_out_parent(examples: ModuleType) -> None:
             "total": total, "extra": (total % 7) ** 2}
 
 
-async def test_durable_workflow_of_two_root_tasks(examples: ModuleType) -> None:
-    m = examples
-    async with running_worker(m.hatchet, m.worker.tasks) as worker:
+async def test_durable_workflow_of_two_root_tasks() -> None:
+    sys.modules.pop("examples.workflows.worker", None)
+    m = importlib.import_module("examples.workflows.worker")
+    async with BideTestEnv(m.hatchet, workflows=m.worker.tasks) as env:
         ref = await m.durable_workflow.aio_run_no_wait()
-        await wait_until(lambda: _task_waiting(m, worker, ref.workflow_run_id, "durable_task"), timeout=30,
+        await env.skip(timedelta(seconds=m.SLEEP_TIME))  # its sleep, without waiting it out
+        await wait_until(lambda: _task_waiting(m, env.worker, ref.workflow_run_id, "durable_task"), timeout=30,
                          what="durable_task waiting for its event")
         await m.hatchet.event.aio_push(m.EVENT_KEY, {"id": "evt-1"})
         out = await ref.aio_result(timeout=20)
