@@ -7,7 +7,6 @@ O(all waits).
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,40 +21,6 @@ from actors.wire import HDR_EVENT_METADATA, HDR_MSG_ID, WaitRegistration
 from sdk import _cel
 from sdk.errors import EventPayloadError
 from sdk.limits import DEFAULT_LIMITS, PayloadLimits, check_payload
-
-_INT64_MAX = 2**63 - 1
-_CEL_RESERVED = frozenset((
-    "false", "in", "null", "true", "as", "break", "const", "continue", "else", "for", "function", "if", "import",
-    "let", "loop", "package", "namespace", "return", "var", "void", "while",
-))
-_PATH = r"(?:input|async)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)"
-_LITERAL = r'(0|[1-9][0-9]{0,18}|true|false|"[^"\\\n]*")'
-_SIMPLE_EQ = re.compile(rf"\s*{_PATH}\s*==\s*{_LITERAL}\s*")
-
-
-def equality_predicates(expression: str | None) -> tuple[tuple[tuple[_cel.Path, _cel.IndexValue], ...], bool]:
-    """:func:`sdk._cel.equality_predicates`, without parsing the commonest shape (``input.a.b == <literal>``).
-
-    Every wait's expression differs (``input.id == 17``), so the parser's cache does not help:
-    parsing is ~0.8 ms a registration, which bounds rebuilds (100,000 waits: 80 s) and bursts
-    of registrations. One predicate on a plain path against a non-negative integer, a boolean
-    or a string without escapes is read here with the same result; anything else is parsed.
-    """
-    if expression is not None:
-        m = _SIMPLE_EQ.fullmatch(expression)
-        if m is not None:
-            path = tuple(m.group(1)[1:].split("."))
-            lit = m.group(2)
-            value: _cel.IndexValue | None
-            if lit[0] == '"':
-                value = ("s", lit[1:-1])
-            elif lit in ("true", "false"):
-                value = ("b", lit == "true")
-            else:
-                value = ("i", int(lit)) if int(lit) <= _INT64_MAX else None
-            if value is not None and not _CEL_RESERVED.intersection(path):
-                return ((path, value),), True
-    return _cel.equality_predicates(expression)
 
 
 class PendingWaitEntry:
@@ -86,7 +51,7 @@ class PendingWaitEntry:
         self.key = sys.intern(reg.event_key)
         self.scope = None if reg.scope is None else sys.intern(reg.scope)
         self.expression = reg.expression
-        preds, self.complete = equality_predicates(reg.expression)
+        preds, self.complete = _cel.equality_predicates(reg.expression)
         self.index_key: tuple[_cel.Path, _cel.IndexValue] | None = preds[0] if preds else None
         # Kept here, not looked up again: the parse cache is bounded and waits are many.
         self.more_preds = preds[1:] or None

@@ -55,7 +55,7 @@ def build(n: int, expr: Any) -> WaitIndex:
 
 
 def clear_cel_caches() -> None:
-    for fn in (_cel.equality_predicates, _cel._tree, _cel._compiled):
+    for fn in (_cel.parsed_equality_predicates, _cel._tree, _cel._compiled):
         fn.cache_clear()
 
 
@@ -106,7 +106,7 @@ def bench_indexed_hit(n: int, repeat: int) -> dict[str, Any]:
             pos = (pos + 1) % n
         samples.append((time.perf_counter() - t) / per_sample)
         assert len(found) == 1
-    info = _cel.equality_predicates.cache_info()
+    info = _cel.parsed_equality_predicates.cache_info()
     return {
         "n": n, "median_us": statistics.median(samples) * 1e6, "min_us": min(samples) * 1e6,
         "predicate_cache_hits": info.hits, "predicate_cache_misses": info.misses,
@@ -194,7 +194,7 @@ def main() -> None:
     miss = [bench_indexed_miss(n, args.repeat) for n in args.sizes]
     hit = []
     for n in args.sizes:
-        _cel.equality_predicates.cache_clear()
+        _cel.parsed_equality_predicates.cache_clear()
         hit.append(bench_indexed_hit(n, max(10, args.repeat // 10)))
     removal = [bench_match_remove(n, 20) for n in args.sizes]
     scan = [bench_scan(n, max(5, args.repeat // 20)) for n in args.scan_sizes]

@@ -1,9 +1,9 @@
-"""The index's predicate fast path reads exactly what the CEL parser reads."""
+"""The fast path for ``input.a == <literal>`` reads what the CEL parser reads, and accepts only what it accepts."""
 
 import pytest
 
-from actors.wait_index import equality_predicates
 from sdk import _cel
+from sdk.errors import InvalidExpression
 
 EXPRESSIONS = [
     "input.id == 17", 'input.a.b=="x y"', " async.ok == true ", "input.flag == false", "input.id == 0",
@@ -16,9 +16,19 @@ EXPRESSIONS = [
 
 @pytest.mark.parametrize("expression", EXPRESSIONS)
 def test_fast_path_agrees_with_the_parser(expression: str | None) -> None:
-    assert equality_predicates(expression) == _cel.equality_predicates(expression)
+    assert _cel.equality_predicates(expression) == _cel.parsed_equality_predicates(expression)
+    if expression is not None:
+        try:
+            _cel._compiled(expression)
+            parses = True
+        except InvalidExpression:
+            parses = False
+        if _cel._simple_equality(expression) is not None:
+            assert parses  # what check_expression accepts unparsed, the parser accepts
 
 
 def test_invalid_cel_still_raises() -> None:
     with pytest.raises(Exception):  # noqa: B017  (cel-python's parse error)
-        equality_predicates("input.n ==")
+        _cel.equality_predicates("input.n ==")
+    with pytest.raises(InvalidExpression):
+        _cel.check_expression("input.n ==")
