@@ -79,8 +79,8 @@ from sdk.errors import (
     TaskSkipped,
     TaskTimeoutError,
 )
+from sdk.gates import SKIPPED
 from sdk.limits import format_size
-from sdk.workflow import SKIPPED
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS

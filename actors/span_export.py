@@ -347,7 +347,7 @@ def _read_frame(stream: Any) -> tuple[str, Any] | None:
 
 
 def _exporters(names: Sequence[str]) -> list[Any]:
-    from actors.tracing import otlp_exporter_class
+    from actors.otlp import otlp_exporter_class
 
     out: list[Any] = []
     for name in names:

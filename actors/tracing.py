@@ -32,6 +32,8 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from actors.otlp import TracingConfigError, otlp_exporter_class
+
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer, TracerProvider
 
@@ -44,10 +46,6 @@ TRACEPARENT = "traceparent"
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _INSTRUMENTATION = "bide"
-
-
-class TracingConfigError(ValueError):
-    """An ``OTEL_*`` variable asks for something Bide cannot set up (names the variable and value)."""
 
 
 # -- configuration from OTEL_* ---------------------------------------------------------------------
@@ -77,27 +75,6 @@ def exporter_names(env: Mapping[str, str]) -> list[str]:
             raise TracingConfigError(f"OTEL_TRACES_EXPORTER={raw!r}: unknown exporter {n!r}; "
                                      "expected a comma-separated list of 'otlp', 'console' or 'none'")
     return [n for n in names if n != "none"]
-
-
-def otlp_exporter_class(env: Mapping[str, str]) -> Any:
-    """The SDK's OTLP span exporter class for ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``."""
-    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-                or "http/protobuf").strip()
-    if protocol == "http/protobuf":
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError:
-            raise TracingConfigError("OTLP export is configured (OTEL_TRACES_EXPORTER or OTEL_EXPORTER_OTLP_ENDPOINT) "
-                                     "but the exporter is not installed: pip install 'bide[otlp]'") from None
-        return OTLPSpanExporter
-    if protocol == "grpc":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-        except ImportError:
-            raise TracingConfigError("OTEL_EXPORTER_OTLP_PROTOCOL='grpc' needs the gRPC exporter: "
-                                     "pip install opentelemetry-exporter-otlp-proto-grpc") from None
-        return GrpcExporter
-    raise TracingConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: expected 'http/protobuf' or 'grpc'")
 
 
 SPAN_EXPORT = "BIDE_SPAN_EXPORT"

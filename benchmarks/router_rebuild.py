@@ -28,7 +28,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import sdk  # noqa: F401  (first: actors.protocol and sdk.events import each other; issue "pure engine")
 from actors.history import HistoryLog
 from actors.jetstream import Layout, Publisher, api_request, connect, ensure_streams
 from actors.router import EventRouter

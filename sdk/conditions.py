@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from sdk._cel import check_expression, is_trivial
-from sdk.context import parse_duration
+from sdk.durations import parse_duration
 
 
 @dataclass(frozen=True, init=False)

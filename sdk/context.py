@@ -7,15 +7,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
 
+from sdk.conditions import Condition, OrGroup, SleepCondition, UserEventCondition, as_groups
+from sdk.durations import parse_duration
 from sdk.errors import EventTimeout, PayloadValidationError
 from sdk.models import SleepResult
-
-if TYPE_CHECKING:
-    from sdk.conditions import Condition, OrGroup
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -180,8 +179,6 @@ class DurableContext(Context):
             ``{condition key: {event id: payload}}`` for events and ``{condition key:
             {"duration_seconds": ...}}`` for sleeps; in an ``or_`` group only the winner appears.
         """
-        from sdk.conditions import as_groups
-
         if not isinstance(label, str) or not label:
             raise ValueError(f"aio_wait_for needs a non-empty label, got {label!r}")
         return await self._runtime.wait(label, as_groups(conditions))
@@ -238,8 +235,6 @@ class DurableContext(Context):
                 with ``raise_on_timeout=True``).
             match: a field equal in the payload and this run's input (``"data.userId"``).
         """
-        from sdk.conditions import SleepCondition, UserEventCondition
-
         group: list[Condition] = [
             UserEventCondition(
                 key, expression, scope=scope, lookback_window=lookback_window, readable_data_key="event", match=match
@@ -271,43 +266,3 @@ def _brief(err: Any) -> str:
     return f"{loc}: {err.get('msg')}"
 
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(value: timedelta | float | int | str, what: str) -> timedelta:
-    """Accept a timedelta, seconds, or a string such as ``"5s"``, ``"2m"``, ``"1h30m"``."""
-    if isinstance(value, timedelta):
-        td = value
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        td = timedelta(seconds=value)
-    elif isinstance(value, str):
-        td = _parse_duration_str(value, what)
-    else:
-        raise TypeError(f"{what} must be a timedelta, seconds or a string like '5s', got {value!r}")
-    if td.total_seconds() < 0:
-        raise ValueError(f"{what} must not be negative, got {value!r}")
-    return td
-
-
-def _parse_duration_str(text: str, what: str) -> timedelta:
-    s = text.strip()
-    total = 0.0
-    num = ""
-    i = 0
-    matched = False
-    while i < len(s):
-        c = s[i]
-        if c.isdigit() or c == ".":
-            num += c
-            i += 1
-            continue
-        unit = "ms" if s[i : i + 2] == "ms" else c
-        if unit not in _UNITS or not num:
-            raise ValueError(f"{what} {text!r} is not a duration like '500ms', '5s', '2m', '1h' or '3d'")
-        total += float(num) * _UNITS[unit]
-        num = ""
-        i += len(unit)
-        matched = True
-    if num or not matched:
-        raise ValueError(f"{what} {text!r} is not a duration like '500ms', '5s', '2m', '1h' or '3d'")
-    return timedelta(seconds=total)

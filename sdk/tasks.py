@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 from actors.children import validate_child_key
 from actors.wire import args_hash
 from sdk._codec import Signature
-from sdk.context import ChildSpec, DurableRuntime, current_runtime, parse_duration
+from sdk.context import ChildSpec, DurableRuntime, current_runtime
+from sdk.durations import parse_duration
+from sdk.gates import gate
 from sdk.runs import RunRef, StartRequest, new_run_id, start_and_wait, start_run, unwrap_outcome, unwrap_terminal
 
 if TYPE_CHECKING:
@@ -121,8 +123,6 @@ class TaskDefinition:
     async def entry(self, value: Any, ctx: Any) -> Any:
         """What a host runs: the task's conditions (a workflow task's), then the function."""
         if self.has_conditions:
-            from sdk.workflow import gate
-
             await gate(self, ctx)
         if inspect.iscoroutinefunction(self.fn):
             return await self.fn(value, ctx)

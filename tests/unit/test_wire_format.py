@@ -16,7 +16,7 @@ from actors.wire import (
     encode_token,
     utcnow,
 )
-from sdk.context import parse_duration
+from sdk.durations import parse_duration
 
 TRICKY = ["a.b", "x y", "tab\there", "%", "%2E", "*", ">", "a.*.>", "user:update", "é/ü", "line\nbreak",
           "nbsp\u00a0", "sep\u2028", "orders/2024/created"]

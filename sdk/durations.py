@@ -1,0 +1,46 @@
+"""Durations as users write them: a ``timedelta``, seconds, or a string such as ``"5s"`` or ``"1h30m"``."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: timedelta | float | int | str, what: str) -> timedelta:
+    """Accept a timedelta, seconds, or a string such as ``"5s"``, ``"2m"``, ``"1h30m"``."""
+    if isinstance(value, timedelta):
+        td = value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        td = timedelta(seconds=value)
+    elif isinstance(value, str):
+        td = _parse_duration_str(value, what)
+    else:
+        raise TypeError(f"{what} must be a timedelta, seconds or a string like '5s', got {value!r}")
+    if td.total_seconds() < 0:
+        raise ValueError(f"{what} must not be negative, got {value!r}")
+    return td
+
+
+def _parse_duration_str(text: str, what: str) -> timedelta:
+    s = text.strip()
+    total = 0.0
+    num = ""
+    i = 0
+    matched = False
+    while i < len(s):
+        c = s[i]
+        if c.isdigit() or c == ".":
+            num += c
+            i += 1
+            continue
+        unit = "ms" if s[i : i + 2] == "ms" else c
+        if unit not in _UNITS or not num:
+            raise ValueError(f"{what} {text!r} is not a duration like '500ms', '5s', '2m', '1h' or '3d'")
+        total += float(num) * _UNITS[unit]
+        num = ""
+        i += len(unit)
+        matched = True
+    if num or not matched:
+        raise ValueError(f"{what} {text!r} is not a duration like '500ms', '5s', '2m', '1h' or '3d'")
+    return timedelta(seconds=total)
