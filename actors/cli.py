@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from actors.history import export_run
 from actors.http_api import serve_http, url_of
+from actors.run_history import export_run
 from actors.server import DEFAULT_SYNC, SYNC_ENV, EmbeddedServer, SyncSetting
 from sdk import Bide, BideError, NonDeterminismError, Worker
 from sdk.limits import MAX_DEPTH

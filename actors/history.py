@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import nats.js.errors
-import orjson
 from nats.aio.client import Client as NATS
 
 from actors.jetstream import (
@@ -23,10 +21,10 @@ from actors.jetstream import (
     direct_get_subject,
     is_transient,
 )
+from actors.run_history import RunHistory
 from actors.wire import (
     HDR_EXPECTED_LAST_SUBJECT_SEQ,
     TERMINAL_KINDS,
-    WIRE_VERSION,
     EventSignal,
     Subjects,
     decode_history,
@@ -54,66 +52,6 @@ class HistoryConflict(Exception):
         found = re.search(r"wrong last sequence: (\d+)", detail)
         self.actual_seq = int(found.group(1)) if found else 0
         """The subject's last sequence the server reported (0 if it did not say): a floor for the re-read."""
-
-
-@dataclass
-class RunHistory:
-    """A run's entries in order, and the stream sequence of its last message (0 if none)."""
-
-    run_id: str
-    entries: list[Any] = field(default_factory=list)
-    last_seq: int = 0
-    times: list[str] = field(default_factory=list)
-    inbox: list[tuple[int, EventSignal]] = field(default_factory=list)
-    """Signals on the run's inbox that no history entry has taken yet, in arrival order."""
-    inbox_seen: int = 0
-    """The highest inbox sequence this read saw, on the inbox or taken by a history entry."""
-    size_bytes: int = 0
-    """What the read held: the run's history and untaken inbox messages, in bytes."""
-
-    @property
-    def terminal(self) -> Any | None:
-        for e in reversed(self.entries):
-            if e.k in TERMINAL_KINDS:
-                return e
-        return None
-
-
-EXPORT_FORMAT = "bide.run-history/1"
-"""What ``bide runs export`` writes: a run's entries, their stored times and its untaken inbox, as JSON."""
-
-
-def export_run(hist: RunHistory) -> dict[str, Any]:
-    """A run's history as one JSON document (``bide runs export``, :func:`sdk.testing.replay`)."""
-    return {
-        "format": EXPORT_FORMAT,
-        "run_id": hist.run_id,
-        "task": hist.entries[0].task if hist.entries else None,
-        "entries": [e.model_dump(mode="json") for e in hist.entries],
-        "times": hist.times,
-        "inbox": [{"seq": seq, "signal": sig.model_dump(mode="json")} for seq, sig in hist.inbox],
-    }
-
-
-def import_run(doc: Any) -> RunHistory:
-    """The :class:`RunHistory` an exported document describes; ``ValueError`` naming what is wrong."""
-    if not isinstance(doc, dict):
-        raise ValueError(f"a run export is a JSON object, got {type(doc).__name__}")
-    if doc.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"not a Bide run export: format is {doc.get('format')!r}, expected {EXPORT_FORMAT!r} "
-                         "(write one with `bide runs export RUN_ID`)")
-    entries = doc.get("entries")
-    if not isinstance(entries, list) or not entries:
-        raise ValueError("the run export has no entries: a run's history begins with its run_started entry")
-    try:
-        decoded = decode_history(orjson.dumps({"v": WIRE_VERSION, "e": entries}))
-        inbox = [(int(i["seq"]), EventSignal.model_validate(i["signal"])) for i in doc.get("inbox") or []]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"the run export's entries are not valid: {e}") from e
-    if decoded[0].k != "run_started":
-        raise ValueError(f"the run export's first entry is {decoded[0].k!r}, expected 'run_started'")
-    return RunHistory(run_id=str(doc.get("run_id") or decoded[0].run_id), entries=decoded,
-                      times=list(doc.get("times") or []), inbox=inbox)
 
 
 class HistoryLog:

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 
 from actors.activation_queue import ActivationQueue, SlotPool
-from actors.children import ChildStart, child_run_id, notify_parent, request_cancel, start_children
+from actors.child_ids import ChildStart, child_run_id
+from actors.children import notify_parent, request_cancel, start_children
 from actors.heartbeat import Heartbeat
-from actors.history import HistoryConflict, HistoryLog, RunHistory
+from actors.history import HistoryConflict, HistoryLog
 from actors.inbox_sweeper import InboxSweeper, ensure_inbox_sweeper_consumer
 from actors.jetstream import (
     Layout,
@@ -41,6 +42,7 @@ from actors.replay import Turn, ended_registrations, last_turn, open_waits
 from actors.retention import Reaper
 from actors.router import publish_registrations
 from actors.router_partitions import RouterPartitions
+from actors.run_history import RunHistory
 from actors.timers import TimerScheduler
 from actors.tracing import RunTrace, Tracing, mark_failed, mark_outcome
 from actors.wire import (

@@ -14,12 +14,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from actors.children import ChildStart, child_run_ids
-from actors.history import HistoryLog, RunHistory
-from actors.timers import RESIDENT_MAX
-from actors.tracing import RunTrace
+from actors.child_ids import ChildStart, child_run_ids
+from actors.run_history import RunHistory
 from actors.wire import (
     TERMINAL_KINDS,
     ActivationBegun,
@@ -44,6 +42,19 @@ from sdk.conditions import Condition, ParentCondition, SleepCondition, UserEvent
 from sdk.context import ChildSpec
 from sdk.errors import NonDeterminismError
 from sdk.models import SleepResult
+
+if TYPE_CHECKING:
+    from actors.tracing import RunTrace
+
+RESIDENT_MAX = timedelta(milliseconds=600)
+"""A sleep with less than this left stays on its host with a local timer (no eviction)."""
+
+class AppendLog(Protocol):
+    """Where a turn appends (the host's :class:`actors.history.HistoryLog`)."""
+
+    async def append(self, run_id: str, entries: list[Any], expected_seq: int,
+                     notify: str | None = None) -> int: ...
+
 
 StartChildren = Callable[[ParentLink, list[ChildStart]], Awaitable[None]]
 """How a turn starts child runs (the host's publisher)."""
@@ -120,7 +131,7 @@ class Turn:
         self,
         *,
         history: RunHistory,
-        log: HistoryLog,
+        log: AppendLog,
         task: str,
         host_id: str,
         attempt: int,

@@ -27,8 +27,6 @@ FIRE_LEAD = timedelta(milliseconds=400)
 The scheduler fires up to ~250 ms late, so firing early and sleeping the rest on the
 host makes wake-ups precise instead of late.
 """
-RESIDENT_MAX = timedelta(milliseconds=600)
-"""A sleep with less than this left stays on its host with a local timer (no eviction)."""
 _MIN_AHEAD = timedelta(milliseconds=260)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from actors.children import CHILD_ID_SEPARATOR
+from actors.child_ids import CHILD_ID_SEPARATOR
 from actors.jetstream import api_request
 from actors.wire import Subjects, decode_token
 

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
-from actors.children import CHILD_ID_SEPARATOR
-from actors.history import RunHistory
+from actors.child_ids import CHILD_ID_SEPARATOR
 from actors.protocol import start_run as protocol_start_run
+from actors.run_history import RunHistory
 from actors.tracing import TRACEPARENT, trace_id_of
 from actors.wire import (
     TERMINAL_KINDS,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from actors.children import validate_child_key
+from actors.child_ids import validate_child_key
 from actors.wire import args_hash
 from sdk._codec import Signature
 from sdk.context import ChildSpec, DurableRuntime, current_runtime

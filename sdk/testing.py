@@ -32,8 +32,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from actors.history import RunHistory, import_run
 from actors.jetstream import api_request, direct_get_subject
+from actors.run_history import RunHistory, import_run
 from actors.server import EmbeddedServer
 from actors.wire import HDR_BIDE_DUE, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, Clock, utcnow
 from sdk.errors import NonDeterminismError

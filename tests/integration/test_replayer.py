@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from actors.history import export_run
+from actors.run_history import export_run
 from actors.server import EmbeddedServer
 from sdk import Bide, DurableContext, EmptyModel, NonDeterminismError
 from sdk.testing import BideTestEnv, aio_replay, replay

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from actors.history import RunHistory
+from actors.run_history import RunHistory
 from actors.wire import ActivationBegun, MemoRecorded, PatchMarked, RunCompleted, RunStarted, args_hash
 from sdk import Bide, DurableContext, EmptyModel, NonDeterminismError
 from sdk.testing import replay
