@@ -31,8 +31,8 @@ from typing import Any
 import nats
 import orjson
 
-from actors.jetstream import api_request
-from actors.wire import Subjects
+from actors.engine.wire import Subjects
+from actors.store.jetstream import api_request
 from benchmarks.chaos_cluster import Hosts, Servers
 from benchmarks.chaos_oracle import Oracle, print_report
 from sdk import Bide, RunCancelledError, RunFailedError

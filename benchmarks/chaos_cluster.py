@@ -19,10 +19,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from actors.server import EmbeddedServer, free_port
+from actors.store.server import EmbeddedServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-# The router says when a process becomes its owner and when it loses that (actors/router.py).
+# The router says when a process becomes its owner and when it loses that (actors/hosting/router.py).
 _OWNER_RE = re.compile(r"router owner|owns? (router )?partition", re.IGNORECASE)
 _LOST_RE = re.compile(r"ownership moved|lost (router )?partition", re.IGNORECASE)
 
@@ -91,7 +91,7 @@ class HostProc:
         full_env = {**os.environ, **env, "BIDE_NATS_URL": url,
                     "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.cli", "-v", "worker", "benchmarks.chaos_apps:worker", "--name", name],
+            [sys.executable, "-m", "actors.apps.cli", "-v", "worker", "benchmarks.chaos_apps:worker", "--name", name],
             cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.pid = self.proc.pid

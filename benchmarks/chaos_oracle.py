@@ -26,9 +26,9 @@ from typing import Any
 
 import orjson
 
-from actors.child_ids import CHILD_ID_SEPARATOR
-from actors.jetstream import api_request
-from actors.wire import Subjects, decode_token
+from actors.engine.child_ids import CHILD_ID_SEPARATOR
+from actors.engine.wire import Subjects, decode_token
+from actors.store.jetstream import api_request
 
 _OWN_TASKS = ("ChaosChild", "ChaosDag:")
 
@@ -112,7 +112,7 @@ class Oracle:
         for rid in runs:
             if rid in self.by_id:
                 continue
-            # Child ids are ``<parent>~<pos>~<i>`` or ``<parent>~k~<key>`` (actors/children.py).
+            # Child ids are ``<parent>~<pos>~<i>`` or ``<parent>~k~<key>`` (actors/store/children.py).
             sep = CHILD_ID_SEPARATOR
             owner = next((p for p in (rid.rsplit(sep, 2)[0], rid.rsplit(f"{sep}k{sep}", 1)[0]) if p in self.by_id),
                          None)

@@ -34,9 +34,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from actors.jetstream import api_request
-from actors.server import EmbeddedServer, server_version
-from actors.wire import Subjects
+from actors.engine.wire import Subjects
+from actors.store.jetstream import api_request
+from actors.store.server import EmbeddedServer, server_version
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "bench:go"
@@ -52,7 +52,7 @@ class WorkerProc:
     def __init__(self, url: str, target: str = "benchmarks.event_apps:worker", *args: str) -> None:
         env = {**os.environ, "BIDE_NATS_URL": url, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.cli", "worker", target, *args],
+            [sys.executable, "-m", "actors.apps.cli", "worker", target, *args],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.tail: collections.deque[str] = collections.deque(maxlen=50)

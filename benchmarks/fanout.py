@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from actors.server import EmbeddedServer, server_version
+from actors.store.server import EmbeddedServer, server_version
 from benchmarks.event_latency import WorkerProc, gather_limited
 
 TARGET = "benchmarks.fanout_apps:worker"

@@ -17,8 +17,8 @@ from typing import Any
 
 import nats
 
-from actors.jetstream import direct_get_subject
-from actors.server import EmbeddedServer
+from actors.store.jetstream import direct_get_subject
+from actors.store.server import EmbeddedServer
 
 
 async def _fill(js: Any, n: int, noise_subjects: int) -> None:

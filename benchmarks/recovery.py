@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from actors.server import EmbeddedServer
-from actors.wire import utcnow
+from actors.engine.wire import utcnow
+from actors.store.server import EmbeddedServer
 from sdk import Bide, TaskDefinition
 from sdk.config import DEFAULT_ACK_WAIT_S
 from tests.apps.recovery import StepInput, define

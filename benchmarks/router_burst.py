@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.server import EmbeddedServer, server_version
+from actors.store.server import EmbeddedServer, server_version
 from benchmarks.event_latency import Probe, WorkerProc, all_waiting, cleaned_up, gather_limited, summary_ms
 
 TARGET = "benchmarks.router_burst_apps:worker"

@@ -2,7 +2,7 @@
 
     python -m benchmarks.router_matching --sizes 100 10000 --json router_matching.json
 
-No server. Fills a :class:`actors.router.WaitIndex` with N waits on one event key, each
+No server. Fills a :class:`actors.hosting.router.WaitIndex` with N waits on one event key, each
 ``input.user_id == '<i>'`` (indexable), and times ``matches()`` for an event that matches
 none of them: with the index it should not depend on N (target: cost(max N) / cost(min N) ≤ 2).
 Then the same with expressions the index cannot read (``... || input.x == 1``), so every
@@ -24,8 +24,8 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-from actors.router import PendingWaitEntry, WaitIndex
-from actors.wire import WaitRegistration
+from actors.engine.wire import WaitRegistration
+from actors.hosting.router import PendingWaitEntry, WaitIndex
 from sdk import _cel
 
 KEY = "user:update"

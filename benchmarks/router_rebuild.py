@@ -28,12 +28,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from actors.history import HistoryLog
-from actors.jetstream import Layout, Publisher, api_request, connect, ensure_streams
-from actors.router import EventRouter
-from actors.router_effects import Effects
-from actors.server import EmbeddedServer, server_version
-from actors.wire import HDR_TTL, Subjects, WaitRegistration, partition_of
+from actors.engine.wire import HDR_TTL, Subjects, WaitRegistration, partition_of
+from actors.hosting.router import EventRouter
+from actors.hosting.router_effects import Effects
+from actors.store.history import HistoryLog
+from actors.store.jetstream import Layout, Publisher, api_request, connect, ensure_streams
+from actors.store.server import EmbeddedServer, server_version
 
 
 def keys_of(partition: int, n: int, count: int) -> list[str]:

@@ -25,7 +25,7 @@ from typing import Any
 import nats
 from tqdm import tqdm
 
-from actors.server import EmbeddedServer, server_version
+from actors.store.server import EmbeddedServer, server_version
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ async def publish_rate(url: str, messages: int, window: int = 2000) -> float:
 def start_worker(url: str) -> subprocess.Popen[str]:
     env = {**os.environ, "BIDE_NATS_URL": url, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "actors.cli", "worker", "benchmarks.apps:worker"],
+        [sys.executable, "-m", "actors.apps.cli", "worker", "benchmarks.apps:worker"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     assert proc.stdout is not None

@@ -52,7 +52,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from actors.server import EmbeddedServer, server_version
+from actors.store.server import EmbeddedServer, server_version
 from benchmarks.event_latency import WorkerProc
 from benchmarks.throughput import REPO, pct, run_many
 
@@ -132,21 +132,21 @@ def env_vars(extra: dict[str, str]) -> Iterator[None]:
 
 def make_provider(env: dict[str, str]) -> Any:
     """The driver's provider, as ``OTEL_*`` in ``env`` ask (set in ``os.environ`` while it is made)."""
-    from actors.tracing import provider_from_env
+    from actors.observe.tracing import provider_from_env
 
     with env_vars({**env, "OTEL_SERVICE_NAME": "bench-driver"}):
         return provider_from_env()
 
 
 def exporter_cpu() -> dict[int, float]:
-    """CPU seconds of every span exporter process (``python -m actors.span_export``) now alive."""
+    """CPU seconds of every span exporter process (``python -m actors.observe.span_export``) now alive."""
     out: dict[int, float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"actors.span_export" not in f.read():
+                if b"actors.observe.span_export" not in f.read():
                     continue
             out[int(entry)] = _stat_cpu(f"/proc/{entry}/stat")
         except OSError:

@@ -18,10 +18,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from actors.history import HistoryLog
-from actors.jetstream import Layout, Publisher, connect, ensure_streams
-from actors.tracing import Tracing
-from actors.wire import TERMINAL_KINDS, decode_history, decode_token, encode_token
+from actors.engine.wire import TERMINAL_KINDS, decode_history, decode_token, encode_token
+from actors.observe.tracing import Tracing
+from actors.store.history import HistoryLog
+from actors.store.jetstream import Layout, Publisher, connect, ensure_streams
 from sdk.config import BideConfig
 
 T = TypeVar("T")

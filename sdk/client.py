@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats.js.errors
 
-from actors.tracing import Tracing, configure_from_env
+from actors.observe.tracing import Tracing, configure_from_env
 from sdk._connection import ConnectionPool
 from sdk.config import BideConfig
 from sdk.errors import UnknownTaskError

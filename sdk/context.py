@@ -32,7 +32,7 @@ class ChildSpec:
 
 
 class DurableRuntime(Protocol):
-    """What a :class:`DurableContext` asks of the runtime driving the run (see ``actors.replay``)."""
+    """What a :class:`DurableContext` asks of the runtime driving the run (see ``actors.engine.replay``)."""
 
     async def spawn(self, children: list[ChildSpec], wait: bool) -> list[Any]: ...
 

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import BaseModel
 
-from actors.protocol import deliver_signal
-from actors.tracing import TRACEPARENT
-from actors.wire import (
+from actors.engine.wire import (
     HDR_EVENT_METADATA,
     HDR_MSG_ID,
     EventSignal,
     utcnow,
 )
+from actors.observe.tracing import TRACEPARENT
+from actors.store.protocol import deliver_signal
 from sdk.errors import BideError, EventPayloadError, PayloadTooLargeError, RunNotFoundError
 from sdk.limits import PayloadLimits, encode_payload, format_size
 
@@ -246,7 +246,7 @@ async def _traced_publish(conn: Connection, key: str, scope: str | None, event_i
 
 async def _live_run_task(conn: Connection, run_id: str) -> str:
     """The task of a run that exists and has not finished."""
-    from actors.children import live_run_task
+    from actors.store.children import live_run_task
 
     try:
         task = await live_run_task(conn.nc, conn.history, conn.layout.subjects, run_id)

@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
-from actors.child_ids import CHILD_ID_SEPARATOR
-from actors.protocol import start_run as protocol_start_run
-from actors.run_history import RunHistory
-from actors.tracing import TRACEPARENT, trace_id_of
-from actors.wire import (
+from actors.engine.child_ids import CHILD_ID_SEPARATOR
+from actors.engine.run_history import RunHistory
+from actors.engine.wire import (
     TERMINAL_KINDS,
     RunStarted,
     utcnow,
 )
+from actors.observe.tracing import TRACEPARENT, trace_id_of
+from actors.store.protocol import start_run as protocol_start_run
 from sdk.errors import (
     InputValidationError,
     RunAlreadyExistsError,
@@ -202,7 +202,7 @@ def unwrap_terminal(run_id: str, entry: Any) -> Any:
 
 def outcome_of_terminal(run_id: str, entry: Any) -> dict[str, Any]:
     """A terminal entry in the form a parent's child signal carries it (plus the run id)."""
-    from actors.children import outcome_of
+    from actors.store.children import outcome_of
 
     return {**outcome_of(entry), "run_id": run_id}
 
@@ -317,7 +317,7 @@ class RunsClient:
         a durable task gets ``asyncio.CancelledError`` where it waits, and can clean up.
         Returns ``False`` if the run had already finished.
         """
-        from actors.children import request_cancel
+        from actors.store.children import request_cancel
 
         conn = await self._pool.get()
         try:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from actors.child_ids import validate_child_key
-from actors.wire import args_hash
+from actors.engine.child_ids import validate_child_key
+from actors.engine.wire import args_hash
 from sdk._codec import Signature
 from sdk.context import ChildSpec, DurableRuntime, current_runtime
 from sdk.durations import parse_duration

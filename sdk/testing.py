@@ -10,7 +10,7 @@
             assert await ref.aio_result() == {"nudged": True}
 
 Time is virtual inside the environment: ``ctx.aio_now()``, recorded wake times and wait
-timeouts read the engine's clock (:class:`actors.wire.Clock`), which :meth:`BideTestEnv.skip`
+timeouts read the engine's clock (:class:`actors.engine.wire.Clock`), which :meth:`BideTestEnv.skip`
 moves forward. A skip moves it to each timer due in the window in turn, fires that timer,
 and lets the worker finish what it started before looking for the next, so a 1-day
 sleep followed by another 1-day sleep both fire in a 3-day skip, in order, each seeing
@@ -32,10 +32,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from actors.jetstream import api_request, direct_get_subject
-from actors.run_history import RunHistory, import_run
-from actors.server import EmbeddedServer
-from actors.wire import HDR_BIDE_DUE, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, Clock, utcnow
+from actors.engine.run_history import RunHistory, import_run
+from actors.engine.wire import HDR_BIDE_DUE, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, Clock, utcnow
+from actors.store.jetstream import api_request, direct_get_subject
+from actors.store.server import EmbeddedServer
 from sdk.errors import NonDeterminismError
 from sdk.tasks import TaskDefinition
 from sdk.worker import Worker
@@ -44,7 +44,7 @@ from sdk.workflow import Workflow
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
-    from actors.history import HistoryLog
+    from actors.store.history import HistoryLog
     from sdk.client import Bide
 
 __all__ = ["BideTestEnv", "aio_replay", "replay"]
@@ -304,7 +304,7 @@ class _NoWrites:
 
 
 async def _replay_durable(hist: RunHistory, defn: TaskDefinition) -> None:
-    from actors.replay import HistoryEnded, Turn
+    from actors.engine.replay import HistoryEnded, Turn
     from sdk.context import DurableContext, current_runtime
 
     started = hist.entries[0]

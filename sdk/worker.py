@@ -31,7 +31,7 @@ class Worker:
 
     async def async_start(self, *, ready: asyncio.Event | None = None) -> None:
         """Run the host until :meth:`shutdown` (or SIGTERM/SIGINT when started with :meth:`start`)."""
-        from actors.host import ActorHost  # the one seam into the runtime
+        from actors.hosting.host import ActorHost  # the one seam into the runtime
 
         self._stop = asyncio.Event()
         self._host = ActorHost(self.client.config, self.name, self.tasks, self.slots, self.durable_slots,

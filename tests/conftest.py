@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.server import EmbeddedServer
+from actors.store.server import EmbeddedServer
 from sdk import Bide
 from tests.support import Receiver, WorkerProcess, otlp_receiver
 

@@ -85,7 +85,7 @@ class WorkerProcess:
 
     def start(self, timeout: float = 30.0) -> WorkerProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.cli", "worker", self.target, *self.extra_args],
+            [sys.executable, "-m", "actors.apps.cli", "worker", self.target, *self.extra_args],
             env=self.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         assert self.proc.stdout is not None

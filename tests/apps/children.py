@@ -223,7 +223,7 @@ if os.environ.get("BIDE_TEST_DIE_AFTER_SPAWN"):
     # A crash at the worst moment: the spawn is in the parent's history, no child exists yet.
     import signal
 
-    from actors.host import ActorHost
+    from actors.hosting.host import ActorHost
 
     async def _die(self: Any, parent: Any, starts: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -234,12 +234,12 @@ if os.environ.get("BIDE_TEST_DIE_BEFORE_NOTIFY"):
     # A crash after a child's end is in its history, before its parent has heard of it.
     import signal
 
-    import actors.host
+    import actors.hosting.host
 
     async def _die_before_notify(*args: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    actors.host.notify_parent = _die_before_notify  # type: ignore[assignment]
+    actors.hosting.host.notify_parent = _die_before_notify  # type: ignore[assignment]
 
 _client = Bide()
 defs = define(_client)

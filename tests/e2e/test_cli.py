@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from actors.server import EmbeddedServer, free_port
+from actors.store.server import EmbeddedServer, free_port
 from tests.support import REPO, WorkerProcess
 
 
@@ -19,7 +19,7 @@ def bide(*args: str, url: str | None = None, timeout: float = 60,
     env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     if url:
         env["BIDE_NATS_URL"] = url
-    return subprocess.run([sys.executable, "-m", "actors.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "actors.apps.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -12,16 +12,16 @@ from typing import Any
 
 import httpx
 
-from actors.server import EmbeddedServer, free_port
+from actors.store.server import EmbeddedServer, free_port
 from sdk import Bide, DurableContext, EmptyModel, RunStatus
 from tests.support import REPO, running_worker, wait_until
 
 
 def bide_cli(*args: str, url: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``python -m actors.cli ARGS`` with ``BIDE_NATS_URL=url``."""
+    """``python -m actors.apps.cli ARGS`` with ``BIDE_NATS_URL=url``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "BIDE_NATS_URL": url}
     env.pop("BIDE_API_TOKEN", None)
-    return subprocess.run([sys.executable, "-m", "actors.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "actors.apps.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -94,7 +94,7 @@ def test_bad_data_and_unknown_run_exit_2(nats_server: EmbeddedServer) -> None:
 def test_serve_answers_http_until_sigterm(nats_server: EmbeddedServer) -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "BIDE_NATS_URL": nats_server.url, "BIDE_API_TOKEN": "tok"}
-    proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "actors.apps.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -112,7 +112,7 @@ def test_serve_answers_http_until_sigterm(nats_server: EmbeddedServer) -> None:
             proc.kill()
             proc.wait(timeout=10)
 
-    taken = subprocess.run([sys.executable, "-m", "actors.cli", "serve", "--port", "0"], cwd=REPO, env=env,
+    taken = subprocess.run([sys.executable, "-m", "actors.apps.cli", "serve", "--port", "0"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=60)
     assert taken.returncode == 2 and "--port" in taken.stderr
 

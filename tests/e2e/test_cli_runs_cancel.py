@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.server import EmbeddedServer
+from actors.store.server import EmbeddedServer
 from sdk import Bide, DurableContext, EmptyModel, RunStatus
 from tests.e2e.test_cli_events import bide_cli, cli
 from tests.support import running_worker, wait_until

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from actors.server import EmbeddedServer
+from actors.store.server import EmbeddedServer
 from sdk import RunStatus
 from tests.support import running_worker, wait_until
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from actors.server import EmbeddedServer
+from actors.store.server import EmbeddedServer
 from sdk import RunNotFoundError
 from sdk.testing import BideTestEnv
 from tests.support import running_worker, wait_until

@@ -7,8 +7,8 @@ from typing import Any
 import nats
 import pytest
 
-from actors.jetstream import direct_get_subject
-from actors.server import EmbeddedServer
+from actors.store.jetstream import direct_get_subject
+from actors.store.server import EmbeddedServer
 from sdk import Bide, DurableContext
 from sdk.errors import RunFailedError
 from tests.support import running_worker

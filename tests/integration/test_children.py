@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from actors.jetstream import api_request
-from actors.server import EmbeddedServer
+from actors.store.jetstream import api_request
+from actors.store.server import EmbeddedServer
 from sdk import Bide, RunFailedError, RunStatus
 from tests.apps.children import ChildInput, FanOutInput, define
 from tests.support import WorkerProcess, running_worker, wait_until

@@ -10,7 +10,7 @@ from datetime import timedelta
 import nats
 import pytest
 
-from actors.server import EmbeddedServer, free_port
+from actors.store.server import EmbeddedServer, free_port
 from sdk import Bide, DurableContext, EmptyModel, UserEventCondition
 from tests.support import running_worker, wait_until
 

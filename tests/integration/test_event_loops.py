@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from actors.server import EmbeddedServer
+from actors.store.server import EmbeddedServer
 from sdk import Bide, Context, EmptyModel
 from tests.support import WorkerProcess
 

@@ -6,10 +6,10 @@ import asyncio
 import random
 from typing import Any
 
-from actors.router import IncomingEvent
-from actors.router_effects import Effects
-from actors.server import EmbeddedServer
-from actors.wire import utcnow
+from actors.engine.wire import utcnow
+from actors.hosting.router import IncomingEvent
+from actors.hosting.router_effects import Effects
+from actors.store.server import EmbeddedServer
 from sdk import Bide, Context, DurableContext
 from tests.apps.events import define
 from tests.support import WorkerProcess, running_worker, wait_until

@@ -295,7 +295,7 @@ async def test_a_wait_is_live_before_the_history_shows_it(bide: Bide) -> None:
     """Waits are race-free from the moment a reader sees them: the router's registration is
     published before the ``wait_registered`` entry, so an event pushed by someone who saw the
     run waiting (in its history, or `bide runs show`) is after the registration in the stream."""
-    from actors.wire import decode_history
+    from actors.engine.wire import decode_history
 
     @bide.durable_task(name="WaitOrderProbe")
     async def probe(input: EmptyModel, ctx: DurableContext) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from actors.http_api import create_app, serve_http
-from actors.server import free_port
+from actors.apps.http_api import create_app, serve_http
+from actors.store.server import free_port
 from sdk import Bide, DurableContext, EmptyModel, RunStatus
 from tests.support import running_worker, wait_until
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from actors.wire import Activation, encode_activation
+from actors.engine.wire import Activation, encode_activation
 from sdk import Bide, DurableContext, EmptyModel, RunStatus
 from tests.support import running_worker, wait_until
 

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from actors.http_api import create_app
-from actors.server import EmbeddedServer
+from actors.apps.http_api import create_app
+from actors.store.server import EmbeddedServer
 from sdk import (
     Bide,
     Context,

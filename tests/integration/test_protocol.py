@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from actors.wire import HDR_BIDE_KIND, HDR_TTL, Activation, RunStarted, encode_activation, utcnow
+from actors.engine.wire import HDR_BIDE_KIND, HDR_TTL, Activation, RunStarted, encode_activation, utcnow
 from sdk import Bide, Context, DurableContext
 from sdk.errors import RunAlreadyExistsError
 from tests.support import running_worker, wait_until
@@ -140,7 +140,7 @@ async def test_a_signal_whose_sender_died_before_the_activation_still_wakes_the_
     nats_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Only the first write of a delivery was made: the hosts' inbox sweeper publishes the activation."""
-    from actors.wire import EventSignal
+    from actors.engine.wire import EventSignal
 
     monkeypatch.setenv("BIDE_SWEEP_AFTER", "1")
     bide = Bide(nats_server.url, ack_wait=3.0)
@@ -199,7 +199,7 @@ async def test_a_refused_append_is_not_taken_for_the_runs_end(bide: Bide) -> Non
 
     import nats.js.errors
 
-    from actors.wire import HDR_EXPECTED_LAST_SUBJECT_SEQ, ErrorInfo, RunFailed, encode_history
+    from actors.engine.wire import HDR_EXPECTED_LAST_SUBJECT_SEQ, ErrorInfo, RunFailed, encode_history
 
     @bide.durable_task(name="RaceLoser")
     async def loser(input: dict, ctx: DurableContext) -> Any:
@@ -278,7 +278,7 @@ async def test_a_wait_registration_is_withdrawn_even_if_the_resolving_turn_faile
 async def test_a_cancel_recorded_by_a_host_that_died_before_its_code_reacted_still_cancels(bide: Bide) -> None:
     """A host took the cancel (its first append) and was SIGKILLed before the run ended: the redelivered
     activation finds no new signal in the inbox, yet the recorded cancel must still end the run."""
-    from actors.wire import ActivationBegun, EventSignal, SignalReceived
+    from actors.engine.wire import ActivationBegun, EventSignal, SignalReceived
 
     @bide.durable_task(name="CancelledByTheDead")
     async def sleeper(input: dict, ctx: DurableContext) -> None:
@@ -324,7 +324,7 @@ async def test_a_signal_for_a_run_whose_turn_on_another_host_is_running_a_step_d
     import asyncio
     from pathlib import Path
 
-    from actors.jetstream import api_request
+    from actors.store.jetstream import api_request
 
     gate, log = asyncio.Event(), Path(tmp_path) / "steps.log"
     log.touch()
@@ -376,7 +376,7 @@ async def test_a_registration_left_by_a_host_that_died_before_recording_its_wait
     chaos run: 12 registrations left behind)."""
     import orjson
 
-    from actors.wire import HDR_MSG_ID
+    from actors.engine.wire import HDR_MSG_ID
 
     @bide.durable_task(name="OrphanedWait")
     async def orphaned(input: dict, ctx: DurableContext) -> Any:

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from actors import jetstream
-from actors.jetstream import connect, direct_get_subject, read_before
-from actors.server import EmbeddedServer
+from actors.store import jetstream
+from actors.store.jetstream import connect, direct_get_subject, read_before
+from actors.store.server import EmbeddedServer
 
 
 def _seqs(msgs: list[Any]) -> list[int]:

@@ -18,9 +18,9 @@ from typing import IO, Any
 import nats
 import pytest
 
-from actors.jetstream import StaleReadError
-from actors.server import EmbeddedServer
-from actors.wire import EventSignal, RunStarted, utcnow
+from actors.engine.wire import EventSignal, RunStarted, utcnow
+from actors.store.jetstream import StaleReadError
+from actors.store.server import EmbeddedServer
 from sdk import Bide, RunFailedError
 from tests.apps.recovery import GatedInput, StepInput, define
 from tests.support import REPO, WorkerProcess, wait_until
@@ -125,7 +125,7 @@ async def test_a_poison_activation_fails_its_run_after_max_deliveries(
     assert "delivered 4 times" in str(ei.value) and "BIDE_MAX_DELIVERIES=3" in str(ei.value)
 
     shown = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "actors.cli", "runs", "show", ref.workflow_run_id],
+        subprocess.run, [sys.executable, "-m", "actors.apps.cli", "runs", "show", ref.workflow_run_id],
         env={**os.environ, "BIDE_NATS_URL": nats_server.url}, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert "status failed" in shown.stdout, shown.stdout + shown.stderr
     assert "delivered 4 times" in shown.stdout

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from actors.run_history import export_run
-from actors.server import EmbeddedServer
+from actors.engine.run_history import export_run
+from actors.store.server import EmbeddedServer
 from sdk import Bide, DurableContext, EmptyModel, NonDeterminismError
 from sdk.testing import BideTestEnv, aio_replay, replay
 from tests.support import running_worker, wait_until

@@ -10,11 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from actors.http_api import create_app
-from actors.jetstream import api_request
-from actors.router import publish_registrations
-from actors.server import EmbeddedServer
-from actors.wire import (
+from actors.apps.http_api import create_app
+from actors.engine.wire import (
     HDR_BIDE_KIND,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
@@ -31,6 +28,9 @@ from actors.wire import (
     rfc3339,
     utcnow,
 )
+from actors.hosting.router import publish_registrations
+from actors.store.jetstream import api_request
+from actors.store.server import EmbeddedServer
 from sdk import Bide, Context, DurableContext, EmptyModel, RunNotFoundError, RunStatus
 from sdk._connection import Connection
 from tests.e2e.test_cli_events import cli

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from actors.server import EmbeddedServer
+from actors.store.server import EmbeddedServer
 from sdk import Bide, DurableContext
 from tests.integration.test_cluster import _jetstream_ready, cluster  # noqa: F401  (the cluster fixture)
 from tests.support import push_until_stored, running_worker, wait_until

@@ -15,8 +15,8 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 
-from actors.jetstream import ROUTER_GROUP, api_request
-from actors.wire import HDR_TTL, WaitRegistration, partition_of
+from actors.engine.wire import HDR_TTL, WaitRegistration, partition_of
+from actors.store.jetstream import ROUTER_GROUP, api_request
 from sdk import Bide, DurableContext
 from tests.support import running_worker, wait_until
 
@@ -166,7 +166,7 @@ async def test_no_ingress_accepts_rollup(bide: Bide, rollup: str) -> None:
 
 async def test_a_delete_of_a_message_already_gone_does_not_stall_the_router(bide: Bide) -> None:
     """Two owners (or partitions) may delete the same registration: the second finds it gone, and goes on."""
-    from actors.router_effects import Effects
+    from actors.hosting.router_effects import Effects
 
     conn = await bide._pool.get()
     s = conn.layout.subjects

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from actors.jetstream import Layout, RouterPartitionsError, connect, ensure_streams
-from actors.router_partitions import deployment_status
-from actors.server import EmbeddedServer
-from actors.wire import Subjects, partition_of
+from actors.engine.wire import Subjects, partition_of
+from actors.hosting.router_partitions import deployment_status
+from actors.store.jetstream import Layout, RouterPartitionsError, connect, ensure_streams
+from actors.store.server import EmbeddedServer
 from sdk import Bide
 from tests.apps.partitions import partition_wait
 from tests.support import WorkerProcess, running_worker, wait_until

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from actors.server import EmbeddedServer, SyncSetting, free_port
+from actors.store.server import EmbeddedServer, SyncSetting, free_port
 from tests.support import REPO
 
 
@@ -62,12 +62,12 @@ def test_a_bad_sync_setting_names_what_is_expected(monkeypatch: pytest.MonkeyPat
 def test_bide_dev_sync_always(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("BIDE_SYNC", None)
-    bad = subprocess.run([sys.executable, "-m", "actors.cli", "dev", "--sync", "often", "--port", str(free_port()),
+    bad = subprocess.run([sys.executable, "-m", "actors.apps.cli", "dev", "--sync", "often", "--port", str(free_port()),
                           "--store", str(tmp_path / "bad"), "--http-port", "0"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--sync: sync setting 'often'" in bad.stderr, bad.stderr
     store = tmp_path / "js"
-    proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "dev", "--sync", "always", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "actors.apps.cli", "dev", "--sync", "always", "--port",
                              str(free_port()), "--store", str(store), "--http-port", "0"],
                             cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     try:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from opentelemetry.sdk.trace.sampling import DEFAULT_ON
 
-from actors.span_export import ExportPipe
-from actors.spans import LightTracer
+from actors.observe.span_export import ExportPipe
+from actors.observe.spans import LightTracer
 from tests.support import REPO, Receiver, wait_until
 
 SERVICE = "span-export-test"
@@ -26,7 +26,7 @@ N = 500
 EMIT_THEN_DIE = f"""
 import os, signal, sys, time
 from opentelemetry import trace
-from actors.tracing import Tracing, configure_from_env
+from actors.observe.tracing import Tracing, configure_from_env
 
 configure_from_env()
 tracing = Tracing("bide")

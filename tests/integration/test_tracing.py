@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from actors.server import EmbeddedServer
+from actors.store.server import EmbeddedServer
 from sdk import Bide, DurableContext, EmptyModel, RunStatus
 from tests.apps.traced import EVENT_KEY, Approval, TracedInput, define, span_record
 from tests.support import REPO, WorkerProcess, running_worker, wait_until
@@ -207,7 +207,7 @@ async def test_run_started_untraced_still_has_one_trace(
         spans = [span_record(s) for s in memory[1].get_finished_spans()]
         acts = [s for s in spans if s["attributes"].get("bide.run_id") == ref.workflow_run_id]
         assert len(acts) >= 2 and len({s["trace_id"] for s in acts}) == 1
-        from actors.tracing import derived_context
+        from actors.observe.tracing import derived_context
         assert acts[0]["trace_id"] == f"{derived_context(ref.workflow_run_id).trace_id:032x}"
     finally:
         await plain.aclose()

@@ -24,9 +24,9 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from actors.server import EmbeddedServer
-from actors.timers import FIRE_LEAD
-from actors.wire import utcnow
+from actors.engine.wire import utcnow
+from actors.store.server import EmbeddedServer
+from actors.store.timers import FIRE_LEAD
 from sdk import Bide, RunStatus
 from tests.apps.traced import EVENT_KEY, TracedInput, define
 from tests.support import Receiver, WorkerProcess, wait_until

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from actors.wire import decode_token
+from actors.engine.wire import decode_token
 from sdk import (
     Bide,
     Context,

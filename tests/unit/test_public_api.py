@@ -29,7 +29,7 @@ def test_public_names_are_pinned() -> None:
 
 
 def test_importing_the_sdk_does_not_load_the_runtime() -> None:
-    runtime = "('actors.host', 'actors.replay', 'actors.router')"
+    runtime = "('actors.hosting.host', 'actors.engine.replay', 'actors.hosting.router')"
     code = f"import sdk, sys; print(sorted(m for m in {runtime} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from actors.run_history import RunHistory
-from actors.wire import ActivationBegun, MemoRecorded, PatchMarked, RunCompleted, RunStarted, args_hash
+from actors.engine.run_history import RunHistory
+from actors.engine.wire import ActivationBegun, MemoRecorded, PatchMarked, RunCompleted, RunStarted, args_hash
 from sdk import Bide, DurableContext, EmptyModel, NonDeterminismError
 from sdk.testing import replay
 

@@ -1,6 +1,6 @@
 """The key -> partition mapping every host and client must agree on for the life of a store."""
 
-from actors.wire import partition_of
+from actors.engine.wire import partition_of
 
 
 def test_partition_of_is_fnv1a_of_the_key() -> None:

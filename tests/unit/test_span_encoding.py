@@ -11,8 +11,8 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 
-from actors.span_encoding import SpanEncoder, raw_sender
-from actors.span_export import readable_span
+from actors.observe.span_encoding import SpanEncoder, raw_sender
+from actors.observe.span_export import readable_span
 
 RESOURCE = {"service.name": "enc-test", "host.id": 7}
 

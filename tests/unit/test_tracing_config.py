@@ -6,7 +6,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from actors.tracing import (
+from actors.observe.tracing import (
     Tracing,
     TracingConfigError,
     configure_from_env,

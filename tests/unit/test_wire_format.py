@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import pytest
 
-from actors.wire import (
+from actors.engine.wire import (
     MemoRecorded,
     RunCompleted,
     RunStarted,

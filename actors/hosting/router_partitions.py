@@ -1,6 +1,6 @@
 """The event router's partitions on one host: a candidate for each, owners spread over the hosts that are up.
 
-Every host that routes runs a candidate (:class:`actors.router.EventRouter`) for each of the
+Every host that routes runs a candidate (:class:`actors.hosting.router.EventRouter`) for each of the
 store's N partitions; JetStream pins one candidate per partition (ADR-42), never this code.
 What this module decides is only *whether a candidate asks*:
 
@@ -32,12 +32,19 @@ from typing import Any
 import orjson
 from nats.aio.client import Client as NATS
 
-from actors.history import HistoryLog
-from actors.jetstream import Layout, Publisher, api_request, check_router_partitions, direct_get_subject, is_transient
-from actors.router import EventRouter
-from actors.router_reads import parse_time
-from actors.tracing import Tracing
-from actors.wire import partition_of
+from actors.engine.wire import partition_of
+from actors.hosting.router import EventRouter
+from actors.hosting.router_reads import parse_time
+from actors.observe.tracing import Tracing
+from actors.store.history import HistoryLog
+from actors.store.jetstream import (
+    Layout,
+    Publisher,
+    api_request,
+    check_router_partitions,
+    direct_get_subject,
+    is_transient,
+)
 from sdk.limits import DEFAULT_LIMITS, PayloadLimits
 
 log = logging.getLogger("bide.router")

@@ -14,7 +14,7 @@ construction:
 - One process at a time owns the router: a pinned-client priority group on its
   JetStream consumer (ADR-42). Ownership is JetStream's decision, never ours.
 - The consumer acks cumulatively (``ack_policy: all``), and the owner acks a batch
-  only after every write it caused is durable (:mod:`actors.router_effects`). So the
+  only after every write it caused is durable (:mod:`actors.hosting.router_effects`). So the
   ack floor F is a checkpoint: every message up to F has been fully handled.
 - A new owner rebuilds its index from the registrations still in the stream up to F
   (satisfied and cancelled ones are deleted, after their delivery was durable), then
@@ -30,7 +30,7 @@ Partitions: one :class:`EventRouter` is one partition (of N, by the FNV-1a hash 
 event key), with its own consumer, pin and checkpoint. It reads the whole stream in
 order as above but acts only on its keys' registrations and events; every partition
 keeps the triggers, and a triggered run is started by the event's partition. Which
-host asks for which partition is :mod:`actors.router_partitions`'s business.
+host asks for which partition is :mod:`actors.hosting.router_partitions`'s business.
 """
 
 from __future__ import annotations
@@ -47,8 +47,22 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from actors.history import HistoryLog
-from actors.jetstream import (
+from actors.engine.wait_index import IncomingEvent, PendingWaitEntry, WaitIndex, decode_event
+from actors.engine.wire import (
+    NO_SCOPE,
+    TriggerRegistration,
+    WaitRegistration,
+    partition_of,
+    rfc3339,
+    utcnow,
+)
+from actors.hosting.router_deliveries import Deliveries
+from actors.hosting.router_effects import Effects
+from actors.hosting.router_inputs import publish_registrations, registrations
+from actors.hosting.router_reads import StreamReads, parse_time, seq_of, stored_at
+from actors.observe.tracing import Tracing
+from actors.store.history import HistoryLog
+from actors.store.jetstream import (
     ROUTER_GROUP,
     Layout,
     Publisher,
@@ -57,20 +71,6 @@ from actors.jetstream import (
     is_transient,
     read_before,
     retry_transient,
-)
-from actors.router_deliveries import Deliveries
-from actors.router_effects import Effects
-from actors.router_inputs import publish_registrations, registrations
-from actors.router_reads import StreamReads, parse_time, seq_of, stored_at
-from actors.tracing import Tracing
-from actors.wait_index import IncomingEvent, PendingWaitEntry, WaitIndex, decode_event
-from actors.wire import (
-    NO_SCOPE,
-    TriggerRegistration,
-    WaitRegistration,
-    partition_of,
-    rfc3339,
-    utcnow,
 )
 from sdk.limits import DEFAULT_LIMITS, PayloadLimits
 

@@ -27,6 +27,8 @@ HDR_SCHEDULE_TARGET = "Nats-Schedule-Target"
 """Subject (in the same stream) a schedule publishes into when it fires."""
 HDR_MSG_ID = "Nats-Msg-Id"
 """JetStream de-duplication id."""
+TRACEPARENT = "traceparent"
+"""The W3C trace-context header (and ``RunStarted.meta`` key) that carries a span's context."""
 HDR_BIDE_KIND = "Bide-Kind"
 HDR_BIDE_DUE = "Bide-Due"
 """On a timer: when it is due in engine time (:class:`Clock`), which the test environment's skip reads."""
@@ -264,7 +266,7 @@ class Subjects:
 
     @property
     def inbox_sweeper_consumer(self) -> str:
-        """Every host's shared look at inbox signals no turn took (``actors.inbox_sweeper``)."""
+        """Every host's shared look at inbox signals no turn took (``actors.hosting.inbox_sweeper``)."""
         return "inbox_sweeper"
 
     def run_timers(self, run_id: str) -> str:
@@ -380,7 +382,7 @@ class TurnParked(_Entry):
     """A turn that claimed signals ran its code, which parked again with nothing new to record.
 
     Without it such a turn would end on its claim alone, which is also how a turn whose code
-    is still running (or whose host died) looks to another host (``actors.host._claim``).
+    is still running (or whose host died) looks to another host (``actors.hosting.host._claim``).
     """
 
     k: Literal["parked"] = "parked"

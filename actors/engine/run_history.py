@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from actors.wire import TERMINAL_KINDS, WIRE_VERSION, EventSignal, decode_history
+from actors.engine.wire import TERMINAL_KINDS, WIRE_VERSION, EventSignal, decode_history
 
 
 @dataclass

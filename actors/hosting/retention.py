@@ -22,12 +22,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from actors.activation_queue import ActivationQueue, SlotPool
-from actors.history import HistoryLog
-from actors.jetstream import Layout, Publisher, api_request, ensure_reaper_consumer
-from actors.router import publish_registrations
-from actors.timers import TimerScheduler
-from actors.wire import RunRemoval, utcnow
+from actors.engine.wire import RunRemoval, utcnow
+from actors.hosting.activation_queue import ActivationQueue, SlotPool
+from actors.hosting.router import publish_registrations
+from actors.store.history import HistoryLog
+from actors.store.jetstream import Layout, Publisher, api_request, ensure_reaper_consumer
+from actors.store.timers import TimerScheduler
 
 log = logging.getLogger("bide.retention")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from actors.jetstream import Layout, Publisher
-from actors.wire import HDR_MSG_ID, HDR_TTL, WaitCondition, WaitRegistered, WaitRegistration
+from actors.engine.wire import HDR_MSG_ID, HDR_TTL, WaitCondition, WaitRegistered, WaitRegistration
+from actors.store.jetstream import Layout, Publisher
 from sdk import _cel
 
 

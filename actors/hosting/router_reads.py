@@ -4,7 +4,7 @@ Direct gets are answered by any replica, and a follower may lag; a replica holds
 of the stream, so a read is complete up to its last message. Each read here proves it
 reached far enough: a rebuild's read finds a marker published before it, a gap's read
 finds the message just delivered after the gap, a lookback asks the leader
-(:func:`actors.jetstream.read_before`).
+(:func:`actors.store.jetstream.read_before`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from actors.jetstream import Publisher, api_request, direct_get_pages, direct_get_subject, retry_transient
-from actors.wire import HDR_TTL, Subjects, utcnow
+from actors.engine.wire import HDR_TTL, Subjects, utcnow
+from actors.store.jetstream import Publisher, api_request, direct_get_pages, direct_get_subject, retry_transient
 
 log = logging.getLogger("bide.router")
 

@@ -6,8 +6,7 @@ from datetime import datetime, timedelta
 
 from nats.js import JetStreamContext
 
-from actors.jetstream import purge_subject
-from actors.wire import (
+from actors.engine.wire import (
     HDR_BIDE_DUE,
     HDR_BIDE_KIND,
     HDR_SCHEDULE,
@@ -20,6 +19,7 @@ from actors.wire import (
     rfc3339,
     utcnow,
 )
+from actors.store.jetstream import purge_subject
 
 FIRE_LEAD = timedelta(milliseconds=400)
 """Timers fire this much before the deadline; the host finishes the last stretch locally.

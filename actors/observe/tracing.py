@@ -32,17 +32,16 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from actors.otlp import TracingConfigError, otlp_exporter_class
+from actors.engine.wire import TRACEPARENT
+from actors.observe.otlp import TracingConfigError, otlp_exporter_class
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer, TracerProvider
 
-    from actors.wire import EventSignal, RunStarted, WaitRegistered, WaitResolved
+    from actors.engine.wire import EventSignal, RunStarted, WaitRegistered, WaitResolved
 
 log = logging.getLogger("bide.tracing")
 
-TRACEPARENT = "traceparent"
-"""The W3C trace-context header (and ``RunStarted.meta`` key) that carries a span's context."""
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _INSTRUMENTATION = "bide"
@@ -105,7 +104,7 @@ def provider_from_env(env: Mapping[str, str] | None = None) -> TracerProvider | 
     ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*`` and ``OTEL_EXPORTER_OTLP_*``.
 
     By default (``BIDE_SPAN_EXPORT=process``) spans are encoded and sent by a child process
-    (:mod:`actors.span_export`), and Bide's own spans are light ones (:mod:`actors.spans`):
+    (:mod:`actors.observe.span_export`), and Bide's own spans are light ones (:mod:`actors.observe.spans`):
     the host's event loop pays a few microseconds per span, not a few hundred.
     ``BIDE_SPAN_EXPORT=thread`` keeps everything in this process, with the SDK's batch processor.
     ``env`` defaults to ``os.environ``; the SDK reads the resource and the sampler from ``os.environ``.
@@ -133,8 +132,8 @@ def provider_from_env(env: Mapping[str, str] | None = None) -> TracerProvider | 
         for cls in exporter_classes:
             provider.add_span_processor(BatchSpanProcessor(cls()))
     else:
-        from actors.span_export import ExportPipe, PipeSpanProcessor
-        from actors.spans import LightTracer
+        from actors.observe.span_export import ExportPipe, PipeSpanProcessor
+        from actors.observe.spans import LightTracer
 
         pipe = ExportPipe(names, resource.attributes, env=env, interval_s=interval_s, max_queue=max_queue,
                           max_batch=max_batch)
@@ -307,7 +306,7 @@ class Tracing:
     def work_template(self, task: str) -> str:
         template = self._templates.get(task)
         if template is None:
-            from actors.wire import encode_token
+            from actors.engine.wire import encode_token
 
             template = self._templates[task] = f"{self.prefix}.work.{encode_token(task)}.{{run_id}}"
         return template
@@ -342,7 +341,7 @@ class Tracing:
         """The span of pushing an event: the span a resumed wait links to."""
         if not self.enabled:
             return _NO_SPAN
-        from actors.wire import encode_token
+        from actors.engine.wire import encode_token
 
         template = f"{self.prefix}.events.{encode_token(key)}" + (".{scope}" if scope is not None else "")
         attrs = {**_messaging("send", subject), "messaging.message.id": event_id, "bide.event.key": key}
@@ -398,7 +397,7 @@ class RunTrace:
 
     def __init__(self, tracing: Tracing, started: RunStarted) -> None:
         self._tracer = tracing._tracer
-        # Bide's light tracer (actors.spans) takes parents directly: no context to build or search.
+        # Bide's light tracer (actors.observe.spans) takes parents directly: no context to build or search.
         self._light: Any = self._tracer if hasattr(self._tracer, "current_under") else None
         self._started = started
         self._template = tracing.work_template(started.task)

@@ -10,7 +10,16 @@ from typing import Any
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from actors.jetstream import (
+from actors.engine.run_history import RunHistory
+from actors.engine.wire import (
+    HDR_EXPECTED_LAST_SUBJECT_SEQ,
+    TERMINAL_KINDS,
+    EventSignal,
+    Subjects,
+    decode_history,
+    encode_history,
+)
+from actors.store.jetstream import (
     ERR_EXPECTED_LAST_SEQ_NOT_READY,
     ERR_WRONG_LAST_SEQUENCE,
     ERR_WRONG_LAST_SEQUENCE_CONSTANT,
@@ -20,15 +29,6 @@ from actors.jetstream import (
     direct_get_last,
     direct_get_subject,
     is_transient,
-)
-from actors.run_history import RunHistory
-from actors.wire import (
-    HDR_EXPECTED_LAST_SUBJECT_SEQ,
-    TERMINAL_KINDS,
-    EventSignal,
-    Subjects,
-    decode_history,
-    encode_history,
 )
 
 log = logging.getLogger("bide.history")

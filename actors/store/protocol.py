@@ -2,7 +2,7 @@
 
 - :func:`start_run`: a client, a parent's host and the event router all start runs here.
 - :func:`deliver_signal`: a direct delivery, a cancel request and a child's outcome reach a
-  run here (the router's batched form is :meth:`actors.router_effects.Effects.signal`).
+  run here (the router's batched form is :meth:`actors.hosting.router_effects.Effects.signal`).
 
 Each is idempotent end to end (de-duplication ids, expected sequences, a start id), and
 retries infrastructure errors itself, so a caller sees an error only when the write is
@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
-from actors.history import HistoryConflict, HistoryLog
-from actors.jetstream import Publisher, retry_transient
-from actors.wire import (
+from actors.engine.wire import (
     HDR_BIDE_KIND,
     HDR_MSG_ID,
     Activation,
@@ -24,6 +22,8 @@ from actors.wire import (
     Subjects,
     encode_activation,
 )
+from actors.store.history import HistoryConflict, HistoryLog
+from actors.store.jetstream import Publisher, retry_transient
 from sdk.errors import RunAlreadyExistsError
 
 CLIENT_RETRY_S = 30.0

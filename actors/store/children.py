@@ -17,12 +17,8 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from actors.child_ids import ChildStart
-from actors.history import HistoryLog
-from actors.jetstream import Publisher, direct_get_first, increment
-from actors.protocol import deliver_signal, start_run
-from actors.tracing import TRACEPARENT, Tracing
-from actors.wire import (
+from actors.engine.child_ids import ChildStart
+from actors.engine.wire import (
     HDR_BIDE_KIND,
     HDR_MSG_ID,
     TERMINAL_KINDS,
@@ -35,6 +31,10 @@ from actors.wire import (
     encode_activation,
     utcnow,
 )
+from actors.observe.tracing import TRACEPARENT, Tracing
+from actors.store.history import HistoryLog
+from actors.store.jetstream import Publisher, direct_get_first, increment
+from actors.store.protocol import deliver_signal, start_run
 
 log = logging.getLogger("bide.children")
 

@@ -4,7 +4,7 @@ The SDK's OTLP exporter encodes ``ReadableSpan`` objects attribute by attribute,
 per span with the ``ReadableSpan`` itself; most of Bide's attributes repeat from span to span
 (``messaging.system=nats``, the task, the activation kind). This encoder builds the same
 ``ExportTraceServiceRequest`` with the OpenTelemetry protobuf classes, from
-:data:`~actors.span_export.SpanRecord` tuples, and keeps the serialized form of each attribute
+:data:`~actors.observe.span_export.SpanRecord` tuples, and keeps the serialized form of each attribute
 seen more than once: a span's repeating attributes are those pieces joined and merged in one
 call (repeated fields concatenate on the protobuf wire). About 15 µs per span.
 
@@ -92,7 +92,7 @@ class SpanEncoder:
             span.MergeFromString(b"".join(pieces))  # repeated fields concatenate on the wire
 
     def encode(self, records: Sequence[tuple[Any, ...]]) -> bytes:
-        """One request holding ``records`` (see :data:`actors.span_export.SpanRecord`), serialized."""
+        """One request holding ``records`` (see :data:`actors.observe.span_export.SpanRecord`), serialized."""
         request = ExportTraceServiceRequest()
         resource_spans: ResourceSpans = request.resource_spans.add()
         resource_spans.resource.CopyFrom(self._resource)

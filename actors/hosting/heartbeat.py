@@ -17,7 +17,7 @@ from concurrent.futures import Future
 
 from nats.aio.msg import Msg
 
-from actors.jetstream import connect
+from actors.store.jetstream import connect
 
 log = logging.getLogger("bide.heartbeat")
 

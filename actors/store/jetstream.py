@@ -30,7 +30,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from actors.wire import Subjects
+from actors.engine.wire import Subjects
 
 if TYPE_CHECKING:
     from sdk.config import BideConfig
@@ -163,7 +163,7 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             # No max age: a live run never expires (DESIGN.md invariant 9); a finished run is
-            # removed by the reaper (actors/retention.py) after BIDE_HISTORY_RETENTION.
+            # removed by the reaper (actors/hosting/retention.py) after BIDE_HISTORY_RETENTION.
             max_age=0,
             num_replicas=layout.replicas,
             allow_direct=True,
@@ -502,7 +502,7 @@ async def direct_get_subject(
 
     ``min_last_seq`` asks the answering replica to have applied the stream up to that
     sequence (ADR-53); servers that do not know the field ignore it, so callers check what
-    they read as well (:meth:`actors.history.HistoryLog.read`).
+    they read as well (:meth:`actors.store.history.HistoryLog.read`).
     """
     out: list[Msg] = []
     pages = direct_get_pages(nc, stream, subject, start_seq=start_seq, batch=batch, start_time=start_time,

@@ -4,7 +4,7 @@ Why: a span made by the OpenTelemetry SDK and encoded by its OTLP exporter costs
 150 to 300 µs of CPU, much of it holding the GIL its event loop needs, against 300 µs for a whole
 trivial turn. When Bide sets tracing up itself (from ``OTEL_*``), each of its spans is instead a
 small tuple (a :data:`SpanRecord`) appended to a list. A writer thread pickles the list every
-``interval`` and writes it down a pipe to ``python -m actors.span_export``, a child process that
+``interval`` and writes it down a pipe to ``python -m actors.observe.span_export``, a child process that
 rebuilds SDK ``ReadableSpan`` objects and exports them with the SDK's own exporters (OTLP, console)
 on the machine's other cores.
 
@@ -158,7 +158,7 @@ class ExportPipe:
         env = {**self._env,
                "PYTHONPATH": os.pathsep.join(p for p in (_PKG_ROOT, self._env.get("PYTHONPATH")) if p)}
         try:
-            self._proc = subprocess.Popen([sys.executable, "-m", "actors.span_export", str(ack_w)],
+            self._proc = subprocess.Popen([sys.executable, "-m", "actors.observe.span_export", str(ack_w)],
                                           stdin=subprocess.PIPE, pass_fds=(ack_w,), env=env)
         except OSError as e:
             log.warning("tracing: cannot start the span exporter process: %s", e)
@@ -347,7 +347,7 @@ def _read_frame(stream: Any) -> tuple[str, Any] | None:
 
 
 def _exporters(names: Sequence[str]) -> list[Any]:
-    from actors.otlp import otlp_exporter_class
+    from actors.observe.otlp import otlp_exporter_class
 
     out: list[Any] = []
     for name in names:
@@ -364,11 +364,11 @@ def serve(stream: Any, ack: Callable[[int], None]) -> None:
     """Read frames until the end of ``stream``, exporting every span; then shut the exporters down.
 
     An OTLP/HTTP exporter is handed request bodies built straight from the records
-    (:mod:`actors.span_encoding`); any other exporter gets SDK ``ReadableSpan`` objects.
+    (:mod:`actors.observe.span_encoding`); any other exporter gets SDK ``ReadableSpan`` objects.
     """
     from opentelemetry.sdk.resources import Resource
 
-    from actors.span_encoding import SpanEncoder, raw_sender
+    from actors.observe.span_encoding import SpanEncoder, raw_sender
 
     first = _read_frame(stream)
     if first is None or first[0] != "header":

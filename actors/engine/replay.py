@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from actors.child_ids import ChildStart, child_run_ids
-from actors.run_history import RunHistory
-from actors.wire import (
+from actors.engine.child_ids import ChildStart, child_run_ids
+from actors.engine.run_history import RunHistory
+from actors.engine.wire import (
     TERMINAL_KINDS,
     ActivationBegun,
     ChildrenSpawned,
@@ -44,13 +44,13 @@ from sdk.errors import NonDeterminismError
 from sdk.models import SleepResult
 
 if TYPE_CHECKING:
-    from actors.tracing import RunTrace
+    from actors.observe.tracing import RunTrace
 
 RESIDENT_MAX = timedelta(milliseconds=600)
 """A sleep with less than this left stays on its host with a local timer (no eviction)."""
 
 class AppendLog(Protocol):
-    """Where a turn appends (the host's :class:`actors.history.HistoryLog`)."""
+    """Where a turn appends (the host's :class:`actors.store.history.HistoryLog`)."""
 
     async def append(self, run_id: str, entries: list[Any], expected_seq: int,
                      notify: str | None = None) -> int: ...

@@ -1,6 +1,6 @@
 """The inbox sweeper: a signal whose sender died before the activation still wakes its run.
 
-Delivering a signal is two writes (``actors.protocol.deliver_signal``): the inbox message,
+Delivering a signal is two writes (``actors.store.protocol.deliver_signal``): the inbox message,
 then the activation. A sender that dies between them leaves a signal no activation
 announces; a run that waits for nothing else would wait for ever (invariant 12).
 
@@ -22,9 +22,9 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from actors.history import HistoryLog
-from actors.jetstream import Layout, Publisher, api_request, is_transient
-from actors.wire import HDR_BIDE_KIND, HDR_MSG_ID, Activation, decode_token, encode_activation
+from actors.engine.wire import HDR_BIDE_KIND, HDR_MSG_ID, Activation, decode_token, encode_activation
+from actors.store.history import HistoryLog
+from actors.store.jetstream import Layout, Publisher, api_request, is_transient
 
 log = logging.getLogger("bide.sweeper")
 

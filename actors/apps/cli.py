@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
-from actors.http_api import serve_http, url_of
-from actors.run_history import export_run
-from actors.server import DEFAULT_SYNC, SYNC_ENV, EmbeddedServer, SyncSetting
+from actors.apps.http_api import serve_http, url_of
+from actors.engine.run_history import export_run
+from actors.store.server import DEFAULT_SYNC, SYNC_ENV, EmbeddedServer, SyncSetting
 from sdk import Bide, BideError, NonDeterminismError, Worker
 from sdk.limits import MAX_DEPTH
 from sdk.tasks import TaskDefinition
@@ -343,7 +343,7 @@ async def cmd_event_send(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    from actors.router_partitions import deployment_status
+    from actors.hosting.router_partitions import deployment_status
 
     client = Bide()
     try:

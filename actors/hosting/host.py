@@ -21,31 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
-from actors.activation_queue import ActivationQueue, SlotPool
-from actors.child_ids import ChildStart, child_run_id
-from actors.children import notify_parent, request_cancel, start_children
-from actors.heartbeat import Heartbeat
-from actors.history import HistoryConflict, HistoryLog
-from actors.inbox_sweeper import InboxSweeper, ensure_inbox_sweeper_consumer
-from actors.jetstream import (
-    Layout,
-    Publisher,
-    api_request,
-    connect,
-    direct_get_last,
-    ensure_streams,
-    ensure_task_consumer,
-    is_transient,
-    retry_transient,
-)
-from actors.replay import Turn, ended_registrations, last_turn, open_waits
-from actors.retention import Reaper
-from actors.router import publish_registrations
-from actors.router_partitions import RouterPartitions
-from actors.run_history import RunHistory
-from actors.timers import TimerScheduler
-from actors.tracing import RunTrace, Tracing, mark_failed, mark_outcome
-from actors.wire import (
+from actors.engine.child_ids import ChildStart, child_run_id
+from actors.engine.replay import Turn, ended_registrations, last_turn, open_waits
+from actors.engine.run_history import RunHistory
+from actors.engine.wire import (
     HDR_BIDE_KIND,
     HDR_TTL,
     TERMINAL_KINDS,
@@ -67,6 +46,27 @@ from actors.wire import (
     encode_activation,
     utcnow,
 )
+from actors.hosting.activation_queue import ActivationQueue, SlotPool
+from actors.hosting.heartbeat import Heartbeat
+from actors.hosting.inbox_sweeper import InboxSweeper, ensure_inbox_sweeper_consumer
+from actors.hosting.retention import Reaper
+from actors.hosting.router import publish_registrations
+from actors.hosting.router_partitions import RouterPartitions
+from actors.observe.tracing import RunTrace, Tracing, mark_failed, mark_outcome
+from actors.store.children import notify_parent, request_cancel, start_children
+from actors.store.history import HistoryConflict, HistoryLog
+from actors.store.jetstream import (
+    Layout,
+    Publisher,
+    api_request,
+    connect,
+    direct_get_last,
+    ensure_streams,
+    ensure_task_consumer,
+    is_transient,
+    retry_transient,
+)
+from actors.store.timers import TimerScheduler
 from sdk.context import Context, DurableContext, current_runtime
 from sdk.errors import (
     DeliveryLimitExceeded,
@@ -357,7 +357,7 @@ class ActorHost:
                      attempt: int) -> RunHistory | None:
         """A start activation: the run's history with its start recorded, or ``None`` (acked) if not to run.
 
-        The starter publishes the activation before ``run_started`` (actors.protocol.start_run),
+        The starter publishes the activation before ``run_started`` (actors.store.protocol.start_run),
         so a starter that died in between left the start here only: record it (invariant 12).
         """
         if not hist.entries:
@@ -860,7 +860,7 @@ def _claim(entries: list[Any]) -> list[Any]:
 
     Such a turn's code is running now, or its host died: a turn claims the signals it woke
     for before running code (invariant 1), and when its code parks again with nothing new
-    it says so (:class:`actors.wire.TurnParked`), so a claim standing alone means the code
+    it says so (:class:`actors.engine.wire.TurnParked`), so a claim standing alone means the code
     has not reacted yet.
     """
     claimed: list[Any] = []

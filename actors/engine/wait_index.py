@@ -16,8 +16,7 @@ from typing import Any
 import orjson
 from nats.aio.msg import Msg
 
-from actors.tracing import TRACEPARENT
-from actors.wire import HDR_EVENT_METADATA, HDR_MSG_ID, WaitRegistration
+from actors.engine.wire import HDR_EVENT_METADATA, HDR_MSG_ID, TRACEPARENT, WaitRegistration
 from sdk import _cel
 from sdk.errors import EventPayloadError
 from sdk.limits import DEFAULT_LIMITS, PayloadLimits, check_payload

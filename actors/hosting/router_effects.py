@@ -28,8 +28,8 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 
-from actors.jetstream import Publisher, api_request, retry_transient
-from actors.wire import HDR_MSG_ID, Activation, Subjects, encode_activation
+from actors.engine.wire import HDR_MSG_ID, Activation, Subjects, encode_activation
+from actors.store.jetstream import Publisher, api_request, retry_transient
 
 log = logging.getLogger("bide.router")
 

@@ -38,7 +38,7 @@ from opentelemetry import context as otel_context
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actors.tracing import TRACEPARENT, extract_context
+from actors.observe.tracing import TRACEPARENT, extract_context
 from sdk import Bide, EventRef, RunAlreadyFinishedError, RunNotFoundError
 from sdk.errors import EventPayloadError, PayloadLimitError, PayloadTooLargeError
 from sdk.limits import PayloadLimits, check_payload

@@ -1,9 +1,9 @@
 """Bide's own light spans: the OpenTelemetry API's ``Span``, recorded as one tuple when it ends.
 
-Used when Bide sets tracing up from ``OTEL_*`` (see :mod:`actors.span_export`). The SDK's span
+Used when Bide sets tracing up from ``OTEL_*`` (see :mod:`actors.observe.span_export`). The SDK's span
 does much that Bide's spans never need (locks, bounded attribute validation, span processors,
 a readable copy at end); this one keeps its fields in slots and, at ``end()``, hands a plain
-:data:`~actors.span_export.SpanRecord` to the export pipe. It is still an API span: put in a
+:data:`~actors.observe.span_export.SpanRecord` to the export pipe. It is still an API span: put in a
 context, the application's own SDK spans nest under it, and its ids are what ``traceparent``
 values carry. Sampling is the SDK sampler's decision (``OTEL_TRACES_SAMPLER``).
 """
@@ -29,7 +29,7 @@ from opentelemetry.trace import (
     TraceFlags,
 )
 
-from actors.span_export import ExportPipe, span_record
+from actors.observe.span_export import ExportPipe, span_record
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)

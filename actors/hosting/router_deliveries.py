@@ -1,6 +1,6 @@
 """What a match becomes: signals to the waiting runs (with their activations), or a run an event starts.
 
-Each is prepared here and written by :class:`actors.router_effects.Effects` in its order,
+Each is prepared here and written by :class:`actors.hosting.router_effects.Effects` in its order,
 after the batch: nothing here writes by itself. What cannot be written (a signal over the
 server's max payload, a payload that cannot be encoded) is a recorded rejection.
 """
@@ -12,13 +12,8 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from actors.history import HistoryLog
-from actors.jetstream import Publisher
-from actors.protocol import start_run
-from actors.router_effects import Effects
-from actors.tracing import TRACEPARENT, Tracing, span_context_of
-from actors.wait_index import IncomingEvent, PendingWaitEntry
-from actors.wire import (
+from actors.engine.wait_index import IncomingEvent, PendingWaitEntry
+from actors.engine.wire import (
     HDR_BIDE_KIND,
     HDR_MSG_ID,
     Activation,
@@ -28,6 +23,11 @@ from actors.wire import (
     TriggerRegistration,
     utcnow,
 )
+from actors.hosting.router_effects import Effects
+from actors.observe.tracing import TRACEPARENT, Tracing, span_context_of
+from actors.store.history import HistoryLog
+from actors.store.jetstream import Publisher
+from actors.store.protocol import start_run
 
 SIGNAL_HEADROOM = 1024
 """Bytes kept free under the server's max payload for headers (a signal is rejected above it)."""

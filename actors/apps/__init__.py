@@ -1,0 +1,1 @@
+"""The applications on top: the ``bide`` command line and the HTTP API."""
