@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from actors.engine.wire import TERMINAL_KINDS, decode_history, decode_token, encode_token
+from actors.engine.wire import TERMINAL, decode_history, decode_token, encode_token
 from actors.observe.tracing import Tracing
 from actors.store.history import HistoryLog
 from actors.store.jetstream import Layout, Publisher, connect, ensure_streams
@@ -60,7 +60,7 @@ class ResultInbox:
         if fut is None or fut.done():
             return
         for entry in decode_history(msg.data):
-            if entry.k in TERMINAL_KINDS:
+            if isinstance(entry, TERMINAL):
                 fut.set_result(entry)
                 return
 

@@ -13,7 +13,9 @@ from nats.aio.msg import Msg
 from actors.engine.child_ids import CHILD_ID_SEPARATOR
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
-    TERMINAL_KINDS,
+    TERMINAL,
+    RunCompleted,
+    RunFailed,
     RunStarted,
     utcnow,
 )
@@ -102,7 +104,7 @@ async def start_run(conn: Connection, req: StartRequest, notify: str | None = No
     span.end()
 
 
-_TERMINAL_MARKERS = tuple(f'"k":"{k}"'.encode() for k in TERMINAL_KINDS)
+_TERMINAL_MARKERS = tuple(f'"k":"{t.model_fields["k"].default}"'.encode() for t in TERMINAL)
 
 
 class _TerminalWatch:
@@ -146,7 +148,7 @@ async def wait_terminal(conn: Connection, run_id: str, timeout: float | None = N
         interval = 0.25
         while True:
             for e in last:
-                if e.k in TERMINAL_KINDS:
+                if isinstance(e, TERMINAL):
                     return e
             wait = interval if deadline is None else min(interval, deadline - loop.time())
             if wait <= 0:
@@ -186,16 +188,16 @@ async def _await_terminal(conn: Connection, run_id: str, fut: asyncio.Future[Any
             return await asyncio.wait_for(asyncio.shield(fut), wait)
         except TimeoutError:
             for e in await conn.history.read_last(run_id):
-                if e.k in TERMINAL_KINDS:
+                if isinstance(e, TERMINAL):
                     return e
             interval = min(interval * 2, 15.0)
 
 
 def unwrap_terminal(run_id: str, entry: Any) -> Any:
     """The run's JSON result, or the matching exception."""
-    if entry.k == "run_completed":
+    if isinstance(entry, RunCompleted):
         return entry.result
-    if entry.k == "run_failed":
+    if isinstance(entry, RunFailed):
         raise RunFailedError(run_id, entry.error.type, entry.error.message, entry.error.traceback)
     raise RunCancelledError(f"run {run_id} was cancelled: {entry.reason or 'no reason given'}")
 
@@ -286,7 +288,7 @@ class RunsClient:
             raise RunNotFoundError(
                 f"no run with id {run_id!r}: it never existed, or it finished and was removed after the "
                 f"history retention period (BIDE_HISTORY_RETENTION: {retention})", run_id)
-        first = hist.entries[0]
+        first = hist.started
         term = hist.terminal
         return RunInfo(
             run_id=run_id,
@@ -294,8 +296,8 @@ class RunsClient:
             status=status_of(hist),
             started_at=first.at,
             input=first.input,
-            result=term.result if term is not None and term.k == "run_completed" else None,
-            error=f"{term.error.type}: {term.error.message}" if term is not None and term.k == "run_failed" else None,
+            result=term.result if isinstance(term, RunCompleted) else None,
+            error=f"{term.error.type}: {term.error.message}" if isinstance(term, RunFailed) else None,
             entries=len(hist.entries),
             trace_id=trace_id_of(first),
         )

@@ -33,7 +33,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from actors.engine.run_history import RunHistory, import_run
-from actors.engine.wire import HDR_BIDE_DUE, HDR_SCHEDULE, HDR_SCHEDULE_TARGET, Clock, utcnow
+from actors.engine.wire import (
+    HDR_BIDE_DUE,
+    HDR_SCHEDULE,
+    HDR_SCHEDULE_TARGET,
+    AttemptFailed,
+    ChildrenSpawned,
+    Clock,
+    RunCompleted,
+    utcnow,
+)
 from actors.store.jetstream import api_request, direct_get_subject
 from actors.store.server import EmbeddedServer
 from sdk.errors import NonDeterminismError
@@ -254,7 +263,7 @@ async def aio_replay(history: str | os.PathLike[str] | dict[str, Any] | RunHisto
                      workflows: Sequence[TaskDefinition | Workflow]) -> None:
     """:func:`replay`, from async code."""
     hist = _load_history(history)
-    task = hist.entries[0].task
+    task = hist.started.task
     by_name: dict[str, TaskDefinition] = {}
     for w in workflows:
         if isinstance(w, Workflow):
@@ -307,11 +316,11 @@ async def _replay_durable(hist: RunHistory, defn: TaskDefinition) -> None:
     from actors.engine.replay import HistoryEnded, Turn
     from sdk.context import DurableContext, current_runtime
 
-    started = hist.entries[0]
+    started = hist.started
     turn = Turn(history=hist, log=cast("HistoryLog", _NoWrites()), task=defn.name, host_id="replay", attempt=1,
                 replay_only=True)
     value = defn.signature.load_input(started.input)
-    retry_count = sum(1 for e in hist.entries if e.k == "attempt_failed")
+    retry_count = sum(1 for e in hist.entries if isinstance(e, AttemptFailed))
     ctx = DurableContext(hist.run_id, defn.name, 1, started.input, turn, retry_count=retry_count,
                          parents=started.parents)
 
@@ -336,7 +345,7 @@ async def _replay_durable(hist: RunHistory, defn: TaskDefinition) -> None:
     exc = user.exception() if not user.cancelled() else None
     terminal = hist.terminal
     if isinstance(exc, HistoryEnded):
-        if terminal is not None and terminal.k == "run_completed":
+        if terminal is not None and isinstance(terminal, RunCompleted):
             raise NonDeterminismError(hist.run_id, exc.pos, "the end of the run (it completed there)", exc.requested)
         return
     if isinstance(exc, NonDeterminismError):
@@ -352,7 +361,7 @@ def _replay_dag(hist: RunHistory, wf: Workflow) -> None:
     """A workflow run's recorded tasks must be the tasks the workflow now has at the same places."""
     steps = wf.order()
     for e in hist.entries:
-        if e.k != "children_spawned":
+        if not isinstance(e, ChildrenSpawned):
             continue
         now = steps[e.pos].name if e.pos < len(steps) else None
         if now != e.task:

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 from actors.engine.child_ids import ChildStart, child_run_ids
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
-    TERMINAL_KINDS,
+    TERMINAL,
     ActivationBegun,
     ChildrenSpawned,
     EventSignal,
+    HistoryEntry,
     MemoRecorded,
     NowRecorded,
     ParentLink,
@@ -52,7 +53,7 @@ RESIDENT_MAX = timedelta(milliseconds=600)
 class AppendLog(Protocol):
     """Where a turn appends (the host's :class:`actors.store.history.HistoryLog`)."""
 
-    async def append(self, run_id: str, entries: list[Any], expected_seq: int,
+    async def append(self, run_id: str, entries: list[HistoryEntry], expected_seq: int,
                      notify: str | None = None) -> int: ...
 
 
@@ -80,19 +81,19 @@ class TimerRequest:
     wake_at: datetime
 
 
-def open_waits(entries: list[Any]) -> dict[str, WaitRegistered]:
+def open_waits(entries: Sequence[HistoryEntry]) -> dict[str, WaitRegistered]:
     """Waits registered and not yet resolved, by wait id (their router registrations are live)."""
     waits: dict[str, WaitRegistered] = {}
     for e in entries:
-        if e.k == "wait_registered":
+        if isinstance(e, WaitRegistered):
             waits[e.wait_id] = e
-        elif e.k == "wait_resolved":
+        elif isinstance(e, WaitResolved):
             waits.pop(e.wait_id, None)
     return waits
 
 
-def ended_registrations(before: list[Any], written: list[Any], unrecorded: Sequence[WaitRegistered] = ()
-                        ) -> list[tuple[WaitRegistered, set[int | None]]]:
+def ended_registrations(before: Sequence[HistoryEntry], written: Sequence[HistoryEntry],
+                        unrecorded: Sequence[WaitRegistered] = ()) -> list[tuple[WaitRegistered, set[int | None]]]:
     """The router registrations that a turn appending ``written`` after ``before`` must withdraw.
 
     A wait's registration is live while the wait is open in the history; the turn that
@@ -102,24 +103,24 @@ def ended_registrations(before: list[Any], written: list[Any], unrecorded: Seque
     before the withdrawal was durable) computes the same list again from the stored history.
     """
     was_open = open_waits(before)
-    ended = [w for e in written if e.k == "wait_resolved" and (w := was_open.get(e.wait_id)) is not None]
-    if any(e.k in TERMINAL_KINDS for e in written):
+    ended = [w for e in written if isinstance(e, WaitResolved) and (w := was_open.get(e.wait_id)) is not None]
+    if any(isinstance(e, TERMINAL) for e in written):
         # The run ended: its open waits, and any registration a dead host made for a wait it
         # never recorded (``Turn.unrecorded_waits``, resolved at once by a later turn).
-        ended += [*open_waits(before + written).values(), *unrecorded]
+        ended += [*open_waits([*before, *written]).values(), *unrecorded]
     if not ended:
         return []
     done: dict[str, set[int | None]] = {}
     for e in (*before, *written):
-        if e.k == "signal" and e.signal.source == "event" and e.signal.wait_id is not None:
+        if isinstance(e, SignalReceived) and e.signal.source == "event" and e.signal.wait_id is not None:
             done.setdefault(e.signal.wait_id, set()).add(e.signal.cond)
     return [(w, done.get(w.wait_id, set())) for w in ended]
 
 
-def last_turn(entries: list[Any]) -> tuple[list[Any], list[Any]]:
+def last_turn(entries: list[HistoryEntry]) -> tuple[list[HistoryEntry], list[HistoryEntry]]:
     """The history split before the last turn that wrote anything (each turn's first append begins with its marker)."""
     for i in range(len(entries) - 1, -1, -1):
-        if entries[i].k == "activation":
+        if isinstance(entries[i], ActivationBegun):
             return entries[:i], entries[i:]
     return entries, []
 
@@ -152,7 +153,7 @@ class Turn:
         self._redelivered = attempt > 1
         self._log = log
         self.last_seq = history.last_seq
-        started = history.entries[0] if history.entries else None
+        started = history.started if history.entries else None
         self.notify: str | None = started.meta.get("notify") if started is not None else None
         self.run_input: Any = started.input if started is not None else None
         self._by_pos: dict[int, dict[str, Any]] = {}
@@ -163,23 +164,23 @@ class Turn:
         """Children that ended: their outcome by run id (the first report wins)."""
         self.cancel_reason: str | None = None
         """Set when someone asked to cancel the run: its code is stopped where it would suspend."""
-        self.began = any(e.k == "activation" for e in history.entries)
+        self.began = any(isinstance(e, ActivationBegun) for e in history.entries)
         self.spawned: dict[str, str] = {}
         """Every child this run spawned: run id -> task."""
         for e in history.entries:
             pos = getattr(e, "pos", None)
             if pos is not None:
                 self._by_pos.setdefault(pos, {})[e.k] = e
-            if e.k == "signal":
+            if isinstance(e, SignalReceived):
                 self._take(e.inbox_seq, e.signal)
-            elif e.k == "children_spawned":
+            elif isinstance(e, ChildrenSpawned):
                 self.spawned.update(dict.fromkeys(e.run_ids, e.task))
-            elif e.k == "wait_resolved":
+            elif isinstance(e, WaitResolved):
                 self._consumed.update(e.consumed)
         self._next = 0
         # The activation record rides on the turn's first flush; a turn that appends
         # nothing else (a stale or duplicate activation) writes nothing at all.
-        self._pending: list[Any] = [ActivationBegun(host=host_id, attempt=attempt, at=utcnow())]
+        self._pending: list[HistoryEntry] = [ActivationBegun(host=host_id, attempt=attempt, at=utcnow())]
         # New inbox signals become history entries with this turn's first flush: never taken twice.
         for seq, sig in history.inbox:
             self._pending.append(SignalReceived(inbox_seq=seq, signal=sig))
@@ -188,7 +189,7 @@ class Turn:
         self.pending_wait: WaitRegistered | None = None
         """The wait the run suspended on: its event conditions must be registered with the router."""
         self.finished_or_failed = False
-        self.written: list[Any] = []
+        self.written: list[HistoryEntry] = []
         """Every entry this turn appended, in order."""
         self.unrecorded_waits: list[WaitRegistered] = []
         """Waits the code passed that were resolved with no ``wait_registered`` in the history.
@@ -302,7 +303,7 @@ class Turn:
     def has_new_facts(self) -> bool:
         return any(not isinstance(e, ActivationBegun) for e in self._pending)
 
-    async def flush(self, extra: list[Any] | None = None) -> None:
+    async def flush(self, extra: list[HistoryEntry] | None = None) -> None:
         """Append pending entries (plus ``extra``) as one message, guarded by expected sequence."""
         async with self._flush_lock:
             entries = self._pending + (extra or [])
@@ -319,15 +320,15 @@ class Turn:
             if self._trace is not None:
                 self._report_ended(entries)
 
-    def _report_ended(self, written: list[Any]) -> None:
+    def _report_ended(self, written: list[HistoryEntry]) -> None:
         """Spans for the sleeps and waits this append ended (only written entries: replay is silent)."""
         assert self._trace is not None
         for e in written:
-            if e.k == "sleep_fired" and e.pos in self._sleeps:
+            if isinstance(e, SleepFired) and e.pos in self._sleeps:
                 sched = self._sleeps[e.pos]
                 self._trace.sleep(e.pos, sched.duration_s,
                                   sched.wake_at - timedelta(seconds=sched.duration_s), e.at)
-            elif e.k == "wait_resolved" and e.pos in self._waits:
+            elif isinstance(e, WaitResolved) and e.pos in self._waits:
                 won = {eid for v in e.result.values() if isinstance(v, dict) for eid in v}
                 signals = [sig for seq, sig in self._signals if sig.event_id in won
                            and (sig.wait_id == e.wait_id or seq in e.consumed)]

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from actors.engine.wire import TERMINAL_KINDS, WIRE_VERSION, EventSignal, decode_history
+from actors.engine.wire import TERMINAL, WIRE_VERSION, EventSignal, HistoryEntry, RunStarted, Terminal, decode_history
 
 
 @dataclass
@@ -15,7 +15,7 @@ class RunHistory:
     """A run's entries in order, and the stream sequence of its last message (0 if none)."""
 
     run_id: str
-    entries: list[Any] = field(default_factory=list)
+    entries: list[HistoryEntry] = field(default_factory=list)
     last_seq: int = 0
     times: list[str] = field(default_factory=list)
     inbox: list[tuple[int, EventSignal]] = field(default_factory=list)
@@ -26,9 +26,17 @@ class RunHistory:
     """What the read held: the run's history and untaken inbox messages, in bytes."""
 
     @property
-    def terminal(self) -> Any | None:
+    def started(self) -> RunStarted:
+        """The run's start, its first entry (``ValueError`` if the history does not begin with one)."""
+        first = self.entries[0] if self.entries else None
+        if not isinstance(first, RunStarted):
+            raise ValueError(f"run {self.run_id}'s history does not begin with its run_started entry")
+        return first
+
+    @property
+    def terminal(self) -> Terminal | None:
         for e in reversed(self.entries):
-            if e.k in TERMINAL_KINDS:
+            if isinstance(e, TERMINAL):
                 return e
         return None
 
@@ -42,7 +50,7 @@ def export_run(hist: RunHistory) -> dict[str, Any]:
     return {
         "format": EXPORT_FORMAT,
         "run_id": hist.run_id,
-        "task": hist.entries[0].task if hist.entries else None,
+        "task": hist.started.task if hist.entries else None,
         "entries": [e.model_dump(mode="json") for e in hist.entries],
         "times": hist.times,
         "inbox": [{"seq": seq, "signal": sig.model_dump(mode="json")} for seq, sig in hist.inbox],
@@ -64,7 +72,7 @@ def import_run(doc: Any) -> RunHistory:
         inbox = [(int(i["seq"]), EventSignal.model_validate(i["signal"])) for i in doc.get("inbox") or []]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"the run export's entries are not valid: {e}") from e
-    if decoded[0].k != "run_started":
+    if not isinstance(decoded[0], RunStarted):
         raise ValueError(f"the run export's first entry is {decoded[0].k!r}, expected 'run_started'")
     return RunHistory(run_id=str(doc.get("run_id") or decoded[0].run_id), entries=decoded,
                       times=list(doc.get("times") or []), inbox=inbox)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -552,6 +553,32 @@ class RunCancelled(_Entry):
     at: datetime
 
 
+HistoryEntry = (
+    RunStarted
+    | ActivationBegun
+    | TurnParked
+    | MemoRecorded
+    | NowRecorded
+    | PatchMarked
+    | SleepScheduled
+    | SleepFired
+    | WaitRegistered
+    | SignalReceived
+    | WaitResolved
+    | ChildrenSpawned
+    | AttemptFailed
+    | RunCompleted
+    | RunFailed
+    | RunCancelled
+)
+"""One fact of a run's history; code matches on the type (``isinstance(e, MemoRecorded)``)."""
+
+Terminal = RunCompleted | RunFailed | RunCancelled
+"""How a run ended."""
+
+TERMINAL = (RunCompleted, RunFailed, RunCancelled)
+"""The terminal entry types, for ``isinstance``."""
+
 Entry = Annotated[
     RunStarted
     | ActivationBegun
@@ -572,7 +599,6 @@ Entry = Annotated[
     Field(discriminator="k"),
 ]
 
-TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
 
 
 class HistoryMessage(BaseModel):
@@ -593,11 +619,11 @@ def _model_fields(value: Any) -> Any:
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
-def encode_history(entries: list[Any]) -> bytes:
+def encode_history(entries: Sequence[HistoryEntry]) -> bytes:
     return orjson.dumps({"v": WIRE_VERSION, "e": [e.__dict__ for e in entries]}, default=_model_fields)
 
 
-def decode_history(data: bytes) -> list[Any]:
+def decode_history(data: bytes) -> list[HistoryEntry]:
     msg = _history_adapter.validate_json(data)
     if msg.v > WIRE_VERSION:
         raise ValueError(f"history message version {msg.v} is newer than this Bide ({WIRE_VERSION})")

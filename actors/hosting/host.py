@@ -27,20 +27,25 @@ from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     HDR_BIDE_KIND,
     HDR_TTL,
-    TERMINAL_KINDS,
+    TERMINAL,
     Activation,
     ActivationBegun,
     AttemptFailed,
     ChildrenSpawned,
     ErrorInfo,
+    EventSignal,
+    HistoryEntry,
     ParentLink,
     RunCancelled,
     RunCompleted,
     RunFailed,
     RunStarted,
     SignalReceived,
+    SleepFired,
+    SleepScheduled,
     TriggerRegistration,
     TurnParked,
+    WaitResolved,
     decode_activation,
     decode_history,
     encode_activation,
@@ -304,9 +309,9 @@ class ActorHost:
         if hist is None:
             hist = await self._read(act)
         if not hist.entries or hist.terminal is not None:
-            if hist.terminal is not None and hist.entries[0].parent is not None:
+            if hist.terminal is not None and hist.started.parent is not None:
                 await notify_parent(self._nc_, self._publisher_, self.layout.subjects, hist.run_id,
-                                    hist.entries[0].parent, hist.terminal)
+                                    hist.started.parent, hist.terminal)
             await msg.ack()
             return
         if err is None:
@@ -316,7 +321,7 @@ class ActorHost:
                 "or failed before finishing the turn, so the run failed without running its code again")
         log.error("%s", err)
         end = RunFailed(error=error_info(err), at=utcnow())
-        started = hist.entries[0]
+        started = hist.started
         unfinished: list[tuple[str, str]] = []
         if defn.runs_durably and not (defn.workflow is not None and defn is defn.workflow.runner):
             turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, attempt=delivered)
@@ -328,7 +333,8 @@ class ActorHost:
             begun = ActivationBegun(host=self.host_id, attempt=delivered, at=utcnow())
             await self._history.append(hist.run_id, [begun, end], hist.last_seq, started.meta.get("notify"))
             if defn.workflow is not None:
-                unfinished = [(rid, e.task) for e in hist.entries if e.k == "children_spawned" for rid in e.run_ids]
+                unfinished = [(rid, e.task) for e in hist.entries if isinstance(e, ChildrenSpawned)
+                              for rid in e.run_ids]
         await self._finished(hist.run_id, started, end, unfinished)
         await msg.ack()
 
@@ -374,7 +380,7 @@ class ActorHost:
                       getattr(first, "task", None))
             await msg.ack()
             return None
-        if attempt == 1 and any(e.k == "activation" for e in hist.entries):
+        if attempt == 1 and any(isinstance(e, ActivationBegun) for e in hist.entries):
             # A start sent again (a parent's replay, a retried request): the run has begun already,
             # and its own activation, if its host died, comes back by itself.
             await msg.ack()
@@ -419,7 +425,7 @@ class ActorHost:
                 log.warning("dropping activation for run %s: the run has no history", act.run_id)
                 await msg.ack()
             return
-        started = hist.entries[0]
+        started = hist.started
         terminal = hist.terminal
         if terminal is not None:
             # The host that ended it may have died before scheduling its removal (idempotent).
@@ -459,7 +465,7 @@ class ActorHost:
             # Nothing for the code to do (a loser of an or-group, a signal taken already, an
             # event for a wait not made yet): record any new signals, never resume the code.
             if hist.inbox:
-                entries: list[Any] = [SignalReceived(inbox_seq=q, signal=sig) for q, sig in hist.inbox]
+                entries: list[HistoryEntry] = [SignalReceived(inbox_seq=q, signal=sig) for q, sig in hist.inbox]
                 await self._history.append(act.run_id, entries, hist.last_seq)
                 self._purge_inbox(act.run_id, hist.inbox[-1][0])
             await msg.ack()
@@ -474,9 +480,9 @@ class ActorHost:
 
     def _late(self, hist: RunHistory, defn: TaskDefinition) -> RunFailed | None:
         """``schedule_timeout``: a run that waited too long for its first turn fails without running."""
-        if defn.schedule_timeout is None or any(e.k == "activation" for e in hist.entries):
+        if defn.schedule_timeout is None or any(isinstance(e, ActivationBegun) for e in hist.entries):
             return None
-        waited = utcnow() - hist.entries[0].at
+        waited = utcnow() - hist.started.at
         if waited <= defn.schedule_timeout:
             return None
         err = ScheduleTimeoutError(
@@ -486,7 +492,7 @@ class ActorHost:
 
     async def _durable_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int,
                             run_trace: RunTrace | None) -> None:
-        started = hist.entries[0]
+        started = hist.started
         turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, attempt=attempt,
                     start_children=self._start_children, trace=run_trace)
         late = self._late(hist, defn)
@@ -565,7 +571,7 @@ class ActorHost:
         if end is not None:
             # A fatal error (non-determinism, a write the server can never accept) is not retried:
             # a retry would replay into the same error.
-            if end.k == "run_failed" and turn.fatal is None:
+            if isinstance(end, RunFailed) and turn.fatal is None:
                 retry = self._retry(defn, hist, end, user if finished else None)
                 if retry is not None:
                     await turn.flush([retry])
@@ -612,11 +618,11 @@ class ActorHost:
         """A run ended: tell its parent; a cancelled run cancels the children it still has running."""
         mark_outcome(end.k.removeprefix("run_"))
         await self._reaper.schedule(run_id, end)  # retention starts now (DESIGN.md invariant 9)
-        if end.k == "run_failed":
+        if isinstance(end, RunFailed):
             mark_failed(f"{end.error.type}: {end.error.message}")
         if started.parent is not None:
             await notify_parent(self._nc_, self._publisher_, self.layout.subjects, run_id, started.parent, end)
-        if end.k == "run_cancelled" or (end.k == "run_failed" and started.task in self._workflows):
+        if isinstance(end, RunCancelled) or (isinstance(end, RunFailed) and started.task in self._workflows):
             for child, task in unfinished:
                 self._chore(request_cancel(self._nc_, self._publisher_, self._history, self.layout.subjects, child,
                                            f"parent run {run_id} ended: {end.k.removeprefix('run_')}", task))
@@ -642,7 +648,7 @@ class ActorHost:
         if turn.took_signals:
             self._purge_inbox(hist.run_id, hist.inbox[-1][0])
 
-    async def _withdraw(self, run_id: str, task: str, before: list[Any], written: list[Any],
+    async def _withdraw(self, run_id: str, task: str, before: list[HistoryEntry], written: list[HistoryEntry],
                         unrecorded: Sequence[Any] = ()) -> None:
         """Withdraw the registrations (and sleep timers) of the waits that ``written`` ended; safe to repeat.
 
@@ -657,12 +663,12 @@ class ActorHost:
             if any(c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for c in w.flat()):
                 # The loser of an or-group never resumes the run: its timer is withdrawn.
                 self._chore(self._timers.cancel(run_id, w.pos))
-        if any(e.k in TERMINAL_KINDS for e in written):
+        if any(isinstance(e, TERMINAL) for e in written):
             # A run that ended mid-sleep (cancelled, failed) withdraws that sleep's timer too.
             entries = before + written
-            fired = {e.pos for e in entries if e.k == "sleep_fired"}
+            fired = {e.pos for e in entries if isinstance(e, SleepFired)}
             for e in entries:
-                if e.k == "sleep_scheduled" and e.pos not in fired and e.wake_at > now:
+                if isinstance(e, SleepScheduled) and e.pos not in fired and e.wake_at > now:
                     self._chore(self._timers.cancel(run_id, e.pos))
 
     async def _redo_last_turn(self, hist: RunHistory, task: str) -> None:
@@ -675,7 +681,7 @@ class ActorHost:
         before, written = last_turn(hist.entries)
         if written:
             await self._withdraw(hist.run_id, task, before, written)
-        taken = [e.inbox_seq for e in hist.entries if e.k == "signal"]
+        taken = [e.inbox_seq for e in hist.entries if isinstance(e, SignalReceived)]
         if taken:
             self._purge_inbox(hist.run_id, max(taken))
 
@@ -712,7 +718,7 @@ class ActorHost:
         t.add_done_callback(self._chores.discard)
 
     async def _regular_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int) -> None:
-        started = hist.entries[0]
+        started = hist.started
         notify = started.meta.get("notify")
         begun = ActivationBegun(host=self.host_id, attempt=attempt, at=utcnow())
         cancel = next((sig for _, sig in hist.inbox if sig.source == "cancel"), None)
@@ -747,7 +753,7 @@ class ActorHost:
         else:
             await _cancel(user)
             end = _timed_out(defn, hist.run_id, timeout or 0)
-        if end.k == "run_failed":
+        if isinstance(end, RunFailed):
             retry = self._retry(defn, hist, end, user if user in done else None)
             if retry is not None:
                 seq = await self._history.append(hist.run_id, [begun, retry], hist.last_seq)
@@ -766,19 +772,19 @@ class ActorHost:
         """
         wf = defn.workflow
         assert wf is not None
-        started = hist.entries[0]
+        started = hist.started
         now = utcnow()
-        new: list[Any] = [ActivationBegun(host=self.host_id, attempt=attempt, at=now)]
+        new: list[HistoryEntry] = [ActivationBegun(host=self.host_id, attempt=attempt, at=now)]
         new += [SignalReceived(inbox_seq=q, signal=sig) for q, sig in hist.inbox]
         spawned: dict[str, str] = {}
         outcomes: dict[str, dict[str, Any]] = {}
         cancel: str | None = None
         for e in hist.entries + new:
-            if e.k == "children_spawned":
+            if isinstance(e, ChildrenSpawned):
                 spawned[e.task] = e.run_ids[0]
-            elif e.k == "signal" and e.signal.source == "child":
+            elif isinstance(e, SignalReceived) and e.signal.source == "child":
                 outcomes.setdefault(e.signal.name, e.signal.payload)
-            elif e.k == "signal" and e.signal.source == "cancel" and cancel is None:
+            elif isinstance(e, SignalReceived) and e.signal.source == "cancel" and cancel is None:
                 cancel = (e.signal.payload or {}).get("reason") or "cancelled"
         steps = wf.order()
         done = {t.workflow_key: outcomes[spawned[t.name]] for t in steps
@@ -855,7 +861,7 @@ async def _bounded(step: Any, what: str, timeout: float = _STOP_STEP_S) -> bool:
         return False
 
 
-def _claim(entries: list[Any]) -> list[Any]:
+def _claim(entries: list[HistoryEntry]) -> list[EventSignal]:
     """The signals of the last turn if it recorded signals and nothing after them, else none.
 
     Such a turn's code is running now, or its host died: a turn claims the signals it woke
@@ -863,11 +869,11 @@ def _claim(entries: list[Any]) -> list[Any]:
     it says so (:class:`actors.engine.wire.TurnParked`), so a claim standing alone means the code
     has not reacted yet.
     """
-    claimed: list[Any] = []
+    claimed: list[EventSignal] = []
     for e in reversed(entries):
-        if e.k == "activation":
+        if isinstance(e, ActivationBegun):
             return claimed
-        if e.k != "signal":
+        if not isinstance(e, SignalReceived):
             return []
         claimed.append(e.signal)
     return []
@@ -879,14 +885,14 @@ def _suspended(hist: RunHistory) -> bool:
         return False  # a turn that claimed signals has not reacted yet (or its host died)
     if open_waits(hist.entries):
         return True
-    fired = {e.pos for e in hist.entries if e.k == "sleep_fired"}
-    if any(e.k == "sleep_scheduled" and e.pos not in fired for e in hist.entries):
+    fired = {e.pos for e in hist.entries if isinstance(e, SleepFired)}
+    if any(isinstance(e, SleepScheduled) and e.pos not in fired for e in hist.entries):
         return True
-    reported = {e.signal.name for e in hist.entries if e.k == "signal" and e.signal.source == "child"}
-    return any(e.k == "children_spawned" and not set(e.run_ids) <= reported for e in hist.entries)
+    reported = {e.signal.name for e in hist.entries if isinstance(e, SignalReceived) and e.signal.source == "child"}
+    return any(isinstance(e, ChildrenSpawned) and not set(e.run_ids) <= reported for e in hist.entries)
 
 
-def _unheeded_signals(hist: RunHistory) -> list[Any]:
+def _unheeded_signals(hist: RunHistory) -> list[EventSignal]:
     """Signals the run's code may not have reacted to: new ones in the inbox, and those its last turn recorded.
 
     A turn that recorded signals and nothing else either found nothing for the code to do,
@@ -903,7 +909,7 @@ def _needs_user_code(act: Activation, hist: RunHistory) -> bool:
     if any(sig.source in ("child", "cancel") for sig in signals):
         return True
     if act.kind == "timer" and act.pos is not None:
-        fired = {e.pos for e in hist.entries if e.k in ("wait_resolved", "sleep_fired")}
+        fired = {e.pos for e in hist.entries if isinstance(e, (WaitResolved, SleepFired))}
         if act.pos not in fired:
             return True
     waits = open_waits(hist.entries)
@@ -922,7 +928,7 @@ def _cancelled_error(task: asyncio.Task[Any]) -> bool:
 
 def _failures(hist: RunHistory) -> int:
     """Failed attempts so far (the attempt number is this plus one, on every host)."""
-    return sum(1 for e in hist.entries if e.k == "attempt_failed")
+    return sum(1 for e in hist.entries if isinstance(e, AttemptFailed))
 
 
 def _time_limit(started: Any, defn: TaskDefinition) -> float | None:

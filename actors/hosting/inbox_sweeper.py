@@ -117,7 +117,7 @@ class InboxSweeper:
         hist = await self._history.read(run_id, inbox_seq=seq)
         untaken = {q for q, _ in hist.inbox}
         if hist.entries and hist.terminal is None and seq in untaken:
-            task = hist.entries[0].task
+            task = hist.started.task
             act = Activation(run_id=run_id, task=task, kind="signal", inbox_seq=seq)
             await self._pub.publish(self._s.work(task, run_id), encode_activation(act),
                                     {HDR_BIDE_KIND: "signal", HDR_MSG_ID: f"sweep:{run_id}:{seq}"})

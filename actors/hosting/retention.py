@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from actors.engine.wire import RunRemoval, utcnow
+from actors.engine.wire import RunRemoval, WaitRegistered, utcnow
 from actors.hosting.activation_queue import ActivationQueue, SlotPool
 from actors.hosting.router import publish_registrations
 from actors.store.history import HistoryLog
@@ -98,9 +98,9 @@ class Reaper:
             await self.schedule(run_id, terminal)
             return "not due"
         s = self._layout.subjects
-        task = hist.entries[0].task
+        task = hist.started.task
         for wait in hist.entries:
-            if wait.k == "wait_registered":
+            if isinstance(wait, WaitRegistered):
                 # Their hosts withdrew them as they ended; this covers any withdrawal that never landed.
                 await publish_registrations(self._pub, self._layout, wait, run_id, task, None, "cancel")
         await self._purge(s.history_stream, s.inbox(run_id))

@@ -21,10 +21,12 @@ from actors.engine.child_ids import ChildStart
 from actors.engine.wire import (
     HDR_BIDE_KIND,
     HDR_MSG_ID,
-    TERMINAL_KINDS,
+    TERMINAL,
     Activation,
     EventSignal,
     ParentLink,
+    RunCompleted,
+    RunFailed,
     RunStarted,
     Subjects,
     decode_history,
@@ -69,9 +71,9 @@ async def start_children(history: HistoryLog, pub: Publisher, subjects: Subjects
 
 def outcome_of(terminal: Any) -> dict[str, Any]:
     """What a parent learns of a child's end (the payload of its ``child`` signal)."""
-    if terminal.k == "run_completed":
+    if isinstance(terminal, RunCompleted):
         return {"status": "completed", "result": terminal.result, "skipped": bool(terminal.skipped)}
-    if terminal.k == "run_failed":
+    if isinstance(terminal, RunFailed):
         return {"status": "failed", "error": terminal.error.model_dump()}
     return {"status": "cancelled", "reason": terminal.reason}
 
@@ -96,10 +98,12 @@ async def live_run_task(nc: NATS, history: HistoryLog, subjects: Subjects, run_i
     if first is None:
         raise LookupError(run_id)
     last = await history.read_last(run_id)
-    if any(e.k in TERMINAL_KINDS for e in last):
+    if any(isinstance(e, TERMINAL) for e in last):
         return None
-    task: str = decode_history(first.data)[0].task
-    return task
+    started = decode_history(first.data)[0]
+    if not isinstance(started, RunStarted):
+        raise ValueError(f"run {run_id}'s history does not begin with its start")
+    return started.task
 
 
 async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects: Subjects, run_id: str,
@@ -112,7 +116,7 @@ async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects
         task = await live_run_task(nc, history, subjects, run_id)
         if task is None:
             return False
-    elif any(e.k in TERMINAL_KINDS for e in await history.read_last(run_id)):
+    elif any(isinstance(e, TERMINAL) for e in await history.read_last(run_id)):
         return False
     sig = EventSignal(source="cancel", name="cancel", payload={"reason": reason}, event_id=uuid.uuid4().hex,
                       at=utcnow())

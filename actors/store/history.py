@@ -13,8 +13,10 @@ from nats.aio.client import Client as NATS
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     HDR_EXPECTED_LAST_SUBJECT_SEQ,
-    TERMINAL_KINDS,
+    TERMINAL,
     EventSignal,
+    HistoryEntry,
+    SignalReceived,
     Subjects,
     decode_history,
     encode_history,
@@ -115,7 +117,7 @@ class HistoryLog:
             hist.times.extend([hdrs.get("Nats-Time-Stamp", "")] * len(batch))
             hist.last_seq = seq
             for e in batch:
-                if e.k == "signal":
+                if isinstance(e, SignalReceived):
                     taken = max(taken, e.inbox_seq)
         hist.inbox = [(seq, sig) for seq, sig in inbox if seq > taken]
         hist.inbox_seen = max(hist.inbox_seen, taken)
@@ -135,7 +137,7 @@ class HistoryLog:
             return None
         return decode_history(msg.data)[0]
 
-    async def read_last(self, run_id: str, min_seq: int = 0) -> list[Any]:
+    async def read_last(self, run_id: str, min_seq: int = 0) -> list[HistoryEntry]:
         """The entries of the run's last message only (enough to see a terminal state).
 
         With ``min_seq`` (a history append known to be acknowledged), a reply older than it
@@ -154,7 +156,8 @@ class HistoryLog:
             await asyncio.sleep(_STALE_READ_RETRY_S)
         return [] if msg is None else decode_history(msg.data)
 
-    async def append(self, run_id: str, entries: list[Any], expected_seq: int, notify: str | None = None) -> int:
+    async def append(self, run_id: str, entries: list[HistoryEntry], expected_seq: int,
+                     notify: str | None = None) -> int:
         """Append ``entries`` as one message; returns its stream sequence.
 
         Single writer: the expected-last-subject-sequence header makes the append fail
@@ -191,6 +194,6 @@ class HistoryLog:
             log.warning("run %s: history append failed for the infrastructure's sake; retrying in %.2fs", run_id, delay)
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
-        if notify and entries and entries[-1].k in TERMINAL_KINDS:
+        if notify and entries and isinstance(entries[-1], TERMINAL):
             await self._nc.publish(notify, data)
         return seq
