@@ -59,11 +59,11 @@ current_runtime: contextvars.ContextVar[DurableRuntime | None] = contextvars.Con
 class Context:
     """What every task receives: who it is and where it runs."""
 
-    def __init__(self, run_id: str, task_name: str, attempt: int, input_data: Any, *, retry_count: int = 0,
+    def __init__(self, run_id: str, task_name: str, delivery: int, input_data: Any, *, retry_count: int = 0,
                  parents: dict[str, Any] | None = None) -> None:
         self._run_id = run_id
         self._task_name = task_name
-        self._attempt = attempt
+        self._delivery = delivery
         self._retry_count = retry_count
         self._input = input_data
         self._parents = parents or {}
@@ -95,7 +95,7 @@ class Context:
     @property
     def delivery_count(self) -> int:
         """How many times this activation was delivered (above 1 after a host crash)."""
-        return self._attempt
+        return self._delivery
 
     def task_output(self, parent: Any) -> Any:
         """The output of a parent task of this workflow task (``None`` if the parent was skipped)."""
@@ -131,10 +131,10 @@ class DurableContext(Context):
     """A :class:`Context` whose awaits are checkpoints: they survive crashes and free the worker."""
 
     def __init__(
-        self, run_id: str, task_name: str, attempt: int, input_data: Any, runtime: DurableRuntime, *,
+        self, run_id: str, task_name: str, delivery: int, input_data: Any, runtime: DurableRuntime, *,
         retry_count: int = 0, parents: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(run_id, task_name, attempt, input_data, retry_count=retry_count, parents=parents)
+        super().__init__(run_id, task_name, delivery, input_data, retry_count=retry_count, parents=parents)
         self._runtime = runtime
 
     async def aio_sleep_for(self, duration: timedelta | float | str) -> SleepResult:

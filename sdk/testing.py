@@ -317,7 +317,7 @@ async def _replay_durable(hist: RunHistory, defn: TaskDefinition) -> None:
     from sdk.context import DurableContext, current_runtime
 
     started = hist.started
-    turn = Turn(history=hist, log=cast("HistoryLog", _NoWrites()), task=defn.name, host_id="replay", attempt=1,
+    turn = Turn(history=hist, log=cast("HistoryLog", _NoWrites()), task=defn.name, host_id="replay", delivery=1,
                 replay_only=True)
     value = defn.signature.load_input(started.input)
     retry_count = sum(1 for e in hist.entries if isinstance(e, AttemptFailed))

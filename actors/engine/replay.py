@@ -135,7 +135,7 @@ class Turn:
         log: AppendLog,
         task: str,
         host_id: str,
-        attempt: int,
+        delivery: int,
         start_children: StartChildren | None = None,
         trace: RunTrace | None = None,
         replay_only: bool = False,
@@ -150,7 +150,7 @@ class Turn:
         # Where each sleep and wait began (recorded or new), for their spans when they end.
         self._sleeps: dict[int, SleepScheduled] = {}
         self._waits: dict[int, WaitRegistered] = {}
-        self._redelivered = attempt > 1
+        self._redelivered = delivery > 1
         self._log = log
         self.last_seq = history.last_seq
         started = history.started if history.entries else None
@@ -180,7 +180,7 @@ class Turn:
         self._next = 0
         # The activation record rides on the turn's first flush; a turn that appends
         # nothing else (a stale or duplicate activation) writes nothing at all.
-        self._pending: list[HistoryEntry] = [ActivationBegun(host=host_id, attempt=attempt, at=utcnow())]
+        self._pending: list[HistoryEntry] = [ActivationBegun(host=host_id, delivery=delivery, at=utcnow())]
         # New inbox signals become history entries with this turn's first flush: never taken twice.
         for seq, sig in history.inbox:
             self._pending.append(SignalReceived(inbox_seq=seq, signal=sig))

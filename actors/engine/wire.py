@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter
 
 WIRE_VERSION = 1
 
@@ -375,7 +375,9 @@ class ActivationBegun(_Entry):
 
     k: Literal["activation"] = "activation"
     host: str
-    attempt: int
+    delivery: int = Field(validation_alias=AliasChoices("delivery", "attempt"))
+    """How many times the activation was delivered (1, or more after a host died); not the retry
+    number, which ``attempt_failed`` entries count. Read from ``attempt`` in histories written before."""
     at: datetime
 
 

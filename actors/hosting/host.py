@@ -324,13 +324,13 @@ class ActorHost:
         started = hist.started
         unfinished: list[tuple[str, str]] = []
         if defn.runs_durably and not (defn.workflow is not None and defn is defn.workflow.runner):
-            turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, attempt=delivered)
+            turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, delivery=delivered)
             turn.finished_or_failed = True
             await turn.flush([end])
             await self._after_turn(turn, defn, hist)
             unfinished = turn.unfinished_children
         else:
-            begun = ActivationBegun(host=self.host_id, attempt=delivered, at=utcnow())
+            begun = ActivationBegun(host=self.host_id, delivery=delivered, at=utcnow())
             await self._history.append(hist.run_id, [begun, end], hist.last_seq, started.meta.get("notify"))
             if defn.workflow is not None:
                 unfinished = [(rid, e.task) for e in hist.entries if isinstance(e, ChildrenSpawned)
@@ -360,7 +360,7 @@ class ActorHost:
         return None
 
     async def _begin(self, msg: Msg, act: Activation, started: RunStarted, hist: RunHistory,
-                     attempt: int) -> RunHistory | None:
+                     delivery: int) -> RunHistory | None:
         """A start activation: the run's history with its start recorded, or ``None`` (acked) if not to run.
 
         The starter publishes the activation before ``run_started`` (actors.store.protocol.start_run),
@@ -380,7 +380,7 @@ class ActorHost:
                       getattr(first, "task", None))
             await msg.ack()
             return None
-        if attempt == 1 and any(isinstance(e, ActivationBegun) for e in hist.entries):
+        if delivery == 1 and any(isinstance(e, ActivationBegun) for e in hist.entries):
             # A start sent again (a parent's replay, a retried request): the run has begun already,
             # and its own activation, if its host died, comes back by itself.
             await msg.ack()
@@ -396,30 +396,30 @@ class ActorHost:
             hist = await self._read(act)
         return hist
 
-    async def _turn(self, msg: Msg, act: Activation, defn: TaskDefinition, attempt: int) -> None:
+    async def _turn(self, msg: Msg, act: Activation, defn: TaskDefinition, delivery: int) -> None:
         began_ns = time.time_ns()
         fresh = None
-        if act.kind == "start" and attempt == 1 and act.started is not None:
+        if act.kind == "start" and delivery == 1 and act.started is not None:
             fresh = await self._fresh_start(act, act.started)
         if fresh is not None:
             hist = fresh  # first delivery of a start: the history is exactly the start entry
         else:
             hist = await self._read(act)
         if hist.size_bytes > self.config.max_history_bytes and hist.terminal is None:
-            await self._give_up(msg, act, defn, attempt, HistoryTooLargeError(
+            await self._give_up(msg, act, defn, delivery, HistoryTooLargeError(
                 f"run {act.run_id} of task {defn.name!r}: its history holds {format_size(hist.size_bytes)}, more "
                 f"than BIDE_MAX_HISTORY={format_size(self.config.max_history_bytes)}; the run failed rather than "
                 "grow further (raise the limit, or keep large data outside the run and pass references)"), hist)
             return
-        if attempt > 1 and hist.entries:
+        if delivery > 1 and hist.entries:
             await self._redo_last_turn(hist, defn.name)
         if act.kind == "start" and act.started is not None:
-            began = await self._begin(msg, act, act.started, hist, attempt)
+            began = await self._begin(msg, act, act.started, hist, delivery)
             if began is None:
                 return
             hist = began
         if not hist.entries:
-            if attempt < _MISSING_HISTORY_RETRIES:
+            if delivery < _MISSING_HISTORY_RETRIES:
                 await msg.nak(delay=0.2)
             else:
                 log.warning("dropping activation for run %s: the run has no history", act.run_id)
@@ -430,7 +430,7 @@ class ActorHost:
         if terminal is not None:
             # The host that ended it may have died before scheduling its removal (idempotent).
             await self._reaper.schedule(hist.run_id, terminal)
-            if attempt > 1 and started.parent is not None:
+            if delivery > 1 and started.parent is not None:
                 # The host that ended it may have died before telling the parent (idempotent).
                 await notify_parent(self._nc_, self._publisher_, self.layout.subjects, hist.run_id, started.parent,
                                     terminal)
@@ -439,18 +439,18 @@ class ActorHost:
         run_trace = self.tracing.run(started)
         span: Any = nullcontext()
         if run_trace is not None:
-            span = run_trace.activation(kind=act.kind, subject=msg.subject, delivery=attempt,
+            span = run_trace.activation(kind=act.kind, subject=msg.subject, delivery=delivery,
                                         attempt=_failures(hist) + 1, signals=[sig for _, sig in hist.inbox],
                                         began_ns=began_ns)
         if defn.workflow is not None and defn is defn.workflow.runner:
             self.turns += 1
             with span:
-                await self._workflow_turn(hist, defn, attempt)
+                await self._workflow_turn(hist, defn, delivery)
             await msg.ack()
             return
         skip_code = False
         if defn.runs_durably and act.kind in ("timer", "signal"):
-            if not _suspended(hist) and attempt == 1:
+            if not _suspended(hist) and delivery == 1:
                 # The code is not parked at a wait or a sleep: a turn is under way on another host
                 # (it may have claimed signals and be running steps now), or one died before it
                 # parked. Running the code now would run those steps twice, so wait for it to
@@ -473,9 +473,9 @@ class ActorHost:
         self.turns += 1
         with span:
             if defn.runs_durably:
-                await self._durable_turn(hist, defn, attempt, run_trace)
+                await self._durable_turn(hist, defn, delivery, run_trace)
             else:
-                await self._regular_turn(hist, defn, attempt)
+                await self._regular_turn(hist, defn, delivery)
         await msg.ack()
 
     def _late(self, hist: RunHistory, defn: TaskDefinition) -> RunFailed | None:
@@ -490,10 +490,10 @@ class ActorHost:
             f"its schedule_timeout of {defn.schedule_timeout.total_seconds():g}s")
         return RunFailed(error=error_info(err), at=utcnow())
 
-    async def _durable_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int,
+    async def _durable_turn(self, hist: RunHistory, defn: TaskDefinition, delivery: int,
                             run_trace: RunTrace | None) -> None:
         started = hist.started
-        turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, attempt=attempt,
+        turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, delivery=delivery,
                     start_children=self._start_children, trace=run_trace)
         late = self._late(hist, defn)
         if late is not None or (turn.cancel_reason is not None and not turn.began):
@@ -513,7 +513,7 @@ class ActorHost:
             await self._finished(hist.run_id, started, failed, [])
             return
         retry_count = _failures(hist)
-        ctx = DurableContext(hist.run_id, defn.name, attempt, started.input, turn, retry_count=retry_count,
+        ctx = DurableContext(hist.run_id, defn.name, delivery, started.input, turn, retry_count=retry_count,
                              parents=started.parents)
 
         async def drive() -> Any:
@@ -717,10 +717,10 @@ class ActorHost:
         self._chores.add(t)
         t.add_done_callback(self._chores.discard)
 
-    async def _regular_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int) -> None:
+    async def _regular_turn(self, hist: RunHistory, defn: TaskDefinition, delivery: int) -> None:
         started = hist.started
         notify = started.meta.get("notify")
-        begun = ActivationBegun(host=self.host_id, attempt=attempt, at=utcnow())
+        begun = ActivationBegun(host=self.host_id, delivery=delivery, at=utcnow())
         cancel = next((sig for _, sig in hist.inbox if sig.source == "cancel"), None)
         end: Any = self._late(hist, defn)
         if end is None and cancel is not None:
@@ -735,7 +735,7 @@ class ActorHost:
             await self._finished(hist.run_id, started, end, [])
             return
         retry_count = _failures(hist)
-        ctx = Context(hist.run_id, defn.name, attempt, started.input, retry_count=retry_count,
+        ctx = Context(hist.run_id, defn.name, delivery, started.input, retry_count=retry_count,
                       parents=started.parents)
         user: asyncio.Task[Any] = asyncio.create_task(defn.entry(value, ctx))
         self._running[hist.run_id] = (user, None)
@@ -762,7 +762,7 @@ class ActorHost:
         await self._history.append(hist.run_id, [begun, end], hist.last_seq, notify)
         await self._finished(hist.run_id, started, end, [])
 
-    async def _workflow_turn(self, hist: RunHistory, defn: TaskDefinition, attempt: int) -> None:
+    async def _workflow_turn(self, hist: RunHistory, defn: TaskDefinition, delivery: int) -> None:
         """A DAG run: start every task whose parents have all ended; end when all have.
 
         The state is the history: which tasks were spawned (``children_spawned``, one
@@ -774,7 +774,7 @@ class ActorHost:
         assert wf is not None
         started = hist.started
         now = utcnow()
-        new: list[HistoryEntry] = [ActivationBegun(host=self.host_id, attempt=attempt, at=now)]
+        new: list[HistoryEntry] = [ActivationBegun(host=self.host_id, delivery=delivery, at=now)]
         new += [SignalReceived(inbox_seq=q, signal=sig) for q, sig in hist.inbox]
         spawned: dict[str, str] = {}
         outcomes: dict[str, dict[str, Any]] = {}
@@ -820,7 +820,7 @@ class ActorHost:
         await self._history.append(hist.run_id, new, hist.last_seq, started.meta.get("notify"))
         if hist.inbox:
             self._purge_inbox(hist.run_id, hist.inbox[-1][0])
-        if end is None and attempt > 1:
+        if end is None and delivery > 1:
             # This activation came back: the turn that recorded a task may have died before starting it.
             to_start += [(idx, t) for idx, t in enumerate(steps)
                          if t.name in spawned and spawned[t.name] not in outcomes and (idx, t) not in to_start]

@@ -299,7 +299,7 @@ async def test_a_cancel_recorded_by_a_host_that_died_before_its_code_reacted_sti
                          at=utcnow())
     inbox_seq = (await conn.js.publish(s.inbox(run_id), cancel.model_dump_json().encode())).seq
     hist = await conn.history.read(run_id, inbox_seq=inbox_seq)
-    await conn.history.append(run_id, [ActivationBegun(host="dead", attempt=1, at=utcnow()),
+    await conn.history.append(run_id, [ActivationBegun(host="dead", delivery=1, at=utcnow()),
                                        SignalReceived(inbox_seq=inbox_seq, signal=cancel)], hist.last_seq)
     # Its activation comes back (a redelivery); the inbox holds nothing new.
     act = Activation(run_id=run_id, task="CancelledByTheDead", kind="signal", inbox_seq=inbox_seq)

@@ -29,7 +29,7 @@ def store(n: int) -> str:
 def history(*entries: Any, done: Any = None) -> RunHistory:
     started = RunStarted(run_id="r1", task="Job", durable=True, input={}, at=AT)
     tail = [RunCompleted(result=done, at=AT)] if done is not None else []
-    return RunHistory(run_id="r1", entries=[started, ActivationBegun(host="h", attempt=1, at=AT), *entries, *tail])
+    return RunHistory(run_id="r1", entries=[started, ActivationBegun(host="h", delivery=1, at=AT), *entries, *tail])
 
 
 def memo(pos: int, fn: Any, *args: Any, result: Any) -> MemoRecorded:

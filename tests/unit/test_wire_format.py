@@ -5,6 +5,7 @@ from datetime import timedelta
 import pytest
 
 from actors.engine.wire import (
+    ActivationBegun,
     MemoRecorded,
     RunCompleted,
     RunStarted,
@@ -73,3 +74,10 @@ def test_bad_durations_name_the_value(text: str) -> None:
 def test_negative_durations_are_refused() -> None:
     with pytest.raises(ValueError, match="negative"):
         parse_duration(-1, "duration")
+
+
+def test_an_activation_written_before_the_rename_reads_its_delivery_count() -> None:
+    old = b'{"v":1,"e":[{"k":"activation","host":"h","attempt":3,"at":"2026-01-01T00:00:00Z"}]}'
+    (entry,) = decode_history(old)
+    assert isinstance(entry, ActivationBegun) and entry.delivery == 3
+    assert b'"delivery":3' in encode_history([entry])
