@@ -37,7 +37,6 @@ from actors.engine.wire import (
     HDR_BIDE_DUE,
     HDR_SCHEDULE,
     HDR_SCHEDULE_TARGET,
-    AttemptFailed,
     ChildrenSpawned,
     Clock,
     RunCompleted,
@@ -313,6 +312,7 @@ class _NoWrites:
 
 
 async def _replay_durable(hist: RunHistory, defn: TaskDefinition) -> None:
+    from actors.engine.decisions import failed_attempts
     from actors.engine.replay import HistoryEnded, Turn
     from sdk.context import DurableContext, current_runtime
 
@@ -320,7 +320,7 @@ async def _replay_durable(hist: RunHistory, defn: TaskDefinition) -> None:
     turn = Turn(history=hist, log=cast("HistoryLog", _NoWrites()), task=defn.name, host_id="replay", delivery=1,
                 replay_only=True)
     value = defn.signature.load_input(started.input)
-    retry_count = sum(1 for e in hist.entries if isinstance(e, AttemptFailed))
+    retry_count = failed_attempts(hist)
     ctx = DurableContext(hist.run_id, defn.name, 1, started.input, turn, retry_count=retry_count,
                          parents=started.parents)
 

@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
-from actors.engine.child_ids import ChildStart, child_run_id
-from actors.engine.replay import Turn, ended_registrations, last_turn, open_waits
+from actors.engine.child_ids import ChildStart
+from actors.engine.dag import plan_workflow_turn
+from actors.engine.decisions import claimed_signals, failed_attempts, is_suspended, needs_user_code
+from actors.engine.replay import Turn, ended_registrations, last_turn
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     HDR_BIDE_KIND,
@@ -33,7 +35,6 @@ from actors.engine.wire import (
     AttemptFailed,
     ChildrenSpawned,
     ErrorInfo,
-    EventSignal,
     HistoryEntry,
     ParentLink,
     RunCancelled,
@@ -45,7 +46,6 @@ from actors.engine.wire import (
     SleepScheduled,
     TriggerRegistration,
     TurnParked,
-    WaitResolved,
     decode_activation,
     decode_history,
     encode_activation,
@@ -86,7 +86,6 @@ from sdk.errors import (
     TaskSkipped,
     TaskTimeoutError,
 )
-from sdk.gates import SKIPPED
 from sdk.limits import format_size
 
 if TYPE_CHECKING:
@@ -387,11 +386,11 @@ class ActorHost:
             return None
         return hist
 
-    async def _until_suspended(self, act: Activation, hist: RunHistory) -> RunHistory:
+    async def _untilis_suspended(self, act: Activation, hist: RunHistory) -> RunHistory:
         """The run re-read until its code is parked (or it ended), for at most ``_SUSPENSION_WAIT_S``."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + _SUSPENSION_WAIT_S
-        while not _suspended(hist) and hist.terminal is None and loop.time() < give_up:
+        while not is_suspended(hist) and hist.terminal is None and loop.time() < give_up:
             await asyncio.sleep(_SUSPENSION_POLL_S)
             hist = await self._read(act)
         return hist
@@ -440,7 +439,7 @@ class ActorHost:
         span: Any = nullcontext()
         if run_trace is not None:
             span = run_trace.activation(kind=act.kind, subject=msg.subject, delivery=delivery,
-                                        attempt=_failures(hist) + 1, signals=[sig for _, sig in hist.inbox],
+                                        attempt=failed_attempts(hist) + 1, signals=[sig for _, sig in hist.inbox],
                                         began_ns=began_ns)
         if defn.workflow is not None and defn is defn.workflow.runner:
             self.turns += 1
@@ -450,17 +449,17 @@ class ActorHost:
             return
         skip_code = False
         if defn.runs_durably and act.kind in ("timer", "signal"):
-            if not _suspended(hist) and delivery == 1:
+            if not is_suspended(hist) and delivery == 1:
                 # The code is not parked at a wait or a sleep: a turn is under way on another host
                 # (it may have claimed signals and be running steps now), or one died before it
                 # parked. Running the code now would run those steps twice, so wait for it to
                 # park (its activation comes back if it died), then decide; running the code is
                 # the last resort.
-                hist = await self._until_suspended(act, hist)
+                hist = await self._untilis_suspended(act, hist)
                 if hist.terminal is not None:
                     await msg.ack()
                     return
-            skip_code = _suspended(hist) and not _needs_user_code(act, hist)
+            skip_code = is_suspended(hist) and not needs_user_code(act, hist)
         if skip_code:
             # Nothing for the code to do (a loser of an or-group, a signal taken already, an
             # event for a wait not made yet): record any new signals, never resume the code.
@@ -512,7 +511,7 @@ class ActorHost:
             await turn.flush([failed])
             await self._finished(hist.run_id, started, failed, [])
             return
-        retry_count = _failures(hist)
+        retry_count = failed_attempts(hist)
         ctx = DurableContext(hist.run_id, defn.name, delivery, started.input, turn, retry_count=retry_count,
                              parents=started.parents)
 
@@ -562,7 +561,7 @@ class ActorHost:
                                             defn.name, turn.run_input, "register")
             if turn.has_new_facts:
                 await turn.flush()
-            elif _claim(hist.entries + turn.written):
+            elif claimed_signals(hist.entries + turn.written):
                 await turn.flush([TurnParked(at=utcnow())])  # the claim alone would read as a turn under way
             for t in turn.timers:
                 await self._timers.schedule(hist.run_id, defn.name, t.pos, t.wake_at, turn.last_seq)
@@ -587,7 +586,7 @@ class ActorHost:
     def _retry(self, defn: TaskDefinition, hist: RunHistory, failed: RunFailed,
                user: asyncio.Task[Any] | None) -> AttemptFailed | None:
         """The failed attempt, if the task has retries left and the error may be retried."""
-        failures = _failures(hist)
+        failures = failed_attempts(hist)
         if failures >= defn.retries:
             return None
         exc = user.exception() if user is not None and user.done() and not user.cancelled() else None
@@ -734,7 +733,7 @@ class ActorHost:
             await self._history.append(hist.run_id, [begun, end], hist.last_seq, notify)
             await self._finished(hist.run_id, started, end, [])
             return
-        retry_count = _failures(hist)
+        retry_count = failed_attempts(hist)
         ctx = Context(hist.run_id, defn.name, delivery, started.input, retry_count=retry_count,
                       parents=started.parents)
         user: asyncio.Task[Any] = asyncio.create_task(defn.entry(value, ctx))
@@ -763,76 +762,24 @@ class ActorHost:
         await self._finished(hist.run_id, started, end, [])
 
     async def _workflow_turn(self, hist: RunHistory, defn: TaskDefinition, delivery: int) -> None:
-        """A DAG run: start every task whose parents have all ended; end when all have.
-
-        The state is the history: which tasks were spawned (``children_spawned``, one
-        position per task) and which have reported back (``child`` signals). A task is
-        recorded before it is started, and starting is idempotent, so a crash anywhere
-        neither loses nor doubles a task.
-        """
+        """A DAG run's turn: append what :func:`plan_workflow_turn` decided, then start its tasks."""
         wf = defn.workflow
         assert wf is not None
         started = hist.started
-        now = utcnow()
-        new: list[HistoryEntry] = [ActivationBegun(host=self.host_id, delivery=delivery, at=now)]
-        new += [SignalReceived(inbox_seq=q, signal=sig) for q, sig in hist.inbox]
-        spawned: dict[str, str] = {}
-        outcomes: dict[str, dict[str, Any]] = {}
-        cancel: str | None = None
-        for e in hist.entries + new:
-            if isinstance(e, ChildrenSpawned):
-                spawned[e.task] = e.run_ids[0]
-            elif isinstance(e, SignalReceived) and e.signal.source == "child":
-                outcomes.setdefault(e.signal.name, e.signal.payload)
-            elif isinstance(e, SignalReceived) and e.signal.source == "cancel" and cancel is None:
-                cancel = (e.signal.payload or {}).get("reason") or "cancelled"
         steps = wf.order()
-        done = {t.workflow_key: outcomes[spawned[t.name]] for t in steps
-                if t.name in spawned and spawned[t.name] in outcomes}
-        end: Any = self._late(hist, defn)
-        if end is None and cancel is not None:
-            end = RunCancelled(reason=cancel, at=now)
-        for t in steps:
-            o = done.get(t.workflow_key)
-            if end is not None or o is None:
-                continue
-            if o["status"] == "failed":
-                err = o.get("error") or {}
-                end = RunFailed(error=ErrorInfo(
-                    type=err.get("type", "Error"),
-                    message=f"task {t.workflow_key!r} failed: {err.get('type')}: {err.get('message')}",
-                    traceback=err.get("traceback", "")), at=now)
-            elif o["status"] == "cancelled":
-                end = RunCancelled(reason=f"task {t.workflow_key!r} was cancelled: {o.get('reason')}", at=now)
-        to_start: list[tuple[int, TaskDefinition]] = []
-        if end is None:
-            for idx, t in enumerate(steps):
-                if t.name not in spawned and all(p.workflow_key in done for p in t.parents):
-                    rid = child_run_id(hist.run_id, idx, 0, None)
-                    new.append(ChildrenSpawned(pos=idx, task=t.name, run_ids=[rid], args_hash="", at=now))
-                    spawned[t.name] = rid
-                    to_start.append((idx, t))
-            if len(done) == len(steps):
-                end = RunCompleted(result={k: SKIPPED if o.get("skipped") else o.get("result")
-                                           for k, o in done.items()}, at=now)
-        if end is not None:
-            new.append(end)
-        await self._history.append(hist.run_id, new, hist.last_seq, started.meta.get("notify"))
+        plan = plan_workflow_turn(hist, steps, self.host_id, delivery, utcnow(), self._late(hist, defn))
+        await self._history.append(hist.run_id, plan.new, hist.last_seq, started.meta.get("notify"))
         if hist.inbox:
             self._purge_inbox(hist.run_id, hist.inbox[-1][0])
-        if end is None and delivery > 1:
-            # This activation came back: the turn that recorded a task may have died before starting it.
-            to_start += [(idx, t) for idx, t in enumerate(steps)
-                         if t.name in spawned and spawned[t.name] not in outcomes and (idx, t) not in to_start]
         await asyncio.gather(*(
             self._start_children(
                 ParentLink(run_id=hist.run_id, task=defn.name, pos=idx, n=1),
-                [ChildStart(run_id=spawned[t.name], task=t.name, durable=t.runs_durably, input=started.input,
-                            parents={p.workflow_key: done[p.workflow_key] for p in t.parents})])
-            for idx, t in to_start))
-        if end is not None:
-            unfinished = [(rid, task) for task, rid in spawned.items() if rid not in outcomes]
-            await self._finished(hist.run_id, started, end, unfinished)
+                [ChildStart(run_id=plan.spawned[steps[idx].name], task=steps[idx].name,
+                            durable=steps[idx].runs_durably, input=started.input,
+                            parents={p.workflow_key: plan.done[p.workflow_key] for p in steps[idx].parents})])
+            for idx in plan.to_start))
+        if plan.end is not None:
+            await self._finished(hist.run_id, started, plan.end, plan.unfinished)
 
     @staticmethod
     def _outcome(user: asyncio.Task[Any], defn: TaskDefinition) -> RunCompleted | RunFailed | RunCancelled:
@@ -861,62 +808,6 @@ async def _bounded(step: Any, what: str, timeout: float = _STOP_STEP_S) -> bool:
         return False
 
 
-def _claim(entries: list[HistoryEntry]) -> list[EventSignal]:
-    """The signals of the last turn if it recorded signals and nothing after them, else none.
-
-    Such a turn's code is running now, or its host died: a turn claims the signals it woke
-    for before running code (invariant 1), and when its code parks again with nothing new
-    it says so (:class:`actors.engine.wire.TurnParked`), so a claim standing alone means the code
-    has not reacted yet.
-    """
-    claimed: list[EventSignal] = []
-    for e in reversed(entries):
-        if isinstance(e, ActivationBegun):
-            return claimed
-        if not isinstance(e, SignalReceived):
-            return []
-        claimed.append(e.signal)
-    return []
-
-
-def _suspended(hist: RunHistory) -> bool:
-    """Whether the run's code is parked: at an open wait, a sleep not yet over, or children not all back."""
-    if _claim(hist.entries):
-        return False  # a turn that claimed signals has not reacted yet (or its host died)
-    if open_waits(hist.entries):
-        return True
-    fired = {e.pos for e in hist.entries if isinstance(e, SleepFired)}
-    if any(isinstance(e, SleepScheduled) and e.pos not in fired for e in hist.entries):
-        return True
-    reported = {e.signal.name for e in hist.entries if isinstance(e, SignalReceived) and e.signal.source == "child"}
-    return any(isinstance(e, ChildrenSpawned) and not set(e.run_ids) <= reported for e in hist.entries)
-
-
-def _unheeded_signals(hist: RunHistory) -> list[EventSignal]:
-    """Signals the run's code may not have reacted to: new ones in the inbox, and those its last turn recorded.
-
-    A turn that recorded signals and nothing else either found nothing for the code to do,
-    or claimed them and died (or met an error) before the code reacted: which one, only
-    asking again tells. Without this a cancel, a child's outcome or an event recorded by a
-    host that then died was never acted on.
-    """
-    return _claim(hist.entries)[::-1] + [sig for _, sig in hist.inbox]
-
-
-def _needs_user_code(act: Activation, hist: RunHistory) -> bool:
-    """Whether a timer or signal activation can change what the run's code does next."""
-    signals = _unheeded_signals(hist)
-    if any(sig.source in ("child", "cancel") for sig in signals):
-        return True
-    if act.kind == "timer" and act.pos is not None:
-        fired = {e.pos for e in hist.entries if isinstance(e, (WaitResolved, SleepFired))}
-        if act.pos not in fired:
-            return True
-    waits = open_waits(hist.entries)
-    waited_names = {c.event_key for w in waits.values() for c in w.flat() if c.kind == "event"}
-    return any(sig.wait_id in waits if sig.source == "event" else sig.name in waited_names for sig in signals)
-
-
 _NEVER_RETRIED = (NonRetryableError, NonDeterminismError, InputValidationError, PayloadValidationError,
                   OutputSerializationError)
 """Errors a retry cannot fix: the same input, history or payload would fail the same way."""
@@ -924,11 +815,6 @@ _NEVER_RETRIED = (NonRetryableError, NonDeterminismError, InputValidationError, 
 
 def _cancelled_error(task: asyncio.Task[Any]) -> bool:
     return task.done() and (task.cancelled() or isinstance(task.exception(), asyncio.CancelledError))
-
-
-def _failures(hist: RunHistory) -> int:
-    """Failed attempts so far (the attempt number is this plus one, on every host)."""
-    return sum(1 for e in hist.entries if isinstance(e, AttemptFailed))
 
 
 def _time_limit(started: Any, defn: TaskDefinition) -> float | None:

@@ -1,0 +1,114 @@
+"""A workflow run's turn, decided from its history: which tasks to start, and whether the run ends.
+
+The state is the history: which tasks were spawned (``children_spawned``, one position
+per task, in the workflow's order) and which have reported back (``child`` signals). A
+task is recorded before it is started, and starting is idempotent, so a crash anywhere
+neither loses nor doubles a task. The host appends ``new``, then starts ``to_start``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from actors.engine.child_ids import child_run_id
+from actors.engine.run_history import RunHistory
+from actors.engine.wire import (
+    ActivationBegun,
+    ChildrenSpawned,
+    ErrorInfo,
+    HistoryEntry,
+    RunCancelled,
+    RunCompleted,
+    RunFailed,
+    SignalReceived,
+    Terminal,
+)
+from sdk.gates import SKIPPED
+
+
+class DagTask(Protocol):
+    """What the plan reads of a workflow's task (:class:`sdk.tasks.TaskDefinition`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def workflow_key(self) -> str: ...
+
+    @property
+    def parents(self) -> Sequence[DagTask]: ...
+
+
+@dataclass
+class WorkflowTurn:
+    new: list[HistoryEntry]
+    """Entries to append, in one message (the activation, new signals, spawns, the end)."""
+    to_start: list[int] = field(default_factory=list)
+    """Positions (in the workflow's order) of the tasks to start after the append."""
+    spawned: dict[str, str] = field(default_factory=dict)
+    """Every task recorded, by name: its run id."""
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The outcome of every task that ended, by workflow key."""
+    end: Terminal | None = None
+    unfinished: list[tuple[str, str]] = field(default_factory=list)
+    """``(run id, task)`` of tasks started and not ended, when the run ends."""
+
+
+def plan_workflow_turn(hist: RunHistory, steps: Sequence[DagTask], host_id: str, delivery: int, now: datetime,
+                       late: RunFailed | None) -> WorkflowTurn:
+    """The turn of a workflow run: start every task whose parents have all ended; end when all have.
+
+    ``late`` is the run's end if it missed its schedule timeout. A redelivered activation
+    (``delivery`` > 1) starts again every task recorded and not heard from: the turn that
+    recorded it may have died before starting it.
+    """
+    new: list[HistoryEntry] = [ActivationBegun(host=host_id, delivery=delivery, at=now)]
+    new += [SignalReceived(inbox_seq=q, signal=sig) for q, sig in hist.inbox]
+    spawned: dict[str, str] = {}
+    outcomes: dict[str, dict[str, Any]] = {}
+    cancel: str | None = None
+    for e in [*hist.entries, *new]:
+        if isinstance(e, ChildrenSpawned):
+            spawned[e.task] = e.run_ids[0]
+        elif isinstance(e, SignalReceived) and e.signal.source == "child":
+            outcomes.setdefault(e.signal.name, e.signal.payload)
+        elif isinstance(e, SignalReceived) and e.signal.source == "cancel" and cancel is None:
+            cancel = (e.signal.payload or {}).get("reason") or "cancelled"
+    done = {t.workflow_key: outcomes[spawned[t.name]] for t in steps
+            if t.name in spawned and spawned[t.name] in outcomes}
+    end: Terminal | None = late
+    if end is None and cancel is not None:
+        end = RunCancelled(reason=cancel, at=now)
+    for t in steps:
+        o = done.get(t.workflow_key)
+        if end is not None or o is None:
+            continue
+        if o["status"] == "failed":
+            err = o.get("error") or {}
+            end = RunFailed(error=ErrorInfo(
+                type=err.get("type", "Error"),
+                message=f"task {t.workflow_key!r} failed: {err.get('type')}: {err.get('message')}",
+                traceback=err.get("traceback", "")), at=now)
+        elif o["status"] == "cancelled":
+            end = RunCancelled(reason=f"task {t.workflow_key!r} was cancelled: {o.get('reason')}", at=now)
+    to_start: list[int] = []
+    if end is None:
+        for idx, t in enumerate(steps):
+            if t.name not in spawned and all(p.workflow_key in done for p in t.parents):
+                rid = child_run_id(hist.run_id, idx, 0, None)
+                new.append(ChildrenSpawned(pos=idx, task=t.name, run_ids=[rid], args_hash="", at=now))
+                spawned[t.name] = rid
+                to_start.append(idx)
+        if len(done) == len(steps):
+            end = RunCompleted(result={k: SKIPPED if o.get("skipped") else o.get("result")
+                                       for k, o in done.items()}, at=now)
+    if end is not None:
+        new.append(end)
+    elif delivery > 1:
+        to_start += [idx for idx, t in enumerate(steps)
+                     if t.name in spawned and spawned[t.name] not in outcomes and idx not in to_start]
+    unfinished = [(rid, task) for task, rid in spawned.items() if rid not in outcomes] if end is not None else []
+    return WorkflowTurn(new=new, to_start=to_start, spawned=spawned, done=done, end=end, unfinished=unfinished)

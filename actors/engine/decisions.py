@@ -1,0 +1,86 @@
+"""What a run's history says about its next turn: pure functions, decided here and nowhere else.
+
+Whether the code is parked, which signals it may not have reacted to, whether an
+activation can change what the code does next (else the host records the signals and
+parks the run again without running code), how many attempts have failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from actors.engine.replay import open_waits
+from actors.engine.run_history import RunHistory
+from actors.engine.wire import (
+    Activation,
+    ActivationBegun,
+    AttemptFailed,
+    ChildrenSpawned,
+    EventSignal,
+    HistoryEntry,
+    SignalReceived,
+    SleepFired,
+    SleepScheduled,
+    WaitResolved,
+)
+
+
+def claimed_signals(entries: Sequence[HistoryEntry]) -> list[EventSignal]:
+    """The signals of the last turn if it recorded signals and nothing after them, else none.
+
+    Such a turn's code is running now, or its host died: a turn claims the signals it woke
+    for before running code (invariant 1), and when its code parks again with nothing new
+    it says so (:class:`actors.engine.wire.TurnParked`), so a claim standing alone means the code
+    has not reacted yet.
+    """
+    claimed: list[EventSignal] = []
+    for e in reversed(entries):
+        if isinstance(e, ActivationBegun):
+            return claimed
+        if not isinstance(e, SignalReceived):
+            return []
+        claimed.append(e.signal)
+    return []
+
+
+def is_suspended(hist: RunHistory) -> bool:
+    """Whether the run's code is parked: at an open wait, a sleep not yet over, or children not all back."""
+    if claimed_signals(hist.entries):
+        return False  # a turn that claimed signals has not reacted yet (or its host died)
+    if open_waits(hist.entries):
+        return True
+    fired = {e.pos for e in hist.entries if isinstance(e, SleepFired)}
+    if any(isinstance(e, SleepScheduled) and e.pos not in fired for e in hist.entries):
+        return True
+    reported = {e.signal.name for e in hist.entries if isinstance(e, SignalReceived) and e.signal.source == "child"}
+    return any(isinstance(e, ChildrenSpawned) and not set(e.run_ids) <= reported for e in hist.entries)
+
+
+def unheeded_signals(hist: RunHistory) -> list[EventSignal]:
+    """Signals the run's code may not have reacted to: new ones in the inbox, and those its last turn recorded.
+
+    A turn that recorded signals and nothing else either found nothing for the code to do,
+    or claimed them and died (or met an error) before the code reacted: which one, only
+    asking again tells. Without this a cancel, a child's outcome or an event recorded by a
+    host that then died was never acted on.
+    """
+    return claimed_signals(hist.entries)[::-1] + [sig for _, sig in hist.inbox]
+
+
+def needs_user_code(act: Activation, hist: RunHistory) -> bool:
+    """Whether a timer or signal activation can change what the run's code does next."""
+    signals = unheeded_signals(hist)
+    if any(sig.source in ("child", "cancel") for sig in signals):
+        return True
+    if act.kind == "timer" and act.pos is not None:
+        fired = {e.pos for e in hist.entries if isinstance(e, (WaitResolved, SleepFired))}
+        if act.pos not in fired:
+            return True
+    waits = open_waits(hist.entries)
+    waited_names = {c.event_key for w in waits.values() for c in w.flat() if c.kind == "event"}
+    return any(sig.wait_id in waits if sig.source == "event" else sig.name in waited_names for sig in signals)
+
+
+def failed_attempts(hist: RunHistory) -> int:
+    """Failed attempts so far (the attempt number is this plus one, on every host)."""
+    return sum(1 for e in hist.entries if isinstance(e, AttemptFailed))
