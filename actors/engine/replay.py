@@ -188,7 +188,6 @@ class Turn:
         self.took_signals = bool(history.inbox)
         self.pending_wait: WaitRegistered | None = None
         """The wait the run suspended on: its event conditions must be registered with the router."""
-        self.finished_or_failed = False
         self.written: list[HistoryEntry] = []
         """Every entry this turn appended, in order."""
         self.unrecorded_waits: list[WaitRegistered] = []
@@ -202,6 +201,11 @@ class Turn:
         self.timers: list[TimerRequest] = []
         self.suspended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.fatal: BaseException | None = None
+
+    def request_cancel(self, reason: str) -> None:
+        """Someone asked to stop this run now (the host's cancel broadcast): its code stops where it parks."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
 
     # -- bookkeeping ---------------------------------------------------------------------------
 

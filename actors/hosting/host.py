@@ -324,7 +324,6 @@ class ActorHost:
         unfinished: list[tuple[str, str]] = []
         if defn.runs_durably and not (defn.workflow is not None and defn is defn.workflow.runner):
             turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, delivery=delivered)
-            turn.finished_or_failed = True
             await turn.flush([end])
             await self._after_turn(turn, defn, hist)
             unfinished = turn.unfinished_children
@@ -497,7 +496,6 @@ class ActorHost:
         late = self._late(hist, defn)
         if late is not None or (turn.cancel_reason is not None and not turn.began):
             # Never ran: end it without running any code.
-            turn.finished_or_failed = True
             never: Any = late or RunCancelled(reason=turn.cancel_reason or "", at=utcnow())
             await turn.flush([never])
             await self._after_turn(turn, defn, hist)
@@ -506,7 +504,6 @@ class ActorHost:
         try:
             value = defn.signature.load_input(started.input)
         except Exception as e:
-            turn.finished_or_failed = True
             failed = RunFailed(error=error_info(e), at=utcnow())
             await turn.flush([failed])
             await self._finished(hist.run_id, started, failed, [])
@@ -577,7 +574,6 @@ class ActorHost:
                     await self._after_turn(turn, defn, hist)
                     await self._schedule_retry(hist.run_id, defn, retry, turn.last_seq)
                     return
-            turn.finished_or_failed = True
             await turn.flush([end])
         await self._after_turn(turn, defn, hist)
         if end is not None:
@@ -637,8 +633,8 @@ class ActorHost:
         user, turn = running
         if turn is None:
             self._cancelled_here.add(run_id)  # a regular task: its turn records the cancellation
-        elif turn.cancel_reason is None:
-            turn.cancel_reason = "cancelled"
+        else:
+            turn.request_cancel("cancelled")
         user.cancel()
 
     async def _after_turn(self, turn: Turn, defn: TaskDefinition, hist: RunHistory) -> None:
