@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from sdk import Bide, Context, DurableContext, EmptyModel, RunStatus
+from sdk import Bide, Context, DurableContext, EmptyModel, RunStatus, SleepCondition
 from sdk.testing import BideTestEnv
 
 
@@ -143,3 +143,21 @@ async def test_bad_skips_are_refused_and_the_environment_cleans_up_after_a_failu
     async with BideTestEnv(bide, workflows=[noop]) as env:
         assert abs(env.now() - datetime.now(env.now().tzinfo)) < timedelta(seconds=5)
         await asyncio.wait_for(noop.aio_run(EmptyModel()), 15)
+
+
+async def test_a_workflow_tasks_sleep_condition_is_skipped() -> None:
+    bide = Bide("nats://127.0.0.1:1")
+    wf = bide.workflow(name="Nightly")
+
+    @wf.task()
+    def collect(input: EmptyModel, ctx: Context) -> dict[str, int]:
+        return {"rows": 3}
+
+    @wf.task(parents=[collect], wait_for=[SleepCondition(timedelta(hours=8))])
+    def report(input: EmptyModel, ctx: Context) -> dict[str, int]:
+        return {"reported": ctx.task_output(collect)["rows"]}
+
+    async with BideTestEnv(bide, workflows=[wf]) as env:
+        ref = await wf.aio_run_no_wait(EmptyModel())
+        await env.skip(timedelta(hours=8))
+        assert await ref.aio_result(timeout=10) == {"collect": {"rows": 3}, "report": {"reported": 3}}
