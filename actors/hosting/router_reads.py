@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -98,8 +99,10 @@ class StreamReads:
         """The marker has done its work: delete it now (its TTL is the backstop)."""
         async def delete() -> None:
             try:
-                await api_request(self._nc, f"$JS.API.STREAM.MSG.DELETE.{self._s.events_stream}",
-                                  {"seq": seq, "no_erase": True}, timeout=2.0)
+                # Retried through an election for a while; an owner killed before this leaves it to its TTL.
+                await retry_transient(f"delete of router marker {seq}", partial(
+                    api_request, self._nc, f"$JS.API.STREAM.MSG.DELETE.{self._s.events_stream}",
+                    {"seq": seq, "no_erase": True}, timeout=2.0), deadline_s=60.0)
             except Exception as e:
                 log.debug("router: marker %d not deleted (%s); it expires", seq, e)
 
