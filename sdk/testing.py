@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from actors.engine.run_history import RunHistory, import_run
 from actors.engine.wire import (
@@ -84,6 +84,9 @@ class BideTestEnv:
     Everything is stopped and removed on exit, even when the test fails.
     """
 
+    _open: ClassVar[BideTestEnv | None] = None
+    """The environment open in this process (one at a time: the clock is the process's)."""
+
     def __init__(self, client: Bide, workflows: Sequence[TaskDefinition | Workflow] = (), *, slots: int = 100,
                  durable_slots: int = 1000, settle_timeout: float = 30.0) -> None:
         self.client = client
@@ -99,11 +102,12 @@ class BideTestEnv:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> BideTestEnv:
-        if Clock.offset:
-            raise RuntimeError("another BideTestEnv is open in this process: its virtual clock is shared; "
-                               "open one at a time")
-        self._server = await asyncio.to_thread(EmbeddedServer().start)
+        if BideTestEnv._open is not None:
+            raise RuntimeError("another BideTestEnv is open in this process; the virtual clock is the process's, "
+                               "so open one at a time")
+        BideTestEnv._open = self
         try:
+            self._server = await asyncio.to_thread(EmbeddedServer().start)
             self._saved_url = self.client.config.nats_url
             await self.client._retarget(self._server.url)
             if self._workflows:
@@ -136,6 +140,7 @@ class BideTestEnv:
                     await self.client._retarget(self._saved_url)
             finally:
                 Clock.offset = timedelta(0)
+                BideTestEnv._open = None
                 if self._server is not None:
                     self._server.kill()
                     self._server.stop()

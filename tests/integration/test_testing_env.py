@@ -138,6 +138,9 @@ async def test_bad_skips_are_refused_and_the_environment_cleans_up_after_a_failu
                 await env.skip(timedelta(seconds=-1))
             with pytest.raises(TypeError, match="timedelta"):
                 await env.skip(5)  # type: ignore[arg-type]
+            with pytest.raises(RuntimeError, match="one at a time"):
+                async with BideTestEnv(bide, workflows=[noop]):
+                    pass
             raise Boom("the test's own failure")
     # The clock is back to the wall and another environment may open.
     async with BideTestEnv(bide, workflows=[noop]) as env:
