@@ -97,24 +97,29 @@ def ended_registrations(before: Sequence[HistoryEntry], written: Sequence[Histor
     """The router registrations that a turn appending ``written`` after ``before`` must withdraw.
 
     A wait's registration is live while the wait is open in the history; the turn that
-    resolves it, or ends the run while it is open, withdraws it. Each wait comes with the
-    conditions the router satisfied itself (it deleted those already). A pure function of
-    the history, so the next delivery of a turn that died or failed after its append (and
-    before the withdrawal was durable) computes the same list again from the stored history.
+    resolves it withdraws it, and the turn that ends the run withdraws every registration
+    the run ever made. Each wait comes with the conditions the router satisfied itself (it
+    deleted those already). A pure function of the history, so the next delivery of a turn
+    that died or failed after its append (and before the withdrawal was durable) computes
+    the same list again from the stored history.
     """
     was_open = open_waits(before)
-    ended = [w for e in written if isinstance(e, WaitResolved) and (w := was_open.get(e.wait_id)) is not None]
+    ended = {w.wait_id: w for e in written
+             if isinstance(e, WaitResolved) and (w := was_open.get(e.wait_id)) is not None}
     if any(isinstance(e, TERMINAL) for e in written):
-        # The run ended: its open waits, and any registration a dead host made for a wait it
-        # never recorded (``Turn.unrecorded_waits``, resolved at once by a later turn).
-        ended += [*open_waits([*before, *written]).values(), *unrecorded]
+        # The run ended: every wait it registered, open or resolved. A host that died between
+        # the append resolving a wait and its withdrawal left that registration, and when the
+        # next turn was not a redelivery of the dead one, nothing redid it. Also any
+        # registration a dead host made for a wait it never recorded (``Turn.unrecorded_waits``).
+        for w in (*(e for e in (*before, *written) if isinstance(e, WaitRegistered)), *unrecorded):
+            ended.setdefault(w.wait_id, w)
     if not ended:
         return []
     done: dict[str, set[int | None]] = {}
     for e in (*before, *written):
         if isinstance(e, SignalReceived) and e.signal.source == "event" and e.signal.wait_id is not None:
             done.setdefault(e.signal.wait_id, set()).add(e.signal.cond)
-    return [(w, done.get(w.wait_id, set())) for w in ended]
+    return [(w, done.get(w.wait_id, set())) for w in ended.values()]
 
 
 def last_turn(entries: list[HistoryEntry]) -> tuple[list[HistoryEntry], list[HistoryEntry]]:

@@ -6,7 +6,16 @@ from typing import Any
 
 import pytest
 
-from actors.engine.wire import HDR_BIDE_KIND, HDR_TTL, Activation, RunStarted, encode_activation, utcnow
+from actors.engine.wire import (
+    HDR_BIDE_KIND,
+    HDR_TTL,
+    Activation,
+    RunStarted,
+    WaitRegistered,
+    WaitResolved,
+    encode_activation,
+    utcnow,
+)
 from sdk import Bide, Context, DurableContext
 from sdk.errors import RunAlreadyExistsError
 from tests.support import running_worker, wait_until
@@ -411,3 +420,56 @@ async def test_a_registration_left_by_a_host_that_died_before_recording_its_wait
             return await registrations() == 0
 
         await wait_until(withdrawn, timeout=20, what="the orphaned registration to be withdrawn")
+
+
+async def test_a_resolved_waits_registration_is_withdrawn_at_the_runs_end_if_its_host_died_before_withdrawing(
+    bide: Bide, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host appended the resolution of wait 0, went on to park at wait 2, and died before withdrawing wait 0's
+    registration; the turn that ended the run was a fresh activation on another host (not a redelivery, so no
+    redo of the dead turn). Seen twice in the long chaos run: 2 registrations left behind."""
+    from actors.hosting.host import ActorHost
+
+    @bide.durable_task(name="TwoDirectWaits")
+    async def two_waits(input: dict, ctx: DurableContext) -> Any:
+        first = await ctx.aio_wait_for_event("dead-turn-msg")
+        second = await ctx.aio_wait_for_event("dead-turn-msg")
+        return [first["n"], second["n"]]
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+
+    async def registrations() -> int:
+        info = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits("dead-turn-msg"))
+        return sum((info.state.subjects or {}).values())
+
+    real = ActorHost._withdraw
+    skipped: list[str] = []
+
+    async def dies_before_withdrawing(self: ActorHost, run_id: str, task: str, before: Any, written: Any,
+                                      unrecorded: Any = ()) -> None:
+        if not skipped and any(isinstance(e, WaitResolved) for e in written):
+            skipped.append(run_id)  # the host that resolved wait 0 never withdrew it
+            return
+        await real(self, run_id, task, before, written, unrecorded)
+
+    monkeypatch.setattr(ActorHost, "_withdraw", dies_before_withdrawing)
+    async with running_worker(bide, [two_waits]):
+        ref = await two_waits.aio_run_no_wait({})
+        run_id = ref.workflow_run_id
+
+        async def waits_at(pos: int) -> bool:
+            entries = (await conn.history.read(run_id)).entries
+            return any(isinstance(e, WaitRegistered) and e.pos == pos for e in entries)
+
+        await wait_until(lambda: waits_at(0), what="the first wait")
+        await bide.event.aio_send(run_id, "dead-turn-msg", {"n": 0})
+        await wait_until(lambda: waits_at(1), what="the second wait")
+        assert skipped == [run_id]
+        await bide.event.aio_send(run_id, "dead-turn-msg", {"n": 1})
+        assert await ref.aio_result(timeout=20) == [0, 1]
+
+        async def withdrawn() -> bool:
+            return await registrations() == 0
+
+        await wait_until(withdrawn, timeout=20, what="every registration of the run to be withdrawn")
