@@ -652,9 +652,11 @@ class ActorHost:
         """
         now = utcnow()
         ended = ended_registrations(before, written, unrecorded)
-        for w, done in ended:
-            # A condition the router satisfied is gone from the router already.
-            await publish_registrations(self._publisher_, self.layout, w, run_id, task, None, "cancel", skip=done)
+        # Pipelined: a run that ends withdraws every wait it ever registered (maybe thousands).
+        # A condition the router satisfied is gone from the router already.
+        await asyncio.gather(*(publish_registrations(self._publisher_, self.layout, w, run_id, task, None, "cancel",
+                                                     skip=done) for w, done in ended))
+        for w, _ in ended:
             if any(c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for c in w.flat()):
                 # The loser of an or-group never resumes the run: its timer is withdrawn.
                 self._chore(self._timers.cancel(run_id, w.pos))
