@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 RESIDENT_MAX = timedelta(milliseconds=600)
 """A sleep with less than this left stays on its host with a local timer (no eviction)."""
 
+
 class AppendLog(Protocol):
     """Where a turn appends (the host's :class:`actors.store.history.HistoryLog`)."""
 
@@ -252,11 +253,7 @@ class Turn:
             raise AssertionError("unreachable") from e
 
     def _position(self) -> int:
-        pos = self._next
-        # A patch marker the code no longer asks about (the patched() call was removed once every
-        # run had passed it) is stepped over: the changed path is the only one left.
-        while (rec := self._by_pos.get(pos)) is not None and rec.keys() == {"patched"}:
-            pos += 1
+        pos = self.next_position
         self._next = pos + 1
         return pos
 
@@ -272,7 +269,11 @@ class Turn:
 
     @property
     def next_position(self) -> int:
-        """The position the code's next checkpoint takes (a patch marker it no longer asks about is passed)."""
+        """The position the code's next checkpoint takes.
+
+        A patch marker the code no longer asks about (the ``patched()`` call was removed once
+        every run had passed it) is stepped over: the changed path is the only one left.
+        """
         pos = self._next
         while (rec := self._by_pos.get(pos)) is not None and rec.keys() == {"patched"}:
             pos += 1
