@@ -129,12 +129,8 @@ class ConnectionPool:
 
     async def retarget(self, config: BideConfig) -> None:
         """Close every connection and connect to ``config`` from now on (a test environment's server)."""
-        await self.aclose()
-        with self._lock:
-            portal, self._portal = self._portal, None
-        if portal is not None:
-            await asyncio.to_thread(portal.run, self.aclose())
-            portal.stop()
+        await self.aclose()  # this loop's connection
+        await asyncio.to_thread(self.close)  # the sync API's
         with self._lock:
             self._by_loop.clear()
             self.config = config
