@@ -40,6 +40,7 @@ from actors.engine.wire import (
     ChildrenSpawned,
     Clock,
     RunCompleted,
+    parse_time,
     utcnow,
 )
 from actors.store.jetstream import api_request, direct_get_subject
@@ -202,7 +203,7 @@ class BideTestEnv:
             schedule = h.get(HDR_SCHEDULE, "")
             if not schedule.startswith("@at ") or HDR_SCHEDULE_TARGET not in h:
                 continue
-            due = _parse(h.get(HDR_BIDE_DUE) or schedule[4:])
+            due = parse_time(h.get(HDR_BIDE_DUE) or schedule[4:])
             headers = {k: v for k, v in h.items() if not k.startswith("Nats-") and k not in _SCHEDULE_HEADERS}
             out.append(_Timer(due, int(h["Nats-Sequence"]), h["Nats-Subject"], h[HDR_SCHEDULE_TARGET], m.data,
                               headers))
@@ -234,10 +235,6 @@ class BideTestEnv:
                 raise TimeoutError(f"the worker did not settle within {self._settle_timeout}s: "
                                    f"{', '.join(busy)} still have work queued or in flight")
             await asyncio.sleep(0.01)
-
-
-def _parse(raw: str) -> datetime:
-    return datetime.fromisoformat(raw.replace("Z", "+00:00"))
 
 
 # -- the replayer -----------------------------------------------------------------------------

@@ -714,3 +714,14 @@ class TriggerRegistration(BaseModel):
 
 def rfc3339(ts: datetime) -> str:
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(raw: str | None) -> datetime:
+    """A get's ``Nats-Time-Stamp`` (nanosecond RFC 3339), to the microsecond."""
+    if not raw:
+        return utcnow()
+    try:
+        head, _, frac = raw.rstrip("Z").partition(".")
+        return datetime.fromisoformat(head + ("." + frac[:6] if frac else "")).replace(tzinfo=UTC)
+    except ValueError:
+        return utcnow()

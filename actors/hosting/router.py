@@ -14,8 +14,10 @@ construction:
 - One process at a time owns the router: a pinned-client priority group on its
   JetStream consumer (ADR-42). Ownership is JetStream's decision, never ours.
 - The consumer acks cumulatively (``ack_policy: all``), and the owner acks a batch
-  only after every write it caused is durable (:mod:`actors.hosting.router_effects`). So the
-  ack floor F is a checkpoint: every message up to F has been fully handled.
+  only after every write it caused is durable (:mod:`actors.hosting.router_effects`); it
+  records the same sequence on its own checkpoint subject. F, the lower of the two (the
+  ack floor alone once ran ahead of what was handled), is a checkpoint: every message up
+  to F has been fully handled.
 - A new owner rebuilds its index from the registrations still in the stream up to F
   (satisfied and cancelled ones are deleted, after their delivery was durable), then
   handles the stream strictly in order from F+1: a delivery above the next expected
@@ -52,6 +54,7 @@ from actors.engine.wire import (
     NO_SCOPE,
     TriggerRegistration,
     WaitRegistration,
+    parse_time,
     partition_of,
     rfc3339,
     utcnow,
@@ -59,7 +62,7 @@ from actors.engine.wire import (
 from actors.hosting.router_deliveries import Deliveries
 from actors.hosting.router_effects import Effects
 from actors.hosting.router_inputs import publish_registrations, registrations
-from actors.hosting.router_reads import StreamReads, parse_time, seq_of, stored_at
+from actors.hosting.router_reads import StreamReads, seq_of, stored_at
 from actors.observe.tracing import Tracing
 from actors.store.history import HistoryLog
 from actors.store.jetstream import (
@@ -141,6 +144,7 @@ class EventRouter:
             t.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5.0)
+        await self._reads.close()
         if self.owner:
             # Hand over at once: the next candidate is pinned without waiting out the timeout.
             try:
@@ -304,7 +308,7 @@ class EventRouter:
                                    _ACK_TIMEOUT_S)
 
     async def _take_over(self, pin: str) -> None:
-        """Pinned: rebuild exactly up to the ack floor before handling anything."""
+        """Pinned: rebuild exactly up to the start point, catch up to the ack floor, then handle deliveries."""
         self._drop_state()
         self._pull_pin = pin
         started = asyncio.get_running_loop().time()

@@ -32,9 +32,8 @@ from typing import Any
 import orjson
 from nats.aio.client import Client as NATS
 
-from actors.engine.wire import partition_of
+from actors.engine.wire import parse_time, partition_of
 from actors.hosting.router import EventRouter
-from actors.hosting.router_reads import parse_time
 from actors.observe.tracing import Tracing
 from actors.store.history import HistoryLog
 from actors.store.jetstream import (

@@ -110,6 +110,13 @@ class StreamReads:
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
 
+    async def close(self) -> None:
+        """Stop deleting markers (a stopping host's are left to their TTL)."""
+        for task in list(self._chores):
+            task.cancel()
+        if self._chores:
+            await asyncio.wait(self._chores, timeout=2.0)
+
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -126,14 +133,3 @@ def stored_at(m: Msg) -> datetime:
     except Exception:
         return utcnow()
     return _EPOCH + timedelta(microseconds=ns // 1000)
-
-
-def parse_time(raw: str | None) -> datetime:
-    """A get's ``Nats-Time-Stamp`` (nanosecond RFC 3339), to the microsecond."""
-    if not raw:
-        return utcnow()
-    try:
-        head, _, frac = raw.rstrip("Z").partition(".")
-        return datetime.fromisoformat(head + ("." + frac[:6] if frac else "")).replace(tzinfo=UTC)
-    except ValueError:
-        return utcnow()
