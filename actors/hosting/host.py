@@ -46,6 +46,7 @@ from actors.engine.wire import (
     SleepScheduled,
     TriggerRegistration,
     TurnParked,
+    WaitResolved,
     decode_activation,
     decode_history,
     encode_activation,
@@ -385,7 +386,7 @@ class ActorHost:
             return None
         return hist
 
-    async def _untilis_suspended(self, act: Activation, hist: RunHistory) -> RunHistory:
+    async def _until_suspended(self, act: Activation, hist: RunHistory) -> RunHistory:
         """The run re-read until its code is parked (or it ended), for at most ``_SUSPENSION_WAIT_S``."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + _SUSPENSION_WAIT_S
@@ -454,7 +455,7 @@ class ActorHost:
                 # parked. Running the code now would run those steps twice, so wait for it to
                 # park (its activation comes back if it died), then decide; running the code is
                 # the last resort.
-                hist = await self._untilis_suspended(act, hist)
+                hist = await self._until_suspended(act, hist)
                 if hist.terminal is not None:
                     await msg.ack()
                     return
@@ -656,9 +657,12 @@ class ActorHost:
         # A condition the router satisfied is gone from the router already.
         await asyncio.gather(*(publish_registrations(self._publisher_, self.layout, w, run_id, task, None, "cancel",
                                                      skip=done) for w, done in ended))
+        resolved_before = {e.wait_id for e in before if isinstance(e, WaitResolved)}
         for w, _ in ended:
-            if any(c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for c in w.flat()):
-                # The loser of an or-group never resumes the run: its timer is withdrawn.
+            if w.wait_id not in resolved_before and any(
+                    c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for c in w.flat()):
+                # The loser of an or-group never resumes the run: its timer is withdrawn (once,
+                # by the turn that resolved it; a late firing of it only replays to nothing new).
                 self._chore(self._timers.cancel(run_id, w.pos))
         if any(isinstance(e, TERMINAL) for e in written):
             # A run that ended mid-sleep (cancelled, failed) withdraws that sleep's timer too.
