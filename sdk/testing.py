@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from actors.engine.run_history import RunHistory, import_run
 from actors.engine.wire import (
@@ -53,7 +53,6 @@ from sdk.workflow import Workflow
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
-    from actors.store.history import HistoryLog
     from sdk.client import Bide
 
 __all__ = ["BideTestEnv", "aio_replay", "replay"]
@@ -306,11 +305,9 @@ def _load_history(history: Any) -> RunHistory:
     return import_run(doc)
 
 
-class _NoWrites:
+async def _no_writes(command: Any) -> None:
     """A replay writes nothing: a turn that tries is a bug in the replayer, not in the user's code."""
-
-    async def append(self, *args: Any, **kwargs: Any) -> int:
-        raise AssertionError("a replay-only turn tried to append to the history")
+    raise AssertionError(f"a replay-only turn tried to carry out {type(command).__name__}")
 
 
 async def _replay_durable(hist: RunHistory, defn: TaskDefinition) -> None:
@@ -319,7 +316,7 @@ async def _replay_durable(hist: RunHistory, defn: TaskDefinition) -> None:
     from sdk.context import DurableContext, current_runtime
 
     started = hist.started
-    turn = Turn(history=hist, log=cast("HistoryLog", _NoWrites()), task=defn.name, host_id="replay", delivery=1,
+    turn = Turn(history=hist, effects=_no_writes, task=defn.name, host_id="replay", delivery=1,
                 replay_only=True)
     value = defn.signature.load_input(started.input)
     retry_count = failed_attempts(hist)

@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from actors.engine.child_ids import child_run_id
+from actors.engine.child_ids import ChildStart, child_run_id
+from actors.engine.commands import Append, Command, PurgeInbox, RunEnd, StartChildren, end_of_run
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     ActivationBegun,
     ChildrenSpawned,
     ErrorInfo,
     HistoryEntry,
+    ParentLink,
     RunCancelled,
     RunCompleted,
     RunFailed,
@@ -40,6 +42,9 @@ class DagTask(Protocol):
 
     @property
     def parents(self) -> Sequence[DagTask]: ...
+
+    @property
+    def runs_durably(self) -> bool: ...
 
 
 @dataclass
@@ -112,3 +117,19 @@ def plan_workflow_turn(hist: RunHistory, steps: Sequence[DagTask], host_id: str,
                      if t.name in spawned and spawned[t.name] not in outcomes and idx not in to_start]
     unfinished = [(rid, task) for task, rid in spawned.items() if rid not in outcomes] if end is not None else []
     return WorkflowTurn(new=new, to_start=to_start, spawned=spawned, done=done, end=end, unfinished=unfinished)
+
+
+def workflow_commands(hist: RunHistory, steps: Sequence[DagTask], plan: WorkflowTurn) -> list[Command]:
+    """What the host carries out for ``plan``: append, purge the taken signals, start the tasks, wind up."""
+    started = hist.started
+    commands: list[Command] = [Append(plan.new)]
+    if hist.inbox:
+        commands.append(PurgeInbox(hist.inbox[-1][0]))
+    commands += [StartChildren(ParentLink(run_id=hist.run_id, task=started.task, pos=idx, n=1), [ChildStart(
+        run_id=plan.spawned[steps[idx].name], task=steps[idx].name, durable=steps[idx].runs_durably,
+        input=started.input, parents={p.workflow_key: plan.done[p.workflow_key] for p in steps[idx].parents})])
+        for idx in plan.to_start]
+    if plan.end is not None:
+        # A workflow that fails or is cancelled stops the tasks it still has running.
+        commands += end_of_run(started, RunEnd(plan.end, plan.unfinished, cancels_children_on_failure=True))
+    return commands

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from actors.engine.replay import open_waits
+from actors.engine.commands import open_waits
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     Activation,

@@ -10,17 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import Any, NoReturn
 
 from actors.engine.child_ids import ChildStart, child_run_ids
+from actors.engine.commands import (
+    Append,
+    Command,
+    Effects,
+    PurgeInbox,
+    RegisterWait,
+    RunEnd,
+    ScheduleRetry,
+    ScheduleTimer,
+    StartChildren,
+    TurnObserver,
+    after_append,
+    end_of_run,
+)
+from actors.engine.decisions import claimed_signals
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
-    TERMINAL,
     ActivationBegun,
+    AttemptFailed,
     ChildrenSpawned,
     EventSignal,
     HistoryEntry,
@@ -31,6 +46,8 @@ from actors.engine.wire import (
     SignalReceived,
     SleepFired,
     SleepScheduled,
+    Terminal,
+    TurnParked,
     WaitCondition,
     WaitRegistered,
     WaitResolved,
@@ -44,22 +61,8 @@ from sdk.context import ChildSpec
 from sdk.errors import NonDeterminismError
 from sdk.models import SleepResult
 
-if TYPE_CHECKING:
-    from actors.observe.tracing import RunTrace
-
 RESIDENT_MAX = timedelta(milliseconds=600)
 """A sleep with less than this left stays on its host with a local timer (no eviction)."""
-
-
-class AppendLog(Protocol):
-    """Where a turn appends (the host's :class:`actors.store.history.HistoryLog`)."""
-
-    async def append(self, run_id: str, entries: list[HistoryEntry], expected_seq: int,
-                     notify: str | None = None) -> int: ...
-
-
-StartChildren = Callable[[ParentLink, list[ChildStart]], Awaitable[None]]
-"""How a turn starts child runs (the host's publisher)."""
 
 
 class HistoryEnded(BaseException):
@@ -82,55 +85,6 @@ class TimerRequest:
     wake_at: datetime
 
 
-def open_waits(entries: Sequence[HistoryEntry]) -> dict[str, WaitRegistered]:
-    """Waits registered and not yet resolved, by wait id (their router registrations are live)."""
-    waits: dict[str, WaitRegistered] = {}
-    for e in entries:
-        if isinstance(e, WaitRegistered):
-            waits[e.wait_id] = e
-        elif isinstance(e, WaitResolved):
-            waits.pop(e.wait_id, None)
-    return waits
-
-
-def ended_registrations(before: Sequence[HistoryEntry], written: Sequence[HistoryEntry],
-                        unrecorded: Sequence[WaitRegistered] = ()) -> list[tuple[WaitRegistered, set[int | None]]]:
-    """The router registrations that a turn appending ``written`` after ``before`` must withdraw.
-
-    A wait's registration is live while the wait is open in the history; the turn that
-    resolves it withdraws it, and the turn that ends the run withdraws every registration
-    the run ever made. Each wait comes with the conditions the router satisfied itself (it
-    deleted those already). A pure function of the history, so the next delivery of a turn
-    that died or failed after its append (and before the withdrawal was durable) computes
-    the same list again from the stored history.
-    """
-    was_open = open_waits(before)
-    ended = {w.wait_id: w for e in written
-             if isinstance(e, WaitResolved) and (w := was_open.get(e.wait_id)) is not None}
-    if any(isinstance(e, TERMINAL) for e in written):
-        # The run ended: every wait it registered, open or resolved. A host that died between
-        # the append resolving a wait and its withdrawal left that registration, and when the
-        # next turn was not a redelivery of the dead one, nothing redid it. Also any
-        # registration a dead host made for a wait it never recorded (``Turn.unrecorded_waits``).
-        for w in (*(e for e in (*before, *written) if isinstance(e, WaitRegistered)), *unrecorded):
-            ended.setdefault(w.wait_id, w)
-    if not ended:
-        return []
-    done: dict[str, set[int | None]] = {}
-    for e in (*before, *written):
-        if isinstance(e, SignalReceived) and e.signal.source == "event" and e.signal.wait_id is not None:
-            done.setdefault(e.signal.wait_id, set()).add(e.signal.cond)
-    return [(w, done.get(w.wait_id, set())) for w in ended.values()]
-
-
-def last_turn(entries: list[HistoryEntry]) -> tuple[list[HistoryEntry], list[HistoryEntry]]:
-    """The history split before the last turn that wrote anything (each turn's first append begins with its marker)."""
-    for i in range(len(entries) - 1, -1, -1):
-        if isinstance(entries[i], ActivationBegun):
-            return entries[:i], entries[i:]
-    return entries, []
-
-
 class Turn:
     """Drives one activation of one run. Implements :class:`sdk.context.DurableRuntime`."""
 
@@ -138,12 +92,11 @@ class Turn:
         self,
         *,
         history: RunHistory,
-        log: AppendLog,
+        effects: Effects,
         task: str,
         host_id: str,
         delivery: int,
-        start_children: StartChildren | None = None,
-        trace: RunTrace | None = None,
+        observer: TurnObserver | None = None,
         replay_only: bool = False,
     ) -> None:
         self.run_id = history.run_id
@@ -151,16 +104,14 @@ class Turn:
         """Check the code against the history and nothing more (:func:`sdk.testing.replay`): a
         checkpoint past the recorded ones raises :class:`HistoryEnded` before anything runs."""
         self.task = task
-        self._start_children = start_children
-        self._trace = trace
-        # Where each sleep and wait began (recorded or new), for their spans when they end.
+        self._effects = effects
+        self._observer = observer
+        # Where each sleep and wait began (recorded or new), for the observer when they end.
         self._sleeps: dict[int, SleepScheduled] = {}
         self._waits: dict[int, WaitRegistered] = {}
         self._redelivered = delivery > 1
-        self._log = log
-        self.last_seq = history.last_seq
+        self._history = history
         started = history.started if history.entries else None
-        self.notify: str | None = started.meta.get("notify") if started is not None else None
         self.run_input: Any = started.input if started is not None else None
         self._by_pos: dict[int, dict[str, Any]] = {}
         # Signals taken from the inbox, in arrival order, and the direct ones waits have consumed.
@@ -191,12 +142,12 @@ class Turn:
         for seq, sig in history.inbox:
             self._pending.append(SignalReceived(inbox_seq=seq, signal=sig))
             self._take(seq, sig)
-        self.took_signals = bool(history.inbox)
-        self.pending_wait: WaitRegistered | None = None
+        self._took_upto = history.inbox[-1][0] if history.inbox else None
+        self._pending_wait: WaitRegistered | None = None
         """The wait the run suspended on: its event conditions must be registered with the router."""
-        self.written: list[HistoryEntry] = []
+        self._written: list[HistoryEntry] = []
         """Every entry this turn appended, in order."""
-        self.unrecorded_waits: list[WaitRegistered] = []
+        self._unrecorded_waits: list[WaitRegistered] = []
         """Waits the code passed that were resolved with no ``wait_registered`` in the history.
 
         A turn that parked at such a wait registered it with the router and died (or lost the
@@ -204,7 +155,7 @@ class Turn:
         The run's end withdraws these registrations, which may exist.
         """
         self._flush_lock = asyncio.Lock()
-        self.timers: list[TimerRequest] = []
+        self._timers: list[TimerRequest] = []
         self.suspended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.fatal: BaseException | None = None
 
@@ -309,44 +260,92 @@ class Turn:
             return f"wait_for({w.label!r}, args hash {w.args_hash})"
         return ", ".join(sorted(rec))
 
-    @property
-    def has_new_facts(self) -> bool:
-        return any(not isinstance(e, ActivationBegun) for e in self._pending)
-
     async def flush(self, extra: list[HistoryEntry] | None = None) -> None:
-        """Append pending entries (plus ``extra``) as one message, guarded by expected sequence."""
+        """Append pending entries (plus ``extra``) as one message, durable before the code goes on."""
         async with self._flush_lock:
             entries = self._pending + (extra or [])
             if not entries:
                 return
             self._pending = []
             try:
-                self.last_seq = await self._log.append(self.run_id, entries, self.last_seq, self.notify)
+                await self._effects(Append(entries, on_durable=self._recorded))
             except BaseException as e:
                 if self.fatal is None:
                     self.fatal = e
                 raise
-            self.written += entries
-            if self._trace is not None:
-                self._report_ended(entries)
+
+    def _recorded(self, entries: list[HistoryEntry]) -> None:
+        """``entries`` are durable: they count as written, and the observer hears of what they ended."""
+        self._written += entries
+        if self._observer is not None:
+            self._report_ended(entries)
+
+    async def claim_signals(self) -> None:
+        """Record the signals this turn took before any code runs, when the run has begun before.
+
+        Two signals can wake a run on two hosts at once: the turn that records them first
+        runs the code, the other loses this append before running anything (its activation
+        comes back and finds the signals taken), so no step runs twice (invariant 1).
+        """
+        if self.began and self._took_upto is not None:
+            await self.flush()
+
+    def conclude(self, end: Terminal | AttemptFailed | None = None, *,
+                 cancels_children_on_failure: bool = False) -> list[Command]:
+        """What the host carries out, in order, now that the code stopped (pure: nothing is written here).
+
+        ``end`` is ``None`` when the code parked (at a wait, a sleep, or children): register
+        the wait, append what is pending, schedule its timers. Otherwise the run ended, or an
+        attempt failed and is retried. Then, either way, withdraw what the append ended and
+        purge the signals it took; and wind up a run that ended.
+        """
+        commands: list[Command] = []
+        pending, self._pending = self._pending, []
+        if end is None:
+            if self._pending_wait is not None:
+                # Before the wait is in the history, so that a run seen waiting (history,
+                # `bide runs show`) already counts every event pushed from then on. A crash or
+                # a lost race in between is harmless: the wait id is the run and position, the
+                # replay registers the same wait again, and a signal that came early waits in
+                # the run's inbox.
+                commands.append(RegisterWait(self._pending_wait, self.run_input))
+            if not any(not isinstance(e, ActivationBegun) for e in pending):
+                # Nothing new. A claim of signals standing alone would read as a turn under way.
+                claimed = claimed_signals(self._history.entries + self._written)
+                pending = [*pending, TurnParked(at=utcnow())] if claimed else []
+        else:
+            pending = [*pending, end]
+        written = self._written + pending
+        if pending:
+            commands.append(Append(pending, on_durable=self._recorded))
+        commands += [ScheduleTimer(t.pos, t.wake_at) for t in self._timers]
+        commands += after_append(self._history.entries, written, utcnow(), self._unrecorded_waits)
+        if self._took_upto is not None:
+            commands.append(PurgeInbox(self._took_upto))
+        if isinstance(end, AttemptFailed):
+            commands.append(ScheduleRetry(end))
+        elif end is not None:
+            commands += end_of_run(self._history.started, RunEnd(
+                end, self.unfinished_children, cancels_children_on_failure=cancels_children_on_failure))
+        return commands
 
     def _report_ended(self, written: list[HistoryEntry]) -> None:
         """Spans for the sleeps and waits this append ended (only written entries: replay is silent)."""
-        assert self._trace is not None
+        assert self._observer is not None
         for e in written:
             if isinstance(e, SleepFired) and e.pos in self._sleeps:
                 sched = self._sleeps[e.pos]
-                self._trace.sleep(e.pos, sched.duration_s,
+                self._observer.sleep(e.pos, sched.duration_s,
                                   sched.wake_at - timedelta(seconds=sched.duration_s), e.at)
             elif isinstance(e, WaitResolved) and e.pos in self._waits:
                 won = {eid for v in e.result.values() if isinstance(v, dict) for eid in v}
                 signals = [sig for seq, sig in self._signals if sig.event_id in won
                            and (sig.wait_id == e.wait_id or seq in e.consumed)]
-                self._trace.wait(self._waits[e.pos], e, signals)
+                self._observer.wait(self._waits[e.pos], e, signals)
 
     def _suspend(self, timer: TimerRequest | None) -> None:
         if timer is not None:
-            self.timers.append(timer)
+            self._timers.append(timer)
         if not self.suspended.done():
             self.suspended.set_result(None)
 
@@ -364,7 +363,7 @@ class Turn:
             adapter = return_adapter(fn)
             return adapter.validate_python(m.result) if adapter is not None else m.result
         self._new(pos, f"memo({name!r}, args hash {digest})")
-        with self._trace.memo(name, pos) if self._trace is not None else nullcontext():
+        with self._observer.memo(name, pos) if self._observer is not None else nullcontext():
             result = fn(*args)
             if inspect.isawaitable(result):
                 result = await result
@@ -461,7 +460,7 @@ class Turn:
                 self._mismatch(pos, self._describe(rec), requested)
             if done is not None:
                 if reg is None:
-                    self.unrecorded_waits.append(WaitRegistered(
+                    self._unrecorded_waits.append(WaitRegistered(
                         pos=pos, wait_id=wait_id, label=label, args_hash=digest, groups=specs, at=done.at,
                         any_of=extra))
                 result: dict[str, Any] = done.result
@@ -485,7 +484,7 @@ class Turn:
                 result, consumed = outcome
                 self._consumed.update(consumed)
                 if rec is None:
-                    self.unrecorded_waits.append(reg)
+                    self._unrecorded_waits.append(reg)
                 self._pending.append(WaitResolved(
                     pos=pos, wait_id=reg.wait_id, label=label, args_hash=digest, result=result,
                     consumed=consumed, at=utcnow(),
@@ -499,7 +498,7 @@ class Turn:
             if remaining is not None and remaining <= RESIDENT_MAX:
                 await asyncio.sleep(max(remaining.total_seconds(), 0))
                 continue
-            self.pending_wait = reg
+            self._pending_wait = reg
             await self._park(TimerRequest(pos, wake) if wake is not None else None)
 
     def _condition(self, c: Condition) -> WaitCondition:
@@ -618,14 +617,12 @@ class Turn:
         return await self.outcomes(ids)
 
     async def _start(self, pos: int, ids: list[str], children: list[ChildSpec], detached: bool) -> None:
-        if self._start_children is None:
-            raise RuntimeError("this turn cannot start child runs")
         link = ParentLink(run_id=self.run_id, task=self.task, pos=pos, n=len(ids))
         todo = [ChildStart(run_id=rid, task=c.task, durable=c.durable, input=c.input,
                            execution_timeout_s=c.execution_timeout_s, detached=detached)
                 for rid, c in zip(ids, children, strict=True) if rid not in self._outcomes]
         if todo:
-            await self._start_children(link, todo)
+            await self._effects(StartChildren(link, todo))
 
     @property
     def unfinished_children(self) -> list[tuple[str, str]]:

@@ -3,6 +3,9 @@
 A turn rebuilds the run from its history, drives the user coroutine to its next
 suspension (or its end), appends what happened under the single-writer guard,
 publishes any timers, and only then acks the activation (no signal is lost).
+This module decides which turn an activation is (a start, a redelivery, a run that
+ended, a signal the code need not see); ``turns.py`` runs the code, and
+``turn_effects.py`` carries out what the engine decided.
 """
 
 from __future__ import annotations
@@ -12,59 +15,39 @@ import logging
 import os
 import socket
 import time
-import traceback
-from collections.abc import Sequence
 from contextlib import nullcontext
-from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
-from actors.engine.child_ids import ChildStart
-from actors.engine.dag import plan_workflow_turn
-from actors.engine.decisions import claimed_signals, failed_attempts, is_suspended, needs_user_code
-from actors.engine.replay import Turn, ended_registrations, last_turn
+from actors.engine.commands import Append, Command, NotifyParent, PurgeInbox, ScheduleRemoval, redo_last_turn
+from actors.engine.decisions import failed_attempts, is_suspended, needs_user_code
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
-    HDR_BIDE_KIND,
     HDR_TTL,
-    TERMINAL,
     Activation,
     ActivationBegun,
-    AttemptFailed,
-    ChildrenSpawned,
-    ErrorInfo,
-    HistoryEntry,
-    ParentLink,
-    RunCancelled,
-    RunCompleted,
     RunFailed,
     RunStarted,
     SignalReceived,
-    SleepFired,
-    SleepScheduled,
     TriggerRegistration,
-    TurnParked,
-    WaitResolved,
     decode_activation,
     decode_history,
-    encode_activation,
     utcnow,
 )
 from actors.hosting.activation_queue import ActivationQueue, SlotPool
 from actors.hosting.heartbeat import Heartbeat
 from actors.hosting.inbox_sweeper import InboxSweeper, ensure_inbox_sweeper_consumer
 from actors.hosting.retention import Reaper
-from actors.hosting.router import publish_registrations
 from actors.hosting.router_partitions import RouterPartitions
-from actors.observe.tracing import RunTrace, Tracing, mark_failed, mark_outcome
-from actors.store.children import notify_parent, request_cancel, start_children
+from actors.hosting.turn_effects import RunWriter, TurnEffects
+from actors.hosting.turns import TurnRunner, error_info
+from actors.observe.tracing import Tracing
 from actors.store.history import HistoryConflict, HistoryLog
 from actors.store.jetstream import (
     Layout,
     Publisher,
-    api_request,
     connect,
     direct_get_last,
     ensure_streams,
@@ -73,19 +56,9 @@ from actors.store.jetstream import (
     retry_transient,
 )
 from actors.store.timers import TimerScheduler
-from sdk.context import Context, DurableContext, current_runtime
 from sdk.errors import (
     DeliveryLimitExceeded,
     HistoryTooLargeError,
-    InputValidationError,
-    NonDeterminismError,
-    NonRetryableError,
-    OutputSerializationError,
-    PayloadValidationError,
-    ScheduleTimeoutError,
-    TaskCancelledByCondition,
-    TaskSkipped,
-    TaskTimeoutError,
 )
 from sdk.limits import format_size
 
@@ -112,14 +85,6 @@ _INFRA_RETRY_BUDGET_S = 60.0
 """How long a host retries a turn that hits infrastructure errors before handing it back (a nak)."""
 
 
-def error_info(exc: BaseException) -> ErrorInfo:
-    return ErrorInfo(
-        type=type(exc).__name__,
-        message=str(exc),
-        traceback="".join(traceback.format_exception(exc))[-8000:],
-    )
-
-
 class ActorHost:
     """Hosts a set of tasks on one NATS connection with ``slots`` and ``durable_slots`` limits."""
 
@@ -143,9 +108,6 @@ class ActorHost:
         if len(self._tasks) != len(tasks):
             raise ValueError("a worker cannot host two tasks with the same name")
         self._workflows = {t.name for t in tasks if t.workflow is not None and t is t.workflow.runner}
-        self._running: dict[str, tuple[asyncio.Task[Any], Turn | None]] = {}
-        """Runs whose code is running here now (what the cancel broadcast stops)."""
-        self._cancelled_here: set[str] = set()
         self.slots = SlotPool(slots)
         self.durable_slots = SlotPool(durable_slots)
         self._grace = shutdown_grace_s
@@ -157,7 +119,8 @@ class ActorHost:
         self._route_events = route_events
         self._sweeper: InboxSweeper | None = None
         self.router: RouterPartitions | None = None
-        self._chores: set[asyncio.Task[Any]] = set()
+        self._effects: TurnEffects | None = None
+        self._runner: TurnRunner | None = None
         self.turns = 0
 
     async def start(self) -> None:
@@ -194,6 +157,9 @@ class ActorHost:
             self._queues.append(ActivationQueue(nc, self.layout.subjects.work_stream, consumer, pool, self._handle))
         self._reaper = Reaper(nc, self._publisher, self.layout, self._history, self._timers,
                               self.config.history_retention_s)
+        self._effects = TurnEffects(nc, self._publisher, self.layout, self._history, self._timers, self._reaper,
+                                    self.tracing)
+        self._runner = TurnRunner(self._effects, self.host_id, self._workflows)
         self._queues.append(await retry_transient("the reaper's consumer", lambda: self._reaper.queue(js),
                                                   _START_RETRY_S))
         await retry_transient("the inbox sweeper's consumer", lambda: ensure_inbox_sweeper_consumer(nc, self.layout),
@@ -222,8 +188,8 @@ class ActorHost:
             await _bounded(self.router.stop(), "stopping the router")
         if self._sweeper is not None:
             await _bounded(self._sweeper.stop(), "stopping the inbox sweeper")
-        if self._chores:
-            await asyncio.wait(self._chores, timeout=5)
+        if self._effects is not None:
+            await self._effects.stop(timeout=5)
         if self._heartbeat is not None:
             await _bounded(self._heartbeat.stop(), "stopping the heartbeat")
         if self._publisher is not None:
@@ -310,8 +276,7 @@ class ActorHost:
             hist = await self._read(act)
         if not hist.entries or hist.terminal is not None:
             if hist.terminal is not None and hist.started.parent is not None:
-                await notify_parent(self._nc_, self._publisher_, self.layout.subjects, hist.run_id,
-                                    hist.started.parent, hist.terminal)
+                await self._writer(hist, defn).carry_out([NotifyParent(hist.started.parent, hist.terminal)])
             await msg.ack()
             return
         if err is None:
@@ -320,21 +285,7 @@ class ActorHost:
                 f"times, more than BIDE_MAX_DELIVERIES={self.config.max_deliveries}; each host that took it died "
                 "or failed before finishing the turn, so the run failed without running its code again")
         log.error("%s", err)
-        end = RunFailed(error=error_info(err), at=utcnow())
-        started = hist.started
-        unfinished: list[tuple[str, str]] = []
-        if defn.runs_durably and not (defn.workflow is not None and defn is defn.workflow.runner):
-            turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, delivery=delivered)
-            await turn.flush([end])
-            await self._after_turn(turn, defn, hist)
-            unfinished = turn.unfinished_children
-        else:
-            begun = ActivationBegun(host=self.host_id, delivery=delivered, at=utcnow())
-            await self._history.append(hist.run_id, [begun, end], hist.last_seq, started.meta.get("notify"))
-            if defn.workflow is not None:
-                unfinished = [(rid, e.task) for e in hist.entries if isinstance(e, ChildrenSpawned)
-                              for rid in e.run_ids]
-        await self._finished(hist.run_id, started, end, unfinished)
+        await self._runner_.fail_without_code(hist, defn, delivered, RunFailed(error=error_info(err), at=utcnow()))
         await msg.ack()
 
     async def _fresh_start(self, act: Activation, started: RunStarted) -> RunHistory | None:
@@ -411,7 +362,8 @@ class ActorHost:
                 "grow further (raise the limit, or keep large data outside the run and pass references)"), hist)
             return
         if delivery > 1 and hist.entries:
-            await self._redo_last_turn(hist, defn.name)
+            # The host of the last turn may have died between its append and the tidying after it.
+            await self._writer(hist, defn).carry_out(redo_last_turn(hist, utcnow()))
         if act.kind == "start" and act.started is not None:
             began = await self._begin(msg, act, act.started, hist, delivery)
             if began is None:
@@ -427,12 +379,12 @@ class ActorHost:
         started = hist.started
         terminal = hist.terminal
         if terminal is not None:
-            # The host that ended it may have died before scheduling its removal (idempotent).
-            await self._reaper.schedule(hist.run_id, terminal)
+            # The host that ended it may have died before scheduling its removal, or (a
+            # redelivery) before telling the parent: both are idempotent.
+            wind_up: list[Command] = [ScheduleRemoval(terminal)]
             if delivery > 1 and started.parent is not None:
-                # The host that ended it may have died before telling the parent (idempotent).
-                await notify_parent(self._nc_, self._publisher_, self.layout.subjects, hist.run_id, started.parent,
-                                    terminal)
+                wind_up.append(NotifyParent(started.parent, terminal))
+            await self._writer(hist, defn).carry_out(wind_up)
             await msg.ack()
             return
         run_trace = self.tracing.run(started)
@@ -444,7 +396,7 @@ class ActorHost:
         if defn.workflow is not None and defn is defn.workflow.runner:
             self.turns += 1
             with span:
-                await self._workflow_turn(hist, defn, delivery)
+                await self._runner_.workflow(hist, defn, delivery)
             await msg.ack()
             return
         skip_code = False
@@ -464,227 +416,36 @@ class ActorHost:
             # Nothing for the code to do (a loser of an or-group, a signal taken already, an
             # event for a wait not made yet): record any new signals, never resume the code.
             if hist.inbox:
-                entries: list[HistoryEntry] = [SignalReceived(inbox_seq=q, signal=sig) for q, sig in hist.inbox]
-                await self._history.append(act.run_id, entries, hist.last_seq)
-                self._purge_inbox(act.run_id, hist.inbox[-1][0])
+                await self._writer(hist, defn).carry_out([
+                    Append([SignalReceived(inbox_seq=q, signal=sig) for q, sig in hist.inbox]),
+                    PurgeInbox(hist.inbox[-1][0])])
             await msg.ack()
             return
         self.turns += 1
         with span:
             if defn.runs_durably:
-                await self._durable_turn(hist, defn, delivery, run_trace)
+                await self._runner_.durable(hist, defn, delivery, run_trace)
             else:
-                await self._regular_turn(hist, defn, delivery)
+                await self._runner_.regular(hist, defn, delivery)
         await msg.ack()
 
-    def _late(self, hist: RunHistory, defn: TaskDefinition) -> RunFailed | None:
-        """``schedule_timeout``: a run that waited too long for its first turn fails without running."""
-        if defn.schedule_timeout is None or any(isinstance(e, ActivationBegun) for e in hist.entries):
-            return None
-        waited = utcnow() - hist.started.at
-        if waited <= defn.schedule_timeout:
-            return None
-        err = ScheduleTimeoutError(
-            f"run {hist.run_id} of task {defn.name!r} waited {waited.total_seconds():.1f}s for a worker, longer than "
-            f"its schedule_timeout of {defn.schedule_timeout.total_seconds():g}s")
-        return RunFailed(error=error_info(err), at=utcnow())
-
-    async def _durable_turn(self, hist: RunHistory, defn: TaskDefinition, delivery: int,
-                            run_trace: RunTrace | None) -> None:
-        started = hist.started
-        turn = Turn(history=hist, log=self._history, task=defn.name, host_id=self.host_id, delivery=delivery,
-                    start_children=self._start_children, trace=run_trace)
-        late = self._late(hist, defn)
-        if late is not None or (turn.cancel_reason is not None and not turn.began):
-            # Never ran: end it without running any code.
-            never: Any = late or RunCancelled(reason=turn.cancel_reason or "", at=utcnow())
-            await turn.flush([never])
-            await self._after_turn(turn, defn, hist)
-            await self._finished(hist.run_id, started, never, turn.unfinished_children)
-            return
-        try:
-            value = defn.signature.load_input(started.input)
-        except Exception as e:
-            failed = RunFailed(error=error_info(e), at=utcnow())
-            await turn.flush([failed])
-            await self._finished(hist.run_id, started, failed, [])
-            return
-        retry_count = failed_attempts(hist)
-        ctx = DurableContext(hist.run_id, defn.name, delivery, started.input, turn, retry_count=retry_count,
-                             parents=started.parents)
-
-        async def drive() -> Any:
-            current_runtime.set(turn)  # task.aio_run() in this code spawns children of this run
-            return await defn.entry(value, ctx)
-
-        if turn.began and turn.took_signals:
-            # Two signals can wake a run on two hosts at once: the turn that records them first
-            # runs the code, the other loses this append before running anything (its activation
-            # comes back and finds the signals taken), so no step runs twice (invariant 1).
-            await turn.flush()
-        user = asyncio.create_task(drive(), name=f"bide-run:{hist.run_id}")
-        self._running[hist.run_id] = (user, turn)
-        timeout = _time_limit(started, defn)
-        try:
-            done, _ = await asyncio.wait({user, turn.suspended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            await _cancel(user)
-            raise
-        finally:
-            self._running.pop(hist.run_id, None)
-        finished = user in done
-        # Evict (the slot and the coroutine's memory are freed now); a finished task's
-        # exception is marked retrieved either way.
-        await _cancel(user)
-        end: Any = None
-        if turn.fatal is not None:
-            if isinstance(turn.fatal, HistoryConflict) or is_transient(turn.fatal):
-                # Another host wrote first (drop this stale turn), or the infrastructure failed
-                # (retry it): neither is the user's error, and the code never saw it.
-                raise turn.fatal
-            end = RunFailed(error=error_info(turn.fatal), at=utcnow())
-        elif finished:
-            if turn.cancel_reason is not None and (user.cancelled() or _cancelled_error(user)):
-                end = RunCancelled(reason=turn.cancel_reason, at=utcnow())
-            else:
-                end = self._outcome(user, defn)
-        elif turn.suspended in done:
-            if turn.pending_wait is not None:
-                # Before the wait is in the history, so that a run seen waiting (history,
-                # `bide runs show`) already counts every event pushed from then on. A crash or
-                # a lost race in between is harmless: the wait id is the run and position, the
-                # replay registers the same wait again, and a signal that came early waits in
-                # the run's inbox.
-                await publish_registrations(self._publisher_, self.layout, turn.pending_wait, hist.run_id,
-                                            defn.name, turn.run_input, "register")
-            if turn.has_new_facts:
-                await turn.flush()
-            elif claimed_signals(hist.entries + turn.written):
-                await turn.flush([TurnParked(at=utcnow())])  # the claim alone would read as a turn under way
-            for t in turn.timers:
-                await self._timers.schedule(hist.run_id, defn.name, t.pos, t.wake_at, turn.last_seq)
-        else:
-            end = _timed_out(defn, hist.run_id, timeout or 0)
-        if end is not None:
-            # A fatal error (non-determinism, a write the server can never accept) is not retried:
-            # a retry would replay into the same error.
-            if isinstance(end, RunFailed) and turn.fatal is None:
-                retry = self._retry(defn, hist, end, user if finished else None)
-                if retry is not None:
-                    await turn.flush([retry])
-                    await self._after_turn(turn, defn, hist)
-                    await self._schedule_retry(hist.run_id, defn, retry, turn.last_seq)
-                    return
-            await turn.flush([end])
-        await self._after_turn(turn, defn, hist)
-        if end is not None:
-            await self._finished(hist.run_id, started, end, turn.unfinished_children)
-
-    def _retry(self, defn: TaskDefinition, hist: RunHistory, failed: RunFailed,
-               user: asyncio.Task[Any] | None) -> AttemptFailed | None:
-        """The failed attempt, if the task has retries left and the error may be retried."""
-        failures = failed_attempts(hist)
-        if failures >= defn.retries:
-            return None
-        exc = user.exception() if user is not None and user.done() and not user.cancelled() else None
-        if isinstance(exc, _NEVER_RETRIED) or (user is not None and user.done() and exc is None):
-            return None  # (no exception: the code returned, but its result cannot be stored)
-        delay = defn.retry_delay(failures + 1)
-        now = utcnow()
-        return AttemptFailed(attempt=failures + 1, error=failed.error, retry_at=now + timedelta(seconds=delay), at=now)
-
-    async def _schedule_retry(self, run_id: str, defn: TaskDefinition, retry: AttemptFailed, history_seq: int) -> None:
-        mark_outcome("retry")
-        mark_failed(f"{retry.error.type}: {retry.error.message}")
-        delay = (retry.retry_at - utcnow()).total_seconds()
-        if delay >= 1.0:
-            await self._timers.schedule_retry(run_id, defn.name, retry.attempt, retry.retry_at, history_seq)
-            return
-        # A short backoff waits here (the activation is not acked yet, so a crash loses nothing).
-        if delay > 0:
-            await asyncio.sleep(delay)
-        act = Activation(run_id=run_id, task=defn.name, kind="retry", history_seq=history_seq)
-        await self._publisher_.publish(self.layout.subjects.work(defn.name, run_id), encode_activation(act),
-                                       {HDR_BIDE_KIND: "retry"})
-
-    async def _start_children(self, parent: ParentLink, starts: list[ChildStart]) -> None:
-        await start_children(self._history, self._publisher_, self.layout.subjects, parent, starts, self.tracing)
-
-    async def _finished(self, run_id: str, started: Any, end: Any, unfinished: list[tuple[str, str]]) -> None:
-        """A run ended: tell its parent; a cancelled run cancels the children it still has running."""
-        mark_outcome(end.k.removeprefix("run_"))
-        await self._reaper.schedule(run_id, end)  # retention starts now (DESIGN.md invariant 9)
-        if isinstance(end, RunFailed):
-            mark_failed(f"{end.error.type}: {end.error.message}")
-        if started.parent is not None:
-            await notify_parent(self._nc_, self._publisher_, self.layout.subjects, run_id, started.parent, end)
-        if isinstance(end, RunCancelled) or (isinstance(end, RunFailed) and started.task in self._workflows):
-            for child, task in unfinished:
-                self._chore(request_cancel(self._nc_, self._publisher_, self._history, self.layout.subjects, child,
-                                           f"parent run {run_id} ended: {end.k.removeprefix('run_')}", task))
-
     async def _on_cancel_msg(self, msg: Msg) -> None:
-        self._on_cancel(msg.data.decode(errors="replace"))
+        if self._runner is not None:
+            self._runner.cancel(msg.data.decode(errors="replace"))
 
-    def _on_cancel(self, run_id: str) -> None:
-        """The cancel broadcast: stop the run now if it is running here (its inbox has the durable request)."""
-        running = self._running.get(run_id)
-        if running is None:
-            return
-        user, turn = running
-        if turn is None:
-            self._cancelled_here.add(run_id)  # a regular task: its turn records the cancellation
-        else:
-            turn.request_cancel("cancelled")
-        user.cancel()
+    def _writer(self, hist: RunHistory, defn: TaskDefinition) -> RunWriter:
+        notify = hist.started.meta.get("notify") if hist.entries else None
+        return self._effects_.writer(hist.run_id, defn.name, hist.last_seq, notify)
 
-    async def _after_turn(self, turn: Turn, defn: TaskDefinition, hist: RunHistory) -> None:
-        """Tidy up what the turn left behind: registrations of waits that ended, their timers, the inbox."""
-        await self._withdraw(hist.run_id, defn.name, hist.entries, turn.written, turn.unrecorded_waits)
-        if turn.took_signals:
-            self._purge_inbox(hist.run_id, hist.inbox[-1][0])
+    @property
+    def _effects_(self) -> TurnEffects:
+        assert self._effects is not None
+        return self._effects
 
-    async def _withdraw(self, run_id: str, task: str, before: list[HistoryEntry], written: list[HistoryEntry],
-                        unrecorded: Sequence[Any] = ()) -> None:
-        """Withdraw the registrations (and sleep timers) of the waits that ``written`` ended; safe to repeat.
-
-        ``unrecorded``: waits the turn resolved with none recorded (``Turn.unrecorded_waits``),
-        withdrawn too when the run ends.
-        """
-        now = utcnow()
-        ended = ended_registrations(before, written, unrecorded)
-        # Pipelined: a run that ends withdraws every wait it ever registered (maybe thousands).
-        # A condition the router satisfied is gone from the router already.
-        await asyncio.gather(*(publish_registrations(self._publisher_, self.layout, w, run_id, task, None, "cancel",
-                                                     skip=done) for w, done in ended))
-        resolved_before = {e.wait_id for e in before if isinstance(e, WaitResolved)}
-        for w, _ in ended:
-            if w.wait_id not in resolved_before and any(
-                    c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for c in w.flat()):
-                # The loser of an or-group never resumes the run: its timer is withdrawn (once,
-                # by the turn that resolved it; a late firing of it only replays to nothing new).
-                self._chore(self._timers.cancel(run_id, w.pos))
-        if any(isinstance(e, TERMINAL) for e in written):
-            # A run that ended mid-sleep (cancelled, failed) withdraws that sleep's timer too.
-            entries = before + written
-            fired = {e.pos for e in entries if isinstance(e, SleepFired)}
-            for e in entries:
-                if isinstance(e, SleepScheduled) and e.pos not in fired and e.wake_at > now:
-                    self._chore(self._timers.cancel(run_id, e.pos))
-
-    async def _redo_last_turn(self, hist: RunHistory, task: str) -> None:
-        """A redelivered activation first redoes what its last turn did after its append (all idempotent).
-
-        The host that made that turn may have died, or failed to reach the server, between its
-        append and the withdrawals that follow from it: a registration left live would never be
-        withdrawn, and a signal left in the inbox never purged.
-        """
-        before, written = last_turn(hist.entries)
-        if written:
-            await self._withdraw(hist.run_id, task, before, written)
-        taken = [e.inbox_seq for e in hist.entries if isinstance(e, SignalReceived)]
-        if taken:
-            self._purge_inbox(hist.run_id, max(taken))
+    @property
+    def _runner_(self) -> TurnRunner:
+        assert self._runner is not None
+        return self._runner
 
     @property
     def _publisher_(self) -> Publisher:
@@ -696,110 +457,6 @@ class ActorHost:
         assert self._nc is not None
         return self._nc
 
-    def _purge_inbox(self, run_id: str, upto_seq: int) -> None:
-        """Signals recorded in the history leave the inbox (the history keeps the taken seq)."""
-        s = self.layout.subjects
-        nc = self._nc_
-
-        async def _purge() -> None:
-            await api_request(nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
-                              {"filter": s.inbox(run_id), "seq": upto_seq + 1})
-
-        self._chore(_purge())
-
-    def _chore(self, coro: Any) -> None:
-        async def _guarded() -> None:
-            try:
-                await coro
-            except Exception as e:
-                log.debug("background chore failed: %s", e)
-
-        t = asyncio.create_task(_guarded())
-        self._chores.add(t)
-        t.add_done_callback(self._chores.discard)
-
-    async def _regular_turn(self, hist: RunHistory, defn: TaskDefinition, delivery: int) -> None:
-        started = hist.started
-        notify = started.meta.get("notify")
-        begun = ActivationBegun(host=self.host_id, delivery=delivery, at=utcnow())
-        cancel = next((sig for _, sig in hist.inbox if sig.source == "cancel"), None)
-        end: Any = self._late(hist, defn)
-        if end is None and cancel is not None:
-            end = RunCancelled(reason=(cancel.payload or {}).get("reason") or "cancelled", at=utcnow())
-        if end is None:
-            try:
-                value = defn.signature.load_input(started.input)
-            except Exception as e:
-                end = RunFailed(error=error_info(e), at=utcnow())
-        if end is not None:
-            await self._history.append(hist.run_id, [begun, end], hist.last_seq, notify)
-            await self._finished(hist.run_id, started, end, [])
-            return
-        retry_count = failed_attempts(hist)
-        ctx = Context(hist.run_id, defn.name, delivery, started.input, retry_count=retry_count,
-                      parents=started.parents)
-        user: asyncio.Task[Any] = asyncio.create_task(defn.entry(value, ctx))
-        self._running[hist.run_id] = (user, None)
-        timeout = _time_limit(started, defn)
-        try:
-            done, _ = await asyncio.wait({user}, timeout=timeout)
-        finally:
-            self._running.pop(hist.run_id, None)
-        if hist.run_id in self._cancelled_here:
-            self._cancelled_here.discard(hist.run_id)
-            await _cancel(user)
-            end = RunCancelled(reason="cancelled", at=utcnow())
-        elif user in done:
-            end = self._outcome(user, defn)
-        else:
-            await _cancel(user)
-            end = _timed_out(defn, hist.run_id, timeout or 0)
-        if isinstance(end, RunFailed):
-            retry = self._retry(defn, hist, end, user if user in done else None)
-            if retry is not None:
-                seq = await self._history.append(hist.run_id, [begun, retry], hist.last_seq)
-                await self._schedule_retry(hist.run_id, defn, retry, seq)
-                return
-        await self._history.append(hist.run_id, [begun, end], hist.last_seq, notify)
-        await self._finished(hist.run_id, started, end, [])
-
-    async def _workflow_turn(self, hist: RunHistory, defn: TaskDefinition, delivery: int) -> None:
-        """A DAG run's turn: append what :func:`plan_workflow_turn` decided, then start its tasks."""
-        wf = defn.workflow
-        assert wf is not None
-        started = hist.started
-        steps = wf.order()
-        plan = plan_workflow_turn(hist, steps, self.host_id, delivery, utcnow(), self._late(hist, defn))
-        await self._history.append(hist.run_id, plan.new, hist.last_seq, started.meta.get("notify"))
-        if hist.inbox:
-            self._purge_inbox(hist.run_id, hist.inbox[-1][0])
-        await asyncio.gather(*(
-            self._start_children(
-                ParentLink(run_id=hist.run_id, task=defn.name, pos=idx, n=1),
-                [ChildStart(run_id=plan.spawned[steps[idx].name], task=steps[idx].name,
-                            durable=steps[idx].runs_durably, input=started.input,
-                            parents={p.workflow_key: plan.done[p.workflow_key] for p in steps[idx].parents})])
-            for idx in plan.to_start))
-        if plan.end is not None:
-            await self._finished(hist.run_id, started, plan.end, plan.unfinished)
-
-    @staticmethod
-    def _outcome(user: asyncio.Task[Any], defn: TaskDefinition) -> RunCompleted | RunFailed | RunCancelled:
-        if user.cancelled():
-            return RunCancelled(reason="cancelled", at=utcnow())
-        exc = user.exception()
-        if isinstance(exc, TaskSkipped):
-            return RunCompleted(result=None, skipped=True, at=utcnow())
-        if isinstance(exc, TaskCancelledByCondition):
-            return RunCancelled(reason=str(exc), at=utcnow())
-        if exc is not None:
-            return RunFailed(error=error_info(exc), at=utcnow())
-        try:
-            return RunCompleted(result=defn.signature.dump_output(user.result()), at=utcnow())
-        except OutputSerializationError as e:
-            return RunFailed(error=error_info(e), at=utcnow())
-
-
 async def _bounded(step: Any, what: str, timeout: float = _STOP_STEP_S) -> bool:
     """Run one step of a shutdown for at most ``timeout``; False (logged) if it did not finish."""
     try:
@@ -808,37 +465,3 @@ async def _bounded(step: Any, what: str, timeout: float = _STOP_STEP_S) -> bool:
     except Exception as e:
         log.warning("shutdown: %s did not finish (%s)", what, type(e).__name__ if isinstance(e, TimeoutError) else e)
         return False
-
-
-_NEVER_RETRIED = (NonRetryableError, NonDeterminismError, InputValidationError, PayloadValidationError,
-                  OutputSerializationError)
-"""Errors a retry cannot fix: the same input, history or payload would fail the same way."""
-
-
-def _cancelled_error(task: asyncio.Task[Any]) -> bool:
-    return task.done() and (task.cancelled() or isinstance(task.exception(), asyncio.CancelledError))
-
-
-def _time_limit(started: Any, defn: TaskDefinition) -> float | None:
-    """``execution_timeout`` of a turn: the starter's, else the task's."""
-    if started.execution_timeout_s:
-        limit: float = started.execution_timeout_s
-        return limit
-    return defn.execution_timeout.total_seconds() if defn.execution_timeout else None
-
-
-def _timed_out(defn: TaskDefinition, run_id: str, limit_s: float) -> RunFailed:
-    err = TaskTimeoutError(f"task {defn.name!r} (run {run_id}) exceeded its execution_timeout of {limit_s:g}s")
-    return RunFailed(error=error_info(err), at=utcnow())
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    if task.done():
-        if not task.cancelled():
-            task.exception()  # retrieved: no "exception was never retrieved" noise
-        return
-    task.cancel()
-    try:
-        await task
-    except BaseException:
-        pass

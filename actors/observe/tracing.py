@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -32,13 +32,13 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from actors.engine.wire import TRACEPARENT
+from actors.engine.wire import TERMINAL, TRACEPARENT, AttemptFailed, RunFailed
 from actors.observe.otlp import TracingConfigError, otlp_exporter_class
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer, TracerProvider
 
-    from actors.engine.wire import EventSignal, RunStarted, WaitRegistered, WaitResolved
+    from actors.engine.wire import EventSignal, HistoryEntry, RunStarted, WaitRegistered, WaitResolved
 
 log = logging.getLogger("bide.tracing")
 
@@ -388,6 +388,18 @@ def mark_outcome(outcome: str) -> None:
         span.set_attribute("bide.outcome", outcome)
 
 
+def observe_appended(entries: Sequence[HistoryEntry]) -> None:
+    """A turn's append is durable: an attempt that failed, or the run's end, marks the current (activation) span."""
+    for e in entries:
+        if isinstance(e, AttemptFailed):
+            mark_outcome("retry")
+            mark_failed(f"{e.error.type}: {e.error.message}")
+        elif isinstance(e, TERMINAL):
+            mark_outcome(e.k.removeprefix("run_"))
+            if isinstance(e, RunFailed):
+                mark_failed(f"{e.error.type}: {e.error.message}")
+
+
 class RunTrace:
     """The spans of one turn of one run: its activation, memos live, sleeps and waits once ended.
 
@@ -478,6 +490,7 @@ __all__ = [
     "extract_context",
     "mark_failed",
     "mark_outcome",
+    "observe_appended",
     "otlp_exporter_class",
     "provider_from_env",
     "span_context_of",

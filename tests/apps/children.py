@@ -223,23 +223,23 @@ if os.environ.get("BIDE_TEST_DIE_AFTER_SPAWN"):
     # A crash at the worst moment: the spawn is in the parent's history, no child exists yet.
     import signal
 
-    from actors.hosting.host import ActorHost
+    import actors.hosting.turn_effects
 
-    async def _die(self: Any, parent: Any, starts: Any) -> None:
+    async def _die(*args: Any, **kwargs: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    ActorHost._start_children = _die  # type: ignore[method-assign]
+    actors.hosting.turn_effects.start_children = _die  # type: ignore[assignment]
 
 if os.environ.get("BIDE_TEST_DIE_BEFORE_NOTIFY"):
     # A crash after a child's end is in its history, before its parent has heard of it.
     import signal
 
-    import actors.hosting.host
+    import actors.hosting.turn_effects
 
     async def _die_before_notify(*args: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    actors.hosting.host.notify_parent = _die_before_notify  # type: ignore[assignment]
+    actors.hosting.turn_effects.notify_parent = _die_before_notify  # type: ignore[assignment]
 
 _client = Bide()
 defs = define(_client)

@@ -12,7 +12,6 @@ from actors.engine.wire import (
     Activation,
     RunStarted,
     WaitRegistered,
-    WaitResolved,
     encode_activation,
     utcnow,
 )
@@ -428,7 +427,8 @@ async def test_a_resolved_waits_registration_is_withdrawn_at_the_runs_end_if_its
     """A host appended the resolution of wait 0, went on to park at wait 2, and died before withdrawing wait 0's
     registration; the turn that ended the run was a fresh activation on another host (not a redelivery, so no
     redo of the dead turn). Seen twice in the long chaos run: 2 registrations left behind."""
-    from actors.hosting.host import ActorHost
+    from actors.engine.commands import ScheduleRemoval, WithdrawWait
+    from actors.hosting.turn_effects import RunWriter
 
     @bide.durable_task(name="TwoDirectWaits")
     async def two_waits(input: dict, ctx: DurableContext) -> Any:
@@ -443,17 +443,17 @@ async def test_a_resolved_waits_registration_is_withdrawn_at_the_runs_end_if_its
         info = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits("dead-turn-msg"))
         return sum((info.state.subjects or {}).values())
 
-    real = ActorHost._withdraw
+    real = RunWriter.carry_out
     skipped: list[str] = []
 
-    async def dies_before_withdrawing(self: ActorHost, run_id: str, task: str, before: Any, written: Any,
-                                      unrecorded: Any = ()) -> None:
-        if not skipped and any(isinstance(e, WaitResolved) for e in written):
-            skipped.append(run_id)  # the host that resolved wait 0 never withdrew it
-            return
-        await real(self, run_id, task, before, written, unrecorded)
+    async def dies_before_withdrawing(self: RunWriter, commands: Any) -> None:
+        ends = any(isinstance(c, ScheduleRemoval) for c in commands)
+        if not skipped and not ends and any(isinstance(c, WithdrawWait) for c in commands):
+            skipped.append(self.run_id)  # the host that resolved wait 0 never withdrew it
+            commands = [c for c in commands if not isinstance(c, WithdrawWait)]
+        await real(self, commands)
 
-    monkeypatch.setattr(ActorHost, "_withdraw", dies_before_withdrawing)
+    monkeypatch.setattr(RunWriter, "carry_out", dies_before_withdrawing)
     async with running_worker(bide, [two_waits]):
         ref = await two_waits.aio_run_no_wait({})
         run_id = ref.workflow_run_id

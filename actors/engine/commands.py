@@ -1,0 +1,261 @@
+"""What a turn asks its host to do: commands, and the pure functions that decide them.
+
+The engine decides; the host carries out (``actors.hosting.turn_effects.RunWriter``,
+the one home of every write a turn makes). A turn's commands come in two kinds:
+
+- **Before the code goes on** (:class:`Append` of a memo's result, a sleep's schedule, a
+  spawn; :class:`StartChildren`): the run's code waits for each, because what it does
+  next depends on it being durable (invariant 1). The turn hands these to its effects
+  port one at a time (:class:`Effects`).
+- **After the code stopped** (parked at a wait or a sleep, or ended): a list the turn
+  returns (:meth:`actors.engine.replay.Turn.conclude`), carried out in order: register
+  the wait, append, schedule timers, withdraw what the append ended, purge the inbox,
+  and, when the run ended, schedule its removal, tell its parent, cancel its children.
+
+Every list here is a pure function of the history (and what the turn wrote), so the next
+delivery of a turn whose host died half-way computes the same list again and repeats it
+(:func:`redo_last_turn`): each command is idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from actors.engine.child_ids import ChildStart
+from actors.engine.run_history import RunHistory
+from actors.engine.wire import (
+    TERMINAL,
+    ActivationBegun,
+    AttemptFailed,
+    EventSignal,
+    HistoryEntry,
+    ParentLink,
+    RunCancelled,
+    RunFailed,
+    RunStarted,
+    SignalReceived,
+    SleepFired,
+    SleepScheduled,
+    Terminal,
+    WaitRegistered,
+    WaitResolved,
+)
+
+
+@dataclass(frozen=True)
+class Append:
+    """Append ``entries`` to the run's history as one message, guarded by the run's last sequence."""
+
+    entries: list[HistoryEntry]
+    on_durable: Callable[[list[HistoryEntry]], None] | None = field(default=None, compare=False)
+    """Told once the entries are durable (the turn counts them as written, its observer hears)."""
+
+
+@dataclass(frozen=True)
+class StartChildren:
+    """Start these child runs of ``parent`` (idempotent: a start id per spawn)."""
+
+    parent: ParentLink
+    starts: list[ChildStart]
+
+
+@dataclass(frozen=True)
+class RegisterWait:
+    """Register the wait's event conditions with the router (before the wait is in the history)."""
+
+    wait: WaitRegistered
+    run_input: Any
+
+
+@dataclass(frozen=True)
+class WithdrawWait:
+    """Withdraw the wait's router registrations; ``satisfied``: conditions the router removed itself."""
+
+    wait: WaitRegistered
+    satisfied: frozenset[int | None] = frozenset()
+
+
+@dataclass(frozen=True)
+class ScheduleTimer:
+    """Wake the run at ``wake_at`` for the sleep (or wait timeout) at ``pos``."""
+
+    pos: int
+    wake_at: datetime
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    """Withdraw the timer of ``pos`` (best effort: a late firing replays to nothing new)."""
+
+    pos: int
+
+
+@dataclass(frozen=True)
+class ScheduleRetry:
+    """Start the run's next attempt at ``retry.retry_at``."""
+
+    retry: AttemptFailed
+
+
+@dataclass(frozen=True)
+class PurgeInbox:
+    """The inbox's signals up to ``upto_seq`` are in the history: remove them (best effort)."""
+
+    upto_seq: int
+
+
+@dataclass(frozen=True)
+class ScheduleRemoval:
+    """The run ended: its retention starts now (DESIGN.md invariant 9)."""
+
+    end: Terminal
+
+
+@dataclass(frozen=True)
+class NotifyParent:
+    """Tell the parent run that this child ended (idempotent: one report per child)."""
+
+    parent: ParentLink
+    end: Terminal
+
+
+@dataclass(frozen=True)
+class CancelChildren:
+    """Ask these ``(run id, task)`` children to stop (background: a child's own turn records it)."""
+
+    children: list[tuple[str, str]]
+    reason: str
+
+
+Command = (Append | StartChildren | RegisterWait | WithdrawWait | ScheduleTimer | CancelTimer | ScheduleRetry
+           | PurgeInbox | ScheduleRemoval | NotifyParent | CancelChildren)
+
+
+class Effects(Protocol):
+    """Carries out one command a turn's code depends on (the host's ``RunWriter``)."""
+
+    def __call__(self, command: Append | StartChildren) -> Awaitable[None]: ...
+
+
+class TurnObserver(Protocol):
+    """Watches a turn's steps (the host's tracing): the engine reports, and knows nothing of spans."""
+
+    def memo(self, name: str, pos: int) -> Any:
+        """A context manager around a step that runs now (a replayed step is not reported)."""
+
+    def sleep(self, pos: int, duration_s: float, began: datetime, ended: datetime) -> None:
+        """A sleep that this turn recorded as fired."""
+
+    def wait(self, reg: WaitRegistered, resolved: WaitResolved, signals: list[EventSignal]) -> None:
+        """A wait that this turn recorded as resolved, with the signals that resolved it."""
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How a run that ended is wound up: what is carried out after its terminal entry is durable."""
+
+    end: Terminal
+    unfinished: list[tuple[str, str]] = field(default_factory=list)
+    """Children spawned and not heard back from: ``(run id, task)``."""
+    cancels_children_on_failure: bool = False
+    """A workflow run that failed stops its tasks; a plain run's failure leaves its children be."""
+
+
+def end_of_run(started: RunStarted, how: RunEnd) -> list[Command]:
+    """After a run's terminal entry is durable: its removal, its parent's report, its children's cancellation."""
+    end = how.end
+    commands: list[Command] = [ScheduleRemoval(end)]
+    if started.parent is not None:
+        commands.append(NotifyParent(started.parent, end))
+    stops = isinstance(end, RunCancelled) or (isinstance(end, RunFailed) and how.cancels_children_on_failure)
+    if stops and how.unfinished:
+        commands.append(CancelChildren(list(how.unfinished),
+                                       f"parent run {started.run_id} ended: {end.k.removeprefix('run_')}"))
+    return commands
+
+
+def open_waits(entries: Sequence[HistoryEntry]) -> dict[str, WaitRegistered]:
+    """Waits registered and not yet resolved, by wait id (their router registrations are live)."""
+    waits: dict[str, WaitRegistered] = {}
+    for e in entries:
+        if isinstance(e, WaitRegistered):
+            waits[e.wait_id] = e
+        elif isinstance(e, WaitResolved):
+            waits.pop(e.wait_id, None)
+    return waits
+
+
+def ended_registrations(before: Sequence[HistoryEntry], written: Sequence[HistoryEntry],
+                        unrecorded: Sequence[WaitRegistered] = ()) -> list[WithdrawWait]:
+    """The router registrations that a turn appending ``written`` after ``before`` must withdraw.
+
+    A wait's registration is live while the wait is open in the history; the turn that
+    resolves it withdraws it, and the turn that ends the run withdraws every registration
+    the run ever made. Each wait comes with the conditions the router satisfied itself (it
+    deleted those already).
+    """
+    was_open = open_waits(before)
+    ended = {w.wait_id: w for e in written
+             if isinstance(e, WaitResolved) and (w := was_open.get(e.wait_id)) is not None}
+    if any(isinstance(e, TERMINAL) for e in written):
+        # The run ended: every wait it registered, open or resolved. A host that died between
+        # the append resolving a wait and its withdrawal left that registration, and when the
+        # next turn was not a redelivery of the dead one, nothing redid it. Also any
+        # registration a dead host made for a wait it never recorded (``Turn._unrecorded_waits``).
+        for w in (*(e for e in (*before, *written) if isinstance(e, WaitRegistered)), *unrecorded):
+            ended.setdefault(w.wait_id, w)
+    if not ended:
+        return []
+    done: dict[str, set[int | None]] = {}
+    for e in (*before, *written):
+        if isinstance(e, SignalReceived) and e.signal.source == "event" and e.signal.wait_id is not None:
+            done.setdefault(e.signal.wait_id, set()).add(e.signal.cond)
+    return [WithdrawWait(w, frozenset(done.get(w.wait_id, ()))) for w in ended.values()]
+
+
+def after_append(before: Sequence[HistoryEntry], written: Sequence[HistoryEntry], now: datetime,
+                 unrecorded: Sequence[WaitRegistered] = ()) -> list[Command]:
+    """What a turn leaves to tidy once ``written`` is durable: registrations and timers it ended."""
+    withdrawals = ended_registrations(before, written, unrecorded)
+    commands: list[Command] = list(withdrawals)
+    resolved_before = {e.wait_id for e in before if isinstance(e, WaitResolved)}
+    for w in withdrawals:
+        wait = w.wait
+        if wait.wait_id not in resolved_before and any(
+                c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for c in wait.flat()):
+            # The loser of an or-group never resumes the run: its timer is withdrawn (once,
+            # by the turn that resolved it; a late firing of it only replays to nothing new).
+            commands.append(CancelTimer(wait.pos))
+    if any(isinstance(e, TERMINAL) for e in written):
+        # A run that ended mid-sleep (cancelled, failed) withdraws that sleep's timer too.
+        entries = (*before, *written)
+        fired = {e.pos for e in entries if isinstance(e, SleepFired)}
+        commands += [CancelTimer(e.pos) for e in entries
+                     if isinstance(e, SleepScheduled) and e.pos not in fired and e.wake_at > now]
+    return commands
+
+
+def last_turn(entries: list[HistoryEntry]) -> tuple[list[HistoryEntry], list[HistoryEntry]]:
+    """The history split before the last turn that wrote anything (each turn's first append begins with its marker)."""
+    for i in range(len(entries) - 1, -1, -1):
+        if isinstance(entries[i], ActivationBegun):
+            return entries[:i], entries[i:]
+    return entries, []
+
+
+def redo_last_turn(hist: RunHistory, now: datetime) -> list[Command]:
+    """What a redelivered activation redoes first: the tidying after its last turn's append.
+
+    The host that made that turn may have died, or failed to reach the server, between its
+    append and the withdrawals that follow from it: a registration left live would never be
+    withdrawn, and a signal left in the inbox never purged.
+    """
+    before, written = last_turn(hist.entries)
+    commands = after_append(before, written, now) if written else []
+    taken = [e.inbox_seq for e in hist.entries if isinstance(e, SignalReceived)]
+    if taken:
+        commands.append(PurgeInbox(max(taken)))
+    return commands

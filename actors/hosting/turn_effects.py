@@ -1,0 +1,156 @@
+"""Carrying out a turn's commands: the one home of every write a turn makes.
+
+The engine decides what a turn writes (``actors.engine.commands``); a :class:`RunWriter`
+carries it out for one run, in order, and an error stops the list where it happened (the
+activation is retried, and every command is idempotent). Each command has one way of being
+carried out, used by every kind of turn: a durable run's, a regular task's, a workflow's,
+a poison activation's, and the redo of a dead host's last turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
+
+from actors.engine.commands import (
+    Append,
+    CancelChildren,
+    CancelTimer,
+    Command,
+    NotifyParent,
+    PurgeInbox,
+    RegisterWait,
+    ScheduleRemoval,
+    ScheduleRetry,
+    ScheduleTimer,
+    StartChildren,
+    WithdrawWait,
+)
+from actors.engine.wire import HDR_BIDE_KIND, Activation, encode_activation, utcnow
+from actors.hosting.router_inputs import publish_registrations
+from actors.observe.tracing import Tracing, observe_appended
+from actors.store.children import notify_parent, request_cancel, start_children
+from actors.store.jetstream import Layout, Publisher, api_request
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+
+    from actors.hosting.retention import Reaper
+    from actors.store.history import HistoryLog
+    from actors.store.timers import TimerScheduler
+
+log = logging.getLogger("bide.host")
+
+_CONCURRENT = (StartChildren, WithdrawWait)
+"""Commands independent of their neighbours of the same kind: a run of them is pipelined."""
+
+
+class TurnEffects:
+    """What a host's turns write with: its connection, publisher, history log, timers and reaper."""
+
+    def __init__(self, nc: NATS, publisher: Publisher, layout: Layout, history: HistoryLog,
+                 timers: TimerScheduler, reaper: Reaper, tracing: Tracing) -> None:
+        self.nc = nc
+        self.publisher = publisher
+        self.layout = layout
+        self.history = history
+        self.timers = timers
+        self.reaper = reaper
+        self.tracing = tracing
+        self._chores: set[asyncio.Task[None]] = set()
+
+    def writer(self, run_id: str, task: str, last_seq: int, notify: str | None = None) -> RunWriter:
+        """Carries out one turn's commands for ``run_id``, appending after ``last_seq``."""
+        return RunWriter(self, run_id, task, last_seq, notify)
+
+    def chore(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Best effort in the background (a purge, a timer withdrawal): a failure is logged and left."""
+
+        async def _guarded() -> None:
+            try:
+                await coro
+            except Exception as e:
+                log.debug("background chore failed: %s", e)
+
+        t = asyncio.create_task(_guarded())
+        self._chores.add(t)
+        t.add_done_callback(self._chores.discard)
+
+    async def stop(self, timeout: float) -> None:
+        """Let the chores under way finish, for at most ``timeout``."""
+        if self._chores:
+            await asyncio.wait(self._chores, timeout=timeout)
+
+
+class RunWriter:
+    """Carries out the commands of one turn of one run (the engine's :class:`actors.engine.commands.Effects`)."""
+
+    def __init__(self, effects: TurnEffects, run_id: str, task: str, last_seq: int, notify: str | None) -> None:
+        self._fx = effects
+        self.run_id = run_id
+        self.task = task
+        self.last_seq = last_seq
+        """The history's last sequence as this turn knows it: the guard of its next append."""
+        self._notify = notify
+
+    async def __call__(self, command: Command) -> None:
+        fx, run_id = self._fx, self.run_id
+        s = fx.layout.subjects
+        match command:
+            case Append(entries=entries, on_durable=on_durable):
+                self.last_seq = await fx.history.append(run_id, entries, self.last_seq, self._notify)
+                if on_durable is not None:
+                    on_durable(entries)
+                observe_appended(entries)
+            case StartChildren(parent=parent, starts=starts):
+                await start_children(fx.history, fx.publisher, s, parent, starts, fx.tracing)
+            case RegisterWait(wait=wait, run_input=run_input):
+                await publish_registrations(fx.publisher, fx.layout, wait, run_id, self.task, run_input, "register")
+            case WithdrawWait(wait=wait, satisfied=satisfied):
+                await publish_registrations(fx.publisher, fx.layout, wait, run_id, self.task, None, "cancel",
+                                            skip=set(satisfied))
+            case ScheduleTimer(pos=pos, wake_at=wake_at):
+                await fx.timers.schedule(run_id, self.task, pos, wake_at, self.last_seq)
+            case CancelTimer(pos=pos):
+                fx.chore(fx.timers.cancel(run_id, pos))
+            case ScheduleRetry(retry=retry):
+                await self._schedule_retry(retry.attempt, (retry.retry_at - utcnow()).total_seconds(), retry.retry_at)
+            case PurgeInbox(upto_seq=upto):
+                fx.chore(api_request(fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
+                                     {"filter": s.inbox(run_id), "seq": upto + 1}))
+            case ScheduleRemoval(end=end):
+                await fx.reaper.schedule(run_id, end)
+            case NotifyParent(parent=parent, end=end):
+                await notify_parent(fx.nc, fx.publisher, s, run_id, parent, end)
+            case CancelChildren(children=children, reason=reason):
+                for child, task in children:
+                    fx.chore(request_cancel(fx.nc, fx.publisher, fx.history, s, child, reason, task))
+
+    async def carry_out(self, commands: Sequence[Command]) -> None:
+        """Every command in order; a run of independent ones (child starts, withdrawals) at once."""
+        i = 0
+        while i < len(commands):
+            kind = type(commands[i])
+            j = i + 1
+            if kind in _CONCURRENT:
+                while j < len(commands) and type(commands[j]) is kind:
+                    j += 1
+            if j - i == 1:
+                await self(commands[i])
+            else:
+                await asyncio.gather(*(self(c) for c in commands[i:j]))
+            i = j
+
+    async def _schedule_retry(self, attempt: int, delay_s: float, at: Any) -> None:
+        fx = self._fx
+        if delay_s >= 1.0:
+            await fx.timers.schedule_retry(self.run_id, self.task, attempt, at, self.last_seq)
+            return
+        # A short backoff waits here (the activation is not acked yet, so a crash loses nothing).
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        act = Activation(run_id=self.run_id, task=self.task, kind="retry", history_seq=self.last_seq)
+        await fx.publisher.publish(fx.layout.subjects.work(self.task, self.run_id), encode_activation(act),
+                                   {HDR_BIDE_KIND: "retry"})

@@ -1,0 +1,237 @@
+"""A turn with no server: what it hands its effects port while the code runs, and what it returns once it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from actors.engine.commands import (
+    Append,
+    CancelChildren,
+    CancelTimer,
+    Command,
+    NotifyParent,
+    PurgeInbox,
+    RegisterWait,
+    ScheduleRemoval,
+    ScheduleRetry,
+    ScheduleTimer,
+    StartChildren,
+    WithdrawWait,
+    redo_last_turn,
+)
+from actors.engine.replay import Turn
+from actors.engine.run_history import RunHistory
+from actors.engine.wire import (
+    ActivationBegun,
+    AttemptFailed,
+    ChildrenSpawned,
+    ErrorInfo,
+    EventSignal,
+    HistoryEntry,
+    MemoRecorded,
+    ParentLink,
+    RunCancelled,
+    RunCompleted,
+    RunStarted,
+    SignalReceived,
+    SleepScheduled,
+    WaitRegistered,
+    WaitResolved,
+    args_hash,
+    utcnow,
+)
+from sdk.conditions import SleepCondition, UserEventCondition
+from sdk.context import ChildSpec
+from sdk.errors import NonDeterminismError
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+PARENT = ParentLink(run_id="p1", task="Parent", pos=3, n=1)
+
+
+class Port:
+    """Records the commands a turn hands over while its code runs, and makes each append durable at once."""
+
+    def __init__(self) -> None:
+        self.done: list[Command] = []
+
+    async def __call__(self, command: Command) -> None:
+        self.done.append(command)
+        if isinstance(command, Append) and command.on_durable is not None:
+            command.on_durable(command.entries)
+
+
+def history(*entries: HistoryEntry, inbox: list[tuple[int, EventSignal]] | None = None,
+            parent: ParentLink | None = None) -> RunHistory:
+    started = RunStarted(run_id="r1", task="Job", durable=True, input={"id": 7}, at=AT, parent=parent)
+    return RunHistory("r1", [started, *entries], last_seq=len(entries) + 1, inbox=inbox or [])
+
+
+def direct(name: str, payload: Any, event_id: str = "e1") -> EventSignal:
+    return EventSignal(source="direct", name=name, payload=payload, event_id=event_id, at=AT)
+
+
+async def run(hist: RunHistory, code: Callable[[Turn], Awaitable[Any]], delivery: int = 1) -> tuple[Turn, Port, Any]:
+    """Drive ``code`` on a fresh turn until it finishes or parks: (turn, port, result or None if parked)."""
+    port = Port()
+    turn = Turn(history=hist, effects=port, task="Job", host_id="h", delivery=delivery)
+    user = asyncio.create_task(code(turn))
+    done, _ = await asyncio.wait({user, turn.suspended}, return_when=asyncio.FIRST_COMPLETED)
+    if user in done:
+        return turn, port, user.result()
+    user.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await user
+    return turn, port, None
+
+
+def kinds(commands: list[Command]) -> list[str]:
+    return [type(c).__name__ for c in commands]
+
+
+def double(n: int) -> int:
+    return n * 2
+
+
+async def test_a_memo_is_durable_before_the_code_goes_on_then_a_wait_is_registered_before_it_is_recorded() -> None:
+    async def code(turn: Turn) -> Any:
+        n = await turn.memo(double, (21,))
+        return await turn.wait("ok", [[UserEventCondition("order:ok", expression=f"input.n == {n}")]])
+
+    turn, port, result = await run(history(), code)
+    assert result is None  # parked at the wait
+    [memo] = port.done
+    assert isinstance(memo, Append)
+    assert [type(e) for e in memo.entries] == [ActivationBegun, MemoRecorded]
+    commands = turn.conclude()
+    assert kinds(commands) == ["RegisterWait", "Append"]
+    register, append = commands
+    assert isinstance(register, RegisterWait) and register.wait.wait_id == "r1:1"
+    assert register.run_input == {"id": 7}
+    assert isinstance(append, Append) and [type(e) for e in append.entries] == [WaitRegistered]
+
+
+async def test_a_sleep_schedules_its_timer_after_the_append_that_records_it() -> None:
+    async def code(turn: Turn) -> Any:
+        return await turn.sleep_until(None, timedelta(hours=1))
+
+    turn, port, _ = await run(history(), code)
+    [sched] = port.done  # the wake time is durable before any timer exists
+    assert isinstance(sched, Append) and isinstance(sched.entries[-1], SleepScheduled)
+    wake = sched.entries[-1].wake_at
+    assert turn.conclude() == [ScheduleTimer(0, wake)]
+
+
+async def test_an_event_that_wins_an_or_group_withdraws_the_registration_and_the_timer_then_purges_the_inbox() -> None:
+    async def asks(turn: Turn) -> Any:
+        return await turn.wait("w", [[UserEventCondition("paid"), SleepCondition(timedelta(days=1))]])
+
+    # First turn: the code parks at the or-group; what it records is the next turn's history.
+    first, _, _ = await run(history(), asks)
+    register, append, timer = first.conclude()
+    assert isinstance(register, RegisterWait) and isinstance(append, Append)
+    assert isinstance(timer, ScheduleTimer) and timer.pos == 0  # the sleep condition's wake-up
+    parked = history(*append.entries)
+    signal = EventSignal(source="event", name="paid", payload={"ok": 1}, event_id="e9", wait_id="r1:0", cond=0, at=AT)
+
+    turn, _, result = await run(RunHistory("r1", parked.entries, last_seq=2, inbox=[(5, signal)]), asks)
+    assert result == {"paid": {"e9": {"ok": 1}}}
+    commands = turn.conclude(RunCompleted(result=result, at=utcnow()))
+    assert kinds(commands) == ["Append", "WithdrawWait", "CancelTimer", "PurgeInbox", "ScheduleRemoval"]
+    withdraw = commands[1]
+    assert isinstance(withdraw, WithdrawWait) and withdraw.satisfied == {0}  # the router deleted that one itself
+    assert commands[2] == CancelTimer(0)
+    assert commands[3] == PurgeInbox(5)
+
+
+async def test_children_are_recorded_before_they_are_started_and_their_end_tells_the_parent() -> None:
+    specs = [ChildSpec(task="Child", durable=True, input={"i": i}) for i in range(3)]
+
+    async def code(turn: Turn) -> Any:
+        return await turn.spawn(specs, wait=True)
+
+    turn, port, _ = await run(history(parent=PARENT), code)
+    spawned, start = port.done
+    assert isinstance(spawned, Append) and isinstance(spawned.entries[-1], ChildrenSpawned)
+    assert isinstance(start, StartChildren)
+    assert [c.run_id for c in start.starts] == spawned.entries[-1].run_ids
+    assert start.parent == ParentLink(run_id="r1", task="Job", pos=0, n=3)
+    # Cancelled while waiting for them: the end stops the children and tells this run's parent.
+    commands = turn.conclude(RunCancelled(reason="stop", at=utcnow()))
+    assert kinds(commands) == ["Append", "ScheduleRemoval", "NotifyParent", "CancelChildren"]
+    assert isinstance(commands[2], NotifyParent) and commands[2].parent == PARENT
+    cancel = commands[3]
+    assert isinstance(cancel, CancelChildren) and [rid for rid, _ in cancel.children] == start_ids(start)
+
+
+def start_ids(start: StartChildren) -> list[str]:
+    return [c.run_id for c in start.starts]
+
+
+async def test_a_redelivered_turn_starts_again_the_children_recorded_and_not_heard_from() -> None:
+    specs = [ChildSpec(task="Child", durable=True, input={"i": i}) for i in range(2)]
+    spawned = ChildrenSpawned(pos=0, task="Child", run_ids=["r1-0-0", "r1-0-1"],
+                              args_hash=args_hash([[c.task, c.input, c.key] for c in specs]), at=AT)
+    one_ended = EventSignal(source="child", name="r1-0-0", payload={"status": "completed", "result": 1},
+                            event_id="x", at=AT)
+    hist = history(ActivationBegun(host="dead", delivery=1, at=AT), spawned,
+                   SignalReceived(inbox_seq=4, signal=one_ended))
+
+    async def code(turn: Turn) -> Any:
+        return await turn.spawn(specs, wait=True)
+
+    _, port, _ = await run(hist, code, delivery=2)
+    [start] = port.done
+    assert isinstance(start, StartChildren) and start_ids(start) == ["r1-0-1"]
+
+
+async def test_a_failed_attempt_is_appended_then_retried_and_nothing_is_wound_up() -> None:
+    async def code(turn: Turn) -> Any:
+        return await turn.memo(double, (1,))
+
+    turn, _, _ = await run(history(), code)  # the host decided the attempt failed (the code's error)
+    failed = AttemptFailed(attempt=1, error=ErrorInfo(type="RuntimeError", message="boom", traceback=""),
+                           retry_at=AT + timedelta(seconds=5), at=AT)
+    commands = turn.conclude(failed)
+    assert kinds(commands) == ["Append", "ScheduleRetry"]
+    assert commands[1] == ScheduleRetry(failed)
+
+
+async def test_code_that_asks_for_something_else_at_a_recorded_position_is_a_non_determinism_error() -> None:
+    hist = history(ActivationBegun(host="h", delivery=1, at=AT),
+                   MemoRecorded(pos=0, name="other", args_hash=args_hash(1), result=1))
+
+    async def code(turn: Turn) -> Any:
+        return await turn.memo(double, (1,))
+
+    with pytest.raises(NonDeterminismError) as err:
+        await run(hist, code)
+    assert err.value.position == 0
+    assert "other" in err.value.recorded and "double" in err.value.requested
+
+
+async def test_signals_that_woke_a_run_that_has_begun_are_claimed_before_any_code_runs() -> None:
+    hist = history(ActivationBegun(host="h", delivery=1, at=AT),
+                   WaitRegistered(pos=0, wait_id="r1:0", label="w", args_hash="", at=AT, groups=[]),
+                   inbox=[(9, direct("msg", {"n": 1}))])
+
+    port = Port()
+    turn = Turn(history=hist, effects=port, task="Job", host_id="h", delivery=1)
+    await turn.claim_signals()  # a run that has begun claims what woke it before any code runs
+    [claim] = port.done
+    assert isinstance(claim, Append) and [type(e) for e in claim.entries] == [ActivationBegun, SignalReceived]
+
+
+def test_a_redelivery_redoes_the_withdrawals_of_the_last_turn_and_the_inbox_purge() -> None:
+    reg = WaitRegistered(pos=0, wait_id="r1:0", label="w", args_hash="", at=AT, groups=[])
+    sig = direct("msg", {"n": 1})
+    hist = history(ActivationBegun(host="h1", delivery=1, at=AT), reg,
+                   ActivationBegun(host="h2", delivery=1, at=AT), SignalReceived(inbox_seq=9, signal=sig),
+                   WaitResolved(pos=0, wait_id="r1:0", label="w", args_hash="", result={}, consumed=[9], at=AT))
+    assert redo_last_turn(hist, AT) == [WithdrawWait(reg), PurgeInbox(9)]
+    assert ScheduleRemoval not in map(type, redo_last_turn(hist, AT))
