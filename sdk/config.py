@@ -94,6 +94,11 @@ class BideConfig:
     (``BIDE_SWEEP_AFTER``, seconds)."""
     router_partitions: int = 4
     """Event router partitions (``BIDE_ROUTER_PARTITIONS``): fixed for the life of a store."""
+    warm_runs: int = 500
+    """Parked runs a host keeps in memory, their code suspended where it waits, so their next
+    turn on this host goes on without replaying the history (``BIDE_WARM_RUNS``; 0: none)."""
+    warm_bytes: int = 64 * 1024 * 1024
+    """The most history (in stored bytes) the warm runs of a host may hold together (``BIDE_WARM_BYTES``)."""
 
     @classmethod
     def from_env(
@@ -118,6 +123,8 @@ class BideConfig:
             max_history_bytes=parse_size(os.environ.get("BIDE_MAX_HISTORY") or 256 * 1024 * 1024,
                                          "BIDE_MAX_HISTORY"),
             router_partitions=_env_int("BIDE_ROUTER_PARTITIONS", 4),
+            warm_runs=_env_int("BIDE_WARM_RUNS", 500),
+            warm_bytes=parse_size(os.environ.get("BIDE_WARM_BYTES") or 64 * 1024 * 1024, "BIDE_WARM_BYTES"),
         )
         cfg.validate()
         return cfg
@@ -138,6 +145,8 @@ class BideConfig:
         if not 1 <= self.router_partitions <= MAX_ROUTER_PARTITIONS:
             raise ValueError(f"BIDE_ROUTER_PARTITIONS={self.router_partitions} must be between 1 and "
                              f"{MAX_ROUTER_PARTITIONS}")
+        if self.warm_runs < 0:
+            raise ValueError(f"BIDE_WARM_RUNS={self.warm_runs} must be 0 (keep none) or more")
         PayloadLimits(max_bytes=self.max_payload_bytes)  # raises ValueError naming a bad limit
 
     @cached_property

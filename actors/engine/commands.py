@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from actors.engine.child_ids import ChildStart
 from actors.engine.run_history import RunHistory
+from actors.engine.run_state import RunState
 from actors.engine.wire import (
     TERMINAL,
     ActivationBegun,
@@ -177,18 +178,7 @@ def end_of_run(started: RunStarted, how: RunEnd) -> list[Command]:
     return commands
 
 
-def open_waits(entries: Sequence[HistoryEntry]) -> dict[str, WaitRegistered]:
-    """Waits registered and not yet resolved, by wait id (their router registrations are live)."""
-    waits: dict[str, WaitRegistered] = {}
-    for e in entries:
-        if isinstance(e, WaitRegistered):
-            waits[e.wait_id] = e
-        elif isinstance(e, WaitResolved):
-            waits.pop(e.wait_id, None)
-    return waits
-
-
-def ended_registrations(before: Sequence[HistoryEntry], written: Sequence[HistoryEntry],
+def ended_registrations(before: RunState, written: Sequence[HistoryEntry],
                         unrecorded: Sequence[WaitRegistered] = ()) -> list[WithdrawWait]:
     """The router registrations that a turn appending ``written`` after ``before`` must withdraw.
 
@@ -197,44 +187,42 @@ def ended_registrations(before: Sequence[HistoryEntry], written: Sequence[Histor
     the run ever made. Each wait comes with the conditions the router satisfied itself (it
     deleted those already).
     """
-    was_open = open_waits(before)
-    ended = {w.wait_id: w for e in written
-             if isinstance(e, WaitResolved) and (w := was_open.get(e.wait_id)) is not None}
+    written_waits = {e.wait_id: e for e in written if isinstance(e, WaitRegistered)}
+    ended = {w.wait_id: w for e in written if isinstance(e, WaitResolved)
+             and (w := before.open_waits.get(e.wait_id)) is not None}
     if any(isinstance(e, TERMINAL) for e in written):
         # The run ended: every wait it registered, open or resolved. A host that died between
         # the append resolving a wait and its withdrawal left that registration, and when the
         # next turn was not a redelivery of the dead one, nothing redid it. Also any
         # registration a dead host made for a wait it never recorded (``Turn._unrecorded_waits``).
-        for w in (*(e for e in (*before, *written) if isinstance(e, WaitRegistered)), *unrecorded):
+        for w in (*before.registered.values(), *written_waits.values(), *unrecorded):
             ended.setdefault(w.wait_id, w)
     if not ended:
         return []
-    done: dict[str, set[int | None]] = {}
-    for e in (*before, *written):
-        if isinstance(e, SignalReceived) and e.signal.source == "event" and e.signal.wait_id is not None:
-            done.setdefault(e.signal.wait_id, set()).add(e.signal.cond)
-    return [WithdrawWait(w, frozenset(done.get(w.wait_id, ()))) for w in ended.values()]
+    satisfied = {wait_id: set(conds) for wait_id, conds in before.router_satisfied.items() if wait_id in ended}
+    for e in written:
+        if isinstance(e, SignalReceived) and e.signal.source == "event" and e.signal.wait_id in ended:
+            satisfied.setdefault(e.signal.wait_id, set()).add(e.signal.cond)
+    return [WithdrawWait(w, frozenset(satisfied.get(w.wait_id, ()))) for w in ended.values()]
 
 
-def after_append(before: Sequence[HistoryEntry], written: Sequence[HistoryEntry], now: datetime,
+def after_append(before: RunState, written: Sequence[HistoryEntry], now: datetime,
                  unrecorded: Sequence[WaitRegistered] = ()) -> list[Command]:
     """What a turn leaves to tidy once ``written`` is durable: registrations and timers it ended."""
     withdrawals = ended_registrations(before, written, unrecorded)
     commands: list[Command] = list(withdrawals)
-    resolved_before = {e.wait_id for e in before if isinstance(e, WaitResolved)}
     for w in withdrawals:
         wait = w.wait
-        if wait.wait_id not in resolved_before and any(
+        if wait.wait_id not in before.resolved and any(
                 c.kind == "sleep" and c.wake_at is not None and c.wake_at > now for c in wait.flat()):
             # The loser of an or-group never resumes the run: its timer is withdrawn (once,
             # by the turn that resolved it; a late firing of it only replays to nothing new).
             commands.append(CancelTimer(wait.pos))
     if any(isinstance(e, TERMINAL) for e in written):
         # A run that ended mid-sleep (cancelled, failed) withdraws that sleep's timer too.
-        entries = (*before, *written)
-        fired = {e.pos for e in entries if isinstance(e, SleepFired)}
-        commands += [CancelTimer(e.pos) for e in entries
-                     if isinstance(e, SleepScheduled) and e.pos not in fired and e.wake_at > now]
+        fired = {e.pos for e in written if isinstance(e, SleepFired)}
+        sleeping = [*before.sleeping.values(), *(e for e in written if isinstance(e, SleepScheduled))]
+        commands += [CancelTimer(e.pos) for e in sleeping if e.pos not in fired and e.wake_at > now]
     return commands
 
 
@@ -254,8 +242,7 @@ def redo_last_turn(hist: RunHistory, now: datetime) -> list[Command]:
     withdrawn, and a signal left in the inbox never purged.
     """
     before, written = last_turn(hist.entries)
-    commands = after_append(before, written, now) if written else []
-    taken = [e.inbox_seq for e in hist.entries if isinstance(e, SignalReceived)]
-    if taken:
-        commands.append(PurgeInbox(max(taken)))
+    commands = after_append(RunState.of(before), written, now) if written else []
+    if hist.state.taken_upto:
+        commands.append(PurgeInbox(hist.state.taken_upto))
     return commands

@@ -9,19 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from actors.engine.commands import open_waits
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     Activation,
     ActivationBegun,
-    AttemptFailed,
-    ChildrenSpawned,
     EventSignal,
     HistoryEntry,
     SignalReceived,
-    SleepFired,
-    SleepScheduled,
-    WaitResolved,
 )
 
 
@@ -47,13 +41,8 @@ def is_suspended(hist: RunHistory) -> bool:
     """Whether the run's code is parked: at an open wait, a sleep not yet over, or children not all back."""
     if claimed_signals(hist.entries):
         return False  # a turn that claimed signals has not reacted yet (or its host died)
-    if open_waits(hist.entries):
-        return True
-    fired = {e.pos for e in hist.entries if isinstance(e, SleepFired)}
-    if any(isinstance(e, SleepScheduled) and e.pos not in fired for e in hist.entries):
-        return True
-    reported = {e.signal.name for e in hist.entries if isinstance(e, SignalReceived) and e.signal.source == "child"}
-    return any(isinstance(e, ChildrenSpawned) and not set(e.run_ids) <= reported for e in hist.entries)
+    state = hist.state
+    return bool(state.open_waits or state.sleeping or state.unreported)
 
 
 def unheeded_signals(hist: RunHistory) -> list[EventSignal]:
@@ -72,15 +61,13 @@ def needs_user_code(act: Activation, hist: RunHistory) -> bool:
     signals = unheeded_signals(hist)
     if any(sig.source in ("child", "cancel") for sig in signals):
         return True
-    if act.kind == "timer" and act.pos is not None:
-        fired = {e.pos for e in hist.entries if isinstance(e, (WaitResolved, SleepFired))}
-        if act.pos not in fired:
-            return True
-    waits = open_waits(hist.entries)
+    if act.kind == "timer" and act.pos is not None and act.pos not in hist.state.fired:
+        return True
+    waits = hist.state.open_waits
     waited_names = {c.event_key for w in waits.values() for c in w.flat() if c.kind == "event"}
     return any(sig.wait_id in waits if sig.source == "event" else sig.name in waited_names for sig in signals)
 
 
 def failed_attempts(hist: RunHistory) -> int:
     """Failed attempts so far (the attempt number is this plus one, on every host)."""
-    return sum(1 for e in hist.entries if isinstance(e, AttemptFailed))
+    return hist.state.failed_attempts

@@ -52,6 +52,7 @@ from actors.engine.wire import (
     WaitRegistered,
     WaitResolved,
     args_hash,
+    encode_history,
     utcnow,
 )
 from sdk import _cel
@@ -158,6 +159,9 @@ class Turn:
         self._timers: list[TimerRequest] = []
         self.suspended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.fatal: BaseException | None = None
+        self._parked: asyncio.Future[None] | None = None
+        """Set while the code is parked: resolved when the host lets a warm run go on."""
+        self._strayed = False
 
     def request_cancel(self, reason: str) -> None:
         """Someone asked to stop this run now (the host's cancel broadcast): its code stops where it parks."""
@@ -175,13 +179,27 @@ class Turn:
         else:
             self._signals.append((seq, sig))
 
-    async def _park(self, timer: TimerRequest | None) -> NoReturn:
-        """Suspend here: the host evicts the run. A run being cancelled is stopped here instead."""
+    async def _park(self, timer: TimerRequest | None) -> None:
+        """Suspend here until the host lets the code go on (:meth:`go_on`); a run being cancelled stops here.
+
+        The host either evicts the run (cancels the code: the next turn replays it) or keeps
+        it warm and, at its next turn, lets it go on from here; callers check again what they
+        wait for when this returns.
+        """
         if self.cancel_reason is not None:
             raise asyncio.CancelledError(f"run {self.run_id} was cancelled: {self.cancel_reason}")
         self._suspend(timer)
-        await asyncio.get_running_loop().create_future()  # never resolves: the host evicts the run
-        raise AssertionError("unreachable")
+        self._parked = asyncio.get_running_loop().create_future()
+        await self._parked
+
+    async def _not_parked(self) -> None:
+        """A checkpoint called while the code is parked (another branch of it went on): it waits for good.
+
+        Such a run is not kept warm (:attr:`resumable`): its next turn replays it from the history.
+        """
+        if self._parked is not None:
+            self._strayed = True
+            await asyncio.get_running_loop().create_future()
 
     async def _durably(self, write: Awaitable[Any]) -> Any:
         """Carry out a write the code depends on; if it fails, the code never learns of it.
@@ -290,6 +308,50 @@ class Turn:
         if self.began and self._took_upto is not None:
             await self.flush()
 
+    @property
+    def resumable(self) -> bool:
+        """Whether the parked code can go on from where it is at this run's next turn (a warm run)."""
+        return self._parked is not None and not self._parked.done() and not self._strayed and self.fatal is None
+
+    def history_after(self, last_seq: int) -> RunHistory:
+        """The run's history once this turn's appends are durable (moves this turn's state forward)."""
+        before = self._history
+        entries = before.entries
+        entries.extend(self._written)
+        state = before.state
+        state.fold(self._written)
+        grown = len(encode_history(self._written)) if self._written else 0
+        return RunHistory(self.run_id, entries, last_seq, size_bytes=before.size_bytes + grown, folded=state)
+
+    def resume(self, history: RunHistory, effects: Effects, host_id: str, delivery: int,
+               observer: TurnObserver | None = None) -> None:
+        """Take up a warm run for its next turn: ``history`` is :meth:`history_after`'s, with the new inbox.
+
+        The code does not go on yet: the turn first claims the new signals (:meth:`claim_signals`),
+        then :meth:`go_on`.
+        """
+        assert self.resumable, "only a parked, resumable turn is taken up again"
+        self._history = history
+        self._effects = effects
+        self._observer = observer
+        self._redelivered = delivery > 1
+        self._written = []
+        self._pending = [ActivationBegun(host=host_id, delivery=delivery, at=utcnow())]
+        for seq, sig in history.inbox:
+            self._pending.append(SignalReceived(inbox_seq=seq, signal=sig))
+            self._take(seq, sig)
+        self._took_upto = history.inbox[-1][0] if history.inbox else None
+        self._pending_wait = None
+        self._timers = []
+        self.began = True
+        self.suspended = asyncio.get_running_loop().create_future()
+
+    def go_on(self) -> None:
+        """Let the warm run's code go on from where it parked."""
+        parked, self._parked = self._parked, None
+        assert parked is not None
+        parked.set_result(None)
+
     def conclude(self, end: Terminal | AttemptFailed | None = None, *,
                  cancels_children_on_failure: bool = False) -> list[Command]:
         """What the host carries out, in order, now that the code stopped (pure: nothing is written here).
@@ -319,7 +381,7 @@ class Turn:
         if pending:
             commands.append(Append(pending, on_durable=self._recorded))
         commands += [ScheduleTimer(t.pos, t.wake_at) for t in self._timers]
-        commands += after_append(self._history.entries, written, utcnow(), self._unrecorded_waits)
+        commands += after_append(self._history.state, written, utcnow(), self._unrecorded_waits)
         if self._took_upto is not None:
             commands.append(PurgeInbox(self._took_upto))
         if isinstance(end, AttemptFailed):
@@ -352,6 +414,7 @@ class Turn:
     # -- DurableRuntime ------------------------------------------------------------------------
 
     async def memo(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        await self._not_parked()
         pos = self._position()
         name = getattr(fn, "__qualname__", None) or repr(fn)
         digest = args_hash(*args)
@@ -373,6 +436,7 @@ class Turn:
         return result
 
     async def now(self) -> datetime:
+        await self._not_parked()
         pos = self._position()
         rec = self._by_pos.get(pos)
         if rec is not None:
@@ -388,6 +452,8 @@ class Turn:
         return at
 
     def patched(self, change_id: str) -> bool:
+        if self._parked is not None:
+            self._strayed = True  # asked while parked: this run is replayed next turn, not kept warm
         pos = self._next
         rec = self._by_pos.get(pos)
         if rec is not None:
@@ -407,6 +473,7 @@ class Turn:
         return True
 
     async def sleep_until(self, wake_at: datetime | None, duration: timedelta | None) -> SleepResult:
+        await self._not_parked()
         pos = self._position()
         requested = f"sleep({duration.total_seconds():g}s)" if duration is not None else "sleep_until()"
         rec = self._by_pos.get(pos)
@@ -431,8 +498,7 @@ class Turn:
             sched = SleepScheduled(pos=pos, duration_s=length.total_seconds(), wake_at=wake)
             self._sleeps[pos] = sched
             await self._durably(self.flush([sched]))
-        remaining = wake - utcnow()
-        if remaining > RESIDENT_MAX:
+        while (remaining := wake - utcnow()) > RESIDENT_MAX:
             await self._park(TimerRequest(pos, wake))
         if remaining > timedelta(0):
             await asyncio.sleep(remaining.total_seconds())
@@ -441,6 +507,7 @@ class Turn:
 
     async def wait(self, label: str, groups: list[list[Condition]],
                    any_of: list[tuple[str, Condition]] | None = None) -> dict[str, Any]:
+        await self._not_parked()
         pos = self._position()
         specs = [[self._condition(c) for c in g] for g in groups]
         extra = [self._condition(c).model_copy(update={"key": key}) for key, c in (any_of or [])]
@@ -587,6 +654,7 @@ class Turn:
 
     async def spawn(self, children: list[ChildSpec], wait: bool) -> list[Any]:
         """Start ``children`` (one checkpoint); with ``wait``, return their outcomes once all have ended."""
+        await self._not_parked()
         pos = self._position()
         task = children[0].task if len({c.task for c in children}) == 1 else "*"
         digest = args_hash([[c.task, c.input, c.key] for c in children])
@@ -631,8 +699,7 @@ class Turn:
 
     async def outcomes(self, ids: list[str]) -> list[Any]:
         """The outcomes of these children, suspending the run until every one has ended."""
-        missing = [i for i in ids if i not in self._outcomes]
-        if missing:
+        while any(i not in self._outcomes for i in ids):
             await self._park(None)
         return [{**self._outcomes[i], "run_id": i} for i in ids]
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import orjson
 
-from actors.engine.wire import TERMINAL, WIRE_VERSION, EventSignal, HistoryEntry, RunStarted, Terminal, decode_history
+from actors.engine.run_state import RunState
+from actors.engine.wire import WIRE_VERSION, EventSignal, HistoryEntry, RunStarted, Terminal, decode_history
 
 
 @dataclass
@@ -24,6 +25,15 @@ class RunHistory:
     """The highest inbox sequence this read saw, on the inbox or taken by a history entry."""
     size_bytes: int = 0
     """What the read held: the run's history and untaken inbox messages, in bytes."""
+    folded: RunState | None = field(default=None, repr=False, compare=False)
+    """The fold of ``entries``, when the reader has it already (a host's resident run)."""
+
+    @property
+    def state(self) -> RunState:
+        """What the engine asks of the entries, folded once (:class:`RunState`)."""
+        if self.folded is None:
+            self.folded = RunState.of(self.entries)
+        return self.folded
 
     @property
     def started(self) -> RunStarted:
@@ -35,10 +45,7 @@ class RunHistory:
 
     @property
     def terminal(self) -> Terminal | None:
-        for e in reversed(self.entries):
-            if isinstance(e, TERMINAL):
-                return e
-        return None
+        return self.state.terminal
 
 
 EXPORT_FORMAT = "bide.run-history/1"

@@ -43,6 +43,7 @@ from actors.hosting.retention import Reaper
 from actors.hosting.router_partitions import RouterPartitions
 from actors.hosting.turn_effects import RunWriter, TurnEffects
 from actors.hosting.turns import TurnRunner, error_info
+from actors.hosting.warm_runs import WarmRun, WarmRuns
 from actors.observe.tracing import Tracing
 from actors.store.history import HistoryConflict, HistoryLog
 from actors.store.jetstream import (
@@ -120,6 +121,7 @@ class ActorHost:
         self._sweeper: InboxSweeper | None = None
         self.router: RouterPartitions | None = None
         self._effects: TurnEffects | None = None
+        self._warm = WarmRuns(config.warm_runs, config.warm_bytes)
         self._runner: TurnRunner | None = None
         self.turns = 0
 
@@ -159,7 +161,7 @@ class ActorHost:
                               self.config.history_retention_s)
         self._effects = TurnEffects(nc, self._publisher, self.layout, self._history, self._timers, self._reaper,
                                     self.tracing)
-        self._runner = TurnRunner(self._effects, self.host_id, self._workflows)
+        self._runner = TurnRunner(self._effects, self.host_id, self._workflows, self._warm)
         self._queues.append(await retry_transient("the reaper's consumer", lambda: self._reaper.queue(js),
                                                   _START_RETRY_S))
         await retry_transient("the inbox sweeper's consumer", lambda: ensure_inbox_sweeper_consumer(nc, self.layout),
@@ -181,6 +183,7 @@ class ActorHost:
                 t.cancel()
             if still:
                 await asyncio.wait(still, timeout=5)
+        self._warm.clear()  # their code is cancelled; their next turns replay, on whichever host
         # Each step is bounded: a host stopping while its server is down must still stop.
         for q in self._queues:
             await _bounded(q.close(), "closing a queue")
@@ -347,11 +350,39 @@ class ActorHost:
         return hist
 
     async def _turn(self, msg: Msg, act: Activation, defn: TaskDefinition, delivery: int) -> None:
+        # A warm run of this run belongs to this turn now: it goes on, or it is discarded.
+        warm = self._warm.take(act.run_id)
+        try:
+            if warm is not None and (delivery > 1 or act.kind not in ("timer", "signal")):
+                warm.discard()  # a redelivery trusts only the stored history
+                warm = None
+            if warm is not None:
+                warm_view = await self._history.read_since(warm.history, history_seq=act.history_seq or 0,
+                                                           inbox_seq=act.inbox_seq or 0)
+                if warm_view is None:  # another host wrote: replay from the history
+                    warm.discard()
+                    warm = None
+            if warm is not None:
+                assert warm_view is not None
+                handed = await self._turn_on(msg, act, defn, delivery, warm_view, warm)
+                if handed:
+                    warm = None
+            else:
+                await self._turn_on(msg, act, defn, delivery, None, None)
+        finally:
+            if warm is not None:
+                warm.discard()
+
+    async def _turn_on(self, msg: Msg, act: Activation, defn: TaskDefinition, delivery: int,
+                       read: RunHistory | None, warm: WarmRun | None) -> bool:
+        """The turn, from ``read`` if given (a warm run's view); True if ``warm`` was handed to the code."""
         began_ns = time.time_ns()
         fresh = None
-        if act.kind == "start" and delivery == 1 and act.started is not None:
+        if read is None and act.kind == "start" and delivery == 1 and act.started is not None:
             fresh = await self._fresh_start(act, act.started)
-        if fresh is not None:
+        if read is not None:
+            hist = read
+        elif fresh is not None:
             hist = fresh  # first delivery of a start: the history is exactly the start entry
         else:
             hist = await self._read(act)
@@ -360,14 +391,14 @@ class ActorHost:
                 f"run {act.run_id} of task {defn.name!r}: its history holds {format_size(hist.size_bytes)}, more "
                 f"than BIDE_MAX_HISTORY={format_size(self.config.max_history_bytes)}; the run failed rather than "
                 "grow further (raise the limit, or keep large data outside the run and pass references)"), hist)
-            return
+            return False
         if delivery > 1 and hist.entries:
             # The host of the last turn may have died between its append and the tidying after it.
             await self._writer(hist, defn).carry_out(redo_last_turn(hist, utcnow()))
         if act.kind == "start" and act.started is not None:
             began = await self._begin(msg, act, act.started, hist, delivery)
             if began is None:
-                return
+                return False
             hist = began
         if not hist.entries:
             if delivery < _MISSING_HISTORY_RETRIES:
@@ -375,7 +406,7 @@ class ActorHost:
             else:
                 log.warning("dropping activation for run %s: the run has no history", act.run_id)
                 await msg.ack()
-            return
+            return False
         started = hist.started
         terminal = hist.terminal
         if terminal is not None:
@@ -386,7 +417,7 @@ class ActorHost:
                 wind_up.append(NotifyParent(started.parent, terminal))
             await self._writer(hist, defn).carry_out(wind_up)
             await msg.ack()
-            return
+            return False
         run_trace = self.tracing.run(started)
         span: Any = nullcontext()
         if run_trace is not None:
@@ -398,7 +429,7 @@ class ActorHost:
             with span:
                 await self._runner_.workflow(hist, defn, delivery)
             await msg.ack()
-            return
+            return False
         skip_code = False
         if defn.runs_durably and act.kind in ("timer", "signal"):
             if not is_suspended(hist) and delivery == 1:
@@ -410,7 +441,7 @@ class ActorHost:
                 hist = await self._until_suspended(act, hist)
                 if hist.terminal is not None:
                     await msg.ack()
-                    return
+                    return False
             skip_code = is_suspended(hist) and not needs_user_code(act, hist)
         if skip_code:
             # Nothing for the code to do (a loser of an or-group, a signal taken already, an
@@ -420,14 +451,17 @@ class ActorHost:
                     Append([SignalReceived(inbox_seq=q, signal=sig) for q, sig in hist.inbox]),
                     PurgeInbox(hist.inbox[-1][0])])
             await msg.ack()
-            return
+            return False
         self.turns += 1
+        handed = False
         with span:
             if defn.runs_durably:
-                await self._runner_.durable(hist, defn, delivery, run_trace)
+                handed = warm is not None and hist is read
+                await self._runner_.durable(hist, defn, delivery, run_trace, warm if handed else None)
             else:
                 await self._runner_.regular(hist, defn, delivery)
         await msg.ack()
+        return handed
 
     async def _on_cancel_msg(self, msg: Msg) -> None:
         if self._runner is not None:

@@ -30,7 +30,8 @@ from actors.engine.wire import (
     Terminal,
     utcnow,
 )
-from actors.hosting.turn_effects import TurnEffects
+from actors.hosting.turn_effects import RunWriter, TurnEffects
+from actors.hosting.warm_runs import WarmRun, WarmRuns
 from actors.store.history import HistoryConflict
 from actors.store.jetstream import is_transient
 from sdk.context import Context, DurableContext, current_runtime
@@ -61,8 +62,9 @@ def error_info(exc: BaseException) -> ErrorInfo:
 class TurnRunner:
     """Runs turns' code on one host, and stops a run's code when someone cancels it."""
 
-    def __init__(self, effects: TurnEffects, host_id: str, workflows: set[str]) -> None:
+    def __init__(self, effects: TurnEffects, host_id: str, workflows: set[str], warm: WarmRuns) -> None:
         self._fx = effects
+        self._warm = warm
         self.host_id = host_id
         self._workflows = workflows
         """Tasks that are workflow runners: their failure stops their tasks."""
@@ -83,9 +85,21 @@ class TurnRunner:
         user.cancel()
 
     async def durable(self, hist: RunHistory, defn: TaskDefinition, delivery: int,
-                      observer: TurnObserver | None) -> None:
+                      observer: TurnObserver | None, warm: WarmRun | None = None) -> None:
+        """A durable run's turn: its code replayed from the history, or a warm run's code going on."""
         started = hist.started
         writer = self._fx.writer(hist.run_id, defn.name, hist.last_seq, started.meta.get("notify"))
+        if warm is not None:
+            warm.turn.resume(hist, writer, self.host_id, delivery, observer)
+            try:
+                await warm.turn.claim_signals()
+            except BaseException:
+                warm.discard()
+                raise
+            warm.turn.go_on()
+            self._warm.hits += 1
+            await self._until_stopped(hist, defn, warm.turn, warm.user, writer)
+            return
         turn = Turn(history=hist, effects=writer, task=defn.name, host_id=self.host_id, delivery=delivery,
                     observer=observer)
         late = late_start(hist, defn)
@@ -106,7 +120,13 @@ class TurnRunner:
             return await defn.entry(value, ctx)
 
         await turn.claim_signals()
-        user = asyncio.create_task(drive(), name=f"bide-run:{hist.run_id}")
+        await self._until_stopped(hist, defn, turn, asyncio.create_task(drive(), name=f"bide-run:{hist.run_id}"),
+                                  writer)
+
+    async def _until_stopped(self, hist: RunHistory, defn: TaskDefinition, turn: Turn, user: asyncio.Task[Any],
+                             writer: RunWriter) -> None:
+        """Let the code run until it parks or ends, then carry out what the turn concludes; keep it warm if it can."""
+        started = hist.started
         self._running[hist.run_id] = (user, turn)
         timeout = time_limit(started, defn)
         try:
@@ -117,9 +137,11 @@ class TurnRunner:
         finally:
             self._running.pop(hist.run_id, None)
         finished = user in done
-        # Evict (the slot and the coroutine's memory are freed now); a finished task's
-        # exception is marked retrieved either way.
-        await _cancel(user)
+        keep = not finished and turn.suspended in done and turn.resumable
+        if not keep:
+            # Evict (the slot and the coroutine's memory are freed now); a finished task's
+            # exception is marked retrieved either way.
+            await _cancel(user)
         end: Terminal | AttemptFailed | None = None
         if turn.fatal is not None:
             if isinstance(turn.fatal, HistoryConflict) or is_transient(turn.fatal):
@@ -136,7 +158,15 @@ class TurnRunner:
                 end = self._retried(defn, hist, outcome(user, defn), user)
         elif turn.suspended not in done:
             end = self._retried(defn, hist, timed_out(defn, hist.run_id, timeout or 0), None)
-        await writer.carry_out(turn.conclude(end))
+        try:
+            await writer.carry_out(turn.conclude(end))
+        except BaseException:
+            if keep:
+                await _cancel(user)
+            raise
+        if keep:
+            # Parked, and everything it wrote is durable: the next turn here may go on from where it is.
+            self._warm.keep(hist.run_id, WarmRun(turn, user, turn.history_after(writer.last_seq)))
 
     async def regular(self, hist: RunHistory, defn: TaskDefinition, delivery: int) -> None:
         started = hist.started

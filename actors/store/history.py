@@ -123,6 +123,49 @@ class HistoryLog:
         hist.inbox_seen = max(hist.inbox_seen, taken)
         return hist
 
+    async def read_since(self, base: RunHistory, *, history_seq: int = 0, inbox_seq: int = 0,
+                         timeout: float = 5.0) -> RunHistory | None:
+        """``base`` (this host's own view of the run) and the signals that arrived since; ``None`` if the
+        history moved past ``base`` (another host wrote) or an announced append is not in it.
+
+        Reads only the history after ``base.last_seq`` (nothing, normally) and the untaken
+        inbox, asking the replica to be at least as far as ``base`` and the announced
+        inbox message (invariant 13), and again until the inbox message is seen.
+        """
+        if history_seq > base.last_seq:
+            return None
+        s = self._subjects
+        run_id = base.run_id
+        taken = base.state.taken_upto
+        floor = max(base.last_seq, inbox_seq)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            newer, inbox_msgs = await asyncio.gather(
+                direct_get_subject(self._nc, s.history_stream, s.history(run_id), start_seq=base.last_seq + 1,
+                                   min_last_seq=floor),
+                direct_get_subject(self._nc, s.history_stream, s.inbox(run_id), start_seq=taken + 1,
+                                   min_last_seq=floor),
+            )
+            if newer:
+                return None
+            inbox: list[tuple[int, EventSignal]] = []
+            seen = taken
+            for m in inbox_msgs:
+                seq = int((m.headers or {}).get("Nats-Sequence", "0"))
+                seen = max(seen, seq)
+                try:
+                    inbox.append((seq, EventSignal.model_validate_json(m.data)))
+                except ValueError:
+                    log.error("run %s: dropping malformed inbox message %d: %r", run_id, seq, m.data[:200])
+            if seen >= inbox_seq:
+                return RunHistory(run_id, base.entries, base.last_seq, inbox=inbox, inbox_seen=seen,
+                                  size_bytes=base.size_bytes + sum(len(m.data) for m in inbox_msgs),
+                                  folded=base.state)
+            if loop.time() >= deadline:
+                raise StaleReadError(f"run {run_id}: every read for {timeout:g}s was behind inbox message {inbox_seq}")
+            await asyncio.sleep(_STALE_READ_RETRY_S)
+
     async def read_first(self, run_id: str, *, must_exist: bool = False) -> Any | None:
         """The run's first entry (its start), or ``None`` if it has none yet.
 
