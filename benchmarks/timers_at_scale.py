@@ -155,8 +155,9 @@ async def warm_up(bide: Any, st: Stack) -> None:
 
 
 async def drive(st: Stack, n: int, lead: float, spread: float) -> dict[str, Any]:
-    from benchmarks.scale_apps import bide
+    from sdk import Bide
 
+    bide = Bide(st.server.url)  # a client of this N's server (each N has a fresh one)
     try:
         await warm_up(bide, st)
         print(f"N={n:,}: due in {lead:g} s, spread over {spread:g} s", flush=True)
