@@ -131,7 +131,8 @@ def run_one(bench: Bench, quick: bool, out_dir: Path, status: Any) -> Outcome:
         return Outcome(bench.name, False, wall, f"timed out after {bench.timeout_s:.0f} s")
     if proc.returncode != 0 or not json_path.exists():
         return Outcome(bench.name, False, wall, f"exit {proc.returncode}; see {bench.name}.log")
-    record(json_path, {"command": printable(cmd), "wall_s": round(wall, 1), "quick": quick})
+    record(json_path, {"command": printable(cmd), "wall_s": round(wall, 1), "quick": quick,
+                       "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")})
     return Outcome(bench.name, True, wall)
 
 

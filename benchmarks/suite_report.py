@@ -196,6 +196,14 @@ def machine_table(m: dict[str, Any], publish: list[float]) -> list[str]:
             f"{m.get('sync')} | {pub} | {' '.join(str(x) for x in m.get('loadavg_at_start', []))} |"]
 
 
+def ran(suite: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    """Which benchmarks the last suite run ran, when it left some results from earlier runs."""
+    earlier = [n for n in results if n not in suite["ran"]]
+    if not earlier:
+        return "the suite"
+    return f"it ran {', '.join(suite['ran'])} (the others are from earlier runs, dated below) and"
+
+
 def readme(results: dict[str, dict[str, Any]], suite: dict[str, Any], readme_path: Path, out_dir: Path) -> str:
     """The README text: how it was made, the machine, the table, then each benchmark's command and plot."""
     m = suite["machine"]
@@ -206,8 +214,8 @@ def readme(results: dict[str, dict[str, Any]], suite: dict[str, Any], readme_pat
         "# Benchmark results",
         "",
         f"Written by `python -m benchmarks{' --quick' if suite['quick'] else ''}` on {m['date']} at commit "
-        f"`{m.get('commit') or '?'}`, {sizes}; the suite took {suite['wall_s'] / 60:.1f} min. Do not edit by "
-        "hand: run the suite again (`--only NAME[,NAME]` re-runs some and keeps the others' last results).",
+        f"`{m.get('commit') or '?'}`, {sizes}; {ran(suite, results)} took {suite['wall_s'] / 60:.1f} min. Do not "
+        "edit by hand: run the suite again (`--only NAME[,NAME]` re-runs some and keeps the others' last results).",
         "",
         "## Machine",
         "",
@@ -228,8 +236,8 @@ def readme(results: dict[str, dict[str, Any]], suite: dict[str, Any], readme_pat
     ]
     for name, data in results.items():
         s = data.get("suite", {})
-        lines += ["", f"### {TITLES.get(name, name)}", "", f"`{s.get('command', '?')}` ({s.get('wall_s', '?')} s"
-                  + (", quick sizes" if s.get("quick") else "") + ")"]
+        lines += ["", f"### {TITLES.get(name, name)}", "", f"`{s.get('command', '?')}` ({s.get('wall_s', '?')} s, "
+                  f"{s.get('date', 'undated')}" + (", quick sizes" if s.get("quick") else "") + ")"]
         if (out_dir / f"{name}.png").exists():
             lines += ["", f"![{name}]({rel / (name + '.png')})"]
     if suite.get("notes"):
