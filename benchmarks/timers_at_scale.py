@@ -34,7 +34,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from actors.engine.wire import parse_time
+from actors.engine.wire import Subjects, parse_time
 from actors.store.jetstream import api_request
 from benchmarks.common import Stack, machine, ms_list, poll_until, stack, summary_ms, write_json
 from benchmarks.event_latency import gather_limited
@@ -76,8 +76,6 @@ class Sleepers:
 
 async def work_idle(nc: Any) -> bool:
     """Every activation of the task has been delivered and acked (each acked start = a run asleep)."""
-    from actors.engine.wire import Subjects
-
     s = Subjects()
     info = await api_request(nc, f"$JS.API.CONSUMER.INFO.{s.work_stream}.{s.consumer_name(TASK)}", {})
     return int(info.get("num_pending", 1)) == 0 and int(info.get("num_ack_pending", 1)) == 0

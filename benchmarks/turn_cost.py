@@ -26,18 +26,21 @@ import argparse
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
+from actors.engine.run_history import RunHistory
+from actors.engine.wire import ActivationBegun, HistoryEntry, WaitRegistered, WaitResolved
 from benchmarks.common import HistoryWatch, machine, ms_list, stack, summary_ms, write_json
 
 WARMUP_TURNS = 20
 
 
-def turn_done(next_pos: int, last: bool) -> Any:
+def turn_done(next_pos: int, last: bool) -> Callable[[HistoryEntry], bool]:
     """The entry that ends a turn: the next wait registered, or the run's end after the last turn."""
     if last:
         return lambda e: e.k == "run_completed"
-    return lambda e: e.k == "wait_registered" and e.pos == next_pos
+    return lambda e: isinstance(e, WaitRegistered) and e.pos == next_pos
 
 
 async def one_run(bide: Any, nc: Any, k: int, timeout: float, progress: bool) -> dict[str, Any]:
@@ -70,20 +73,33 @@ async def one_run(bide: Any, nc: Any, k: int, timeout: float, progress: bool) ->
     return summarize(k, turns, sends, total, hist_split(hist, sent_wall), hist)
 
 
-def hist_split(hist: Any, sent_wall: list[float]) -> dict[str, list[float]]:
-    """Per turn, from the history: send -> ``activation`` (wake) and ``activation`` -> next wait (replay)."""
-    acts = [e.at.timestamp() for e in hist.entries if e.k == "activation"][1:]  # the first is the start
-    regs = {e.pos: e.at.timestamp() for e in hist.entries if e.k == "wait_registered"}
+def hist_split(hist: RunHistory, sent_wall: list[float]) -> dict[str, list[float]]:
+    """Per turn, from the history: send -> ``activation`` (wake) and ``activation`` -> next wait (replay).
+
+    Turn i resolves the wait at position i - 1; its ``activation`` entry is the last one before that
+    ``wait_resolved`` (a turn that lost a race and was retried leaves an extra ``activation``).
+    """
+    assert hist.terminal is not None
+    regs = {e.pos: e.at.timestamp() for e in hist.entries if isinstance(e, WaitRegistered)}
     end = hist.terminal.at.timestamp()
     wake, replay = [], []
-    for i, (sent, act) in enumerate(zip(sent_wall, acts, strict=False)):
-        wake.append(act - sent)
-        replay.append(regs.get(i + 1, end) - act)
+    act = 0.0
+    for e in hist.entries:
+        if isinstance(e, ActivationBegun):
+            act = e.at.timestamp()
+        elif isinstance(e, WaitResolved):
+            wake.append(act - sent_wall[e.pos])
+            replay.append(regs.get(e.pos + 1, end) - act)
     return {"wake": wake, "replay": replay}
 
 
+def messages(hist: RunHistory) -> int:
+    """How many history messages (appends) the run has: its entries' stored times change at each."""
+    return sum(1 for i, t in enumerate(hist.times) if i == 0 or t != hist.times[i - 1])
+
+
 def summarize(k: int, turns: list[float], sends: list[float], total: float, split: dict[str, list[float]],
-              hist: Any) -> dict[str, Any]:
+              hist: RunHistory) -> dict[str, Any]:
     last10 = turns[-10:]
     return {
         "k": k,
@@ -96,8 +112,7 @@ def summarize(k: int, turns: list[float], sends: list[float], total: float, spli
         "total_s": round(total, 3),
         "turns": summary_ms(turns),
         "send_call": summary_ms(sends),
-        "history": {"entries": len(hist.entries), "messages": len(set(hist.times)) or None,
-                    "bytes": hist.size_bytes},
+        "history": {"entries": len(hist.entries), "messages": messages(hist), "bytes": hist.size_bytes},
         "turn_ms": ms_list(turns),
         "wake_ms": ms_list(split["wake"]),
         "replay_ms": ms_list(split["replay"]),
