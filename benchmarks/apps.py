@@ -1,4 +1,6 @@
 """The tasks the throughput benchmarks run: one memoised step then done, or nothing at all."""
+# mypy: disable-error-code="untyped-decorator"
+# (``Bide.task`` and ``Bide.durable_task`` return ``Any``: the decorators are untyped on the SDK's side.)
 
 from sdk import Bide, DurableContext, EmptyModel
 

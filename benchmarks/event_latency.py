@@ -328,6 +328,8 @@ async def drive(args: argparse.Namespace, url: str, worker: WorkerProc) -> dict[
             "event_to_resumed": summary_ms(lat["resumed"]),
             "end_to_end": summary_ms(lat["e2e"]),
             "push_to_stored": summary_ms(lat["stored"]),
+            "event_to_resumed_ms": [round(x * 1000, 2) for x in lat["resumed"]],
+            "end_to_end_ms": [round(x * 1000, 2) for x in lat["e2e"]],
         }
 
         rest = {n: refs[n] for n in range(samples, args.waiting)}

@@ -63,6 +63,7 @@ async def one_mode(bide: Any, task: Any, mode: str, base: int, args: argparse.Na
         "mode": mode, "runs": len(ids), "send_s": round(t_sent - t0, 3),
         "resumed_per_s": round(len(ids) / (last - t0), 1),
         "send_to_resumed": summary_ms([resumed[i] - sent[i] for i in ids]),
+        "send_to_resumed_ms": [round((resumed[i] - sent[i]) * 1000, 2) for i in ids],
     }
 
 

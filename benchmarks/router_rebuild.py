@@ -37,7 +37,8 @@ from actors.store.server import EmbeddedServer, server_version
 
 
 def keys_of(partition: int, n: int, count: int) -> list[str]:
-    out, i = [], 0
+    out: list[str] = []
+    i = 0
     while len(out) < count:
         if partition_of(f"bench:{i}", n) == partition:
             out.append(f"bench:{i}")
@@ -151,7 +152,8 @@ async def drive(args: argparse.Namespace, url: str) -> dict[str, Any]:
         # Reading the stream: other partitions' events vs own events with no waiter.
         router.handled_seq = last
         for label, keys in (("other_partitions", keys_of(1 % n, n, 50) if n > 1 else mine), ("own_no_waiter", mine)):
-            evs = [(s.event(keys[i % len(keys)]), json.dumps({"id": -1 - i}).encode(), {}) for i in range(args.events)]
+            evs: list[tuple[str, bytes, dict[str, str]]] = [
+                (s.event(keys[i % len(keys)]), json.dumps({"id": -1 - i}).encode(), {}) for i in range(args.events)]
             await publish_all(pub, evs)
             first = router.handled_seq + 1
             # A gap read proves itself complete by the message after the gap (the one just delivered,

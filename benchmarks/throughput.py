@@ -4,7 +4,8 @@
 
 Starts its own nats-server and one worker process (``bide worker benchmarks.apps:worker``),
 measures pipelined JetStream publishes, then starts N trivial durable runs (one memo each)
-from this process with up to C in flight and awaits every result.
+from this process with up to C in flight and awaits every result. ``--sweep 10,50,500`` then
+measures ``--sweep-runs`` runs at each of those in-flight counts (throughput vs in-flight).
 """
 
 from __future__ import annotations
@@ -121,6 +122,13 @@ async def drive(runs: int, concurrency: int, progress: bool) -> tuple[list[float
     return latencies, wall, errors
 
 
+def sweep_point(concurrency: int, runs: int) -> dict[str, Any]:
+    """``runs`` trivial runs at ``concurrency`` in flight (same server and worker): runs/s and latency."""
+    lat, wall, errors = asyncio.run(drive(runs, concurrency, progress=False))
+    return {"concurrency": concurrency, "runs": runs, "errors": errors, "runs_per_s": round(len(lat) / wall, 1),
+            "p50_ms": round(pct(lat, 0.50) * 1000, 2), "p99_ms": round(pct(lat, 0.99) * 1000, 2)}
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -134,9 +142,12 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=500)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--publish-messages", type=int, default=20000)
+    ap.add_argument("--sweep", default="", help="comma-separated in-flight counts to measure after the main run")
+    ap.add_argument("--sweep-runs", type=int, default=1000, help="runs per in-flight count of --sweep")
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
+    sweep = [int(x) for x in args.sweep.split(",") if x]
 
     with EmbeddedServer() as server:
         os.environ["BIDE_NATS_URL"] = server.url
@@ -145,6 +156,7 @@ def main() -> None:
         try:
             asyncio.run(drive(args.warmup, args.concurrency, progress=False))
             lat, wall, errors = asyncio.run(drive(args.runs, args.concurrency, not args.no_progress))
+            swept = [sweep_point(c, max(args.sweep_runs, 3 * c)) for c in sweep]
         finally:
             stop_worker(worker)
         version = ".".join(map(str, server_version(server.binary)))
@@ -162,6 +174,8 @@ def main() -> None:
         "p99_ms": round(pct(lat, 0.99) * 1000, 2),
         "mean_ms": round(statistics.fmean(lat) * 1000, 2) if lat else None,
         "jetstream_publish_per_s": round(pub, 1),
+        "sweep": swept,
+        "latencies_ms": [round(x * 1000, 2) for x in lat],
         "runs_per_publish_ratio": round(rate / pub, 4),
         "nats_server": version,
         "server": durability,
@@ -172,6 +186,9 @@ def main() -> None:
     print(f"{len(lat)} trivial durable runs in {wall:.2f} s: {rate:,.0f} runs/s, "
           f"p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms, errors {errors}")
     print(f"raw JetStream pipelined publish: {pub:,.0f} msg/s (runs/s / publish/s = {out['runs_per_publish_ratio']})")
+    for p in swept:
+        print(f"  {p['concurrency']:>5} in flight: {p['runs_per_s']:>7,.0f} runs/s, p50 {p['p50_ms']} ms, "
+              f"p99 {p['p99_ms']} ms ({p['runs']} runs, errors {p['errors']})")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

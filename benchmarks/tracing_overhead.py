@@ -373,6 +373,7 @@ def main() -> None:
                 # round filled.
                 with EmbeddedServer() as server:
                     os.environ["BIDE_NATS_URL"] = server.url  # benchmarks.apps makes its Bide() at import
+                    assert server.proc is not None
                     row = one_round(i + 1, mode, server.url, server.proc.pid, receiver, args, otel_env)
                     version = ".".join(map(str, server_version(server.binary)))
                     durability, durability_line = server.durability(), server.durability_line()
