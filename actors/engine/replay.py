@@ -116,7 +116,11 @@ class Turn:
         self.run_input: Any = started.input if started is not None else None
         self._by_pos: dict[int, dict[str, Any]] = {}
         # Signals taken from the inbox, in arrival order, and the direct ones waits have consumed.
-        self._signals: list[tuple[int, EventSignal]] = []
+        self._by_seq: dict[int, EventSignal] = {}
+        self._direct: dict[int, EventSignal] = {}
+        """Direct signals no wait has consumed yet, in arrival order."""
+        self._router_hits: dict[str, list[tuple[int, EventSignal]]] = {}
+        """Signals the router sent, by the wait they satisfy, in arrival order."""
         self._consumed: set[int] = set()
         self._outcomes: dict[str, dict[str, Any]] = {}
         """Children that ended: their outcome by run id (the first report wins)."""
@@ -134,7 +138,7 @@ class Turn:
             elif isinstance(e, ChildrenSpawned):
                 self.spawned.update(dict.fromkeys(e.run_ids, e.task))
             elif isinstance(e, WaitResolved):
-                self._consumed.update(e.consumed)
+                self._consume(e.consumed)
         self._next = 0
         # The activation record rides on the turn's first flush; a turn that appends
         # nothing else (a stale or duplicate activation) writes nothing at all.
@@ -177,7 +181,17 @@ class Turn:
             if self.cancel_reason is None:
                 self.cancel_reason = (sig.payload or {}).get("reason") or "cancelled"
         else:
-            self._signals.append((seq, sig))
+            self._by_seq[seq] = sig
+            if sig.source == "event":
+                if sig.wait_id is not None:
+                    self._router_hits.setdefault(sig.wait_id, []).append((seq, sig))
+            elif seq not in self._consumed:
+                self._direct[seq] = sig
+
+    def _consume(self, seqs: list[int]) -> None:
+        self._consumed.update(seqs)
+        for seq in seqs:
+            self._direct.pop(seq, None)
 
     async def _park(self, timer: TimerRequest | None) -> None:
         """Suspend here until the host lets the code go on (:meth:`go_on`); a run being cancelled stops here.
@@ -373,7 +387,8 @@ class Turn:
                 commands.append(RegisterWait(self._pending_wait, self.run_input))
             if not any(not isinstance(e, ActivationBegun) for e in pending):
                 # Nothing new. A claim of signals standing alone would read as a turn under way.
-                claimed = claimed_signals(self._history.entries + self._written)
+                # (A turn's first append begins with its activation entry: the last turn is what it wrote.)
+                claimed = claimed_signals(self._written or self._history.entries)
                 pending = [*pending, TurnParked(at=utcnow())] if claimed else []
         else:
             pending = [*pending, end]
@@ -401,8 +416,9 @@ class Turn:
                                   sched.wake_at - timedelta(seconds=sched.duration_s), e.at)
             elif isinstance(e, WaitResolved) and e.pos in self._waits:
                 won = {eid for v in e.result.values() if isinstance(v, dict) for eid in v}
-                signals = [sig for seq, sig in self._signals if sig.event_id in won
-                           and (sig.wait_id == e.wait_id or seq in e.consumed)]
+                mine = [*self._router_hits.get(e.wait_id, ()),
+                        *((seq, self._by_seq[seq]) for seq in e.consumed if seq in self._by_seq)]
+                signals = [sig for _, sig in sorted(mine, key=lambda hit: hit[0]) if sig.event_id in won]
                 self._observer.wait(self._waits[e.pos], e, signals)
 
     def _suspend(self, timer: TimerRequest | None) -> None:
@@ -549,7 +565,7 @@ class Turn:
             outcome = self._try_resolve(reg)
             if outcome is not None:
                 result, consumed = outcome
-                self._consumed.update(consumed)
+                self._consume(consumed)
                 if rec is None:
                     self._unrecorded_waits.append(reg)
                 self._pending.append(WaitResolved(
@@ -626,24 +642,18 @@ class Turn:
             if cond.wake_at <= now:
                 return cond.wake_at, {"duration_seconds": cond.duration_s}, None
             return None
-        for seq, sig in self._signals:
-            if sig.source == "event":
-                if sig.wait_id == wait_id and sig.cond == idx:
-                    return sig.at, {sig.event_id: sig.payload}, None
-            elif (
-                seq not in self._consumed
-                and seq not in taken
-                and sig.name == cond.event_key
-                and _cel.evaluate(cond.expression, sig.payload, self.run_input)
-            ):
-                # Direct delivery: the first matching signal not yet consumed (FIFO).
+        # The earliest signal for this condition: the router's for it, or a direct one (FIFO).
+        routed = next(((seq, sig) for seq, sig in self._router_hits.get(wait_id, ()) if sig.cond == idx), None)
+        for seq, sig in self._direct.items():
+            if routed is not None and seq > routed[0]:
+                break
+            if (seq not in taken and sig.name == cond.event_key
+                    and _cel.evaluate(cond.expression, sig.payload, self.run_input)):
                 return sig.at, {sig.event_id: sig.payload}, seq
+        if routed is not None:
+            sig = routed[1]
+            return sig.at, {sig.event_id: sig.payload}, None
         return None
-
-    @property
-    def signals(self) -> list[tuple[int, EventSignal]]:
-        """Every signal the run has taken, in inbox order."""
-        return self._signals
 
     @staticmethod
     def _next_wake(reg: WaitRegistered) -> datetime | None:
