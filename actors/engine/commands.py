@@ -195,6 +195,8 @@ def ended_registrations(before: RunState, written: Sequence[HistoryEntry],
         # the append resolving a wait and its withdrawal left that registration, and when the
         # next turn was not a redelivery of the dead one, nothing redid it. Also any
         # registration a dead host made for a wait it never recorded (``Turn._unrecorded_waits``).
+        # Not those resolved by a turn the next turn vouched for (``ActivationBegun.tidied``: its
+        # host made that turn and withdrew them), so a long-lived warm run's end stays small.
         for w in (*before.registered.values(), *written_waits.values(), *unrecorded):
             ended.setdefault(w.wait_id, w)
     if not ended:

@@ -350,7 +350,9 @@ class Turn:
         self._observer = observer
         self._redelivered = delivery > 1
         self._written = []
-        self._pending = [ActivationBegun(host=host_id, delivery=delivery, at=utcnow())]
+        # This host made the previous turn and carried out all of it: the run's end need not
+        # withdraw again the registrations that turn withdrew.
+        self._pending = [ActivationBegun(host=host_id, delivery=delivery, at=utcnow(), tidied=True)]
         for seq, sig in history.inbox:
             self._pending.append(SignalReceived(inbox_seq=seq, signal=sig))
             self._take(seq, sig)

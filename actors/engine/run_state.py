@@ -37,7 +37,9 @@ class RunState:
     failed_attempts: int = 0
     terminal: Terminal | None = None
     registered: dict[str, WaitRegistered] = field(default_factory=dict)
-    """Every wait the run ever recorded, by wait id."""
+    """Every wait the run recorded whose router registration may still be live, by wait id: all of
+    them, less those resolved by a turn whose next turn says it tidied after it (``tidied``)."""
+    resolved_this_turn: list[str] = field(default_factory=list)
     open_waits: dict[str, WaitRegistered] = field(default_factory=dict)
     """Waits registered and not yet resolved (their router registrations are live)."""
     resolved: set[str] = field(default_factory=set)
@@ -64,6 +66,10 @@ class RunState:
         for e in entries:
             if isinstance(e, ActivationBegun):
                 self.began = True
+                if e.tidied:
+                    for wait_id in self.resolved_this_turn:
+                        self.registered.pop(wait_id, None)
+                self.resolved_this_turn = []
             elif isinstance(e, SignalReceived):
                 self.taken_upto = max(self.taken_upto, e.inbox_seq)
                 sig = e.signal
@@ -73,11 +79,13 @@ class RunState:
                 elif sig.source == "event" and sig.wait_id is not None:
                     self.router_satisfied.setdefault(sig.wait_id, set()).add(sig.cond)
             elif isinstance(e, WaitRegistered):
-                self.registered[e.wait_id] = e
+                if e.wait_id not in self.resolved:
+                    self.registered[e.wait_id] = e
                 if e.wait_id not in self.resolved:
                     self.open_waits[e.wait_id] = e
             elif isinstance(e, WaitResolved):
                 self.resolved.add(e.wait_id)
+                self.resolved_this_turn.append(e.wait_id)
                 self.open_waits.pop(e.wait_id, None)
                 self.fired.add(e.pos)
             elif isinstance(e, SleepScheduled):

@@ -379,6 +379,9 @@ class ActivationBegun(_Entry):
     """How many times the activation was delivered (1, or more after a host died); not the retry
     number, which ``attempt_failed`` entries count. Read from ``attempt`` in histories written before."""
     at: datetime
+    tidied: bool = False
+    """The host knows the run's previous turn withdrew the registrations of the waits it resolved
+    (it made that turn itself, and kept the run warm). A run's end need not withdraw those again."""
 
 
 class TurnParked(_Entry):

@@ -37,7 +37,7 @@ def random_history(rng: random.Random, turns: int) -> list[HistoryEntry]:
     pos = 0
     inbox = 0
     for _ in range(turns):
-        entries.append(ActivationBegun(host="h", delivery=1, at=AT))
+        entries.append(ActivationBegun(host="h", delivery=1, at=AT, tidied=rng.random() < 0.5))
         for _ in range(rng.randint(0, 3)):
             choice = rng.random()
             if choice < 0.25:
@@ -83,10 +83,19 @@ def scanned(entries: list[HistoryEntry]) -> dict[str, object]:
         elif isinstance(e, WaitResolved):
             opened.pop(e.wait_id, None)
     fired = {e.pos for e in entries if isinstance(e, SleepFired | WaitResolved)}
+    tidied: set[str] = set()  # resolved in a turn whose next turn says it tidied after it
+    this_turn: list[str] = []
+    for e in entries:
+        if isinstance(e, ActivationBegun):
+            if e.tidied:
+                tidied.update(this_turn)
+            this_turn = []
+        elif isinstance(e, WaitResolved):
+            this_turn.append(e.wait_id)
     reported = {e.signal.name for e in entries if isinstance(e, SignalReceived) and e.signal.source == "child"}
     return {
         "open_waits": set(opened),
-        "registered": {e.wait_id for e in entries if isinstance(e, WaitRegistered)},
+        "registered": {e.wait_id for e in entries if isinstance(e, WaitRegistered)} - tidied,
         "sleeping": {e.pos for e in entries if isinstance(e, SleepScheduled) and e.pos not in fired},
         "fired": fired,
         "unreported": {rid for e in entries if isinstance(e, ChildrenSpawned) for rid in e.run_ids} - reported,

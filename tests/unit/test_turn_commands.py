@@ -23,6 +23,7 @@ from actors.engine.commands import (
     ScheduleTimer,
     StartChildren,
     WithdrawWait,
+    ended_registrations,
     redo_last_turn,
 )
 from actors.engine.replay import Turn
@@ -235,3 +236,20 @@ def test_a_redelivery_redoes_the_withdrawals_of_the_last_turn_and_the_inbox_purg
                    WaitResolved(pos=0, wait_id="r1:0", label="w", args_hash="", result={}, consumed=[9], at=AT))
     assert redo_last_turn(hist, AT) == [WithdrawWait(reg), PurgeInbox(9)]
     assert ScheduleRemoval not in map(type, redo_last_turn(hist, AT))
+
+
+def test_a_runs_end_withdraws_again_only_what_no_later_turn_vouched_for() -> None:
+    """A warm turn says its host made (and tidied after) the turn before it: the end skips those waits."""
+
+    def reg(pos: int) -> WaitRegistered:
+        return WaitRegistered(pos=pos, wait_id=f"r1:{pos}", label="w", args_hash="", at=AT, groups=[])
+
+    def resolved(pos: int) -> WaitResolved:
+        return WaitResolved(pos=pos, wait_id=f"r1:{pos}", label="w", args_hash="", result={}, at=AT)
+
+    hist = history(ActivationBegun(host="h", delivery=1, at=AT), reg(0),
+                   ActivationBegun(host="h", delivery=1, at=AT), resolved(0), reg(1),
+                   ActivationBegun(host="h", delivery=1, at=AT, tidied=True), resolved(1), reg(2),
+                   ActivationBegun(host="other", delivery=1, at=AT), resolved(2), reg(3))
+    # Wait 0 was resolved by a turn the next (warm) turn vouched for; 1 and 2 were not; 3 is open.
+    assert [w.wait.pos for w in ended_registrations(hist.state, [RunCancelled(reason="x", at=AT)])] == [1, 2, 3]
