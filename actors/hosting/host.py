@@ -221,6 +221,7 @@ class ActorHost:
             try:
                 async with lock:
                     if delivered > self.config.max_deliveries:
+                        self._warm.drop(act.run_id)  # it fails without its code
                         await self._give_up(msg, act, defn, delivered)
                     else:
                         await self._turn_retrying(msg, act, defn, delivered)
@@ -350,25 +351,11 @@ class ActorHost:
         return hist
 
     async def _turn(self, msg: Msg, act: Activation, defn: TaskDefinition, delivery: int) -> None:
-        # A warm run of this run belongs to this turn now: it goes on, or it is discarded.
-        warm = self._warm.take(act.run_id)
+        # A warm run of this run belongs to this turn now: its code goes on, or it is discarded.
+        warm, read = await self._warm.take_for(act, delivery, self._history)
         try:
-            if warm is not None and (delivery > 1 or act.kind not in ("timer", "signal")):
-                warm.discard()  # a redelivery trusts only the stored history
+            if await self._turn_on(msg, act, defn, delivery, read, warm):
                 warm = None
-            if warm is not None:
-                warm_view = await self._history.read_since(warm.history, history_seq=act.history_seq or 0,
-                                                           inbox_seq=act.inbox_seq or 0)
-                if warm_view is None:  # another host wrote: replay from the history
-                    warm.discard()
-                    warm = None
-            if warm is not None:
-                assert warm_view is not None
-                handed = await self._turn_on(msg, act, defn, delivery, warm_view, warm)
-                if handed:
-                    warm = None
-            else:
-                await self._turn_on(msg, act, defn, delivery, None, None)
         finally:
             if warm is not None:
                 warm.discard()

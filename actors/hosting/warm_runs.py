@@ -23,6 +23,8 @@ from typing import Any
 
 from actors.engine.replay import Turn
 from actors.engine.run_history import RunHistory
+from actors.engine.wire import Activation
+from actors.store.history import HistoryLog
 
 
 @dataclass
@@ -83,6 +85,30 @@ class WarmRuns:
             warm.discard()
             return None
         return warm
+
+    async def take_for(self, act: Activation, delivery: int,
+                       history: HistoryLog) -> tuple[WarmRun, RunHistory] | tuple[None, None]:
+        """The run's warm state and its view now (what is new read), if this activation may use them.
+
+        A redelivery trusts only the stored history, and only timers and signals wake a parked
+        run; a history that another host wrote to since makes the turn replay.
+        """
+        warm = self.take(act.run_id)
+        if warm is None:
+            return None, None
+        if delivery > 1 or act.kind not in ("timer", "signal"):
+            warm.discard()
+            return None, None
+        try:
+            view = await history.read_since(warm.history, history_seq=act.history_seq or 0,
+                                            inbox_seq=act.inbox_seq or 0)
+        except BaseException:
+            warm.discard()
+            raise
+        if view is None:
+            warm.discard()
+            return None, None
+        return warm, view
 
     def drop(self, run_id: str) -> None:
         warm = self.take(run_id)
