@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, NoReturn, Protocol, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
 
@@ -127,6 +127,14 @@ class Context:
         self.logger.info("[%s] %s", self._run_id, message)
 
 
+class ContinuedAsNew(BaseException):
+    """Raised by :meth:`DurableContext.continue_as_new`; a ``BaseException`` so user code does not catch it."""
+
+    def __init__(self, input: Any) -> None:
+        super().__init__("the run continues as new")
+        self.input = input
+
+
 class DurableContext(Context):
     """A :class:`Context` whose awaits are checkpoints: they survive crashes and free the worker."""
 
@@ -166,6 +174,25 @@ class DurableContext(Context):
         if not isinstance(change_id, str) or not change_id:
             raise ValueError(f"patched() needs a non-empty change id string, got {change_id!r}")
         return self._runtime.patched(change_id)
+
+    def continue_as_new(self, input: Any = None) -> NoReturn:
+        """End this history here and go on as a fresh one with ``input``: same run id, code from the top.
+
+        For runs meant to live forever (an agent loop, a monthly job): each generation's history
+        stays short, so turns stay cheap and the history never reaches ``BIDE_MAX_HISTORY``.
+        Callers waiting for the run's result, its parent and its trace are unaffected; the
+        result is the last generation's. What the current history recorded is gone (carry
+        what the next generation needs in ``input``); direct deliveries not yet taken wait for
+        the next generation; waits, sleeps and children of this one are not carried over (its
+        waits are withdrawn, its timers cancelled, its children left running). ``input`` must
+        be JSON (or a pydantic model) that fits one message (768 KiB), or the run fails with
+        ``OutputSerializationError`` or ``PayloadLimitError``. Call it as a statement: it
+        raises :class:`ContinuedAsNew`, which ``except Exception`` does not catch::
+
+            if turns >= 1000:
+                ctx.continue_as_new({"total": total})
+        """
+        raise ContinuedAsNew(input)
 
     async def memo(self, fn: Callable[..., Awaitable[T] | T], *args: Any) -> T:
         """Run ``fn(*args)`` once; replays return the recorded result (keyed on the arguments)."""

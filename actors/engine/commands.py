@@ -124,6 +124,17 @@ class NotifyParent:
 
 
 @dataclass(frozen=True)
+class NextGeneration:
+    """The run continued as new: the earlier generation's messages go, the new one's first turn is asked for.
+
+    Carried out after the ``Append`` of ``started`` (the switch): it purges the history's
+    messages before that append and publishes ``started``'s start activation.
+    """
+
+    started: RunStarted
+
+
+@dataclass(frozen=True)
 class CancelChildren:
     """Ask these ``(run id, task)`` children to stop (background: a child's own turn records it)."""
 
@@ -132,7 +143,7 @@ class CancelChildren:
 
 
 Command = (Append | StartChildren | RegisterWait | WithdrawWait | ScheduleTimer | CancelTimer | ScheduleRetry
-           | PurgeInbox | ScheduleRemoval | NotifyParent | CancelChildren)
+           | PurgeInbox | ScheduleRemoval | NotifyParent | CancelChildren | NextGeneration)
 
 
 class Effects(Protocol):
@@ -178,6 +189,11 @@ def end_of_run(started: RunStarted, how: RunEnd) -> list[Command]:
     return commands
 
 
+def ends(written: Sequence[HistoryEntry]) -> bool:
+    """Whether ``written`` ends the run's current history: its end, or a next generation's start."""
+    return any(isinstance(e, TERMINAL) or (isinstance(e, RunStarted) and e.generation) for e in written)
+
+
 def ended_registrations(before: RunState, written: Sequence[HistoryEntry],
                         unrecorded: Sequence[WaitRegistered] = ()) -> list[WithdrawWait]:
     """The router registrations that a turn appending ``written`` after ``before`` must withdraw.
@@ -190,7 +206,7 @@ def ended_registrations(before: RunState, written: Sequence[HistoryEntry],
     written_waits = {e.wait_id: e for e in written if isinstance(e, WaitRegistered)}
     ended = {w.wait_id: w for e in written if isinstance(e, WaitResolved)
              and (w := before.open_waits.get(e.wait_id)) is not None}
-    if any(isinstance(e, TERMINAL) for e in written):
+    if ends(written):
         # The run ended: every wait it registered, open or resolved. A host that died between
         # the append resolving a wait and its withdrawal left that registration, and when the
         # next turn was not a redelivery of the dead one, nothing redid it. Also any
@@ -220,7 +236,7 @@ def after_append(before: RunState, written: Sequence[HistoryEntry], now: datetim
             # The loser of an or-group never resumes the run: its timer is withdrawn (once,
             # by the turn that resolved it; a late firing of it only replays to nothing new).
             commands.append(CancelTimer(wait.pos))
-    if any(isinstance(e, TERMINAL) for e in written):
+    if ends(written):
         # A run that ended mid-sleep (cancelled, failed) withdraws that sleep's timer too.
         fired = {e.pos for e in written if isinstance(e, SleepFired)}
         sleeping = [*before.sleeping.values(), *(e for e in written if isinstance(e, SleepScheduled))]

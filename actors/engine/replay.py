@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
-from actors.engine.child_ids import ChildStart, child_run_ids
+from actors.engine.child_ids import CHILD_ID_SEPARATOR, ChildStart, child_run_ids
 from actors.engine.commands import (
     Append,
     Command,
     Effects,
+    NextGeneration,
     PurgeInbox,
     RegisterWait,
     RunEnd,
@@ -114,6 +115,10 @@ class Turn:
         self._history = history
         started = history.started if history.entries else None
         self.run_input: Any = started.input if started is not None else None
+        generation = started.generation if started is not None else 0
+        self._ids = self.run_id if not generation else f"{self.run_id}{CHILD_ID_SEPARATOR}g{generation}"
+        """What this generation's wait and child ids derive from: a later generation's never meet an
+        earlier one's (in the router's registrations and de-duplication, or as children that exist)."""
         self._by_pos: dict[int, dict[str, Any]] = {}
         # Signals taken from the inbox, in arrival order, and the direct ones waits have consumed.
         self._by_seq: dict[int, EventSignal] = {}
@@ -321,6 +326,26 @@ class Turn:
         """
         if self.began and self._took_upto is not None:
             await self.flush()
+
+    def continue_as_new(self, run_input: Any) -> list[Command]:
+        """The code called ``ctx.continue_as_new``: what the host carries out (pure).
+
+        The next generation's start is appended after this turn's entries under the same
+        guard (the switch: a reader skips what came before it); then this generation is
+        tidied as at a run's end, its messages are purged and its first turn is asked for.
+        """
+        started = self._history.started
+        data = to_json_value(run_input, f"the input of continue_as_new in run {self.run_id}")
+        took = max(self._history.state.taken_upto, self._took_upto or 0)
+        nxt = started.model_copy(update={"input": data, "at": utcnow(), "generation": started.generation + 1,
+                                         "inbox_taken": took})
+        pending, self._pending = [*self._pending, nxt], []
+        commands: list[Command] = [Append(pending, on_durable=self._recorded)]
+        commands += after_append(self._history.state, self._written + pending, utcnow(), self._unrecorded_waits)
+        if self._took_upto is not None:
+            commands.append(PurgeInbox(self._took_upto))
+        commands.append(NextGeneration(nxt))
+        return commands
 
     @property
     def resumable(self) -> bool:
@@ -536,7 +561,7 @@ class Turn:
         digest = args_hash(dumped)
         requested = f"wait_for({label!r}, args hash {digest})"
         rec = self._by_pos.get(pos)
-        wait_id = f"{self.run_id}:{pos}"
+        wait_id = f"{self._ids}:{pos}"
         if rec is not None:
             done = rec.get("wait_resolved")
             reg = rec.get("wait_registered")
@@ -683,7 +708,7 @@ class Turn:
                 await self._durably(self._start(pos, ids, children, detached=not wait))
         else:
             self._new(pos, requested)
-            ids = child_run_ids(self.run_id, pos, [c.key for c in children], self.spawned)
+            ids = child_run_ids(self._ids, pos, [c.key for c in children], self.spawned)
             # Written before any child exists: a replay never spawns a child twice.
             await self._durably(self.flush([ChildrenSpawned(pos=pos, task=task, run_ids=ids, args_hash=digest,
                                                             at=utcnow())]))

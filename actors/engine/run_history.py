@@ -48,6 +48,21 @@ class RunHistory:
         return self.state.terminal
 
 
+def current_generation(hist: RunHistory) -> None:
+    """Keep only the run's current generation: from its last ``run_started`` on (``ctx.continue_as_new``).
+
+    A run that continued as new appends its next start after the earlier generation's entries
+    (the append is the switch, under the single-writer guard), then purges those; a reader
+    that comes in between skips them here.
+    """
+    for i in range(len(hist.entries) - 1, 0, -1):
+        if isinstance(hist.entries[i], RunStarted):
+            del hist.entries[:i]
+            del hist.times[:i]
+            hist.folded = None
+            return
+
+
 EXPORT_FORMAT = "bide.run-history/1"
 """What ``bide runs export`` writes: a run's entries, their stored times and its untaken inbox, as JSON."""
 

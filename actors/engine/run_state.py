@@ -19,6 +19,7 @@ from actors.engine.wire import (
     AttemptFailed,
     ChildrenSpawned,
     HistoryEntry,
+    RunStarted,
     SignalReceived,
     SleepFired,
     SleepScheduled,
@@ -102,3 +103,5 @@ class RunState:
                 self.failed_attempts += 1
             elif isinstance(e, TERMINAL):
                 self.terminal = e
+            elif isinstance(e, RunStarted):
+                self.taken_upto = max(self.taken_upto, e.inbox_taken)

@@ -362,6 +362,11 @@ class RunStarted(_Entry):
     start_id: str | None = None
     """Which start request wrote this entry: the same request repeated is recognised (idempotent
     starts), another request for the same run id is refused. ``None`` in entries written before."""
+    generation: int = 0
+    """How many times the run continued as new (``ctx.continue_as_new``). A later generation's
+    start is appended after the earlier one's entries, which readers skip and the host purges."""
+    inbox_taken: int = 0
+    """A later generation's start: the inbox signals up to this sequence were taken before it."""
 
     def same_start(self, other: RunStarted) -> bool:
         """Whether ``other`` is this start again (a retry, or the host completing it)."""

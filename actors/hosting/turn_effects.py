@@ -19,6 +19,7 @@ from actors.engine.commands import (
     CancelChildren,
     CancelTimer,
     Command,
+    NextGeneration,
     NotifyParent,
     PurgeInbox,
     RegisterWait,
@@ -28,7 +29,7 @@ from actors.engine.commands import (
     StartChildren,
     WithdrawWait,
 )
-from actors.engine.wire import HDR_BIDE_KIND, Activation, encode_activation, utcnow
+from actors.engine.wire import HDR_BIDE_KIND, HDR_MSG_ID, Activation, encode_activation, utcnow
 from actors.hosting.router_inputs import publish_registrations
 from actors.observe.tracing import Tracing, observe_appended
 from actors.store.children import notify_parent, request_cancel, start_children
@@ -124,6 +125,14 @@ class RunWriter:
                 await fx.reaper.schedule(run_id, end)
             case NotifyParent(parent=parent, end=end):
                 await notify_parent(fx.nc, fx.publisher, s, run_id, parent, end)
+            case NextGeneration(started=started):
+                # The earlier generation's messages (readers skip them already), then its first turn.
+                await api_request(fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
+                                  {"filter": s.history(run_id), "seq": self.last_seq})
+                act = Activation(run_id=run_id, task=self.task, kind="start", started=started,
+                                 history_seq=self.last_seq)
+                await fx.publisher.publish(s.work(self.task, run_id), encode_activation(act), {
+                    HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{run_id}:{started.generation}"})
             case CancelChildren(children=children, reason=reason):
                 for child, task in children:
                     fx.chore(request_cancel(fx.nc, fx.publisher, fx.history, s, child, reason, task))

@@ -34,12 +34,13 @@ from actors.hosting.turn_effects import RunWriter, TurnEffects
 from actors.hosting.warm_runs import WarmRun, WarmRuns
 from actors.store.history import HistoryConflict
 from actors.store.jetstream import is_transient
-from sdk.context import Context, DurableContext, current_runtime
+from sdk.context import Context, ContinuedAsNew, DurableContext, current_runtime
 from sdk.errors import (
     InputValidationError,
     NonDeterminismError,
     NonRetryableError,
     OutputSerializationError,
+    PayloadLimitError,
     PayloadValidationError,
     ScheduleTimeoutError,
     TaskCancelledByCondition,
@@ -138,6 +139,9 @@ class TurnRunner:
             self._running.pop(hist.run_id, None)
         finished = user in done
         keep = not finished and turn.suspended in done and turn.resumable
+        if finished and turn.fatal is None and not user.cancelled() and isinstance(user.exception(), ContinuedAsNew):
+            await self._continue_as_new(hist, defn, turn, user, writer)
+            return
         if not keep:
             # Evict (the slot and the coroutine's memory are freed now); a finished task's
             # exception is marked retrieved either way.
@@ -167,6 +171,18 @@ class TurnRunner:
         if keep:
             # Parked, and everything it wrote is durable: the next turn here may go on from where it is.
             self._warm.keep(hist.run_id, WarmRun(turn, user, turn.history_after(writer.last_seq)))
+
+    async def _continue_as_new(self, hist: RunHistory, defn: TaskDefinition, turn: Turn, user: asyncio.Task[Any],
+                               writer: RunWriter) -> None:
+        """The code called ``ctx.continue_as_new``: the next generation begins, or the run fails on a bad input."""
+        exc = user.exception()
+        assert isinstance(exc, ContinuedAsNew)
+        try:
+            commands = turn.continue_as_new(exc.input)
+        except (OutputSerializationError, PayloadLimitError) as e:
+            await writer.carry_out(turn.conclude(RunFailed(error=error_info(e), at=utcnow())))
+            return
+        await writer.carry_out(commands)
 
     async def regular(self, hist: RunHistory, defn: TaskDefinition, delivery: int) -> None:
         started = hist.started

@@ -10,12 +10,13 @@ from typing import Any
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from actors.engine.run_history import RunHistory
+from actors.engine.run_history import RunHistory, current_generation
 from actors.engine.wire import (
     HDR_EXPECTED_LAST_SUBJECT_SEQ,
     TERMINAL,
     EventSignal,
     HistoryEntry,
+    RunStarted,
     SignalReceived,
     Subjects,
     decode_history,
@@ -119,6 +120,9 @@ class HistoryLog:
             for e in batch:
                 if isinstance(e, SignalReceived):
                     taken = max(taken, e.inbox_seq)
+                elif isinstance(e, RunStarted) and e.generation:
+                    taken = max(taken, e.inbox_taken)
+        current_generation(hist)
         hist.inbox = [(seq, sig) for seq, sig in inbox if seq > taken]
         hist.inbox_seen = max(hist.inbox_seen, taken)
         return hist

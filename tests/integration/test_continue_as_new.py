@@ -1,0 +1,120 @@
+"""ctx.continue_as_new: a run that lives forever keeps a short history; its callers see one run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from actors.engine.commands import NextGeneration
+from actors.engine.wire import RunStarted
+from actors.hosting.turn_effects import RunWriter
+from sdk import Bide, DurableContext, EmptyModel
+from sdk.errors import RunFailedError, RunNotFoundError
+from tests.support import running_worker, wait_until
+
+STEPS: list[int] = []
+
+
+def record(total: int) -> int:
+    STEPS.append(total)
+    return total
+
+
+def define(bide: Bide, name: str, per_generation: int = 3) -> Any:
+    @bide.durable_task(name=name)
+    async def counter(input: dict, ctx: DurableContext) -> Any:
+        total = input.get("total", 0)
+        for _ in range(per_generation):
+            event = await ctx.aio_wait_for_event("can:tick")  # pushed by key: through the router
+            total = await ctx.memo(record, total + event["n"])
+        if total >= input["until"]:
+            return {"total": total}
+        ctx.continue_as_new({"total": total, "until": input["until"]})
+
+    return counter
+
+
+async def at_wait(bide: Bide, run_id: str, generation: int, waits: int) -> bool:
+    try:
+        hist = await bide.runs.aio_history(run_id)
+    except RunNotFoundError:
+        return False  # (a child not started yet)
+    first = hist.entries[0]
+    return (getattr(first, "generation", 0) == generation
+            and [e.k for e in hist.entries].count("wait_registered") == waits)
+
+
+async def push_ticks(bide: Bide, run_id: str, generations: int, per_generation: int = 3) -> None:
+    """One event per wait, each pushed once the run waits for it (no lookback involved)."""
+    for g in range(generations):
+        for w in range(per_generation):
+            await wait_until(lambda g=g, w=w: at_wait(bide, run_id, g, w + 1), what=f"generation {g}, wait {w}")
+            await bide.event.aio_push("can:tick", {"n": 1})
+
+
+async def test_a_run_continues_as_new_keeps_its_id_and_its_caller_gets_the_last_generations_result(
+        bide: Bide) -> None:
+    counter = define(bide, "CanCounter")
+    STEPS.clear()
+    async with running_worker(bide, [counter]):
+        ref = await counter.aio_run_no_wait({"until": 9})
+        await push_ticks(bide, ref.workflow_run_id, generations=3)
+        assert await ref.aio_result(timeout=20) == {"total": 9}
+        assert STEPS == list(range(1, 10))  # every step once, in order, across the generations
+        hist = await bide.runs.aio_history(ref.workflow_run_id)
+        first = hist.entries[0]
+        assert isinstance(first, RunStarted) and first.generation == 2 and first.input == {"total": 6, "until": 9}
+        # Only the last generation is kept: its start, three waits and steps, its end.
+        assert [e.k for e in hist.entries].count("wait_resolved") == 3
+        conn = await bide._pool.get()
+        oldest = await conn.history.read_first(ref.workflow_run_id)  # the subject's first stored message
+        assert isinstance(oldest, RunStarted) and oldest.generation == 2  # the earlier ones were purged
+
+
+async def test_a_caller_waiting_with_aio_run_and_a_parent_get_the_result(bide: Bide) -> None:
+    counter = define(bide, "CanChild", per_generation=1)
+
+    @bide.durable_task(name="CanParent")
+    async def parent(input: EmptyModel, ctx: DurableContext) -> Any:
+        return await counter.aio_run({"until": 3})
+
+    async with running_worker(bide, [counter, parent]):
+        ref = await parent.aio_run_no_wait(EmptyModel())
+        child_id = f"{ref.workflow_run_id}~0~0"
+        await push_ticks(bide, child_id, generations=3, per_generation=1)
+        assert await ref.aio_result(timeout=20) == {"total": 3}
+
+
+async def test_a_host_that_dies_after_the_switch_leaves_a_run_that_goes_on(
+        bide: Bide, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next generation's start is appended, then the turn fails before its purge and its activation."""
+    counter = define(bide, "CanDies", per_generation=1)
+    real = RunWriter.__call__
+    failed: list[str] = []
+
+    async def dies_at_the_next_generation(self: RunWriter, command: Any) -> None:
+        if isinstance(command, NextGeneration) and not failed:
+            failed.append(self.run_id)
+            raise RuntimeError("the host died here")
+        await real(self, command)
+
+    monkeypatch.setattr(RunWriter, "__call__", dies_at_the_next_generation)
+    STEPS.clear()
+    async with running_worker(bide, [counter]):
+        ref = await counter.aio_run_no_wait({"until": 2})
+        await push_ticks(bide, ref.workflow_run_id, generations=2, per_generation=1)
+        assert await ref.aio_result(timeout=20) == {"total": 2}
+        assert failed == [ref.workflow_run_id]
+        assert STEPS == [1, 2]
+
+
+async def test_an_input_that_is_not_json_fails_the_run_naming_it(bide: Bide) -> None:
+    @bide.durable_task(name="CanBad")
+    async def bad(input: EmptyModel, ctx: DurableContext) -> Any:
+        ctx.continue_as_new({"when": object()})
+
+    async with running_worker(bide, [bad]):
+        with pytest.raises(RunFailedError) as err:
+            await bad.aio_run(EmptyModel(), timeout=20)
+    assert "the input of continue_as_new" in str(err.value)
