@@ -53,6 +53,7 @@ from typing import Any
 from tqdm import tqdm
 
 from actors.store.server import EmbeddedServer, server_version
+from benchmarks.common import machine as common_machine
 from benchmarks.event_latency import WorkerProc
 from benchmarks.throughput import REPO, pct, run_many
 
@@ -267,18 +268,10 @@ def one_round(index: int, mode: str, url: str, server_pid: int, receiver: Receiv
 
 
 def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
+    """The suite's machine description, with the platform and the tracing packages' versions."""
     return {
-        "python": platform.python_version(),
+        **common_machine(),
         "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "opentelemetry_sdk": dist_version("opentelemetry-sdk"),
         "otlp_http_exporter": dist_version("opentelemetry-exporter-otlp-proto-http"),
         "nats_py": dist_version("nats-py"),
