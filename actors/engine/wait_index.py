@@ -38,24 +38,28 @@ class PendingWaitEntry:
         "scope",
         "seq",
         "task",
-        "wait_id",
     )
 
     def __init__(self, reg: WaitRegistration, seq: int) -> None:
         self.cid = f"{reg.wait_id}/{reg.cond}"
-        self.wait_id = reg.wait_id
         self.cond = reg.cond
         self.run_id = reg.run_id
         self.task = sys.intern(reg.task)
         self.key = sys.intern(reg.event_key)
         self.scope = None if reg.scope is None else sys.intern(reg.scope)
-        self.expression = reg.expression
         preds, self.complete = _cel.equality_predicates(reg.expression)
-        self.index_key: tuple[_cel.Path, _cel.IndexValue] | None = preds[0] if preds else None
+        # Only what matching reads is kept: an expression of equality predicates alone is checked
+        # through them, so neither its text nor the run's input is held (waits may be millions).
+        self.expression = None if self.complete else reg.expression
+        self.run_input = None if self.complete else reg.run_input
+        self.index_key: tuple[_cel.Path, _cel.IndexValue] | None = _shared(preds[0]) if preds else None
         # Kept here, not looked up again: the parse cache is bounded and waits are many.
         self.more_preds = preds[1:] or None
-        self.run_input = reg.run_input
         self.seq = seq
+
+    @property
+    def wait_id(self) -> str:
+        return self.cid.rpartition("/")[0]
 
     def matches(self, payload: Any) -> bool:
         if self.complete:
@@ -71,38 +75,66 @@ class PendingWaitEntry:
         return _cel.evaluate(self.expression, payload, self.run_input)
 
 
+_PATHS: dict[Any, Any] = {}
+"""Index keys' paths, one object per distinct path (``("userId",)`` is shared by a million waits)."""
+
+
+def _shared(index_key: tuple[_cel.Path, _cel.IndexValue]) -> tuple[_cel.Path, _cel.IndexValue]:
+    path, value = index_key
+    return _PATHS.setdefault(path, path), value
+
+
+_Group = PendingWaitEntry | dict[str, PendingWaitEntry]
+"""The waits with one indexed value: most often exactly one, kept without a dict around it."""
+
+
 class _Bucket:
     """The waits for one (key, scope): by one equality predicate each, or scanned."""
 
     __slots__ = ("by_value", "count", "scan")
 
     def __init__(self) -> None:
-        self.by_value: dict[_cel.Path, dict[_cel.IndexValue, dict[str, PendingWaitEntry]]] = {}
+        self.by_value: dict[_cel.Path, dict[_cel.IndexValue, _Group]] = {}
         self.scan: dict[str, PendingWaitEntry] = {}
         self.count = 0
 
     def add(self, w: PendingWaitEntry) -> None:
-        self.count += 1
         if w.index_key is None:
+            if w.cid not in self.scan:
+                self.count += 1
             self.scan[w.cid] = w
+            return
+        path, value = w.index_key
+        values = self.by_value.setdefault(path, {})
+        group = values.get(value)
+        if group is None or (isinstance(group, PendingWaitEntry) and group.cid == w.cid):
+            self.count += group is None
+            values[value] = w
+        elif isinstance(group, PendingWaitEntry):
+            values[value] = {group.cid: group, w.cid: w}
+            self.count += 1
         else:
-            path, value = w.index_key
-            self.by_value.setdefault(path, {}).setdefault(value, {})[w.cid] = w
+            self.count += w.cid not in group
+            group[w.cid] = w
 
     def remove(self, w: PendingWaitEntry) -> None:
-        self.count -= 1
         if w.index_key is None:
-            self.scan.pop(w.cid, None)
+            if self.scan.pop(w.cid, None) is not None:
+                self.count -= 1
             return
         path, value = w.index_key
         values = self.by_value.get(path)
         if values is None:
             return
         group = values.get(value)
-        if group is not None:
-            group.pop(w.cid, None)
-            if not group:
+        if isinstance(group, PendingWaitEntry):
+            if group.cid == w.cid:
                 del values[value]
+                self.count -= 1
+        elif group is not None and group.pop(w.cid, None) is not None:
+            self.count -= 1
+            if len(group) == 1:
+                values[value] = next(iter(group.values()))
         if not values:
             del self.by_value[path]
 
@@ -113,8 +145,11 @@ class _Bucket:
                 tagged = _cel.index_value(_cel.lookup(payload, path))
             except KeyError:
                 continue
-            if tagged is not None and tagged in values:
-                yield from list(values[tagged].values())
+            group = values.get(tagged) if tagged is not None else None
+            if isinstance(group, PendingWaitEntry):
+                yield group
+            elif group is not None:
+                yield from list(group.values())
 
     def __len__(self) -> int:
         return self.count
