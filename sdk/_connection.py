@@ -116,7 +116,8 @@ class ConnectionPool:
         return conn
 
     async def _open(self) -> Connection:
-        nc = await connect(self.config.nats_url, name=self._name, connect_timeout=self.config.connect_timeout_s)
+        nc = await connect(self.config.nats_url, name=self._name, connect_timeout=self.config.connect_timeout_s,
+                           auth=self.config.nats_auth)
         js = nc.jetstream(timeout=10.0)
         if not self._streams_ready:
             await ensure_streams(js, self.layout)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from urllib.parse import urlsplit, urlunsplit
 
 from sdk.limits import DEFAULT_MAX_PAYLOAD, PayloadLimits, parse_size
 
@@ -64,6 +65,76 @@ def _env_duration(name: str, default: float) -> float:
     return parse_duration(raw, name)
 
 
+def redact_url(url: str) -> str:
+    """``url`` (or a comma-separated list) with any password or token in it replaced by ``***``."""
+    out = []
+    for one in url.split(","):
+        try:
+            parts = urlsplit(one.strip())
+            netloc = parts.netloc
+        except ValueError:
+            out.append("***")
+            continue
+        if "@" in netloc:
+            userinfo, _, host = netloc.rpartition("@")
+            user, sep, _ = userinfo.partition(":")
+            # ``nats://TOKEN@host`` carries a token where a user would be: hide it too.
+            netloc = f"{user}:***@{host}" if sep else f"***@{host}"
+        out.append(urlunsplit(parts._replace(netloc=netloc)))
+    return ",".join(out)
+
+
+@dataclass(frozen=True)
+class NatsAuth:
+    """How every Bide process proves itself to NATS, and checks the server: credentials and TLS.
+
+    Read from ``BIDE_NATS_CREDS`` (a ``.creds`` file: JWT and NKey seed), ``BIDE_NATS_NKEY``
+    (a file holding an NKey seed), ``BIDE_NATS_USER`` / ``BIDE_NATS_PASSWORD``,
+    ``BIDE_NATS_TOKEN``, ``BIDE_NATS_TLS_CA`` (CA bundle to verify the server) and
+    ``BIDE_NATS_TLS_CERT`` / ``BIDE_NATS_TLS_KEY`` (a client certificate, for mutual TLS).
+    Passwords and tokens never appear in a repr, a log line or an error.
+    """
+
+    creds: str | None = None
+    nkey: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @classmethod
+    def from_env(cls) -> NatsAuth:
+        def env(name: str) -> str | None:
+            return os.environ.get(name) or None
+
+        auth = cls(creds=env("BIDE_NATS_CREDS"), nkey=env("BIDE_NATS_NKEY"), user=env("BIDE_NATS_USER"),
+                   password=env("BIDE_NATS_PASSWORD"), token=env("BIDE_NATS_TOKEN"), tls_ca=env("BIDE_NATS_TLS_CA"),
+                   tls_cert=env("BIDE_NATS_TLS_CERT"), tls_key=env("BIDE_NATS_TLS_KEY"))
+        auth.validate()
+        return auth
+
+    def validate(self) -> None:
+        ways = [name for name, value in (("BIDE_NATS_CREDS", self.creds), ("BIDE_NATS_NKEY", self.nkey),
+                                         ("BIDE_NATS_USER", self.user), ("BIDE_NATS_TOKEN", self.token)) if value]
+        if len(ways) > 1:
+            raise ValueError(f"{' and '.join(ways)} are both set: give NATS one way to authenticate")
+        if self.password and not self.user:
+            raise ValueError("BIDE_NATS_PASSWORD is set without BIDE_NATS_USER")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("BIDE_NATS_TLS_CERT and BIDE_NATS_TLS_KEY go together (a client certificate and its key)")
+        for name, path in (("BIDE_NATS_CREDS", self.creds), ("BIDE_NATS_NKEY", self.nkey),
+                           ("BIDE_NATS_TLS_CA", self.tls_ca), ("BIDE_NATS_TLS_CERT", self.tls_cert),
+                           ("BIDE_NATS_TLS_KEY", self.tls_key)):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name}={path!r}: no such file")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+
 @dataclass(frozen=True)
 class BideConfig:
     """Where to find JetStream and how Bide names and sizes its streams."""
@@ -97,6 +168,8 @@ class BideConfig:
     warm_runs: int = 500
     """Parked runs a host keeps in memory, their code suspended where it waits, so their next
     turn on this host goes on without replaying the history (``BIDE_WARM_RUNS``; 0: none)."""
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
+    """Credentials and TLS for NATS (``BIDE_NATS_CREDS``, ``BIDE_NATS_TLS_CA``, ...: :class:`NatsAuth`)."""
     warm_bytes: int = 64 * 1024 * 1024
     """The most history (in stored bytes) the warm runs of a host may hold together (``BIDE_WARM_BYTES``)."""
 
@@ -124,6 +197,7 @@ class BideConfig:
                                          "BIDE_MAX_HISTORY"),
             router_partitions=_env_int("BIDE_ROUTER_PARTITIONS", 4),
             warm_runs=_env_int("BIDE_WARM_RUNS", 500),
+            nats_auth=NatsAuth.from_env(),
             warm_bytes=parse_size(os.environ.get("BIDE_WARM_BYTES") or 64 * 1024 * 1024, "BIDE_WARM_BYTES"),
         )
         cfg.validate()

@@ -371,6 +371,12 @@ async def cmd_status(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bide", description="Durable async Python tasks on NATS JetStream.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    nats_opts = p.add_argument_group(
+        "NATS credentials and TLS", "each sets the BIDE_NATS_* variable of the same name for this command and the "
+        "workers it starts; a password or token is read from BIDE_NATS_PASSWORD / BIDE_NATS_TOKEN only (the "
+        "command line is visible to every user of the machine)")
+    for flag, env, what in _NATS_FLAGS:
+        nats_opts.add_argument(flag, dest=env, metavar="FILE" if "user" not in flag else "NAME", help=f"{what} ({env})")
     sub = p.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="start a local JetStream server and workers for MODULEs")
@@ -449,8 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_NATS_FLAGS = (
+    ("--nats-creds", "BIDE_NATS_CREDS", "a .creds file (JWT and NKey seed)"),
+    ("--nats-nkey", "BIDE_NATS_NKEY", "a file holding an NKey seed"),
+    ("--nats-user", "BIDE_NATS_USER", "user name; the password comes from BIDE_NATS_PASSWORD"),
+    ("--nats-tls-ca", "BIDE_NATS_TLS_CA", "CA bundle that signed the server's certificate"),
+    ("--nats-tls-cert", "BIDE_NATS_TLS_CERT", "client certificate, for mutual TLS"),
+    ("--nats-tls-key", "BIDE_NATS_TLS_KEY", "the client certificate's key"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for _, env, _ in _NATS_FLAGS:
+        if getattr(args, env, None):
+            os.environ[env] = getattr(args, env)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

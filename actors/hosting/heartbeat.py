@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from nats.aio.msg import Msg
 
 from actors.store.jetstream import connect
+from sdk.config import NatsAuth
 
 log = logging.getLogger("bide.heartbeat")
 
@@ -28,8 +29,9 @@ class Heartbeat:
     """Sends ``in_progress`` for every tracked activation every ``interval`` seconds."""
 
     def __init__(self, url: str, interval: float, *, name: str = "bide-heartbeat",
-                 connect_timeout: float = 2.0) -> None:
+                 connect_timeout: float = 2.0, auth: NatsAuth | None = None) -> None:
         self._url = url
+        self._auth = auth
         self._interval = interval
         self._name = name
         self._connect_timeout = connect_timeout
@@ -77,7 +79,7 @@ class Heartbeat:
     async def _main(self, ready: Future[None]) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        nc = await connect(self._url, name=self._name, connect_timeout=self._connect_timeout)
+        nc = await connect(self._url, name=self._name, connect_timeout=self._connect_timeout, auth=self._auth)
         ready.set_result(None)
         try:
             while not self._stop.is_set():

@@ -127,7 +127,7 @@ class ActorHost:
 
     async def start(self) -> None:
         self._nc = nc = await connect(self.config.nats_url, name=self.host_id,
-                                      connect_timeout=self.config.connect_timeout_s)
+                                      connect_timeout=self.config.connect_timeout_s, auth=self.config.nats_auth)
         js = nc.jetstream(timeout=10.0)
         # A cluster that is still electing leaders (or lost a node) answers with timeouts and 503s
         # for a while: every set-up step below is idempotent, so it is retried, not fatal.
@@ -136,7 +136,8 @@ class ActorHost:
         self._history = HistoryLog(nc, self._publisher, self.layout.subjects, retry_s=_APPEND_RETRY_S)
         # Long turns tell JetStream they are alive, so only a dead host's work is redelivered.
         self._heartbeat = Heartbeat(self.config.nats_url, max(0.2, self.layout.ack_wait_s / 3),
-                                    name=f"{self.host_id}/heartbeat", connect_timeout=self.config.connect_timeout_s)
+                                    name=f"{self.host_id}/heartbeat", connect_timeout=self.config.connect_timeout_s,
+                                    auth=self.config.nats_auth)
         await self._heartbeat.start()
         self._timers = TimerScheduler(js, self.layout.subjects)
         await nc.subscribe(self.layout.subjects.cancel_broadcast, cb=self._on_cancel_msg)

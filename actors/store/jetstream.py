@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import json
 import logging
+import ssl
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from nats.js.api import (
 )
 
 from actors.engine.wire import Subjects
+from sdk.config import NatsAuth, redact_url
 
 if TYPE_CHECKING:
     from sdk.config import BideConfig
@@ -124,34 +126,98 @@ class Layout:
         )
 
 
-async def connect(url: str, *, name: str = "bide", connect_timeout: float = 2.0) -> NATS:
-    """Connect to NATS (``url`` may list several servers, comma-separated), failing fast if none answers."""
+def _auth_options(auth: NatsAuth | None) -> dict[str, Any]:
+    """``nats.connect`` arguments for ``auth``: credentials, and a TLS context when a CA or client cert is set."""
+    if auth is None:
+        return {}
+    opts: dict[str, Any] = {}
+    if auth.creds:
+        opts["user_credentials"] = auth.creds
+    if auth.nkey:
+        opts["nkeys_seed"] = auth.nkey
+    if auth.user:
+        opts["user"] = auth.user
+        opts["password"] = auth.password or ""
+    if auth.token:
+        opts["token"] = auth.token
+    if auth.tls:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=auth.tls_ca)
+        if auth.tls_cert and auth.tls_key:
+            ctx.load_cert_chain(auth.tls_cert, auth.tls_key)
+        opts["tls"] = ctx
+    return opts
+
+
+async def connect(url: str, *, name: str = "bide", connect_timeout: float = 2.0,
+                  auth: NatsAuth | None = None) -> NATS:
+    """Connect to NATS (``url`` may list several servers, comma-separated), failing fast if none answers.
+
+    Errors name the URL with any password or token in it hidden, and never the credentials.
+    """
     errors: list[str] = []
+    refused = asyncio.Event()
 
     async def _on_error(e: Exception) -> None:
         errors.append(str(e) or type(e).__name__)
+        if _is_refusal(errors[-1]):
+            refused.set()  # retrying the same credentials cannot help: fail now, not at the timeout
 
     try:
         # With unlimited reconnects nats-py would retry the *initial* connect forever: bound it.
-        return await asyncio.wait_for(
-            nats.connect(
-                [u.strip() for u in url.split(",") if u.strip()],
-                name=name,
-                connect_timeout=connect_timeout,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                allow_reconnect=True,
-                error_cb=_on_error,
-                pending_size=64 * 1024 * 1024,
-            ),
-            timeout=connect_timeout * 2.5,
-        )
-    except (TimeoutError, nats.errors.NoServersError, OSError) as e:
-        why = errors[-1] if errors else (str(e) or type(e).__name__)
+        attempt = asyncio.ensure_future(nats.connect(
+            [u.strip() for u in url.split(",") if u.strip()],
+            name=name,
+            connect_timeout=connect_timeout,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            allow_reconnect=True,
+            error_cb=_on_error,
+            pending_size=64 * 1024 * 1024,
+            **_auth_options(auth),
+        ))
+        gave_up = asyncio.ensure_future(refused.wait())
+        try:
+            await asyncio.wait({attempt, gave_up}, timeout=connect_timeout * 2.5,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gave_up.cancel()
+        if not attempt.done():
+            attempt.cancel()
+            with contextlib.suppress(BaseException):
+                await attempt
+            raise TimeoutError("no server answered")
+        return attempt.result()
+    except (TimeoutError, nats.errors.NoServersError, nats.errors.Error, OSError) as e:
+        # A refusal of the credentials is the reason, whatever came after it (the server then hangs up).
+        last = next((x for x in reversed(errors) if _is_refusal(x)), errors[-1] if errors else None)
+        why = _hide(last or str(e) or type(e).__name__, url, auth)
+        shown = redact_url(url)
+        if _is_refusal(why):
+            raise NatsUnavailableError(
+                f"NATS at {shown!r} refused this process's credentials ({why}): check BIDE_NATS_CREDS, "
+                "BIDE_NATS_NKEY, BIDE_NATS_USER/BIDE_NATS_PASSWORD or BIDE_NATS_TOKEN") from None
         raise NatsUnavailableError(
-            f"cannot connect to NATS at {url!r} ({why}). Start a local server with `bide dev`, "
+            f"cannot connect to NATS at {shown!r} ({why}). Start a local server with `bide dev`, "
             "or point BIDE_NATS_URL at a running nats-server with JetStream enabled."
-        ) from e
+        ) from None
+
+
+def _is_refusal(error: str) -> bool:
+    """The server refused the credentials (not a network or availability problem)."""
+    return "authorization" in error.lower() or "authentication" in error.lower()
+
+
+def _hide(text: str, url: str, auth: NatsAuth | None) -> str:
+    """``text`` with the URL's secrets and the configured password and token replaced by ``***``."""
+    secrets = [auth.password, auth.token] if auth is not None else []
+    for one in url.split(","):
+        userinfo = one.strip().partition("://")[2].rpartition("@")[0]
+        if userinfo:
+            secrets += [userinfo.partition(":")[2] or userinfo]
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _stream_configs(layout: Layout) -> list[StreamConfig]:

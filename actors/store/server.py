@@ -136,6 +136,7 @@ class EmbeddedServer:
         extra_args: more ``nats-server`` flags (e.g. cluster routes for a 3-node test cluster).
         sync: when JetStream's files are fsynced (:class:`SyncSetting` or its text);
             default ``BIDE_SYNC``, else ``interval`` (nats-server's 2 minutes).
+        config: more of the configuration file (for example an ``authorization`` or ``tls`` block).
     """
 
     def __init__(
@@ -147,7 +148,10 @@ class EmbeddedServer:
         extra_args: list[str] | None = None,
         log_file: str | Path | None = None,
         sync: SyncSetting | str | None = None,
+        config: str = "",
     ) -> None:
+        self.extra_config = config
+        """More of the server's configuration file (``authorization { ... }``, ``tls { ... }``)."""
         self.sync = SyncSetting.parse(sync) if isinstance(sync, str) else sync or SyncSetting.from_env()
         self.binary = find_server_binary()
         version = server_version(self.binary)
@@ -179,7 +183,7 @@ class EmbeddedServer:
     def start(self, timeout: float = 15.0) -> EmbeddedServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         # The sync setting has no command-line flag: it goes in a configuration file (flags add to it).
-        conf = f"# Written by Bide at each start.\njetstream {{\n  {self.sync.config_line()}\n}}\n"
+        conf = f"# Written by Bide at each start.\njetstream {{\n  {self.sync.config_line()}\n}}\n{self.extra_config}\n"
         self.config_file.write_text(conf)
         args = [self.binary, "-c", str(self.config_file), "-js", "-a", "127.0.0.1", "-p", str(self.port),
                 "-sd", str(self.store_dir)]
