@@ -131,10 +131,25 @@ async def _stop_http(serving: asyncio.Task[None] | None) -> None:
     await asyncio.gather(serving, return_exceptions=True)
 
 
-def _api_token(given: str | None, client: Bide) -> str | None:
-    if given is not None and not given:
-        raise CliError("--token must not be empty (leave it out, and BIDE_API_TOKEN unset, for no token)")
-    return given or client.config.api_token
+def _api_token(args: argparse.Namespace, client: Bide) -> str | None:
+    """``bide serve``'s token: ``--token-file`` or ``BIDE_API_TOKEN``; none only with ``--no-auth``."""
+    if args.token is not None:
+        raise CliError("--token is not taken: a command line is visible to every user of the machine (ps); put the "
+                       "token in BIDE_API_TOKEN or in a file given with --token-file")
+    token = client.config.api_token
+    if args.token_file is not None:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise CliError(f"--token-file {args.token_file!r}: {e.strerror or e}") from None
+        if not token:
+            raise CliError(f"--token-file {args.token_file!r} is empty")
+    if token is None and not args.no_auth:
+        raise CliError("bide serve needs a token (BIDE_API_TOKEN or --token-file FILE); to serve with none, "
+                       "say so with --no-auth")
+    if token is not None and args.no_auth:
+        raise CliError("--no-auth and a token (BIDE_API_TOKEN or --token-file) contradict each other")
+    return token
 
 
 async def cmd_dev(args: argparse.Namespace) -> int:
@@ -172,7 +187,10 @@ async def cmd_dev(args: argparse.Namespace) -> int:
                           "--http-port, or 0 for none)", file=sys.stderr, flush=True)
                 else:
                     http.add_done_callback(lambda _: stop.set())  # the server died: stop dev, report why
-                    print(f"bide dev: HTTP API at {url_of('127.0.0.1', http_port)}", file=sys.stderr, flush=True)
+                    how = ("token from BIDE_API_TOKEN" if client.config.api_token else
+                           "no token: loopback only, JSON POSTs only; set BIDE_API_TOKEN for one")
+                    print(f"bide dev: HTTP API at {url_of('127.0.0.1', http_port)} ({how})", file=sys.stderr,
+                          flush=True)
             ready = asyncio.Event()
             serving = asyncio.create_task(_serve_workers(workers, stop, ready))
             await asyncio.wait([asyncio.create_task(ready.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
@@ -293,7 +311,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--port must be between 1 and 65535, got {args.port}")
     client = Bide()
     try:
-        token = _api_token(args.token, client)
+        token = _api_token(args, client)
         await client._pool.get()  # connect now: a wrong BIDE_NATS_URL fails here, not on the first request
         stop = asyncio.Event()
         _install_stop(stop)
@@ -302,8 +320,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as e:
             raise CliError(f"{e.strerror or e}; pick another --port") from None
         if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"bide serve: warning: no token (--token or BIDE_API_TOKEN): anyone who can reach "
-                  f"{args.host}:{args.port} can push events", file=sys.stderr, flush=True)
+            print(f"bide serve: warning: --no-auth: anyone who can reach {args.host}:{args.port} can push events "
+                  "and cancel runs", file=sys.stderr, flush=True)
         print(f"serving HTTP API on {url_of(args.host, args.port)}", flush=True)
         stopping = asyncio.create_task(stop.wait())
         try:
@@ -430,8 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the HTTP API (push events, webhooks, delivery to a run)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help=f"port (default {DEFAULT_HTTP_PORT})")
-    serve.add_argument("--token", default=None,
-                       help="bearer token every /api/ request must carry (default: BIDE_API_TOKEN; none if unset)")
+    serve.add_argument("--token-file", default=None, metavar="FILE",
+                       help="file holding the bearer token every /api/ request must carry (default: BIDE_API_TOKEN)")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="serve with no token (POSTs must then be JSON, and on loopback the Host a loopback name)")
+    serve.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused: argv is visible in ps
     serve.set_defaults(func=cmd_serve)
 
     status = sub.add_parser("status", help="servers, streams (leader, replicas), router partitions (owner, waits)")

@@ -12,6 +12,9 @@ runs it with uvicorn inside the caller's event loop (``bide serve`` and ``bide d
 =====================================  =====================================================
 
 When a token is configured every ``/api/`` request needs ``Authorization: Bearer <token>``.
+Without one (``bide dev``, or ``bide serve --no-auth``), a POST must be JSON
+(``Content-Type: application/json``: a page in a browser cannot send that cross-site), and a
+server on loopback answers to loopback host names only (no DNS rebinding).
 Bodies larger than ``max_body_bytes`` are refused with 413 before they are read in full; a
 payload over the payload limit (``BIDE_MAX_PAYLOAD``) gets 413 too, and one nested too deep or
 holding an integer outside int64 gets 400, each naming the limit (see :mod:`sdk.limits`).
@@ -195,23 +198,22 @@ class _Guard:
     caught too).
     """
 
-    def __init__(self, app: ASGIApp, token: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, token: str | None, max_body_bytes: int,
+                 allowed_hosts: frozenset[str] | None = None) -> None:
         self.app = app
         self.token = token.encode() if token is not None else None
         self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        if self.token is not None and str(scope.get("path", "")).startswith(API_PREFIX):
-            reason = _auth_failure(headers.get(b"authorization"), self.token)
-            if reason is not None:
-                challenge = "Bearer" if reason == "missing bearer token" else 'Bearer error="invalid_token"'
-                resp = JSONResponse({"detail": reason}, status_code=401, headers={"WWW-Authenticate": challenge})
-                await resp(scope, receive, send)
-                return
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
         limit = self.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -246,6 +248,44 @@ class _Guard:
                 otel_context.detach(token)
 
 
+    def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> JSONResponse | None:
+        """Why this request is refused before it is read: a Host the server does not answer to, a
+        missing or wrong token, or (with no token) a write a browser page could make cross-site."""
+        if self.allowed_hosts is not None:
+            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+            if host not in self.allowed_hosts:
+                # DNS rebinding: a page whose name now resolves to 127.0.0.1 still sends its own name.
+                return JSONResponse({"detail": f"unexpected Host {host!r}: this server answers to "
+                                     f"{', '.join(sorted(self.allowed_hosts))} only"}, status_code=421)
+        if not str(scope.get("path", "")).startswith(API_PREFIX):
+            return None
+        if self.token is not None:
+            reason = _auth_failure(headers.get(b"authorization"), self.token)
+            if reason is None:
+                return None
+            challenge = "Bearer" if reason == "missing bearer token" else 'Bearer error="invalid_token"'
+            return JSONResponse({"detail": reason}, status_code=401, headers={"WWW-Authenticate": challenge})
+        if scope.get("method") == "POST":
+            kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if kind != b"application/json":
+                # A browser sends a JSON content type cross-site only after a preflight this server
+                # never answers: a page cannot push an event or cancel a run on an open server.
+                got = kind.decode("latin-1") or "none"
+                return JSONResponse({"detail": f"with no API token, a POST must have Content-Type: "
+                                     f"application/json (got {got})"}, status_code=415)
+        return None
+
+
+def _host_name(host: str) -> str:
+    """The name in a ``Host`` header, without its port (``[::1]:8080`` -> ``::1``)."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 def _too_large(limit: int, got: str) -> str:
     return f"request body too large: {got}, the limit is {limit} bytes"
 
@@ -268,8 +308,13 @@ async def _json_body(request: Request, max_body_bytes: int, limits: PayloadLimit
 # -- the app ---------------------------------------------------------------------------------------
 
 
-def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The HTTP API over ``bide``. ``token`` (if not ``None``) is required as a bearer token on ``/api/``."""
+def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               allowed_hosts: frozenset[str] | None = None) -> FastAPI:
+    """The HTTP API over ``bide``. ``token`` (if not ``None``) is required as a bearer token on ``/api/``.
+
+    With no token, every POST to ``/api/`` must be JSON (no cross-site writes from a browser);
+    ``allowed_hosts`` (host names, no ports) refuses any other ``Host`` header (DNS rebinding).
+    """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
     if token is not None and not token:
@@ -283,7 +328,7 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
     limits = bide.config.payload_limits
     # Documents the scheme in the OpenAPI schema; the check itself is in _Guard, before the body is read.
     auth = [Security(HTTPBearer(auto_error=False))] if token is not None else []
-    app.add_middleware(_Guard, token=token, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, token=token, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -446,7 +491,9 @@ async def serve_http(
     server down gracefully (in-flight requests get up to 5 s) before the cancellation
     propagates. Raises ``OSError`` naming the address if it cannot be bound.
     """
-    app = create_app(bide, token, max_body_bytes)
+    # An open server on loopback answers to loopback names only (a page cannot rebind a name to it).
+    loopback = host in LOOPBACK_NAMES
+    app = create_app(bide, token, max_body_bytes, LOOPBACK_NAMES if token is None and loopback else None)
     # Bound here rather than by uvicorn, which logs a bind error and calls sys.exit().
     listening = bind(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",

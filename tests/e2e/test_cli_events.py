@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -118,6 +119,20 @@ def test_serve_answers_http_until_sigterm(nats_server: EmbeddedServer) -> None:
 
 
 def test_serve_without_nats_exits_2() -> None:
-    out = bide_cli("serve", "--port", str(free_port()), url=f"nats://127.0.0.1:{free_port()}", timeout=30)
+    out = bide_cli("serve", "--no-auth", "--port", str(free_port()), url=f"nats://127.0.0.1:{free_port()}",
+                   timeout=30)
     assert out.returncode == 2 and "cannot connect to NATS" in out.stderr
     assert "serving HTTP API" not in out.stdout
+
+
+def test_serve_takes_its_token_from_the_environment_or_a_file_never_the_command_line(tmp_path: Path) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    argv = bide_cli("serve", "--token", "s3cret", url=url, timeout=30)
+    assert argv.returncode == 2 and "BIDE_API_TOKEN" in argv.stderr and "s3cret" not in argv.stderr
+    none = bide_cli("serve", url=url, timeout=30)
+    assert none.returncode == 2 and "--no-auth" in none.stderr
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    assert "is empty" in bide_cli("serve", "--token-file", str(empty), url=url, timeout=30).stderr
+    empty.write_text("tok\n")  # a good file gets as far as connecting (no server here)
+    assert "cannot connect to NATS" in bide_cli("serve", "--token-file", str(empty), url=url, timeout=30).stderr

@@ -19,8 +19,10 @@ TOKEN = "s3cret-token"
 
 
 def client_for(bide: Bide, token: str | None = None, max_body_bytes: int = 1_048_576) -> httpx.AsyncClient:
+    """A client of the API as a program uses it: it says it sends JSON (an open API takes nothing else)."""
     app = create_app(bide, token, max_body_bytes=max_body_bytes)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bide.test")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bide.test",
+                             headers={"Content-Type": "application/json"})
 
 
 @pytest.fixture
@@ -272,3 +274,26 @@ async def test_openapi_documents_cancel(bide: Bide) -> None:
     assert {"200", "400", "404"} <= set(cancel["responses"])
     assert "reason" in cancel["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert set(spec["components"]["schemas"]["RunCancelled"]["properties"]) == {"run_id", "cancelled"}
+
+
+async def test_an_open_api_refuses_what_a_browser_page_could_send_cross_site(bide: Bide) -> None:
+    """No token: a POST that is not JSON (a form, text, no body at all) and a rebinding Host are refused."""
+    from actors.apps.http_api import LOOPBACK_NAMES
+
+    app = create_app(bide, None, allowed_hosts=LOOPBACK_NAMES)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8080") as api:
+        form = await api.post("/api/v1/runs/r1/cancel", data={"reason": "x"})
+        assert form.status_code == 415 and "application/json" in form.json()["detail"]
+        bare = await api.post("/api/v1/webhooks/k", content=b'{"id": 1}')  # no Content-Type (fetch no-cors)
+        assert bare.status_code == 415
+        text = await api.post("/api/v1/events/r1/go", content=b"{}", headers={"Content-Type": "text/plain"})
+        assert text.status_code == 415
+        ok = await api.post("/api/v1/webhooks/k", json={"id": 1})
+        assert ok.status_code == 202
+        rebound = await api.get("/healthz", headers={"Host": "evil.example:8080"})
+        assert rebound.status_code == 421 and "evil.example" in rebound.json()["detail"]
+        assert (await api.get("/healthz", headers={"Host": "localhost:8080"})).status_code == 200
+    # With a token, the token is what keeps pages out: any content type with it is served.
+    async with client_for(bide, TOKEN) as api:
+        auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/plain"}
+        assert (await api.post("/api/v1/webhooks/k", content=b'{"id": 1}', headers=auth)).status_code == 202

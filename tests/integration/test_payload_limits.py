@@ -143,7 +143,8 @@ async def test_a_child_input_over_the_limit_fails_at_the_spawn(bide: Bide) -> No
 
 async def test_http_api_refuses_payloads_over_the_limits(bide: Bide) -> None:
     app = create_app(bide, None)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bide.test") as api:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bide.test",
+                                 headers={"Content-Type": "application/json"}) as api:
         before = await stored_events(bide)
         big = await api.post("/api/v1/events", json={"key": "k", "payload": NEAR_ONE_MIB[:900_000]})
         assert big.status_code == 413, big.text
