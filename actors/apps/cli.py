@@ -16,7 +16,8 @@ from typing import Any
 
 import orjson
 
-from actors.apps.http_api import serve_http, url_of
+from actors.apps.health import create_health_app
+from actors.apps.http_api import serve_app, serve_http, url_of
 from actors.engine.run_history import export_run
 from actors.store.server import DEFAULT_SYNC, SYNC_ENV, EmbeddedServer, SyncSetting
 from sdk import Bide, BideError, NonDeterminismError, Worker
@@ -221,11 +222,27 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     _install_stop(stop)
     ready = asyncio.Event()
-    serving = asyncio.create_task(_serve_workers([worker], stop, ready))
-    await asyncio.wait([asyncio.create_task(ready.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
-    if ready.is_set():
-        print(f"bide worker {worker.name!r} ready: {', '.join(t.name for t in worker.tasks)}", flush=True)
-    await serving
+    health: asyncio.Task[None] | None = None
+    if args.health_port is not None:
+        if not 0 < args.health_port < 65536:
+            raise CliError(f"--health-port must be between 1 and 65535, got {args.health_port}")
+        listening = asyncio.Event()
+        health = asyncio.create_task(serve_app(create_health_app([worker]), args.health_host, args.health_port,
+                                               listening))
+        await asyncio.wait([asyncio.create_task(listening.wait()), health], return_when=asyncio.FIRST_COMPLETED)
+        if health.done():
+            e = health.exception()
+            raise CliError(f"--health-port: {getattr(e, 'strerror', None) or e}")
+    try:
+        serving = asyncio.create_task(_serve_workers([worker], stop, ready))
+        await asyncio.wait([asyncio.create_task(ready.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
+        if ready.is_set():
+            print(f"bide worker {worker.name!r} ready: {', '.join(t.name for t in worker.tasks)}", flush=True)
+        await serving
+    finally:
+        if health is not None:
+            health.cancel()
+            await asyncio.gather(health, return_exceptions=True)
     return 0
 
 
@@ -416,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--name")
     wk.add_argument("--slots", type=int)
     wk.add_argument("--durable-slots", type=int)
+    wk.add_argument("--health-port", type=int, default=None, metavar="P",
+                    help="serve /healthz (alive) and /readyz (connected, streams set up, consumers bound) on P")
+    wk.add_argument("--health-host", default="0.0.0.0",
+                    help="address for --health-port (default 0.0.0.0, for probes from outside the machine)")
     wk.set_defaults(func=cmd_worker)
 
     run = sub.add_parser("run", help="start a run of TASK and print its result")

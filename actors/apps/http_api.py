@@ -494,6 +494,11 @@ async def serve_http(
     # An open server on loopback answers to loopback names only (a page cannot rebind a name to it).
     loopback = host in LOOPBACK_NAMES
     app = create_app(bide, token, max_body_bytes, LOOPBACK_NAMES if token is None and loopback else None)
+    await serve_app(app, host, port, ready)
+
+
+async def serve_app(app: ASGIApp, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    """Serve ``app`` on ``host:port`` in the running loop until cancelled (see :func:`serve_http`)."""
     # Bound here rather than by uvicorn, which logs a bind error and calls sys.exit().
     listening = bind(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",

@@ -124,6 +124,8 @@ class ActorHost:
         self._warm = WarmRuns(config.warm_runs, config.warm_bytes)
         self._runner: TurnRunner | None = None
         self.turns = 0
+        self._serving = False
+        """Set once every consumer is bound and pulling; cleared when a stop begins."""
 
     async def start(self) -> None:
         self._nc = nc = await connect(self.config.nats_url, name=self.host_id,
@@ -171,10 +173,12 @@ class ActorHost:
                                            self.config.sweep_after_s).start()
         for q in self._queues:  # every queue is counted before any pulls (scarce slots)
             await q.start()
+        self._serving = True
         log.info("host %s serving %s", self.host_id, ", ".join(sorted(self._tasks)))
 
     async def stop(self) -> None:
         """Graceful: stop pulling, let in-flight turns finish within the grace period, hand back the rest."""
+        self._serving = False
         for q in self._queues:
             await q.stop()
         pending = set().union(*(q.in_flight for q in self._queues)) if self._queues else set()
@@ -201,6 +205,14 @@ class ActorHost:
         if self._nc is not None and not await _bounded(self._nc.drain(), "draining the connection"):
             await _bounded(self._nc.close(), "closing the connection")
         await asyncio.to_thread(self.tracing.force_flush)  # a stopped host's last spans are exported
+
+    def not_ready(self) -> list[str]:
+        """Why this host cannot take work now (empty when it can): for a readiness probe."""
+        if self._nc is None or not self._serving:
+            return ["not serving: starting (streams, consumers) or stopping"]
+        if not self._nc.is_connected:
+            return ["not connected to NATS (reconnecting)"]
+        return []
 
     async def _handle(self, msg: Msg) -> None:
         heartbeat = self._heartbeat
