@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from actors.store.server import EmbeddedServer, free_port
+from actors.store.server import EmbeddedServer, free_port, local_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 # The router says when a process becomes its owner and when it loses that (actors/hosting/router.py).
@@ -33,17 +33,11 @@ class Servers:
     def __init__(self, workdir: Path, cluster: bool) -> None:
         self.cluster = cluster
         n = 3 if cluster else 1
-        cports = [free_port() for _ in range(n)]
-        routes = ",".join(f"nats://127.0.0.1:{p}" for p in cports)
         self.monitor_ports = [free_port() for _ in range(n)]
-        self.nodes: list[EmbeddedServer] = []
-        for i in range(n):
-            extra = ["-m", str(self.monitor_ports[i])]
-            if cluster:
-                extra += ["--cluster_name", "bide-chaos", "--cluster", f"nats://127.0.0.1:{cports[i]}",
-                          "--routes", routes]
-            self.nodes.append(EmbeddedServer(store_dir=workdir / f"js-n{i}", server_name=f"n{i}", extra_args=extra,
-                                             log_file=workdir / f"nats-n{i}.log"))
+        self.nodes: list[EmbeddedServer] = (
+            local_cluster(3, workdir, name="bide-chaos", monitor_ports=self.monitor_ports) if cluster else
+            [EmbeddedServer(store_dir=workdir / "js-n0", server_name="n0",
+                            extra_args=["-m", str(self.monitor_ports[0])], log_file=workdir / "nats-n0.log")])
 
     @property
     def url(self) -> str:

@@ -19,7 +19,7 @@ import orjson
 from actors.apps.health import create_health_app
 from actors.apps.http_api import serve_app, serve_http, url_of
 from actors.engine.run_history import export_run
-from actors.store.server import DEFAULT_SYNC, SYNC_ENV, EmbeddedServer, SyncSetting
+from actors.store.server import DEFAULT_SYNC, SYNC_ENV, EmbeddedServer, SyncSetting, cluster_url, local_cluster
 from sdk import Bide, BideError, NonDeterminismError, Worker
 from sdk.limits import MAX_DEPTH
 from sdk.tasks import TaskDefinition
@@ -161,20 +161,43 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         sync = SyncSetting.parse(args.sync) if args.sync is not None else SyncSetting.from_env()
     except ValueError as e:
         raise CliError(f"--sync: {e}") from None
-    server = EmbeddedServer(port=args.port, store_dir=store, log_file=store.parent / "nats-server.log", sync=sync)
-    # SIGTERM from here on stops dev gracefully, server included (it runs in its own session).
+    if args.cluster not in (1, 3, 5):
+        raise CliError(f"--cluster must be 1, 3 or 5 nodes (the replicas JetStream allows), got {args.cluster}")
+    if args.workers < 1:
+        raise CliError(f"--workers must be at least 1, got {args.workers}")
+    if args.cluster > 1:
+        # One recipe for a local cluster (the cluster tests use it too); streams at as many replicas.
+        store = store.with_name(f"{store.name}-cluster{args.cluster}")
+        nodes = local_cluster(args.cluster, store, name="bide-dev", first_port=args.port, sync=sync)
+        os.environ["BIDE_REPLICAS"] = str(args.cluster)
+    else:
+        nodes = [EmbeddedServer(port=args.port, store_dir=store, log_file=store.parent / "nats-server.log",
+                                sync=sync)]
+    # SIGTERM from here on stops dev gracefully, servers included (they run in their own sessions).
     stop = asyncio.Event()
     _install_stop(stop)
+    extra: list[asyncio.subprocess.Process] = []
     try:
-        server.start()
-    except RuntimeError as e:
-        raise CliError(f"could not start the embedded nats-server on port {args.port}: {e}") from None
-    os.environ["BIDE_NATS_URL"] = server.url
-    print(f"bide dev: JetStream at {server.url} (store {store})", file=sys.stderr, flush=True)
-    print(f"bide dev: sync {sync}: a power loss loses {sync.loses_on_power_loss}", file=sys.stderr, flush=True)
-    try:
+        for node in nodes:
+            try:
+                node.start()
+            except RuntimeError as e:
+                raise CliError(f"could not start the embedded nats-server on port {node.port}: {e}") from None
+            print(f"bide dev: JetStream at {node.url} (store {node.store_dir}, log {node.log_file})",
+                  file=sys.stderr, flush=True)
+        url = cluster_url(nodes)
+        os.environ["BIDE_NATS_URL"] = url
+        if args.cluster > 1:
+            print(f"bide dev: a {args.cluster}-node cluster, streams at {args.cluster} replicas: "
+                  f"BIDE_NATS_URL={url} BIDE_REPLICAS={args.cluster}", file=sys.stderr, flush=True)
+        print(f"bide dev: sync {sync}: a power loss loses {sync.loses_on_power_loss}", file=sys.stderr, flush=True)
         workers = [load_worker(t, slots=None, durable_slots=None, name=None) for t in args.modules]
-        client = Bide(server.url)
+        for target in args.modules:  # more workers, each its own process (this one hosts the first)
+            for _ in range(args.workers - 1):
+                extra.append(await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "actors.apps.cli", "worker", target, stdout=asyncio.subprocess.DEVNULL))
+                print(f"bide dev: worker process {extra[-1].pid} for {target}", file=sys.stderr, flush=True)
+        client = Bide(url)
         http: asyncio.Task[None] | None = None
         try:
             http_port = DEFAULT_HTTP_PORT if args.http_port is None else args.http_port
@@ -214,7 +237,16 @@ async def cmd_dev(args: argparse.Namespace) -> int:
             finally:
                 await client.aclose()
     finally:
-        server.stop()
+        for proc in extra:
+            if proc.returncode is None:
+                proc.terminate()  # SIGTERM: each drains its turns
+        for proc in extra:
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+        for node in nodes:
+            node.stop()
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
@@ -416,7 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="start a local JetStream server and workers for MODULEs")
     dev.add_argument("modules", nargs="*", help="module or module:attr holding a Worker, a Bide client or tasks")
-    dev.add_argument("--port", type=int, default=4222, help="client port (default 4222)")
+    dev.add_argument("--port", type=int, default=4222,
+                     help="client port (default 4222); with --cluster, node i listens on port + i")
+    dev.add_argument("--cluster", type=int, default=1, metavar="N",
+                     help="run N nodes (3 or 5) clustered on loopback, streams at N replicas (default 1)")
+    dev.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="worker processes per module (default 1: this process); more are `bide worker` children")
     dev.add_argument("--store", default=".bide/jetstream", help="JetStream store folder (default .bide/jetstream)")
     dev.add_argument("--run", metavar="TASK", help="run TASK once the workers are up, print its result, exit")
     dev.add_argument("--input", default="{}", help="JSON input for --run (default {})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -121,3 +122,40 @@ def test_export_a_run_and_replay_it_against_old_and_changed_code(nats_server: Em
     assert "NOT compatible" in changed.stdout and "position 0" in changed.stdout and "fetch_order" in changed.stdout
     missing = bide("replay", "examples.durable.worker:worker", str(tmp_path / "nope.json"))
     assert missing.returncode == 2 and "no run export at" in missing.stderr
+
+
+def test_dev_cluster_runs_three_nodes_at_three_replicas_and_more_workers_then_stops_them_all(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "actors.apps.cli", "dev", "examples.durable.worker",
+                             "--cluster", "3", "--workers", "2", "--port", str(port), "--store", str(tmp_path / "js"),
+                             "--http-port", "0"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not any("worker(s) up" in line for line in lines):
+            line = proc.stderr.readline()
+            assert line, "bide dev exited:\n" + "".join(lines)
+            lines.append(line)
+        url = next(m.group(1) for line in lines if (m := re.search(r"BIDE_NATS_URL=(\S+)", line)))
+        assert url.count(",") == 2
+        extra = [int(m.group(1)) for line in lines if (m := re.search(r"worker process (\d+)", line))]
+        assert len(extra) == 1
+        status = bide("status", "--json", url=url, extra_env={"BIDE_REPLICAS": "3"})
+        assert status.returncode == 0, status.stderr
+        streams = json.loads(status.stdout)["streams"]
+        assert streams and all(s["replicas"] == 3 for s in streams), streams
+        ran = bide("run", "Hello", "--input", "{}", url=url, extra_env={"BIDE_REPLICAS": "3"})
+        assert ran.returncode == 0, ran.stderr
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+        for pid in extra:  # the extra worker was stopped with dev
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        for p in (port, port + 1, port + 2):  # and every node
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", p)) != 0, f"a node still listens on {p}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -10,23 +10,14 @@ from datetime import timedelta
 import nats
 import pytest
 
-from actors.store.server import EmbeddedServer, free_port
+from actors.store.server import EmbeddedServer, local_cluster
 from sdk import Bide, DurableContext, EmptyModel, UserEventCondition
 from tests.support import running_worker, wait_until
 
 
 @pytest.fixture
 def cluster() -> Iterator[list[EmbeddedServer]]:
-    cports = [free_port() for _ in range(3)]
-    routes = ",".join(f"nats://127.0.0.1:{p}" for p in cports)
-    nodes = [
-        EmbeddedServer(
-            server_name=f"n{i}",
-            extra_args=["--cluster_name", "bide-test", "--cluster", f"nats://127.0.0.1:{cports[i]}",
-                        "--routes", routes],
-        )
-        for i in range(3)
-    ]
+    nodes = local_cluster(3, name="bide-test")
     try:
         for n in nodes:
             n.start()
