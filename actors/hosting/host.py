@@ -223,7 +223,7 @@ class ActorHost:
             try:
                 act = decode_activation(msg.data)
             except Exception:
-                log.error("dropping malformed activation on %s: %r", msg.subject, msg.data[:200])
+                log.error("dropping malformed activation on %s (%d bytes)", msg.subject, len(msg.data))
                 await msg.term()
                 return
             defn = self._tasks.get(act.task)

@@ -57,6 +57,16 @@ class HistoryConflict(Exception):
         """The subject's last sequence the server reported (0 if it did not say): a floor for the re-read."""
 
 
+def _inbox_signal(run_id: str, seq: int, data: bytes) -> list[tuple[int, EventSignal]]:
+    """The signal in an inbox message, or none (logged: its size, never its contents) if it is malformed."""
+    try:
+        return [(seq, EventSignal.model_validate_json(data))]
+    except ValueError as e:
+        log.error("run %s: dropping malformed inbox message %d (%d bytes; %d errors)", run_id, seq, len(data),
+                  e.error_count() if hasattr(e, "error_count") else 1)
+        return []
+
+
 class HistoryLog:
     """Reads and appends run histories on ``<prefix>.history.<run>``."""
 
@@ -108,10 +118,7 @@ class HistoryLog:
             seq = int(hdrs.get("Nats-Sequence", "0"))
             if hdrs.get("Nats-Subject") == inbox_subject:
                 hist.inbox_seen = max(hist.inbox_seen, seq)
-                try:
-                    inbox.append((seq, EventSignal.model_validate_json(m.data)))
-                except ValueError:
-                    log.error("run %s: dropping malformed inbox message %d: %r", run_id, seq, m.data[:200])
+                inbox += _inbox_signal(run_id, seq, m.data)
                 continue
             batch = decode_history(m.data)
             hist.entries.extend(batch)
@@ -158,10 +165,7 @@ class HistoryLog:
             for m in inbox_msgs:
                 seq = int((m.headers or {}).get("Nats-Sequence", "0"))
                 seen = max(seen, seq)
-                try:
-                    inbox.append((seq, EventSignal.model_validate_json(m.data)))
-                except ValueError:
-                    log.error("run %s: dropping malformed inbox message %d: %r", run_id, seq, m.data[:200])
+                inbox += _inbox_signal(run_id, seq, m.data)
             if seen >= inbox_seq:
                 return RunHistory(run_id, base.entries, base.last_seq, inbox=inbox, inbox_seen=seen,
                                   size_bytes=base.size_bytes + sum(len(m.data) for m in inbox_msgs),
