@@ -38,15 +38,20 @@ async def waiting_at(bide: Bide, run_id: str, waits: int) -> bool:
     return [e.k for e in hist.entries].count("wait_registered") >= waits
 
 
+async def send_each(bide: Bide, run_id: str, waits: int) -> None:
+    """One event for each of the run's waits, each sent once the run waits for it: ``n`` = 0, 1, ..."""
+    for i in range(waits):
+        await wait_until(lambda i=i: waiting_at(bide, run_id, i + 1), what=f"wait {i}")
+        await bide.event.aio_send(run_id, "warm:next", {"n": i})
+
+
 async def test_a_run_that_waits_ten_times_runs_its_code_from_the_top_once(bide: Bide) -> None:
     task = define(bide, "WarmLoop")
     ENTERED.clear()
     async with running_worker(bide, [task]) as worker:
         ref = await task.aio_run_no_wait({"waits": 10})
         run_id = ref.workflow_run_id
-        for i in range(10):
-            await wait_until(lambda i=i: waiting_at(bide, run_id, i + 1), what=f"wait {i}")
-            await bide.event.aio_send(run_id, "warm:next", {"n": i})
+        await send_each(bide, run_id, 10)
         assert await ref.aio_result(timeout=20) == sum(range(10))
         assert ENTERED.count(run_id) == 1  # never replayed: each turn went on from where the code parked
         assert worker.host._warm.hits == 10
@@ -83,9 +88,7 @@ async def test_with_warm_runs_off_every_turn_replays(bide: Bide, monkeypatch: py
         async with running_worker(cold, [task]) as worker:
             ref = await task.aio_run_no_wait({"waits": 3})
             run_id = ref.workflow_run_id
-            for i in range(3):
-                await wait_until(lambda i=i: waiting_at(cold, run_id, i + 1), what=f"wait {i}")
-                await cold.event.aio_send(run_id, "warm:next", {"n": i})
+            await send_each(cold, run_id, 3)
             assert await ref.aio_result(timeout=20) == 3
             assert ENTERED.count(run_id) == 4
             assert worker.host._warm.hits == 0
