@@ -425,6 +425,11 @@ async def cmd_status(args: argparse.Namespace) -> int:
             followers = " ".join(f"{f['name']}{'' if f['current'] else '(behind)'}" for f in x.get("followers", []))
             print(f"  stream {x['name']:<16} R{x.get('replicas')} leader {x.get('leader') or '-'}"
                   f"{' followers ' + followers if followers else ''}  {x.get('messages')} msgs")
+        for h in st["hosts"]:
+            print(f"  host {h['host']}: {', '.join(h.get('tasks') or []) or '-'}  turns {h.get('turns', '-')}"
+                  f"  durable slots {(h.get('durable_slots') or {}).get('used', '-')}/"
+                  f"{(h.get('durable_slots') or {}).get('of', '-')}  warm runs {h.get('warm_runs', '-')}"
+                  f"  router partitions {h.get('owns') or []}")
         for r in st["router"]:
             owner = r["owner"] or ("(pinned, owner not yet known)" if r["pinned"] else "(none)")
             waits = "-" if r["pending_waits"] is None else r["pending_waits"]

@@ -8,6 +8,7 @@ parks the run again without running code), how many attempts have failed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
@@ -35,6 +36,23 @@ def claimed_signals(entries: Sequence[HistoryEntry]) -> list[EventSignal]:
             return []
         claimed.append(e.signal)
     return []
+
+
+def claim_under_way(hist: RunHistory, now: datetime, window_s: float) -> float | None:
+    """Seconds to wait for another host's turn that claimed signals and has not reacted yet, if any.
+
+    A claim standing alone (:func:`claimed_signals`) younger than ``window_s`` (the ack wait:
+    a live host's turn keeps its activation, a dead one's comes back after it) is a turn
+    under way: running the code now would run its steps a second time. Older, its host died
+    and the code must run. ``None``: no turn under way.
+    """
+    if not claimed_signals(hist.entries):
+        return None
+    began = next((e for e in reversed(hist.entries) if isinstance(e, ActivationBegun)), None)
+    if began is None:
+        return None
+    left = window_s - (now - began.at).total_seconds()
+    return left if left > 0 else None
 
 
 def is_suspended(hist: RunHistory) -> bool:

@@ -318,13 +318,16 @@ class Turn:
             self._report_ended(entries)
 
     async def claim_signals(self) -> None:
-        """Record the signals this turn took before any code runs, when the run has begun before.
+        """Record the signals this turn took before any code runs.
 
-        Two signals can wake a run on two hosts at once: the turn that records them first
-        runs the code, the other loses this append before running anything (its activation
-        comes back and finds the signals taken), so no step runs twice (invariant 1).
+        Two activations can run a turn of one run on two hosts at once (two signals; or a
+        run's first turn, whose start and a signal's activation were both redelivered after
+        their hosts died): the turn that records the signals first runs the code, the other
+        loses this append before running anything (its activation comes back and finds the
+        signals taken), so no step runs twice (invariant 1). A first turn that took signals
+        claims them too: the long chaos run found its step run twice when it did not.
         """
-        if self.began and self._took_upto is not None:
+        if self._took_upto is not None:
             await self.flush()
 
     def continue_as_new(self, run_input: Any) -> list[Command]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 
 from actors.engine.commands import Append, Command, NotifyParent, PurgeInbox, ScheduleRemoval, redo_last_turn
-from actors.engine.decisions import failed_attempts, is_suspended, needs_user_code
+from actors.engine.decisions import claim_under_way, failed_attempts, is_suspended, needs_user_code
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     HDR_TTL,
@@ -153,7 +153,7 @@ class ActorHost:
                 ), _START_RETRY_S)
         if self._route_events:
             router = RouterPartitions(nc, self._publisher, self.layout, self._history, self.tracing,
-                                      self.config.payload_limits, host_id=self.host_id)
+                                      self.config.payload_limits, host_id=self.host_id, describe=self.describe)
             self.router = await retry_transient("starting the event router", router.start, _START_RETRY_S)
         for t in self._tasks.values():
             consumer: str = await retry_transient(f"the consumer of {t.name}", partial(
@@ -205,6 +205,13 @@ class ActorHost:
         if self._nc is not None and not await _bounded(self._nc.drain(), "draining the connection"):
             await _bounded(self._nc.close(), "closing the connection")
         await asyncio.to_thread(self.tracing.force_flush)  # a stopped host's last spans are exported
+
+    def describe(self) -> dict[str, Any]:
+        """What ``bide status`` shows of this host: what it hosts and how busy it is."""
+        return {"tasks": sorted(self._tasks), "turns": self.turns, "warm_runs": len(self._warm),
+                "slots": {"used": self.slots.size - self.slots.free, "of": self.slots.size},
+                "durable_slots": {"used": self.durable_slots.size - self.durable_slots.free,
+                                  "of": self.durable_slots.size}}
 
     def not_ready(self) -> list[str]:
         """Why this host cannot take work now (empty when it can): for a readiness probe."""
@@ -354,10 +361,10 @@ class ActorHost:
             return None
         return hist
 
-    async def _until_suspended(self, act: Activation, hist: RunHistory) -> RunHistory:
-        """The run re-read until its code is parked (or it ended), for at most ``_SUSPENSION_WAIT_S``."""
+    async def _until_suspended(self, act: Activation, hist: RunHistory, wait_s: float) -> RunHistory:
+        """The run re-read until its code is parked (or it ended), for at most ``wait_s``."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + _SUSPENSION_WAIT_S
+        give_up = loop.time() + wait_s
         while not is_suspended(hist) and hist.terminal is None and loop.time() < give_up:
             await asyncio.sleep(_SUSPENSION_POLL_S)
             hist = await self._read(act)
@@ -431,18 +438,27 @@ class ActorHost:
             await msg.ack()
             return False
         skip_code = False
-        if defn.runs_durably and act.kind in ("timer", "signal"):
-            if not is_suspended(hist) and delivery == 1:
+        if defn.runs_durably:
+            wait_s: float | None = None
+            if act.kind in ("timer", "signal") and not is_suspended(hist) and delivery == 1:
                 # The code is not parked at a wait or a sleep: a turn is under way on another host
                 # (it may have claimed signals and be running steps now), or one died before it
                 # parked. Running the code now would run those steps twice, so wait for it to
                 # park (its activation comes back if it died), then decide; running the code is
                 # the last resort.
-                hist = await self._until_suspended(act, hist)
+                wait_s = _SUSPENSION_WAIT_S
+            else:
+                # Any other activation (a redelivery, a start, a retry) that finds a fresh claim
+                # standing alone waits for that turn too: the long chaos run found a redelivered
+                # signal running a first turn's step again while the start's turn ran it.
+                wait_s = claim_under_way(hist, utcnow(), self.layout.ack_wait_s + 1.0)
+            if wait_s:
+                hist = await self._until_suspended(act, hist, wait_s)
                 if hist.terminal is not None:
                     await msg.ack()
                     return False
-            skip_code = is_suspended(hist) and not needs_user_code(act, hist)
+            if act.kind in ("timer", "signal"):
+                skip_code = is_suspended(hist) and not needs_user_code(act, hist)
         if skip_code:
             # Nothing for the code to do (a loser of an or-group, a signal taken already, an
             # event for a wait not made yet): record any new signals, never resume the code.

@@ -27,6 +27,7 @@ import collections
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -63,8 +64,10 @@ class RouterPartitions:
 
     def __init__(self, nc: NATS, publisher: Publisher, layout: Layout, history: HistoryLog,
                  tracing: Tracing | None = None, limits: PayloadLimits = DEFAULT_LIMITS, *,
-                 host_id: str = "") -> None:
+                 host_id: str = "", describe: Callable[[], dict[str, Any]] | None = None) -> None:
         self._nc = nc
+        self._describe = describe
+        """What the host says of itself in its status record (its tasks, turns, slots in use)."""
         self._pub = publisher
         self._layout = layout
         self._s = layout.subjects
@@ -189,7 +192,8 @@ class RouterPartitions:
             await asyncio.sleep(STATUS_INTERVAL_S)
 
     async def _publish_host(self, owned: list[int], *, up: bool = True) -> None:
-        body = orjson.dumps({"host": self.host_id, "up": up, "owns": owned, "partitions": len(self.parts)})
+        about = self._describe() if self._describe is not None and up else {}
+        body = orjson.dumps({**about, "host": self.host_id, "up": up, "owns": owned, "partitions": len(self.parts)})
         await self._pub.publish(self._s.router_host_status(self.host_id), body)
 
     async def _publish_partition(self, part: EventRouter) -> None:
@@ -253,7 +257,7 @@ def _server_time(raw: str) -> float:
 
 
 async def deployment_status(nc: NATS, layout: Layout) -> dict[str, Any]:
-    """What ``bide status`` prints: the server, the streams (leader, replicas), the router's partitions.
+    """What ``bide status`` prints: the server, the streams (leader, replicas), the hosts up, the router's partitions.
 
     A partition's owner is the host whose record carries the pin id JetStream reports as pinned,
     so a dead host's stale record never shows as the owner.
@@ -264,6 +268,7 @@ async def deployment_status(nc: NATS, layout: Layout) -> dict[str, Any]:
         "server": {"name": info.get("server_name"), "version": info.get("version"), "cluster": info.get("cluster"),
                    "connect_urls": info.get("connect_urls") or []},
         "streams": [],
+        "hosts": [],
         "router": [],
     }
     for name in (s.history_stream, s.work_stream, s.events_stream, s.counters_stream, s.checkpoints_stream,
@@ -279,6 +284,10 @@ async def deployment_status(nc: NATS, layout: Layout) -> dict[str, Any]:
             "replicas": st.get("config", {}).get("num_replicas"), "leader": cluster.get("leader"),
             "followers": [{"name": r.get("name"), "current": r.get("current")} for r in cluster.get("replicas") or []],
         })
+    hosts = await read_status(nc, layout, "host")
+    newest = max((r["_ts"] for r in hosts), default=0.0)
+    out["hosts"] = sorted(({k: v for k, v in r.items() if k != "_ts"} for r in hosts
+                           if r.get("up", True) and newest - r["_ts"] <= HOST_FRESH_S), key=lambda r: r["host"])
     records = {int(r["partition"]): r for r in await read_status(nc, layout, "partition")}
     p = 0
     while True:

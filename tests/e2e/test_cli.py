@@ -148,6 +148,16 @@ def test_dev_cluster_runs_three_nodes_at_three_replicas_and_more_workers_then_st
         assert streams and all(s["replicas"] == 3 for s in streams), streams
         ran = bide("run", "Hello", "--input", "{}", url=url, extra_env={"BIDE_REPLICAS": "3"})
         assert ran.returncode == 0, ran.stderr
+        # `bide status` names both hosts (this process and the extra worker) and what each hosts.
+        deadline = time.monotonic() + 30
+        while True:
+            hosts = json.loads(bide("status", "--json", url=url, extra_env={"BIDE_REPLICAS": "3"}).stdout)["hosts"]
+            if len(hosts) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert len(hosts) == 2, hosts
+        assert all("Hello" in h["tasks"] and h["durable_slots"]["of"] > 0 for h in hosts), hosts
+        assert any(f":{extra[0]}" in h["host"] for h in hosts)
         proc.terminate()
         assert proc.wait(timeout=60) == 0
         for pid in extra:  # the extra worker was stopped with dev

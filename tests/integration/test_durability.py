@@ -301,3 +301,53 @@ async def test_every_task_of_a_host_is_served_promptly(bide: Bide) -> None:
         elapsed = time.monotonic() - t0
     # Starved tasks waited for pull expiry (10 s); served ones take milliseconds.
     assert elapsed < 5.0, f"one run of each of 4 tasks took {elapsed:.1f}s"
+
+
+STEP_RUNS: list[str] = []
+
+
+def counted_step(run_id: str) -> str:
+    STEP_RUNS.append(run_id)
+    return run_id
+
+
+async def test_two_first_turns_at_once_with_signals_waiting_run_the_step_once(
+        bide: Bide, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the long chaos run: a run's start and a signal's activation, both redelivered after their
+    hosts died, ran its first turn on two live hosts at once; the turn took the waiting signals without
+    claiming them (the run had not begun), so both ran the step after the wait and one append lost."""
+    from actors.engine.wire import Activation, encode_activation
+    from actors.store.history import HistoryLog
+
+    real_read = HistoryLog.read
+
+    async def slow_read(self: HistoryLog, *args: Any, **kwargs: Any) -> Any:
+        hist = await real_read(self, *args, **kwargs)
+        await asyncio.sleep(0.1)  # a slow host: another may read the same history before this one appends
+        return hist
+
+    monkeypatch.setattr(HistoryLog, "read", slow_read)
+
+    @bide.durable_task(name="FirstTurnRace")
+    async def first_turn(input: EmptyModel, ctx: DurableContext) -> str:
+        await ctx.aio_wait_for_event("race:go")
+        return await ctx.memo(counted_step, ctx.workflow_run_id)
+
+    STEP_RUNS.clear()
+    conn = await bide._pool.get()
+    runs = 30
+    refs = [await first_turn.aio_run_no_wait(EmptyModel()) for _ in range(runs)]
+    for ref in refs:  # the event is there before any turn, and the run gets extra activations
+        await bide.event.aio_send(ref.workflow_run_id, "race:go", {"ok": True})
+        extra = Activation(run_id=ref.workflow_run_id, task="FirstTurnRace", kind="retry")
+        for _ in range(2):
+            await conn.js.publish(conn.layout.subjects.work("FirstTurnRace", ref.workflow_run_id),
+                                  encode_activation(extra))
+    async with (  # few slots each, so the two hosts share every run's activations
+        running_worker(bide, [first_turn], name="first-a", durable_slots=3),
+        running_worker(bide, [first_turn], name="first-b", durable_slots=3),
+    ):
+        results = await asyncio.gather(*(r.aio_result(timeout=60) for r in refs))
+    assert results == [r.workflow_run_id for r in refs]
+    twice = {rid for rid in STEP_RUNS if STEP_RUNS.count(rid) > 1}
+    assert not twice, f"the step ran more than once in {len(twice)} of {runs} runs, with no host dying"
