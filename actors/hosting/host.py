@@ -415,15 +415,8 @@ class ActorHost:
                 await msg.ack()
             return False
         started = hist.started
-        terminal = hist.terminal
-        if terminal is not None:
-            # The host that ended it may have died before scheduling its removal, or (a
-            # redelivery) before telling the parent: both are idempotent.
-            wind_up: list[Command] = [ScheduleRemoval(terminal)]
-            if delivery > 1 and started.parent is not None:
-                wind_up.append(NotifyParent(started.parent, terminal))
-            await self._writer(hist, defn).carry_out(wind_up)
-            await msg.ack()
+        if hist.terminal is not None:
+            await self._ended(msg, hist, defn, delivery)
             return False
         run_trace = self.tracing.run(started)
         span: Any = nullcontext()
@@ -455,7 +448,7 @@ class ActorHost:
             if wait_s:
                 hist = await self._until_suspended(act, hist, wait_s)
                 if hist.terminal is not None:
-                    await msg.ack()
+                    await self._ended(msg, hist, defn, delivery)
                     return False
             if act.kind in ("timer", "signal"):
                 skip_code = is_suspended(hist) and not needs_user_code(act, hist)
@@ -478,6 +471,20 @@ class ActorHost:
                 await self._runner_.regular(hist, defn, delivery)
         await msg.ack()
         return handed
+
+    async def _ended(self, msg: Msg, hist: RunHistory, defn: TaskDefinition, delivery: int) -> None:
+        """An activation for a run that has ended: redo its wind-up (idempotent), drop what its inbox still holds."""
+        terminal = hist.terminal
+        assert terminal is not None
+        # The host that ended it may have died before scheduling its removal, or (a redelivery)
+        # before telling the parent. A signal that came after the end is never taken: it goes.
+        wind_up: list[Command] = [ScheduleRemoval(terminal)]
+        if delivery > 1 and hist.started.parent is not None:
+            wind_up.append(NotifyParent(hist.started.parent, terminal))
+        if hist.inbox:
+            wind_up.append(PurgeInbox(hist.inbox[-1][0]))
+        await self._writer(hist, defn).carry_out(wind_up)
+        await msg.ack()
 
     async def _on_cancel_msg(self, msg: Msg) -> None:
         if self._runner is not None:
