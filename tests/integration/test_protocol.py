@@ -473,3 +473,30 @@ async def test_a_resolved_waits_registration_is_withdrawn_at_the_runs_end_if_its
             return await registrations() == 0
 
         await wait_until(withdrawn, timeout=20, what="every registration of the run to be withdrawn")
+
+
+async def test_a_signal_that_comes_after_the_runs_end_leaves_its_inbox(bide: Bide) -> None:
+    """A cancel or event that lands just after the end is never taken: its activation drops it (the quick
+    chaos run in CI found one left behind)."""
+    from actors.engine.wire import EventSignal
+
+    @bide.durable_task(name="EndsQuickly")
+    async def ends(input: dict, ctx: DurableContext) -> int:
+        return 1
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(bide, [ends]):
+        ref = await ends.aio_run_no_wait({})
+        assert await ref.aio_result(timeout=20) == 1
+        run_id = ref.workflow_run_id
+        late = EventSignal(source="cancel", name="cancel", payload={"reason": "too late"}, event_id="late", at=utcnow())
+        seq = await conn.publisher.publish(s.inbox(run_id), late.model_dump_json().encode())
+        await conn.publisher.publish(s.work("EndsQuickly", run_id), encode_activation(
+            Activation(run_id=run_id, task="EndsQuickly", kind="signal", inbox_seq=seq)))
+
+        async def inbox_empty() -> bool:
+            info = await conn.js.stream_info(s.history_stream, subjects_filter=s.inbox(run_id))
+            return not sum((info.state.subjects or {}).values())
+
+        await wait_until(inbox_empty, timeout=10, what="the late signal to leave the inbox")
