@@ -163,6 +163,26 @@ TITLES = {
 
 # -- the README ---------------------------------------------------------------------------------------
 
+OUTSIDE_THE_SUITE = [
+    "## Outside the suite",
+    "",
+    "### Failover on a 3-node cluster",
+    "",
+    "`python -m benchmarks.failover --json failover.json` (defaults `--hosts 1,2,4 --trials 3 --rate 50`; about "
+    "5 minutes on 2 cores). Starts a 3-node cluster on loopback (streams at 3 replicas) and a single server, and "
+    "runs `benchmarks.throughput --url ... --replicas R` against each: runs/s and raw publishes/s side by side, "
+    "and their ratio. Then, with 1, 2 and 4 host processes and a driver starting trivial durable runs at a steady "
+    "rate, it SIGKILLs the node that leads the work or history stream (of those, the one leading the most Bide "
+    "streams) and reports per host count the p50 and max seconds from the kill to the first run completed after "
+    "it (its result received, its completion appended after the kill) and until the completion rate over 1 s is "
+    "back to half the rate before the kill, with when the servers elected new leaders and whether the node also "
+    "led the task's work consumer. The node is restarted and the cluster healthy again (every stream and work "
+    "consumer led, every replica current) before the next kill. Every run started is checked in its history at "
+    "the end: a lost or doubled run is printed with its run id and its history. Not in the suite: it kills "
+    "servers and takes minutes.",
+]
+"""Benchmarks the suite does not run, and how to run them (the same text in every README it writes)."""
+
 
 def load(out_dir: Path, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Every benchmark's JSON present in ``out_dir`` (this run's, or an earlier run's)."""
@@ -240,6 +260,7 @@ def readme(results: dict[str, dict[str, Any]], suite: dict[str, Any], readme_pat
                   f"{s.get('date', 'undated')}" + (", quick sizes" if s.get("quick") else "") + ")"]
         if (out_dir / f"{name}.png").exists():
             lines += ["", f"![{name}]({rel / (name + '.png')})"]
+    lines += ["", *OUTSIDE_THE_SUITE]
     if suite.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in suite["notes"]]
     if suite.get("failed"):

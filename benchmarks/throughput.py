@@ -6,6 +6,9 @@ Starts its own nats-server and one worker process (``bide worker benchmarks.apps
 measures pipelined JetStream publishes, then starts N trivial durable runs (one memo each)
 from this process with up to C in flight and awaits every result. ``--sweep 10,50,500`` then
 measures ``--sweep-runs`` runs at each of those in-flight counts (throughput vs in-flight).
+``--url URL[,URL...] --replicas 3`` measures against servers already running (a cluster from
+``actors.store.server.local_cluster``, as ``benchmarks.failover`` does) with streams at that many
+replicas, instead of starting a server.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ from actors.store.server import EmbeddedServer, server_version
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def publish_rate(url: str, messages: int, window: int = 2000) -> float:
-    """Raw pipelined JetStream publishes: up to ``window`` unacked, acks counted on one inbox."""
-    nc = await nats.connect(url)
+async def publish_rate(url: str, messages: int, window: int = 2000, replicas: int = 1) -> float:
+    """Raw pipelined JetStream publishes: up to ``window`` unacked, acks counted on one inbox.
+
+    ``url`` may list several servers, comma-separated; the stream has ``replicas`` replicas.
+    """
+    nc = await nats.connect([u.strip() for u in url.split(",") if u.strip()])
     js = nc.jetstream()
-    await js.add_stream(name="BENCH_RAW", subjects=["benchraw.>"])
+    await js.add_stream(name="BENCH_RAW", subjects=["benchraw.>"], num_replicas=replicas)
     inbox = nc.new_inbox()
     acked = 0
     progress = asyncio.Event()
@@ -136,6 +142,30 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def measure(url: str, args: argparse.Namespace, sweep: list[int]
+            ) -> tuple[float, list[float], float, int, list[dict[str, Any]]]:
+    """Raw publishes, then warm-up, the main run and the sweep against ``url`` with one worker process."""
+    os.environ["BIDE_NATS_URL"] = url
+    pub = asyncio.run(publish_rate(url, args.publish_messages, replicas=args.replicas))
+    worker = start_worker(url)
+    try:
+        asyncio.run(drive(args.warmup, args.concurrency, progress=False))
+        lat, wall, errors = asyncio.run(drive(args.runs, args.concurrency, not args.no_progress))
+        swept = [sweep_point(c, max(args.sweep_runs, 3 * c)) for c in sweep]
+    finally:
+        stop_worker(worker)
+    return pub, lat, wall, errors, swept
+
+
+async def reported_version(url: str) -> str:
+    """The version the server answering at ``url`` reports."""
+    nc = await nats.connect([u.strip() for u in url.split(",") if u.strip()])
+    try:
+        return str(nc.connected_server_version)
+    finally:
+        await nc.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5000)
@@ -146,22 +176,27 @@ def main() -> None:
     ap.add_argument("--sweep-runs", type=int, default=1000, help="runs per in-flight count of --sweep")
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--url", default=None,
+                    help="measure against these running servers (comma-separated URLs) instead of starting one")
+    ap.add_argument("--replicas", type=int, default=1, help="stream replicas (BIDE_REPLICAS) with --url")
     args = ap.parse_args()
     sweep = [int(x) for x in args.sweep.split(",") if x]
+    if args.replicas != 1 and not args.url:
+        ap.error(f"--replicas {args.replicas} needs --url (the server this benchmark starts is a single node)")
 
-    with EmbeddedServer() as server:
-        os.environ["BIDE_NATS_URL"] = server.url
-        pub = asyncio.run(publish_rate(server.url, args.publish_messages))
-        worker = start_worker(server.url)
-        try:
-            asyncio.run(drive(args.warmup, args.concurrency, progress=False))
-            lat, wall, errors = asyncio.run(drive(args.runs, args.concurrency, not args.no_progress))
-            swept = [sweep_point(c, max(args.sweep_runs, 3 * c)) for c in sweep]
-        finally:
-            stop_worker(worker)
-        version = ".".join(map(str, server_version(server.binary)))
-        durability = server.durability()
-        durability_line = server.durability_line()
+    if args.url:
+        os.environ["BIDE_REPLICAS"] = str(args.replicas)  # the worker and this driver make the streams with it
+        pub, lat, wall, errors, swept = measure(args.url, args, sweep)
+        version = asyncio.run(reported_version(args.url))
+        # The servers were started elsewhere: their sync setting is theirs to state.
+        durability = {"url": args.url, "replicas": args.replicas, "sync": "as the servers were started"}
+        durability_line = f"servers: {args.url}, replicas {args.replicas} (sync as the servers were started)"
+    else:
+        with EmbeddedServer() as server:
+            pub, lat, wall, errors, swept = measure(server.url, args, sweep)
+            version = ".".join(map(str, server_version(server.binary)))
+            durability = server.durability()
+            durability_line = server.durability_line()
 
     rate = len(lat) / wall
     out: dict[str, Any] = {
