@@ -10,6 +10,7 @@ from datetime import timedelta
 import nats
 import pytest
 
+from actors.store.jetstream import api_request
 from actors.store.server import EmbeddedServer, local_cluster
 from sdk import Bide, DurableContext, EmptyModel, UserEventCondition
 from tests.support import running_worker, wait_until
@@ -105,4 +106,51 @@ async def test_signals_and_timers_right_after_a_node_restart_are_seen(cluster: l
             await wait_until(lambda r=ref: waiting(r.workflow_run_id), timeout=30, what="the run to wait")
             await client.event.aio_send(ref.workflow_run_id, "ping", {"n": i})
         assert await asyncio.gather(*(r.aio_result(timeout=30) for r in refs)) == list(range(20))
+    await client.aclose()
+
+
+async def _consumer_leader(url: str, stream: str, consumer: str) -> str | None:
+    nc = await nats.connect(url)
+    try:
+        info = await api_request(nc, f"$JS.API.CONSUMER.INFO.{stream}.{consumer}", {}, timeout=1.0)
+        return info.get("cluster", {}).get("leader")
+    except Exception:
+        return None
+    finally:
+        await nc.close()
+
+
+async def test_a_host_asks_for_work_again_soon_after_its_work_consumers_leader_dies(
+        cluster: list[EmbeddedServer]) -> None:
+    """A host's open pull request dies with the work consumer's leader; the host must not wait out its expiry.
+
+    The killed node leads the task's work consumer, and the host's pull request is fresh (10 s from
+    its expiry). Once another node leads the consumer, a run started then completes within 5 s.
+    On nats-server 2.15.1 the new leader answers the old request with a 409, so the host asks again
+    at once; this pins that (a benchmark had suggested a 10 s stall, which did not reproduce here).
+    """
+    for n in cluster:
+        await wait_until(lambda n=n: _jetstream_ready(n.url), timeout=30, what=f"JetStream on {n.url}")
+    client = Bide(",".join(n.url for n in cluster), replicas=3, ack_wait=3.0)
+
+    @client.durable_task(name="ClusterPull")
+    async def cluster_pull(input: EmptyModel, ctx: DurableContext) -> int:
+        return int(await ctx.memo(lambda: 5))
+
+    async with running_worker(client, [cluster_pull]):
+        conn = await client._pool.get()
+        stream, consumer = conn.layout.subjects.work_stream, conn.layout.subjects.consumer_name("ClusterPull")
+        # A run just before the kill: the host's pull request after it is fresh, far from its expiry.
+        assert await cluster_pull.aio_run(EmptyModel(), timeout=30) == 5
+        leader = await _consumer_leader(cluster[0].url, stream, consumer)
+        victim = next(n for n in cluster if n.server_name == leader)
+        victim.kill()
+        survivor = next(n for n in cluster if n is not victim)
+
+        async def new_leader() -> bool:
+            return await _consumer_leader(survivor.url, stream, consumer) not in (None, leader)
+
+        await wait_until(new_leader, timeout=30, what="another node to lead the work consumer")
+        ref = await cluster_pull.aio_run_no_wait(EmptyModel())
+        assert await ref.aio_result(timeout=5) == 5
     await client.aclose()
