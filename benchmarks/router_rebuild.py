@@ -32,7 +32,8 @@ from actors.engine.wire import HDR_TTL, Subjects, WaitRegistration, partition_of
 from actors.hosting.router import EventRouter
 from actors.hosting.router_effects import Effects
 from actors.store.history import HistoryLog
-from actors.store.jetstream import Layout, Publisher, api_request, connect, ensure_streams
+from actors.store.jetstream import Layout, api_request, connect, ensure_streams
+from actors.store.requests import Publisher
 from actors.store.server import EmbeddedServer, server_version
 
 

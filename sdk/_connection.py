@@ -21,7 +21,8 @@ from nats.js import JetStreamContext
 from actors.engine.wire import TERMINAL, decode_history, decode_token, encode_token
 from actors.observe.tracing import Tracing
 from actors.store.history import HistoryLog
-from actors.store.jetstream import Layout, Publisher, connect, ensure_streams
+from actors.store.jetstream import Layout, connect, ensure_streams
+from actors.store.requests import Publisher
 from sdk.config import BideConfig
 
 T = TypeVar("T")

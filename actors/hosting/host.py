@@ -48,7 +48,6 @@ from actors.observe.tracing import Tracing
 from actors.store.history import HistoryConflict, HistoryLog
 from actors.store.jetstream import (
     Layout,
-    Publisher,
     connect,
     direct_get_last,
     ensure_streams,
@@ -56,6 +55,7 @@ from actors.store.jetstream import (
     is_transient,
     retry_transient,
 )
+from actors.store.requests import Publisher
 from actors.store.timers import TimerScheduler
 from sdk.errors import (
     DeliveryLimitExceeded,
@@ -141,7 +141,7 @@ class ActorHost:
                                     name=f"{self.host_id}/heartbeat", connect_timeout=self.config.connect_timeout_s,
                                     auth=self.config.nats_auth)
         await self._heartbeat.start()
-        self._timers = TimerScheduler(js, self.layout.subjects)
+        self._timers = TimerScheduler(js, self._publisher, self.layout.subjects)
         await nc.subscribe(self.layout.subjects.cancel_broadcast, cb=self._on_cancel_msg)
         for t in self._tasks.values():
             if t.on_events:

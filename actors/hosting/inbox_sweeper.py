@@ -24,7 +24,8 @@ from nats.aio.msg import Msg
 
 from actors.engine.wire import HDR_BIDE_KIND, HDR_MSG_ID, Activation, decode_token, encode_activation
 from actors.store.history import HistoryLog
-from actors.store.jetstream import Layout, Publisher, api_request, is_transient
+from actors.store.jetstream import Layout, api_request, is_transient
+from actors.store.requests import Publisher
 
 log = logging.getLogger("bide.sweeper")
 

@@ -26,7 +26,8 @@ from actors.engine.wire import RunRemoval, WaitRegistered, utcnow
 from actors.hosting.activation_queue import ActivationQueue, SlotPool
 from actors.hosting.router import publish_registrations
 from actors.store.history import HistoryLog
-from actors.store.jetstream import Layout, Publisher, api_request, ensure_reaper_consumer
+from actors.store.jetstream import Layout, api_request, ensure_reaper_consumer
+from actors.store.requests import Publisher
 from actors.store.timers import TimerScheduler
 
 log = logging.getLogger("bide.retention")

@@ -68,13 +68,13 @@ from actors.store.history import HistoryLog
 from actors.store.jetstream import (
     ROUTER_GROUP,
     Layout,
-    Publisher,
     api_request,
     direct_get_last,
     is_transient,
     read_before,
     retry_transient,
 )
+from actors.store.requests import Publisher
 from sdk.limits import DEFAULT_LIMITS, PayloadLimits
 
 log = logging.getLogger("bide.router")

@@ -26,8 +26,8 @@ from actors.engine.wire import (
 from actors.hosting.router_effects import Effects
 from actors.observe.tracing import TRACEPARENT, Tracing, span_context_of
 from actors.store.history import HistoryLog
-from actors.store.jetstream import Publisher
 from actors.store.protocol import start_run
+from actors.store.requests import Publisher
 
 SIGNAL_HEADROOM = 1024
 """Bytes kept free under the server's max payload for headers (a signal is rejected above it)."""

@@ -29,7 +29,8 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from actors.engine.wire import HDR_MSG_ID, Activation, Subjects, encode_activation
-from actors.store.jetstream import Publisher, api_request, retry_transient
+from actors.store.jetstream import api_request, retry_transient
+from actors.store.requests import Publisher
 
 log = logging.getLogger("bide.router")
 

@@ -6,7 +6,8 @@ import asyncio
 from typing import Any
 
 from actors.engine.wire import HDR_MSG_ID, HDR_TTL, WaitCondition, WaitRegistered, WaitRegistration
-from actors.store.jetstream import Layout, Publisher
+from actors.store.jetstream import Layout
+from actors.store.requests import Publisher
 from sdk import _cel
 
 

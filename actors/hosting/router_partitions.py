@@ -39,12 +39,12 @@ from actors.observe.tracing import Tracing
 from actors.store.history import HistoryLog
 from actors.store.jetstream import (
     Layout,
-    Publisher,
     api_request,
     check_router_partitions,
     direct_get_subject,
     is_transient,
 )
+from actors.store.requests import Publisher
 from sdk.limits import DEFAULT_LIMITS, PayloadLimits
 
 log = logging.getLogger("bide.router")

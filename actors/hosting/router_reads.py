@@ -20,7 +20,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from actors.engine.wire import HDR_TTL, Subjects, utcnow
-from actors.store.jetstream import Publisher, api_request, direct_get_pages, direct_get_subject, retry_transient
+from actors.store.jetstream import api_request, direct_get_pages, direct_get_subject, retry_transient
+from actors.store.requests import Publisher
 
 log = logging.getLogger("bide.router")
 

@@ -33,7 +33,8 @@ from actors.engine.wire import HDR_BIDE_KIND, HDR_MSG_ID, Activation, encode_act
 from actors.hosting.router_inputs import publish_registrations
 from actors.observe.tracing import Tracing, observe_appended
 from actors.store.children import notify_parent, request_cancel, start_children
-from actors.store.jetstream import Layout, Publisher, api_request
+from actors.store.jetstream import Layout, api_request
+from actors.store.requests import Publisher
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS

@@ -35,8 +35,9 @@ from actors.engine.wire import (
 )
 from actors.observe.tracing import TRACEPARENT, Tracing
 from actors.store.history import HistoryLog
-from actors.store.jetstream import Publisher, direct_get_first, increment
+from actors.store.jetstream import direct_get_first, increment
 from actors.store.protocol import deliver_signal, start_run
+from actors.store.requests import Publisher
 
 log = logging.getLogger("bide.children")
 

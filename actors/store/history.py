@@ -26,13 +26,13 @@ from actors.store.jetstream import (
     ERR_EXPECTED_LAST_SEQ_NOT_READY,
     ERR_WRONG_LAST_SEQUENCE,
     ERR_WRONG_LAST_SEQUENCE_CONSTANT,
-    Publisher,
     StaleReadError,
     direct_get_first,
     direct_get_last,
     direct_get_subject,
     is_transient,
 )
+from actors.store.requests import Publisher
 
 log = logging.getLogger("bide.history")
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import itertools
 import json
 import logging
 import ssl
-from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +30,7 @@ from nats.js.api import (
 )
 
 from actors.engine.wire import Subjects
+from actors.store.requests import requests_of
 from sdk.config import NatsAuth, redact_url
 
 if TYPE_CHECKING:
@@ -473,77 +472,6 @@ async def ensure_task_consumer(js: JetStreamContext, layout: Layout, task: str, 
     return cfg.durable_name
 
 
-class Publisher:
-    """JetStream publishes awaiting their acks through one reply subscription.
-
-    ``js.publish`` makes every publish a core request (a reply token and a timer each);
-    on the hot path that costs more than the publish. Here acks are matched by a
-    counter token and one sweeper fails publishes whose ack never came.
-    """
-
-    def __init__(self, nc: NATS, timeout: float = 10.0) -> None:
-        self._nc = nc
-        self._timeout = timeout
-        self._prefix = nc.new_inbox() + "."
-        self._ids = itertools.count()
-        self._pending: dict[str, asyncio.Future[int]] = {}
-        self._deadlines: deque[tuple[float, str]] = deque()
-        self._sub: Any = None
-        self._sweeper: asyncio.Task[None] | None = None
-
-    async def start(self) -> Publisher:
-        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_ack)
-        self._sweeper = asyncio.create_task(self._sweep(), name="bide-publish-sweeper")
-        return self
-
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
-        """Publish and return the stream sequence; raises the JetStream API error on refusal."""
-        token = str(next(self._ids))
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int] = loop.create_future()
-        self._pending[token] = fut
-        self._deadlines.append((loop.time() + self._timeout, token))
-        try:
-            await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
-            return await fut
-        finally:
-            self._pending.pop(token, None)
-
-    async def _on_ack(self, msg: Msg) -> None:
-        fut = self._pending.pop(msg.subject[len(self._prefix):], None)
-        if fut is None or fut.done():
-            return
-        if msg.headers and msg.headers.get("Status") == "503":
-            fut.set_exception(nats.js.errors.NoStreamResponseError())
-            return
-        resp = orjson.loads(msg.data)
-        err = resp.get("error")
-        if err is None:
-            fut.set_result(int(resp["seq"]))
-            return
-        try:
-            nats.js.errors.APIError.from_error(err)  # raises the typed error
-        except nats.js.errors.APIError as e:
-            fut.set_exception(e)
-
-    async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(0.5)
-            now = loop.time()
-            while self._deadlines and self._deadlines[0][0] <= now:
-                _, token = self._deadlines.popleft()
-                fut = self._pending.pop(token, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(TimeoutError(f"no JetStream ack within {self._timeout}s"))
-
-    async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-
-
 async def api_request(nc: NATS, subject: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
     msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
     resp: dict[str, Any] = json.loads(msg.data)
@@ -602,38 +530,24 @@ async def direct_get_pages(
     """
     seq = start_seq
     deadline = asyncio.get_running_loop().time() + timeout
+    requests = await requests_of(nc)
     while True:
-        inbox = nc.new_inbox()
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        got: list[Msg] = []
-
-        async def _on_msg(m: Msg, got: list[Msg] = got, done: asyncio.Future[int] = done) -> None:
-            status = m.headers.get("Status") if m.headers else None
-            if status is None:
-                got.append(m)
-                return
-            if not done.done():
-                done.set_result(int(status))
-
-        sub = await nc.subscribe(inbox, cb=_on_msg)
+        req: dict[str, Any] = {"next_by_subj": subject, "batch": batch}
+        if start_time is not None and seq == start_seq:
+            req["start_time"] = start_time
+        else:
+            req["seq"] = seq
+        if min_last_seq:
+            req["min_last_seq"] = min_last_seq
         try:
-            req: dict[str, Any] = {"next_by_subj": subject, "batch": batch}
-            if start_time is not None and seq == start_seq:
-                req["start_time"] = start_time
-            else:
-                req["seq"] = seq
-            if min_last_seq:
-                req["min_last_seq"] = min_last_seq
-            await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(), reply=inbox)
             # Short attempts: a request routed to a replica that just died is never answered.
             remaining = deadline - asyncio.get_running_loop().time()
-            status = await asyncio.wait_for(done, max(0.05, min(2.0, remaining)))
+            got, status = await requests.batch(f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(req),
+                                               max(0.05, min(2.0, remaining)))
         except TimeoutError:
             if asyncio.get_running_loop().time() >= deadline:
                 raise
             continue
-        finally:
-            await sub.unsubscribe()
         if status in (503, 412) and not got:
             # No replica answers direct gets for a moment (e.g. a cluster just lost a node), or
             # the one that answered is behind ``min_last_seq``: an empty answer here would read
@@ -720,8 +634,8 @@ async def direct_get_last(nc: NATS, stream: str, subject: str, timeout: float = 
     while True:
         try:
             # Short attempts: a request routed to a replica that just died is never answered.
-            msg = await nc.request(
-                f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(),
+            msg = await (await requests_of(nc)).request(
+                f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(req),
                 timeout=max(0.05, min(1.0, deadline - loop.time())),
             )
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):

@@ -23,7 +23,8 @@ from actors.engine.wire import (
     encode_activation,
 )
 from actors.store.history import HistoryConflict, HistoryLog
-from actors.store.jetstream import Publisher, retry_transient
+from actors.store.jetstream import retry_transient
+from actors.store.requests import Publisher
 from sdk.errors import RunAlreadyExistsError
 
 CLIENT_RETRY_S = 30.0

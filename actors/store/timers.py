@@ -20,6 +20,7 @@ from actors.engine.wire import (
     utcnow,
 )
 from actors.store.jetstream import purge_subject
+from actors.store.requests import Publisher
 
 FIRE_LEAD = timedelta(milliseconds=400)
 """Timers fire this much before the deadline; the host finishes the last stretch locally.
@@ -33,8 +34,9 @@ _MIN_AHEAD = timedelta(milliseconds=260)
 class TimerScheduler:
     """Publishes and cancels a run's timers. One schedule subject per (run, position)."""
 
-    def __init__(self, js: JetStreamContext, subjects: Subjects) -> None:
+    def __init__(self, js: JetStreamContext, publisher: Publisher, subjects: Subjects) -> None:
         self._js = js
+        self._pub = publisher
         self._subjects = subjects
 
     async def schedule(self, run_id: str, task: str, pos: int, wake_at: datetime, history_seq: int) -> None:
@@ -69,7 +71,7 @@ class TimerScheduler:
                    HDR_BIDE_KIND: kind}
         if Clock.offset:
             headers[HDR_BIDE_DUE] = rfc3339(fire_at)  # engine time, for a test environment's skip
-        await self._js.publish(subject, data, headers=headers)
+        await self._pub.publish(subject, data, headers)
 
     async def cancel(self, run_id: str, pos: int) -> None:
         await purge_subject(self._js, self._subjects.work_stream, self._subjects.timer(run_id, pos))

@@ -1,0 +1,157 @@
+"""Core NATS requests and JetStream publishes over one reply subscription per connection.
+
+nats-py's ``request`` (and ``js.publish``, built on it) draws a random reply token from the
+operating system and arms a ``wait_for`` per call; on a host's hot path (a history read, an
+append, a timer per turn) that cost more than the message itself. Here every request of a
+connection shares one wildcard reply subscription, replies are matched by a counter token,
+and a timeout is one timer handle. A batch direct get, whose answer is many messages closed
+by a status message, uses the same subscription instead of subscribing and unsubscribing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import weakref
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+
+class _Batch:
+    """The replies to one request that answers with many messages, closed by a status message."""
+
+    __slots__ = ("done", "got")
+
+    def __init__(self, done: asyncio.Future[int]) -> None:
+        self.got: list[Msg] = []
+        self.done = done
+
+
+class Requests:
+    """Requests of one connection, answered on one wildcard reply subscription."""
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox() + "."
+        self._ids = itertools.count()
+        self._pending: dict[str, asyncio.Future[Msg] | _Batch] = {}
+        self._sub: Any = None
+
+    async def start(self) -> Requests:
+        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        return self
+
+    async def request(self, subject: str, payload: bytes = b"", timeout: float = 0.5, old_style: bool = False,
+                      headers: dict[str, str] | None = None) -> Msg:
+        """One reply to ``payload`` on ``subject`` (the signature of nats-py's ``Client.request``).
+
+        Raises ``nats.errors.TimeoutError`` without a reply in ``timeout`` seconds and
+        ``nats.errors.NoRespondersError`` when nobody listens on ``subject``.
+        """
+        loop = asyncio.get_running_loop()
+        token = str(next(self._ids))
+        fut: asyncio.Future[Msg] = loop.create_future()
+        self._pending[token] = fut
+        timer = loop.call_later(timeout, _expire, fut)
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            msg = await fut
+        finally:
+            timer.cancel()
+            self._pending.pop(token, None)
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            raise nats.errors.NoRespondersError
+        return msg
+
+    async def batch(self, subject: str, payload: bytes, timeout: float) -> tuple[list[Msg], int]:
+        """The messages answering ``payload`` up to the closing status message, and that status.
+
+        Raises ``TimeoutError`` if the closing status does not come within ``timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        token = str(next(self._ids))
+        entry = _Batch(loop.create_future())
+        self._pending[token] = entry
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token)
+            status = await asyncio.wait_for(entry.done, timeout)
+        finally:
+            self._pending.pop(token, None)
+        return entry.got, status
+
+    async def _on_reply(self, msg: Msg) -> None:
+        waiter = self._pending.get(msg.subject[len(self._prefix):])
+        if waiter is None:
+            return
+        if isinstance(waiter, _Batch):
+            status = msg.headers.get("Status") if msg.headers else None
+            if status is None:
+                waiter.got.append(msg)
+            elif not waiter.done.done():
+                waiter.done.set_result(int(status))
+        elif not waiter.done():
+            waiter.set_result(msg)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+
+def _expire(fut: asyncio.Future[Msg]) -> None:
+    if not fut.done():
+        fut.set_exception(nats.errors.TimeoutError())
+
+
+_of_connection: weakref.WeakKeyDictionary[NATS, asyncio.Future[Requests]] = weakref.WeakKeyDictionary()
+
+
+async def requests_of(nc: NATS) -> Requests:
+    """The connection's shared :class:`Requests` (its reply subscription made on first use)."""
+    made = _of_connection.get(nc)
+    if made is not None and made.done() and made.exception() is None:
+        return made.result()
+    if made is None or made.done():
+        made = asyncio.ensure_future(Requests(nc).start())
+        _of_connection[nc] = made
+    return await asyncio.shield(made)
+
+
+class Publisher:
+    """JetStream publishes awaiting their acks, over the connection's shared reply subscription."""
+
+    def __init__(self, nc: NATS, timeout: float = 10.0) -> None:
+        self._nc = nc
+        self._timeout = timeout
+        self._requests: Requests | None = None
+
+    async def start(self) -> Publisher:
+        self._requests = await requests_of(self._nc)
+        return self
+
+    @property
+    def requests(self) -> Requests:
+        assert self._requests is not None, "Publisher.start() first"
+        return self._requests
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        """Publish and return the stream sequence; raises the JetStream API error on refusal."""
+        try:
+            msg = await self.requests.request(subject, data, timeout=self._timeout, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise nats.js.errors.NoStreamResponseError from None
+        except nats.errors.TimeoutError:
+            raise TimeoutError(f"no JetStream ack within {self._timeout}s") from None
+        resp = orjson.loads(msg.data)
+        err = resp.get("error")
+        if err is not None:
+            nats.js.errors.APIError.from_error(err)  # raises the typed error
+        return int(resp["seq"])
+
+    async def close(self) -> None:
+        """Nothing of its own to release: the reply subscription lives as long as the connection."""
