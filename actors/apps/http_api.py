@@ -8,7 +8,9 @@ runs it with uvicorn inside the caller's event loop (``bide serve`` and ``bide d
 ``POST /api/v1/webhooks/{key}``        push an event whose payload is the raw JSON body (the key may contain ``/``)
 ``POST /api/v1/events/{run}/{name}``   deliver the raw JSON body to one run (Zart's ``offer_event``)
 ``POST /api/v1/runs/{run}/cancel``     cancel a run, its children and its waits: ``{"reason"}`` (optional)
-``GET /healthz``                       ``{"status": "ok"}``, never behind the token
+``GET /healthz``                       ``{"status": "ok"}``, never behind the token (liveness)
+``GET /readyz``                        ``{"status": "ready"}`` when connected to NATS with every stream present;
+                                       503 ``{"status": "not ready", "problems": [...]}`` otherwise; no token
 =====================================  =====================================================
 
 When a token is configured every ``/api/`` request needs ``Authorization: Bearer <token>``.
@@ -42,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.observe.tracing import TRACEPARENT, extract_context
+from actors.store.jetstream import missing_streams
 from sdk import Bide, EventRef, RunAlreadyFinishedError, RunNotFoundError
 from sdk.errors import EventPayloadError, PayloadLimitError, PayloadTooLargeError
 from sdk.limits import PayloadLimits, check_payload
@@ -109,6 +112,41 @@ class RunState(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+
+
+class NotReady(BaseModel):
+    """Why the API cannot serve requests now (a readiness probe's 503)."""
+
+    status: Literal["not ready"] = "not ready"
+    problems: list[str]
+
+
+READY_TIMEOUT_S = 2.0
+"""How long ``/readyz`` waits for NATS (a probe's own timeout is usually 1-5 s)."""
+
+
+async def readiness_problems(bide: Bide, timeout: float = READY_TIMEOUT_S) -> list[str]:
+    """Why ``bide`` cannot serve requests now (empty when it can): connected, and every stream present.
+
+    The reasons name no URL or credential (NatsUnavailableError's message has them hidden too,
+    but a probe's answer is public: only the kind of failure is said).
+    """
+    try:
+        # Shielded: a probe that gives up does not cancel a connect that a later probe will use.
+        conn = await asyncio.wait_for(asyncio.shield(bide._pool.get()), timeout)
+    except (ConnectionError, TimeoutError, OSError) as e:
+        return [f"not connected to NATS ({type(e).__name__})"]
+    if not conn.nc.is_connected:
+        return ["not connected to NATS (reconnecting)"]
+    try:
+        missing = await missing_streams(conn.nc, conn.layout, timeout=timeout)
+    except Exception as e:  # a timeout, no responders, a JetStream API error: not ready, whatever it is
+        return [f"JetStream did not answer ({type(e).__name__})"]
+    return [f"stream {name} is missing" for name in missing]
 
 
 class ErrorDetail(BaseModel):
@@ -353,6 +391,15 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
     async def healthz() -> Health:
         """Liveness: the HTTP server answers. Needs no token."""
         return Health()
+
+    @app.get("/readyz", response_model=Ready, tags=["health"],
+             responses={503: {"model": NotReady, "description": "not connected to NATS, or a stream is missing"}})
+    async def readyz() -> Any:
+        """Readiness: connected to NATS and every stream present; 503 with the reasons otherwise. Needs no token."""
+        problems = await readiness_problems(bide)
+        if problems:
+            return JSONResponse(NotReady(problems=problems).model_dump(), status_code=503)
+        return Ready()
 
     async def push(key: str, payload: Any, scope: str | None, event_id: str | None,
                    metadata: dict[str, Any] | None) -> EventAccepted:
