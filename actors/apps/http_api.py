@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import orjson
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -55,16 +55,30 @@ API_PREFIX = "/api/"
 
 # -- models ----------------------------------------------------------------------------------------
 
+SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+"""(A character class's inside.) Every character ``str.isspace`` (and so ``str.strip``) treats as
+whitespace, spelled out: a JSON Schema ``\\s`` is narrower, and a key it allowed would be refused."""
+NAME_PATTERN = rf"^[^{SPACE}](?:[\s\S]*[^{SPACE}])?$"
+"""An event key, scope, run id or event name: non-empty, no surrounding whitespace, as
+:func:`sdk.events.validate_key` checks. In the schema so that what it allows is accepted."""
+WEBHOOK_KEY_PATTERN = rf"^[^{SPACE}](?:[^\n]*[^{SPACE}])?$"
+"""A webhook's key, in the path: as :data:`NAME_PATTERN`, without a line break (a ``{key:path}``
+route never matches one: 404). ``POST /api/v1/events`` takes any key."""
+_NAME: dict[str, Any] = {"type": "string", "pattern": NAME_PATTERN}
+
 
 class PushEventRequest(BaseModel):
     """An event to push: every wait and every ``on_events`` task matching its key (and scope) sees it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    key: str = Field(description="the event key, e.g. `user:update`", examples=["user:update"])
-    payload: Any = Field(default=None, description="any JSON value; `null` when omitted")
-    scope: str | None = Field(default=None, description="narrows the event to waits with the same scope")
-    event_id: str | None = Field(default=None, description="makes the push idempotent: a repeated id is dropped")
+    key: str = Field(description="the event key, e.g. `user:update`", examples=["user:update"],
+                     json_schema_extra=_NAME)
+    payload: Any = Field(default=None, description="any JSON value within the payload limits; `null` when omitted")
+    scope: str | None = Field(default=None, description="narrows the event to waits with the same scope",
+                              json_schema_extra={"anyOf": [_NAME, {"type": "null"}]})
+    event_id: str | None = Field(default=None, description="makes the push idempotent: a repeated id is dropped",
+                                 json_schema_extra={"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]})
     metadata: dict[str, Any] | None = Field(default=None, description="extra JSON data carried with the event")
 
 
@@ -157,7 +171,8 @@ class ErrorDetail(BaseModel):
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     reasons = {
-        400: "the body is not JSON, or the SDK refused a value (the detail names it)",
+        400: "the body is not JSON, the SDK refused a value, or a query parameter is unknown or repeated "
+             "(the detail names it)",
         401: "missing or wrong bearer token",
         404: "no run with that id",
         409: "the run has already finished",
@@ -170,7 +185,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 _RAW_JSON_BODY: dict[str, Any] = {
     "requestBody": {
         "required": False,
-        "description": "any JSON value: the event payload (an empty body is `null`)",
+        "description": "any JSON value: the event payload (an empty body is `null`), within the payload "
+                       "limits (400 or 413 otherwise: nested too deep, an integer outside int64, too large)",
         "content": {"application/json": {"schema": {}}},
     }
 }
@@ -328,6 +344,24 @@ def _too_large(limit: int, got: str) -> str:
     return f"request body too large: {got}, the limit is {limit} bytes"
 
 
+def _query_params(*known: str) -> Any:
+    """A dependency refusing (400) a query parameter not in ``known``, or one given twice: a typo
+    such as ``?scop=x`` would otherwise push an unscoped event, and which of two values was meant
+    cannot be known."""
+
+    def check(request: Request) -> None:
+        unknown = sorted(set(request.query_params) - set(known))
+        if unknown:
+            accepted = ", ".join(map(repr, known)) or "none"
+            raise HTTPException(400, f"unknown query parameter(s) {', '.join(map(repr, unknown))}; "
+                                     f"accepted: {accepted}")
+        for name in known:
+            if len(request.query_params.getlist(name)) > 1:
+                raise HTTPException(400, f"query parameter {name!r} given more than once; expected at most one")
+
+    return Depends(check)
+
+
 async def _json_body(request: Request, max_body_bytes: int, limits: PayloadLimits) -> Any:
     """The raw body parsed as JSON and checked against the payload limits; an empty body is ``None``."""
     body = await request.body()
@@ -363,6 +397,7 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
         summary="Push events and deliver them to durable runs.",
     )
     app.state.bide = bide
+
     limits = bide.config.payload_limits
     # Documents the scheme in the OpenAPI schema; the check itself is in _Guard, before the body is read.
     auth = [Security(HTTPBearer(auto_error=False))] if token is not None else []
@@ -413,21 +448,27 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
 
     @app.post("/api/v1/events", status_code=202, response_model=EventAccepted, dependencies=auth,
               responses=_errors(400, 401, 413, 503), tags=["events"])
-    async def push_event(event: PushEventRequest) -> EventAccepted:
+    async def push_event(event: PushEventRequest, _: None = _query_params()) -> EventAccepted:
         """Push an event. Every wait and every ``on_events`` task matching its key (and scope) sees it."""
         return await push(event.key, event.payload, event.scope, event.event_id, event.metadata)
 
     @app.post("/api/v1/webhooks/{key:path}", status_code=202, response_model=EventAccepted, dependencies=auth,
-              responses=_errors(400, 401, 413, 503), openapi_extra=_RAW_JSON_BODY, tags=["events"])
-    async def webhook(request: Request, key: str, scope: str | None = None,
-                      event_id: str | None = None) -> EventAccepted:
+              responses={**_errors(400, 401, 413, 503), 404: {
+                  "model": ErrorDetail, "description": "the key holds a line break (push it with /api/v1/events)"}},
+              openapi_extra=_RAW_JSON_BODY, tags=["events"])
+    async def webhook(request: Request, key: str = Path(json_schema_extra={"pattern": WEBHOOK_KEY_PATTERN}),
+                      scope: str | None = Query(None, json_schema_extra={"anyOf": [_NAME, {"type": "null"}]}),
+                      event_id: str | None = Query(None, json_schema_extra={
+                          "anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}),
+                      _: None = _query_params("scope", "event_id")) -> EventAccepted:
         """Push the raw JSON body as the payload of event ``key`` (which may contain ``/``)."""
         payload = await _json_body(request, max_body_bytes, limits)
         return await push(key, payload, scope, event_id, None)
 
     @app.post("/api/v1/events/{run_id}/{name}", response_model=EventDelivered, dependencies=auth,
               responses=_errors(400, 401, 404, 409, 413, 503), openapi_extra=_RAW_JSON_BODY, tags=["events"])
-    async def deliver(request: Request, run_id: str, name: str) -> EventDelivered:
+    async def deliver(request: Request, run_id: str = Path(json_schema_extra=_NAME),
+                      name: str = Path(json_schema_extra=_NAME), _: None = _query_params()) -> EventDelivered:
         """Deliver the raw JSON body to one run as event ``name`` (Zart's ``offer_event``).
 
         A wait for ``name`` in that run receives it; if the run is not waiting yet, the event
@@ -447,8 +488,8 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
         return EventDelivered(execution_id=receipt.execution_id, event_name=receipt.event_name)
 
     @app.get("/api/v1/runs/{run_id}", response_model=RunState, dependencies=auth,
-             responses=_errors(401, 404, 503), tags=["runs"])
-    async def get_run(run_id: str) -> RunState:
+             responses=_errors(400, 401, 404, 503), tags=["runs"])
+    async def get_run(run_id: str = Path(json_schema_extra=_NAME), _: None = _query_params()) -> RunState:
         """A run's state. 404 if there is no such run: it never existed, or it finished and was
         removed after the history retention (`BIDE_HISTORY_RETENTION`)."""
         try:
@@ -461,7 +502,8 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
 
     @app.post("/api/v1/runs/{run_id}/cancel", response_model=RunCancelled, dependencies=auth,
               responses=_errors(400, 401, 404, 413, 503), openapi_extra=_CANCEL_BODY, tags=["runs"])
-    async def cancel_run(request: Request, run_id: str) -> RunCancelled:
+    async def cancel_run(request: Request, run_id: str = Path(json_schema_extra=_NAME),
+                         _: None = _query_params()) -> RunCancelled:
         """Cancel a run, its children (transitively) and its pending waits.
 
         The cancellation is asynchronous: the run ends ``cancelled`` shortly after. ``cancelled``
