@@ -142,6 +142,11 @@ def _too_large(what: str, size: int, limits: PayloadLimits) -> PayloadTooLargeEr
                                 f"{format_size(size)} as JSON")
 
 
+def check_value(value: Any, limits: PayloadLimits = DEFAULT_LIMITS, what: str = "the payload") -> None:
+    """Check decoded JSON data for depth and integer range (:class:`PayloadLimitError` if over)."""
+    _check_value(value, limits, what)
+
+
 def _check_value(value: Any, limits: PayloadLimits, what: str) -> None:
     """Depth and integer range, without recursion (a hostile payload may nest thousands deep)."""
     if not isinstance(value, dict | list | tuple):

@@ -8,7 +8,9 @@ runs it with uvicorn inside the caller's event loop (``bide serve`` and ``bide d
 ``POST /api/v1/webhooks/{key}``        push an event whose payload is the raw JSON body (the key may contain ``/``)
 ``POST /api/v1/events/{run}/{name}``   deliver the raw JSON body to one run (Zart's ``offer_event``)
 ``POST /api/v1/runs/{run}/cancel``     cancel a run, its children and its waits: ``{"reason"}`` (optional)
-``GET /healthz``                       ``{"status": "ok"}``, never behind the token
+``GET /healthz``                       ``{"status": "ok"}``, never behind the token (liveness)
+``GET /readyz``                        ``{"status": "ready"}`` when connected to NATS with every stream present;
+                                       503 ``{"status": "not ready", "problems": [...]}`` otherwise; no token
 =====================================  =====================================================
 
 When a token is configured every ``/api/`` request needs ``Authorization: Bearer <token>``.
@@ -32,7 +34,7 @@ from typing import Any, Literal
 
 import orjson
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -42,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.observe.tracing import TRACEPARENT, extract_context
+from actors.store.jetstream import missing_streams
 from sdk import Bide, EventRef, RunAlreadyFinishedError, RunNotFoundError
 from sdk.errors import EventPayloadError, PayloadLimitError, PayloadTooLargeError
 from sdk.limits import PayloadLimits, check_payload
@@ -52,16 +55,30 @@ API_PREFIX = "/api/"
 
 # -- models ----------------------------------------------------------------------------------------
 
+SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+"""(A character class's inside.) Every character ``str.isspace`` (and so ``str.strip``) treats as
+whitespace, spelled out: a JSON Schema ``\\s`` is narrower, and a key it allowed would be refused."""
+NAME_PATTERN = rf"^[^{SPACE}](?:[\s\S]*[^{SPACE}])?$"
+"""An event key, scope, run id or event name: non-empty, no surrounding whitespace, as
+:func:`sdk.events.validate_key` checks. In the schema so that what it allows is accepted."""
+WEBHOOK_KEY_PATTERN = rf"^[^{SPACE}](?:[^\n]*[^{SPACE}])?$"
+"""A webhook's key, in the path: as :data:`NAME_PATTERN`, without a line break (a ``{key:path}``
+route never matches one: 404). ``POST /api/v1/events`` takes any key."""
+_NAME: dict[str, Any] = {"type": "string", "pattern": NAME_PATTERN}
+
 
 class PushEventRequest(BaseModel):
     """An event to push: every wait and every ``on_events`` task matching its key (and scope) sees it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    key: str = Field(description="the event key, e.g. `user:update`", examples=["user:update"])
-    payload: Any = Field(default=None, description="any JSON value; `null` when omitted")
-    scope: str | None = Field(default=None, description="narrows the event to waits with the same scope")
-    event_id: str | None = Field(default=None, description="makes the push idempotent: a repeated id is dropped")
+    key: str = Field(description="the event key, e.g. `user:update`", examples=["user:update"],
+                     json_schema_extra=_NAME)
+    payload: Any = Field(default=None, description="any JSON value within the payload limits; `null` when omitted")
+    scope: str | None = Field(default=None, description="narrows the event to waits with the same scope",
+                              json_schema_extra={"anyOf": [_NAME, {"type": "null"}]})
+    event_id: str | None = Field(default=None, description="makes the push idempotent: a repeated id is dropped",
+                                 json_schema_extra={"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]})
     metadata: dict[str, Any] | None = Field(default=None, description="extra JSON data carried with the event")
 
 
@@ -111,6 +128,41 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+
+
+class NotReady(BaseModel):
+    """Why the API cannot serve requests now (a readiness probe's 503)."""
+
+    status: Literal["not ready"] = "not ready"
+    problems: list[str]
+
+
+READY_TIMEOUT_S = 2.0
+"""How long ``/readyz`` waits for NATS (a probe's own timeout is usually 1-5 s)."""
+
+
+async def readiness_problems(bide: Bide, timeout: float = READY_TIMEOUT_S) -> list[str]:
+    """Why ``bide`` cannot serve requests now (empty when it can): connected, and every stream present.
+
+    The reasons name no URL or credential (NatsUnavailableError's message has them hidden too,
+    but a probe's answer is public: only the kind of failure is said).
+    """
+    try:
+        # Shielded: a probe that gives up does not cancel a connect that a later probe will use.
+        conn = await asyncio.wait_for(asyncio.shield(bide._pool.get()), timeout)
+    except (ConnectionError, TimeoutError, OSError) as e:
+        return [f"not connected to NATS ({type(e).__name__})"]
+    if not conn.nc.is_connected:
+        return ["not connected to NATS (reconnecting)"]
+    try:
+        missing = await missing_streams(conn.nc, conn.layout, timeout=timeout)
+    except Exception as e:  # a timeout, no responders, a JetStream API error: not ready, whatever it is
+        return [f"JetStream did not answer ({type(e).__name__})"]
+    return [f"stream {name} is missing" for name in missing]
+
+
 class ErrorDetail(BaseModel):
     """Why a request was refused."""
 
@@ -119,7 +171,8 @@ class ErrorDetail(BaseModel):
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     reasons = {
-        400: "the body is not JSON, or the SDK refused a value (the detail names it)",
+        400: "the body is not JSON, the SDK refused a value, or a query parameter is unknown or repeated "
+             "(the detail names it)",
         401: "missing or wrong bearer token",
         404: "no run with that id",
         409: "the run has already finished",
@@ -132,7 +185,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 _RAW_JSON_BODY: dict[str, Any] = {
     "requestBody": {
         "required": False,
-        "description": "any JSON value: the event payload (an empty body is `null`)",
+        "description": "any JSON value: the event payload (an empty body is `null`), within the payload "
+                       "limits (400 or 413 otherwise: nested too deep, an integer outside int64, too large)",
         "content": {"application/json": {"schema": {}}},
     }
 }
@@ -290,6 +344,24 @@ def _too_large(limit: int, got: str) -> str:
     return f"request body too large: {got}, the limit is {limit} bytes"
 
 
+def _query_params(*known: str) -> Any:
+    """A dependency refusing (400) a query parameter not in ``known``, or one given twice: a typo
+    such as ``?scop=x`` would otherwise push an unscoped event, and which of two values was meant
+    cannot be known."""
+
+    def check(request: Request) -> None:
+        unknown = sorted(set(request.query_params) - set(known))
+        if unknown:
+            accepted = ", ".join(map(repr, known)) or "none"
+            raise HTTPException(400, f"unknown query parameter(s) {', '.join(map(repr, unknown))}; "
+                                     f"accepted: {accepted}")
+        for name in known:
+            if len(request.query_params.getlist(name)) > 1:
+                raise HTTPException(400, f"query parameter {name!r} given more than once; expected at most one")
+
+    return Depends(check)
+
+
 async def _json_body(request: Request, max_body_bytes: int, limits: PayloadLimits) -> Any:
     """The raw body parsed as JSON and checked against the payload limits; an empty body is ``None``."""
     body = await request.body()
@@ -325,6 +397,7 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
         summary="Push events and deliver them to durable runs.",
     )
     app.state.bide = bide
+
     limits = bide.config.payload_limits
     # Documents the scheme in the OpenAPI schema; the check itself is in _Guard, before the body is read.
     auth = [Security(HTTPBearer(auto_error=False))] if token is not None else []
@@ -354,6 +427,15 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
         """Liveness: the HTTP server answers. Needs no token."""
         return Health()
 
+    @app.get("/readyz", response_model=Ready, tags=["health"],
+             responses={503: {"model": NotReady, "description": "not connected to NATS, or a stream is missing"}})
+    async def readyz() -> Any:
+        """Readiness: connected to NATS and every stream present; 503 with the reasons otherwise. Needs no token."""
+        problems = await readiness_problems(bide)
+        if problems:
+            return JSONResponse(NotReady(problems=problems).model_dump(), status_code=503)
+        return Ready()
+
     async def push(key: str, payload: Any, scope: str | None, event_id: str | None,
                    metadata: dict[str, Any] | None) -> EventAccepted:
         try:
@@ -366,21 +448,27 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
 
     @app.post("/api/v1/events", status_code=202, response_model=EventAccepted, dependencies=auth,
               responses=_errors(400, 401, 413, 503), tags=["events"])
-    async def push_event(event: PushEventRequest) -> EventAccepted:
+    async def push_event(event: PushEventRequest, _: None = _query_params()) -> EventAccepted:
         """Push an event. Every wait and every ``on_events`` task matching its key (and scope) sees it."""
         return await push(event.key, event.payload, event.scope, event.event_id, event.metadata)
 
     @app.post("/api/v1/webhooks/{key:path}", status_code=202, response_model=EventAccepted, dependencies=auth,
-              responses=_errors(400, 401, 413, 503), openapi_extra=_RAW_JSON_BODY, tags=["events"])
-    async def webhook(request: Request, key: str, scope: str | None = None,
-                      event_id: str | None = None) -> EventAccepted:
+              responses={**_errors(400, 401, 413, 503), 404: {
+                  "model": ErrorDetail, "description": "the key holds a line break (push it with /api/v1/events)"}},
+              openapi_extra=_RAW_JSON_BODY, tags=["events"])
+    async def webhook(request: Request, key: str = Path(json_schema_extra={"pattern": WEBHOOK_KEY_PATTERN}),
+                      scope: str | None = Query(None, json_schema_extra={"anyOf": [_NAME, {"type": "null"}]}),
+                      event_id: str | None = Query(None, json_schema_extra={
+                          "anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}),
+                      _: None = _query_params("scope", "event_id")) -> EventAccepted:
         """Push the raw JSON body as the payload of event ``key`` (which may contain ``/``)."""
         payload = await _json_body(request, max_body_bytes, limits)
         return await push(key, payload, scope, event_id, None)
 
     @app.post("/api/v1/events/{run_id}/{name}", response_model=EventDelivered, dependencies=auth,
               responses=_errors(400, 401, 404, 409, 413, 503), openapi_extra=_RAW_JSON_BODY, tags=["events"])
-    async def deliver(request: Request, run_id: str, name: str) -> EventDelivered:
+    async def deliver(request: Request, run_id: str = Path(json_schema_extra=_NAME),
+                      name: str = Path(json_schema_extra=_NAME), _: None = _query_params()) -> EventDelivered:
         """Deliver the raw JSON body to one run as event ``name`` (Zart's ``offer_event``).
 
         A wait for ``name`` in that run receives it; if the run is not waiting yet, the event
@@ -400,8 +488,8 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
         return EventDelivered(execution_id=receipt.execution_id, event_name=receipt.event_name)
 
     @app.get("/api/v1/runs/{run_id}", response_model=RunState, dependencies=auth,
-             responses=_errors(401, 404, 503), tags=["runs"])
-    async def get_run(run_id: str) -> RunState:
+             responses=_errors(400, 401, 404, 503), tags=["runs"])
+    async def get_run(run_id: str = Path(json_schema_extra=_NAME), _: None = _query_params()) -> RunState:
         """A run's state. 404 if there is no such run: it never existed, or it finished and was
         removed after the history retention (`BIDE_HISTORY_RETENTION`)."""
         try:
@@ -414,7 +502,8 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
 
     @app.post("/api/v1/runs/{run_id}/cancel", response_model=RunCancelled, dependencies=auth,
               responses=_errors(400, 401, 404, 413, 503), openapi_extra=_CANCEL_BODY, tags=["runs"])
-    async def cancel_run(request: Request, run_id: str) -> RunCancelled:
+    async def cancel_run(request: Request, run_id: str = Path(json_schema_extra=_NAME),
+                         _: None = _query_params()) -> RunCancelled:
         """Cancel a run, its children (transitively) and its pending waits.
 
         The cancellation is asynchronous: the run ends ``cancelled`` shortly after. ``cancelled``

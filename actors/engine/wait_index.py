@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
 from nats.aio.msg import Msg
 
 from actors.engine.wire import HDR_EVENT_METADATA, HDR_MSG_ID, TRACEPARENT, WaitRegistration
@@ -236,10 +235,13 @@ def decode_event(msg: Msg, key: str, scope: str | None, seq: int, at: datetime,
     hdrs = msg.headers or {}
     meta: dict[str, Any] = {}
     if HDR_EVENT_METADATA in hdrs:
+        # Metadata is a JSON object within the limits, like the SDK sends; anything else from a raw
+        # publish is dropped (a JSON array of pairs made a dict with integer keys, which no signal holds).
         try:
-            meta = dict(orjson.loads(hdrs[HDR_EVENT_METADATA]))
-        except (orjson.JSONDecodeError, TypeError, ValueError):
-            meta = {}
+            loaded = check_payload(hdrs[HDR_EVENT_METADATA].encode(), limits, f"the metadata of event {seq}")
+        except EventPayloadError:
+            loaded = None
+        meta = loaded if isinstance(loaded, dict) else {}
     if TRACEPARENT in hdrs:
         meta[TRACEPARENT] = hdrs[TRACEPARENT]
     event_id = hdrs.get(HDR_MSG_ID) or f"evt-{seq}"

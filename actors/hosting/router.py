@@ -415,7 +415,8 @@ class EventRouter:
             if live:
                 effects.reject(seq, subject, f"{type(e).__name__}: {e}")
             else:
-                log.error("router rebuild skipped message %d on %s: %s", seq, subject, e)
+                # The type only: the message may quote the payload (never logged).
+                log.error("router rebuild skipped message %d on %s (%s)", seq, subject, type(e).__name__)
 
     # -- waits -------------------------------------------------------------------------------
 
@@ -473,7 +474,7 @@ class EventRouter:
                 if w.matches(event.payload):
                     return event
             except Exception as e:
-                log.warning("lookback of wait %s: event %d passed over: %s", w.cid, seq, e)
+                log.warning("lookback of wait %s: event %d passed over (%s)", w.cid, seq, type(e).__name__)
         return None
 
     # -- triggers ----------------------------------------------------------------------------

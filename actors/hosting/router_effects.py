@@ -64,9 +64,14 @@ class Effects:
         self.signals.append((inbox, data, headers, work, act, act_headers))
 
     def reject(self, seq: int, subject: str, reason: str, detail: dict[str, Any] | None = None) -> None:
-        """A message the router cannot handle: recorded (kept with the events), logged, and passed."""
+        """A message the router cannot handle: recorded (kept with the events), logged, and passed.
+
+        The log names the message and the kind of failure only: ``reason`` may quote the payload
+        (a value over a limit, a validation error), which stays in the record on ``rejected.<seq>``.
+        """
         self.rejected += 1
-        log.error("router rejected message %d on %s: %s", seq, subject, reason)
+        log.error("router rejected message %d on %s (%s); the reason is on %s", seq, subject,
+                  reason.split(":", 1)[0], self._s.rejected(seq))
         body = orjson.dumps({"seq": seq, "subject": subject, "reason": reason, **(detail or {})})
         self.first.append((self._s.rejected(seq), body, {HDR_MSG_ID: f"rejected:{seq}:{self.rejected}"}))
 

@@ -33,6 +33,7 @@ from actors.store.jetstream import (
     is_transient,
 )
 from actors.store.requests import Publisher
+from sdk.limits import CEILING_LIMITS, check_value
 
 log = logging.getLogger("bide.history")
 
@@ -57,10 +58,23 @@ class HistoryConflict(Exception):
         """The subject's last sequence the server reported (0 if it did not say): a floor for the re-read."""
 
 
+_LONG_NUMBER = re.compile(rb"\d{19}")
+"""Digits enough for an integer outside int64: only then is a signal's data walked for one."""
+
+
 def _inbox_signal(run_id: str, seq: int, data: bytes) -> list[tuple[int, EventSignal]]:
-    """The signal in an inbox message, or none (logged: its size, never its contents) if it is malformed."""
+    """The signal in an inbox message, or none (logged: its size, never its contents) if it is malformed.
+
+    Anyone allowed to deliver to a run can publish on its inbox: a signal whose payload holds an
+    integer beyond 64 bits would be taken into the history, which cannot encode it, and every
+    turn of the run would fail on it. Such a signal is malformed here, like one that is not JSON.
+    """
     try:
-        return [(seq, EventSignal.model_validate_json(data))]
+        signal = EventSignal.model_validate_json(data)
+        if _LONG_NUMBER.search(data):
+            check_value(signal.payload, CEILING_LIMITS, "the signal's payload")
+            check_value(signal.meta, CEILING_LIMITS, "the signal's metadata")
+        return [(seq, signal)]
     except ValueError as e:
         log.error("run %s: dropping malformed inbox message %d (%d bytes; %d errors)", run_id, seq, len(data),
                   e.error_count() if hasattr(e, "error_count") else 1)

@@ -288,6 +288,25 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
     ]
 
 
+def stream_names(layout: Layout) -> list[str]:
+    """Every stream Bide uses under ``layout`` (what a readiness probe checks exists)."""
+    return [cfg.name for cfg in _stream_configs(layout) if cfg.name]
+
+
+async def missing_streams(nc: NATS, layout: Layout, timeout: float = 2.0) -> list[str]:
+    """The streams of :func:`stream_names` the server does not have (one ``STREAM.NAMES`` request)."""
+    have: set[str] = set()
+    offset = 0
+    while True:
+        resp = await api_request(nc, "$JS.API.STREAM.NAMES", {"offset": offset}, timeout=timeout)
+        names = resp.get("streams") or []
+        have.update(names)
+        offset += len(names)
+        if not names or offset >= int(resp.get("total", 0)):
+            break
+    return [name for name in stream_names(layout) if name not in have]
+
+
 async def ensure_streams(js: JetStreamContext, layout: Layout) -> None:
     """Create or update every stream; safe to call from every process at start-up."""
     for cfg in _stream_configs(layout):

@@ -137,6 +137,9 @@ class EmbeddedServer:
         sync: when JetStream's files are fsynced (:class:`SyncSetting` or its text);
             default ``BIDE_SYNC``, else ``interval`` (nats-server's 2 minutes).
         config: more of the configuration file (for example an ``authorization`` or ``tls`` block).
+        jetstream: more settings inside the one ``jetstream { ... }`` block (for example
+            ``cipher: chachapoly, key: "..."``). A second ``jetstream`` block in ``config`` would
+            replace this one whole, sync setting included.
     """
 
     def __init__(
@@ -149,8 +152,10 @@ class EmbeddedServer:
         log_file: str | Path | None = None,
         sync: SyncSetting | str | None = None,
         config: str = "",
+        jetstream: str = "",
     ) -> None:
         self.extra_config = config
+        self.jetstream_config = jetstream
         """More of the server's configuration file (``authorization { ... }``, ``tls { ... }``)."""
         self.sync = SyncSetting.parse(sync) if isinstance(sync, str) else sync or SyncSetting.from_env()
         self.binary = find_server_binary()
@@ -183,7 +188,8 @@ class EmbeddedServer:
     def start(self, timeout: float = 15.0) -> EmbeddedServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         # The sync setting has no command-line flag: it goes in a configuration file (flags add to it).
-        conf = f"# Written by Bide at each start.\njetstream {{\n  {self.sync.config_line()}\n}}\n{self.extra_config}\n"
+        conf = (f"# Written by Bide at each start.\njetstream {{\n  {self.sync.config_line()}\n"
+                f"  {self.jetstream_config}\n}}\n{self.extra_config}\n")
         self.config_file.write_text(conf)
         args = [self.binary, "-c", str(self.config_file), "-js", "-a", "127.0.0.1", "-p", str(self.port),
                 "-sd", str(self.store_dir)]

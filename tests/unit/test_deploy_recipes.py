@@ -43,6 +43,8 @@ def test_the_worker_deployment_probes_its_health_port_and_drains_longer_than_its
 def test_the_api_takes_its_token_from_a_secret_never_its_arguments() -> None:
     deployment, _service = documents(DEPLOY / "kubernetes" / "bide-api.yaml")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert "--token" not in container["args"] and "--no-auth" not in container["args"]
     assert {e["name"]: e for e in container["env"]}["BIDE_API_TOKEN"]["valueFrom"]["secretKeyRef"]
 
