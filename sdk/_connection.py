@@ -14,6 +14,8 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -21,7 +23,7 @@ from nats.js import JetStreamContext
 from actors.engine.wire import TERMINAL, decode_history, decode_token, encode_token
 from actors.observe.tracing import Tracing
 from actors.store.history import HistoryLog
-from actors.store.jetstream import Layout, connect, ensure_streams
+from actors.store.jetstream import Layout, connect, ensure_streams, missing_streams
 from actors.store.requests import Publisher
 from sdk.config import BideConfig
 
@@ -121,7 +123,7 @@ class ConnectionPool:
                            auth=self.config.nats_auth)
         js = nc.jetstream(timeout=10.0)
         if not self._streams_ready:
-            await ensure_streams(js, self.layout)
+            await _streams_in_place(nc, js, self.layout)
             self._streams_ready = True
         results = ResultInbox(nc)
         await results.open()
@@ -180,3 +182,31 @@ class _Portal:
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+class StreamsMissingError(ConnectionError):
+    """Bide's streams do not exist and this connection's NATS user may not create them."""
+
+
+async def _streams_in_place(nc: NATS, js: JetStreamContext, layout: Layout) -> None:
+    """Create Bide's streams if they are missing; a client never changes streams that exist.
+
+    Hosts own the streams' configuration (each ``bide worker`` creates or updates them at start).
+    A client only needs them to exist, so a client's NATS user (the HTTP API's, a service that
+    starts runs) needs no right to create, update or delete streams: see deploy/nats/accounts.conf.
+    """
+    missing: list[str] | None
+    try:
+        missing = await missing_streams(nc, layout)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError):
+        missing = None  # not allowed to list them: create or update them, as a host would
+    if missing == []:
+        return
+    try:
+        await ensure_streams(js, layout)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+        which = f"streams {', '.join(missing)} do not exist" if missing else "streams could not be listed"
+        raise StreamsMissingError(
+            f"Bide's {which} and creating them got no answer "
+            f"({type(e).__name__}): start a host first (`bide worker`), or connect as a NATS user "
+            "allowed to create streams") from None

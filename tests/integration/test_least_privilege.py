@@ -6,12 +6,14 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import orjson
 import pytest
 
+from actors.apps.http_api import create_app
 from actors.store.server import EmbeddedServer
-from sdk import Bide, DurableContext, EmptyModel
+from sdk import Bide, DurableContext, EmptyModel, RunStatus
 from tests.support import REPO, running_worker, wait_until
 
 ACCOUNTS = REPO / "deploy" / "nats" / "accounts.conf"
@@ -31,6 +33,7 @@ async def test_a_publisher_pushes_an_event_that_resumes_a_run_and_can_touch_noth
     host_pw, pub_pw = secrets.token_hex(12), secrets.token_hex(12)
     monkeypatch.setenv("BIDE_HOST_PASSWORD", host_pw)  # read by nats-server from its environment
     monkeypatch.setenv("BIDE_PUBLISHER_PASSWORD", pub_pw)
+    monkeypatch.setenv("BIDE_API_PASSWORD", secrets.token_hex(12))
     server = EmbeddedServer(store_dir=tmp_path / "js", config=ACCOUNTS.read_text()).start()
     try:
         monkeypatch.setenv("BIDE_NATS_USER", "host")
@@ -81,5 +84,84 @@ async def test_a_publisher_pushes_an_event_that_resumes_a_run_and_can_touch_noth
         finally:
             await pub.close()
             await bide.aclose()
+    finally:
+        server.stop()
+
+
+async def test_the_http_apis_user_pushes_delivers_cancels_and_reads_and_can_change_nothing_else(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `api` user of accounts.conf serves every route of `bide serve`, and no more."""
+    passwords = {user: secrets.token_hex(12) for user in ("host", "publisher", "api")}
+    for user, password in passwords.items():
+        monkeypatch.setenv(f"BIDE_{user.upper()}_PASSWORD", password)
+    server = EmbeddedServer(store_dir=tmp_path / "js", config=ACCOUNTS.read_text()).start()
+    try:
+        monkeypatch.setenv("BIDE_NATS_USER", "host")
+        monkeypatch.setenv("BIDE_NATS_PASSWORD", passwords["host"])
+        bide = Bide(server.url, ack_wait=3.0)
+        monkeypatch.setenv("BIDE_NATS_USER", "api")
+        monkeypatch.setenv("BIDE_NATS_PASSWORD", passwords["api"])
+        api_bide = Bide(server.url, ack_wait=3.0)
+
+        @bide.durable_task(name="LpApiWaiter")
+        async def waiter(input: EmptyModel, ctx: DurableContext) -> Any:
+            paid = await ctx.aio_wait_for_event("order:paid", "input.order == 7")
+            approval = await ctx.aio_wait_for_event("approval", timeout="30s")
+            return {"paid": paid, "approval": approval}
+
+        async with running_worker(bide, [waiter]):
+            conn = await bide._pool.get()
+            s = conn.layout.subjects
+            paid, stopped = (await waiter.aio_run_no_wait(EmptyModel()), await waiter.aio_run_no_wait(EmptyModel()))
+
+            async def waits(run_id: str, n: int) -> bool:
+                return sum(e.k == "wait_registered" for e in (await conn.history.read(run_id)).entries) >= n
+
+            await wait_until(lambda: waits(paid.workflow_run_id, 1), what="the run to wait")
+            await wait_until(lambda: waits(stopped.workflow_run_id, 1), what="the other run to wait")
+            app = create_app(api_bide, None)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1",
+                                         headers={"Content-Type": "application/json"}) as api:
+                assert (await api.get("/readyz")).status_code == 200
+                pushed = await api.post("/api/v1/events", json={"key": "order:paid", "payload": {"order": 7}})
+                assert pushed.status_code == 202, pushed.text
+                await wait_until(lambda: waits(paid.workflow_run_id, 2), what="the run to wait for its approval")
+                delivered = await api.post(f"/api/v1/events/{paid.workflow_run_id}/approval", json={"ok": True})
+                assert delivered.status_code == 200, delivered.text
+                assert await paid.aio_result(timeout=20) == {"paid": {"order": 7}, "approval": {"ok": True}}
+                read = await api.get(f"/api/v1/runs/{paid.workflow_run_id}")
+                assert read.status_code == 200 and read.json()["status"] == "completed", read.text
+                cancelled = await api.post(f"/api/v1/runs/{stopped.workflow_run_id}/cancel", json={"reason": "lp"})
+                assert cancelled.status_code == 200, cancelled.text
+
+                async def is_cancelled() -> bool:
+                    return (await bide.runs.aio_get(stopped.workflow_run_id)).status is RunStatus.CANCELLED
+
+                await wait_until(is_cancelled, what="the other run to be cancelled")
+
+            # What the API's user may not do: write a history, a timer or a registration, or change a stream.
+            violations: list[str] = []
+
+            async def on_error(e: Exception) -> None:
+                violations.append(str(e))
+
+            raw = await nats.connect(server.url, user="api", password=passwords["api"], error_cb=on_error)
+            try:
+                js = raw.jetstream(timeout=1.0)
+                before = await conn.history.read(paid.workflow_run_id)
+                for subject in (s.history(paid.workflow_run_id), s.timer(paid.workflow_run_id, 0),
+                                s.waits("order:paid"), s.reap(paid.workflow_run_id)):
+                    assert await denied(js.publish(subject, b"{}")), subject
+                for api_call in (f"$JS.API.STREAM.PURGE.{s.history_stream}", f"$JS.API.STREAM.DELETE.{s.events_stream}",
+                                 f"$JS.API.STREAM.UPDATE.{s.work_stream}", f"$JS.API.STREAM.CREATE.{s.work_stream}",
+                                 f"$JS.API.CONSUMER.DELETE.{s.work_stream}.{s.consumer_name('LpApiWaiter')}"):
+                    assert await denied(raw.request(api_call, b"{}", timeout=1.0)), api_call
+                assert (await conn.history.read(paid.workflow_run_id)).entries == before.entries
+                await wait_until(lambda: bool(violations), what="the server to report a violation")
+                assert all("permissions violation" in v.lower() for v in violations), violations
+            finally:
+                await raw.close()
+        await api_bide.aclose()
+        await bide.aclose()
     finally:
         server.stop()
