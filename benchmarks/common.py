@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.engine.wire import HistoryEntry, Subjects, decode_history
-from actors.store.server import EmbeddedServer, server_version
+from actors.store.server import EmbeddedServer, free_port, server_version
 from benchmarks.event_latency import WorkerProc
 
 SCALE_WORKER = "benchmarks.scale_apps:worker"
@@ -50,6 +50,27 @@ class Stack:
 
     server: EmbeddedServer
     worker: WorkerProc
+    profile_port: int = 0
+    """The server's Go profiling port (``nats-server -profile``), when the stack was asked for it."""
+
+    def server_heap_kib(self) -> int:
+        """The server's live Go heap (``HeapAlloc``) after forced garbage collections, in KiB.
+
+        RSS holds garbage the Go runtime has not collected or returned yet (with the default
+        GOGC the heap grows to twice the live data before a collection) and buffers parked in
+        ``sync.Pool``s (a pool is emptied over two collections): each read of the heap profile
+        with ``gc=1`` collects once, so the third read shows what stays.
+        """
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.profile_port}/debug/pprof/heap?gc=1&debug=1"
+        for _ in range(3):
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                text = resp.read().decode()
+        for line in text.splitlines():
+            if line.startswith("# HeapAlloc = "):
+                return int(line.split("=")[1]) // 1024
+        raise RuntimeError("no HeapAlloc in the server's heap profile")
 
     @property
     def server_pid(self) -> int:
@@ -67,15 +88,19 @@ class Stack:
 
 
 @contextmanager
-def stack(*worker_args: str) -> Iterator[Stack]:
-    """A fresh server (empty store) and a ready worker; both stopped on exit, whatever happens."""
-    server = EmbeddedServer().start()
+def stack(*worker_args: str, profile: bool = False) -> Iterator[Stack]:
+    """A fresh server (empty store) and a ready worker; both stopped on exit, whatever happens.
+
+    With ``profile`` the server also serves Go's profiles on a free loopback port (its heap).
+    """
+    profile_port = free_port() if profile else 0
+    server = EmbeddedServer(extra_args=["-profile", str(profile_port)] if profile else None).start()
     worker: WorkerProc | None = None
     try:
         os.environ["BIDE_NATS_URL"] = server.url  # the apps module makes its Bide() at import
         worker = WorkerProc(server.url, SCALE_WORKER, *worker_args)
         worker.wait_ready()
-        yield Stack(server, worker)
+        yield Stack(server, worker, profile_port)
     finally:
         if worker is not None:
             worker.stop()

@@ -9,7 +9,9 @@ RSS (``VmRSS`` in ``/proc/PID/status``): the baseline. Then starts N ``BenchPark
 expression, so the router keeps one index entry per run) and is evicted. After each batch the
 driver polls until every run is parked (the task's activations all delivered and acked, the
 router holding every registration with nothing left to read) and both RSS readings are steady,
-then reads RSS and the JetStream streams' stored bytes.
+then reads RSS, the server's live Go heap after a forced collection (``HeapAlloc`` from its
+profiling port: RSS also holds garbage the Go runtime has not collected or returned yet) and
+the JetStream streams' stored bytes.
 
 Reported: KiB per waiting run for the worker (the router's index is part of it) and for the
 server, over all N runs and after the first batch (the marginal cost: the first burst of
@@ -66,7 +68,7 @@ async def steady_rss(st: Stack, timeout: float = 30.0, tolerance_kib: int = 256)
         await poll_until(settled, "RSS to settle", timeout, st.worker, interval=0.5)
     except TimeoutError:
         print(f"  note: RSS still moving after {timeout:.0f} s; using the last reading", flush=True)
-    return last
+    return {**last, "server_heap": await asyncio.to_thread(st.server_heap_kib)}
 
 
 async def stored_bytes(nc: Any) -> int:
@@ -86,7 +88,7 @@ async def park(task: Any, ns: range) -> float:
     return time.perf_counter() - t0
 
 
-async def measure(st: Stack, runs: int, steps: int, warmup: int) -> dict[str, Any]:
+async def measure(st: Stack, runs: int, steps: int, warmup: int, idle_s: float) -> dict[str, Any]:
     """Baseline after the warm-up runs park, then a reading after each batch of parked runs."""
     import nats
 
@@ -110,11 +112,21 @@ async def measure(st: Stack, runs: int, steps: int, warmup: int) -> dict[str, An
                      "start_s": round(start_s, 2), "then_parked_s": round(park_s, 2)}
             points.append(point)
             print(f"  {done:,} parked: worker {point['worker'] / 1024:.1f} MiB, server {point['server'] / 1024:.1f} "
-                  f"MiB, stored {point['stored_bytes'] / 2**20:.1f} MiB", flush=True)
+                  f"MiB (live heap {point['server_heap'] / 1024:.1f} MiB), "
+                  f"stored {point['stored_bytes'] / 2**20:.1f} MiB", flush=True)
+        # The runs wait on: what the server still holds once its write caches of the streams'
+        # last blocks have expired (nothing is written to those streams meanwhile).
+        await asyncio.sleep(idle_s)
+        idle = await steady_rss(st)
+        print(f"  {idle_s:.0f} s later: server {idle['server'] / 1024:.1f} MiB (live heap "
+              f"{idle['server_heap'] / 1024:.1f} MiB)", flush=True)
     finally:
         await nc.close()
         await bide.aclose()
-    return {"points": points, **per_run(points)}
+    base, n = points[0], points[-1]["parked"] - points[0]["parked"]
+    return {"points": points, **per_run(points), "idle_s": idle_s, "idle": idle,
+            "server_heap_kib_per_run_idle": round((idle["server_heap"] - base["server_heap"]) / n, 2),
+            "server_kib_per_run_idle": round((idle["server"] - base["server"]) / n, 2)}
 
 
 def per_run(points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -124,11 +136,14 @@ def per_run(points: list[dict[str, Any]]) -> dict[str, Any]:
     out = {
         "worker_kib_per_run": round((last["worker"] - base["worker"]) / n, 2),
         "server_kib_per_run": round((last["server"] - base["server"]) / n, 2),
+        "server_heap_kib_per_run": round((last["server_heap"] - base["server_heap"]) / n, 2),
         "stored_bytes_per_run": round((last["stored_bytes"] - base["stored_bytes"]) / n, 1),
     }
     if m:
         out["worker_kib_per_run_after_first_batch"] = round((last["worker"] - first["worker"]) / m, 2)
         out["server_kib_per_run_after_first_batch"] = round((last["server"] - first["server"]) / m, 2)
+        out["server_heap_kib_per_run_after_first_batch"] = round(
+            (last["server_heap"] - first["server_heap"]) / m, 2)
     return out
 
 
@@ -138,20 +153,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="batches N is started in (a reading after each)")
     ap.add_argument("--warmup", type=int, default=200, help="runs parked before the baseline reading")
     ap.add_argument("--json", default=None, help="write the numbers here")
+    ap.add_argument("--idle", type=float, default=30.0,
+                    help="seconds the runs then wait before the last reading (the server's write caches expire)")
     args = ap.parse_args()
     if args.runs < args.steps or args.steps < 1:
         ap.error("--runs must be at least --steps, and --steps at least 1")
 
     info = machine()
-    with stack("--durable-slots", "2000") as st:
-        out = asyncio.run(measure(st, args.runs, args.steps, args.warmup))
+    with stack("--durable-slots", "2000", profile=True) as st:
+        out = asyncio.run(measure(st, args.runs, args.steps, args.warmup, args.idle))
         described = st.describe()
         print(st.server.durability_line())
     after = (f" (after the first batch: worker {out['worker_kib_per_run_after_first_batch']:.2f}, "
              f"server {out['server_kib_per_run_after_first_batch']:.2f})" if args.steps > 1 else "")
     print(f"{args.runs:,} runs waiting: worker +{out['worker_kib_per_run']:.2f} KiB/run, nats-server "
-          f"+{out['server_kib_per_run']:.2f} KiB/run{after}; JetStream stores {out['stored_bytes_per_run']:,.0f} "
-          "bytes/run")
+          f"+{out['server_kib_per_run']:.2f} KiB/run{after}; the server's live heap "
+          f"+{out['server_heap_kib_per_run']:.2f} KiB/run ({out['server_heap_kib_per_run_idle']:.2f} after "
+          f"{args.idle:.0f} s of waiting; RSS {out['server_kib_per_run_idle']:.2f}); JetStream stores "
+          f"{out['stored_bytes_per_run']:,.0f} bytes/run")
     write_json(args.json, {"benchmark": "memory_waiting", "machine": info, **described, "runs": args.runs,
                            "warmup": args.warmup, **out})
 
