@@ -43,6 +43,7 @@ from opentelemetry import context as otel_context
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from actors.apps.web_ui import ui_refusal, ui_router
 from actors.observe.tracing import TRACEPARENT, extract_context
 from actors.store.jetstream import missing_streams
 from sdk import Bide, EventRef, RunAlreadyFinishedError, RunNotFoundError
@@ -302,7 +303,7 @@ class _Guard:
                 otel_context.detach(token)
 
 
-    def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> JSONResponse | None:
+    def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> ASGIApp | None:
         """Why this request is refused before it is read: a Host the server does not answer to, a
         missing or wrong token, or (with no token) a write a browser page could make cross-site."""
         if self.allowed_hosts is not None:
@@ -312,7 +313,7 @@ class _Guard:
                 return JSONResponse({"detail": f"unexpected Host {host!r}: this server answers to "
                                      f"{', '.join(sorted(self.allowed_hosts))} only"}, status_code=421)
         if not str(scope.get("path", "")).startswith(API_PREFIX):
-            return None
+            return ui_refusal(scope, headers, self.token)  # the web UI's pages: the session cookie
         if self.token is not None:
             reason = _auth_failure(headers.get(b"authorization"), self.token)
             if reason is None:
@@ -421,6 +422,8 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
     async def _timed_out(request: Request, exc: TimeoutError) -> JSONResponse:
         return JSONResponse({"detail": f"NATS JetStream did not answer in time: {exc or type(exc).__name__}"},
                             status_code=503)
+
+    app.include_router(ui_router(bide, token))  # the web UI (actors/apps/web_ui.py)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> Health:

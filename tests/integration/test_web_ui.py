@@ -1,0 +1,190 @@
+"""The web UI's pages over plain HTTP (no browser), against a real nats-server: content, login, CSRF, bad input."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from actors.apps.http_api import create_app
+from actors.apps.web_ui import SESSION_COOKIE
+from sdk import Bide, DurableContext, EmptyModel, RunStatus
+from tests.integration.test_http_api import waiting
+from tests.support import running_worker, wait_until
+
+TOKEN = "ui-s3cret"
+BASE = "http://bide.test"
+SAME_ORIGIN = {"Origin": BASE}
+
+
+def ui_client(bide: Bide, token: str | None = None) -> httpx.AsyncClient:
+    app = create_app(bide, token)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE)
+
+
+@pytest.fixture
+async def ui(bide: Bide) -> AsyncIterator[httpx.AsyncClient]:
+    async with ui_client(bide) as client:
+        yield client
+
+
+def approval_task(bide: Bide) -> Any:
+    @bide.durable_task(name="AwaitsApproval")
+    async def awaits_approval(input: EmptyModel, ctx: DurableContext) -> dict[str, Any]:
+        await ctx.aio_sleep_for(0.01)
+        return {"got": await ctx.aio_wait_for_event("order:approved", scope="order-7")}
+
+    return awaits_approval
+
+
+async def test_a_waiting_run_its_event_and_the_workers_as_pages(bide: Bide, ui: httpx.AsyncClient,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    task = approval_task(bide)
+    async with running_worker(bide, [task]):
+        ref = await task.aio_run_no_wait(EmptyModel())
+        run_id = ref.workflow_run_id
+        await waiting(bide, run_id)
+
+        page = await ui.get(f"/runs/{run_id}")
+        assert page.status_code == 200, page.text
+        html = page.text
+        assert "AwaitsApproval" in html and ">waiting<" in html
+        assert "event &#39;order:approved&#39; scope &#39;order-7&#39;" in html  # the pending wait, escaped
+        assert "turn on " in html and "sleep 0.01s" in html and "wakes at" in html  # timeline: host, sleep
+        assert (await bide.runs.aio_get(run_id)).trace_id in html
+        assert page.headers["X-Frame-Options"] == "DENY" and "frame-ancestors 'none'" in page.headers[
+            "Content-Security-Policy"]
+        fragment = await ui.get(f"/runs/{run_id}", params={"fragment": "1"})
+        assert fragment.status_code == 200 and "<html" not in fragment.text and "waiting" in fragment.text
+
+        workers = await ui.get("/workers")
+        assert workers.status_code == 200 and "AwaitsApproval" in workers.text
+        assert re.search(r"<td>\d+/\d+</td>", workers.text), "slots in use of the host"
+
+        pushed = await ui.post("/events", data={"key": "order:approved", "scope": "order-7",
+                                                "payload": '{"by": "ada"}', "metadata": "source=ui"},
+                               headers=SAME_ORIGIN)
+        assert pushed.status_code == 303 and pushed.headers["location"].startswith("/events?done=pushed&seq=")
+        seq = int(pushed.headers["location"].rpartition("=")[2])
+        assert await ref.aio_result(timeout=10) == {"got": {"by": "ada"}}
+
+        events = await ui.get(pushed.headers["location"])
+        assert "Event pushed." in events.text and "order:approved" in events.text
+        assert f"<td>{seq}</td>" in events.text and "&#34;source&#34;: &#34;ui&#34;" not in events.text
+        assert "order-7" in events.text and "source" in events.text
+
+        done = (await ui.get(f"/runs/{run_id}")).text
+        assert ">completed<" in done and "received event &#39;order:approved&#39;" in done
+        assert f"<i>event seq</i> {seq}" in done  # which event resumed it
+
+        # A trace backend's link, from BIDE_TRACE_URL.
+        monkeypatch.setenv("BIDE_TRACE_URL", "http://jaeger.test/trace/{trace_id}")
+        async with ui_client(bide) as traced:
+            trace_id = (await bide.runs.aio_get(run_id)).trace_id
+            assert f'href="http://jaeger.test/trace/{trace_id}"' in (await traced.get(f"/runs/{run_id}")).text
+        monkeypatch.setenv("BIDE_TRACE_URL", "http://jaeger.test/trace/")
+        with pytest.raises(ValueError, match=r"BIDE_TRACE_URL=.*must contain \{trace_id\}"):
+            create_app(bide, None)
+
+
+async def test_cancel_rerun_and_send_from_a_run_page(bide: Bide, ui: httpx.AsyncClient) -> None:
+    task = approval_task(bide)
+    async with running_worker(bide, [task]):
+        ref = await task.aio_run_no_wait(EmptyModel())
+        run_id = ref.workflow_run_id
+        await waiting(bide, run_id)
+
+        rerun = await ui.post(f"/runs/{run_id}/rerun", headers=SAME_ORIGIN)
+        assert rerun.status_code == 303, rerun.text
+        new_id = rerun.headers["location"].split("/runs/")[1].split("?")[0]
+        assert new_id != run_id
+        assert (await bide.runs.aio_history(new_id)).started.task == "AwaitsApproval"
+        assert "Started this run" in (await ui.get(rerun.headers["location"])).text
+
+        bad = await ui.post(f"/runs/{run_id}/send", data={"name": "x", "payload": "{not json"}, headers=SAME_ORIGIN)
+        assert bad.status_code == 400 and "the payload is not valid JSON" in bad.text and "{not json" in bad.text
+        sent = await ui.post(f"/runs/{run_id}/send", data={"name": "nudge", "payload": "[1]"}, headers=SAME_ORIGIN)
+        assert sent.status_code == 303 and sent.headers["location"].endswith("?done=sent")
+
+        cancel = await ui.post(f"/runs/{run_id}/cancel", headers=SAME_ORIGIN)
+        assert cancel.status_code == 303 and cancel.headers["location"].endswith("?done=cancelled")
+
+        async def cancelled() -> bool:
+            return (await bide.runs.aio_get(run_id)).status is RunStatus.CANCELLED
+
+        await wait_until(cancelled, what=f"run {run_id} to be cancelled")
+        page = (await ui.get(f"/runs/{run_id}")).text
+        assert ">cancelled<" in page and "cancelled from the web UI" in page
+        again = await ui.post(f"/runs/{run_id}/cancel", headers=SAME_ORIGIN)
+        assert again.headers["location"].endswith("?done=finished")
+        finished = await ui.post(f"/runs/{run_id}/send", data={"name": "late"}, headers=SAME_ORIGIN)
+        assert finished.status_code == 409 and "has already finished" in finished.text
+        await bide.runs.aio_cancel(new_id)
+
+
+async def test_bad_input_is_a_page_naming_it_never_a_500(bide: Bide, ui: httpx.AsyncClient) -> None:
+    missing = await ui.get("/runs/no-such-run")
+    assert missing.status_code == 404 and "no run with id &#39;no-such-run&#39;" in missing.text
+    for action in ("cancel", "rerun", "send"):
+        resp = await ui.post(f"/runs/no-such-run/{action}", data={"name": "n"}, headers=SAME_ORIGIN)
+        assert resp.status_code == 404, (action, resp.text)
+    for form, why in (({"key": "k", "payload": '{"a": }'}, "the payload is not valid JSON: Expecting value at "
+                                                           "line 1 column 7"),
+                      ({"key": "", "payload": "1"}, "the event key is empty"),
+                      ({"key": "k", "metadata": "novalue"}, "metadata: &#39;novalue&#39; is not a key=value pair"),
+                      ({"key": "k", "payload": "1" * 40}, "integers within int64")):
+        resp = await ui.post("/events", data=form, headers=SAME_ORIGIN)
+        assert resp.status_code == 400, (form, resp.text)
+        assert why in resp.text, (why, resp.text)
+    assert (await ui.get("/ui/static/nothing.js")).status_code == 404
+    assert (await ui.get("/ui/static/ui.js")).headers["content-type"].startswith("text/javascript")
+
+
+async def test_form_posts_need_this_servers_origin_and_the_api_keeps_its_rules(bide: Bide,
+                                                                                ui: httpx.AsyncClient) -> None:
+    for headers in ({}, {"Origin": "http://evil.test"}, {"Origin": "null"}, {"Origin": "http://bide.test.evil"}):
+        resp = await ui.post("/events", data={"key": "k"}, headers=headers)
+        assert resp.status_code == 403 and "must be posted from this server" in resp.text, headers
+    ok = await ui.post("/events", data={"key": "k"}, headers=SAME_ORIGIN)
+    assert ok.status_code == 303
+    # The API's own routes still take JSON only when open: a form cannot post to them.
+    form = await ui.post("/api/v1/events", data={"key": "k"}, headers=SAME_ORIGIN)
+    assert form.status_code == 415
+
+
+async def test_with_a_token_pages_need_the_login_cookie(bide: Bide) -> None:
+    async with ui_client(bide, TOKEN) as ui:
+        for path in ("/", "/runs/abc", "/events?key=a", "/workers"):
+            resp = await ui.get(path)
+            assert resp.status_code == 303, path
+            assert resp.headers["location"].startswith("/login?next=%2F"), resp.headers["location"]
+        assert (await ui.post("/events", data={"key": "k"}, headers=SAME_ORIGIN)).status_code == 401
+        assert (await ui.get("/ui/static/ui.css")).status_code == 200  # the login page's style sheet is open
+        assert (await ui.get("/login")).status_code == 200
+
+        wrong = await ui.post("/login", data={"token": "nope", "next": "/workers"}, headers=SAME_ORIGIN)
+        assert wrong.status_code == 401 and "wrong token" in wrong.text and SESSION_COOKIE not in ui.cookies
+        forged = await ui.post("/login", data={"token": TOKEN}, headers={"Origin": "http://evil.test"})
+        assert forged.status_code == 403 and SESSION_COOKIE not in ui.cookies
+        offsite = await ui.post("/login", data={"token": TOKEN, "next": "//evil.test/"}, headers=SAME_ORIGIN)
+        assert offsite.status_code == 303 and offsite.headers["location"] == "/"
+        cookie = offsite.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and TOKEN not in cookie
+        assert ui.cookies.get(SESSION_COOKIE)
+
+        assert (await ui.get("/workers")).status_code == 200
+        assert (await ui.get("/events")).status_code == 200
+        # The cookie opens the pages, not the API (which takes the bearer token only).
+        assert (await ui.get("/api/v1/runs/abc")).status_code == 401
+        ui.cookies.set(SESSION_COOKIE, "0" * 64)
+        assert (await ui.get("/workers")).status_code == 303
+        ui.cookies.clear()
+        assert (await ui.get("/workers", headers={"Authorization": f"Bearer {TOKEN}"})).status_code == 200
+
+        await ui.post("/login", data={"token": TOKEN}, headers=SAME_ORIGIN)
+        out = await ui.post("/logout", headers=SAME_ORIGIN)
+        assert out.status_code == 303 and out.headers["location"] == "/login"
+        assert (await ui.get("/workers")).status_code == 303
