@@ -8,6 +8,7 @@ runs it with uvicorn inside the caller's event loop (``bide serve`` and ``bide d
 ``POST /api/v1/webhooks/{key}``        push an event whose payload is the raw JSON body (the key may contain ``/``)
 ``POST /api/v1/events/{run}/{name}``   deliver the raw JSON body to one run (Zart's ``offer_event``)
 ``POST /api/v1/runs/{run}/cancel``     cancel a run, its children and its waits: ``{"reason"}`` (optional)
+``GET /``, ``/runs/…``, ``/events``…   the web UI (:mod:`actors.apps.web_ui`): pages, their session cookie
 ``GET /healthz``                       ``{"status": "ok"}``, never behind the token (liveness)
 ``GET /readyz``                        ``{"status": "ready"}`` when connected to NATS with every stream present;
                                        503 ``{"status": "not ready", "problems": [...]}`` otherwise; no token

@@ -11,7 +11,9 @@ import pytest
 
 from actors.apps.http_api import create_app
 from actors.apps.web_ui import SESSION_COOKIE
-from sdk import Bide, DurableContext, EmptyModel, RunStatus
+from pydantic import BaseModel
+
+from sdk import Bide, Context, DurableContext, EmptyModel, RunFailedError, RunStatus
 from tests.integration.test_http_api import waiting
 from tests.support import running_worker, wait_until
 
@@ -123,6 +125,47 @@ async def test_cancel_rerun_and_send_from_a_run_page(bide: Bide, ui: httpx.Async
         finished = await ui.post(f"/runs/{run_id}/send", data={"name": "late"}, headers=SAME_ORIGIN)
         assert finished.status_code == 409 and "has already finished" in finished.text
         await bide.runs.aio_cancel(new_id)
+
+
+class Square(BaseModel):
+    n: int
+
+
+async def test_a_parent_shows_its_children_a_memo_step_and_a_failed_child_its_traceback(bide: Bide,
+                                                                                      ui: httpx.AsyncClient) -> None:
+    @bide.task(name="SquareOrFail")
+    async def square(input: Square, ctx: Context) -> int:
+        if input.n < 0:
+            raise ValueError(f"no square of {input.n} today")
+        return input.n * input.n
+
+    async def double(n: int) -> int:
+        return 2 * n
+
+    @bide.durable_task(name="FansOut")
+    async def fans_out(input: EmptyModel, ctx: DurableContext) -> dict[str, Any]:
+        doubled = await ctx.memo(double, 21)
+        squares = await square.aio_run_many([Square(n=2), Square(n=3)])
+        return {"doubled": doubled, "squares": squares}
+
+    async with running_worker(bide, [square, fans_out]):
+        ref = await fans_out.aio_run_no_wait(EmptyModel())
+        assert await ref.aio_result(timeout=10) == {"doubled": 42, "squares": [4, 9]}
+        html = (await ui.get(f"/runs/{ref.workflow_run_id}")).text
+        assert "double</b>" in html and "<i>result</i> 42" in html  # the memo step (by qualified name)
+        assert "spawned 2 runs of SquareOrFail" in html
+        children = re.findall(r'<tr><td><span class="status (\w+)">\w+</span></td><td>SquareOrFail</td>'
+                              r'<td><a href="/runs/([^"]+)">', html)
+        assert [st for st, _ in children] == ["completed", "completed"], html
+        child = (await ui.get(f"/runs/{children[0][1]}")).text
+        assert f"parent {ref.workflow_run_id} (FansOut)" in child and "<pre>4</pre>" in child
+
+        failing = await square.aio_run_no_wait(Square(n=-1))
+        with pytest.raises(RunFailedError):
+            await failing.aio_result(timeout=10)
+        failed = (await ui.get(f"/runs/{failing.workflow_run_id}")).text
+        assert ">failed<" in failed and "ValueError: no square of -1 today" in failed
+        assert 'class="traceback"' in failed and "Traceback (most recent call last)" in failed
 
 
 async def test_bad_input_is_a_page_naming_it_never_a_500(bide: Bide, ui: httpx.AsyncClient) -> None:
