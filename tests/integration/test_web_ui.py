@@ -8,11 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel
 
 from actors.apps.http_api import create_app
 from actors.apps.web_ui import SESSION_COOKIE
-from pydantic import BaseModel
-
 from sdk import Bide, Context, DurableContext, EmptyModel, RunFailedError, RunStatus
 from tests.integration.test_http_api import waiting
 from tests.support import running_worker, wait_until
