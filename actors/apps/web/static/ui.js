@@ -28,9 +28,12 @@ document.addEventListener("DOMContentLoaded", () => {
   if (live && live.dataset.live) {
     setInterval(() => refresh(live), REFRESH_MS);
   }
-  document.querySelectorAll("form[data-confirm]").forEach((form) => {
-    form.addEventListener("submit", (ev) => {
-      if (!window.confirm(form.dataset.confirm)) ev.preventDefault();
-    });
-  });
+});
+
+// On the document: a form inside the live part is replaced at every refresh.
+document.addEventListener("submit", (ev) => {
+  const form = ev.target;
+  if (form instanceof HTMLFormElement && form.dataset.confirm && !window.confirm(form.dataset.confirm)) {
+    ev.preventDefault();
+  }
 });
