@@ -350,9 +350,9 @@ def ui_router(bide: Bide, token: str | None) -> APIRouter:
 
     @router.get("/events")
     @_html_errors
-    async def events(key: str = "", done: str = "", seq: int = 0, fragment: str = "") -> Response:
+    async def events(key: str = "", done: str = "", seq: str = "", fragment: str = "") -> Response:
         notice = NOTICES.get(done)
-        if notice and seq:
+        if notice and seq.isdigit():
             notice = f"{notice} Stream sequence {seq}."
         return await events_page(200, key, notice, None, None, bool(fragment))
 

@@ -181,6 +181,7 @@ async def test_bad_input_is_a_page_naming_it_never_a_500(bide: Bide, ui: httpx.A
         resp = await ui.post("/events", data=form, headers=SAME_ORIGIN)
         assert resp.status_code == 400, (form, resp.text)
         assert why in resp.text, (why, resp.text)
+    assert (await ui.get("/events", params={"done": "pushed", "seq": "<b>"})).status_code == 200
     assert (await ui.get("/ui/static/nothing.js")).status_code == 404
     assert (await ui.get("/ui/static/ui.js")).headers["content-type"].startswith("text/javascript")
 
