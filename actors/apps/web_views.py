@@ -183,8 +183,8 @@ class RunPage:
     pending_waits: list[tuple[str, list[str]]]
     pending_sleeps: list[str]
     untaken: list[str]
-    children: list[tuple[str, str, str]]
-    """(run id, task, status) of each child, in spawn order."""
+    children: list[tuple[str, str, str, str]]
+    """(run id, task, status, after) of each child, in spawn order (a workflow's tasks: see :func:`child_states`)."""
     entries: int
 
     @property
@@ -192,14 +192,18 @@ class RunPage:
         return self.status in ("completed", "failed", "cancelled")
 
 
-async def child_states(bide: Bide, run_ids: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
-    """(run id, task, status) of each child (``unknown`` if its history is gone or unreadable)."""
-    async def one(run_id: str, task: str) -> tuple[str, str, str]:
+async def child_states(bide: Bide, run_ids: list[tuple[str, str]]) -> list[tuple[str, str, str, str]]:
+    """(run id, task, status, after) of each child (``unknown`` if its history is gone or unreadable).
+
+    ``after`` names the workflow tasks whose outcomes a workflow's task was started with (its
+    parents in the DAG), from its start entry.
+    """
+    async def one(run_id: str, task: str) -> tuple[str, str, str, str]:
         try:
             hist = await bide.runs.aio_history(run_id)
-            return run_id, task, status_of(hist).value
+            return run_id, task, status_of(hist).value, ", ".join(sorted(hist.started.parents or {}))
         except Exception:  # a child removed after its retention, or not started yet
-            return run_id, task, "unknown"
+            return run_id, task, "unknown", ""
 
     return list(await asyncio.gather(*(one(r, t) for r, t in run_ids[:MAX_CHILDREN])))
 

@@ -167,6 +167,26 @@ async def test_a_parent_shows_its_children_a_memo_step_and_a_failed_child_its_tr
         assert 'class="traceback"' in failed and "Traceback (most recent call last)" in failed
 
 
+async def test_a_workflow_run_shows_its_tasks_their_states_and_parents(bide: Bide, ui: httpx.AsyncClient) -> None:
+    wf = bide.workflow(name="TwoSteps")
+
+    @wf.task()
+    async def fetch(input: EmptyModel, ctx: Context) -> int:
+        return 1
+
+    @wf.task(parents=[fetch])
+    async def store(input: EmptyModel, ctx: Context) -> int:
+        return 2
+
+    async with running_worker(bide, [wf]):
+        ref = await wf.aio_run_no_wait(EmptyModel())
+        await ref.aio_result(timeout=10)
+        html = (await ui.get(f"/runs/{ref.workflow_run_id}")).text
+        rows = re.findall(r'<tr><td><span class="status (\w+)">\w+</span></td><td>([^<]+)</td>'
+                          r'<td><a href="[^"]+">[^<]+</a></td><td>([^<]*)</td></tr>', html)
+        assert [(st, after) for st, _, after in rows] == [("completed", ""), ("completed", "fetch")], html
+
+
 async def test_bad_input_is_a_page_naming_it_never_a_500(bide: Bide, ui: httpx.AsyncClient) -> None:
     missing = await ui.get("/runs/no-such-run")
     assert missing.status_code == 404 and "no run with id &#39;no-such-run&#39;" in missing.text
