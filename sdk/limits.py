@@ -42,12 +42,13 @@ MAX_DEPTH = 64
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
-_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|k|mb|mib|m)?\s*$", re.IGNORECASE)
-_UNITS = {None: 1, "b": 1, "kb": 1000, "k": KIB, "kib": KIB, "mb": 1000 * 1000, "m": KIB * KIB, "mib": KIB * KIB}
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|k|mb|mib|m|gb|gib|g)?\s*$", re.IGNORECASE)
+_UNITS = {None: 1, "b": 1, "kb": 1000, "k": KIB, "kib": KIB, "mb": 1000 * 1000, "m": KIB * KIB, "mib": KIB * KIB,
+          "gb": 1000**3, "g": KIB**3, "gib": KIB**3}
 
 
 def parse_size(text: str | int, what: str = "BIDE_MAX_PAYLOAD") -> int:
-    """Bytes from ``262144``, ``256KiB`` (or ``256k``), ``500KB`` or ``1MiB``; whole numbers only."""
+    """Bytes from ``262144``, ``256KiB`` (or ``256k``), ``500KB``, ``1MiB`` or ``1GiB``; whole numbers only."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text
     m = _SIZE.match(str(text))
