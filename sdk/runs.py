@@ -28,7 +28,7 @@ from sdk.errors import (
     RunFailedError,
     RunNotFoundError,
 )
-from sdk.limits import encode_payload
+from sdk.limits import encode_payload, validate_metadata
 from sdk.models import RunStatus
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class StartRequest:
     run_id: str
     execution_timeout_s: float | None = None
     meta: dict[str, Any] | None = None
+    additional_metadata: dict[str, str] | None = None
     start_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     """This request: the same request retried starts the run once; another one for its id is refused."""
 
@@ -92,6 +93,8 @@ async def start_run(conn: Connection, req: StartRequest, notify: str | None = No
         execution_timeout_s=req.execution_timeout_s,
         meta=meta,
         start_id=req.start_id,
+        additional_metadata=validate_metadata(req.additional_metadata,
+                                              f"additional_metadata of run {req.run_id} of task {req.task!r}"),
     )
     try:
         await protocol_start_run(conn.history, conn.publisher, conn.layout.subjects, started)

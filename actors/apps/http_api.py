@@ -5,6 +5,7 @@ runs it with uvicorn inside the caller's event loop (``bide serve`` and ``bide d
 
 =====================================  =====================================================
 ``POST /api/v1/events``                push an event: ``{"key", "payload", "scope", "event_id", "metadata"}``
+                                         (``additional_metadata`` is merged into ``metadata``)
 ``POST /api/v1/webhooks/{key}``        push an event whose payload is the raw JSON body (the key may contain ``/``)
 ``POST /api/v1/events/{run}/{name}``   deliver the raw JSON body to one run (Zart's ``offer_event``)
 ``POST /api/v1/runs/{run}/cancel``     cancel a run, its children and its waits: ``{"reason"}`` (optional)
@@ -47,6 +48,7 @@ from actors.observe.tracing import TRACEPARENT, extract_context
 from actors.store.jetstream import missing_streams
 from sdk import Bide, EventRef, RunAlreadyFinishedError, RunNotFoundError
 from sdk.errors import EventPayloadError, PayloadLimitError, PayloadTooLargeError
+from sdk.events import merge_metadata
 from sdk.limits import PayloadLimits, check_payload
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576
@@ -80,6 +82,9 @@ class PushEventRequest(BaseModel):
     event_id: str | None = Field(default=None, description="makes the push idempotent: a repeated id is dropped",
                                  json_schema_extra={"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]})
     metadata: dict[str, Any] | None = Field(default=None, description="extra JSON data carried with the event")
+    additional_metadata: dict[str, Any] | None = Field(
+        default=None, description="the same as metadata (Hatchet's name); its string values become the "
+        "additional_metadata of the runs the event starts")
 
 
 class EventAccepted(BaseModel):
@@ -450,7 +455,9 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
               responses=_errors(400, 401, 413, 503), tags=["events"])
     async def push_event(event: PushEventRequest, _: None = _query_params()) -> EventAccepted:
         """Push an event. Every wait and every ``on_events`` task matching its key (and scope) sees it."""
-        return await push(event.key, event.payload, event.scope, event.event_id, event.metadata)
+        metadata = merge_metadata(event.metadata, event.additional_metadata)
+        return await push(event.key, event.payload, event.scope, event.event_id,
+                          dict(metadata) if metadata is not None else None)
 
     @app.post("/api/v1/webhooks/{key:path}", status_code=202, response_model=EventAccepted, dependencies=auth,
               responses={**_errors(400, 401, 413, 503), 404: {
