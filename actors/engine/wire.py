@@ -281,6 +281,28 @@ class Subjects:
         """Every activation of one run, whatever its task."""
         return f"{self.prefix}.work.*.{encode_token(run_id)}"
 
+    # -- the runs index: one record per run, for listing (``actors.store.runs_index``) -----------
+
+    @property
+    def runs_stream(self) -> str:
+        return f"{self.prefix.upper()}_RUNS"
+
+    def run_record(self, state: str, task: str, run_id: str) -> str:
+        """``<prefix>.runs.<live|ended>.<task>.<run>``: the run's index record while it runs, or once it ended."""
+        return f"{self.prefix}.runs.{state}.{encode_token(task)}.{encode_token(run_id)}"
+
+    def run_records(self, task: str, run_id: str) -> str:
+        """Both index subjects of one run."""
+        return f"{self.prefix}.runs.*.{encode_token(task)}.{encode_token(run_id)}"
+
+    def runs_filter(self, state: str | None = None, task: str | None = None) -> str:
+        """The index records of runs in ``state`` (``live``/``ended``) of ``task``; ``None`` is any."""
+        return f"{self.prefix}.runs.{state or '*'}.{encode_token(task) if task else '*'}.*"
+
+    @property
+    def runs_all(self) -> str:
+        return f"{self.prefix}.runs.>"
+
     @property
     def cancel_broadcast(self) -> str:
         """Core NATS: "stop run R now if you are running it" (the durable request is on the inbox)."""
