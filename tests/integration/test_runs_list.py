@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from actors.engine.wire import utcnow
 from actors.store.jetstream import api_request
 from actors.store.server import EmbeddedServer
 from sdk import Bide, Context, DurableContext, NonRetryableError, RunList, RunStatus
+from tests.e2e.test_cli_events import cli
+from tests.integration.test_http_api import client_for
 from tests.support import running_worker, wait_until
 
 NOOPS = 1500
@@ -32,7 +36,20 @@ async def _all(bide: Bide, limit: int = 200, **filters: Any) -> list[str]:
         cursor = page.cursor
 
 
-async def test_a_few_thousand_runs_listed_by_status_task_metadata_and_time(bide: Bide) -> None:
+async def _http_all(api: httpx.AsyncClient, **params: Any) -> list[str]:
+    ids: list[str] = []
+    while True:
+        resp = await api.get("/api/v1/runs", params=params)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        ids += [r["run_id"] for r in body["runs"]]
+        if body["cursor"] is None:
+            return ids
+        params = {**params, "cursor": body["cursor"]}
+
+
+async def test_a_few_thousand_runs_listed_by_status_task_metadata_and_time(nats_server: EmbeddedServer,
+                                                                          bide: Bide) -> None:
     @bide.task(name="ix_noop")
     def noop(input: Any, ctx: Context) -> None:
         return None
@@ -84,6 +101,36 @@ async def test_a_few_thousand_runs_listed_by_status_task_metadata_and_time(bide:
         assert [r.run_id for r in (await bide.runs.aio_list(limit=PARKED)).runs] == \
             [r.workflow_run_id for r in reversed(waiting)]
 
+        # The HTTP API and the CLI list the same, with the same filters and cursor paging.
+        async with client_for(bide) as api:
+            listed = await _http_all(api, status="completed", task="ix_noop", limit=400)
+            assert len(listed) == NOOPS and set(listed) == set(completed)
+            assert len(await _http_all(api, meta=["tenant=b", "rare=yes"])) == NOOPS // 100
+            assert await _http_all(api, meta=["tenant=a", "rare=yes"]) == []
+            assert set(await _http_all(api, since=between.isoformat())) == {r.workflow_run_id for r in waiting}
+            one = (await api.get("/api/v1/runs", params={"status": "waiting", "limit": 1})).json()["runs"][0]
+            assert one["run_id"] == waiting[-1].workflow_run_id and one["status"] == "waiting"
+            assert one["additional_metadata"] == {"tenant": "a"} and one["ended_at"] is None
+            bad = await api.get("/api/v1/runs", params={"status": "bogus"})
+            assert bad.status_code == 422 and "bogus" in bad.text
+            bad = await api.get("/api/v1/runs", params={"meta": "no-equals-sign"})
+            assert bad.status_code == 400 and "no-equals-sign" in bad.json()["detail"]
+            bad = await api.get("/api/v1/runs", params={"cursor": "0"})
+            assert bad.status_code == 400 and "'0'" in bad.json()["detail"]
+        out = await cli("runs", "list", "--status", "waiting", "--meta", "tenant=a", "--limit", "3", "--json",
+                        url=nats_server.url)
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert [r["run_id"] for r in doc["runs"]] == [r.workflow_run_id for r in reversed(waiting)][:3]
+        assert doc["cursor"] is not None
+        out = await cli("runs", "list", "--task", "ix_parked", "--since", "1h", "--limit", "2", url=nats_server.url)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].split()[:3] == ["RUN", "ID", "TASK"] and len(lines) == 3
+        assert waiting[-1].workflow_run_id in lines[1] and "tenant=a" in lines[1] and "--cursor" in out.stderr
+        out = await cli("runs", "list", "--since", "soon", url=nats_server.url)
+        assert out.returncode == 2 and "'soon'" in out.stderr
+
         # A run that ends moves from live to ended.
         first = waiting[0].workflow_run_id
         await bide.event.aio_push("ix:go", scope="0")
@@ -113,6 +160,7 @@ async def test_a_few_thousand_runs_listed_by_status_task_metadata_and_time(bide:
     ({"limit": 0}, "0"),
     ({"limit": 5000}, "5000"),
     ({"cursor": "not-a-cursor"}, "'not-a-cursor'"),
+    ({"cursor": "0"}, "'0'"),
     ({"since": "yesterday-ish"}, "'yesterday-ish'"),
     ({"metadata": {"a": 1}}, "metadata"),
 ])
