@@ -117,7 +117,7 @@ class ScheduleRemoval:
 
 @dataclass(frozen=True)
 class RecordEnd:
-    """Move the run's record in the runs index from live to ended (a view: best effort, pipelined)."""
+    """Move the run's record in the runs index from live to ended (a view: best effort, no ack awaited)."""
 
     started: RunStarted
     end: Terminal

@@ -21,15 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
-from actors.engine.commands import (
-    Append,
-    Command,
-    NotifyParent,
-    PurgeInbox,
-    RecordEnd,
-    ScheduleRemoval,
-    redo_last_turn,
-)
+from actors.engine.commands import Append, Command, NotifyParent, PurgeInbox, RecordEnd, ScheduleRemoval, redo_last_turn
 from actors.engine.decisions import claim_under_way, failed_attempts, is_suspended, needs_user_code
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (

@@ -98,7 +98,6 @@ class RunWriter:
         self.last_seq = last_seq
         """The history's last sequence as this turn knows it: the guard of its next append."""
         self._notify = notify
-        self._index: asyncio.Future[None] | None = None
 
     async def __call__(self, command: Command) -> None:
         fx, run_id = self._fx, self.run_id
@@ -126,8 +125,7 @@ class RunWriter:
                 fx.chore(api_request(fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
                                      {"filter": s.inbox(run_id), "seq": upto + 1}))
             case RecordEnd(started=started, end=end):
-                # Pipelined with the commands after it; carry_out waits for it before it returns.
-                self._index = asyncio.ensure_future(publish_end(fx.publisher, s, started, end))
+                await publish_end(fx.publisher, s, started, end)  # no ack awaited: never a round trip
             case ScheduleRemoval(end=end):
                 await fx.reaper.schedule(run_id, end)
             case NotifyParent(parent=parent, end=end):
@@ -158,9 +156,6 @@ class RunWriter:
             else:
                 await asyncio.gather(*(self(c) for c in commands[i:j]))
             i = j
-        if self._index is not None:
-            index, self._index = self._index, None
-            await index  # never raises: the index is a view
 
     async def _schedule_retry(self, attempt: int, delay_s: float, at: Any) -> None:
         fx = self._fx

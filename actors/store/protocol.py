@@ -51,8 +51,8 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
     # The activation is on the wire first; the start entry follows at once rather than a round
     # trip later, so the host that takes the activation almost always finds the entry written.
     await asyncio.sleep(0)
-    # The runs index's record goes with them (a view: it never fails the start, nor delays it).
-    index = asyncio.ensure_future(publish_live(pub, subjects, started))
+    # The runs index's record goes with them, unacknowledged (a view: it never fails the start, nor delays it).
+    await publish_live(pub, subjects, started)
 
     async def append() -> int | None:
         try:
@@ -63,7 +63,6 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
     try:
         seq: int | None = await retry_transient(f"start entry of run {started.run_id}", append, CLIENT_RETRY_S)
     finally:
-        await index
         await activation  # a start is not done (nor its error reported) before its activation is stored
     if seq is not None:
         return seq

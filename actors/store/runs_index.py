@@ -5,7 +5,7 @@ Subjects are ``<prefix>.runs.<live|ended>.<task>.<run>``, one message per subjec
 subject filter, and every message read is a run's current record:
 
 - the starter writes the ``live`` record with the start (:func:`publish_live`, from
-  :func:`actors.store.protocol.start_run`, pipelined with the activation and the start entry),
+  :func:`actors.store.protocol.start_run`, between the activation and the start entry),
   only if neither record of the run exists (an expected-last-sequence check over both
   subjects), so a start repeated after the run ended never makes it look live again;
 - the host that ends the run writes the ``ended`` record, and a marker on the ``live``
@@ -13,8 +13,9 @@ subject filter, and every message read is a run's current record:
   (:func:`publish_end`, the ``RecordEnd`` command after the terminal append);
 - the reaper purges both subjects when it removes the run.
 
-The index is a view: each write is best effort and a lost one never affects a run (its
-history is the truth); at worst a run is missing from a listing or listed with a stale state.
+The index is a view: each write is a publish whose ack nobody waits for (no round trip on
+a run's path, and the server's work only), and a lost one never affects a run (its history
+is the truth); at worst a run is missing from a listing or listed with a stale state.
 A run that continues as new keeps its record (one per run id). Listings are newest first in
 the order of the index's writes (a live run by its start, an ended run by its end), read
 backwards in windows of stream sequences, so a page costs about what it returns.
@@ -22,7 +23,6 @@ backwards in windows of stream sequences, so a page costs about what it returns.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
@@ -91,17 +91,16 @@ async def publish_live(pub: Publisher, subjects: Subjects, started: RunStarted) 
     """The run's ``live`` record, unless the run has one already or has ended. Never raises."""
     headers = {HDR_EXPECTED_SEQ: "0", HDR_EXPECTED_SEQ_SUBJECT: subjects.run_records(started.task, started.run_id)}
     try:
-        await pub.publish(subjects.run_record(LIVE, started.task, started.run_id), record(started), headers)
-    except Exception as e:  # refused (already indexed) or unreachable: the index is a view
+        await pub.publish_unacked(subjects.run_record(LIVE, started.task, started.run_id), record(started), headers)
+    except Exception as e:  # unreachable: the index is a view
         log.debug("run %s: live index record not written: %s", started.run_id, e)
 
 
 async def publish_end(pub: Publisher, subjects: Subjects, started: RunStarted, end: Terminal) -> None:
     """The run's ``ended`` record, and the expiring marker that replaces its ``live`` one. Never raises."""
     try:
-        await asyncio.gather(
-            pub.publish(subjects.run_record(ENDED, started.task, started.run_id), record(started, end)),
-            pub.publish(subjects.run_record(LIVE, started.task, started.run_id), b"", {HDR_TTL: "1s"}))
+        await pub.publish_unacked(subjects.run_record(ENDED, started.task, started.run_id), record(started, end))
+        await pub.publish_unacked(subjects.run_record(LIVE, started.task, started.run_id), b"", {HDR_TTL: "1s"})
     except Exception as e:
         log.debug("run %s: ended index record not written: %s", started.run_id, e)
 

@@ -77,6 +77,12 @@ async def test_a_few_thousand_runs_listed_by_status_task_metadata_and_time(nats_
 
         await wait_until(all_parked, timeout=20, what="every parked run to be waiting")
 
+        async def all_indexed() -> bool:  # the index's writes are not acknowledged: they may lag a result
+            return len(await _all(bide, limit=1000)) == NOOPS + FAILS + PARKED and not await _all(
+                bide, status="running")
+
+        await wait_until(all_indexed, timeout=20, what="every run's record")
+
         # Paging returns every run exactly once, newest first, by status and task.
         completed = await _all(bide, status="completed", task="ix_noop")
         assert len(completed) == NOOPS and set(completed) == {r.workflow_run_id for r in refs}
@@ -189,8 +195,12 @@ async def test_the_reaper_removes_a_runs_index_records_with_the_run(short: Bide)
     async with running_worker(short, [quick]):
         ref = await quick.aio_run_no_wait(None)
         assert await ref.aio_result(timeout=20) == 1
-        listed = (await short.runs.aio_list(task="ix_short")).runs
-        assert [(r.run_id, r.status) for r in listed] == [(ref.workflow_run_id, RunStatus.COMPLETED)]
+
+        async def listed() -> bool:
+            runs = (await short.runs.aio_list(task="ix_short")).runs
+            return [(r.run_id, r.status) for r in runs] == [(ref.workflow_run_id, RunStatus.COMPLETED)]
+
+        await wait_until(listed, timeout=10, what="the run listed as completed")
         conn = await short._pool.get()
         s = conn.layout.subjects
 
