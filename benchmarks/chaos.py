@@ -362,6 +362,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def amain(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bide-chaos-"))
+    if workdir.exists() and any(workdir.iterdir()):
+        # An earlier run's stores would be reused: the same seed makes the same run ids, whose
+        # finished histories the oracle would then judge as this run's (false violations).
+        print(f"--workdir {workdir} is not empty (an earlier run's stores and logs?): give a new or empty "
+              "directory", file=sys.stderr)
+        return 2
     workdir.mkdir(parents=True, exist_ok=True)
     steps_file = workdir / "steps.jsonl"
     steps_file.touch()

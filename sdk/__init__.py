@@ -36,8 +36,10 @@ _HOME: dict[str, str] = {
     "RunCancelledError": "sdk.errors",
     "RunFailedError": "sdk.errors",
     "RunInfo": "sdk.runs",
+    "RunList": "sdk.runs",
     "RunNotFoundError": "sdk.errors",
     "RunRef": "sdk.runs",
+    "RunSummary": "sdk.runs",
     "RunStatus": "sdk.models",
     "ScheduleTimeoutError": "sdk.errors",
     "ServerBinaryNotFoundError": "sdk.errors",
@@ -96,7 +98,7 @@ if TYPE_CHECKING:
     )
     from sdk.events import BulkPushEvent, DeliveryReceipt, EventRef, RunAlreadyFinishedError
     from sdk.models import EmptyModel, RunStatus, SleepResult
-    from sdk.runs import RunInfo, RunRef
+    from sdk.runs import RunInfo, RunList, RunRef, RunSummary
     from sdk.tasks import BulkRunItem, TaskDefinition
     from sdk.worker import Worker
     from sdk.workflow import Workflow
@@ -129,9 +131,11 @@ __all__ = [
     "RunCancelledError",
     "RunFailedError",
     "RunInfo",
+    "RunList",
     "RunNotFoundError",
     "RunRef",
     "RunStatus",
+    "RunSummary",
     "ScheduleTimeoutError",
     "ServerBinaryNotFoundError",
     "SleepCondition",

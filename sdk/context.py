@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, Protocol, TypeVar, overload
 
@@ -29,6 +29,8 @@ class ChildSpec:
     input: Any
     key: str | None = None
     execution_timeout_s: float | None = None
+    additional_metadata: dict[str, str] = field(default_factory=dict)
+    """The child's own metadata; its parent's is merged under it when it is started."""
 
 
 class DurableRuntime(Protocol):
@@ -60,8 +62,9 @@ class Context:
     """What every task receives: who it is and where it runs."""
 
     def __init__(self, run_id: str, task_name: str, delivery: int, input_data: Any, *, retry_count: int = 0,
-                 parents: dict[str, Any] | None = None) -> None:
+                 parents: dict[str, Any] | None = None, additional_metadata: dict[str, str] | None = None) -> None:
         self._run_id = run_id
+        self._metadata = dict(additional_metadata or {})
         self._task_name = task_name
         self._delivery = delivery
         self._retry_count = retry_count
@@ -81,6 +84,11 @@ class Context:
     @property
     def task_name(self) -> str:
         return self._task_name
+
+    @property
+    def additional_metadata(self) -> dict[str, str]:
+        """The run's metadata, set when it was started (a child's includes its parent's)."""
+        return dict(self._metadata)
 
     @property
     def attempt_number(self) -> int:
@@ -140,9 +148,10 @@ class DurableContext(Context):
 
     def __init__(
         self, run_id: str, task_name: str, delivery: int, input_data: Any, runtime: DurableRuntime, *,
-        retry_count: int = 0, parents: dict[str, Any] | None = None,
+        retry_count: int = 0, parents: dict[str, Any] | None = None, additional_metadata: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(run_id, task_name, delivery, input_data, retry_count=retry_count, parents=parents)
+        super().__init__(run_id, task_name, delivery, input_data, retry_count=retry_count, parents=parents,
+                         additional_metadata=additional_metadata)
         self._runtime = runtime
 
     async def aio_sleep_for(self, duration: timedelta | float | str) -> SleepResult:

@@ -108,6 +108,17 @@ def _metadata_header(metadata: Mapping[str, Any] | None, what: str, limits: Payl
     return {HDR_EVENT_METADATA: data.decode()}
 
 
+def merge_metadata(metadata: Mapping[str, Any] | None,
+                     additional_metadata: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    # Two names for one thing: given both, they are merged (``additional_metadata`` wins a shared key).
+    if metadata is not None and additional_metadata is not None:
+        if not isinstance(metadata, Mapping) or not isinstance(additional_metadata, Mapping):
+            raise ValueError("metadata and additional_metadata must be mappings, got "
+                             f"{type(metadata).__name__} and {type(additional_metadata).__name__}")
+        return {**metadata, **additional_metadata}
+    return metadata if metadata is not None else additional_metadata
+
+
 class EventsClient:
     """``bide.event``: push events by key (and scope), or send one straight to a run."""
 
@@ -139,6 +150,8 @@ class EventsClient:
         scope: str | None = None,
         event_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        *,
+        additional_metadata: Mapping[str, Any] | None = None,
     ) -> EventRef:
         """Push one event. Every wait and every ``on_events`` task matching it sees it.
 
@@ -147,8 +160,11 @@ class EventsClient:
             payload: JSON data or a pydantic model.
             scope: narrows the event to waits with the same scope (and makes lookback cheap).
             event_id: makes the push idempotent: the same id pushed again is dropped.
-            metadata: extra JSON data carried in a header.
+            metadata: extra JSON data carried in a header; its string values become the
+                ``additional_metadata`` of the runs it starts (``on_events``).
+            additional_metadata: Hatchet's name for ``metadata`` (given both, they are merged).
         """
+        metadata = merge_metadata(metadata, additional_metadata)
         subject, body, headers, eid = self._prepare(key, payload, scope, event_id, metadata)
         conn = await self._pool.get()
         seq = await _traced_publish(conn, key, scope, eid, subject, body, headers)
@@ -161,9 +177,12 @@ class EventsClient:
         scope: str | None = None,
         event_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        *,
+        additional_metadata: Mapping[str, Any] | None = None,
     ) -> EventRef:
         """Blocking :meth:`aio_push`."""
-        return self._pool.run_sync(self.aio_push(key, payload, scope, event_id, metadata))
+        return self._pool.run_sync(self.aio_push(key, payload, scope, event_id, metadata,
+                                                 additional_metadata=additional_metadata))
 
     async def aio_bulk_push(self, events: Iterable[BulkPushEvent | Mapping[str, Any]]) -> list[EventRef]:
         """Push many events, pipelined. Every event is checked before any is published."""

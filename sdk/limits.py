@@ -21,6 +21,7 @@ call it.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,12 +43,13 @@ MAX_DEPTH = 64
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
-_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|k|mb|mib|m)?\s*$", re.IGNORECASE)
-_UNITS = {None: 1, "b": 1, "kb": 1000, "k": KIB, "kib": KIB, "mb": 1000 * 1000, "m": KIB * KIB, "mib": KIB * KIB}
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|k|mb|mib|m|gb|gib|g)?\s*$", re.IGNORECASE)
+_UNITS = {None: 1, "b": 1, "kb": 1000, "k": KIB, "kib": KIB, "mb": 1000 * 1000, "m": KIB * KIB, "mib": KIB * KIB,
+          "gb": 1000**3, "g": KIB**3, "gib": KIB**3}
 
 
 def parse_size(text: str | int, what: str = "BIDE_MAX_PAYLOAD") -> int:
-    """Bytes from ``262144``, ``256KiB`` (or ``256k``), ``500KB`` or ``1MiB``; whole numbers only."""
+    """Bytes from ``262144``, ``256KiB`` (or ``256k``), ``500KB``, ``1MiB`` or ``1GiB``; whole numbers only."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text
     m = _SIZE.match(str(text))
@@ -192,3 +194,54 @@ def _int_error(what: str, value: int, path: str) -> PayloadLimitError:
 
 def _short(path: str) -> str:
     return path if len(path) <= 80 else f"{path[:38]}...{path[-38:]}"
+
+
+MAX_METADATA_KEYS = 64
+"""Most keys a run's ``additional_metadata`` may hold."""
+MAX_METADATA_BYTES = 4 * KIB
+"""Largest ``additional_metadata`` as JSON: it is copied into every child's start and the runs index."""
+MAX_METADATA_KEY_CHARS = 128
+
+
+def validate_metadata(metadata: object, what: str = "additional_metadata") -> dict[str, str]:
+    """A run's ``additional_metadata``: a flat object of string keys and string values, within bounds.
+
+    Flat strings keep it cheap to copy into children and the runs index, and make it filterable
+    with ``key=value`` (``bide runs list --meta``).
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"{what} must be a mapping of strings to strings, got {type(metadata).__name__}")
+    out: dict[str, str] = {}
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not k or len(k) > MAX_METADATA_KEY_CHARS:
+            raise ValueError(f"{what}: key {k!r} must be a non-empty string of at most "
+                             f"{MAX_METADATA_KEY_CHARS} characters")
+        if not isinstance(v, str):
+            raise ValueError(f"{what}: the value of key {k!r} must be a string, got {type(v).__name__} {v!r:.80}")
+        out[k] = v
+    if len(out) > MAX_METADATA_KEYS:
+        raise ValueError(f"{what} has {len(out)} keys, more than the {MAX_METADATA_KEYS} allowed")
+    size = len(orjson.dumps(out))
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"{what} is {format_size(size)} as JSON, over the {format_size(MAX_METADATA_BYTES)} allowed")
+    return out
+
+
+def string_metadata(metadata: Mapping[str, Any], drop: frozenset[str] = frozenset()) -> dict[str, str]:
+    """The string values of an event's metadata (what a run it starts inherits), within the bounds.
+
+    An event's metadata may be any JSON object; only its string values carry over, and keys past
+    the bounds of :func:`validate_metadata` are left out rather than refusing the start.
+    """
+    out: dict[str, str] = {}
+    size = 2
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str) or k in drop or not k or len(k) > MAX_METADATA_KEY_CHARS:
+            continue
+        size += len(orjson.dumps(k)) + len(orjson.dumps(v)) + 2
+        if len(out) >= MAX_METADATA_KEYS or size > MAX_METADATA_BYTES:
+            break
+        out[k] = v
+    return out

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
@@ -21,6 +22,7 @@ from actors.engine.wire import (
 )
 from actors.observe.tracing import TRACEPARENT, trace_id_of
 from actors.store.protocol import start_run as protocol_start_run
+from sdk.durations import parse_duration
 from sdk.errors import (
     InputValidationError,
     RunAlreadyExistsError,
@@ -28,7 +30,7 @@ from sdk.errors import (
     RunFailedError,
     RunNotFoundError,
 )
-from sdk.limits import encode_payload
+from sdk.limits import encode_payload, validate_metadata
 from sdk.models import RunStatus
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ class StartRequest:
     run_id: str
     execution_timeout_s: float | None = None
     meta: dict[str, Any] | None = None
+    additional_metadata: dict[str, str] | None = None
     start_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     """This request: the same request retried starts the run once; another one for its id is refused."""
 
@@ -92,6 +95,8 @@ async def start_run(conn: Connection, req: StartRequest, notify: str | None = No
         execution_timeout_s=req.execution_timeout_s,
         meta=meta,
         start_id=req.start_id,
+        additional_metadata=validate_metadata(req.additional_metadata,
+                                              f"additional_metadata of run {req.run_id} of task {req.task!r}"),
     )
     try:
         await protocol_start_run(conn.history, conn.publisher, conn.layout.subjects, started)
@@ -258,6 +263,65 @@ class RunInfo:
     """The run's OpenTelemetry trace id (hex): every span of the run, on any host, is in this trace."""
 
 
+@dataclass(frozen=True)
+class RunSummary:
+    """A run as :meth:`RunsClient.list` finds it (from the runs index; a live run's status from its history)."""
+
+    run_id: str
+    task: str
+    status: RunStatus
+    started_at: datetime
+    ended_at: datetime | None = None
+    parent_run_id: str | None = None
+    additional_metadata: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "task": self.task, "status": self.status.value,
+                "started_at": self.started_at.isoformat(),
+                "ended_at": self.ended_at.isoformat() if self.ended_at else None,
+                "parent_run_id": self.parent_run_id, "additional_metadata": self.additional_metadata}
+
+
+@dataclass(frozen=True)
+class RunList:
+    """One page of :meth:`RunsClient.list`: newest first; ``cursor`` continues it (``None`` at the end)."""
+
+    runs: list[RunSummary]
+    cursor: str | None = None
+
+
+def _moment(value: datetime | timedelta | float | str | None, what: str) -> datetime | None:
+    """A datetime as given, or a duration (``"1h"``, seconds, a timedelta) meaning that long ago."""
+    if value is None or isinstance(value, datetime):
+        if isinstance(value, datetime) and value.tzinfo is None:
+            raise ValueError(f"{what} {value.isoformat()!r} has no time zone; give an aware datetime")
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+        except ValueError:
+            pass
+    try:
+        return utcnow() - parse_duration(value, what)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a time (ISO 8601) or a duration ago such as '1h' or '30m', "
+                         f"got {value!r}") from None
+
+
+def _live_status(last: list[Any]) -> RunStatus:
+    if not last:
+        return RunStatus.RUNNING
+    for e in last:
+        if isinstance(e, TERMINAL):
+            return {"run_completed": RunStatus.COMPLETED, "run_failed": RunStatus.FAILED}.get(
+                e.k, RunStatus.CANCELLED)
+    kind = last[-1].k
+    if kind == "run_started":
+        return RunStatus.QUEUED
+    return RunStatus.WAITING if kind in ("sleep_scheduled", "wait_registered", "signal", "children_spawned") \
+        else RunStatus.RUNNING
+
+
 def _duration(seconds: float) -> str:
     """``30d``, ``2h``, ``90m`` or ``5s``: the largest unit that divides it exactly."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -304,6 +368,52 @@ class RunsClient:
 
     def get(self, run_id: str) -> RunInfo:
         return self._pool.run_sync(self.aio_get(run_id))
+
+    async def aio_list(self, status: str | RunStatus | None = None, task: str | None = None,
+                       since: datetime | timedelta | float | str | None = None,
+                       until: datetime | timedelta | float | str | None = None,
+                       metadata: Mapping[str, str] | None = None, limit: int = 50,
+                       cursor: str | None = None) -> RunList:
+        """Runs, newest first, from the runs index; pass ``cursor`` from one page to get the next.
+
+        ``status`` is ``running``, ``waiting`` (a live run parked at a sleep, a wait or its
+        children), ``completed``, ``failed`` or ``cancelled``; ``since`` and ``until`` bound the
+        start time (a datetime, or a duration ago such as ``"1h"``); ``metadata`` keeps runs
+        whose ``additional_metadata`` has every given key with that value. Order is that of
+        the index's last write of each run: a live run by its start, an ended one by its end.
+        """
+        from actors.store.runs_index import RunQuery, decode_cursor, encode_cursor, find, metadata_filter
+
+        q = RunQuery(status=str(status) if status is not None else None, task=task,
+                     since=_moment(since, "since"), until=_moment(until, "until"),
+                     metadata=metadata_filter(metadata), limit=limit,
+                     before_seq=decode_cursor(cursor) if cursor is not None else None)
+        conn = await self._pool.get()
+        known: dict[str, RunStatus] = {}
+
+        async def live_status(runs: list[Any]) -> list[str]:
+            lasts = await asyncio.gather(*(conn.history.read_last(r.run_id) for r in runs))
+            for r, last in zip(runs, lasts, strict=True):
+                known[r.run_id] = _live_status(last)
+            return ["waiting" if known[r.run_id] == RunStatus.WAITING else "running" for r in runs]
+
+        page, next_seq = await find(conn.nc, conn.layout.subjects, q, live_status)
+        unknown = [r for r in page if r.status == "running" and r.run_id not in known]
+        if unknown:
+            await live_status(unknown)
+        return RunList(runs=[RunSummary(
+            run_id=r.run_id, task=r.task,
+            status=known.get(r.run_id) or RunStatus(r.status),
+            started_at=r.started_at, ended_at=r.ended_at, parent_run_id=r.parent_run_id,
+            additional_metadata=r.additional_metadata) for r in page],
+            cursor=encode_cursor(next_seq) if next_seq is not None else None)
+
+    def list(self, status: str | RunStatus | None = None, task: str | None = None,
+             since: datetime | timedelta | float | str | None = None,
+             until: datetime | timedelta | float | str | None = None,
+             metadata: Mapping[str, str] | None = None, limit: int = 50, cursor: str | None = None) -> RunList:
+        """Blocking :meth:`aio_list`."""
+        return self._pool.run_sync(self.aio_list(status, task, since, until, metadata, limit, cursor))
 
     async def aio_result(self, run_id: str, timeout: float | None = None) -> Any:
         conn = await self._pool.get()

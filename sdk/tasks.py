@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -15,6 +15,7 @@ from sdk._codec import Signature
 from sdk.context import ChildSpec, DurableRuntime, current_runtime
 from sdk.durations import parse_duration
 from sdk.gates import gate
+from sdk.limits import validate_metadata
 from sdk.runs import RunRef, StartRequest, new_run_id, start_and_wait, start_run, unwrap_outcome, unwrap_terminal
 
 if TYPE_CHECKING:
@@ -130,11 +131,13 @@ class TaskDefinition:
 
     # -- children ------------------------------------------------------------------------------
 
-    def _child(self, input: Any, key: str | None) -> ChildSpec:
+    def _child(self, input: Any, key: str | None, metadata: Mapping[str, str] | None = None) -> ChildSpec:
         if key is not None:
             validate_child_key(key)
         return ChildSpec(task=self.name, durable=self.runs_durably, input=self.signature.dump_input(input), key=key,
-                         execution_timeout_s=self.execution_timeout.total_seconds() if self.execution_timeout else None)
+                         execution_timeout_s=self.execution_timeout.total_seconds() if self.execution_timeout else None,
+                         additional_metadata=validate_metadata(metadata,
+                                                               f"additional_metadata of a {self.name!r} child"))
 
     def _load(self, outcome: dict[str, Any]) -> Any:
         return unwrap_outcome(outcome, self.signature.load_output)
@@ -144,7 +147,7 @@ class TaskDefinition:
         """An item for :meth:`aio_run_many` (Hatchet's name)."""
         return BulkRunItem(input=input, key=child_key or key)
 
-    def _request(self, input: Any, run_id: str | None) -> StartRequest:
+    def _request(self, input: Any, run_id: str | None, metadata: Mapping[str, str] | None = None) -> StartRequest:
         dumped = self.signature.dump_input(input)
         return StartRequest(
             task=self.name,
@@ -155,26 +158,32 @@ class TaskDefinition:
             # With the caller's run id, the same task and input again is the same start (a retry):
             # it returns the run; anything else for that id is refused.
             start_id=f"{self.name}:{args_hash(dumped)}" if run_id else new_run_id(),
+            additional_metadata=validate_metadata(metadata, f"additional_metadata of a run of {self.name!r}"),
         )
 
     async def aio_run(self, input: Any = None, *, run_id: str | None = None, timeout: float | None = None,
-                      child_key: str | None = None) -> Any:
+                      child_key: str | None = None, additional_metadata: Mapping[str, str] | None = None) -> Any:
         """Start a run and wait for its result (raises ``RunFailedError`` if it failed).
 
         Inside a durable task this spawns a child run and evicts the parent until it ends.
+        ``additional_metadata`` (string keys and values) is the run's, readable as
+        ``ctx.additional_metadata`` and filterable with ``bide.runs.list(metadata=...)``; a
+        child's is its parent's merged with its own.
         """
         rt = current_runtime.get()
         if rt is not None:
-            outcome = (await rt.spawn([self._child(input, child_key)], wait=True))[0]
+            outcome = (await rt.spawn([self._child(input, child_key, additional_metadata)], wait=True))[0]
             return self._load(outcome)
-        req = self._request(input, run_id)
+        req = self._request(input, run_id, additional_metadata)
         conn = await self._pool.get()
         entry = await start_and_wait(conn, req, timeout)
         return self.signature.load_output(unwrap_terminal(req.run_id, entry))
 
-    def run(self, input: Any = None, *, run_id: str | None = None, timeout: float | None = None) -> Any:
+    def run(self, input: Any = None, *, run_id: str | None = None, timeout: float | None = None,
+            additional_metadata: Mapping[str, str] | None = None) -> Any:
         """Synchronous :meth:`aio_run`."""
-        return self._pool.run_sync(self.aio_run(input, run_id=run_id, timeout=timeout))
+        return self._pool.run_sync(self.aio_run(input, run_id=run_id, timeout=timeout,
+                                                additional_metadata=additional_metadata))
 
     async def aio_run_many(self, items: Sequence[Any], *, return_exceptions: bool = False) -> list[Any]:
         """Run one task many times and return the results in order.
@@ -214,7 +223,8 @@ class TaskDefinition:
         return self._pool.run_sync(self.aio_run_many(items, return_exceptions=return_exceptions))
 
     async def aio_run_no_wait(self, input: Any = None, *, run_id: str | None = None,
-                              child_key: str | None = None) -> RunRef:
+                              child_key: str | None = None,
+                              additional_metadata: Mapping[str, str] | None = None) -> RunRef:
         """Start a run and return its handle as soon as it is durably recorded.
 
         Inside a durable task this spawns a child; ``await ref.aio_result()`` there is a
@@ -222,16 +232,17 @@ class TaskDefinition:
         """
         rt = current_runtime.get()
         if rt is not None:
-            rid = (await rt.spawn([self._child(input, child_key)], wait=False))[0]
+            rid = (await rt.spawn([self._child(input, child_key, additional_metadata)], wait=False))[0]
             return ChildRef(self._pool, rid, self.signature.load_output, rt)
-        req = self._request(input, run_id)
+        req = self._request(input, run_id, additional_metadata)
         conn = await self._pool.get()
         await start_run(conn, req)
         return RunRef(self._pool, req.run_id, self.signature.load_output)
 
-    def run_no_wait(self, input: Any = None, *, run_id: str | None = None) -> RunRef:
+    def run_no_wait(self, input: Any = None, *, run_id: str | None = None,
+                    additional_metadata: Mapping[str, str] | None = None) -> RunRef:
         """Synchronous :meth:`aio_run_no_wait`."""
-        return self._pool.run_sync(self.aio_run_no_wait(input, run_id=run_id))
+        return self._pool.run_sync(self.aio_run_no_wait(input, run_id=run_id, additional_metadata=additional_metadata))
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Calling the definition calls the function itself (handy in unit tests)."""

@@ -321,7 +321,7 @@ async def _replay_durable(hist: RunHistory, defn: TaskDefinition) -> None:
     value = defn.signature.load_input(started.input)
     retry_count = failed_attempts(hist)
     ctx = DurableContext(hist.run_id, defn.name, 1, started.input, turn, retry_count=retry_count,
-                         parents=started.parents)
+                         parents=started.parents, additional_metadata=started.additional_metadata)
 
     async def drive() -> Any:
         current_runtime.set(turn)

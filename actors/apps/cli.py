@@ -1,4 +1,4 @@
-"""The ``bide`` command line: ``dev``, ``worker``, ``run``, ``runs show|export|cancel``, ``replay``, ``serve``,
+"""The ``bide`` command line: ``dev``, ``worker``, ``run``, ``runs show|list|export|cancel``, ``replay``, ``serve``,
 ``event push|send``, ``status``."""
 
 from __future__ import annotations
@@ -343,6 +343,38 @@ async def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _meta_pairs(pairs: list[str] | None, flag: str = "--meta") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"{flag} {pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+async def cmd_runs_list(args: argparse.Namespace) -> int:
+    client = Bide()
+    try:
+        page = await client.runs.aio_list(status=args.status, task=args.task, since=args.since, until=args.until,
+                                          metadata=_meta_pairs(args.meta), limit=args.limit, cursor=args.cursor)
+        if args.json:
+            _print_json({"runs": [r.as_dict() for r in page.runs], "cursor": page.cursor})
+            return 0
+        rows = [("RUN ID", "TASK", "STATUS", "STARTED", "ENDED", "METADATA")] + [(
+            r.run_id, r.task, r.status.value, r.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.ended_at.strftime("%Y-%m-%d %H:%M:%S") if r.ended_at else "-",
+            " ".join(f"{k}={v}" for k, v in sorted(r.additional_metadata.items())) or "-") for r in page.runs]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[5])
+        if page.cursor is not None:
+            print(f"more: --cursor {page.cursor}", file=sys.stderr)
+        return 0
+    finally:
+        await client.aclose()
+
+
 async def cmd_runs_cancel(args: argparse.Namespace) -> int:
     client = Bide()
     try:
@@ -391,7 +423,8 @@ async def cmd_event_push(args: argparse.Namespace) -> int:
     payload = _parse_json(args.data, "--data")
     client = Bide()
     try:
-        ref = await client.event.aio_push(args.key, payload, scope=args.scope, event_id=args.event_id)
+        ref = await client.event.aio_push(args.key, payload, scope=args.scope, event_id=args.event_id,
+                                          metadata=_meta_pairs(args.meta) or None)
         _print_json({"event_id": ref.event_id, "key": ref.key, "scope": ref.scope, "seq": ref.seq})
         return 0
     finally:
@@ -488,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result")
     run.set_defaults(func=cmd_run)
 
-    runs = sub.add_parser("runs", help="inspect or cancel runs")
+    runs = sub.add_parser("runs", help="list, inspect or cancel runs")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
     show = runs_sub.add_parser("show", help="print a run's state and history")
     show.add_argument("run_id")
@@ -497,6 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_id")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     export.set_defaults(func=cmd_runs_export)
+    ls = runs_sub.add_parser("list", help="list runs, newest first, from the runs index")
+    ls.add_argument("--status", choices=["running", "waiting", "completed", "failed", "cancelled"])
+    ls.add_argument("--task", help="runs of this task only")
+    ls.add_argument("--since", help="started at or after: a time (ISO 8601) or a duration ago (1h, 30m)")
+    ls.add_argument("--until", help="started at or before: a time (ISO 8601) or a duration ago")
+    ls.add_argument("--meta", action="append", metavar="KEY=VALUE",
+                    help="runs whose additional_metadata has KEY=VALUE (repeatable: all must match)")
+    ls.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50, at most 1000)")
+    ls.add_argument("--cursor", help="continue a listing (printed after a page that has more)")
+    ls.add_argument("--json", action="store_true", help="print JSON: {runs, cursor}")
+    ls.set_defaults(func=cmd_runs_list)
     cancel = runs_sub.add_parser("cancel", help="cancel a run, its children and its pending waits")
     cancel.add_argument("run_id")
     cancel.add_argument("--reason", default="cancelled by request",
@@ -529,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--data", default="null", help="JSON payload (default null)")
     push.add_argument("--scope", help="narrows the event to waits with the same scope")
     push.add_argument("--id", dest="event_id", help="event id: pushing the same id again is a no-op")
+    push.add_argument("--meta", action="append", metavar="KEY=VALUE",
+                      help="event metadata (repeatable); runs the event starts inherit it")
     push.set_defaults(func=cmd_event_push)
     send = event_sub.add_parser("send", help="deliver event NAME to run RUN_ID (Zart's offer_event)")
     send.add_argument("run_id")

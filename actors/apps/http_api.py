@@ -5,8 +5,11 @@ runs it with uvicorn inside the caller's event loop (``bide serve`` and ``bide d
 
 =====================================  =====================================================
 ``POST /api/v1/events``                push an event: ``{"key", "payload", "scope", "event_id", "metadata"}``
+                                         (``additional_metadata`` is merged into ``metadata``)
 ``POST /api/v1/webhooks/{key}``        push an event whose payload is the raw JSON body (the key may contain ``/``)
 ``POST /api/v1/events/{run}/{name}``   deliver the raw JSON body to one run (Zart's ``offer_event``)
+``GET /api/v1/runs``                   list runs, newest first: ``?status=&task=&since=&until=&meta=K=V&limit=&cursor=``
+``GET /api/v1/runs/{run}``             a run's state
 ``POST /api/v1/runs/{run}/cancel``     cancel a run, its children and its waits: ``{"reason"}`` (optional)
 ``GET /``, ``/runs/…``, ``/events``…   the web UI (:mod:`actors.apps.web_ui`): pages, their session cookie
 ``GET /healthz``                       ``{"status": "ok"}``, never behind the token (liveness)
@@ -28,9 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import socket
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -47,8 +52,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from actors.apps.web_ui import ui_refusal, ui_router
 from actors.observe.tracing import TRACEPARENT, extract_context
 from actors.store.jetstream import missing_streams
+from actors.store.runs_index import CURSOR_PATTERN, MAX_LIMIT
 from sdk import Bide, EventRef, RunAlreadyFinishedError, RunNotFoundError
 from sdk.errors import EventPayloadError, PayloadLimitError, PayloadTooLargeError
+from sdk.events import merge_metadata
 from sdk.limits import PayloadLimits, check_payload
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576
@@ -82,6 +89,9 @@ class PushEventRequest(BaseModel):
     event_id: str | None = Field(default=None, description="makes the push idempotent: a repeated id is dropped",
                                  json_schema_extra={"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]})
     metadata: dict[str, Any] | None = Field(default=None, description="extra JSON data carried with the event")
+    additional_metadata: dict[str, Any] | None = Field(
+        default=None, description="the same as metadata (Hatchet's name); its string values become the "
+        "additional_metadata of the runs the event starts")
 
 
 class EventAccepted(BaseModel):
@@ -124,6 +134,25 @@ class RunState(BaseModel):
     error: str | None = Field(default=None, description="`Type: message` of a failed run")
     entries: int = Field(description="how many entries its history holds")
     trace_id: str
+
+
+class RunListed(BaseModel):
+    """A run in a listing (from the runs index)."""
+
+    run_id: str
+    task: str
+    status: str = Field(description="queued, running, waiting, completed, failed or cancelled")
+    started_at: str
+    ended_at: str | None = None
+    parent_run_id: str | None = None
+    additional_metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class RunPage(BaseModel):
+    """A page of runs, newest first; pass `cursor` back to get the next page (`null`: no more)."""
+
+    runs: list[RunListed]
+    cursor: str | None = None
 
 
 class Health(BaseModel):
@@ -342,17 +371,36 @@ def _host_name(host: str) -> str:
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+_DATE_TIME: dict[str, Any] = {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]}
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _moment(text: str | None, name: str) -> datetime | None:
+    """An RFC 3339 time (a date-time with its offset), or a 400 naming the value."""
+    if text is None:
+        return None
+    if _RFC3339.match(text):
+        head, frac = text[:19], re.match(r"^\.(\d+)", text[19:])
+        zone = text[19 + (len(frac.group(0)) if frac else 0):].upper().replace("Z", "+00:00")
+        try:
+            moment = datetime.fromisoformat(f"{head[:10]}T{head[11:]}{'.' + frac.group(1)[:6] if frac else ''}{zone}")
+            return moment.astimezone(UTC)
+        except (ValueError, OverflowError):
+            pass
+    raise HTTPException(400, f"{name} {text!r:.100} is not an RFC 3339 time such as 2026-01-31T12:00:00Z")
+
+
 def _too_large(limit: int, got: str) -> str:
     return f"request body too large: {got}, the limit is {limit} bytes"
 
 
-def _query_params(*known: str) -> Any:
+def _query_params(*known: str, repeatable: tuple[str, ...] = ()) -> Any:
     """A dependency refusing (400) a query parameter not in ``known``, or one given twice: a typo
     such as ``?scop=x`` would otherwise push an unscoped event, and which of two values was meant
-    cannot be known."""
+    cannot be known. Those in ``repeatable`` may be given many times."""
 
     def check(request: Request) -> None:
-        unknown = sorted(set(request.query_params) - set(known))
+        unknown = sorted(set(request.query_params) - set(known) - set(repeatable))
         if unknown:
             accepted = ", ".join(map(repr, known)) or "none"
             raise HTTPException(400, f"unknown query parameter(s) {', '.join(map(repr, unknown))}; "
@@ -454,7 +502,9 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
               responses=_errors(400, 401, 413, 503), tags=["events"])
     async def push_event(event: PushEventRequest, _: None = _query_params()) -> EventAccepted:
         """Push an event. Every wait and every ``on_events`` task matching its key (and scope) sees it."""
-        return await push(event.key, event.payload, event.scope, event.event_id, event.metadata)
+        metadata = merge_metadata(event.metadata, event.additional_metadata)
+        return await push(event.key, event.payload, event.scope, event.event_id,
+                          dict(metadata) if metadata is not None else None)
 
     @app.post("/api/v1/webhooks/{key:path}", status_code=202, response_model=EventAccepted, dependencies=auth,
               responses={**_errors(400, 401, 413, 503), 404: {
@@ -490,6 +540,35 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return EventDelivered(execution_id=receipt.execution_id, event_name=receipt.event_name)
+
+    @app.get("/api/v1/runs", response_model=RunPage, dependencies=auth, responses=_errors(400, 401, 503),
+             tags=["runs"])
+    async def list_runs(
+        status: Literal["running", "waiting", "completed", "failed", "cancelled"] | None = Query(None),
+        task: str | None = Query(None, json_schema_extra={"anyOf": [_NAME, {"type": "null"}]}),
+        since: str | None = Query(None, description="runs started at or after this time (RFC 3339)",
+                                  json_schema_extra=_DATE_TIME),
+        until: str | None = Query(None, description="runs started at or before this time (RFC 3339)",
+                                  json_schema_extra=_DATE_TIME),
+        meta: list[str] | None = Query(None, description="KEY=VALUE, repeatable: every pair must be in the "
+                                       "run's additional_metadata", json_schema_extra={
+                                           "items": {"type": "string", "pattern": "^[^=]+="}}),
+        limit: int = Query(50, ge=1, le=MAX_LIMIT),
+        cursor: str | None = Query(None, json_schema_extra={"anyOf": [
+            {"type": "string", "pattern": CURSOR_PATTERN}, {"type": "null"}]}),
+        _: None = _query_params("status", "task", "since", "until", "limit", "cursor", repeatable=("meta",)),
+    ) -> RunPage:
+        """Runs, newest first (by the index's last write: a live run's start, an ended run's end)."""
+        pairs = [m.partition("=") for m in meta or []]
+        if any(not k or not sep for k, sep, _v in pairs):
+            raise HTTPException(400, f"meta must be KEY=VALUE, got {meta!r:.200}")
+        try:
+            page = await bide.runs.aio_list(status=status, task=task, since=_moment(since, "since"),
+                                            until=_moment(until, "until"),
+                                            metadata={k: v for k, _sep, v in pairs}, limit=limit, cursor=cursor)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        return RunPage(runs=[RunListed(**r.as_dict()) for r in page.runs], cursor=page.cursor)
 
     @app.get("/api/v1/runs/{run_id}", response_model=RunState, dependencies=auth,
              responses=_errors(400, 401, 404, 503), tags=["runs"])

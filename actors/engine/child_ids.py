@@ -18,6 +18,8 @@ class ChildStart:
     execution_timeout_s: float | None = None
     parents: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    additional_metadata: dict[str, str] = field(default_factory=dict)
+    """The parent's metadata merged with the child's own (the child's keys win)."""
     detached: bool = False
     """Fire-and-forget (``aio_run_no_wait``): its trace is its own, linked to the parent's."""
 

@@ -116,6 +116,14 @@ class ScheduleRemoval:
 
 
 @dataclass(frozen=True)
+class RecordEnd:
+    """Move the run's record in the runs index from live to ended (a view: best effort, no ack awaited)."""
+
+    started: RunStarted
+    end: Terminal
+
+
+@dataclass(frozen=True)
 class NotifyParent:
     """Tell the parent run that this child ended (idempotent: one report per child)."""
 
@@ -143,7 +151,7 @@ class CancelChildren:
 
 
 Command = (Append | StartChildren | RegisterWait | WithdrawWait | ScheduleTimer | CancelTimer | ScheduleRetry
-           | PurgeInbox | ScheduleRemoval | NotifyParent | CancelChildren | NextGeneration)
+           | PurgeInbox | ScheduleRemoval | RecordEnd | NotifyParent | CancelChildren | NextGeneration)
 
 
 class Effects(Protocol):
@@ -177,9 +185,9 @@ class RunEnd:
 
 
 def end_of_run(started: RunStarted, how: RunEnd) -> list[Command]:
-    """After a run's terminal entry is durable: its removal, its parent's report, its children's cancellation."""
+    """After a run's terminal entry is durable: its index record, removal, parent's report, children's cancellation."""
     end = how.end
-    commands: list[Command] = [ScheduleRemoval(end)]
+    commands: list[Command] = [RecordEnd(started, end), ScheduleRemoval(end)]
     if started.parent is not None:
         commands.append(NotifyParent(started.parent, end))
     stops = isinstance(end, RunCancelled) or (isinstance(end, RunFailed) and how.cancels_children_on_failure)

@@ -127,7 +127,8 @@ def workflow_commands(hist: RunHistory, steps: Sequence[DagTask], plan: Workflow
         commands.append(PurgeInbox(hist.inbox[-1][0]))
     commands += [StartChildren(ParentLink(run_id=hist.run_id, task=started.task, pos=idx, n=1), [ChildStart(
         run_id=plan.spawned[steps[idx].name], task=steps[idx].name, durable=steps[idx].runs_durably,
-        input=started.input, parents={p.workflow_key: plan.done[p.workflow_key] for p in steps[idx].parents})])
+        input=started.input, parents={p.workflow_key: plan.done[p.workflow_key] for p in steps[idx].parents},
+        additional_metadata=started.additional_metadata)])
         for idx in plan.to_start]
     if plan.end is not None:
         # A workflow that fails or is cancelled stops the tasks it still has running.

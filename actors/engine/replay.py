@@ -726,8 +726,10 @@ class Turn:
 
     async def _start(self, pos: int, ids: list[str], children: list[ChildSpec], detached: bool) -> None:
         link = ParentLink(run_id=self.run_id, task=self.task, pos=pos, n=len(ids))
+        inherited = self._history.started.additional_metadata
         todo = [ChildStart(run_id=rid, task=c.task, durable=c.durable, input=c.input,
-                           execution_timeout_s=c.execution_timeout_s, detached=detached)
+                           execution_timeout_s=c.execution_timeout_s, detached=detached,
+                           additional_metadata={**inherited, **c.additional_metadata})
                 for rid, c in zip(ids, children, strict=True) if rid not in self._outcomes]
         if todo:
             await self._effects(StartChildren(link, todo))

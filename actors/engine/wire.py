@@ -281,6 +281,28 @@ class Subjects:
         """Every activation of one run, whatever its task."""
         return f"{self.prefix}.work.*.{encode_token(run_id)}"
 
+    # -- the runs index: one record per run, for listing (``actors.store.runs_index``) -----------
+
+    @property
+    def runs_stream(self) -> str:
+        return f"{self.prefix.upper()}_RUNS"
+
+    def run_record(self, state: str, task: str, run_id: str) -> str:
+        """``<prefix>.runs.<live|ended>.<task>.<run>``: the run's index record while it runs, or once it ended."""
+        return f"{self.prefix}.runs.{state}.{encode_token(task)}.{encode_token(run_id)}"
+
+    def run_records(self, task: str, run_id: str) -> str:
+        """Both index subjects of one run."""
+        return f"{self.prefix}.runs.*.{encode_token(task)}.{encode_token(run_id)}"
+
+    def runs_filter(self, state: str | None = None, task: str | None = None) -> str:
+        """The index records of runs in ``state`` (``live``/``ended``) of ``task``; ``None`` is any."""
+        return f"{self.prefix}.runs.{state or '*'}.{encode_token(task) if task else '*'}.*"
+
+    @property
+    def runs_all(self) -> str:
+        return f"{self.prefix}.runs.>"
+
     @property
     def cancel_broadcast(self) -> str:
         """Core NATS: "stop run R now if you are running it" (the durable request is on the inbox)."""
@@ -367,6 +389,8 @@ class RunStarted(_Entry):
     start is appended after the earlier one's entries, which readers skip and the host purges."""
     inbox_taken: int = 0
     """A later generation's start: the inbox signals up to this sequence were taken before it."""
+    additional_metadata: dict[str, str] = Field(default_factory=dict)
+    """The run's flat string metadata (``ctx.additional_metadata``); left off the wire when empty."""
 
     def same_start(self, other: RunStarted) -> bool:
         """Whether ``other`` is this start again (a retry, or the host completing it)."""
@@ -621,16 +645,23 @@ class HistoryMessage(BaseModel):
 _history_adapter = TypeAdapter(HistoryMessage)
 
 
+def _fields(value: BaseModel) -> dict[str, Any]:
+    # A start without metadata is written as before it existed (compact, and readable by older hosts).
+    if type(value) is RunStarted and not value.additional_metadata:
+        return {k: v for k, v in value.__dict__.items() if k != "additional_metadata"}
+    return value.__dict__
+
+
 def _model_fields(value: Any) -> Any:
     # Entries hold only JSON data, datetimes and nested models: orjson serialises their
     # fields directly, ~4x faster than model_dump on the hot path.
     if isinstance(value, BaseModel):
-        return value.__dict__
+        return _fields(value)
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
 def encode_history(entries: Sequence[HistoryEntry]) -> bytes:
-    return orjson.dumps({"v": WIRE_VERSION, "e": [e.__dict__ for e in entries]}, default=_model_fields)
+    return orjson.dumps({"v": WIRE_VERSION, "e": [_fields(e) for e in entries]}, default=_model_fields)
 
 
 def decode_history(data: bytes) -> list[HistoryEntry]:

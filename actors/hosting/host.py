@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
-from actors.engine.commands import Append, Command, NotifyParent, PurgeInbox, ScheduleRemoval, redo_last_turn
+from actors.engine.commands import Append, Command, NotifyParent, PurgeInbox, RecordEnd, ScheduleRemoval, redo_last_turn
 from actors.engine.decisions import claim_under_way, failed_attempts, is_suspended, needs_user_code
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
@@ -478,7 +478,7 @@ class ActorHost:
         assert terminal is not None
         # The host that ended it may have died before scheduling its removal, or (a redelivery)
         # before telling the parent. A signal that came after the end is never taken: it goes.
-        wind_up: list[Command] = [ScheduleRemoval(terminal)]
+        wind_up: list[Command] = [RecordEnd(hist.started, terminal), ScheduleRemoval(terminal)]
         if delivery > 1 and hist.started.parent is not None:
             wind_up.append(NotifyParent(hist.started.parent, terminal))
         if hist.inbox:

@@ -8,8 +8,8 @@ durable consumer. The reaper reads the run first and removes only a finished run
 retention has passed, so a removal that fires twice, is redelivered, or is published for a
 live run changes nothing. It removes, in this order: the router registrations of waits the
 run left open, the run's inbox, its children's counters, its schedules (timers, retries)
-and queued activations, and last the history, so a reaper that dies half-way finds the
-terminal entry again on redelivery and finishes the job.
+and queued activations, its records in the runs index, and last the history, so a reaper that
+dies half-way finds the terminal entry again on redelivery and finishes the job.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ class Reaper:
         await self._purge(s.counters_stream, s.run_counters(run_id))
         await self._purge(s.work_stream, s.run_timers(run_id))
         await self._purge(s.work_stream, s.run_work(run_id))
+        await self._purge(s.runs_stream, s.run_records(task, run_id))
         await self._purge(s.history_stream, s.history(run_id))  # last: until now a redelivery starts over
         log.info("removed run %s (ended %s, retention %s)", run_id, terminal.at.isoformat(), self.retention)
         return "removed"

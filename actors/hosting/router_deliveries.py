@@ -28,10 +28,13 @@ from actors.observe.tracing import TRACEPARENT, Tracing, span_context_of
 from actors.store.history import HistoryLog
 from actors.store.protocol import start_run
 from actors.store.requests import Publisher
+from sdk.limits import string_metadata
 
 SIGNAL_HEADROOM = 1024
 """Bytes kept free under the server's max payload for headers (a signal is rejected above it)."""
 _RUN_NAMESPACE = uuid.UUID("5b0c1f0e-7d1c-4b47-9a55-2b1de0b1de00")
+_NOT_METADATA = frozenset({TRACEPARENT})
+"""Event metadata a started run does not inherit: the trace context travels on its own."""
 
 
 class Deliveries:
@@ -85,8 +88,10 @@ class Deliveries:
                                             "scope": event.scope}}
         if TRACEPARENT in event.meta:
             meta[TRACEPARENT] = event.meta[TRACEPARENT]
+        # The run inherits the event's metadata: its string values only (an event's may be any JSON).
         started = RunStarted(run_id=run_id, task=trig.task, durable=trig.durable, input=event.payload,
-                             at=utcnow(), meta=meta, start_id=f"trigger:{event.event_id}:{event.seq}")
+                             at=utcnow(), meta=meta, start_id=f"trigger:{event.event_id}:{event.seq}",
+                             additional_metadata=string_metadata(event.meta, _NOT_METADATA))
         try:
             size = len(started.model_dump_json())
         except Exception as e:

@@ -22,6 +22,7 @@ from actors.engine.commands import (
     NextGeneration,
     NotifyParent,
     PurgeInbox,
+    RecordEnd,
     RegisterWait,
     ScheduleRemoval,
     ScheduleRetry,
@@ -35,6 +36,7 @@ from actors.observe.tracing import Tracing, observe_appended
 from actors.store.children import notify_parent, request_cancel, start_children
 from actors.store.jetstream import Layout, api_request
 from actors.store.requests import Publisher
+from actors.store.runs_index import publish_end
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -122,6 +124,8 @@ class RunWriter:
             case PurgeInbox(upto_seq=upto):
                 fx.chore(api_request(fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
                                      {"filter": s.inbox(run_id), "seq": upto + 1}))
+            case RecordEnd(started=started, end=end):
+                await publish_end(fx.publisher, s, started, end)  # no ack awaited: never a round trip
             case ScheduleRemoval(end=end):
                 await fx.reaper.schedule(run_id, end)
             case NotifyParent(parent=parent, end=end):

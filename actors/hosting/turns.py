@@ -114,7 +114,7 @@ class TurnRunner:
             await writer.carry_out(turn.conclude(RunFailed(error=error_info(e), at=utcnow())))
             return
         ctx = DurableContext(hist.run_id, defn.name, delivery, started.input, turn, retry_count=failed_attempts(hist),
-                             parents=started.parents)
+                             parents=started.parents, additional_metadata=started.additional_metadata)
 
         async def drive() -> Any:
             current_runtime.set(turn)  # task.aio_run() in this code spawns children of this run
@@ -199,7 +199,7 @@ class TurnRunner:
                 end = RunFailed(error=error_info(e), at=utcnow())
         if end is None:
             ctx = Context(hist.run_id, defn.name, delivery, started.input, retry_count=failed_attempts(hist),
-                          parents=started.parents)
+                          parents=started.parents, additional_metadata=started.additional_metadata)
             user: asyncio.Task[Any] = asyncio.create_task(defn.entry(value, ctx))
             self._running[hist.run_id] = (user, None)
             timeout = time_limit(started, defn)

@@ -59,7 +59,8 @@ async def start_children(history: HistoryLog, pub: Publisher, subjects: Subjects
             meta[TRACEPARENT] = span.traceparent
         started = RunStarted(run_id=c.run_id, task=c.task, durable=c.durable, input=c.input, at=utcnow(),
                              execution_timeout_s=c.execution_timeout_s, meta=meta, parent=parent,
-                             parents=c.parents, start_id=f"spawn:{parent.run_id}:{parent.pos}")
+                             parents=c.parents, start_id=f"spawn:{parent.run_id}:{parent.pos}",
+                             additional_metadata=c.additional_metadata)
         # A replay after a crash starts the same child again: the same start id makes it a no-op
         # (and its activation is ignored by the host once the child has begun).
         if await start_run(history, pub, subjects, started) is None and span is not None:

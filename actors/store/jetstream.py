@@ -285,6 +285,21 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
             allow_direct=True,
             discard=DiscardPolicy.OLD,
         ),
+        StreamConfig(
+            # The runs index (actors/store/runs_index.py): one record per subject, a view for
+            # listing runs that no run depends on. An ended run's `live` record is replaced by a
+            # marker that expires (Nats-TTL), so listing live runs reads live runs only.
+            name=s.runs_stream,
+            subjects=[s.runs_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=0,  # removed with its run by the reaper, never by age
+            max_msgs_per_subject=1,
+            num_replicas=layout.replicas,
+            allow_direct=True,
+            allow_rollup_hdrs=False,
+            discard=DiscardPolicy.OLD,
+        ),
     ]
 
 
@@ -312,7 +327,7 @@ async def ensure_streams(js: JetStreamContext, layout: Layout) -> None:
     for cfg in _stream_configs(layout):
         # nats-py's StreamConfig has no allow_msg_ttl: send the raw request.
         body = cfg.as_dict()
-        if cfg.name == layout.subjects.events_stream:
+        if cfg.name in (layout.subjects.events_stream, layout.subjects.runs_stream):
             body["allow_msg_ttl"] = True
         if cfg.name == layout.subjects.counters_stream:
             body["allow_msg_counter"] = True

@@ -1,6 +1,7 @@
 """The protocol writes every part of Bide shares, one home each (invariant 12).
 
-- :func:`start_run`: a client, a parent's host and the event router all start runs here.
+- :func:`start_run`: a client, a parent's host and the event router all start runs here
+  (with the run's record in the runs index, :mod:`actors.store.runs_index`).
 - :func:`deliver_signal`: a direct delivery, a cancel request and a child's outcome reach a
   run here (the router's batched form is :meth:`actors.hosting.router_effects.Effects.signal`).
 
@@ -25,6 +26,7 @@ from actors.engine.wire import (
 from actors.store.history import HistoryConflict, HistoryLog
 from actors.store.jetstream import retry_transient
 from actors.store.requests import Publisher
+from actors.store.runs_index import publish_live
 from sdk.errors import RunAlreadyExistsError
 
 CLIENT_RETRY_S = 30.0
@@ -49,6 +51,8 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
     # The activation is on the wire first; the start entry follows at once rather than a round
     # trip later, so the host that takes the activation almost always finds the entry written.
     await asyncio.sleep(0)
+    # The runs index's record goes with them, unacknowledged (a view: it never fails the start, nor delays it).
+    await publish_live(pub, subjects, started)
 
     async def append() -> int | None:
         try:

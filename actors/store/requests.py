@@ -153,5 +153,9 @@ class Publisher:
             nats.js.errors.APIError.from_error(err)  # raises the typed error
         return int(resp["seq"])
 
+    async def publish_unacked(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        """Publish without waiting for (or asking for) the ack: for writes nothing depends on (the runs index)."""
+        await self._nc.publish(subject, data, headers=headers)
+
     async def close(self) -> None:
         """Nothing of its own to release: the reply subscription lives as long as the connection."""

@@ -180,7 +180,8 @@ async def test_openapi_documents_the_endpoints(bide: Bide) -> None:
     assert "get" in paths["/healthz"]
     schemas = spec["components"]["schemas"]
     assert {"PushEventRequest", "EventAccepted", "EventDelivered", "ErrorDetail"} <= set(schemas)
-    assert set(schemas["PushEventRequest"]["properties"]) == {"key", "payload", "scope", "event_id", "metadata"}
+    assert set(schemas["PushEventRequest"]["properties"]) == {"key", "payload", "scope", "event_id", "metadata",
+                                                              "additional_metadata"}
     delivered = paths["/api/v1/events/{run_id}/{name}"]["post"]["responses"]
     assert {"200", "404", "409", "401"} <= set(delivered)
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

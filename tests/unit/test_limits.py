@@ -30,6 +30,7 @@ def test_sizes_parse_with_units() -> None:
     assert parse_size("256KiB") == parse_size("256k") == 256 * 1024
     assert parse_size("500KB") == 500_000
     assert parse_size("1MiB") == 1024 * 1024
+    assert parse_size("1GiB") == parse_size("1g") == 1024**3 and parse_size("2GB") == 2 * 10**9
     with pytest.raises(ValueError, match=r"'lots' is not a size"):
         parse_size("lots")
 

@@ -8,7 +8,8 @@ import sdk
 EXPECTED = [
     "Bide", "BideConfig", "BideError", "Context", "DurableContext", "EmptyModel", "InputValidationError",
     "NonDeterminismError", "OutputSerializationError", "RunCancelledError", "RunFailedError", "RunInfo",
-    "RunNotFoundError", "RunRef", "RunStatus", "ServerBinaryNotFoundError", "SleepResult", "TaskDefinition",
+    "RunList", "RunNotFoundError", "RunRef", "RunStatus", "RunSummary", "ServerBinaryNotFoundError", "SleepResult",
+    "TaskDefinition",
     "TaskTimeoutError", "UnknownTaskError", "Worker",
     # event waits
     "BulkPushEvent", "DeliveryReceipt", "EventPayloadError", "EventRef", "EventTimeout", "InvalidExpression",

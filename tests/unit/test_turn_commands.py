@@ -143,7 +143,7 @@ async def test_an_event_that_wins_an_or_group_withdraws_the_registration_and_the
     turn, _, result = await run(RunHistory("r1", parked.entries, last_seq=2, inbox=[(5, signal)]), asks)
     assert result == {"paid": {"e9": {"ok": 1}}}
     commands = turn.conclude(RunCompleted(result=result, at=utcnow()))
-    assert kinds(commands) == ["Append", "WithdrawWait", "CancelTimer", "PurgeInbox", "ScheduleRemoval"]
+    assert kinds(commands) == ["Append", "WithdrawWait", "CancelTimer", "PurgeInbox", "RecordEnd", "ScheduleRemoval"]
     withdraw = commands[1]
     assert isinstance(withdraw, WithdrawWait) and withdraw.satisfied == {0}  # the router deleted that one itself
     assert commands[2] == CancelTimer(0)
@@ -164,9 +164,9 @@ async def test_children_are_recorded_before_they_are_started_and_their_end_tells
     assert start.parent == ParentLink(run_id="r1", task="Job", pos=0, n=3)
     # Cancelled while waiting for them: the end stops the children and tells this run's parent.
     commands = turn.conclude(RunCancelled(reason="stop", at=utcnow()))
-    assert kinds(commands) == ["Append", "ScheduleRemoval", "NotifyParent", "CancelChildren"]
-    assert isinstance(commands[2], NotifyParent) and commands[2].parent == PARENT
-    cancel = commands[3]
+    assert kinds(commands) == ["Append", "RecordEnd", "ScheduleRemoval", "NotifyParent", "CancelChildren"]
+    assert isinstance(commands[3], NotifyParent) and commands[3].parent == PARENT
+    cancel = commands[4]
     assert isinstance(cancel, CancelChildren) and [rid for rid, _ in cancel.children] == start_ids(start)
 
 
