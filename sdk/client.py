@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -184,7 +184,8 @@ class Bide:
                 names.append(meta["bide_task"])
         return sorted(names)
 
-    async def aio_run_no_wait_by_name(self, task: str, input: Any = None) -> RunRef:
+    async def aio_run_no_wait_by_name(self, task: str, input: Any = None, *,
+                                      additional_metadata: Mapping[str, str] | None = None) -> RunRef:
         """Start a task by name, e.g. from the CLI; the name must be registered by a worker."""
         validate_task_name(task)
         conn = await self._pool.get()
@@ -204,6 +205,7 @@ class Bide:
             durable=defined.durable if defined else (info.config.metadata or {}).get("bide_durable") == "true",
             input=defined.signature.dump_input(input) if defined else input,
             run_id=new_run_id(),
+            additional_metadata=dict(additional_metadata) if additional_metadata else None,
         )
         await start_run(conn, req)
         return RunRef(self._pool, req.run_id, defined.signature.load_output if defined else None)

@@ -316,7 +316,8 @@ def ui_router(bide: Bide, token: str | None) -> APIRouter:
         hist = await bide.runs.aio_history(run_id)
         first = hist.started
         try:
-            ref = await bide.aio_run_no_wait_by_name(first.task, first.input)
+            ref = await bide.aio_run_no_wait_by_name(first.task, first.input,
+                                                     additional_metadata=first.additional_metadata or None)
         except (ValueError, BideError) as e:
             raise UIError(400, f"cannot re-run {run_id}: {e}") from None
         return RedirectResponse(f"/runs/{quote(ref.workflow_run_id, safe='')}?done=rerun", status_code=303)

@@ -251,3 +251,61 @@ async def test_with_a_token_pages_need_the_login_cookie(bide: Bide) -> None:
         out = await ui.post("/logout", headers=SAME_ORIGIN)
         assert out.status_code == 303 and out.headers["location"] == "/login"
         assert (await ui.get("/workers")).status_code == 303
+
+
+async def test_the_runs_page_filters_pages_and_reruns_with_the_metadata(bide: Bide, ui: httpx.AsyncClient,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    @bide.durable_task(name="Tagged")
+    async def tagged(input: Square, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("never:comes")
+
+    @bide.task(name="Quick")
+    async def quick(input: EmptyModel, ctx: Context) -> int:
+        return 1
+
+    async with running_worker(bide, [tagged, quick]):
+        acme = [await tagged.aio_run_no_wait(Square(n=i), additional_metadata={"customer": "acme"})
+                for i in range(2)]
+        other = await tagged.aio_run_no_wait(Square(n=9), additional_metadata={"customer": "other"})
+        await quick.aio_run(EmptyModel())
+        waiting_ids = [r.workflow_run_id for r in [*acme, other]]
+        for run_id in waiting_ids:
+            await waiting(bide, run_id)
+
+        async def listed(**params: str) -> tuple[list[str], str]:
+            resp = await ui.get("/", params=params)
+            assert resp.status_code == 200, resp.text
+            return re.findall(r'<tr data-run="([^"]+)">', resp.text), resp.text
+
+        ids, html = await listed(status="waiting")
+        assert sorted(ids) == sorted(waiting_ids) and ">waiting<" in html
+        ids, html = await listed(meta="customer=acme", task="Tagged")
+        assert sorted(ids) == sorted(r.workflow_run_id for r in acme) and "customer=acme" in html
+        ids, html = await listed(status="completed")
+        assert len(ids) == 1 and "Quick" in html
+        ids, html = await listed(status="failed", since="1h")
+        assert ids == [] and "No runs match." in html
+        fragment = await ui.get("/", params={"status": "waiting", "fragment": "1"})
+        assert "<html" not in fragment.text and waiting_ids[0] in fragment.text
+
+        monkeypatch.setattr("actors.apps.web_ui.PAGE_SIZE", 2)
+        first, html = await listed(status="waiting")
+        assert len(first) == 2
+        older = re.search(r'href="/\?(status=waiting&(?:amp;)?cursor=[^"]+)" rel="next"', html)
+        assert older, html
+        rest = await ui.get("/?" + older[1].replace("&amp;", "&"))
+        last = re.findall(r'<tr data-run="([^"]+)">', rest.text)
+        assert sorted(first + last) == sorted(waiting_ids) and 'rel="next"' not in rest.text
+
+        for params, why in (({"status": "bogus"}, "bogus"), ({"since": "yesterday"}, "yesterday"),
+                            ({"meta": "novalue"}, "is not a key=value pair")):
+            bad = await ui.get("/", params=params)
+            assert bad.status_code == 400 and why in bad.text, (params, bad.text)
+
+        again = await ui.post(f"/runs/{acme[0].workflow_run_id}/rerun", headers=SAME_ORIGIN)
+        new_id = again.headers["location"].split("/runs/")[1].split("?")[0]
+        started = (await bide.runs.aio_history(new_id)).started
+        assert started.input == {"n": 0} and started.additional_metadata == {"customer": "acme"}
+        assert "customer=acme" in (await ui.get(f"/runs/{new_id}")).text
+        for run_id in [*waiting_ids, new_id]:
+            await bide.runs.aio_cancel(run_id)
