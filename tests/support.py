@@ -153,3 +153,25 @@ async def otlp_receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
         if proc.returncode is None:
             os.kill(proc.pid, signal.SIGKILL)
         await asyncio.wait_for(proc.wait(), 10)
+
+
+def free_ports_in_a_row(n: int) -> int:
+    """The first of ``n`` consecutive free ports (for ``bide dev --cluster``: node i on port + i).
+
+    Chosen below Linux's ephemeral range (32768 and up), where the servers other tests start on
+    ``free_port()`` (port 0: the kernel picks an ephemeral one) can never take a neighbour.
+    """
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(20000, 32768 - n)
+        try:
+            with contextlib.ExitStack() as held:
+                for p in range(base, base + n):
+                    s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports found")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from actors.store.server import EmbeddedServer, free_port
-from tests.support import REPO, WorkerProcess
+from tests.support import REPO, WorkerProcess, free_ports_in_a_row
 
 
 def bide(*args: str, url: str | None = None, timeout: float = 60,
@@ -125,7 +125,7 @@ def test_export_a_run_and_replay_it_against_old_and_changed_code(nats_server: Em
 
 
 def test_dev_cluster_runs_three_nodes_at_three_replicas_and_more_workers_then_stops_them_all(tmp_path: Path) -> None:
-    port = free_port()
+    port = free_ports_in_a_row(3)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "actors.apps.cli", "dev", "examples.durable.worker",
                              "--cluster", "3", "--workers", "2", "--port", str(port), "--store", str(tmp_path / "js"),
