@@ -35,7 +35,7 @@ from typing import Any
 
 import nats
 
-from actors.store.server import EmbeddedServer, SyncSetting
+from actors.store.server import EmbeddedServer, SyncSetting, jetstream_answers
 from benchmarks.chaos_cluster import Servers
 from benchmarks.event_latency import WorkerProc
 from benchmarks.failover_driver import Driver, check_runs, first_completion_after, needed, rate_back_at
@@ -115,21 +115,6 @@ async def healthy(js: Any, nodes: int) -> bool:
         if len(peers) != nodes - 1 or any(p.offline or not p.current for p in peers):
             return False
     return bool(infos)
-
-
-async def jetstream_answers(url: str) -> bool:
-    """Whether the node at ``url`` answers JetStream requests (the cluster has a meta leader)."""
-    try:
-        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1)
-    except Exception:
-        return False
-    try:
-        await nc.jetstream().account_info()
-        return True
-    except Exception:
-        return False
-    finally:
-        await nc.close()
 
 
 async def cluster_up(servers: Servers) -> float:

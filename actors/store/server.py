@@ -270,3 +270,20 @@ def local_cluster(size: int, store_root: str | Path | None = None, *, name: str 
 def cluster_url(nodes: list[EmbeddedServer]) -> str:
     """Every node's URL, comma-separated (what ``BIDE_NATS_URL`` takes)."""
     return ",".join(n.url for n in nodes)
+
+
+async def jetstream_answers(url: str) -> bool:
+    """Whether the node at ``url`` answers JetStream requests (on a cluster: it has a meta leader)."""
+    import nats
+
+    try:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1)
+    except Exception:
+        return False
+    try:
+        await nc.jetstream().account_info()
+        return True
+    except Exception:
+        return False
+    finally:
+        await nc.close()

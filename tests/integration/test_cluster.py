@@ -11,7 +11,7 @@ import nats
 import pytest
 
 from actors.store.jetstream import api_request
-from actors.store.server import EmbeddedServer, local_cluster
+from actors.store.server import EmbeddedServer, jetstream_answers, local_cluster
 from sdk import Bide, DurableContext, EmptyModel, UserEventCondition
 from tests.support import running_worker, wait_until
 
@@ -29,20 +29,9 @@ def cluster() -> Iterator[list[EmbeddedServer]]:
             n.stop()
 
 
-async def _jetstream_ready(url: str) -> bool:
-    nc = await nats.connect(url)
-    try:
-        await nc.jetstream().account_info()
-        return True
-    except Exception:
-        return False
-    finally:
-        await nc.close()
-
-
 async def test_durable_sleep_survives_losing_a_node(cluster: list[EmbeddedServer]) -> None:
     for n in cluster:
-        await wait_until(lambda n=n: _jetstream_ready(n.url), timeout=30, what=f"JetStream on {n.url}")
+        await wait_until(lambda n=n: jetstream_answers(n.url), timeout=30, what=f"JetStream on {n.url}")
     urls = ",".join(n.url for n in cluster)
     client = Bide(urls, replicas=3, ack_wait=3.0)
 
@@ -81,7 +70,7 @@ async def test_signals_and_timers_right_after_a_node_restart_are_seen(cluster: l
     reads here; the test keeps the guarantee pinned.
     """
     for n in cluster:
-        await wait_until(lambda n=n: _jetstream_ready(n.url), timeout=30, what=f"JetStream on {n.url}")
+        await wait_until(lambda n=n: jetstream_answers(n.url), timeout=30, what=f"JetStream on {n.url}")
     client = Bide(",".join(n.url for n in cluster), replicas=3, ack_wait=3.0)
 
     @client.durable_task(name="ClusterSignal")
@@ -130,7 +119,7 @@ async def test_a_host_asks_for_work_again_soon_after_its_work_consumers_leader_d
     at once; this pins that (a benchmark had suggested a 10 s stall, which did not reproduce here).
     """
     for n in cluster:
-        await wait_until(lambda n=n: _jetstream_ready(n.url), timeout=30, what=f"JetStream on {n.url}")
+        await wait_until(lambda n=n: jetstream_answers(n.url), timeout=30, what=f"JetStream on {n.url}")
     client = Bide(",".join(n.url for n in cluster), replicas=3, ack_wait=3.0)
 
     @client.durable_task(name="ClusterPull")

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from actors.store.server import EmbeddedServer
+from actors.store.server import EmbeddedServer, jetstream_answers
 from sdk import Bide, Context, DurableContext
-from tests.integration.test_cluster import _jetstream_ready, cluster  # noqa: F401  (the cluster fixture)
+from tests.integration.test_cluster import cluster  # noqa: F401  (the cluster fixture)
 from tests.support import WorkerProcess, push_until_stored, running_worker, wait_until
 
 
 async def test_runs_complete_when_the_stream_leaders_node_is_killed(cluster: list[EmbeddedServer]) -> None:  # noqa: F811
     for node in cluster:
-        await wait_until(lambda node=node: _jetstream_ready(node.url), timeout=30, what=f"JetStream on {node.url}")
+        await wait_until(lambda node=node: jetstream_answers(node.url), timeout=30, what=f"JetStream on {node.url}")
     client = Bide(",".join(n.url for n in cluster), replicas=3, ack_wait=3.0)
 
     @client.task(name="ClusterSquare")
@@ -58,7 +58,7 @@ async def test_a_host_started_while_the_cluster_has_no_quorum_waits_for_it(
 ) -> None:
     """`bide worker` started while two of three nodes are down: it retries the set-up, it does not exit."""
     for node in cluster:
-        await wait_until(lambda node=node: _jetstream_ready(node.url), timeout=30, what=f"JetStream on {node.url}")
+        await wait_until(lambda node=node: jetstream_answers(node.url), timeout=30, what=f"JetStream on {node.url}")
     urls = ",".join(n.url for n in cluster)
     first = Bide(urls, replicas=3, ack_wait=3.0)
     await first._pool.get()  # the streams exist (at R3)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from actors.store.server import EmbeddedServer
+from actors.store.server import EmbeddedServer, jetstream_answers
 from sdk import Bide, DurableContext
-from tests.integration.test_cluster import _jetstream_ready, cluster  # noqa: F401  (the cluster fixture)
+from tests.integration.test_cluster import cluster  # noqa: F401  (the cluster fixture)
 from tests.support import push_until_stored, running_worker, wait_until
 
 
 async def test_events_matched_while_the_history_leader_is_killed(cluster: list[EmbeddedServer]) -> None:  # noqa: F811
     for node in cluster:
-        await wait_until(lambda node=node: _jetstream_ready(node.url), timeout=30, what=f"JetStream on {node.url}")
+        await wait_until(lambda node=node: jetstream_answers(node.url), timeout=30, what=f"JetStream on {node.url}")
     client = Bide(",".join(n.url for n in cluster), replicas=3, ack_wait=3.0)
 
     @client.durable_task(name="ClusterWait")
