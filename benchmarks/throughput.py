@@ -30,6 +30,7 @@ import nats
 from tqdm import tqdm
 
 from actors.store.server import EmbeddedServer, server_version
+from benchmarks.common import cpu_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -142,19 +143,27 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def measure(url: str, args: argparse.Namespace, sweep: list[int]
-            ) -> tuple[float, list[float], float, int, list[dict[str, Any]]]:
-    """Raw publishes, then warm-up, the main run and the sweep against ``url`` with one worker process."""
+def measure(url: str, args: argparse.Namespace, sweep: list[int], server_pid: int | None = None
+            ) -> tuple[float, list[float], float, int, list[dict[str, Any]], dict[str, float]]:
+    """Raw publishes, then warm-up, the main run and the sweep against ``url`` with one worker process.
+
+    Also the CPU each process spent per run of the main run, in microseconds: the worker (the
+    host), this driver (starting runs and awaiting results) and, when it is known, the server.
+    """
     os.environ["BIDE_NATS_URL"] = url
     pub = asyncio.run(publish_rate(url, args.publish_messages, replicas=args.replicas))
     worker = start_worker(url)
     try:
         asyncio.run(drive(args.warmup, args.concurrency, progress=False))
+        pids = {"worker": worker.pid, **({"server": server_pid} if server_pid else {})}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()} | {"driver": time.process_time()}
         lat, wall, errors = asyncio.run(drive(args.runs, args.concurrency, not args.no_progress))
+        after = {name: cpu_seconds(pid) for name, pid in pids.items()} | {"driver": time.process_time()}
+        cpu = {name: round((after[name] - before[name]) / max(1, args.runs) * 1e6, 1) for name in after}
         swept = [sweep_point(c, max(args.sweep_runs, 3 * c)) for c in sweep]
     finally:
         stop_worker(worker)
-    return pub, lat, wall, errors, swept
+    return pub, lat, wall, errors, swept, cpu
 
 
 async def reported_version(url: str) -> str:
@@ -186,14 +195,15 @@ def main() -> None:
 
     if args.url:
         os.environ["BIDE_REPLICAS"] = str(args.replicas)  # the worker and this driver make the streams with it
-        pub, lat, wall, errors, swept = measure(args.url, args, sweep)
+        pub, lat, wall, errors, swept, cpu = measure(args.url, args, sweep)
         version = asyncio.run(reported_version(args.url))
         # The servers were started elsewhere: their sync setting is theirs to state.
         durability = {"url": args.url, "replicas": args.replicas, "sync": "as the servers were started"}
         durability_line = f"servers: {args.url}, replicas {args.replicas} (sync as the servers were started)"
     else:
         with EmbeddedServer() as server:
-            pub, lat, wall, errors, swept = measure(server.url, args, sweep)
+            assert server.proc is not None
+            pub, lat, wall, errors, swept, cpu = measure(server.url, args, sweep, server.proc.pid)
             version = ".".join(map(str, server_version(server.binary)))
             durability = server.durability()
             durability_line = server.durability_line()
@@ -212,6 +222,7 @@ def main() -> None:
         "sweep": swept,
         "latencies_ms": [round(x * 1000, 2) for x in lat],
         "runs_per_publish_ratio": round(rate / pub, 4),
+        "cpu_us_per_run": cpu,
         "nats_server": version,
         "server": durability,
         "python": platform.python_version(),
@@ -221,6 +232,7 @@ def main() -> None:
     print(f"{len(lat)} trivial durable runs in {wall:.2f} s: {rate:,.0f} runs/s, "
           f"p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms, errors {errors}")
     print(f"raw JetStream pipelined publish: {pub:,.0f} msg/s (runs/s / publish/s = {out['runs_per_publish_ratio']})")
+    print("CPU per run: " + ", ".join(f"{name} {us:,.0f} us" for name, us in cpu.items()))
     for p in swept:
         print(f"  {p['concurrency']:>5} in flight: {p['runs_per_s']:>7,.0f} runs/s, p50 {p['p50_ms']} ms, "
               f"p99 {p['p99_ms']} ms ({p['runs']} runs, errors {p['errors']})")
