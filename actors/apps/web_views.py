@@ -101,7 +101,8 @@ def _row(e: HistoryEntry, at: datetime | None, labels: dict[str, str]) -> Row:
     if isinstance(e, TurnParked):
         return Row("parked", at, "parked again", css="quiet")
     if isinstance(e, MemoRecorded):
-        return Row("memo", at, f"step {e.name}", [("pos", str(e.pos)), ("result", short(e.result))],
+        took = [("took", f"{e.ms:,.1f} ms")] if e.ms is not None else []
+        return Row("memo", at, f"step {e.name}", [("pos", str(e.pos)), *took, ("result", short(e.result))],
                    detail=to_json(e.result))
     if isinstance(e, NowRecorded):
         return Row("now", at, "read the time", [("pos", str(e.pos)), ("now", f"{e.at:%Y-%m-%d %H:%M:%S.%f}Z")],

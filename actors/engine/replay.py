@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -472,13 +473,15 @@ class Turn:
             adapter = return_adapter(fn)
             return adapter.validate_python(m.result) if adapter is not None else m.result
         self._new(pos, f"memo({name!r}, args hash {digest})")
+        began = time.perf_counter()
         with self._observer.memo(name, pos) if self._observer is not None else nullcontext():
             result = fn(*args)
             if inspect.isawaitable(result):
                 result = await result
+        ms = round((time.perf_counter() - began) * 1000, 3)
         data = to_json_value(result, f"the result of memo {name!r} in run {self.run_id}")
         # Nothing completed runs twice: the result is durable before the code goes on.
-        await self._durably(self.flush([MemoRecorded(pos=pos, name=name, args_hash=digest, result=data)]))
+        await self._durably(self.flush([MemoRecorded(pos=pos, name=name, args_hash=digest, result=data, ms=ms)]))
         return result
 
     async def now(self) -> datetime:

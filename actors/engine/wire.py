@@ -432,6 +432,8 @@ class MemoRecorded(_Entry):
     name: str
     args_hash: str
     result: Any = None
+    ms: float | None = None
+    """How long the step ran, in milliseconds (``None`` in entries written before it was recorded)."""
 
 
 class NowRecorded(_Entry):

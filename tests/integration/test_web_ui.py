@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -139,6 +140,7 @@ async def test_a_parent_shows_its_children_a_memo_step_and_a_failed_child_its_tr
         return input.n * input.n
 
     async def double(n: int) -> int:
+        await asyncio.sleep(0.02)  # a step that takes a while: its duration is recorded and shown
         return 2 * n
 
     @bide.durable_task(name="FansOut")
@@ -152,6 +154,9 @@ async def test_a_parent_shows_its_children_a_memo_step_and_a_failed_child_its_tr
         assert await ref.aio_result(timeout=10) == {"doubled": 42, "squares": [4, 9]}
         html = (await ui.get(f"/runs/{ref.workflow_run_id}")).text
         assert "double</b>" in html and "<i>result</i> 42" in html  # the memo step (by qualified name)
+        step = next(e for e in (await bide.runs.aio_history(ref.workflow_run_id)).entries if e.k == "memo")
+        assert step.ms is not None and step.ms >= 20, step
+        assert f"<i>took</i> {step.ms:,.1f} ms" in html
         assert "spawned 2 runs of SquareOrFail" in html
         children = re.findall(r'<tr><td><span class="status (\w+)">\w+</span></td><td>SquareOrFail</td>'
                               r'<td><a href="/runs/([^"]+)">', html)
