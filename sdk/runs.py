@@ -395,7 +395,11 @@ class RunsClient:
             lasts = await asyncio.gather(*(conn.history.read_last(r.run_id) for r in runs))
             for r, last in zip(runs, lasts, strict=True):
                 known[r.run_id] = _live_status(last)
-            return ["waiting" if known[r.run_id] == RunStatus.WAITING else "running" for r in runs]
+            # A live record whose history has ended (its end record was lost with a host) is
+            # listed with the history's status, and never as running or waiting.
+            return [{RunStatus.WAITING: "waiting", RunStatus.QUEUED: "running"}.get(known[r.run_id],
+                                                                                  known[r.run_id].value)
+                    for r in runs]
 
         page, next_seq = await find(conn.nc, conn.layout.subjects, q, live_status)
         unknown = [r for r in page if r.status == "running" and r.run_id not in known]

@@ -229,7 +229,7 @@ async def find(nc: NATS, subjects: Subjects, q: RunQuery,
         got = [r for r in reversed(got) if _matches(r, q)]
         if q.status in ("running", "waiting") and got and live_status is not None:
             statuses = await live_status(got)
-            got = [r for r, st in zip(got, statuses, strict=True) if (st == "waiting") == (q.status == "waiting")]
+            got = [r for r, st in zip(got, statuses, strict=True) if st == q.status]
         found.extend(got)
         hi = lo
         window = min(window * 4, _MAX_WINDOW)

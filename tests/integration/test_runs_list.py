@@ -212,3 +212,34 @@ async def test_the_reaper_removes_a_runs_index_records_with_the_run(short: Bide)
 
         await wait_until(removed, timeout=20, what="the run and its index records to be removed")
         assert (await short.runs.aio_list(task="ix_short")).runs == []
+
+
+async def test_a_run_whose_end_record_was_lost_is_listed_with_its_historys_status(bide: Bide) -> None:
+    """The index narrows, the history decides: a live record left by a host that died before
+    writing the end's record never makes a finished run look running or waiting."""
+    from actors.store.runs_index import LIVE, record
+
+    @bide.task(name="ix_lost_end")
+    async def quick(input: dict[str, Any], ctx: Context) -> str:
+        return "done"
+
+    async with running_worker(bide, [quick]):
+        ref = await quick.aio_run_no_wait({})
+        assert await ref.aio_result(timeout=20) == "done"
+        run_id = ref.workflow_run_id
+        conn = await bide._pool.get()
+        s = conn.layout.subjects
+        started = (await conn.history.read(run_id)).started
+
+        async def ended_record() -> bool:
+            return run_id in await _all(bide, status="completed", task="ix_lost_end")
+
+        await wait_until(ended_record, timeout=15, what="the end's index record")
+        # As if the end's records were never written: the ended one gone, the live one back.
+        await api_request(conn.nc, f"$JS.API.STREAM.PURGE.{s.runs_stream}",
+                          {"filter": s.run_records("ix_lost_end", run_id)})
+        await conn.publisher.publish(s.run_record(LIVE, "ix_lost_end", run_id), record(started))
+        listed = (await bide.runs.aio_list(task="ix_lost_end")).runs
+        assert [(r.run_id, r.status) for r in listed] == [(run_id, RunStatus.COMPLETED)]
+        assert run_id not in await _all(bide, status="running")
+        assert run_id not in await _all(bide, status="waiting")
