@@ -15,6 +15,7 @@ import orjson
 
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
+    HDR_EVENT_METADATA,
     ActivationBegun,
     AttemptFailed,
     ChildrenSpawned,
@@ -34,6 +35,7 @@ from actors.engine.wire import (
     WaitRegistered,
     WaitResolved,
     parse_time,
+    rfc3339,
 )
 from actors.observe.tracing import trace_id_of
 from actors.store.jetstream import api_request, direct_get_subject
@@ -153,14 +155,15 @@ def _row(e: HistoryEntry, at: datetime | None, labels: dict[str, str]) -> Row:
     return Row(getattr(e, "k", "?"), at, getattr(e, "k", "?"), css="quiet")
 
 
+def stored_at(hist: RunHistory, i: int) -> datetime | None:
+    """When entry ``i``'s batch was stored (``None`` if unknown, e.g. an imported history)."""
+    return parse_time(hist.times[i]) if i < len(hist.times) and hist.times[i] else None
+
+
 def timeline(hist: RunHistory) -> list[Row]:
     """The run's entries as rows, each with the time its batch was stored."""
     labels: dict[str, str] = {}
-    rows = []
-    for i, e in enumerate(hist.entries):
-        at = parse_time(hist.times[i]) if i < len(hist.times) and hist.times[i] else None
-        rows.append(_row(e, at, labels))
-    return rows
+    return [_row(e, stored_at(hist, i), labels) for i, e in enumerate(hist.entries)]
 
 
 @dataclass
@@ -187,6 +190,10 @@ class RunPage:
     children: list[tuple[str, str, str, str]]
     """(run id, task, status, after) of each child, in spawn order (a workflow's tasks: see :func:`child_states`)."""
     entries: int
+    history: RunHistory = field(repr=False)
+    """What the page was built from (:func:`run_document` reads its entries, input and result)."""
+    waits: list[WaitRegistered] = field(default_factory=list)
+    """The pending waits (none once the run has ended)."""
 
     @property
     def finished(self) -> bool:
@@ -217,6 +224,7 @@ async def run_page(bide: Bide, run_id: str) -> RunPage:
     end = state.terminal
     ended_at = end.at if end is not None else None
     spawned = [(r, e.task) for e in hist.entries if isinstance(e, ChildrenSpawned) for r in e.run_ids]
+    waits = list(state.open_waits.values()) if end is None else []
     return RunPage(
         run_id=run_id,
         task=first.task,
@@ -232,17 +240,74 @@ async def run_page(bide: Bide, run_id: str) -> RunPage:
         additional_metadata=dict(getattr(first, "additional_metadata", None) or {}),
         parent=(first.parent.run_id, first.parent.task) if first.parent is not None else None,
         rows=timeline(hist),
-        pending_waits=[(w.label, [describe_condition(c) for c in w.flat()]) for w in state.open_waits.values()]
-        if end is None else [],
+        pending_waits=[(w.label, [describe_condition(c) for c in w.flat()]) for w in waits],
         pending_sleeps=[f"sleep {s.duration_s:g}s until {s.wake_at:%Y-%m-%d %H:%M:%S}Z"
                         for s in state.sleeping.values()] if end is None else [],
         untaken=[f"#{seq} {s.source} {s.name!r} {short(s.payload, 80)}" for seq, s in hist.inbox],
         children=await child_states(bide, spawned),
         entries=len(hist.entries),
+        history=hist,
+        waits=waits,
     )
 
 
+def run_document(view: RunPage) -> dict[str, Any]:
+    """The whole run as JSON data: ``GET /api/v1/runs/{id}?detail=full`` and ``bide runs show --json``.
+
+    The same :class:`RunPage` the web UI shows, so the three never disagree.
+    """
+    hist = view.history
+    end = hist.state.terminal
+    return {
+        "run_id": view.run_id,
+        "task": view.task,
+        "status": view.status,
+        "started_at": view.started_at.isoformat(),
+        "ended_at": view.ended_at.isoformat() if view.ended_at is not None else None,
+        "input": hist.started.input,
+        "additional_metadata": view.additional_metadata,
+        "parent": {"run_id": view.parent[0], "task": view.parent[1]} if view.parent is not None else None,
+        "result": end.result if isinstance(end, RunCompleted) else None,
+        "error": view.error,
+        "traceback": view.traceback,
+        "cancel_reason": view.cancel_reason,
+        "entries": view.entries,
+        "trace_id": view.trace_id,
+        "history": [{"stored_at": at.isoformat() if (at := stored_at(hist, i)) else None,
+                     "entry": e.model_dump(mode="json")} for i, e in enumerate(hist.entries)],
+        "pending_waits": [_wait_document(w) for w in view.waits],
+        "children": [{"run_id": r, "task": t, "status": st, "after": after.split(", ") if after else []}
+                     for r, t, st, after in view.children],
+    }
+
+
+def _wait_document(w: WaitRegistered) -> dict[str, Any]:
+    conds = w.flat()
+    wakes = [c.wake_at for c in conds if c.kind == "sleep" and c.wake_at is not None]
+    return {
+        "wait_id": w.wait_id,
+        "label": w.label,
+        "conditions": [{"kind": c.kind, "name": c.key, "event_key": c.event_key, "scope": c.scope,
+                        "expression": c.expression, "wake_at": c.wake_at.isoformat() if c.wake_at else None}
+                       for c in conds],
+        "timeout_at": min(wakes).isoformat() if wakes else None,
+    }
+
+
 # -- events ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """A run an event resumed (a wait of it matched) or started (an ``on_events`` trigger)."""
+
+    run_id: str
+    task: str
+    how: str
+    wait_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "task": self.task, "how": self.how, "wait_id": self.wait_id}
 
 
 @dataclass
@@ -253,7 +318,22 @@ class EventRow:
     scope: str | None
     event_id: str
     payload: str
+    """The payload as short JSON text, for display."""
     metadata: str
+    """The metadata header as stored (JSON text), for display."""
+    size: int = 0
+    """The payload's size in bytes, as stored."""
+    value: Any = None
+    """The payload itself (``None`` if it is not valid JSON: :attr:`payload` then shows its bytes)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    outcomes: list[Outcome] = field(default_factory=list)
+    """The runs it resumed or started, as the router recorded them."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event as JSON data: ``GET /api/v1/events`` and ``bide events list --json``."""
+        return {"seq": self.seq, "at": self.at.isoformat(), "key": self.key, "scope": self.scope,
+                "event_id": self.event_id, "size": self.size, "payload": self.value, "metadata": self.meta,
+                "outcomes": [o.as_dict() for o in self.outcomes]}
 
 
 MAX_EVENT_WINDOW = 1 << 20
@@ -261,12 +341,15 @@ MAX_EVENT_WINDOW = 1 << 20
 stream holds wait and trigger registrations too, so a window may hold few events."""
 
 
-async def recent_events(bide: Bide, limit: int, key: str | None = None) -> list[EventRow]:
-    """The newest ``limit`` events (of ``key``, if given), newest first.
+async def recent_events(bide: Bide, limit: int, key: str | None = None,
+                        since: datetime | None = None) -> list[EventRow]:
+    """The newest ``limit`` events (of ``key``, stored at or after ``since``, if given), newest first,
+    each with the runs it resumed or started.
 
     Read backwards in doubling windows of stream sequences with a subject filter, so a page
     costs about what it shows, however long the stream (the direct gets of
-    :mod:`actors.store.jetstream`).
+    :mod:`actors.store.jetstream`); then one read of the outcome records from the oldest
+    event shown on.
     """
     conn = await bide._pool.get()
     s = conn.layout.subjects
@@ -280,12 +363,18 @@ async def recent_events(bide: Bide, limit: int, key: str | None = None) -> list[
     found: dict[int, Any] = {}
     while True:
         start = max(first, last - window + 1, 1)
+        reached_since = False
         for subj in subjects:
             for m in await direct_get_subject(conn.nc, s.events_stream, subj, start_seq=start, limit=None):
-                seq = int((m.headers or {}).get("Nats-Sequence", "0"))
-                if seq <= last:
-                    found[seq] = m
-        if len(found) >= limit or start <= first or window >= MAX_EVENT_WINDOW:
+                headers = m.headers or {}
+                seq = int(headers.get("Nats-Sequence", "0"))
+                if seq > last:
+                    continue
+                if since is not None and parse_time(headers.get("Nats-Time-Stamp")) < since:
+                    reached_since = True  # older ones are older still: no need to look further back
+                    continue
+                found[seq] = m
+        if len(found) >= limit or reached_since or start <= first or window >= MAX_EVENT_WINDOW:
             break
         window *= 4
     rows = []
@@ -295,11 +384,43 @@ async def recent_events(bide: Bide, limit: int, key: str | None = None) -> list[
         parsed = s.parse_event_subject(headers.get("Nats-Subject", ""))  # (a direct get's reply subject is an inbox)
         if parsed is None:
             continue
+        value: Any = None
         try:
-            payload = short(orjson.loads(m.data) if m.data else None, 300)
+            value = orjson.loads(m.data) if m.data else None
+            payload = short(value, 300)
         except orjson.JSONDecodeError:
             payload = repr(m.data[:200])
+        metadata = headers.get(HDR_EVENT_METADATA, "")
+        try:
+            meta = orjson.loads(metadata) if metadata else {}
+        except orjson.JSONDecodeError:
+            meta = {}
         rows.append(EventRow(seq=seq, at=parse_time(headers.get("Nats-Time-Stamp")), key=parsed[0], scope=parsed[1],
-                             event_id=headers.get("Nats-Msg-Id", ""), payload=payload,
-                             metadata=headers.get("Bide-Metadata", "")))
+                             event_id=headers.get("Nats-Msg-Id", ""), payload=payload, metadata=metadata,
+                             size=len(m.data or b""), value=value, meta=meta if isinstance(meta, dict) else {}))
+    if rows:
+        await _add_outcomes(bide, rows)
     return rows
+
+
+async def _add_outcomes(bide: Bide, rows: list[EventRow]) -> None:
+    """Attach the router's outcome records (``<prefix>.outcomes.<seq>``) to ``rows``.
+
+    A record is written after its event, so reading from the oldest row's time finds them all
+    (those still within the events stream's retention).
+    """
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    by_seq = {r.seq: r for r in rows}
+    oldest = min(r.at for r in rows)
+    for m in await direct_get_subject(conn.nc, s.events_stream, s.outcomes_all, start_time=rfc3339(oldest)):
+        seq = s.parse_outcome_subject((m.headers or {}).get("Nats-Subject", ""))
+        row = by_seq.get(seq) if seq is not None else None
+        if row is None:
+            continue
+        try:
+            rec = orjson.loads(m.data)
+            row.outcomes.append(Outcome(run_id=str(rec["run_id"]), task=str(rec["task"]), how=str(rec["how"]),
+                                        wait_id=rec.get("wait_id")))
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue  # not a record the router wrote: passed over

@@ -221,6 +221,23 @@ class Subjects:
     def rejected_all(self) -> str:
         return f"{self.prefix}.rejected.>"
 
+    def outcome(self, seq: int) -> str:
+        """Where the router records a run event ``seq`` resumed or started (a view for ``bide events list``).
+
+        Outside ``events.>``, ``waits.>`` and ``triggers.>``: no router partition's filter reads it.
+        """
+        return f"{self.prefix}.outcomes.{seq}"
+
+    @property
+    def outcomes_all(self) -> str:
+        return f"{self.prefix}.outcomes.>"
+
+    def parse_outcome_subject(self, subject: str) -> int | None:
+        """The event sequence of an ``outcomes.<seq>`` subject, or ``None`` if it is not one."""
+        head = f"{self.prefix}.outcomes."
+        rest = subject[len(head):] if subject.startswith(head) else ""
+        return int(rest) if rest.isdigit() else None
+
     # -- a run's inbox (in the history stream, read together with the history) ---------------
 
     def inbox(self, run_id: str) -> str:

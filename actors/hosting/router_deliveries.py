@@ -78,7 +78,8 @@ class Deliveries:
             # De-duplication ids make a redone batch harmless.
             effects.signal(self._s.inbox(w.run_id), data, {HDR_MSG_ID: f"sig:{w.cid}:{event.seq}"},
                            self._s.work(w.task, w.run_id), Activation(run_id=w.run_id, task=w.task, kind="signal"),
-                           {HDR_BIDE_KIND: "signal", HDR_MSG_ID: f"act:{w.cid}:{event.seq}"})
+                           {HDR_BIDE_KIND: "signal", HDR_MSG_ID: f"act:{w.cid}:{event.seq}"},
+                           event_seq=event.seq, wait_id=w.wait_id)
         return True
 
     def start(self, trig: TriggerRegistration, event: IncomingEvent, subject: str, effects: Effects) -> None:
@@ -101,6 +102,8 @@ class Deliveries:
             effects.reject(event.seq, subject, f"cannot start {trig.task!r}: its input is {size} bytes")
             return
         effects.starts.append(lambda: self._start_run(trig, event, run_id, started))
+        # Published after the start is durable (a failed start fails the flush before it).
+        effects.outcomes.append(effects.outcome(event.seq, run_id, trig.task, "started"))
 
     async def _start_run(self, trig: TriggerRegistration, event: IncomingEvent, run_id: str,
                          started: RunStarted) -> None:

@@ -6,7 +6,9 @@ keeps every crash safe:
 
 1. signals on the runs' inboxes and rejection records, then runs started by triggers;
 2. the activations that wake those runs (each names its signal's inbox sequence);
-3. deletes of satisfied or cancelled registrations and of superseded triggers.
+3. deletes of satisfied or cancelled registrations and of superseded triggers;
+4. outcome records (which run each event resumed or started), unacknowledged: a view for
+   ``bide events list``, never read by the engine, so losing one changes no run.
 
 Only then does the router ack (the consumer acks cumulatively), so the stream still
 holds everything a new owner needs to redo the batch. Every write is idempotent
@@ -53,15 +55,33 @@ class Effects:
         """Runs started by triggers (each appends ``run_started`` and publishes its activation)."""
         self.activations: list[tuple[str, bytes, dict[str, str]]] = []
         self.deletes: set[int] = set()
+        self.outcomes: list[tuple[str, bytes, dict[str, str]]] = []
+        """Outcome records: a run an event resumed or started (see :meth:`outcome`)."""
+        self._signal_outcomes: list[tuple[str, bytes, dict[str, str]] | None] = []
         self.rejected = 0
 
     def __bool__(self) -> bool:
-        return bool(self.first or self.signals or self.starts or self.activations or self.deletes)
+        return bool(self.first or self.signals or self.starts or self.activations or self.deletes or self.outcomes)
 
     def signal(self, inbox: str, data: bytes, headers: dict[str, str], work: str, act: Activation,
-               act_headers: dict[str, str]) -> None:
-        """A signal for a run's inbox, then its activation (which names the signal's sequence)."""
+               act_headers: dict[str, str], event_seq: int | None = None, wait_id: str | None = None) -> None:
+        """A signal for a run's inbox, then its activation (which names the signal's sequence).
+
+        With ``event_seq``, the run is recorded as resumed by that event once its signal is stored.
+        """
         self.signals.append((inbox, data, headers, work, act, act_headers))
+        self._signal_outcomes.append(
+            None if event_seq is None else self.outcome(event_seq, act.run_id, act.task, "resumed", wait_id))
+
+    def outcome(self, event_seq: int, run_id: str, task: str, how: str,
+                wait_id: str | None = None) -> tuple[str, bytes, dict[str, str]]:
+        """The record that event ``event_seq`` resumed (``how="resumed"``) or started a run."""
+        record: dict[str, str] = {"run_id": run_id, "task": task, "how": how}
+        if wait_id is not None:
+            record["wait_id"] = wait_id
+        # The id makes a redone batch's record a duplicate the stream drops.
+        return (self._s.outcome(event_seq), orjson.dumps(record),
+                {HDR_MSG_ID: f"outcome:{event_seq}:{run_id}:{wait_id or ''}"})
 
     def reject(self, seq: int, subject: str, reason: str, detail: dict[str, Any] | None = None) -> None:
         """A message the router cannot handle: recorded (kept with the events), logged, and passed.
@@ -80,12 +100,20 @@ class Effects:
         seqs = await asyncio.gather(*(self._publish(*w) for w in self.first),
                                     *(self._publish(inbox, data, hdrs) for inbox, data, hdrs, *_ in self.signals))
         await asyncio.gather(*(start() for start in self.starts))
-        for (_, _, _, work, act, hdrs), seq in zip(self.signals, seqs[len(self.first):], strict=True):
+        for (_, _, _, work, act, hdrs), seq, outcome in zip(self.signals, seqs[len(self.first):],
+                                                            self._signal_outcomes, strict=True):
             if seq is not None:
                 # The host reads until it sees this sequence (read-after-write, invariant 13).
                 self.activations.append((work, encode_activation(act.model_copy(update={"inbox_seq": seq})), hdrs))
+                if outcome is not None:
+                    self.outcomes.append(outcome)
         await asyncio.gather(*(self._publish(*w) for w in self.activations))
         await asyncio.gather(*(self._delete(seq) for seq in sorted(self.deletes)))
+        for subject, data, hdrs in self.outcomes:
+            try:
+                await self._pub.publish_unacked(subject, data, hdrs)
+            except Exception as e:  # a view: a lost record is a gap in `bide events list`, nothing more
+                log.warning("router: outcome record on %s not published (%s)", subject, type(e).__name__)
 
     async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> int | None:
         try:

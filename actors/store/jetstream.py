@@ -249,7 +249,7 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=s.events_stream,
-            subjects=[s.events_all, s.waits_all, s.triggers_all, s.rejected_all],
+            subjects=[s.events_all, s.waits_all, s.triggers_all, s.rejected_all, s.outcomes_all],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=layout.events_max_age_s,
