@@ -1,5 +1,5 @@
 """The ``bide`` command line: ``dev``, ``worker``, ``run``, ``runs show|list|export|cancel``, ``replay``, ``serve``,
-``event push|send``, ``status``."""
+``event push|send``, ``events list``, ``status``."""
 
 from __future__ import annotations
 
@@ -299,6 +299,12 @@ async def cmd_run(args: argparse.Namespace) -> int:
 async def cmd_runs_show(args: argparse.Namespace) -> int:
     client = Bide()
     try:
+        if args.json:
+            from actors.apps.http_views import run_detail
+
+            # The document GET /api/v1/runs/{id}?detail=full answers.
+            _print_json((await run_detail(client, args.run_id)).model_dump(mode="json"))
+            return 0
         info = await client.runs.aio_get(args.run_id)
         hist = await client.runs.aio_history(args.run_id)
         print(f"run {info.run_id}  task {info.task}  status {info.status.value}  trace {info.trace_id}")
@@ -373,6 +379,27 @@ async def cmd_runs_list(args: argparse.Namespace) -> int:
         return 0
     finally:
         await client.aclose()
+
+
+async def cmd_events_list(args: argparse.Namespace) -> int:
+    from actors.apps.http_views import event_list
+
+    client = Bide()
+    try:
+        events = (await event_list(client, args.key, args.since, args.limit)).events
+    finally:
+        await client.aclose()
+    if args.json:
+        _print_json({"events": [e.model_dump(mode="json") for e in events]})  # as GET /api/v1/events
+        return 0
+    rows = [("SEQ", "STORED", "KEY", "SCOPE", "EVENT ID", "SIZE", "METADATA", "RUNS")] + [(
+        str(e.seq), e.at[:19].replace("T", " "), e.key, e.scope or "-", e.event_id, str(e.size),
+        orjson.dumps(e.metadata).decode() if e.metadata else "-",
+        " ".join(f"{o.how}:{o.run_id}" for o in e.outcomes) or "-") for e in events]
+    widths = [max(len(row[i]) for row in rows) for i in range(7)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[7])
+    return 0
 
 
 async def cmd_runs_cancel(args: argparse.Namespace) -> int:
@@ -525,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
     show = runs_sub.add_parser("show", help="print a run's state and history")
     show.add_argument("run_id")
+    show.add_argument("--json", action="store_true",
+                      help="print the whole run as JSON (as GET /api/v1/runs/RUN_ID?detail=full)")
     show.set_defaults(func=cmd_runs_show)
     export = runs_sub.add_parser("export", help="write a run's history (and untaken inbox) as JSON, for `bide replay`")
     export.add_argument("run_id")
@@ -582,6 +611,14 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--data", default="null", help="JSON payload (default null)")
     send.add_argument("--id", dest="event_id", help="event id (default: a new one)")
     send.set_defaults(func=cmd_event_send)
+    events = sub.add_parser("events", help="list recent events and the runs each resumed or started")
+    events_sub = events.add_subparsers(dest="events_command", required=True)
+    els = events_sub.add_parser("list", help="recent events, newest first")
+    els.add_argument("--key", help="events of this key only (any scope)")
+    els.add_argument("--since", help="stored at or after: a time (ISO 8601) or a duration ago (10m, 1h)")
+    els.add_argument("--limit", type=int, default=50, help="at most this many events (default 50, at most 1000)")
+    els.add_argument("--json", action="store_true", help="print JSON: {events}, as GET /api/v1/events")
+    els.set_defaults(func=cmd_events_list)
     return p
 
 

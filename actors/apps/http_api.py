@@ -9,7 +9,8 @@ runs it with uvicorn inside the caller's event loop (``bide serve`` and ``bide d
 ``POST /api/v1/webhooks/{key}``        push an event whose payload is the raw JSON body (the key may contain ``/``)
 ``POST /api/v1/events/{run}/{name}``   deliver the raw JSON body to one run (Zart's ``offer_event``)
 ``GET /api/v1/runs``                   list runs, newest first: ``?status=&task=&since=&until=&meta=K=V&limit=&cursor=``
-``GET /api/v1/runs/{run}``             a run's state
+``GET /api/v1/runs/{run}``             a run's state; ``?detail=full``: with input, metadata, history, waits, children
+``GET /api/v1/events``                 recent events and the runs each resumed or started: ``?key=&since=&limit=``
 ``POST /api/v1/runs/{run}/cancel``     cancel a run, its children and its waits: ``{"reason"}`` (optional)
 ``GET /``, ``/runs/…``, ``/events``…   the web UI (:mod:`actors.apps.web_ui`): pages, their session cookie
 ``GET /healthz``                       ``{"status": "ok"}``, never behind the token (liveness)
@@ -49,6 +50,7 @@ from opentelemetry import context as otel_context
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from actors.apps.http_views import MAX_EVENTS, EventList, RunDetail, RunState, event_list, run_detail
 from actors.apps.web_ui import ui_refusal, ui_router
 from actors.observe.tracing import TRACEPARENT, extract_context
 from actors.store.jetstream import missing_streams
@@ -121,19 +123,6 @@ class RunCancelled(BaseModel):
 
     run_id: str
     cancelled: bool = Field(description="`false` if the run had already finished (nothing was cancelled)")
-
-
-class RunState(BaseModel):
-    """A run's state, as `bide runs show` prints it (its first line)."""
-
-    run_id: str
-    task: str
-    status: str = Field(description="queued, running, waiting, completed, failed or cancelled")
-    started_at: str
-    result: Any = Field(default=None, description="the result of a completed run")
-    error: str | None = Field(default=None, description="`Type: message` of a failed run")
-    entries: int = Field(description="how many entries its history holds")
-    trace_id: str
 
 
 class RunListed(BaseModel):
@@ -541,6 +530,23 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
             raise HTTPException(400, str(e)) from None
         return EventDelivered(execution_id=receipt.execution_id, event_name=receipt.event_name)
 
+    @app.get("/api/v1/events", response_model=EventList, dependencies=auth, responses=_errors(400, 401, 503),
+             tags=["events"])
+    async def list_events(
+        key: str | None = Query(None, description="events of this key only (any scope)",
+                                json_schema_extra={"anyOf": [_NAME, {"type": "null"}]}),
+        since: str | None = Query(None, description="events stored at or after this time: RFC 3339, or a "
+                                  "duration ago such as `10m`"),
+        limit: int = Query(50, description=f"at most this many (1 to {MAX_EVENTS}; 400 otherwise)",
+                           json_schema_extra={"minimum": 1, "maximum": MAX_EVENTS}),
+        _: None = _query_params("key", "since", "limit"),
+    ) -> EventList:
+        """Recent events, newest first, each with the runs it resumed or started (as the router recorded them)."""
+        try:
+            return await event_list(bide, key, since, limit)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+
     @app.get("/api/v1/runs", response_model=RunPage, dependencies=auth, responses=_errors(400, 401, 503),
              tags=["runs"])
     async def list_runs(
@@ -570,12 +576,17 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
             raise HTTPException(400, str(e)) from None
         return RunPage(runs=[RunListed(**r.as_dict()) for r in page.runs], cursor=page.cursor)
 
-    @app.get("/api/v1/runs/{run_id}", response_model=RunState, dependencies=auth,
+    @app.get("/api/v1/runs/{run_id}", response_model=RunState | RunDetail, dependencies=auth,
              responses=_errors(400, 401, 404, 503), tags=["runs"])
-    async def get_run(run_id: str = Path(json_schema_extra=_NAME), _: None = _query_params()) -> RunState:
-        """A run's state. 404 if there is no such run: it never existed, or it finished and was
-        removed after the history retention (`BIDE_HISTORY_RETENTION`)."""
+    async def get_run(run_id: str = Path(json_schema_extra=_NAME),
+                      detail: Literal["full"] | None = Query(None, description="`full`: the whole run (input, "
+                                                             "metadata, history, pending waits, children)"),
+                      _: None = _query_params("detail")) -> RunState | RunDetail:
+        """A run's state; with `?detail=full`, the whole run. 404 if there is no such run: it never
+        existed, or it finished and was removed after the history retention (`BIDE_HISTORY_RETENTION`)."""
         try:
+            if detail == "full":
+                return await run_detail(bide, run_id)
             info = await bide.runs.aio_get(run_id)
         except RunNotFoundError as e:
             raise HTTPException(404, str(e)) from None

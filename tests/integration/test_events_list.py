@@ -1,0 +1,123 @@
+"""Recent events with the runs each resumed or started, and the whole run, against a real nats-server:
+``GET /api/v1/events``, ``bide events list``, ``GET /api/v1/runs/{id}?detail=full`` and ``bide runs show --json``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from actors.store.server import EmbeddedServer
+from sdk import Bide, Context, DurableContext, RunStatus
+from tests.e2e.test_cli_events import cli
+from tests.integration.test_http_api import client_for
+from tests.support import running_worker, wait_until
+
+
+def outcomes(doc: dict[str, Any]) -> dict[int, list[tuple[str, str, str]]]:
+    """By event seq: (how, run id, task) of each run it resumed or started, sorted."""
+    return {e["seq"]: sorted((o["how"], o["run_id"], o["task"]) for o in e["outcomes"]) for e in doc["events"]}
+
+
+async def test_events_list_the_runs_each_resumed_or_started(nats_server: EmbeddedServer, bide: Bide) -> None:
+    @bide.durable_task(name="EvWaiter")
+    async def waiter(input: Any, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("ev:approved", "input.ok == true", timeout="1h")
+
+    @bide.task(name="EvOnShipped", on_events=["ev:shipped"])
+    def on_shipped(input: Any, ctx: Context) -> str:
+        return "shipped"
+
+    async with running_worker(bide, [waiter, on_shipped]):
+        refs = [await waiter.aio_run_no_wait(i, additional_metadata={"tenant": "t1"}) for i in range(2)]
+
+        async def both_waiting() -> bool:
+            states = [(await bide.runs.aio_get(r.workflow_run_id)).status for r in refs]
+            return states == [RunStatus.WAITING] * len(refs)
+
+        await wait_until(both_waiting, what="both runs to wait")
+        async with client_for(bide) as api:
+            # The whole run while it waits: its input, metadata, history and pending wait.
+            full = (await api.get(f"/api/v1/runs/{refs[0].workflow_run_id}", params={"detail": "full"})).json()
+            assert full["status"] == "waiting" and full["input"] == 0
+            assert full["additional_metadata"] == {"tenant": "t1"}
+            assert full["history"][0]["entry"]["k"] == "run_started" and full["entries"] == len(full["history"])
+            [wait] = full["pending_waits"]
+            [event_cond] = [c for c in wait["conditions"] if c["kind"] == "event"]
+            assert (event_cond["event_key"], event_cond["expression"]) == ("ev:approved", "input.ok == true")
+            assert wait["timeout_at"] is not None and full["result"] is None and full["children"] == []
+            plain = (await api.get(f"/api/v1/runs/{refs[0].workflow_run_id}")).json()
+            assert set(plain) == {"run_id", "task", "status", "started_at", "result", "error", "entries", "trace_id"}
+
+            approved = await bide.event.aio_push("ev:approved", {"ok": True}, metadata={"who": "ada"})
+            shipped = await bide.event.aio_push("ev:shipped", {"parcel": 7}, event_id="parcel-7")
+            for r in refs:
+                assert await r.aio_result(timeout=20) == {"ok": True}
+            expected = {approved.seq: 2, shipped.seq: 1}
+
+            async def recorded() -> bool:  # the records are not acknowledged: they may lag the runs a little
+                got = outcomes((await api.get("/api/v1/events")).json())
+                return all(len(got.get(seq, [])) == n for seq, n in expected.items())
+
+            await wait_until(recorded, what="the outcome records")
+            body = (await api.get("/api/v1/events", params={"limit": 10})).json()
+            got = outcomes(body)
+            assert got[approved.seq] == sorted(("resumed", r.workflow_run_id, "EvWaiter") for r in refs)
+            [(how, started_id, task)] = got[shipped.seq]
+            assert (how, task) == ("started", "EvOnShipped")
+            assert (await bide.runs.aio_get(started_id)).task == "EvOnShipped"
+            newest = body["events"][0]
+            assert (newest["seq"], newest["key"], newest["event_id"]) == (shipped.seq, "ev:shipped", "parcel-7")
+            assert newest["payload"] == {"parcel": 7} and newest["size"] == len(b'{"parcel":7}')
+            ev = next(e for e in body["events"] if e["seq"] == approved.seq)
+            assert ev["metadata"] == {"who": "ada"} and ev["scope"] is None
+            assert all(o["wait_id"] for o in ev["outcomes"])
+
+            by_key = (await api.get("/api/v1/events", params={"key": "ev:approved"})).json()
+            assert [e["seq"] for e in by_key["events"]] == [approved.seq]
+            recent = (await api.get("/api/v1/events", params={"since": "10m"})).json()
+            assert {approved.seq, shipped.seq} <= {e["seq"] for e in recent["events"]}
+            later = (await api.get("/api/v1/events", params={"since": "2999-01-01T00:00:00Z"})).json()
+            assert later == {"events": []}
+
+            # The whole run once completed: its result, no pending wait.
+            done = (await api.get(f"/api/v1/runs/{refs[0].workflow_run_id}", params={"detail": "full"})).json()
+            assert done["status"] == "completed" and done["result"] == {"ok": True} and done["pending_waits"] == []
+
+            for params, named in [({"since": "soon"}, "'soon'"), ({"limit": "0"}, "0"), ({"limit": "5000"}, "5000"),
+                                  ({"kee": "x"}, "'kee'")]:
+                bad = await api.get("/api/v1/events", params=params)
+                assert bad.status_code == 400 and named in bad.json()["detail"], bad.text
+            bad = await api.get(f"/api/v1/runs/{refs[0].workflow_run_id}", params={"detail": "everything"})
+            assert bad.status_code == 422 and "everything" in bad.text
+
+        # The CLI prints the same document.
+        out = await cli("events", "list", "--limit", "10", "--json", url=nats_server.url)
+        assert out.returncode == 0, out.stderr
+        assert outcomes(json.loads(out.stdout)) == got
+        out = await cli("events", "list", "--key", "ev:shipped", "--since", "10m", url=nats_server.url)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].split()[:3] == ["SEQ", "STORED", "KEY"] and len(lines) == 2
+        assert f"started:{started_id}" in lines[1] and "parcel-7" in lines[1]
+        out = await cli("events", "list", "--since", "soon", url=nats_server.url)
+        assert out.returncode == 2 and "'soon'" in out.stderr
+        out = await cli("events", "list", "--limit", "0", url=nats_server.url)
+        assert out.returncode == 2 and "got 0" in out.stderr
+        out = await cli("runs", "show", refs[0].workflow_run_id, "--json", url=nats_server.url)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == done
+
+
+@pytest.mark.parametrize("prefix", ["bide"])
+def test_no_router_partition_reads_the_outcome_records(prefix: str) -> None:
+    """The router partitions' filters (events, waits, triggers) never match ``outcomes.<seq>``."""
+    from actors.engine.wire import Subjects
+
+    s = Subjects(prefix)
+    record = s.outcome(42).split(".")
+    for flt in (s.events_all, s.waits_all, s.triggers_all):
+        head = flt.split(".")[:-1]  # each ends in ">"
+        assert record[: len(head)] != head
+    assert s.parse_outcome_subject(s.outcome(42)) == 42 and s.parse_outcome_subject(s.rejected(42)) is None
