@@ -42,15 +42,17 @@ from typing import Any, Literal
 import orjson
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Security
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from opentelemetry import context as otel_context
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actors.apps.http_views import MAX_EVENTS, EventList, RunDetail, RunState, event_list, run_detail
+from actors.apps.http_views import MAX_EVENTS, SINCE_AGO_PATTERN, EventList, RunDetail, RunState, event_list, run_detail
 from actors.apps.web_ui import ui_refusal, ui_router
 from actors.observe.tracing import TRACEPARENT, extract_context
 from actors.store.jetstream import missing_streams
@@ -452,6 +454,16 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
                 return JSONResponse({"detail": f"request body is not valid JSON: {why}{where}"}, status_code=400)
         return await request_validation_exception_handler(request, exc)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _not_allowed(request: Request, exc: StarletteHTTPException) -> Any:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        # Starlette's 405 names the methods of the first route on the path only: ``/api/v1/events``
+        # has two (GET lists, POST pushes), and ``Allow`` must name both.
+        allowed = sorted({m for r in app.routes if isinstance(r, Route) and r.methods
+                          and r.matches(request.scope)[0] is not Match.NONE for m in r.methods})
+        return JSONResponse({"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(allowed)})
+
     @app.exception_handler(ConnectionError)
     async def _unavailable(request: Request, exc: ConnectionError) -> JSONResponse:
         return JSONResponse({"detail": f"NATS JetStream is unavailable: {exc}"}, status_code=503)
@@ -536,14 +548,18 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
         key: str | None = Query(None, description="events of this key only (any scope)",
                                 json_schema_extra={"anyOf": [_NAME, {"type": "null"}]}),
         since: str | None = Query(None, description="events stored at or after this time: RFC 3339, or a "
-                                  "duration ago such as `10m`"),
+                                  "duration ago such as `10m` (`ms`, `s`, `m`, `h` or `d`)",
+                                  json_schema_extra={"anyOf": [{"type": "string", "format": "date-time"},
+                                                               {"type": "string", "pattern": SINCE_AGO_PATTERN},
+                                                               {"type": "null"}]}),
         limit: int = Query(50, description=f"at most this many (1 to {MAX_EVENTS}; 400 otherwise)",
                            json_schema_extra={"minimum": 1, "maximum": MAX_EVENTS}),
         _: None = _query_params("key", "since", "limit"),
     ) -> EventList:
         """Recent events, newest first, each with the runs it resumed or started (as the router recorded them)."""
         try:
-            return await event_list(bide, key, since, limit)
+            return await event_list(bide, key, since if since is None or re.match(SINCE_AGO_PATTERN, since)
+                                    else _moment(since, "since"), limit)
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
 

@@ -18,6 +18,8 @@ from sdk.runs import _moment as moment_of
 
 MAX_EVENTS = 1000
 """The most events one listing returns."""
+SINCE_AGO_PATTERN = r"^[0-9]{1,5}(ms|s|m|h|d)$"
+"""A ``since`` of the API given as a duration ago (``10m``); the CLI takes any duration :mod:`sdk.durations` reads."""
 
 
 class RunState(BaseModel):
@@ -118,10 +120,10 @@ class EventList(BaseModel):
     events: list[EventListed]
 
 
-def since_of(text: str | None) -> datetime | None:
+def since_of(text: str | datetime | None) -> datetime | None:
     """A time (ISO 8601) or a duration ago (``10m``); ``ValueError`` naming the value otherwise."""
-    if text is None:
-        return None
+    if text is None or isinstance(text, datetime):
+        return text
     try:
         return moment_of(text, "since")
     except OverflowError:
@@ -135,7 +137,7 @@ def check_limit(limit: int) -> int:
     return limit
 
 
-async def event_list(bide: Bide, key: str | None, since: str | None, limit: int) -> EventList:
+async def event_list(bide: Bide, key: str | None, since: str | datetime | None, limit: int) -> EventList:
     """Recent events (``ValueError`` naming a bad ``since`` or ``limit``)."""
     rows = await recent_events(bide, check_limit(limit), key, since_of(since))
     return EventList.model_validate({"events": [r.as_dict() for r in rows]})

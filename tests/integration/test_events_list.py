@@ -74,6 +74,10 @@ async def test_events_list_the_runs_each_resumed_or_started(nats_server: Embedde
             assert ev["metadata"] == {"who": "ada"} and ev["scope"] is None
             assert all(o["wait_id"] for o in ev["outcomes"])
 
+            page = await api.get("/events")  # the web UI's Events page: one column of runs
+            assert page.status_code == 200 and f"started {started_id[:12]}" in page.text
+            assert all(f"resumed {r.workflow_run_id[:12]}" in page.text for r in refs)
+
             by_key = (await api.get("/api/v1/events", params={"key": "ev:approved"})).json()
             assert [e["seq"] for e in by_key["events"]] == [approved.seq]
             recent = (await api.get("/api/v1/events", params={"since": "10m"})).json()
