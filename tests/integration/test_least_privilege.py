@@ -131,6 +131,11 @@ async def test_the_http_apis_user_pushes_delivers_cancels_and_reads_and_can_chan
                 assert await paid.aio_result(timeout=20) == {"paid": {"order": 7}, "approval": {"ok": True}}
                 read = await api.get(f"/api/v1/runs/{paid.workflow_run_id}")
                 assert read.status_code == 200 and read.json()["status"] == "completed", read.text
+                full = await api.get(f"/api/v1/runs/{paid.workflow_run_id}", params={"detail": "full"})
+                assert full.status_code == 200 and full.json()["result"]["paid"] == {"order": 7}, full.text
+                events = await api.get("/api/v1/events", params={"key": "order:paid"})
+                assert events.status_code == 200, events.text
+                assert [e["payload"] for e in events.json()["events"]] == [{"order": 7}]
                 cancelled = await api.post(f"/api/v1/runs/{stopped.workflow_run_id}/cancel", json={"reason": "lp"})
                 assert cancelled.status_code == 200, cancelled.text
 
