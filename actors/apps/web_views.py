@@ -404,7 +404,7 @@ async def recent_events(bide: Bide, limit: int, key: str | None = None,
 
 
 async def _add_outcomes(bide: Bide, rows: list[EventRow]) -> None:
-    """Attach the router's outcome records (``<prefix>.outcomes.<seq>``) to ``rows``.
+    """Attach the router's outcome records (``<prefix>.outcomes.<seq>``, their own stream) to ``rows``.
 
     A record is written after its event, so reading from the oldest row's time finds them all
     (those still within the events stream's retention).
@@ -413,7 +413,7 @@ async def _add_outcomes(bide: Bide, rows: list[EventRow]) -> None:
     s = conn.layout.subjects
     by_seq = {r.seq: r for r in rows}
     oldest = min(r.at for r in rows)
-    for m in await direct_get_subject(conn.nc, s.events_stream, s.outcomes_all, start_time=rfc3339(oldest)):
+    for m in await direct_get_subject(conn.nc, s.outcomes_stream, s.outcomes_all, start_time=rfc3339(oldest)):
         seq = s.parse_outcome_subject((m.headers or {}).get("Nats-Subject", ""))
         row = by_seq.get(seq) if seq is not None else None
         if row is None:

@@ -221,10 +221,15 @@ class Subjects:
     def rejected_all(self) -> str:
         return f"{self.prefix}.rejected.>"
 
+    @property
+    def outcomes_stream(self) -> str:
+        return f"{self.prefix.upper()}_OUTCOMES"
+
     def outcome(self, seq: int) -> str:
         """Where the router records a run event ``seq`` resumed or started (a view for ``bide events list``).
 
-        Outside ``events.>``, ``waits.>`` and ``triggers.>``: no router partition's filter reads it.
+        In a stream of its own: in the events stream, each record would be a gap in what the
+        router partitions' consumers deliver, and every partition would read the stream to fill it.
         """
         return f"{self.prefix}.outcomes.{seq}"
 

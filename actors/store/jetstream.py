@@ -249,7 +249,7 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=s.events_stream,
-            subjects=[s.events_all, s.waits_all, s.triggers_all, s.rejected_all, s.outcomes_all],
+            subjects=[s.events_all, s.waits_all, s.triggers_all, s.rejected_all],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=layout.events_max_age_s,
@@ -284,6 +284,22 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
             num_replicas=layout.replicas,
             allow_direct=True,
             discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
+            # Which runs each event resumed or started (actors/hosting/router_effects.py): a view
+            # kept as long as the events. Not in the events stream: a record there is a gap in
+            # every router partition's deliveries, which each would read the stream to fill.
+            name=s.outcomes_stream,
+            subjects=[s.outcomes_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=layout.events_max_age_s,
+            num_replicas=layout.replicas,
+            allow_direct=True,
+            allow_rollup_hdrs=False,
+            discard=DiscardPolicy.OLD,
+            # A redone batch's records are duplicates (the server refuses a window over the max age).
+            duplicate_window=min(120.0, layout.events_max_age_s or 120.0),
         ),
         StreamConfig(
             # The runs index (actors/store/runs_index.py): one record per subject, a view for

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from actors.engine.wire import Subjects
+from actors.hosting.router_reads import StreamReads
 from actors.store.server import EmbeddedServer
 from sdk import Bide, Context, DurableContext, RunStatus
 from tests.e2e.test_cli_events import cli
@@ -114,14 +116,52 @@ async def test_events_list_the_runs_each_resumed_or_started(nats_server: Embedde
         assert json.loads(out.stdout) == done
 
 
-@pytest.mark.parametrize("prefix", ["bide"])
-def test_no_router_partition_reads_the_outcome_records(prefix: str) -> None:
-    """The router partitions' filters (events, waits, triggers) never match ``outcomes.<seq>``."""
-    from actors.engine.wire import Subjects
+def test_the_outcome_records_are_outside_the_stream_the_router_reads() -> None:
+    from actors.store.jetstream import Layout, _stream_configs
 
-    s = Subjects(prefix)
-    record = s.outcome(42).split(".")
-    for flt in (s.events_all, s.waits_all, s.triggers_all):
-        head = flt.split(".")[:-1]  # each ends in ">"
-        assert record[: len(head)] != head
+    s = Subjects("bide")
+    [holder] = [c for c in _stream_configs(Layout(subjects=s)) if s.outcomes_all in (c.subjects or [])]
+    assert holder.name == s.outcomes_stream != s.events_stream
     assert s.parse_outcome_subject(s.outcome(42)) == 42 and s.parse_outcome_subject(s.rejected(42)) is None
+
+
+async def test_outcome_records_cause_no_router_gap_reads(bide: Bide, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The records live outside the stream the router partitions consume: a record there, which no
+    partition's filter delivers, would be a gap in the delivered sequences, and each partition would
+    read the stream to fill it before its next event."""
+    gaps: list[tuple[int, int]] = []
+    between = StreamReads.between
+
+    async def counted(self: StreamReads, first: int, last: int) -> Any:
+        gaps.append((first, last))
+        return await between(self, first, last)
+
+    monkeypatch.setattr(StreamReads, "between", counted)
+
+    @bide.durable_task(name="GapWaiter")
+    async def waiter(input: Any, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("gap:go", scope=str(input))
+
+    @bide.task(name="GapOnEvent", on_events=["gap:go"])
+    def on_event(input: Any, ctx: Context) -> None:
+        return None
+
+    async with running_worker(bide, [waiter, on_event]):
+        refs = [await waiter.aio_run_no_wait(i) for i in range(5)]
+
+        async def all_waiting() -> bool:
+            states = [(await bide.runs.aio_get(r.workflow_run_id)).status for r in refs]
+            return states == [RunStatus.WAITING] * len(refs)
+
+        await wait_until(all_waiting, what="the runs to wait")
+        gaps.clear()
+        for i, r in enumerate(refs):
+            await bide.event.aio_push("gap:go", i, scope=str(i))
+            assert await r.aio_result(timeout=20) == i
+        async with client_for(bide) as api:
+            async def recorded() -> bool:
+                events = (await api.get("/api/v1/events", params={"key": "gap:go"})).json()["events"]
+                return len(events) == 5 and all(len(e["outcomes"]) == 2 for e in events)
+
+            await wait_until(recorded, what="a resumed and a started run per event")
+    assert gaps == []
