@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from actors.apps.web_views import recent_events, run_document, run_page
 from sdk import Bide
+from sdk.events import validate_key
 from sdk.runs import _moment as moment_of
 
 MAX_EVENTS = 1000
@@ -138,6 +139,7 @@ def check_limit(limit: int) -> int:
 
 
 async def event_list(bide: Bide, key: str | None, since: str | datetime | None, limit: int) -> EventList:
-    """Recent events (``ValueError`` naming a bad ``since`` or ``limit``)."""
-    rows = await recent_events(bide, check_limit(limit), key, since_of(since))
+    """Recent events (``ValueError`` naming a bad ``key``, ``since`` or ``limit``)."""
+    rows = await recent_events(bide, check_limit(limit), validate_key(key) if key is not None else None,
+                               since_of(since))
     return EventList.model_validate({"events": [r.as_dict() for r in rows]})

@@ -92,7 +92,7 @@ async def test_events_list_the_runs_each_resumed_or_started(nats_server: Embedde
             assert done["status"] == "completed" and done["result"] == {"ok": True} and done["pending_waits"] == []
 
             for params, named in [({"since": "soon"}, "'soon'"), ({"limit": "0"}, "0"), ({"limit": "5000"}, "5000"),
-                                  ({"kee": "x"}, "'kee'")]:
+                                  ({"kee": "x"}, "'kee'"), ({"key": " ev:approved"}, "' ev:approved'")]:
                 bad = await api.get("/api/v1/events", params=params)
                 assert bad.status_code == 400 and named in bad.json()["detail"], bad.text
             bad = await api.get(f"/api/v1/runs/{refs[0].workflow_run_id}", params={"detail": "everything"})
