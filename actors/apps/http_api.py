@@ -375,9 +375,13 @@ def _moment(text: str | None, name: str) -> datetime | None:
         zone = text[19 + (len(frac.group(0)) if frac else 0):].upper().replace("Z", "+00:00")
         try:
             moment = datetime.fromisoformat(f"{head[:10]}T{head[11:]}{'.' + frac.group(1)[:6] if frac else ''}{zone}")
-            return moment.astimezone(UTC)
-        except (ValueError, OverflowError):
-            pass
+        except ValueError:
+            moment = None
+        if moment is not None:
+            try:
+                return moment.astimezone(UTC)
+            except OverflowError:  # a valid time beyond what UTC can hold (0001-01-01T00:00:00+16:00): the edge
+                return (datetime.min if moment.year == 1 else datetime.max).replace(tzinfo=UTC)
     raise HTTPException(400, f"{name} {text!r:.100} is not an RFC 3339 time such as 2026-01-31T12:00:00Z")
 
 
