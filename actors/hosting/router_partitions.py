@@ -43,6 +43,7 @@ from actors.store.jetstream import (
     check_router_partitions,
     direct_get_subject,
     is_transient,
+    stream_names,
 )
 from actors.store.requests import Publisher
 from sdk.limits import DEFAULT_LIMITS, PayloadLimits
@@ -271,8 +272,7 @@ async def deployment_status(nc: NATS, layout: Layout) -> dict[str, Any]:
         "hosts": [],
         "router": [],
     }
-    for name in (s.history_stream, s.work_stream, s.events_stream, s.counters_stream, s.checkpoints_stream,
-                 s.router_status_stream):
+    for name in stream_names(layout):  # every stream, the one list the readiness probe checks too
         try:
             st = await api_request(nc, f"$JS.API.STREAM.INFO.{name}", {})
         except Exception as e:

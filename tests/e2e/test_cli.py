@@ -146,6 +146,8 @@ def test_dev_cluster_runs_three_nodes_at_three_replicas_and_more_workers_then_st
         assert status.returncode == 0, status.stderr
         streams = json.loads(status.stdout)["streams"]
         assert streams and all(s["replicas"] == 3 for s in streams), streams
+        assert {s["name"] for s in streams} >= {"BIDE_HISTORY", "BIDE_WORK", "BIDE_EVENTS", "BIDE_RUNS",
+                                                "BIDE_OUTCOMES"}, streams
         ran = bide("run", "Hello", "--input", "{}", url=url, extra_env={"BIDE_REPLICAS": "3"})
         assert ran.returncode == 0, ran.stderr
         # `bide status` names both hosts (this process and the extra worker) and what each hosts.
