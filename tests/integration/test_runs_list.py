@@ -18,7 +18,7 @@ from tests.e2e.test_cli_events import cli
 from tests.integration.test_http_api import client_for
 from tests.support import running_worker, wait_until
 
-NOOPS = 1500
+NOOPS = 2200
 FAILS = 300
 PARKED = 20
 
