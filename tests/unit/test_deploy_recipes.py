@@ -80,3 +80,24 @@ def test_systemd_units_restart_and_are_hardened(unit: str) -> None:
     for hardening in ("NoNewPrivileges", "ProtectSystem", "PrivateTmp", "ProtectHome"):
         assert hardening in service, hardening
     assert parser["Install"]["WantedBy"] == "multi-user.target"
+
+
+def _conf_user_permissions(user: str) -> dict[str, set[str]]:
+    """The quoted subjects of one user's allow and deny lists in deploy/nats/accounts.conf."""
+    import re
+
+    text = (DEPLOY / "nats" / "accounts.conf").read_text()
+    block = text[text.index(f"user: {user}"):]
+    block = block[:block.index("subscribe:")]
+    allow = block[block.index("allow:"):block.index("]", block.index("allow:"))]
+    deny = block[block.index("deny:"):block.index("]", block.index("deny:"))] if "deny:" in block else ""
+    return {"allow": set(re.findall(r'"([^"]+)"', allow)), "deny": set(re.findall(r'"([^"]+)"', deny))}
+
+
+@pytest.mark.parametrize("user", ["publisher", "api"])
+def test_the_helm_values_give_each_user_the_permissions_of_accounts_conf(user: str) -> None:
+    """The two copies of the users (the server config the tests run, the Helm values) never drift."""
+    values = yaml.safe_load((DEPLOY / "kubernetes" / "nats-values.yaml").read_text())
+    helm = next(u for u in values["config"]["merge"]["accounts"]["BIDE"]["users"] if u["user"] == user)
+    publish = helm["permissions"]["publish"]
+    assert {"allow": set(publish["allow"]), "deny": set(publish.get("deny", []))} == _conf_user_permissions(user)
