@@ -9,6 +9,7 @@ from typing import Any
 
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from actors.engine.run_history import RunHistory, current_generation
 from actors.engine.wire import (
@@ -29,6 +30,7 @@ from actors.store.jetstream import (
     StaleReadError,
     direct_get_first,
     direct_get_last,
+    direct_get_seq,
     direct_get_subject,
     is_transient,
 )
@@ -44,6 +46,9 @@ MAX_MESSAGE_BYTES = 900_000
 _CONFLICT_CODES = (ERR_WRONG_LAST_SEQUENCE, ERR_WRONG_LAST_SEQUENCE_CONSTANT, ERR_EXPECTED_LAST_SEQ_NOT_READY)
 """Refusals of the expected-sequence guard: someone else wrote, or may be writing, the subject."""
 _STALE_READ_RETRY_S = 0.02
+
+READ_BACK_MAX = 16
+"""The most history messages a cold read follows back one get at a time (see ``HistoryLog._read_back``)."""
 
 
 class HistoryConflict(Exception):
@@ -118,35 +123,66 @@ class HistoryLog:
         # Two exact subjects, read at once: a filter with a wildcard in the middle
         # (``bide.*.<run>``) gets slower as the stream grows, exact subjects do not.
         stream = self._subjects.history_stream
-        hist_msgs, inbox_msgs = await asyncio.gather(
-            direct_get_subject(self._nc, stream, self._subjects.history(run_id), min_last_seq=min_last_seq),
+        chain, inbox_msgs = await asyncio.gather(
+            self._read_back(run_id, min_last_seq),
             direct_get_subject(self._nc, stream, self._subjects.inbox(run_id), min_last_seq=min_last_seq),
         )
-        msgs = sorted(hist_msgs + inbox_msgs, key=lambda m: int((m.headers or {}).get("Nats-Sequence", "0")))
-        hist = RunHistory(run_id, size_bytes=sum(len(m.data) for m in msgs))
-        inbox_subject = self._subjects.inbox(run_id)
-        inbox: list[tuple[int, EventSignal]] = []
+        if chain is None:
+            msgs = await direct_get_subject(self._nc, stream, self._subjects.history(run_id),
+                                            min_last_seq=min_last_seq)
+            chain = [(m, decode_history(m.data)) for m in msgs]
+        hist = RunHistory(run_id, size_bytes=sum(len(m.data) for m, _ in chain) + sum(len(m.data) for m in inbox_msgs))
         taken = 0
-        for m in msgs:
+        for m, batch in chain:
             hdrs = m.headers or {}
-            seq = int(hdrs.get("Nats-Sequence", "0"))
-            if hdrs.get("Nats-Subject") == inbox_subject:
-                hist.inbox_seen = max(hist.inbox_seen, seq)
-                inbox += _inbox_signal(run_id, seq, m.data)
-                continue
-            batch = decode_history(m.data)
             hist.entries.extend(batch)
             hist.times.extend([hdrs.get("Nats-Time-Stamp", "")] * len(batch))
-            hist.last_seq = seq
+            hist.last_seq = int(hdrs.get("Nats-Sequence", "0"))
             for e in batch:
                 if isinstance(e, SignalReceived):
                     taken = max(taken, e.inbox_seq)
                 elif isinstance(e, RunStarted) and e.generation:
                     taken = max(taken, e.inbox_taken)
+        inbox: list[tuple[int, EventSignal]] = []
+        for m in inbox_msgs:
+            seq = int((m.headers or {}).get("Nats-Sequence", "0"))
+            hist.inbox_seen = max(hist.inbox_seen, seq)
+            inbox += _inbox_signal(run_id, seq, m.data)
         current_generation(hist)
         hist.inbox = [(seq, sig) for seq, sig in inbox if seq > taken]
         hist.inbox_seen = max(hist.inbox_seen, taken)
         return hist
+
+    async def _read_back(self, run_id: str, min_last_seq: int) -> list[tuple[Msg, list[HistoryEntry]]] | None:
+        """The run's history messages (of its current generation), decoded, read from the last back
+        to its start by sequence; ``None`` when the caller should read by subject instead.
+
+        Every append names the subject's previous sequence (its expected-last-subject-sequence
+        guard, which the server stores with the message), so the history is a chain from its
+        last message back. A get by sequence costs the server the same however busy the
+        stream is, while a read by subject walks every other run's message stored between two
+        of this run's in a block (thousands, when many runs turn at once). A history longer
+        than :data:`READ_BACK_MAX` messages, or a link not found (a replica behind, a message
+        removed), is read by subject: the same messages, found the slower way.
+        """
+        s = self._subjects
+        subject = s.history(run_id)
+        last = await direct_get_last(self._nc, s.history_stream, subject, min_last_seq=min_last_seq)
+        if last is None:
+            return []
+        chain = [(last, decode_history(last.data))]
+        while True:
+            msg, entries = chain[-1]
+            if any(isinstance(e, RunStarted) for e in entries):  # the run's start, or its generation's
+                chain.reverse()
+                return chain
+            prev = (msg.headers or {}).get(HDR_EXPECTED_LAST_SUBJECT_SEQ, "")
+            if not prev.isdigit() or prev == "0" or len(chain) >= READ_BACK_MAX:
+                return None
+            found = await direct_get_seq(self._nc, s.history_stream, int(prev))
+            if found is None or (found.headers or {}).get("Nats-Subject") != subject:
+                return None
+            chain.append((found, decode_history(found.data)))
 
     async def read_since(self, base: RunHistory, *, history_seq: int = 0, inbox_seq: int = 0,
                          timeout: float = 5.0) -> RunHistory | None:
