@@ -218,6 +218,23 @@ def _valid_shape(rec: dict[str, Any]) -> tuple[list[str], list[list[int]]] | Non
     return keys, parents
 
 
+def pick_shape(workflow: str, started: dict[int, str], candidates: list[dict[str, Any]]
+               ) -> tuple[str, str | None, tuple[list[str], list[list[int]]] | None]:
+    """(shape, host, (keys, parent positions)) of the first advertisement that agrees with the tasks
+    the run started (``started``: task name by position); ``(why not, None, None)`` without one."""
+    why = "unknown" if not candidates else "mismatch"
+    for rec in candidates:
+        if rec.get("too_big"):
+            why = "too_big"
+            continue
+        valid = _valid_shape(rec)
+        # Another version of the workflow (a rolling deployment) may number its tasks otherwise.
+        if valid is not None and all(pos < len(valid[0]) and f"{workflow}:{valid[0][pos]}" == task
+                                     for pos, task in started.items()):
+            return "advertised", str(rec.get("host")), valid
+    return why, None, None
+
+
 def _is_workflow_spawn(e: ChildrenSpawned, workflow: str) -> bool:
     # A workflow run records one run per task, with no arguments hash (see actors.engine.dag).
     return e.args_hash == "" and len(e.run_ids) == 1 and e.task.startswith(f"{workflow}:")
@@ -253,23 +270,14 @@ async def workflow_dag(bide: Bide, hist: RunHistory, children: list[ChildNode]) 
     candidates = await advertised_shapes(bide, workflow)
     if not candidates and not spawns:
         return None
-    shape, host, tasks = "unknown" if not candidates else "mismatch", None, []
-    for rec in candidates:
-        if rec.get("too_big"):
-            shape = "too_big"
-            continue
-        valid = _valid_shape(rec)
-        if valid is None:
-            continue
-        keys, parents = valid
-        # Another version of the workflow (a rolling deployment) may number its tasks otherwise.
-        if all(pos < len(keys) and f"{workflow}:{keys[pos]}" == task for pos, (task, _) in started.items()):
-            shape, host = "advertised", str(rec["host"])
-            run_ids = [started[i][1] if i in started else None for i in range(len(keys))]
-            tasks = [DagTask(key=k, task=f"{workflow}:{k}", parents=[keys[p] for p in parents[i]],
-                             state=_state(run_ids[i], heard, live), run_id=run_ids[i]) for i, k in enumerate(keys)]
-            break
-    if host is None:
+    shape, host, picked = pick_shape(workflow, {pos: task for pos, (task, _) in started.items()}, candidates)
+    tasks: list[DagTask] = []
+    if picked is not None:
+        keys, parents = picked
+        run_ids = [started[i][1] if i in started else None for i in range(len(keys))]
+        tasks = [DagTask(key=k, task=f"{workflow}:{k}", parents=[keys[p] for p in parents[i]],
+                         state=_state(run_ids[i], heard, live), run_id=run_ids[i]) for i, k in enumerate(keys)]
+    else:
         prefix = len(workflow) + 1
         tasks = [DagTask(key=task[prefix:], task=task, parents=list(live[rid].after) if rid in live else [],
                          state=_state(rid, heard, live), run_id=rid) for _, (task, rid) in sorted(started.items())]
