@@ -26,8 +26,9 @@ TOKEN = "ui-s3cret"
 
 def dag_rows(html: str) -> list[tuple[str, str, str]]:
     """(task, state, after) of each row of a workflow run's task table."""
-    return re.findall(r'<tr class="dag-task"><td>([^<]+)</td><td><span class="status \w+">(\w+)</span></td>'
-                      r'<td>([^<]*)</td>', html)
+    return re.findall(r'<tr class="dag-task" data-task="[^"]+"><td>([^<]+)</td>'
+                      r'<td><span class="status \w+">(\w+)</span></td><td>([^<]*)</td>', html)
+
 BASE = "http://bide.test"
 SAME_ORIGIN = {"Origin": BASE}
 
