@@ -191,7 +191,7 @@ async def advertised_shapes(bide: Bide, workflow: str) -> list[dict[str, Any]]:
         if not up:
             return []
         msgs = await direct_get_subject(conn.nc, s.router_status_stream, s.router_workflow_shape(workflow),
-                                        limit=MAX_SHAPE_HOSTS, timeout=3.0)
+                                        batch=MAX_SHAPE_HOSTS, limit=MAX_SHAPE_HOSTS, timeout=3.0)
     except Exception as e:  # the status stream unreadable (a user without the right): the shape is unknown
         log.debug("reading the shape of workflow %r: %s", workflow, e)
         return []

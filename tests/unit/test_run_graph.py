@@ -66,3 +66,18 @@ def test_the_drawing_puts_each_task_one_column_right_of_its_deepest_parent() -> 
     assert len(dag.edges) == 6 and dag.width > dag.height > 0
     x1, y1, x2, y2 = dag.edges[0]  # a -> b: from a's right side to b's left side
     assert (x1, x2) == (tasks[0].x + Dag.node_w, tasks[1].x) and y1 == y2
+
+
+def test_a_dag_of_200_tasks_renders_every_task_once() -> None:
+    from types import SimpleNamespace
+
+    from actors.apps.web_ui import _env
+
+    shape = workflow_shape("Big", chain(200))
+    tasks = [DagTask(k, f"Big:{k}", [shape["keys"][p] for p in ps], "pending")
+             for k, ps in zip(shape["keys"], shape["parents"], strict=True)]
+    _lay_out(tasks)
+    html = _env.get_template("_dag.html").render(run=SimpleNamespace(dag=Dag("Big", "advertised", tasks)))
+    assert html.count('<tr class="dag-task"') == 200 and html.count('<g class="node pending"') == 200
+    assert html.count('<path class="edge"') == 199 + 198
+    assert len(html) < 200 * 1024
