@@ -71,6 +71,30 @@ class RunChild(BaseModel):
     task: str
     status: str = Field(description="as a run's, or `unknown` if its history is gone")
     after: list[str] = Field(default_factory=list, description="a workflow task's parents in the DAG")
+    children: list[RunChild] = Field(default_factory=list, description="its own children (3 levels and 200 "
+                                                                       "descendants at most in all)")
+    more: int = Field(default=0, description="its children left out by those bounds")
+
+
+class DagTaskView(BaseModel):
+    key: str = Field(description="the task's name in the workflow")
+    task: str
+    parents: list[str] = Field(description="the keys of its parents")
+    state: str = Field(description="pending (not started), queued, running, waiting, completed, failed, cancelled, "
+                                   "skipped, or unknown (its history is gone)")
+    run_id: str | None = Field(default=None, description="its run, once started")
+
+
+class RunDag(BaseModel):
+    """A workflow run's tasks, their parents and states."""
+
+    workflow: str
+    shape: Literal["advertised", "unknown", "mismatch", "too_big"] = Field(
+        description="advertised: every task (the shape a host up advertises); otherwise only the tasks started: "
+                    "no host up serves the workflow (unknown), they serve another version (mismatch), or it is "
+                    "too large to advertise (too_big)")
+    host: str | None = Field(default=None, description="the host whose advertisement gave the shape")
+    tasks: list[DagTaskView]
 
 
 class RunDetail(RunState):
@@ -84,7 +108,9 @@ class RunDetail(RunState):
     cancel_reason: str | None = Field(default=None, description="why a cancelled run was cancelled")
     history: list[HistoryItem]
     pending_waits: list[PendingWait] = Field(description="empty once the run has ended")
-    children: list[RunChild] = Field(description="in spawn order (at most 200)")
+    children: list[RunChild] = Field(description="in spawn order, with their descendants (at most 200 in all)")
+    children_more: int = Field(default=0, description="children left out past that bound")
+    dag: RunDag | None = Field(default=None, description="a workflow run's DAG; null for other runs")
 
 
 async def run_detail(bide: Bide, run_id: str) -> RunDetail:

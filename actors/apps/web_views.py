@@ -6,13 +6,13 @@ read the store through the client's connection and fold entries into rows.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from actors.apps.run_graph import MAX_TREE_NODES, ChildNode, Dag, child_tree, workflow_dag
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     HDR_EVENT_METADATA,
@@ -44,8 +44,8 @@ from sdk.runs import status_of
 if TYPE_CHECKING:
     from sdk import Bide
 
-MAX_CHILDREN = 200
-"""How many of a run's children the run page reads the state of (one history read each)."""
+MAX_CHILDREN = MAX_TREE_NODES
+"""How many of a spawn's run ids a timeline row links to."""
 
 
 def to_json(value: Any, indent: bool = True) -> str:
@@ -187,8 +187,12 @@ class RunPage:
     pending_waits: list[tuple[str, list[str]]]
     pending_sleeps: list[str]
     untaken: list[str]
-    children: list[tuple[str, str, str, str]]
-    """(run id, task, status, after) of each child, in spawn order (a workflow's tasks: see :func:`child_states`)."""
+    children: list[ChildNode]
+    """Its children in spawn order, each with its descendants (bounded: :func:`child_tree`)."""
+    children_more: int
+    """Its children left out (past :data:`~actors.apps.run_graph.MAX_TREE_NODES`)."""
+    dag: Dag | None
+    """A workflow run's tasks, their parents and states (``None`` for other runs)."""
     entries: int
     history: RunHistory = field(repr=False)
     """What the page was built from (:func:`run_document` reads its entries, input and result)."""
@@ -200,22 +204,6 @@ class RunPage:
         return self.status in ("completed", "failed", "cancelled")
 
 
-async def child_states(bide: Bide, run_ids: list[tuple[str, str]]) -> list[tuple[str, str, str, str]]:
-    """(run id, task, status, after) of each child (``unknown`` if its history is gone or unreadable).
-
-    ``after`` names the workflow tasks whose outcomes a workflow's task was started with (its
-    parents in the DAG), from its start entry.
-    """
-    async def one(run_id: str, task: str) -> tuple[str, str, str, str]:
-        try:
-            hist = await bide.runs.aio_history(run_id)
-            return run_id, task, status_of(hist).value, ", ".join(sorted(hist.started.parents or {}))
-        except Exception:  # a child removed after its retention, or not started yet
-            return run_id, task, "unknown", ""
-
-    return list(await asyncio.gather(*(one(r, t) for r, t in run_ids[:MAX_CHILDREN])))
-
-
 async def run_page(bide: Bide, run_id: str) -> RunPage:
     """The run page's data; :class:`~sdk.RunNotFoundError` if there is no such run."""
     hist = await bide.runs.aio_history(run_id)
@@ -223,7 +211,7 @@ async def run_page(bide: Bide, run_id: str) -> RunPage:
     state = hist.state
     end = state.terminal
     ended_at = end.at if end is not None else None
-    spawned = [(r, e.task) for e in hist.entries if isinstance(e, ChildrenSpawned) for r in e.run_ids]
+    children, more = await child_tree(bide, hist)
     waits = list(state.open_waits.values()) if end is None else []
     return RunPage(
         run_id=run_id,
@@ -244,7 +232,9 @@ async def run_page(bide: Bide, run_id: str) -> RunPage:
         pending_sleeps=[f"sleep {s.duration_s:g}s until {s.wake_at:%Y-%m-%d %H:%M:%S}Z"
                         for s in state.sleeping.values()] if end is None else [],
         untaken=[f"#{seq} {s.source} {s.name!r} {short(s.payload, 80)}" for seq, s in hist.inbox],
-        children=await child_states(bide, spawned),
+        children=children,
+        children_more=more,
+        dag=await workflow_dag(bide, hist, children),
         entries=len(hist.entries),
         history=hist,
         waits=waits,
@@ -276,8 +266,9 @@ def run_document(view: RunPage) -> dict[str, Any]:
         "history": [{"stored_at": at.isoformat() if (at := stored_at(hist, i)) else None,
                      "entry": e.model_dump(mode="json")} for i, e in enumerate(hist.entries)],
         "pending_waits": [_wait_document(w) for w in view.waits],
-        "children": [{"run_id": r, "task": t, "status": st, "after": after.split(", ") if after else []}
-                     for r, t, st, after in view.children],
+        "children": [c.as_dict() for c in view.children],
+        "children_more": view.children_more,
+        "dag": view.dag.as_dict() if view.dag is not None else None,
     }
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+import orjson
+
 from actors.engine.child_ids import ChildStart, child_run_id
 from actors.engine.commands import Append, Command, PurgeInbox, RunEnd, StartChildren, end_of_run
 from actors.engine.run_history import RunHistory
@@ -134,3 +136,24 @@ def workflow_commands(hist: RunHistory, steps: Sequence[DagTask], plan: Workflow
         # A workflow that fails or is cancelled stops the tasks it still has running.
         commands += end_of_run(started, RunEnd(plan.end, plan.unfinished, cancels_children_on_failure=True))
     return commands
+
+
+MAX_SHAPE_BYTES = 64 * 1024
+"""The largest shape a host advertises (a workflow of 200 tasks takes a few KiB); a larger
+workflow is advertised by its task count alone, and the web UI says its shape is too large."""
+
+
+def workflow_shape(name: str, steps: Sequence[DagTask]) -> dict[str, Any]:
+    """What a host serving workflow ``name`` advertises of it (see :mod:`actors.apps.run_graph`).
+
+    ``keys`` are the tasks' names in the workflow, in ``steps``' order, the order a run's
+    ``children_spawned`` positions count in; ``parents[i]`` are the positions of task ``i``'s
+    parents, each before ``i`` (``steps`` is a topological order), which keeps the record small.
+    """
+    keys = [t.workflow_key for t in steps]
+    at = {k: i for i, k in enumerate(keys)}
+    shape: dict[str, Any] = {"workflow": name, "keys": keys,
+                             "parents": [[at[p.workflow_key] for p in t.parents] for t in steps]}
+    if len(orjson.dumps(shape)) > MAX_SHAPE_BYTES:
+        return {"workflow": name, "tasks": len(keys), "too_big": True}
+    return shape

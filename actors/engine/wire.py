@@ -201,6 +201,14 @@ class Subjects:
         """Where a partition's owner publishes its host id, pin and pending wait count."""
         return f"{self.prefix}.router.partition.{partition}"
 
+    def router_workflow_shape(self, workflow: str, host_id: str = "*") -> str:
+        """Where a host advertises the shape of a workflow it serves (its tasks and their parents).
+
+        ``host_id="*"`` is the filter over every host's advertisement of ``workflow``.
+        """
+        host = host_id if host_id == "*" else encode_token(host_id)
+        return f"{self.prefix}.router.shape.{encode_token(workflow)}.{host}"
+
     @property
     def router_status_all(self) -> str:
         return f"{self.prefix}.router.>"

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 
 from actors.engine.commands import Append, Command, NotifyParent, PurgeInbox, RecordEnd, ScheduleRemoval, redo_last_turn
+from actors.engine.dag import workflow_shape
 from actors.engine.decisions import claim_under_way, failed_attempts, is_suspended, needs_user_code
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
@@ -109,6 +110,9 @@ class ActorHost:
         if len(self._tasks) != len(tasks):
             raise ValueError("a worker cannot host two tasks with the same name")
         self._workflows = {t.name for t in tasks if t.workflow is not None and t is t.workflow.runner}
+        self._shapes = {t.name: workflow_shape(t.name, t.workflow.order()) for t in tasks
+                        if t.workflow is not None and t is t.workflow.runner}
+        """What this host advertises of each workflow it serves (the web UI draws a run's DAG from it)."""
         self.slots = SlotPool(slots)
         self.durable_slots = SlotPool(durable_slots)
         self._grace = shutdown_grace_s
@@ -153,7 +157,8 @@ class ActorHost:
                 ), _START_RETRY_S)
         if self._route_events:
             router = RouterPartitions(nc, self._publisher, self.layout, self._history, self.tracing,
-                                      self.config.payload_limits, host_id=self.host_id, describe=self.describe)
+                                      self.config.payload_limits, host_id=self.host_id, describe=self.describe,
+                                      shapes=self._shapes)
             self.router = await retry_transient("starting the event router", router.start, _START_RETRY_S)
         for t in self._tasks.values():
             consumer: str = await retry_transient(f"the consumer of {t.name}", partial(
@@ -208,7 +213,8 @@ class ActorHost:
 
     def describe(self) -> dict[str, Any]:
         """What ``bide status`` shows of this host: what it hosts and how busy it is."""
-        return {"tasks": sorted(self._tasks), "turns": self.turns, "warm_runs": len(self._warm),
+        return {"tasks": sorted(self._tasks), "workflows": sorted(self._workflows), "turns": self.turns,
+                "warm_runs": len(self._warm),
                 "slots": {"used": self.slots.size - self.slots.free, "of": self.slots.size},
                 "durable_slots": {"used": self.durable_slots.size - self.durable_slots.free,
                                   "of": self.durable_slots.size}}

@@ -15,6 +15,9 @@ What this module decides is only *whether a candidate asks*:
   A host owning more than its fair share while another owns less releases one partition (unpin,
   between batches) every few seconds, so a host that joins gets work.
 - A host that stops unpins its partitions at once, and publishes a record without them.
+- Each host also advertises the shape of every workflow it serves on
+  ``<prefix>.router.shape.<workflow>.<host>``, every :data:`SHAPES_EVERY_S` seconds: the web UI
+  draws a workflow run's DAG from the advertisement of a host that is up (it imports no user code).
 
 Correctness never depends on any of this: a partition with two candidates asking, or none for
 a moment, is still owned by at most one pinned process and handled in order from its checkpoint.
@@ -53,6 +56,9 @@ log = logging.getLogger("bide.router")
 STATUS_INTERVAL_S = 1.0
 HOST_FRESH_S = 4.0
 """A host whose record is this much older than the newest is taken to be gone."""
+SHAPES_EVERY_S = 20.0
+"""How often a host sends its workflows' shapes again: well within the status stream's max age
+(60 s), so a live host's shapes are always there to read."""
 _RELEASE_EVERY_S = 3.0
 _RELEASE_HOLD_S = 6.0
 """A released partition is not asked for again by the same host for this long."""
@@ -65,10 +71,13 @@ class RouterPartitions:
 
     def __init__(self, nc: NATS, publisher: Publisher, layout: Layout, history: HistoryLog,
                  tracing: Tracing | None = None, limits: PayloadLimits = DEFAULT_LIMITS, *,
-                 host_id: str = "", describe: Callable[[], dict[str, Any]] | None = None) -> None:
+                 host_id: str = "", describe: Callable[[], dict[str, Any]] | None = None,
+                 shapes: dict[str, dict[str, Any]] | None = None) -> None:
         self._nc = nc
         self._describe = describe
         """What the host says of itself in its status record (its tasks, turns, slots in use)."""
+        self._shapes = shapes or {}
+        """The shape of each workflow it serves (:func:`actors.engine.dag.workflow_shape`), by name."""
         self._pub = publisher
         self._layout = layout
         self._s = layout.subjects
@@ -174,10 +183,13 @@ class RouterPartitions:
     # -- status ------------------------------------------------------------------------------
 
     async def _status_loop(self) -> None:
-        last_cleanup = 0.0
+        last_cleanup = last_shapes = 0.0
         while True:
             try:
                 await self._publish_host(self.owned())
+                if time.monotonic() - last_shapes >= SHAPES_EVERY_S:
+                    await self._publish_shapes()
+                    last_shapes = time.monotonic()
                 for part in self.parts:
                     if part.owner:
                         await self._publish_partition(part)
@@ -196,6 +208,13 @@ class RouterPartitions:
         about = self._describe() if self._describe is not None and up else {}
         body = orjson.dumps({**about, "host": self.host_id, "up": up, "owns": owned, "partitions": len(self.parts)})
         await self._pub.publish(self._s.router_host_status(self.host_id), body)
+
+    async def _publish_shapes(self) -> None:
+        """Each workflow's shape, on its own subject: it changes only with a deployment, so it is sent
+        far less often than the host record (which says whether the host is up), never on a run's path."""
+        for name, shape in self._shapes.items():
+            await self._pub.publish(self._s.router_workflow_shape(name, self.host_id),
+                                    orjson.dumps({**shape, "host": self.host_id}))
 
     async def _publish_partition(self, part: EventRouter) -> None:
         body = orjson.dumps({"partition": part.partition, "host": self.host_id, "pin": part.pin,

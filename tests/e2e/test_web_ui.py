@@ -6,6 +6,7 @@ which makes that a failure. Screenshots of each page are saved under the test's 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -68,10 +69,9 @@ class Dev:
         return out.stdout.strip()
 
 
-@pytest.fixture
-def dev(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Dev]:
-    """`bide dev examples.events.worker` as a real process, on free ports, with a temporary store."""
-    token = getattr(request, "param", None)
+@contextlib.contextmanager
+def bide_dev(tmp_path: Path, module: str, token: str | None = None) -> Iterator[Dev]:
+    """`bide dev MODULE` as a real process, on free ports, with a temporary store."""
     port, http_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("BIDE_API_TOKEN", None)
@@ -79,7 +79,7 @@ def dev(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Dev]:
         env["BIDE_API_TOKEN"] = token
     log = tmp_path / "dev.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "actors.apps.cli", "dev", "examples.events.worker",
+        proc = subprocess.Popen([sys.executable, "-m", "actors.apps.cli", "dev", module,
                                  "--port", str(port), "--store", str(tmp_path / "js"), "--http-port", str(http_port)],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -99,6 +99,13 @@ def dev(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Dev]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture
+def dev(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Dev]:
+    """`bide dev examples.events.worker` (with the token given as the fixture's parameter, if any)."""
+    with bide_dev(tmp_path, "examples.events.worker", getattr(request, "param", None)) as d:
+        yield d
 
 
 def test_find_a_waiting_run_push_its_event_and_cancel_another(browser: Any, dev: Dev, tmp_path: Path) -> None:
@@ -191,3 +198,38 @@ def test_with_a_token_the_browser_logs_in_once(browser: Any, dev: Dev, tmp_path:
     expect(page).to_have_url(dev.http + "/login")
     page.goto(dev.http + "/")
     expect(page).to_have_url(re.compile(r"/login\?next=%2F$"))
+
+
+def test_a_workflow_run_page_draws_its_dag_with_the_tasks_not_started(browser: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    print(f"screenshots in {shots}")
+    # examples.workflows.worker's TaskConditionWorkflow: start, then three branches (two of them wait
+    # 30 s or more for a timer or an event), then sum_task once all three have ended.
+    with bide_dev(tmp_path, "examples.workflows.worker") as dev:
+        run_id = dev.run_no_wait("TaskConditionWorkflow", "{}")
+        page = browser.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(f"{dev.http}/runs/{run_id}")
+        expect(page.locator("svg .node")).to_have_count(5)
+        expect(page.locator("svg .edge")).to_have_count(6)
+
+        def state(task: str) -> Any:
+            return page.locator(f"tr.dag-task[data-task='{task}'] .status")
+
+        expect(state("sum_task")).to_have_text("pending")
+        expect(page.locator("svg .node.pending")).to_contain_text("sum_task")
+        # The page refreshes itself while the tasks run: start ends, its children start.
+        expect(state("start")).to_have_text("completed")
+        expect(state("left_branch")).to_have_text(re.compile(r"^(completed|skipped)$"))
+        expect(state("wait_for_event")).to_have_text("waiting")
+        expect(page.locator("#dag-note")).to_have_count(0)
+        page.screenshot(path=shots / "run-workflow.png", full_page=True)
+
+        # Each started task is a link to its run; its page links back to the workflow run.
+        page.click("svg a:has(.node:has-text('start'))")
+        expect(page.locator("h1")).to_contain_text("Run")
+        expect(page.locator("dl.facts")).to_contain_text(run_id)
+        page.screenshot(path=shots / "run-workflow-task.png", full_page=True)

@@ -109,10 +109,22 @@ async def test_the_http_apis_user_pushes_delivers_cancels_and_reads_and_can_chan
             approval = await ctx.aio_wait_for_event("approval", timeout="30s")
             return {"paid": paid, "approval": approval}
 
-        async with running_worker(bide, [waiter]):
+        flow = bide.workflow(name="LpFlow")
+
+        @flow.task()
+        async def first(input: EmptyModel, ctx: Any) -> int:
+            return 1
+
+        @flow.task(parents=[first])
+        async def second(input: EmptyModel, ctx: Any) -> int:
+            return 2
+
+        async with running_worker(bide, [waiter, flow]):
             conn = await bide._pool.get()
             s = conn.layout.subjects
             paid, stopped = (await waiter.aio_run_no_wait(EmptyModel()), await waiter.aio_run_no_wait(EmptyModel()))
+            flowed = await flow.aio_run_no_wait(EmptyModel())
+            await flowed.aio_result(timeout=20)
 
             async def waits(run_id: str, n: int) -> bool:
                 return sum(e.k == "wait_registered" for e in (await conn.history.read(run_id)).entries) >= n
@@ -133,6 +145,11 @@ async def test_the_http_apis_user_pushes_delivers_cancels_and_reads_and_can_chan
                 assert read.status_code == 200 and read.json()["status"] == "completed", read.text
                 full = await api.get(f"/api/v1/runs/{paid.workflow_run_id}", params={"detail": "full"})
                 assert full.status_code == 200 and full.json()["result"]["paid"] == {"order": 7}, full.text
+                # A workflow run's DAG: the hosts' status records (the shapes they advertise) are readable.
+                dag = (await api.get(f"/api/v1/runs/{flowed.workflow_run_id}", params={"detail": "full"})).json()["dag"]
+                assert dag["shape"] == "advertised", dag
+                assert [(t["key"], t["parents"], t["state"]) for t in dag["tasks"]] == [
+                    ("first", [], "completed"), ("second", ["first"], "completed")]
                 async def listed() -> bool:  # with the runs it resumed (records that may lag a moment)
                     events = await api.get("/api/v1/events", params={"key": "order:paid"})
                     assert events.status_code == 200, events.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,12 +13,22 @@ import pytest
 from pydantic import BaseModel
 
 from actors.apps.http_api import create_app
+from actors.apps.run_graph import child_tree
 from actors.apps.web_ui import SESSION_COOKIE
+from actors.store.server import EmbeddedServer
 from sdk import Bide, Context, DurableContext, EmptyModel, RunFailedError, RunStatus
+from tests.e2e.test_cli_events import cli
 from tests.integration.test_http_api import waiting
 from tests.support import running_worker, wait_until
 
 TOKEN = "ui-s3cret"
+
+
+def dag_rows(html: str) -> list[tuple[str, str, str]]:
+    """(task, state, after) of each row of a workflow run's task table."""
+    return re.findall(r'<tr class="dag-task" data-task="[^"]+"><td>([^<]+)</td>'
+                      r'<td><span class="status \w+">(\w+)</span></td><td>([^<]*)</td>', html)
+
 BASE = "http://bide.test"
 SAME_ORIGIN = {"Origin": BASE}
 
@@ -158,8 +169,8 @@ async def test_a_parent_shows_its_children_a_memo_step_and_a_failed_child_its_tr
         assert step.ms is not None and step.ms >= 20, step
         assert f"<i>took</i> {step.ms:,.1f} ms" in html
         assert "spawned 2 runs of SquareOrFail" in html
-        children = re.findall(r'<tr><td><span class="status (\w+)">\w+</span></td><td>SquareOrFail</td>'
-                              r'<td><a href="/runs/([^"]+)">', html)
+        children = re.findall(r'<li class="child"><span class="status (\w+)">\w+</span> '
+                              r'<span class="task">SquareOrFail</span> <a href="/runs/([^"]+)">', html)
         assert [st for st, _ in children] == ["completed", "completed"], html
         child = (await ui.get(f"/runs/{children[0][1]}")).text
         assert f"parent {ref.workflow_run_id} (FansOut)" in child and "<pre>4</pre>" in child
@@ -187,9 +198,105 @@ async def test_a_workflow_run_shows_its_tasks_their_states_and_parents(bide: Bid
         ref = await wf.aio_run_no_wait(EmptyModel())
         await ref.aio_result(timeout=10)
         html = (await ui.get(f"/runs/{ref.workflow_run_id}")).text
-        rows = re.findall(r'<tr><td><span class="status (\w+)">\w+</span></td><td>([^<]+)</td>'
-                          r'<td><a href="[^"]+">[^<]+</a></td><td>([^<]*)</td></tr>', html)
-        assert [(st, after) for st, _, after in rows] == [("completed", ""), ("completed", "fetch")], html
+        assert dag_rows(html) == [("fetch", "completed", ""), ("store", "completed", "fetch")], html
+
+
+def diamond(bide: Bide) -> Any:
+    """A -> B, C -> D, where C waits for ``diamond:go``."""
+    wf = bide.workflow(name="Diamond")
+
+    @wf.task()
+    async def a(input: EmptyModel, ctx: Context) -> int:
+        return 1
+
+    @wf.task(parents=[a])
+    async def b(input: EmptyModel, ctx: Context) -> int:
+        return 2
+
+    @wf.durable_task(parents=[a])
+    async def c(input: EmptyModel, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("diamond:go")
+
+    @wf.task(parents=[b, c])
+    async def d(input: EmptyModel, ctx: Context) -> int:
+        return 4
+
+    return wf
+
+
+async def test_a_workflow_run_is_its_dag_with_the_tasks_not_started_and_without_a_host_what_it_started(
+        nats_server: EmbeddedServer, bide: Bide, ui: httpx.AsyncClient) -> None:
+    wf = diamond(bide)
+    async with running_worker(bide, [wf]):
+        ref = await wf.aio_run_no_wait(EmptyModel())
+        run_id = ref.workflow_run_id
+
+        async def full() -> dict[str, Any]:
+            got = await ui.get(f"/api/v1/runs/{run_id}", params={"detail": "full"})
+            assert got.status_code == 200, got.text
+            return dict(got.json())
+
+        async def settled() -> bool:
+            dag = (await full())["dag"]
+            return dag is not None and [(t["key"], t["state"]) for t in dag["tasks"]] == [
+                ("a", "completed"), ("b", "completed"), ("c", "waiting"), ("d", "pending")]
+
+        await wait_until(settled, what="B completed, C waiting and D pending, every task shown")
+        doc = await full()
+        dag = doc["dag"]
+        assert dag["workflow"] == "Diamond" and dag["shape"] == "advertised" and "test-worker" in dag["host"]
+        assert [(t["task"], t["parents"]) for t in dag["tasks"]] == [
+            ("Diamond:a", []), ("Diamond:b", ["a"]), ("Diamond:c", ["a"]), ("Diamond:d", ["b", "c"])]
+        assert dag["tasks"][3]["run_id"] is None
+        assert [t["run_id"] for t in dag["tasks"][:3]] == [c["run_id"] for c in doc["children"]]
+        out = await cli("runs", "show", run_id, "--json", url=nats_server.url)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == doc
+
+        html = (await ui.get(f"/runs/{run_id}")).text
+        assert dag_rows(html) == [("a", "completed", ""), ("b", "completed", "a"), ("c", "waiting", "a"),
+                                  ("d", "pending", "b, c")], html
+        assert "<svg" in html and html.count('<path class="edge"') == 4 and 'class="node pending"' in html
+        assert 'id="dag-note"' not in html
+
+    # No host up: the shape is unknown; the tasks started are shown, with their states.
+    html = (await ui.get(f"/runs/{run_id}")).text
+    assert "shape is unknown: no host that is up serves it" in html
+    assert dag_rows(html) == [("a", "completed", ""), ("b", "completed", "a"), ("c", "waiting", "a")], html
+    dag = (await full())["dag"]
+    assert dag["shape"] == "unknown" and dag["host"] is None and [t["key"] for t in dag["tasks"]] == ["a", "b", "c"]
+
+
+class Depth(BaseModel):
+    n: int
+
+
+async def test_a_run_shows_its_descendants_as_a_tree_bounded_in_depth_and_count(bide: Bide,
+                                                                               ui: httpx.AsyncClient) -> None:
+    @bide.durable_task(name="Nests")
+    async def nests(input: Depth, ctx: DurableContext) -> int:
+        return 0 if input.n == 0 else 1 + int(await nests.aio_run(Depth(n=input.n - 1)))
+
+    async with running_worker(bide, [nests]):
+        ref = await nests.aio_run_no_wait(Depth(n=4))
+        assert await ref.aio_result(timeout=20) == 4
+    doc = (await ui.get(f"/api/v1/runs/{ref.workflow_run_id}", params={"detail": "full"})).json()
+    assert doc["dag"] is None and doc["children_more"] == 0
+    [child] = doc["children"]
+    [grandchild] = child["children"]
+    [great] = grandchild["children"]
+    assert (child["more"], grandchild["more"], great["more"], great["children"]) == (0, 0, 1, [])
+    assert {child["status"], grandchild["status"], great["status"]} == {"completed"}
+    html = (await ui.get(f"/runs/{ref.workflow_run_id}")).text
+    for node in (child, grandchild, great):
+        assert f'<span class="task">Nests</span> <a href="/runs/{node["run_id"]}">' in html
+    assert f'<a href="/runs/{great["run_id"]}">1 more</a>' in html  # past three levels: on its own page
+    assert html.count("<ul>") >= 3  # nested: a list inside each level
+
+    # The node bound: two runs in all, the rest counted where cut.
+    top, more = await child_tree(bide, await bide.runs.aio_history(ref.workflow_run_id), budget=2)
+    assert more == 0 and [len(top), len(top[0].children), top[0].children[0].children] == [1, 1, []]
+    assert top[0].children[0].more == 1
 
 
 async def test_bad_input_is_a_page_naming_it_never_a_500(bide: Bide, ui: httpx.AsyncClient) -> None:
