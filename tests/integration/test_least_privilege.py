@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from actors.apps.http_api import create_app
+from actors.hosting.router_partitions import deployment_status
 from actors.store.server import EmbeddedServer
 from sdk import Bide, DurableContext, EmptyModel, RunStatus
 from tests.support import REPO, running_worker, wait_until
@@ -165,6 +166,17 @@ async def test_the_http_apis_user_pushes_delivers_cancels_and_reads_and_can_chan
                     return (await bide.runs.aio_get(stopped.workflow_run_id)).status is RunStatus.CANCELLED
 
                 await wait_until(is_cancelled, what="the other run to be cancelled")
+
+            # The Workers page: every stream's state, the hosts up and who owns each router partition.
+            api_conn = await api_bide._pool.get()
+
+            async def status_complete() -> bool:
+                st = await deployment_status(api_conn.nc, api_conn.layout)
+                return bool(st["hosts"]) and bool(st["router"]) and all(r["owner"] for r in st["router"])
+
+            await wait_until(status_complete, what="the API's user to see the hosts and partition owners")
+            st = await deployment_status(api_conn.nc, api_conn.layout)
+            assert not [x for x in st["streams"] if "error" in x], st["streams"]
 
             # What the API's user may not do: write a history, a timer or a registration, or change a stream.
             violations: list[str] = []
