@@ -240,7 +240,8 @@ async def cmd_dev(args: argparse.Namespace) -> int:
                           flush=True)
             ready = asyncio.Event()
             serving = asyncio.create_task(_serve_workers(workers, stop, ready))
-            await asyncio.wait([asyncio.create_task(ready.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
+            for up in (ready, extra.ready):  # this process's hosts, then every child's
+                await asyncio.wait([asyncio.create_task(up.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
             if serving.done():
                 await serving
                 return 0
