@@ -129,7 +129,10 @@ class Supervisor:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *self.commands[slot], stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT, preexec_fn=self._preexec)
+                    stderr=asyncio.subprocess.STDOUT, preexec_fn=self._preexec,
+                    # Its own session: a terminal's Ctrl-C reaches this process only, which stops the
+                    # children itself (no child exits before we know we are stopping, to be restarted).
+                    start_new_session=True)
             except (OSError, ValueError) as e:
                 self._say(f"{self._label}: could not start a worker process: {e}")
                 code_text = "not started"
