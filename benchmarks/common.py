@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def child_pids(pid: int) -> list[int]:
+    """A process's children (``/proc/PID/task/*/children``): a ``bide worker --processes N``'s N-1 hosts."""
+    out: list[int] = []
+    for task in sorted(os.listdir(f"/proc/{pid}/task")):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def worker_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds of a worker's processes: ``worker`` their sum and, for more than one, each (``worker_1``...)."""
+    each = [cpu_seconds(p) for p in pids]
+    return {"worker": sum(each), **({f"worker_{i}": c for i, c in enumerate(each, 1)} if len(each) > 1 else {})}
+
+
 @dataclass
 class Stack:
-    """A running nats-server and one worker process of ``SCALE_WORKER``."""
+    """A running nats-server and one ``bide worker`` of ``SCALE_WORKER`` (one or more processes)."""
 
     server: EmbeddedServer
     worker: WorkerProc
     profile_port: int = 0
+    worker_pids: list[int] = field(default_factory=list)
+    """The worker command's process, then its children (``--processes``), as they were once all were ready."""
     """The server's Go profiling port (``nats-server -profile``), when the stack was asked for it."""
 
     def server_heap_kib(self) -> int:
@@ -78,8 +95,8 @@ class Stack:
         return int(self.server.proc.pid)
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds used so far by the worker and the server."""
-        return {"worker": cpu_seconds(self.worker.proc.pid), "server": cpu_seconds(self.server_pid)}
+        """CPU seconds used so far by the worker (all its processes; each too when more than one) and the server."""
+        return {**worker_cpu(self.worker_pids or [self.worker.proc.pid]), "server": cpu_seconds(self.server_pid)}
 
     def describe(self) -> dict[str, Any]:
         """The server's version and durability setting, for the JSON report."""
@@ -88,19 +105,23 @@ class Stack:
 
 
 @contextmanager
-def stack(*worker_args: str, profile: bool = False) -> Iterator[Stack]:
+def stack(*worker_args: str, profile: bool = False, processes: int = 1) -> Iterator[Stack]:
     """A fresh server (empty store) and a ready worker; both stopped on exit, whatever happens.
 
     With ``profile`` the server also serves Go's profiles on a free loopback port (its heap).
+    With ``processes`` > 1 the worker is ``bide worker --processes N``: N hosts, N-1 of them children.
     """
     profile_port = free_port() if profile else 0
     server = EmbeddedServer(extra_args=["-profile", str(profile_port)] if profile else None).start()
     worker: WorkerProc | None = None
     try:
         os.environ["BIDE_NATS_URL"] = server.url  # the apps module makes its Bide() at import
-        worker = WorkerProc(server.url, SCALE_WORKER, *worker_args)
+        worker = WorkerProc(server.url, SCALE_WORKER, *worker_args, "--processes", str(processes))
         worker.wait_ready()
-        yield Stack(server, worker, profile_port)
+        pids = [worker.proc.pid, *child_pids(worker.proc.pid)]
+        if len(pids) != processes:
+            raise RuntimeError(f"asked for {processes} worker processes, found {len(pids)}: {pids}")
+        yield Stack(server, worker, profile_port, pids)
     finally:
         if worker is not None:
             worker.stop()

@@ -65,7 +65,9 @@ class WorkerProc:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.tail.append(line)
-            if "ready" in line:
+            # The command's own line (with --processes, printed once every process serves), not a
+            # child's, which reaches its stderr prefixed with the child's pid.
+            if line.startswith("bide worker ") and " ready: " in line:
                 self._ready.set()
 
     def wait_ready(self, timeout: float = 60.0) -> None:

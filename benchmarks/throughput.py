@@ -2,9 +2,10 @@
 
     python -m benchmarks.throughput --runs 5000 --json throughput.json
 
-Starts its own nats-server and one worker process (``bide worker benchmarks.apps:worker``),
-measures pipelined JetStream publishes, then starts N trivial durable runs (one memo each)
-from this process with up to C in flight and awaits every result. ``--sweep 10,50,500`` then
+Starts its own nats-server and one worker (``bide worker benchmarks.apps:worker``; with
+``--worker-processes N``, ``--processes N``: N host processes), measures pipelined JetStream
+publishes, then starts N trivial durable runs (one memo each) from this process with up to C in
+flight and awaits every result. ``--sweep 10,50,500`` then
 measures ``--sweep-runs`` runs at each of those in-flight counts (throughput vs in-flight).
 ``--url URL[,URL...] --replicas 3`` measures against servers already running (a cluster from
 ``actors.store.server.local_cluster``, as ``benchmarks.failover`` does) with streams at that many
@@ -18,9 +19,7 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,8 @@ import nats
 from tqdm import tqdm
 
 from actors.store.server import EmbeddedServer, server_version
-from benchmarks.common import cpu_seconds
+from benchmarks.common import child_pids, cpu_seconds, worker_cpu
+from benchmarks.event_latency import WorkerProc
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,27 +69,18 @@ async def publish_rate(url: str, messages: int, window: int = 2000, replicas: in
     return rate
 
 
-def start_worker(url: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "BIDE_NATS_URL": url, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "actors.apps.cli", "worker", "benchmarks.apps:worker"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "ready" in line:
-            return proc
-    raise RuntimeError(f"worker exited with {proc.wait()} before it was ready")
-
-
-def stop_worker(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def start_worker(url: str, processes: int) -> tuple[WorkerProc, list[int]]:
+    """``bide worker benchmarks.apps:worker --processes N``, ready; with the pids of its N processes."""
+    worker = WorkerProc(url, "benchmarks.apps:worker", "--processes", str(processes))
+    try:
+        worker.wait_ready()
+        pids = [worker.proc.pid, *child_pids(worker.proc.pid)]
+        if len(pids) != processes:
+            raise RuntimeError(f"asked for {processes} worker processes, found {len(pids)}: {pids}")
+    except BaseException:
+        worker.stop()
+        raise
+    return worker, pids
 
 
 async def run_many(task: Any, runs: int, concurrency: int, bar: Any) -> tuple[list[float], int]:
@@ -145,24 +136,29 @@ def pct(values: list[float], q: float) -> float:
 
 def measure(url: str, args: argparse.Namespace, sweep: list[int], server_pid: int | None = None
             ) -> tuple[float, list[float], float, int, list[dict[str, Any]], dict[str, float]]:
-    """Raw publishes, then warm-up, the main run and the sweep against ``url`` with one worker process.
+    """Raw publishes, then warm-up, the main run and the sweep against ``url`` with one worker.
 
     Also the CPU each process spent per run of the main run, in microseconds: the worker (the
-    host), this driver (starting runs and awaiting results) and, when it is known, the server.
+    hosts: with ``--worker-processes`` above 1 the sum, and each as ``worker_I``), this driver
+    (starting runs and awaiting results) and, when it is known, the server.
     """
     os.environ["BIDE_NATS_URL"] = url
     pub = asyncio.run(publish_rate(url, args.publish_messages, replicas=args.replicas))
-    worker = start_worker(url)
+    worker, worker_pids = start_worker(url, args.worker_processes)
+
+    def cpu_now() -> dict[str, float]:
+        server = {"server": cpu_seconds(server_pid)} if server_pid else {}
+        return {**worker_cpu(worker_pids), **server, "driver": time.process_time()}
+
     try:
         asyncio.run(drive(args.warmup, args.concurrency, progress=False))
-        pids = {"worker": worker.pid, **({"server": server_pid} if server_pid else {})}
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()} | {"driver": time.process_time()}
+        before = cpu_now()
         lat, wall, errors = asyncio.run(drive(args.runs, args.concurrency, not args.no_progress))
-        after = {name: cpu_seconds(pid) for name, pid in pids.items()} | {"driver": time.process_time()}
+        after = cpu_now()
         cpu = {name: round((after[name] - before[name]) / max(1, args.runs) * 1e6, 1) for name in after}
         swept = [sweep_point(c, max(args.sweep_runs, 3 * c)) for c in sweep]
     finally:
-        stop_worker(worker)
+        worker.stop()
     return pub, lat, wall, errors, swept, cpu
 
 
@@ -188,7 +184,11 @@ def main() -> None:
     ap.add_argument("--url", default=None,
                     help="measure against these running servers (comma-separated URLs) instead of starting one")
     ap.add_argument("--replicas", type=int, default=1, help="stream replicas (BIDE_REPLICAS) with --url")
+    ap.add_argument("--worker-processes", type=int, default=1, metavar="N",
+                    help="host processes (bide worker --processes N; default 1)")
     args = ap.parse_args()
+    if args.worker_processes < 1:
+        ap.error(f"--worker-processes must be at least 1, got {args.worker_processes}")
     sweep = [int(x) for x in args.sweep.split(",") if x]
     if args.replicas != 1 and not args.url:
         ap.error(f"--replicas {args.replicas} needs --url (the server this benchmark starts is a single node)")
@@ -212,6 +212,7 @@ def main() -> None:
     out: dict[str, Any] = {
         "runs": args.runs,
         "concurrency": args.concurrency,
+        "worker_processes": args.worker_processes,
         "wall_s": round(wall, 3),
         "errors": errors,
         "runs_per_s": round(rate, 1),
@@ -229,8 +230,8 @@ def main() -> None:
         "cpus": os.cpu_count(),
     }
     print(durability_line)
-    print(f"{len(lat)} trivial durable runs in {wall:.2f} s: {rate:,.0f} runs/s, "
-          f"p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms, errors {errors}")
+    print(f"{len(lat)} trivial durable runs ({args.worker_processes} worker process(es)) in {wall:.2f} s: "
+          f"{rate:,.0f} runs/s, p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms, errors {errors}")
     print(f"raw JetStream pipelined publish: {pub:,.0f} msg/s (runs/s / publish/s = {out['runs_per_publish_ratio']})")
     print("CPU per run: " + ", ".join(f"{name} {us:,.0f} us" for name, us in cpu.items()))
     for p in swept:

@@ -3,8 +3,10 @@
     python -m benchmarks.timers_at_scale --runs 10000 --json timers.json
     python -m benchmarks.timers_at_scale --runs 1000,10000,100000   # one fresh server per N
 
-Starts its own nats-server and one worker process (``bide worker benchmarks.scale_apps:worker
---durable-slots S``). For each N, picks a due second T (``--lead`` seconds ahead, enough to start
+Starts its own nats-server and one worker (``bide worker benchmarks.scale_apps:worker
+--durable-slots S --processes P``: P from ``--worker-processes``, default 1, each process with S
+durable slots; the CPU per run reported as ``worker`` is the sum over the P processes, each also
+as ``worker_I``). For each N, picks a due second T (``--lead`` seconds ahead, enough to start
 every run first) and starts N ``BenchSleepUntil`` runs as fast as the driver can (200 starts in
 flight), run i sleeping until T + i/N * ``--spread`` s with ``ctx.aio_sleep_until`` (the
 absolute time is in its input). Every run is asleep (its timer published, its activation
@@ -159,7 +161,8 @@ async def drive(st: Stack, n: int, lead: float, spread: float) -> dict[str, Any]
     bide = Bide(st.server.url)  # a client of this N's server (each N has a fresh one)
     try:
         await warm_up(bide, st)
-        print(f"N={n:,}: due in {lead:g} s, spread over {spread:g} s", flush=True)
+        print(f"N={n:,}: due in {lead:g} s, spread over {spread:g} s, {len(st.worker_pids)} worker process(es)",
+              flush=True)
         return await one_size(bide, st, n, lead, spread)
     finally:
         await bide.aclose()
@@ -190,8 +193,12 @@ def main() -> None:
     ap.add_argument("--lead", type=float, default=None, help="seconds from the first start to the first due "
                     "time (default: 5 + N/1000)")
     ap.add_argument("--durable-slots", type=int, default=1000, help="the worker's durable slots (SDK default 1000)")
+    ap.add_argument("--worker-processes", type=int, default=1, metavar="N",
+                    help="host processes (bide worker --processes N; default 1); each has --durable-slots")
     ap.add_argument("--json", default=None, help="write the numbers here")
     args = ap.parse_args()
+    if args.worker_processes < 1:
+        ap.error(f"--worker-processes must be at least 1, got {args.worker_processes}")
     sizes = [int(x) for x in args.runs.split(",")]
     if not sizes or min(sizes) < 1:
         ap.error("--runs: positive run counts")
@@ -200,7 +207,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     described: dict[str, Any] = {}
     for n in sizes:
-        with stack("--durable-slots", str(args.durable_slots)) as st:
+        with stack("--durable-slots", str(args.durable_slots), processes=args.worker_processes) as st:
             lead = args.lead if args.lead is not None else auto_lead(n)
             rows.append(asyncio.run(drive(st, n, lead, args.spread)))
             described = st.describe()
@@ -211,7 +218,8 @@ def main() -> None:
     print(durability)
     report(rows)
     write_json(args.json, {"benchmark": "timers_at_scale", "machine": info, **described,
-                           "durable_slots": args.durable_slots, "rows": rows})
+                           "durable_slots": args.durable_slots, "worker_processes": args.worker_processes,
+                           "rows": rows})
 
 
 if __name__ == "__main__":

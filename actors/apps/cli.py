@@ -18,6 +18,7 @@ import orjson
 
 from actors.apps.health import create_health_app
 from actors.apps.http_api import serve_app, serve_http, url_of
+from actors.apps.processes import Supervisor, parse_count
 from actors.engine.run_history import export_run
 from actors.store.server import DEFAULT_SYNC, SYNC_ENV, EmbeddedServer, SyncSetting, cluster_url, local_cluster
 from sdk import Bide, BideError, NonDeterminismError, Worker
@@ -60,6 +61,8 @@ def load_worker(target: str, *, slots: int | None, durable_slots: int | None, na
             raise CliError(f"module {mod_name!r} defines no Worker or Bide client; name one as {mod_name}:ATTR")
         obj = found[0]
     if isinstance(obj, Worker):
+        if name:
+            obj.name = name
         if slots:
             obj.slots = slots
         if durable_slots:
@@ -94,6 +97,26 @@ async def _serve_workers(workers: list[Worker], stop: asyncio.Event, ready: asyn
         await w.shutdown()
     await asyncio.gather(*tasks, return_exceptions=True)
     watcher.cancel()
+
+
+def _worker_command(target: str, *, name: str | None = None, slots: int | None = None,
+                    durable_slots: int | None = None) -> list[str]:
+    """The command line of a ``bide worker`` child (NATS settings reach it in the environment it inherits)."""
+    verbose = ["-v"] if logging.getLogger().isEnabledFor(logging.INFO) else []
+    return [sys.executable, "-m", "actors.apps.cli", *verbose, "worker", target,
+            *(["--name", name] if name else []), *(["--slots", str(slots)] if slots else []),
+            *(["--durable-slots", str(durable_slots)] if durable_slots else [])]
+
+
+def _is_worker_ready(line: str) -> bool:
+    return line.startswith("bide worker ") and " ready: " in line
+
+
+def _process_count(value: str, flag: str) -> int:
+    try:
+        return parse_count(value, flag)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def _install_stop(stop: asyncio.Event) -> None:
@@ -163,8 +186,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         raise CliError(f"--sync: {e}") from None
     if args.cluster not in (1, 3, 5):
         raise CliError(f"--cluster must be 1, 3 or 5 nodes (the replicas JetStream allows), got {args.cluster}")
-    if args.workers < 1:
-        raise CliError(f"--workers must be at least 1, got {args.workers}")
+    workers_each = _process_count(args.workers, "--workers")
     if args.cluster > 1:
         # One recipe for a local cluster (the cluster tests use it too); streams at as many replicas.
         store = store.with_name(f"{store.name}-cluster{args.cluster}")
@@ -176,7 +198,8 @@ async def cmd_dev(args: argparse.Namespace) -> int:
     # SIGTERM from here on stops dev gracefully, servers included (they run in their own sessions).
     stop = asyncio.Event()
     _install_stop(stop)
-    extra: list[asyncio.subprocess.Process] = []
+    extra = Supervisor([], label="bide dev")
+    stopping: asyncio.Task[None] | None = None
     try:
         for node in nodes:
             try:
@@ -192,11 +215,11 @@ async def cmd_dev(args: argparse.Namespace) -> int:
                   f"BIDE_NATS_URL={url} BIDE_REPLICAS={args.cluster}", file=sys.stderr, flush=True)
         print(f"bide dev: sync {sync}: a power loss loses {sync.loses_on_power_loss}", file=sys.stderr, flush=True)
         workers = [load_worker(t, slots=None, durable_slots=None, name=None) for t in args.modules]
-        for target in args.modules:  # more workers, each its own process (this one hosts the first)
-            for _ in range(args.workers - 1):
-                extra.append(await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "actors.apps.cli", "worker", target, stdout=asyncio.subprocess.DEVNULL))
-                print(f"bide dev: worker process {extra[-1].pid} for {target}", file=sys.stderr, flush=True)
+        # More workers, each its own process (this one hosts the first), kept running by a supervisor.
+        extra = Supervisor([_worker_command(t) for t in args.modules for _ in range(workers_each - 1)],
+                           is_ready=_is_worker_ready, label="bide dev")
+        extra.start()
+        stopping = extra.stop_on(stop)  # they drain while this process drains its own hosts
         client = Bide(url)
         http: asyncio.Task[None] | None = None
         try:
@@ -217,7 +240,8 @@ async def cmd_dev(args: argparse.Namespace) -> int:
                           flush=True)
             ready = asyncio.Event()
             serving = asyncio.create_task(_serve_workers(workers, stop, ready))
-            await asyncio.wait([asyncio.create_task(ready.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
+            for up in (ready, extra.ready):  # this process's hosts, then every child's
+                await asyncio.wait([asyncio.create_task(up.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
             if serving.done():
                 await serving
                 return 0
@@ -237,20 +261,21 @@ async def cmd_dev(args: argparse.Namespace) -> int:
             finally:
                 await client.aclose()
     finally:
-        for proc in extra:
-            if proc.returncode is None:
-                proc.terminate()  # SIGTERM: each drains its turns
-        for proc in extra:
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except TimeoutError:
-                proc.kill()
+        if stopping is not None:
+            stopping.cancel()
+        await extra.stop()  # SIGTERM: each drains its turns; SIGKILL after 30 s
         for node in nodes:
             node.stop()
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
+    processes = _process_count(args.processes, "--processes")
     worker = load_worker(args.target, slots=args.slots, durable_slots=args.durable_slots, name=args.name)
+    # This process hosts the first; N-1 children the rest. Named NAME-2, NAME-3...: the host id
+    # (name@hostname:pid) is unique per process anyway, the names tell them apart in `bide status`.
+    children = Supervisor([_worker_command(args.target, name=f"{args.name}-{i}" if args.name else None,
+                                           slots=args.slots, durable_slots=args.durable_slots)
+                           for i in range(2, processes + 1)], is_ready=_is_worker_ready, label="bide worker")
     stop = asyncio.Event()
     _install_stop(stop)
     ready = asyncio.Event()
@@ -265,13 +290,21 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         if health.done():
             e = health.exception()
             raise CliError(f"--health-port: {getattr(e, 'strerror', None) or e}")
+    stopping = children.stop_on(stop)  # the children drain while this process drains its own host
     try:
         serving = asyncio.create_task(_serve_workers([worker], stop, ready))
         await asyncio.wait([asyncio.create_task(ready.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
         if ready.is_set():
-            print(f"bide worker {worker.name!r} ready: {', '.join(t.name for t in worker.tasks)}", flush=True)
+            children.start()  # once this host serves: a wrong target or URL fails here first, with no children
+            await asyncio.wait([asyncio.create_task(children.ready.wait()), serving],
+                               return_when=asyncio.FIRST_COMPLETED)
+        if ready.is_set() and children.ready.is_set():
+            more = f" ({processes} processes)" if processes > 1 else ""
+            print(f"bide worker {worker.name!r} ready: {', '.join(t.name for t in worker.tasks)}{more}", flush=True)
         await serving
     finally:
+        stopping.cancel()
+        await children.stop()
         if health is not None:
             health.cancel()
             await asyncio.gather(health, return_exceptions=True)
@@ -517,8 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="client port (default 4222); with --cluster, node i listens on port + i")
     dev.add_argument("--cluster", type=int, default=1, metavar="N",
                      help="run N nodes (3 or 5) clustered on loopback, streams at N replicas (default 1)")
-    dev.add_argument("--workers", type=int, default=1, metavar="N",
-                     help="worker processes per module (default 1: this process); more are `bide worker` children")
+    dev.add_argument("--workers", default="1", metavar="N",
+                     help="worker processes per module (default 1: this process; 'auto': one per CPU); more are "
+                          "`bide worker` children, restarted if they exit")
     dev.add_argument("--store", default=".bide/jetstream", help="JetStream store folder (default .bide/jetstream)")
     dev.add_argument("--run", metavar="TASK", help="run TASK once the workers are up, print its result, exit")
     dev.add_argument("--input", default="{}", help="JSON input for --run (default {})")
@@ -535,8 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--name")
     wk.add_argument("--slots", type=int)
     wk.add_argument("--durable-slots", type=int)
+    wk.add_argument("--processes", default="1", metavar="N",
+                    help="host processes (default 1; 'auto': one per CPU this process may run on): this one and "
+                         "N-1 `bide worker` children, restarted if they exit, stopped with it")
     wk.add_argument("--health-port", type=int, default=None, metavar="P",
-                    help="serve /healthz (alive) and /readyz (connected, streams set up, consumers bound) on P")
+                    help="serve /healthz (alive) and /readyz (connected, streams set up, consumers bound) on P; with "
+                         "--processes, of this process's host only")
     wk.add_argument("--health-host", default="0.0.0.0",
                     help="address for --health-port (default 0.0.0.0, for probes from outside the machine)")
     wk.set_defaults(func=cmd_worker)
