@@ -18,7 +18,7 @@ import orjson
 
 from actors.apps.health import create_health_app
 from actors.apps.http_api import serve_app, serve_http, url_of
-from actors.apps.processes import Supervisor, parse_count
+from actors.apps.processes import Supervisor, die_with_supervisor, parse_count
 from actors.engine.run_history import export_run
 from actors.store.server import DEFAULT_SYNC, SYNC_ENV, EmbeddedServer, SyncSetting, cluster_url, local_cluster
 from sdk import Bide, BideError, NonDeterminismError, Worker
@@ -269,6 +269,7 @@ async def cmd_dev(args: argparse.Namespace) -> int:
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
+    die_with_supervisor()  # a child of `--processes N`: ends when its supervisor does
     processes = _process_count(args.processes, "--processes")
     worker = load_worker(args.target, slots=args.slots, durable_slots=args.durable_slots, name=args.name)
     # This process hosts the first; N-1 children the rest. Named NAME-2, NAME-3...: the host id

@@ -57,28 +57,29 @@ def cpus_available() -> int:
         return os.cpu_count() or 1
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies, even by SIGKILL.
+SUPERVISOR_ENV = "BIDE_SUPERVISOR_PID"
+"""Set in a child's environment to its supervisor's pid: the child asks to die with it."""
 
-    Linux only (``prctl(PR_SET_PDEATHSIG)``, kept across exec). Elsewhere there is no such call:
-    children of a parent that is SIGKILLed live on as ordinary hosts until stopped by hand.
-    The signal comes when the *thread* that forked the child ends; children are forked from
-    the event loop's thread, which lives as long as the process.
+
+def die_with_supervisor() -> None:
+    """In a child started by a :class:`Supervisor`: get SIGTERM when the supervisor dies, even by SIGKILL.
+
+    Called by the child itself first thing (``bide worker``), not between fork and exec: code
+    run there (``preexec_fn``) can deadlock in a process with threads, as a host is. Linux only
+    (``prctl(PR_SET_PDEATHSIG)``); elsewhere there is no such call, and children of a supervisor
+    that is SIGKILLed live on as ordinary hosts until stopped by hand. If the supervisor died
+    before the call, the signal will never come: the child exits at once.
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: nothing but the call after fork
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the call: the signal will never come
-            os._exit(1)
-
-    return preexec
+    raw = os.environ.pop(SUPERVISOR_ENV, "")
+    if not raw.isdigit():
+        return
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != int(raw):
+        os._exit(1)
 
 
 def describe_exit(code: int) -> str:
@@ -104,7 +105,6 @@ class Supervisor:
         self._seen_ready: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped: asyncio.Future[None] | None = None
-        self._preexec = _die_with_parent()
         if not self.commands:
             self.ready.set()
 
@@ -129,7 +129,7 @@ class Supervisor:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *self.commands[slot], stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT, preexec_fn=self._preexec,
+                    stderr=asyncio.subprocess.STDOUT, env={**os.environ, SUPERVISOR_ENV: str(os.getpid())},
                     # Its own session: a terminal's Ctrl-C reaches this process only, which stops the
                     # children itself (no child exits before we know we are stopping, to be restarted).
                     start_new_session=True)
