@@ -109,6 +109,16 @@ class PurgeInbox:
 
 
 @dataclass(frozen=True)
+class ClearInbox:
+    """The run ended and used its inbox: whatever the inbox still holds goes (signals taken whose
+    purge failed, signals that came after the end), and the wind-up waits for it.
+
+    Not best effort like :class:`PurgeInbox`: a failure leaves the activation unacknowledged,
+    and its redelivery winds the run up again, so an ended run's inbox is always drained.
+    """
+
+
+@dataclass(frozen=True)
 class ScheduleRemoval:
     """The run ended: its retention starts now (DESIGN.md invariant 9)."""
 
@@ -151,7 +161,7 @@ class CancelChildren:
 
 
 Command = (Append | StartChildren | RegisterWait | WithdrawWait | ScheduleTimer | CancelTimer | ScheduleRetry
-           | PurgeInbox | ScheduleRemoval | RecordEnd | NotifyParent | CancelChildren | NextGeneration)
+           | PurgeInbox | ClearInbox | ScheduleRemoval | RecordEnd | NotifyParent | CancelChildren | NextGeneration)
 
 
 class Effects(Protocol):
@@ -182,12 +192,16 @@ class RunEnd:
     """Children spawned and not heard back from: ``(run id, task)``."""
     cancels_children_on_failure: bool = False
     """A workflow run that failed stops its tasks; a plain run's failure leaves its children be."""
+    inbox_used: bool = False
+    """The run took signals or has some waiting (its inbox may hold messages): the wind-up drains it."""
 
 
 def end_of_run(started: RunStarted, how: RunEnd) -> list[Command]:
-    """After a run's terminal entry is durable: its index record, removal, parent's report, children's cancellation."""
+    """After a run's terminal entry is durable: its index record, removal, inbox, parent's report, children."""
     end = how.end
     commands: list[Command] = [RecordEnd(started, end), ScheduleRemoval(end)]
+    if how.inbox_used:
+        commands.append(ClearInbox())
     if started.parent is not None:
         commands.append(NotifyParent(started.parent, end))
     stops = isinstance(end, RunCancelled) or (isinstance(end, RunFailed) and how.cancels_children_on_failure)

@@ -125,7 +125,7 @@ def workflow_commands(hist: RunHistory, steps: Sequence[DagTask], plan: Workflow
     """What the host carries out for ``plan``: append, purge the taken signals, start the tasks, wind up."""
     started = hist.started
     commands: list[Command] = [Append(plan.new)]
-    if hist.inbox:
+    if hist.inbox and plan.end is None:  # an end drains the whole inbox (ClearInbox)
         commands.append(PurgeInbox(hist.inbox[-1][0]))
     commands += [StartChildren(ParentLink(run_id=hist.run_id, task=started.task, pos=idx, n=1), [ChildStart(
         run_id=plan.spawned[steps[idx].name], task=steps[idx].name, durable=steps[idx].runs_durably,
@@ -134,7 +134,8 @@ def workflow_commands(hist: RunHistory, steps: Sequence[DagTask], plan: Workflow
         for idx in plan.to_start]
     if plan.end is not None:
         # A workflow that fails or is cancelled stops the tasks it still has running.
-        commands += end_of_run(started, RunEnd(plan.end, plan.unfinished, cancels_children_on_failure=True))
+        commands += end_of_run(started, RunEnd(plan.end, plan.unfinished, cancels_children_on_failure=True,
+                                               inbox_used=bool(hist.inbox or hist.state.taken_upto)))
     return commands
 
 

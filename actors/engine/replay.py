@@ -428,13 +428,16 @@ class Turn:
             commands.append(Append(pending, on_durable=self._recorded))
         commands += [ScheduleTimer(t.pos, t.wake_at) for t in self._timers]
         commands += after_append(self._history.state, written, utcnow(), self._unrecorded_waits)
-        if self._took_upto is not None:
+        ended = end is not None and not isinstance(end, AttemptFailed)
+        if self._took_upto is not None and not ended:  # an end drains the whole inbox (ClearInbox)
             commands.append(PurgeInbox(self._took_upto))
         if isinstance(end, AttemptFailed):
             commands.append(ScheduleRetry(end))
         elif end is not None:
+            inbox_used = bool(self._took_upto or self._history.state.taken_upto or self._history.inbox)
             commands += end_of_run(self._history.started, RunEnd(
-                end, self.unfinished_children, cancels_children_on_failure=cancels_children_on_failure))
+                end, self.unfinished_children, cancels_children_on_failure=cancels_children_on_failure,
+                inbox_used=inbox_used))
         return commands
 
     def _report_ended(self, written: list[HistoryEntry]) -> None:

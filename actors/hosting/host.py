@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
-from actors.engine.commands import Append, Command, NotifyParent, PurgeInbox, RecordEnd, ScheduleRemoval, redo_last_turn
+from actors.engine.commands import (
+    Append,
+    ClearInbox,
+    Command,
+    NotifyParent,
+    PurgeInbox,
+    RecordEnd,
+    ScheduleRemoval,
+    redo_last_turn,
+)
 from actors.engine.dag import workflow_shape
 from actors.engine.decisions import claim_under_way, failed_attempts, is_suspended, needs_user_code
 from actors.engine.run_history import RunHistory
@@ -483,12 +492,13 @@ class ActorHost:
         terminal = hist.terminal
         assert terminal is not None
         # The host that ended it may have died before scheduling its removal, or (a redelivery)
-        # before telling the parent. A signal that came after the end is never taken: it goes.
+        # before telling the parent or draining the inbox. A signal that came after the end is
+        # never taken: it goes, with any taken one whose purge failed.
         wind_up: list[Command] = [RecordEnd(hist.started, terminal), ScheduleRemoval(terminal)]
         if delivery > 1 and hist.started.parent is not None:
             wind_up.append(NotifyParent(hist.started.parent, terminal))
-        if hist.inbox:
-            wind_up.append(PurgeInbox(hist.inbox[-1][0]))
+        if hist.inbox or hist.state.taken_upto:
+            wind_up.append(ClearInbox())
         await self._writer(hist, defn).carry_out(wind_up)
         await msg.ack()
 

@@ -18,6 +18,7 @@ from actors.engine.commands import (
     Append,
     CancelChildren,
     CancelTimer,
+    ClearInbox,
     Command,
     NextGeneration,
     NotifyParent,
@@ -124,6 +125,8 @@ class RunWriter:
             case PurgeInbox(upto_seq=upto):
                 fx.chore(api_request(fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
                                      {"filter": s.inbox(run_id), "seq": upto + 1}))
+            case ClearInbox():
+                await api_request(fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}", {"filter": s.inbox(run_id)})
             case RecordEnd(started=started, end=end):
                 await publish_end(fx.publisher, s, started, end)  # no ack awaited: never a round trip
             case ScheduleRemoval(end=end):

@@ -247,7 +247,8 @@ class TurnRunner:
         if isinstance(end, AttemptFailed):
             return [*commands, ScheduleRetry(end)]
         return [*commands, *end_of_run(hist.started, RunEnd(
-            end, unfinished or [], cancels_children_on_failure=hist.started.task in self._workflows))]
+            end, unfinished or [], cancels_children_on_failure=hist.started.task in self._workflows,
+            inbox_used=bool(hist.inbox or hist.state.taken_upto)))]
 
     @staticmethod
     def _retried(defn: TaskDefinition, hist: RunHistory, end: Terminal,

@@ -14,6 +14,7 @@ from actors.engine.commands import (
     Append,
     CancelChildren,
     CancelTimer,
+    ClearInbox,
     Command,
     NotifyParent,
     PurgeInbox,
@@ -143,11 +144,12 @@ async def test_an_event_that_wins_an_or_group_withdraws_the_registration_and_the
     turn, _, result = await run(RunHistory("r1", parked.entries, last_seq=2, inbox=[(5, signal)]), asks)
     assert result == {"paid": {"e9": {"ok": 1}}}
     commands = turn.conclude(RunCompleted(result=result, at=utcnow()))
-    assert kinds(commands) == ["Append", "WithdrawWait", "CancelTimer", "PurgeInbox", "RecordEnd", "ScheduleRemoval"]
+    # The run ends in this turn: its whole inbox is drained by the wind-up (awaited), not purged in passing.
+    assert kinds(commands) == ["Append", "WithdrawWait", "CancelTimer", "RecordEnd", "ScheduleRemoval", "ClearInbox"]
     withdraw = commands[1]
     assert isinstance(withdraw, WithdrawWait) and withdraw.satisfied == {0}  # the router deleted that one itself
     assert commands[2] == CancelTimer(0)
-    assert commands[3] == PurgeInbox(5)
+    assert commands[5] == ClearInbox()
 
 
 async def test_children_are_recorded_before_they_are_started_and_their_end_tells_the_parent() -> None:
@@ -253,3 +255,14 @@ def test_a_runs_end_withdraws_again_only_what_no_later_turn_vouched_for() -> Non
                    ActivationBegun(host="other", delivery=1, at=AT), resolved(2), reg(3))
     # Wait 0 was resolved by a turn the next (warm) turn vouched for; 1 and 2 were not; 3 is open.
     assert [w.wait.pos for w in ended_registrations(hist.state, [RunCancelled(reason="x", at=AT)])] == [1, 2, 3]
+
+
+async def test_a_run_that_never_used_its_inbox_ends_without_draining_it() -> None:
+    """The wind-up's inbox purge is awaited: a run with no signal, taken or waiting, does not pay for it."""
+
+    async def code(turn: Turn) -> Any:
+        return 1
+
+    turn, _, result = await run(history(), code)
+    commands = turn.conclude(RunCompleted(result=result, at=utcnow()))
+    assert kinds(commands) == ["Append", "RecordEnd", "ScheduleRemoval"]
