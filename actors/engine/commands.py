@@ -110,12 +110,16 @@ class PurgeInbox:
 
 @dataclass(frozen=True)
 class ClearInbox:
-    """The run ended and used its inbox: whatever the inbox still holds goes (signals taken whose
-    purge failed, signals that came after the end), and the wind-up waits for it.
+    """The run ended: its inbox's messages up to ``upto_seq`` (signals taken whose purge failed,
+    signals that came after the end) go, and the wind-up waits for it.
 
     Not best effort like :class:`PurgeInbox`: a failure leaves the activation unacknowledged,
-    and its redelivery winds the run up again, so an ended run's inbox is always drained.
+    and its redelivery winds the run up again, so an ended run's inbox is always drained. A
+    message that comes later has its own activation (or the inbox sweeper's), whose wind-up
+    drains it in turn.
     """
+
+    upto_seq: int
 
 
 @dataclass(frozen=True)
@@ -192,16 +196,17 @@ class RunEnd:
     """Children spawned and not heard back from: ``(run id, task)``."""
     cancels_children_on_failure: bool = False
     """A workflow run that failed stops its tasks; a plain run's failure leaves its children be."""
-    inbox_used: bool = False
-    """The run took signals or has some waiting (its inbox may hold messages): the wind-up drains it."""
+    inbox_upto: int = 0
+    """The last inbox message the run's history knows of (taken or waiting); the wind-up drains
+    the inbox up to it. 0: the run never had a signal, and its end costs no purge."""
 
 
 def end_of_run(started: RunStarted, how: RunEnd) -> list[Command]:
     """After a run's terminal entry is durable: its index record, removal, inbox, parent's report, children."""
     end = how.end
     commands: list[Command] = [RecordEnd(started, end), ScheduleRemoval(end)]
-    if how.inbox_used:
-        commands.append(ClearInbox())
+    if how.inbox_upto:
+        commands.append(ClearInbox(how.inbox_upto))
     if started.parent is not None:
         commands.append(NotifyParent(started.parent, end))
     stops = isinstance(end, RunCancelled) or (isinstance(end, RunFailed) and how.cancels_children_on_failure)
@@ -209,6 +214,11 @@ def end_of_run(started: RunStarted, how: RunEnd) -> list[Command]:
         commands.append(CancelChildren(list(how.unfinished),
                                        f"parent run {started.run_id} ended: {end.k.removeprefix('run_')}"))
     return commands
+
+
+def inbox_upto(hist: RunHistory) -> int:
+    """The last inbox message ``hist`` knows of: the last signal taken or the last one waiting (0: none)."""
+    return max(hist.state.taken_upto, hist.inbox[-1][0] if hist.inbox else 0)
 
 
 def ends(written: Sequence[HistoryEntry]) -> bool:

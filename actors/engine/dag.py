@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import orjson
 
 from actors.engine.child_ids import ChildStart, child_run_id
-from actors.engine.commands import Append, Command, PurgeInbox, RunEnd, StartChildren, end_of_run
+from actors.engine.commands import Append, Command, PurgeInbox, RunEnd, StartChildren, end_of_run, inbox_upto
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     ActivationBegun,
@@ -135,7 +135,7 @@ def workflow_commands(hist: RunHistory, steps: Sequence[DagTask], plan: Workflow
     if plan.end is not None:
         # A workflow that fails or is cancelled stops the tasks it still has running.
         commands += end_of_run(started, RunEnd(plan.end, plan.unfinished, cancels_children_on_failure=True,
-                                               inbox_used=bool(hist.inbox or hist.state.taken_upto)))
+                                               inbox_upto=inbox_upto(hist)))
     return commands
 
 

@@ -32,6 +32,7 @@ from actors.engine.commands import (
     TurnObserver,
     after_append,
     end_of_run,
+    inbox_upto,
 )
 from actors.engine.decisions import claimed_signals
 from actors.engine.run_history import RunHistory
@@ -434,10 +435,9 @@ class Turn:
         if isinstance(end, AttemptFailed):
             commands.append(ScheduleRetry(end))
         elif end is not None:
-            inbox_used = bool(self._took_upto or self._history.state.taken_upto or self._history.inbox)
             commands += end_of_run(self._history.started, RunEnd(
                 end, self.unfinished_children, cancels_children_on_failure=cancels_children_on_failure,
-                inbox_used=inbox_used))
+                inbox_upto=max(self._took_upto or 0, inbox_upto(self._history))))
         return commands
 
     def _report_ended(self, written: list[HistoryEntry]) -> None:

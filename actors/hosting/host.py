@@ -29,6 +29,7 @@ from actors.engine.commands import (
     PurgeInbox,
     RecordEnd,
     ScheduleRemoval,
+    inbox_upto,
     redo_last_turn,
 )
 from actors.engine.dag import workflow_shape
@@ -497,8 +498,8 @@ class ActorHost:
         wind_up: list[Command] = [RecordEnd(hist.started, terminal), ScheduleRemoval(terminal)]
         if delivery > 1 and hist.started.parent is not None:
             wind_up.append(NotifyParent(hist.started.parent, terminal))
-        if hist.inbox or hist.state.taken_upto:
-            wind_up.append(ClearInbox())
+        if upto := inbox_upto(hist):
+            wind_up.append(ClearInbox(upto))
         await self._writer(hist, defn).carry_out(wind_up)
         await msg.ack()
 

@@ -125,8 +125,9 @@ class RunWriter:
             case PurgeInbox(upto_seq=upto):
                 fx.chore(api_request(fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
                                      {"filter": s.inbox(run_id), "seq": upto + 1}))
-            case ClearInbox():
-                await api_request(fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}", {"filter": s.inbox(run_id)})
+            case ClearInbox(upto_seq=upto):
+                await api_request(fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
+                                  {"filter": s.inbox(run_id), "seq": upto + 1})
             case RecordEnd(started=started, end=end):
                 await publish_end(fx.publisher, s, started, end)  # no ack awaited: never a round trip
             case ScheduleRemoval(end=end):

@@ -13,7 +13,7 @@ import traceback
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from actors.engine.commands import Append, Command, RunEnd, ScheduleRetry, TurnObserver, end_of_run
+from actors.engine.commands import Append, Command, RunEnd, ScheduleRetry, TurnObserver, end_of_run, inbox_upto
 from actors.engine.dag import plan_workflow_turn, workflow_commands
 from actors.engine.decisions import failed_attempts
 from actors.engine.replay import Turn
@@ -248,7 +248,7 @@ class TurnRunner:
             return [*commands, ScheduleRetry(end)]
         return [*commands, *end_of_run(hist.started, RunEnd(
             end, unfinished or [], cancels_children_on_failure=hist.started.task in self._workflows,
-            inbox_used=bool(hist.inbox or hist.state.taken_upto)))]
+            inbox_upto=inbox_upto(hist)))]
 
     @staticmethod
     def _retried(defn: TaskDefinition, hist: RunHistory, end: Terminal,

@@ -149,7 +149,7 @@ async def test_an_event_that_wins_an_or_group_withdraws_the_registration_and_the
     withdraw = commands[1]
     assert isinstance(withdraw, WithdrawWait) and withdraw.satisfied == {0}  # the router deleted that one itself
     assert commands[2] == CancelTimer(0)
-    assert commands[5] == ClearInbox()
+    assert commands[5] == ClearInbox(5)
 
 
 async def test_children_are_recorded_before_they_are_started_and_their_end_tells_the_parent() -> None:
