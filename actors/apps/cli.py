@@ -525,7 +525,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
                   f"{(h.get('durable_slots') or {}).get('of', '-')}  warm runs {h.get('warm_runs', '-')}"
                   f"  router partitions {h.get('owns') or []}")
         for r in st["router"]:
-            owner = r["owner"] or ("(pinned, owner not yet known)" if r["pinned"] else "(none)")
+            owner = r["owner"] or ("(pinned, owner not yet known)" if r["pinned"]
+                                   else "(none: a host is pinned when events arrive)")
             waits = "-" if r["pending_waits"] is None else r["pending_waits"]
             print(f"  router partition {r['partition']}: owner {owner}  pending waits {waits}"
                   f"  checkpoint {r['checkpoint']}  unhandled {r['unhandled']}")
