@@ -138,6 +138,12 @@ class _TerminalWatch:
             await self.sub.unsubscribe()
 
 
+_POLL_FIRST_S = 0.25
+_POLL_MAX_S = 15.0
+"""A waiter re-reads the run's last entry (one direct get) at most this far apart, and soon again
+after each hint: the fallback when a hint came before its append was stored, or not at all."""
+
+
 async def wait_terminal(conn: Connection, run_id: str, timeout: float | None = None) -> Any:
     """The run's terminal entry, waiting for it if the run is still going."""
     watch = _TerminalWatch()
@@ -149,8 +155,9 @@ async def wait_terminal(conn: Connection, run_id: str, timeout: float | None = N
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         # The watch can miss an entry routed before its SUB took effect and stored after the
-        # read above: re-read now and then too, as the result inbox's waiters do.
-        interval = 0.25
+        # read above, and a hint can come before its append is stored (a core subscriber gets
+        # the message as JetStream does): re-read now and then too, soon again after a hint.
+        interval = _POLL_FIRST_S
         while True:
             for e in last:
                 if isinstance(e, TERMINAL):
@@ -161,9 +168,16 @@ async def wait_terminal(conn: Connection, run_id: str, timeout: float | None = N
             try:
                 await asyncio.wait_for(watch.hint.wait(), wait)
             except TimeoutError:
-                interval = min(interval * 2, 15.0)
-            watch.hint.clear()
+                interval = min(interval * 2, _POLL_MAX_S)
+            else:
+                # Cleared only when it was heard: one that comes after a timeout is not lost.
+                watch.hint.clear()
+                interval = _POLL_FIRST_S
             last = await conn.history.read_last(run_id)
+            if not last:
+                raise RunNotFoundError(
+                    f"run {run_id!r} was removed while its result was awaited: it finished and its "
+                    "history retention period (BIDE_HISTORY_RETENTION) passed", run_id)
     finally:
         await watch.close()
 
