@@ -122,8 +122,8 @@ async def test_a_run_sleeping_past_the_retention_completes_then_is_removed_compl
     async with running_worker(short, [child, sleeper]):
         ref = await sleeper.aio_run_no_wait(EmptyModel())
         run_id = ref.workflow_run_id
-        # 8 s alone; the deadline is wide because this test once stalled past 30 s in the full
-        # parallel suite (cause not found yet: see docs/architecture.md, "Open questions").
+        # 8 s alone; a wide deadline for a loaded machine (see docs/architecture.md, "A waiter that
+        # missed a run's end": this test found that bug).
         assert await ref.aio_result(timeout=90) == {"twice": 42, "missed": None}
         child_id = f"{run_id}-0-0"
         assert await _subjects(conn, s.counters_stream, s.run_counters(run_id))  # there is something to remove
