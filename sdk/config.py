@@ -36,6 +36,8 @@ def parse_duration(value: str, name: str = "duration") -> float:
 DEFAULT_ACK_WAIT_S = 3.0
 """A dead host's activations move to a live host after at most this long (live hosts heartbeat)."""
 DEFAULT_MAX_DELIVERIES = 20
+DEFAULT_GC_THRESHOLD = 50_000
+"""Allocations between the cyclic collector's passes over young objects in a host's process."""
 
 
 def _env_float(name: str, default: float) -> float:
@@ -172,6 +174,11 @@ class BideConfig:
     """Credentials and TLS for NATS (``BIDE_NATS_CREDS``, ``BIDE_NATS_TLS_CA``, ...: :class:`NatsAuth`)."""
     warm_bytes: int = 64 * 1024 * 1024
     """The most history (in stored bytes) the warm runs of a host may hold together (``BIDE_WARM_BYTES``)."""
+    gc_threshold: int = DEFAULT_GC_THRESHOLD
+    """Allocations between passes of Python's cyclic garbage collector over young objects in a
+    process that hosts runs (``BIDE_GC_THRESHOLD``; Python's own default is 700, and 0 leaves the
+    process's collector as it is). A host's turns allocate many short-lived objects, and at 700
+    the collector took about a fifth of a host's CPU (see :mod:`actors.hosting.collector`)."""
 
     @classmethod
     def from_env(
@@ -199,6 +206,7 @@ class BideConfig:
             warm_runs=_env_int("BIDE_WARM_RUNS", 500),
             nats_auth=NatsAuth.from_env(),
             warm_bytes=parse_size(os.environ.get("BIDE_WARM_BYTES") or 64 * 1024 * 1024, "BIDE_WARM_BYTES"),
+            gc_threshold=_env_int("BIDE_GC_THRESHOLD", DEFAULT_GC_THRESHOLD),
         )
         cfg.validate()
         return cfg
@@ -221,6 +229,9 @@ class BideConfig:
                              f"{MAX_ROUTER_PARTITIONS}")
         if self.warm_runs < 0:
             raise ValueError(f"BIDE_WARM_RUNS={self.warm_runs} must be 0 (keep none) or more")
+        if self.gc_threshold < 0:
+            raise ValueError(f"BIDE_GC_THRESHOLD={self.gc_threshold} must be 0 (leave Python's collector as it is) "
+                             "or a number of allocations, such as 50000")
         PayloadLimits(max_bytes=self.max_payload_bytes)  # raises ValueError naming a bad limit
 
     @cached_property

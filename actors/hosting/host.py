@@ -48,6 +48,7 @@ from actors.engine.wire import (
     utcnow,
 )
 from actors.hosting.activation_queue import ActivationQueue, SlotPool
+from actors.hosting.collector import tune_collector
 from actors.hosting.heartbeat import Heartbeat
 from actors.hosting.inbox_sweeper import InboxSweeper, ensure_inbox_sweeper_consumer
 from actors.hosting.retention import Reaper
@@ -142,6 +143,7 @@ class ActorHost:
         """Set once every consumer is bound and pulling; cleared when a stop begins."""
 
     async def start(self) -> None:
+        tune_collector(self.config.gc_threshold)
         self._nc = nc = await connect(self.config.nats_url, name=self.host_id,
                                       connect_timeout=self.config.connect_timeout_s, auth=self.config.nats_auth)
         js = nc.jetstream(timeout=10.0)
