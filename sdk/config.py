@@ -38,6 +38,7 @@ DEFAULT_ACK_WAIT_S = 3.0
 DEFAULT_MAX_DELIVERIES = 20
 DEFAULT_GC_THRESHOLD = 50_000
 """Allocations between the cyclic collector's passes over young objects in a host's process."""
+_MAX_GC_THRESHOLD = 100_000_000
 
 
 def _env_float(name: str, default: float) -> float:
@@ -229,9 +230,9 @@ class BideConfig:
                              f"{MAX_ROUTER_PARTITIONS}")
         if self.warm_runs < 0:
             raise ValueError(f"BIDE_WARM_RUNS={self.warm_runs} must be 0 (keep none) or more")
-        if self.gc_threshold < 0:
+        if not 0 <= self.gc_threshold <= _MAX_GC_THRESHOLD:
             raise ValueError(f"BIDE_GC_THRESHOLD={self.gc_threshold} must be 0 (leave Python's collector as it is) "
-                             "or a number of allocations, such as 50000")
+                             f"or a number of allocations up to {_MAX_GC_THRESHOLD}, such as 50000")
         PayloadLimits(max_bytes=self.max_payload_bytes)  # raises ValueError naming a bad limit
 
     @cached_property

@@ -44,7 +44,9 @@ async def test_zero_leaves_the_collector_as_python_set_it(bide: Bide, nats_serve
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    ("-1", "BIDE_GC_THRESHOLD=-1 must be 0 (leave Python's collector as it is) or a number of allocations"),
+    ("-1", "BIDE_GC_THRESHOLD=-1 must be 0 (leave Python's collector as it is) or a number of allocations up to "
+           "100000000"),
+    ("10000000000", "BIDE_GC_THRESHOLD=10000000000 must be 0"),
     ("lots", "BIDE_GC_THRESHOLD='lots' is not a whole number"),
 ])
 def test_a_bad_threshold_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, raw: str, message: str) -> None:
