@@ -189,9 +189,10 @@ class HistoryLog:
         """``base`` (this host's own view of the run) and the signals that arrived since; ``None`` if the
         history moved past ``base`` (another host wrote) or an announced append is not in it.
 
-        Reads only the history after ``base.last_seq`` (nothing, normally) and the untaken
-        inbox, asking the replica to be at least as far as ``base`` and the announced
-        inbox message (invariant 13), and again until the inbox message is seen.
+        Reads the history's last message, which must be ``base``'s own (anything else: another
+        writer, or a removal), and the untaken inbox, asking the replica to be at least as far
+        as ``base`` and the announced inbox message (invariant 13), and again until the inbox
+        message is seen.
         """
         if history_seq > base.last_seq:
             return None
@@ -202,14 +203,16 @@ class HistoryLog:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            newer, inbox_msgs = await asyncio.gather(
-                direct_get_subject(self._nc, s.history_stream, s.history(run_id), start_seq=base.last_seq + 1,
-                                   min_last_seq=floor),
+            # The history's last message, not the messages after ``base``: a get of a subject's last
+            # costs the server the same however busy the stream is, while a read from a sequence
+            # walks every other run's message stored after it (see ``_read_back``).
+            last, inbox_msgs = await asyncio.gather(
+                direct_get_last(self._nc, s.history_stream, s.history(run_id), min_last_seq=floor),
                 direct_get_subject(self._nc, s.history_stream, s.inbox(run_id), start_seq=taken + 1,
                                    min_last_seq=floor),
             )
-            if newer:
-                return None
+            if last is None or int((last.headers or {}).get("Nats-Sequence", "0")) != base.last_seq:
+                return None  # another writer appended (or the history is not what this host wrote): replay
             inbox: list[tuple[int, EventSignal]] = []
             seen = taken
             for m in inbox_msgs:

@@ -130,3 +130,23 @@ async def test_the_chain_stops_at_the_current_generations_start_after_the_earlie
 async def test_a_run_with_no_history_reads_empty(conn: Connection) -> None:
     assert await conn.history._read_back("never-started", 0) == []
     assert (await conn.history.read("never-started")).entries == []
+
+
+async def test_a_warm_read_goes_on_from_the_hosts_view_only_while_the_history_ends_where_it_wrote(
+        conn: Connection) -> None:
+    """``read_since`` checks the history's last message (one get, however busy the stream) against the host's view."""
+    run_id = "warm-view"
+    seqs = await _write(conn, run_id, [[_start(run_id)], [_memo(0)]])
+    base = await conn.history.read(run_id, history_seq=seqs[-1])
+    view = await conn.history.read_since(base)
+    assert view is not None and view.last_seq == seqs[-1] and _kinds(view.entries) == _kinds(base.entries)
+    # Another writer appended after the view: the turn must replay.
+    await conn.history.append(run_id, [_memo(1)], seqs[-1])
+    assert await conn.history.read_since(base) is None
+    # The view's last message was removed, nothing after it: not the history this host wrote either.
+    run_id = "warm-removed"
+    seqs = await _write(conn, run_id, [[_start(run_id)], [_memo(0)]])
+    base = await conn.history.read(run_id, history_seq=seqs[-1])
+    s = conn.layout.subjects
+    await api_request(conn.nc, f"$JS.API.STREAM.MSG.DELETE.{s.history_stream}", {"seq": seqs[-1]})
+    assert await conn.history.read_since(base) is None
