@@ -199,9 +199,10 @@ class Oracle:
         while True:
             left = {
                 "work": await subjects(self.s.work_stream, self.s.work_all),
-                # A finished run's removal after the history retention is a schedule by design.
+                # A finished run's removal after the history retention is a schedule by design (a
+                # batch's, or one run's as earlier versions wrote them).
                 "timers": {k: v for k, v in (await subjects(self.s.work_stream, self.s.timers_all)).items()
-                           if not k.endswith(".reap")},
+                           if not k.endswith(".reap") and not k.startswith(self.s.removals_timer(""))},
                 "inboxes": await subjects(self.s.history_stream, self.s.inbox_all),
                 # The router's markers are deleted once found and expire after an hour: one an owner
                 # was killed before deleting stays until then, by design (actors/hosting/router_reads.py).

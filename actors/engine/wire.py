@@ -284,8 +284,20 @@ class Subjects:
         return f"{self.prefix}.work.@reaper.{encode_token(run_id)}"
 
     def reap_timer(self, run_id: str) -> str:
-        """The schedule of a run's removal (one per run: scheduling it again replaces it)."""
+        """The schedule of one run's removal (as earlier versions wrote them; still carried out)."""
         return self.timer(run_id, "reap")
+
+    def removals_timer(self, batch: str) -> str:
+        """The schedule of a batch of removals (:class:`RunRemovals`), one subject per batch.
+
+        ``%reaper`` is a token no run id encodes to (:func:`encode_token` escapes every ``%``),
+        so no run's ``run_timers`` filter (which a removal purges) ever covers it.
+        """
+        return f"{self.prefix}.timers.%reaper.{batch}"
+
+    def removals(self, batch: str) -> str:
+        """Where a batch of removals falls due, on the reaper's consumer (``reap_all``)."""
+        return f"{self.prefix}.work.@reaper.%batch.{batch}"
 
     @property
     def reap_all(self) -> str:
@@ -744,6 +756,19 @@ class RunRemoval(BaseModel):
 
     v: int = WIRE_VERSION
     run_id: str = Field(min_length=1)
+
+
+class RunRemovals(BaseModel):
+    """A message on ``<prefix>.work.@reaper.%batch.<batch>``: remove each of these finished runs once due.
+
+    A host schedules the removals of the runs whose ends it carries out together as one
+    message (actors.hosting.retention), due when the last of them is.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    v: int = WIRE_VERSION
+    run_ids: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
 
 
 # --- the event router's inputs ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from actors.engine.wire import (
     HDR_SCHEDULE_TARGET,
     Activation,
     Clock,
-    RunRemoval,
+    RunRemovals,
     Subjects,
     encode_activation,
     rfc3339,
@@ -54,13 +54,13 @@ class TimerScheduler:
         await self._publish(self._subjects.timer(run_id, f"retry{retry}"), task, run_id, act,
                             max(at, utcnow() + _MIN_AHEAD))
 
-    async def schedule_removal(self, run_id: str, at: datetime) -> None:
-        """The finished run's removal, due at ``at`` (retention, DESIGN.md invariant 9).
+    async def schedule_removals(self, batch: str, run_ids: list[str], at: datetime) -> None:
+        """The finished runs' removals, due at ``at`` (retention, DESIGN.md invariant 9), as one message.
 
-        One schedule subject per run, so publishing it again (a redelivered end) replaces it.
+        ``batch`` names it (a subject of its own: no other batch replaces it).
         """
-        await self._schedule(self._subjects.reap_timer(run_id), self._subjects.reap(run_id),
-                             RunRemoval(run_id=run_id).model_dump_json().encode(), "reap",
+        await self._schedule(self._subjects.removals_timer(batch), self._subjects.removals(batch),
+                             RunRemovals(run_ids=run_ids).model_dump_json().encode(), "reap",
                              max(at, utcnow() + _MIN_AHEAD))
 
     async def _publish(self, subject: str, task: str, run_id: str, act: Activation, fire_at: datetime) -> None:

@@ -3,6 +3,7 @@ run is removed completely ``BIDE_HISTORY_RETENTION`` after it ended, and reads o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from actors.engine.wire import (
     RunCompleted,
     RunFailed,
     RunRemoval,
+    RunRemovals,
     RunStarted,
     WaitCondition,
     WaitRegistered,
@@ -29,7 +31,7 @@ from actors.engine.wire import (
     utcnow,
 )
 from actors.hosting.router import publish_registrations
-from actors.store.jetstream import api_request
+from actors.store.jetstream import api_request, direct_get_subject
 from actors.store.server import EmbeddedServer
 from sdk import Bide, Context, DurableContext, EmptyModel, RunNotFoundError, RunStatus
 from sdk._connection import Connection
@@ -63,6 +65,13 @@ async def _leftovers(conn: Connection, run_id: str) -> dict[str, int]:
                             (s.work_stream, s.run_work(run_id))):
         found |= await _subjects(conn, stream, subject)
     return found
+
+
+async def _removals_scheduled(conn: Connection, run_id: str) -> int:
+    """How many pending removal schedules (batches) name ``run_id``."""
+    s = conn.layout.subjects
+    msgs = await direct_get_subject(conn.nc, s.work_stream, s.removals_timer("*"))
+    return sum(run_id in RunRemovals.model_validate_json(m.data).run_ids for m in msgs)
 
 
 async def _removal_handled(conn: Connection, run_id: str) -> None:
@@ -205,13 +214,16 @@ async def test_a_removal_before_the_retention_has_passed_is_put_off(bide: Bide) 
         # Ending it scheduled its removal for 30 days (the default) after its end (just after the
         # result was sent: wait for it).
         async def scheduled() -> bool:
-            return await _subjects(conn, s.work_stream, s.reap_timer(run_id)) == {s.reap_timer(run_id): 1}
+            return await _removals_scheduled(conn, run_id) == 1
 
         await wait_until(scheduled, what="the removal to be scheduled")
+        # A removal falling due now (in the form earlier versions scheduled, still carried out).
         await _publish_removal(conn, run_id)
         await _removal_handled(conn, run_id)
         assert (await bide.runs.aio_get(run_id)).status is RunStatus.COMPLETED
-        assert await _subjects(conn, s.work_stream, s.reap_timer(run_id)) == {s.reap_timer(run_id): 1}
+        # Put off: scheduled again for its own due time, and the first schedule is still pending.
+        assert await _removals_scheduled(conn, run_id) == 2
+        assert not await _subjects(conn, s.work_stream, s.reap_timer(run_id))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(bide, None)),
                                      base_url="http://bide.test") as api:
             resp = await api.get(f"/api/v1/runs/{run_id}")
@@ -270,3 +282,42 @@ async def test_a_run_whose_host_died_before_scheduling_its_removal_is_removed_at
             return not await _leftovers(conn, run_id)
 
         await wait_until(removed, timeout=15, interval=0.2, what=f"run {run_id} to be removed")
+
+
+async def test_runs_that_end_together_share_their_removal_schedules_and_each_is_removed(short: Bide) -> None:
+    """Removals are group-committed: the server holds a schedule per batch of ended runs, not per run.
+
+    The run ids include ``@reaper`` and ``%reaper``: no run's removal (which purges that run's
+    schedules) may reach a batch's schedule, on which other runs' removals wait.
+    """
+    @short.task(name="RetMany")
+    async def many(input: EmptyModel, ctx: Context) -> int:
+        return 1
+
+    conn = await short._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(short, [many]):
+        run_ids = ["@reaper", "%reaper", *(f"ret-many-{i}" for i in range(298))]
+        refs = await asyncio.gather(*(many.aio_run_no_wait(EmptyModel(), run_id=r) for r in run_ids))
+        assert await asyncio.gather(*(ref.aio_result(timeout=60) for ref in refs)) == [1] * len(run_ids)
+
+        async def all_scheduled() -> bool:
+            msgs = await direct_get_subject(conn.nc, s.work_stream, s.removals_timer("*"))
+            named = [r for m in msgs for r in RunRemovals.model_validate_json(m.data).run_ids]
+            return set(named) >= set(run_ids)
+
+        await wait_until(all_scheduled, timeout=30, what="every removal to be scheduled")
+        schedules = await _subjects(conn, s.work_stream, s.removals_timer("*"))
+        assert len(schedules) < len(run_ids) / 4, f"{len(schedules)} removal schedules for {len(run_ids)} runs"
+
+        async def all_removed() -> bool:
+            for r in run_ids:
+                if await _leftovers(conn, r):
+                    return False
+            return not await _subjects(conn, s.work_stream, s.removals_timer("*")) and \
+                not await _subjects(conn, s.work_stream, s.reap_all)
+
+        await wait_until(all_removed, timeout=60, interval=0.5, what="every run and every removal schedule to go")
+        for r in ("@reaper", "%reaper", "ret-many-0"):
+            with pytest.raises(RunNotFoundError):
+                await short.runs.aio_get(r)

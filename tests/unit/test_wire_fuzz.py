@@ -28,6 +28,7 @@ from actors.engine.wire import (
     RunCompleted,
     RunFailed,
     RunRemoval,
+    RunRemovals,
     RunStarted,
     SignalReceived,
     Subjects,
@@ -183,7 +184,7 @@ def test_a_malformed_inbox_message_is_dropped_not_raised(data: bytes) -> None:
 @FUZZ
 @given(garbage)
 def test_router_and_reaper_envelopes_decode_or_raise_value_errors(data: bytes) -> None:
-    for model in (WaitRegistration, TriggerRegistration, RunRemoval):
+    for model in (WaitRegistration, TriggerRegistration, RunRemoval, RunRemovals):
         only_value_errors(model.model_validate_json, data)
 
 
