@@ -217,8 +217,9 @@ def end_of_run(started: RunStarted, how: RunEnd) -> list[Command]:
 
 
 def inbox_upto(hist: RunHistory) -> int:
-    """The last inbox message ``hist`` knows of: the last signal taken or the last one waiting (0: none)."""
-    return max(hist.state.taken_upto, hist.inbox[-1][0] if hist.inbox else 0)
+    """The last inbox message ``hist`` knows of (0: none): the last signal taken or waiting, or the last
+    message its read saw, which may be a malformed one the read dropped (logged; never taken)."""
+    return max(hist.state.taken_upto, hist.inbox[-1][0] if hist.inbox else 0, hist.inbox_seen)
 
 
 def ends(written: Sequence[HistoryEntry]) -> bool:

@@ -89,3 +89,29 @@ async def test_a_run_that_ends_in_the_turn_taking_a_signal_drains_its_inbox_thou
             await bide.aclose()
     finally:
         server.stop()
+
+
+async def test_a_malformed_inbox_message_is_drained_with_the_run_that_ended_after_reading_it(
+        nats_server: EmbeddedServer, bide: Bide) -> None:
+    """A ``nats pub`` of garbage on a run's inbox is dropped (logged) by the turn that reads it; the run's
+    end drains it with the rest, not leaving it stored until the run's retention runs out."""
+    @bide.durable_task(name="GarbageWaiter")
+    async def waiter(input: EmptyModel, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("garbage:never", timeout="3s")
+
+    conn = await bide._pool.get()
+    async with running_worker(bide, [waiter]):
+        ref = await waiter.aio_run_no_wait(EmptyModel())
+        run_id = ref.workflow_run_id
+
+        async def waiting() -> bool:
+            return (await bide.runs.aio_get(run_id)).status.value == "waiting"
+
+        await wait_until(waiting, what="the run to wait")
+        await conn.publisher.publish(conn.layout.subjects.inbox(run_id), b"\x00 not a signal")
+        assert await ref.aio_result(timeout=30) is None  # its wait timed out, after the garbage was stored
+
+        async def drained() -> bool:
+            return await _inbox_messages(bide, run_id) == 0
+
+        await wait_until(drained, timeout=15, what="the ended run's inbox to be drained")
