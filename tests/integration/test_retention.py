@@ -4,8 +4,12 @@ run is removed completely ``BIDE_HISTORY_RETENTION`` after it ended, and reads o
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import signal
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -321,3 +325,52 @@ async def test_runs_that_end_together_share_their_removal_schedules_and_each_is_
         for r in ("@reaper", "%reaper", "ret-many-0"):
             with pytest.raises(RunNotFoundError):
                 await short.runs.aio_get(r)
+
+
+async def test_a_removal_whose_schedule_could_not_be_stored_is_scheduled_once_it_can_be(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's failed publish fails every turn in it, and those turns are retried: no removal is dropped.
+
+    The host's user may not publish removal schedules at first (the server's permissions); a
+    configuration reload (SIGHUP) then allows it.
+    """
+    password = secrets.token_hex(12)
+    deny = '"bide.timers.%reaper.>"'
+    accounts = f"""
+accounts {{
+  BIDE {{
+    jetstream: enabled
+    users = [{{ user: host, password: "{password}",
+               permissions: {{ publish: {{ allow: ">", deny: [{deny}] }}, subscribe: ">" }} }}]
+  }}
+}}
+"""
+    server = EmbeddedServer(store_dir=tmp_path / "js", config=accounts).start()
+    try:
+        monkeypatch.setenv("BIDE_NATS_USER", "host")
+        monkeypatch.setenv("BIDE_NATS_PASSWORD", password)
+        bide = Bide(server.url, ack_wait=3.0)
+
+        @bide.task(name="RetDenied")
+        async def denied(input: EmptyModel, ctx: Context) -> int:
+            return 5
+
+        try:
+            async with running_worker(bide, [denied]):
+                conn = await bide._pool.get()
+                ref = await denied.aio_run_no_wait(EmptyModel())
+                assert await ref.aio_result(timeout=30) == 5  # the end is appended before its removal
+                assert await _removals_scheduled(conn, ref.workflow_run_id) == 0
+
+                server.config_file.write_text(server.config_file.read_text().replace(deny, '"nothing.denied"'))
+                assert server.proc is not None
+                os.kill(server.proc.pid, signal.SIGHUP)
+
+                async def scheduled() -> bool:
+                    return await _removals_scheduled(conn, ref.workflow_run_id) >= 1
+
+                await wait_until(scheduled, timeout=90, what="the run's removal to be scheduled after all")
+        finally:
+            await bide.aclose()
+    finally:
+        server.stop()
