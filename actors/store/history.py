@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import OrderedDict
 from typing import Any
 
 import nats.js.errors
@@ -67,6 +68,11 @@ _LONG_NUMBER = re.compile(rb"\d{19}")
 """Digits enough for an integer outside int64: only then is a signal's data walked for one."""
 
 
+_malformed_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+"""Malformed inbox messages already logged at error level by this process (the newest ones)."""
+_MALFORMED_REMEMBERED = 10_000
+
+
 def _inbox_signal(run_id: str, seq: int, data: bytes) -> list[tuple[int, EventSignal]]:
     """The signal in an inbox message, or none (logged: its size, never its contents) if it is malformed.
 
@@ -81,8 +87,13 @@ def _inbox_signal(run_id: str, seq: int, data: bytes) -> list[tuple[int, EventSi
             check_value(signal.meta, CEILING_LIMITS, "the signal's metadata")
         return [(seq, signal)]
     except ValueError as e:
-        log.error("run %s: dropping malformed inbox message %d (%d bytes; %d errors)", run_id, seq, len(data),
-                  e.error_count() if hasattr(e, "error_count") else 1)
+        # Each read of the inbox meets it again until a purge removes it: said once per process.
+        level = logging.DEBUG if (run_id, seq) in _malformed_seen else logging.ERROR
+        _malformed_seen[(run_id, seq)] = None
+        if len(_malformed_seen) > _MALFORMED_REMEMBERED:
+            _malformed_seen.popitem(last=False)
+        log.log(level, "run %s: dropping malformed inbox message %d (%d bytes; %d errors)", run_id, seq, len(data),
+                e.error_count() if hasattr(e, "error_count") else 1)
         return []
 
 

@@ -7,11 +7,13 @@ value or the decoder's documented error (``ValueError``, of which pydantic's
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
@@ -230,3 +232,12 @@ def test_an_inbox_signal_no_history_could_hold_is_malformed() -> None:
     big = b'{"source": "direct", "name": "n", "event_id": "e", "at": "2026-01-01T00:00:00Z", "payload": %d}'
     assert _inbox_signal("r", 7, big % (2**64)) == []
     assert _inbox_signal("r", 7, big % (2**63 - 1))[0][1].payload == 2**63 - 1
+
+
+def test_a_malformed_inbox_message_is_logged_as_an_error_once_then_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """Every read of the inbox meets it until a purge: one error line, not one per turn."""
+    with caplog.at_level(logging.DEBUG, logger="bide.history"):
+        for _ in range(3):
+            assert _inbox_signal("garbage-run", 41, b"\x00 not a signal") == []
+    levels = [r.levelno for r in caplog.records if "malformed inbox message 41" in r.getMessage()]
+    assert levels == [logging.ERROR, logging.DEBUG, logging.DEBUG]
