@@ -175,3 +175,49 @@ def free_ports_in_a_row(n: int) -> int:
         except OSError:
             continue
     raise RuntimeError(f"no {n} consecutive free ports found")
+
+
+class DenyingServer:
+    """A real nats-server whose one user, ``host``, may publish anything but ``deny`` until :meth:`allow`.
+
+    A write the server refuses fails for sure (its permissions), and a configuration reload
+    (SIGHUP) lifts the refusal while every client stays connected. Sets the
+    ``BIDE_NATS_USER``/``BIDE_NATS_PASSWORD`` a client and the hosts it starts read.
+    """
+
+    def __init__(self, tmp_path: Path, deny: str, monkeypatch: Any) -> None:
+        import secrets
+
+        from actors.store.server import EmbeddedServer
+
+        self._deny = f'"{deny}"'
+        password = secrets.token_hex(12)
+        self.server = EmbeddedServer(store_dir=tmp_path / "js", config=f"""
+accounts {{
+  BIDE {{
+    jetstream: enabled
+    users = [{{ user: host, password: "{password}",
+               permissions: {{ publish: {{ allow: ">", deny: [{self._deny}] }}, subscribe: ">" }} }}]
+  }}
+}}
+""")
+        monkeypatch.setenv("BIDE_NATS_USER", "host")
+        monkeypatch.setenv("BIDE_NATS_PASSWORD", password)
+
+    def __enter__(self) -> DenyingServer:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def allow(self) -> None:
+        """Lift the refusal (rewrite the configuration, SIGHUP)."""
+        path = self.server.config_file
+        path.write_text(path.read_text().replace(self._deny, '"nothing.denied"'))
+        assert self.server.proc is not None
+        os.kill(self.server.proc.pid, signal.SIGHUP)

@@ -10,9 +10,6 @@ the inbox must be empty.
 
 from __future__ import annotations
 
-import os
-import secrets
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +18,7 @@ import pytest
 from actors.store.jetstream import api_request
 from actors.store.server import EmbeddedServer
 from sdk import Bide, DurableContext, EmptyModel
-from tests.support import running_worker, wait_until
-
-
-def _accounts(password: str, may_purge_inboxes: bool) -> str:
-    deny = '"nothing.denied"' if may_purge_inboxes else '"$JS.API.STREAM.PURGE.BIDE_HISTORY"'
-    return f"""
-accounts {{
-  BIDE {{
-    jetstream: enabled
-    users = [{{ user: host, password: "{password}",
-               permissions: {{ publish: {{ allow: ">", deny: [{deny}] }}, subscribe: ">" }} }}]
-  }}
-}}
-"""
+from tests.support import DenyingServer, running_worker, wait_until
 
 
 async def _inbox_messages(bide: Bide, run_id: str) -> int:
@@ -48,11 +32,7 @@ async def _inbox_messages(bide: Bide, run_id: str) -> int:
 
 async def test_a_run_that_ends_in_the_turn_taking_a_signal_drains_its_inbox_though_that_purge_failed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    password = secrets.token_hex(12)
-    server = EmbeddedServer(store_dir=tmp_path / "js", config=_accounts(password, may_purge_inboxes=False)).start()
-    try:
-        monkeypatch.setenv("BIDE_NATS_USER", "host")
-        monkeypatch.setenv("BIDE_NATS_PASSWORD", password)
+    with DenyingServer(tmp_path, "$JS.API.STREAM.PURGE.BIDE_HISTORY", monkeypatch) as server:
         bide = Bide(server.url, ack_wait=2.0)
 
         @bide.durable_task(name="DrainWaiter")
@@ -74,12 +54,7 @@ async def test_a_run_that_ends_in_the_turn_taking_a_signal_drains_its_inbox_thou
                 # The signal was taken (the run ended with it) and could not be purged.
                 assert await _inbox_messages(bide, run_id) == 1
 
-                # The host's user may purge again (a reload changes a connected client's permissions).
-                text = server.config_file.read_text().replace('"$JS.API.STREAM.PURGE.BIDE_HISTORY"',
-                                                              '"nothing.denied"')
-                server.config_file.write_text(text)
-                assert server.proc is not None
-                os.kill(server.proc.pid, signal.SIGHUP)
+                server.allow()  # a reload changes a connected client's permissions
 
                 async def drained() -> bool:
                     return await _inbox_messages(bide, run_id) == 0
@@ -87,8 +62,6 @@ async def test_a_run_that_ends_in_the_turn_taking_a_signal_drains_its_inbox_thou
                 await wait_until(drained, timeout=20, what="the ended run's inbox to be drained")
         finally:
             await bide.aclose()
-    finally:
-        server.stop()
 
 
 async def test_a_malformed_inbox_message_is_drained_with_the_run_that_ended_after_reading_it(

@@ -4,9 +4,6 @@ run is removed completely ``BIDE_HISTORY_RETENTION`` after it ended, and reads o
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
-import signal
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -40,7 +37,7 @@ from actors.store.server import EmbeddedServer
 from sdk import Bide, Context, DurableContext, EmptyModel, RunNotFoundError, RunStatus
 from sdk._connection import Connection
 from tests.e2e.test_cli_events import cli
-from tests.support import running_worker, wait_until
+from tests.support import DenyingServer, running_worker, wait_until
 
 
 @pytest.fixture
@@ -334,21 +331,7 @@ async def test_a_removal_whose_schedule_could_not_be_stored_is_scheduled_once_it
     The host's user may not publish removal schedules at first (the server's permissions); a
     configuration reload (SIGHUP) then allows it.
     """
-    password = secrets.token_hex(12)
-    deny = '"bide.timers.%reaper.>"'
-    accounts = f"""
-accounts {{
-  BIDE {{
-    jetstream: enabled
-    users = [{{ user: host, password: "{password}",
-               permissions: {{ publish: {{ allow: ">", deny: [{deny}] }}, subscribe: ">" }} }}]
-  }}
-}}
-"""
-    server = EmbeddedServer(store_dir=tmp_path / "js", config=accounts).start()
-    try:
-        monkeypatch.setenv("BIDE_NATS_USER", "host")
-        monkeypatch.setenv("BIDE_NATS_PASSWORD", password)
+    with DenyingServer(tmp_path, "bide.timers.%reaper.>", monkeypatch) as server:
         bide = Bide(server.url, ack_wait=3.0)
 
         @bide.task(name="RetDenied")
@@ -361,10 +344,7 @@ accounts {{
                 ref = await denied.aio_run_no_wait(EmptyModel())
                 assert await ref.aio_result(timeout=30) == 5  # the end is appended before its removal
                 assert await _removals_scheduled(conn, ref.workflow_run_id) == 0
-
-                server.config_file.write_text(server.config_file.read_text().replace(deny, '"nothing.denied"'))
-                assert server.proc is not None
-                os.kill(server.proc.pid, signal.SIGHUP)
+                server.allow()
 
                 async def scheduled() -> bool:
                     return await _removals_scheduled(conn, ref.workflow_run_id) >= 1
@@ -372,5 +352,3 @@ accounts {{
                 await wait_until(scheduled, timeout=90, what="the run's removal to be scheduled after all")
         finally:
             await bide.aclose()
-    finally:
-        server.stop()
