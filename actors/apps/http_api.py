@@ -394,7 +394,7 @@ def _query_params(*known: str, repeatable: tuple[str, ...] = ()) -> Any:
     such as ``?scop=x`` would otherwise push an unscoped event, and which of two values was meant
     cannot be known. Those in ``repeatable`` may be given many times."""
 
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:  # async: a sync dependency costs a thread hop per request
         unknown = sorted(set(request.query_params) - set(known) - set(repeatable))
         if unknown:
             accepted = ", ".join(map(repr, known)) or "none"
