@@ -437,7 +437,7 @@ class Turn:
         elif end is not None:
             commands += end_of_run(self._history.started, RunEnd(
                 end, self.unfinished_children, cancels_children_on_failure=cancels_children_on_failure,
-                inbox_upto=max(self._took_upto or 0, inbox_upto(self._history))))
+                inbox_upto=inbox_upto(self._history)))
         return commands
 
     def _report_ended(self, written: list[HistoryEntry]) -> None:

@@ -141,7 +141,8 @@ class Reaper:
                 log.error("removing run %s failed (%s: %s); will retry its batch", run_id, type(e).__name__, e)
                 await msg.nak(delay=_RETRY_DELAY_S)
                 return
-            await msg.in_progress()  # a batch may take longer than the ack wait
+            if i + _REAP_AT_ONCE < len(run_ids):
+                await msg.in_progress()  # a batch may take longer than the ack wait
         await msg.ack()
 
     async def reap(self, run_id: str) -> str:

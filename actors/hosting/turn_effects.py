@@ -123,11 +123,9 @@ class RunWriter:
             case ScheduleRetry(retry=retry):
                 await self._schedule_retry(retry.attempt, (retry.retry_at - utcnow()).total_seconds(), retry.retry_at)
             case PurgeInbox(upto_seq=upto):
-                fx.chore(api_request(fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
-                                     {"filter": s.inbox(run_id), "seq": upto + 1}))
+                fx.chore(self._purge_inbox(upto))  # best effort: the next turn, or the end, redoes it
             case ClearInbox(upto_seq=upto):
-                await api_request(fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
-                                  {"filter": s.inbox(run_id), "seq": upto + 1})
+                await self._purge_inbox(upto)
             case RecordEnd(started=started, end=end):
                 await publish_end(fx.publisher, s, started, end)  # no ack awaited: never a round trip
             case ScheduleRemoval(end=end):
@@ -160,6 +158,12 @@ class RunWriter:
             else:
                 await asyncio.gather(*(self(c) for c in commands[i:j]))
             i = j
+
+    async def _purge_inbox(self, upto: int) -> None:
+        """The run's inbox messages up to sequence ``upto`` (signals taken, or dropped as malformed) go."""
+        s = self._fx.layout.subjects
+        await api_request(self._fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
+                          {"filter": s.inbox(self.run_id), "seq": upto + 1})
 
     async def _schedule_retry(self, attempt: int, delay_s: float, at: Any) -> None:
         fx = self._fx
