@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,20 +28,24 @@ import httpx
 
 from actors.store.server import EmbeddedServer, free_port
 from benchmarks.common import cpu_seconds, machine, write_json
+from benchmarks.event_latency import WorkerProc
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _start(args: list[str], env: dict[str, str], ready: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "actors.apps.cli", *args], env=env, cwd=REPO,
+def start_serve(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+    """``bide serve --no-auth`` on ``port``, once it serves; its later output is drained (a full pipe blocks it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "actors.apps.cli", "serve", "--host", "127.0.0.1", "--port",
+                             str(port), "--no-auth"], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     seen: list[str] = []
     for line in proc.stdout:
         seen.append(line)
-        if ready in line:
+        if line.startswith("serving HTTP"):
+            threading.Thread(target=collections.deque, args=(proc.stdout, 0), daemon=True).start()
             return proc
-    raise RuntimeError(f"bide {args[0]} did not start:\n" + "".join(seen[-20:]))
+    raise RuntimeError("bide serve did not start:\n" + "".join(seen[-20:]))
 
 
 async def push(url: str, events: int, in_flight: int, serve_pid: int) -> dict[str, Any]:
@@ -73,16 +79,19 @@ def main() -> None:
     server = EmbeddedServer().start()
     port = free_port()
     env = {**os.environ, "BIDE_NATS_URL": server.url, "PYTHONPATH": str(REPO)}
-    procs: list[subprocess.Popen[str]] = []
+    worker: WorkerProc | None = None
+    serve: subprocess.Popen[str] | None = None
     try:
-        procs.append(_start(["worker", "examples.durable.worker"], env, " ready: "))
-        procs.append(_start(["serve", "--host", "127.0.0.1", "--port", str(port), "--no-auth"], env, "serving HTTP"))
-        result = asyncio.run(push(f"http://127.0.0.1:{port}", args.events, args.in_flight, procs[-1].pid))
+        worker = WorkerProc(server.url, "examples.durable.worker")  # a host's start creates the streams
+        worker.wait_ready()
+        serve = start_serve(env, port)
+        result = asyncio.run(push(f"http://127.0.0.1:{port}", args.events, args.in_flight, serve.pid))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        if serve is not None:
+            serve.terminate()
+            serve.wait(timeout=30)
+        if worker is not None:
+            worker.stop()
         server.stop()
     print(f"{result['events']:,} events pushed over HTTP, {result['in_flight']} in flight: "
           f"{result['events_per_s']:,.0f} events/s; bide serve spent {result['serve_cpu_us_per_event']:,.0f} µs "
