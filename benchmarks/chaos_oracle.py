@@ -10,7 +10,8 @@ Invariants (each broken one is a violation, with the run's history tail and the 
 * a step or child ran more than once only if its host was SIGKILLed (or its server was down) within
   ``--dup-window`` seconds after it ran (``ran-twice``);
 * at the end nothing is left behind: the work stream (activations and timers), the runs' inboxes and
-  the wait registrations are drained (``left-behind``); no host died unless the harness killed it.
+  the wait registrations are drained (``left-behind``); no host died unless the harness killed it;
+* every run that ended has its removal scheduled, in a batch or on its own (``removal-lost``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import orjson
 
 from actors.engine.child_ids import CHILD_ID_SEPARATOR
 from actors.engine.wire import Subjects, decode_token
-from actors.store.jetstream import api_request
+from actors.store.jetstream import api_request, direct_get_subject
 
 _OWN_TASKS = ("ChaosChild", "ChaosDag:")
 
@@ -213,6 +214,23 @@ class Oracle:
                 return left
             await asyncio.sleep(1.0)
 
+    async def unscheduled_removals(self) -> list[str]:
+        """Runs with a history whose removal no pending schedule names (a batch's, or one run's own)."""
+        deadline = time.time() + 30  # a run's removal is scheduled just after its result is sent
+        while True:
+            named: set[str] = set()
+            for m in await direct_get_subject(self.raw, self.s.work_stream, self.s.removals_timer("*"), timeout=30):
+                named.update(orjson.loads(m.data).get("run_ids") or [])
+            info = await api_request(self.raw, f"$JS.API.STREAM.INFO.{self.s.work_stream}",
+                                     {"subjects_filter": f"{self.s.prefix}.timers.*.reap"}, timeout=30)
+            prefix = f"{self.s.prefix}.timers."
+            named.update(decode_token(k[len(prefix):].rsplit(".", 1)[0])
+                         for k in ((info.get("state") or {}).get("subjects") or {}))
+            missing = sorted(set(await self.all_runs()) - named)
+            if not missing or time.time() > deadline:
+                return missing
+            await asyncio.sleep(1.0)
+
     # -- all of it ----------------------------------------------------------------------------------
 
     async def check(self) -> dict[str, Any]:
@@ -225,6 +243,10 @@ class Oracle:
             if subj:
                 self.violation("left-behind", None, f"{sum(subj.values())} {what} message(s) on {len(subj)} "
                                f"subject(s), e.g. {dict(list(subj.items())[:5])}")
+        missing = await self.unscheduled_removals()
+        for rid in missing[:20]:
+            self.violation("removal-lost", rid, f"the run ended and no removal of it is scheduled ({len(missing)} such "
+                           "runs in all)", self.by_id.get(rid))
         crashes: dict[str, list[str]] = collections.defaultdict(list)
         for k in self.faults.timeline:
             if k["what"] == "host-died-by-itself":
