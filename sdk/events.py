@@ -9,7 +9,6 @@ de-duplication makes a repeated push a no-op) and metadata.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from actors.engine.wire import (
     HDR_EVENT_METADATA,
     HDR_MSG_ID,
     EventSignal,
+    random_id,
     utcnow,
 )
 from actors.observe.tracing import TRACEPARENT
@@ -136,7 +136,7 @@ class EventsClient:
         what = f"event {key!r}"
         if event_id is not None and (not isinstance(event_id, str) or not event_id):
             raise ValueError(f"event_id of {what} must be a non-empty string, got {event_id!r}")
-        eid = event_id or uuid.uuid4().hex
+        eid = event_id or random_id()
         limits = self._pool.config.payload_limits
         body = payload_to_json(payload, what, limits)
         headers = {HDR_MSG_ID: eid, **_metadata_header(metadata, what, limits, body)}
@@ -224,7 +224,7 @@ class EventsClient:
         body = payload_to_json(payload, f"event {name!r} for run {run_id}", self._pool.config.payload_limits)
         conn = await self._pool.get()
         task = await _live_run_task(conn, run_id)
-        eid = event_id or uuid.uuid4().hex
+        eid = event_id or random_id()
         s = conn.layout.subjects
         span = conn.tracing.send_to_run(run_id, name, s.inbox(run_id), eid)
         meta = {TRACEPARENT: span.traceparent} if span.traceparent else {}

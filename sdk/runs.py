@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,6 +17,7 @@ from actors.engine.wire import (
     RunCompleted,
     RunFailed,
     RunStarted,
+    random_id,
     utcnow,
 )
 from actors.observe.tracing import TRACEPARENT, trace_id_of
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 
 def new_run_id() -> str:
-    return uuid.uuid4().hex
+    return random_id()
 
 
 def validate_run_id(run_id: object) -> str:
@@ -64,7 +64,7 @@ class StartRequest:
     execution_timeout_s: float | None = None
     meta: dict[str, Any] | None = None
     additional_metadata: dict[str, str] | None = None
-    start_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    start_id: str = field(default_factory=lambda: random_id())
     """This request: the same request retried starts the run once; another one for its id is refused."""
 
 

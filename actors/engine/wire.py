@@ -8,6 +8,7 @@ checkpoint flush, so one expected-sequence guard covers several facts.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -373,6 +374,14 @@ class Clock:
     def wall(cls, at: datetime) -> datetime:
         """The wall-clock moment of engine time ``at``."""
         return at - cls.offset
+
+
+def random_id() -> str:
+    """A random version-4 UUID as 32 hex digits (``uuid.uuid4().hex``, in a fifth of its time)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return b.hex()
 
 
 def utcnow() -> datetime:
@@ -809,7 +818,11 @@ class TriggerRegistration(BaseModel):
 
 
 def rfc3339(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """``ts`` in UTC to the microsecond, ``Z``-suffixed (``isoformat``: faster than ``strftime``,
+    and it pads years before 1000, which glibc's ``%Y`` does not)."""
+    if ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    return ts.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_time(raw: str | None) -> datetime:

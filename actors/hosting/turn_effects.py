@@ -108,7 +108,8 @@ class RunWriter:
                 self.last_seq = await fx.history.append(run_id, entries, self.last_seq, self._notify)
                 if on_durable is not None:
                     on_durable(entries)
-                observe_appended(entries)
+                if fx.tracing.enabled:
+                    observe_appended(entries)
             case StartChildren(parent=parent, starts=starts):
                 await start_children(fx.history, fx.publisher, s, parent, starts, fx.tracing)
             case RegisterWait(wait=wait, run_input=run_input):

@@ -56,6 +56,21 @@ def _is_unset(provider: Any) -> bool:
     return isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
+_GLOBAL_SLOT = hasattr(trace, "_TRACER_PROVIDER")
+"""Whether this OpenTelemetry API keeps its global provider in ``trace._TRACER_PROVIDER``.
+
+``trace.get_tracer_provider()`` looks ``OTEL_PYTHON_TRACER_PROVIDER`` up in ``os.environ`` on every
+call while no provider is set: with tracing off, that lookup was a few percent of a host's CPU
+per trivial run. Where the slot exists, "still off" is one attribute read."""
+
+
+def _global_provider_unset(env_names_provider: bool) -> bool:
+    """Whether no global tracer provider is set yet (cheaply, where the API allows it)."""
+    if _GLOBAL_SLOT and not env_names_provider:
+        return trace._TRACER_PROVIDER is None
+    return _is_unset(trace.get_tracer_provider())
+
+
 def exporter_names(env: Mapping[str, str]) -> list[str]:
     """The exporters ``OTEL_TRACES_EXPORTER`` asks for; an OTLP endpoint alone means ``otlp``.
 
@@ -286,11 +301,12 @@ class Tracing:
         self._on = provider is not None
         self._tracer: Tracer = _tracer_of(provider) if provider is not None else trace.NoOpTracer()
         self._templates: dict[str, str] = {}
+        self._env_provider = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
     @property
     def enabled(self) -> bool:
         # A global provider, once set, stays set: only "off" is looked up again.
-        if not self._on:
+        if not self._on and not _global_provider_unset(self._env_provider):
             provider = trace.get_tracer_provider()
             if not _is_unset(provider):
                 self._tracer = _tracer_of(provider)

@@ -85,3 +85,39 @@ def test_traceparent_parsing_agrees_with_the_w3c_propagator(value: str) -> None:
         assert (ours.trace_id, ours.span_id, ours.trace_flags) == (reference.trace_id, reference.span_id,
                                                                    reference.trace_flags)
         assert traceparent_of(ours) == f"00-{ours.trace_id:032x}-{ours.span_id:016x}-{int(ours.trace_flags):02x}"
+
+
+_LATE_PROVIDER = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from actors.observe.tracing import Tracing
+
+tracing = Tracing("bide")
+assert not tracing.enabled
+assert tracing.start_run("T", "r1", "bide.work.T.r1").traceparent is None
+trace.set_tracer_provider(TracerProvider())
+assert tracing.enabled
+assert tracing.start_run("T", "r2", "bide.work.T.r2").traceparent is not None
+"""
+
+_ENV_PROVIDER = """
+from actors.observe.tracing import Tracing
+assert Tracing("bide").enabled
+"""
+
+
+@pytest.mark.parametrize("script,env", [
+    (_LATE_PROVIDER, {}),
+    # The OpenTelemetry API builds the global provider from this variable on its first lookup.
+    (_ENV_PROVIDER, {"OTEL_PYTHON_TRACER_PROVIDER": "sdk_tracer_provider"}),
+], ids=["set-after-the-client", "named-by-environment"])
+def test_a_global_provider_turns_tracing_on_whenever_it_appears(script: str, env: dict[str, str]) -> None:
+    # A fresh interpreter each: the global provider can be set once per process.
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run([sys.executable, "-c", script], env={**environ, **env}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr

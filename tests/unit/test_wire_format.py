@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -15,6 +15,8 @@ from actors.engine.wire import (
     decode_token,
     encode_history,
     encode_token,
+    parse_time,
+    rfc3339,
     utcnow,
 )
 from sdk.durations import parse_duration
@@ -81,3 +83,26 @@ def test_an_activation_written_before_the_rename_reads_its_delivery_count() -> N
     (entry,) = decode_history(old)
     assert isinstance(entry, ActivationBegun) and entry.delivery == 3
     assert b'"delivery":3' in encode_history([entry])
+
+
+@pytest.mark.parametrize("ts,text", [
+    (datetime(2026, 11, 28, 5, 6, 7, 890123, tzinfo=UTC), "2026-11-28T05:06:07.890123Z"),
+    (datetime(2026, 11, 28, 5, 6, 7, tzinfo=UTC), "2026-11-28T05:06:07.000000Z"),
+    (datetime(2026, 11, 28, 7, 6, 7, 5, tzinfo=timezone(timedelta(hours=2))), "2026-11-28T05:06:07.000005Z"),
+    (datetime(1, 1, 1, tzinfo=UTC), "0001-01-01T00:00:00.000000Z"),
+])
+def test_rfc3339_is_utc_to_the_microsecond_and_reads_back(ts: datetime, text: str) -> None:
+    assert rfc3339(ts) == text
+    assert parse_time(text) == ts
+
+
+def test_random_ids_are_version_4_uuids() -> None:
+    import uuid
+
+    from actors.engine.wire import random_id
+
+    ids = {random_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for i in ids:
+        u = uuid.UUID(hex=i)
+        assert (u.version, u.variant, u.hex) == (4, uuid.RFC_4122, i)
