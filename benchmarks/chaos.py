@@ -299,7 +299,7 @@ class Faults:
         return str(leader) if leader else None
 
     async def node_kills(self, t0: float) -> None:
-        targets = ["meta", self.s.events_stream, self.s.history_stream, self.s.work_stream]
+        targets = ["meta", self.s.events_stream, self.s.history_stream, self.s.queue_stream, self.s.work_stream]
         gap = self.args.duration / max(1, self.args.node_kills)
         for n in range(self.args.node_kills):
             await asyncio.sleep(max(0.0, t0 + (n + 0.5) * gap - time.time()))

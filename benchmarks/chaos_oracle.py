@@ -199,7 +199,8 @@ class Oracle:
         deadline = time.time() + (20 if self.args.quick else 60)
         while True:
             left = {
-                "work": await subjects(self.s.work_stream, self.s.work_all),
+                "work": {**await subjects(self.s.queue_stream, self.s.queue_all),
+                         **await subjects(self.s.work_stream, self.s.work_all)},
                 # A finished run's removal after the history retention is a schedule by design (a
                 # batch's, or one run's as earlier versions wrote them).
                 "timers": {k: v for k, v in (await subjects(self.s.work_stream, self.s.timers_all)).items()

@@ -70,8 +70,9 @@ async def stream_leaders(js: Any) -> dict[str, str | None]:
 
 
 async def work_consumer_leaders(js: Any) -> dict[str, str | None]:
-    """Each work consumer's leader: a consumer is its own replicated group, led apart from its stream."""
-    return {c.name: c.cluster.leader if c.cluster else None for c in await js.consumers_info("BIDE_WORK")}
+    """Each task consumer's leader on the queue runs start from: a consumer is its own replicated group,
+    led apart from its stream."""
+    return {c.name: c.cluster.leader if c.cluster else None for c in await js.consumers_info("BIDE_QUEUE")}
 
 
 async def elected_after(js: Any, streams: list[str], kill_wall: float) -> dict[str, float | None]:
@@ -87,15 +88,15 @@ async def elected_after(js: Any, streams: list[str], kill_wall: float) -> dict[s
 
 
 def choose_victim(leaders: dict[str, str | None]) -> str:
-    """The node leading the work or history stream; of those, the one that leads the most Bide streams."""
+    """The node leading the queue or history stream; of those, the one that leads the most Bide streams."""
     counts: dict[str, int] = {}
     for leader in leaders.values():
         if leader:
             counts[leader] = counts.get(leader, 0) + 1
-    candidates = {leaders.get("BIDE_WORK"), leaders.get("BIDE_HISTORY")} - {None}
+    candidates = {leaders.get("BIDE_QUEUE"), leaders.get("BIDE_HISTORY")} - {None}
     if not candidates:
-        raise RuntimeError(f"neither BIDE_WORK nor BIDE_HISTORY has a leader: {leaders}")
-    return max(sorted(c for c in candidates if c), key=lambda n: (counts.get(n, 0), n == leaders.get("BIDE_WORK")))
+        raise RuntimeError(f"neither BIDE_QUEUE nor BIDE_HISTORY has a leader: {leaders}")
+    return max(sorted(c for c in candidates if c), key=lambda n: (counts.get(n, 0), n == leaders.get("BIDE_QUEUE")))
 
 
 async def healthy(js: Any, nodes: int) -> bool:
@@ -103,9 +104,9 @@ async def healthy(js: Any, nodes: int) -> bool:
     try:
         infos = [i for i in await js.streams_info() if i.config.name.startswith("BIDE_")]
         groups = [i.cluster for i in infos]
-        work = next((i for i in infos if i.config.name == "BIDE_WORK"), None)
-        if work is not None:
-            groups += [c.cluster for c in await js.consumers_info("BIDE_WORK")]
+        for stream in ("BIDE_QUEUE", "BIDE_WORK"):
+            if any(i.config.name == stream for i in infos):
+                groups += [c.cluster for c in await js.consumers_info(stream)]
     except Exception:
         return False
     for c in groups:

@@ -38,7 +38,7 @@ START_CONCURRENCY = 200
 async def parked(nc: Any, probe: Probe, total: int) -> bool:
     """Every started run is parked: its activation acked, its registration held by an idle router."""
     s = Subjects()
-    info = await api_request(nc, f"$JS.API.CONSUMER.INFO.{s.work_stream}.{s.consumer_name(TASK)}", {})
+    info = await api_request(nc, f"$JS.API.CONSUMER.INFO.{s.queue_stream}.{s.consumer_name(TASK)}", {})
     if int(info.get("num_pending", 1)) or int(info.get("num_ack_pending", 1)):
         return False
     return await probe.registrations() >= total and await probe.router_idle()
@@ -72,10 +72,10 @@ async def steady_rss(st: Stack, timeout: float = 30.0, tolerance_kib: int = 256)
 
 
 async def stored_bytes(nc: Any) -> int:
-    """Bytes JetStream stores in Bide's history, work and events streams."""
+    """Bytes JetStream stores in Bide's history, queue, work and events streams."""
     s = Subjects()
     total = 0
-    for stream in (s.history_stream, s.work_stream, s.events_stream):
+    for stream in (s.history_stream, s.queue_stream, s.work_stream, s.events_stream):
         info = await api_request(nc, f"$JS.API.STREAM.INFO.{stream}", {})
         total += int(info.get("state", {}).get("bytes", 0))
     return total

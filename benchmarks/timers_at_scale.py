@@ -79,7 +79,7 @@ class Sleepers:
 async def work_idle(nc: Any) -> bool:
     """Every activation of the task has been delivered and acked (each acked start = a run asleep)."""
     s = Subjects()
-    info = await api_request(nc, f"$JS.API.CONSUMER.INFO.{s.work_stream}.{s.consumer_name(TASK)}", {})
+    info = await api_request(nc, f"$JS.API.CONSUMER.INFO.{s.queue_stream}.{s.consumer_name(TASK)}", {})
     return int(info.get("num_pending", 1)) == 0 and int(info.get("num_ack_pending", 1)) == 0
 
 

@@ -175,10 +175,10 @@ class Bide:
     # -- running by name -----------------------------------------------------------------------
 
     async def aio_known_tasks(self) -> list[str]:
-        """Names of tasks some worker has registered (one work consumer each)."""
+        """Names of tasks some worker has registered (one consumer each on the queue starts go to)."""
         conn = await self._pool.get()
         names = []
-        for info in await conn.js.consumers_info(conn.layout.subjects.work_stream):
+        for info in await conn.js.consumers_info(conn.layout.subjects.queue_stream):
             meta = info.config.metadata or {}
             if "bide_task" in meta:
                 names.append(meta["bide_task"])
@@ -191,7 +191,7 @@ class Bide:
         conn = await self._pool.get()
         try:
             info = await conn.js.consumer_info(
-                conn.layout.subjects.work_stream, conn.layout.subjects.consumer_name(task)
+                conn.layout.subjects.queue_stream, conn.layout.subjects.consumer_name(task)
             )
         except nats.js.errors.NotFoundError:
             known = await self.aio_known_tasks()

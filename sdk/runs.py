@@ -81,7 +81,7 @@ async def start_run(conn: Connection, req: StartRequest, notify: str | None = No
     meta = dict(req.meta or {})
     if notify is not None:
         meta["notify"] = notify
-    subject = conn.layout.subjects.work(req.task, req.run_id)
+    subject = conn.layout.subjects.queue(req.task, req.run_id)
     # The run's trace: this span (under the caller's current span), restored at every activation.
     span = conn.tracing.start_run(req.task, req.run_id, subject)
     if span.traceparent:

@@ -224,7 +224,7 @@ class BideTestEnv:
         busy: list[str] = []
         while quiet < 2:
             busy = []
-            for stream in (s.work_stream, s.events_stream):
+            for stream in (s.queue_stream, s.work_stream, s.events_stream):
                 listing = await api_request(conn.nc, f"$JS.API.CONSUMER.LIST.{stream}", {})
                 for c in listing.get("consumers") or []:
                     if c.get("num_pending", 0) or c.get("num_ack_pending", 0):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats
 import orjson
 
 from sdk import Bide, TaskDefinition
@@ -191,7 +192,7 @@ class DenyingServer:
         from actors.store.server import EmbeddedServer
 
         self._deny = f'"{deny}"'
-        password = secrets.token_hex(12)
+        self._password = password = secrets.token_hex(12)
         self.server = EmbeddedServer(store_dir=tmp_path / "js", config=f"""
 accounts {{
   BIDE {{
@@ -215,9 +216,24 @@ accounts {{
     def url(self) -> str:
         return self.server.url
 
-    def allow(self) -> None:
-        """Lift the refusal (rewrite the configuration, SIGHUP)."""
+    async def allow(self) -> None:
+        """Lift the refusal (rewrite the configuration, SIGHUP), and wait until JetStream answers again.
+
+        The reload re-registers the account's JetStream API: a request at that moment can meet no
+        responders (seen once in a full suite run on two cores)."""
         path = self.server.config_file
         path.write_text(path.read_text().replace(self._deny, '"nothing.denied"'))
         assert self.server.proc is not None
         os.kill(self.server.proc.pid, signal.SIGHUP)
+        nc = await nats.connect(self.server.url, user="host", password=self._password)
+        try:
+            async def answers() -> bool:
+                try:
+                    await nc.request("$JS.API.INFO", b"", timeout=1.0)
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    return False
+                return True
+
+            await wait_until(answers, what="JetStream to answer after the reload")
+        finally:
+            await nc.close()

@@ -92,7 +92,23 @@ class Subjects:
 
     @property
     def work_stream(self) -> str:
+        """Timers (scheduled messages), the activations they fire, and the reaper's removals: hosts only.
+
+        A stream that schedules messages always accepts ``Nats-Rollup`` headers (nats-server turns
+        them on with ``allow_msg_schedules``), and a rollup of ``all`` purges the whole stream, so
+        nothing but hosts publishes here (invariant 10); every other activation goes to :attr:`queue_stream`.
+        """
         return f"{self.prefix.upper()}_WORK"
+
+    @property
+    def queue_stream(self) -> str:
+        """Every activation that is not a timer's: starts, signals, retries. Refuses rollup headers."""
+        return f"{self.prefix.upper()}_QUEUE"
+
+    @property
+    def activation_streams(self) -> tuple[str, str]:
+        """The streams a task's activations come from: each has a consumer ``consumer_name(task)``."""
+        return (self.queue_stream, self.work_stream)
 
     def history(self, run_id: str) -> str:
         return f"{self.prefix}.history.{encode_token(run_id)}"
@@ -101,11 +117,27 @@ class Subjects:
     def history_all(self) -> str:
         return f"{self.prefix}.history.>"
 
+    def queue(self, task: str, run_id: str) -> str:
+        """Where an activation of the run is published (any but a timer's: see :meth:`work`)."""
+        return f"{self.prefix}.queue.{encode_token(task)}.{encode_token(run_id)}"
+
+    def queue_filter(self, task: str) -> str:
+        return f"{self.prefix}.queue.{encode_token(task)}.>"
+
+    @property
+    def queue_all(self) -> str:
+        return f"{self.prefix}.queue.>"
+
     def work(self, task: str, run_id: str) -> str:
+        """Where a timer of the run fires (its schedule's target, in :attr:`work_stream`)."""
         return f"{self.prefix}.work.{encode_token(task)}.{encode_token(run_id)}"
 
     def work_filter(self, task: str) -> str:
         return f"{self.prefix}.work.{encode_token(task)}.>"
+
+    def activation_filter(self, stream: str, task: str) -> str:
+        """The subjects of ``task``'s activations in ``stream`` (one of :attr:`activation_streams`)."""
+        return self.queue_filter(task) if stream == self.queue_stream else self.work_filter(task)
 
     @property
     def work_all(self) -> str:
@@ -321,8 +353,12 @@ class Subjects:
         return f"{self.prefix}.count.{encode_token(run_id)}.>"
 
     def run_work(self, run_id: str) -> str:
-        """Every activation of one run, whatever its task."""
+        """Every timer-fired activation of one run, whatever its task (in :attr:`work_stream`)."""
         return f"{self.prefix}.work.*.{encode_token(run_id)}"
+
+    def run_queue(self, run_id: str) -> str:
+        """Every other activation of one run, whatever its task (in :attr:`queue_stream`)."""
+        return f"{self.prefix}.queue.*.{encode_token(run_id)}"
 
     # -- the runs index: one record per run, for listing (``actors.store.runs_index``) -----------
 

@@ -63,7 +63,7 @@ from actors.store.jetstream import (
     connect,
     direct_get_last,
     ensure_streams,
-    ensure_task_consumer,
+    ensure_task_consumers,
     is_transient,
     retry_transient,
 )
@@ -173,10 +173,11 @@ class ActorHost:
                                       shapes=self._shapes)
             self.router = await retry_transient("starting the event router", router.start, _START_RETRY_S)
         for t in self._tasks.values():
-            consumer: str = await retry_transient(f"the consumer of {t.name}", partial(
-                ensure_task_consumer, js, self.layout, t.name, t.durable), _START_RETRY_S)
+            consumer: str = await retry_transient(f"the consumers of {t.name}", partial(
+                ensure_task_consumers, js, self.layout, t.name, t.durable), _START_RETRY_S)
             pool = self.durable_slots if t.runs_durably else self.slots
-            self._queues.append(ActivationQueue(nc, self.layout.subjects.work_stream, consumer, pool, self._handle))
+            for stream in self.layout.subjects.activation_streams:  # one pool: the slots bound both
+                self._queues.append(ActivationQueue(nc, stream, consumer, pool, self._handle))
         self._reaper = Reaper(nc, self._publisher, self.layout, self._history, self._timers,
                               self.config.history_retention_s)
         self._effects = TurnEffects(nc, self._publisher, self.layout, self._history, self._timers, self._reaper,

@@ -120,7 +120,7 @@ class InboxSweeper:
         if hist.entries and hist.terminal is None and seq in untaken:
             task = hist.started.task
             act = Activation(run_id=run_id, task=task, kind="signal", inbox_seq=seq)
-            await self._pub.publish(self._s.work(task, run_id), encode_activation(act),
+            await self._pub.publish(self._s.queue(task, run_id), encode_activation(act),
                                     {HDR_BIDE_KIND: "signal", HDR_MSG_ID: f"sweep:{run_id}:{seq}"})
             self.swept += 1
             log.warning("run %s: a signal (inbox %d) had no activation after %.0fs; woke the run", run_id, seq, age)

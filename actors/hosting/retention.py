@@ -174,6 +174,7 @@ class Reaper:
         await self._purge(s.counters_stream, s.run_counters(run_id))
         await self._purge(s.work_stream, s.run_timers(run_id))
         await self._purge(s.work_stream, s.run_work(run_id))
+        await self._purge(s.queue_stream, s.run_queue(run_id))
         await self._purge(s.runs_stream, s.run_records(task, run_id))
         await self._purge(s.history_stream, s.history(run_id))  # last: until now a redelivery starts over
         log.info("removed run %s (ended %s, retention %s)", run_id, terminal.at.isoformat(), self.retention)

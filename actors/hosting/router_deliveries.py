@@ -77,7 +77,7 @@ class Deliveries:
         for w, data in prepared:
             # De-duplication ids make a redone batch harmless.
             effects.signal(self._s.inbox(w.run_id), data, {HDR_MSG_ID: f"sig:{w.cid}:{event.seq}"},
-                           self._s.work(w.task, w.run_id), Activation(run_id=w.run_id, task=w.task, kind="signal"),
+                           self._s.queue(w.task, w.run_id), Activation(run_id=w.run_id, task=w.task, kind="signal"),
                            {HDR_BIDE_KIND: "signal", HDR_MSG_ID: f"act:{w.cid}:{event.seq}"},
                            event_seq=event.seq, wait_id=w.wait_id)
         return True
@@ -107,7 +107,7 @@ class Deliveries:
 
     async def _start_run(self, trig: TriggerRegistration, event: IncomingEvent, run_id: str,
                          started: RunStarted) -> None:
-        subject = self._s.work(trig.task, run_id)
+        subject = self._s.queue(trig.task, run_id)
         # The run joins the event's trace (a `nats pub` with a traceparent header too).
         span = self._tracing.start_run(trig.task, run_id, subject, parent=span_context_of(event.meta.get(TRACEPARENT)),
                                        attributes={"bide.event.key": event.key, "bide.event.id": event.event_id})

@@ -139,7 +139,7 @@ class RunWriter:
                                   {"filter": s.history(run_id), "seq": self.last_seq})
                 act = Activation(run_id=run_id, task=self.task, kind="start", started=started,
                                  history_seq=self.last_seq)
-                await fx.publisher.publish(s.work(self.task, run_id), encode_activation(act), {
+                await fx.publisher.publish(s.queue(self.task, run_id), encode_activation(act), {
                     HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{run_id}:{started.generation}"})
             case CancelChildren(children=children, reason=reason):
                 for child, task in children:
@@ -175,5 +175,5 @@ class RunWriter:
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         act = Activation(run_id=self.run_id, task=self.task, kind="retry", history_seq=self.last_seq)
-        await fx.publisher.publish(fx.layout.subjects.work(self.task, self.run_id), encode_activation(act),
+        await fx.publisher.publish(fx.layout.subjects.queue(self.task, self.run_id), encode_activation(act),
                                    {HDR_BIDE_KIND: "retry"})

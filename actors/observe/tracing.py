@@ -324,7 +324,7 @@ class Tracing:
         if template is None:
             from actors.engine.wire import encode_token
 
-            template = self._templates[task] = f"{self.prefix}.work.{encode_token(task)}.{{run_id}}"
+            template = self._templates[task] = f"{self.prefix}.queue.{encode_token(task)}.{{run_id}}"
         return template
 
     # -- producers -------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ async def start_children(history: HistoryLog, pub: Publisher, subjects: Subjects
 
     async def one(c: ChildStart) -> None:
         meta = dict(c.meta)
-        subject = subjects.work(c.task, c.run_id)
+        subject = subjects.queue(c.task, c.run_id)
         span = tracing.start_run(c.task, c.run_id, subject, detached=c.detached,
                                  attributes={"bide.parent_run_id": parent.run_id}) if tracing else None
         if span is not None and span.traceparent:
@@ -91,7 +91,7 @@ async def notify_parent(nc: NATS, pub: Publisher, subjects: Subjects, run_id: st
     total = await increment(nc, subjects.counter(parent.run_id, parent.pos))
     if total >= parent.n:
         act = Activation(run_id=parent.run_id, task=parent.task, kind="signal", inbox_seq=seq)
-        await pub.publish(subjects.work(parent.task, parent.run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
+        await pub.publish(subjects.queue(parent.task, parent.run_id), encode_activation(act), {HDR_BIDE_KIND: "signal"})
 
 
 async def live_run_task(nc: NATS, history: HistoryLog, subjects: Subjects, run_id: str) -> str | None:

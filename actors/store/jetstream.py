@@ -238,6 +238,20 @@ def _stream_configs(layout: Layout) -> list[StreamConfig]:
             duplicate_window=120.0,
         ),
         StreamConfig(
+            # Starts, signals and retries: what clients, the HTTP API and hosts publish. Invariant 10:
+            # a `nats pub` with Nats-Rollup must not purge every queued activation.
+            name=s.queue_stream,
+            subjects=[s.queue_all],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=layout.replicas,
+            allow_direct=True,
+            allow_rollup_hdrs=False,
+            duplicate_window=120.0,
+        ),
+        StreamConfig(
+            # Timers and what they fire. Scheduling makes nats-server allow rollup headers here
+            # whatever the configuration says, so only hosts publish to this stream.
             name=s.work_stream,
             subjects=[s.work_all, s.timers_all],
             retention=RetentionPolicy.WORK_QUEUE,
@@ -479,11 +493,12 @@ async def ensure_router_status_stream(nc: NATS, layout: Layout) -> None:
         await api_request(nc, f"$JS.API.STREAM.UPDATE.{s.router_status_stream}", body)
 
 
-def task_consumer_config(layout: Layout, task: str, durable: bool) -> ConsumerConfig:
+def task_consumer_config(layout: Layout, task: str, durable: bool, stream: str | None = None) -> ConsumerConfig:
+    """The consumer of ``task``'s activations in ``stream`` (default the timers' stream, ``work_stream``)."""
     s = layout.subjects
     return ConsumerConfig(
         durable_name=s.consumer_name(task),
-        filter_subject=s.work_filter(task),
+        filter_subject=s.activation_filter(stream or s.work_stream, task),
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=layout.ack_wait_s,
@@ -515,11 +530,12 @@ async def ensure_reaper_consumer(js: JetStreamContext, layout: Layout) -> str:
     return s.reaper_consumer
 
 
-async def ensure_task_consumer(js: JetStreamContext, layout: Layout, task: str, durable: bool) -> str:
-    cfg = task_consumer_config(layout, task, durable)
-    await js.add_consumer(layout.subjects.work_stream, cfg)
-    assert cfg.durable_name is not None
-    return cfg.durable_name
+async def ensure_task_consumers(js: JetStreamContext, layout: Layout, task: str, durable: bool) -> str:
+    """``task``'s consumer in each of ``activation_streams`` (the same name in each)."""
+    for stream in layout.subjects.activation_streams:
+        cfg = task_consumer_config(layout, task, durable, stream)
+        await js.add_consumer(stream, cfg)
+    return layout.subjects.consumer_name(task)
 
 
 async def api_request(nc: NATS, subject: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:

@@ -44,7 +44,7 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
     activation is dropped by the host that sees the other start in the history.
     """
     act = Activation(run_id=started.run_id, task=started.task, kind="start", started=started)
-    subject = subjects.work(started.task, started.run_id)
+    subject = subjects.queue(started.task, started.run_id)
     activation = asyncio.ensure_future(retry_transient(f"start of run {started.run_id}", lambda: pub.publish(
         subject, encode_activation(act), {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{started.run_id}"}),
         CLIENT_RETRY_S))
@@ -92,5 +92,5 @@ async def deliver_signal(pub: Publisher, subjects: Subjects, run_id: str, task: 
     if msg_id:
         act_headers[HDR_MSG_ID] = f"act:{msg_id}"
     await retry_transient(f"activation of run {run_id}", lambda: pub.publish(
-        subjects.work(task, run_id), encode_activation(act), act_headers), CLIENT_RETRY_S)
+        subjects.queue(task, run_id), encode_activation(act), act_headers), CLIENT_RETRY_S)
     return seq

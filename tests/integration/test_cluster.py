@@ -128,7 +128,7 @@ async def test_a_host_asks_for_work_again_soon_after_its_work_consumers_leader_d
 
     async with running_worker(client, [cluster_pull]):
         conn = await client._pool.get()
-        stream, consumer = conn.layout.subjects.work_stream, conn.layout.subjects.consumer_name("ClusterPull")
+        stream, consumer = conn.layout.subjects.queue_stream, conn.layout.subjects.consumer_name("ClusterPull")
         # A run just before the kill: the host's pull request after it is fresh, far from its expiry.
         assert await cluster_pull.aio_run(EmptyModel(), timeout=30) == 5
         leader = await _consumer_leader(cluster[0].url, stream, consumer)

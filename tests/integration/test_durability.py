@@ -143,7 +143,7 @@ async def test_two_hosts_racing_write_each_checkpoint_once(bide: Bide, caplog: p
             # Extra activations of the same run: both hosts take turns of it at the same time.
             dup = Activation(run_id=ref.workflow_run_id, task="RaceSteps", kind="retry")
             for _ in range(2):
-                await conn.js.publish(conn.layout.subjects.work("RaceSteps", ref.workflow_run_id),
+                await conn.js.publish(conn.layout.subjects.queue("RaceSteps", ref.workflow_run_id),
                                       encode_activation(dup))
         results = await asyncio.gather(*(r.aio_result(timeout=40) for r in refs))
         assert results == [300 + 3 * n for n in range(runs)]
@@ -341,7 +341,7 @@ async def test_two_first_turns_at_once_with_signals_waiting_run_the_step_once(
         await bide.event.aio_send(ref.workflow_run_id, "race:go", {"ok": True})
         extra = Activation(run_id=ref.workflow_run_id, task="FirstTurnRace", kind="retry")
         for _ in range(2):
-            await conn.js.publish(conn.layout.subjects.work("FirstTurnRace", ref.workflow_run_id),
+            await conn.js.publish(conn.layout.subjects.queue("FirstTurnRace", ref.workflow_run_id),
                                   encode_activation(extra))
     async with (  # few slots each, so the two hosts share every run's activations
         running_worker(bide, [first_turn], name="first-a", durable_slots=3),

@@ -54,7 +54,7 @@ async def test_a_run_that_ends_in_the_turn_taking_a_signal_drains_its_inbox_thou
                 # The signal was taken (the run ended with it) and could not be purged.
                 assert await _inbox_messages(bide, run_id) == 1
 
-                server.allow()  # a reload changes a connected client's permissions
+                await server.allow()  # a reload changes a connected client's permissions
 
                 async def drained() -> bool:
                     return await _inbox_messages(bide, run_id) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -202,5 +203,64 @@ async def test_the_http_apis_user_pushes_delivers_cancels_and_reads_and_can_chan
                 await raw.close()
         await api_bide.aclose()
         await bide.aclose()
+    finally:
+        server.stop()
+
+
+async def test_the_http_apis_user_cannot_wipe_pending_work_or_timers_with_a_rollup_header(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant 10 on the queue the API's user publishes activations to.
+
+    A stream that schedules messages always accepts ``Nats-Rollup`` (nats-server turns it on with
+    ``allow_msg_schedules`` and will not turn it off), and a rollup of ``all`` purges the whole
+    stream: every sleeping run's timer and every queued activation. The activations that users
+    other than hosts publish go to a stream that refuses the header.
+    """
+    passwords = {user: secrets.token_hex(12) for user in ("host", "publisher", "api")}
+    for user, password in passwords.items():
+        monkeypatch.setenv(f"BIDE_{user.upper()}_PASSWORD", password)
+    server = EmbeddedServer(store_dir=tmp_path / "js", config=ACCOUNTS.read_text()).start()
+    try:
+        monkeypatch.setenv("BIDE_NATS_USER", "host")
+        monkeypatch.setenv("BIDE_NATS_PASSWORD", passwords["host"])
+        bide = Bide(server.url, ack_wait=3.0)
+
+        @bide.durable_task(name="LpSleeper")
+        async def sleeper(input: EmptyModel, ctx: DurableContext) -> Any:
+            await ctx.aio_sleep_for(timedelta(seconds=3))
+            return "woke"
+
+        raw = await nats.connect(server.url, user="api", password=passwords["api"])
+        try:
+            async with running_worker(bide, [sleeper]):
+                conn = await bide._pool.get()
+                s = conn.layout.subjects
+                refs = [await sleeper.aio_run_no_wait(EmptyModel()) for _ in range(3)]
+
+                async def asleep(run_id: str) -> bool:
+                    return any(e.k == "sleep_scheduled" for e in (await conn.history.read(run_id)).entries)
+
+                for ref in refs:
+                    await wait_until(lambda r=ref.workflow_run_id: asleep(r), what="the run to sleep")  # type: ignore[misc]
+                js = raw.jetstream(timeout=2.0)
+                for rollup in ("all", "sub"):
+                    # Where the API's user publishes activations (a delivery's, a cancel's).
+                    subject = s.queue("LpSleeper", refs[0].workflow_run_id)
+                    with pytest.raises(nats.js.errors.APIError, match="rollup not permitted"):
+                        await js.publish(subject, b"", headers={"Nats-Rollup": rollup})
+                # Nor can a header there expire, schedule or count other messages.
+                for header, refusal in ((("Nats-TTL", "1s"), "TTL is disabled"),
+                                        (("Nats-Schedule", "@at 2030-01-01T00:00:00Z"), "schedules is disabled"),
+                                        (("Nats-Incr", "1"), "counters is disabled")):
+                    with pytest.raises(nats.js.errors.APIError, match=refusal):
+                        await js.publish(subject, b"", headers=dict([header]))
+                # And the stream that holds the timers is out of its reach.
+                assert await denied(js.publish(s.work("LpSleeper", refs[0].workflow_run_id), b"",
+                                               headers={"Nats-Rollup": "all"}))
+                for ref in refs:
+                    assert await ref.aio_result(timeout=30) == "woke"
+        finally:
+            await raw.close()
+            await bide.aclose()
     finally:
         server.stop()

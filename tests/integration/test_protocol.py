@@ -31,7 +31,7 @@ async def test_a_starter_that_dies_after_the_activation_leaves_a_run_that_comple
     started = RunStarted(run_id="half-started-1", task="HalfStarted", durable=True, input={"x": 21}, at=utcnow(),
                          start_id="only-the-activation")
     act = Activation(run_id=started.run_id, task=started.task, kind="start", started=started)
-    await conn.js.publish(s.work(started.task, started.run_id), encode_activation(act),
+    await conn.js.publish(s.queue(started.task, started.run_id), encode_activation(act),
                           headers={HDR_BIDE_KIND: "start"})
     async with running_worker(bide, [half]):
         async def recorded() -> bool:
@@ -84,7 +84,7 @@ async def test_a_start_sent_again_does_not_replay_a_begun_run(bide: Bide) -> Non
         await wait_until(waiting, what="the run to wait")
         started = (await bide.runs.aio_history(ref.workflow_run_id)).entries[0]
         act = Activation(run_id=ref.workflow_run_id, task="BegunOnce", kind="start", started=started)
-        await conn.js.publish(s.work("BegunOnce", ref.workflow_run_id), encode_activation(act),
+        await conn.js.publish(s.queue("BegunOnce", ref.workflow_run_id), encode_activation(act),
                               headers={HDR_BIDE_KIND: "start"})
         await wait_until(lambda: _drained(conn, s, "BegunOnce"), timeout=10, what="the duplicate start to be taken")
         assert entered == [1]
@@ -93,8 +93,11 @@ async def test_a_start_sent_again_does_not_replay_a_begun_run(bide: Bide) -> Non
 
 
 async def _drained(conn: Any, s: Any, task: str) -> bool:
-    info = await conn.js.consumer_info(s.work_stream, s.consumer_name(task))
-    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+    for stream in s.activation_streams:
+        info = await conn.js.consumer_info(stream, s.consumer_name(task))
+        if info.num_pending or info.num_ack_pending:
+            return False
+    return True
 
 
 async def test_a_send_retried_with_its_event_id_wakes_the_run_once(bide: Bide) -> None:
@@ -311,7 +314,7 @@ async def test_a_cancel_recorded_by_a_host_that_died_before_its_code_reacted_sti
                                        SignalReceived(inbox_seq=inbox_seq, signal=cancel)], hist.last_seq)
     # Its activation comes back (a redelivery); the inbox holds nothing new.
     act = Activation(run_id=run_id, task="CancelledByTheDead", kind="signal", inbox_seq=inbox_seq)
-    await conn.js.publish(s.work("CancelledByTheDead", run_id), encode_activation(act),
+    await conn.js.publish(s.queue("CancelledByTheDead", run_id), encode_activation(act),
                           headers={HDR_BIDE_KIND: "signal"})
     async with running_worker(bide, [sleeper]):
         async def cancelled() -> bool:
@@ -368,7 +371,7 @@ async def test_a_signal_for_a_run_whose_turn_on_another_host_is_running_a_step_d
 
         async def both_taken() -> bool:
             consumer = s.consumer_name("ClaimedThenStep")
-            info = await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.work_stream}.{consumer}", {})
+            info = await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.queue_stream}.{consumer}", {})
             return int(info["num_ack_pending"]) >= 2 * runs
 
         await wait_until(both_taken, timeout=20, what="the 'b' activations to be taken while the steps run")
@@ -492,7 +495,7 @@ async def test_a_signal_that_comes_after_the_runs_end_leaves_its_inbox(bide: Bid
         run_id = ref.workflow_run_id
         late = EventSignal(source="cancel", name="cancel", payload={"reason": "too late"}, event_id="late", at=utcnow())
         seq = await conn.publisher.publish(s.inbox(run_id), late.model_dump_json().encode())
-        await conn.publisher.publish(s.work("EndsQuickly", run_id), encode_activation(
+        await conn.publisher.publish(s.queue("EndsQuickly", run_id), encode_activation(
             Activation(run_id=run_id, task="EndsQuickly", kind="signal", inbox_seq=seq)))
 
         async def inbox_empty() -> bool:

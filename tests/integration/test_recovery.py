@@ -168,9 +168,9 @@ async def test_a_child_start_refused_by_the_server_is_retried_not_seen(
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
-        work = (await js.stream_info("BIDE_WORK")).config
+        work = (await js.stream_info("BIDE_QUEUE")).config
         # No stream takes the child task's activations for a while: its publish is answered 503.
-        narrowed = work.evolve(subjects=["bide.work.RecoveryInfra.>", "bide.timers.>"])
+        narrowed = work.evolve(subjects=["bide.queue.RecoveryInfra.>"])
         await js.update_stream(narrowed)
         gate.touch()
 

@@ -275,7 +275,7 @@ async def test_a_run_whose_host_died_before_scheduling_its_removal_is_removed_at
                                        RunCompleted(result=1, at=at)], 0)
     async with running_worker(short, [ended]):
         # Its activation comes back (unacked by the dead host): the run is finished, its removal is scheduled.
-        await conn.publisher.publish(s.work("RetEnded", run_id),
+        await conn.publisher.publish(s.queue("RetEnded", run_id),
                                      encode_activation(Activation(run_id=run_id, task="RetEnded", kind="start")),
                                      {HDR_BIDE_KIND: "start"})
 
@@ -344,7 +344,7 @@ async def test_a_removal_whose_schedule_could_not_be_stored_is_scheduled_once_it
                 ref = await denied.aio_run_no_wait(EmptyModel())
                 assert await ref.aio_result(timeout=30) == 5  # the end is appended before its removal
                 assert await _removals_scheduled(conn, ref.workflow_run_id) == 0
-                server.allow()
+                await server.allow()
 
                 async def scheduled() -> bool:
                     return await _removals_scheduled(conn, ref.workflow_run_id) >= 1

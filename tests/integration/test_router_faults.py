@@ -241,7 +241,7 @@ async def test_an_event_handled_again_from_the_stream_starts_no_second_run(bide:
         await wait_until(lambda: "last" in started, timeout=20, what="the next event's run")
 
         async def drained() -> bool:
-            info = await conn.js.stream_info(s.work_stream, subjects_filter=s.work_filter("TriggeredOnce"))
+            info = await conn.js.stream_info(s.queue_stream, subjects_filter=s.queue_filter("TriggeredOnce"))
             return not any((info.state.subjects or {}).values())
 
         await wait_until(drained, what="every queued run of the task to be taken")

@@ -32,7 +32,7 @@ configure_from_env()
 tracing = Tracing("bide")
 assert tracing.enabled
 for i in range({N}):
-    tracing.start_run("T", f"run-{{i}}", f"bide.work.T.run-{{i}}").end()
+    tracing.start_run("T", f"run-{{i}}", f"bide.queue.T.run-{{i}}").end()
 with tracing._tracer.start_as_current_span("bide-parent"):
     with trace.get_tracer("app").start_as_current_span("app-child"):
         pass
@@ -71,7 +71,7 @@ async def test_spans_handed_to_the_exporter_survive_a_sigkill_of_the_host(receiv
     await wait_until(lambda: not _alive(exporter_pid), timeout=30, what="the orphaned exporter to exit")
 
     spans = [s for s in receiver.spans() if s["service"] == SERVICE]
-    runs = {s["attributes"]["bide.run_id"] for s in spans if s["name"] == "send bide.work.T.{run_id}"}
+    runs = {s["attributes"]["bide.run_id"] for s in spans if s["name"] == "send bide.queue.T.{run_id}"}
     assert runs == {f"run-{i}" for i in range(N)}
     assert len(spans) == N + 2, "no span twice"
     (parent,) = [s for s in spans if s["name"] == "bide-parent"]

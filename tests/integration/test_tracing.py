@@ -95,10 +95,10 @@ async def test_one_trace_across_a_host_killed_mid_sleep(
     assert {s["trace_id"] for s in ours} == {ours[0]["trace_id"]}
     assert len({s["span_id"] for s in spans}) == len(spans)
 
-    root = _one(ours, "send bide.work.TracedRun.{run_id}")
+    root = _one(ours, "send bide.queue.TracedRun.{run_id}")
     assert root["kind"] == "PRODUCER" and root["parent_id"] is None and root in here
     assert root["attributes"]["messaging.system"] == "nats"
-    assert root["attributes"]["messaging.destination.name"] == f"bide.work.TracedRun.{run_id}"
+    assert root["attributes"]["messaging.destination.name"] == f"bide.queue.TracedRun.{run_id}"
 
     activations = [s for s in ours if s["kind"] == "CONSUMER" and s["attributes"]["bide.run_id"] == run_id]
     assert all(a["parent_id"] == root["span_id"] for a in activations)
@@ -110,7 +110,7 @@ async def test_one_trace_across_a_host_killed_mid_sleep(
     memo = _one(spans, "memo double")  # under its activation, it carries only its position
     assert memo in host1 and memo["parent_id"] in activation_ids and memo["trace_id"] == root["trace_id"]
 
-    child_send = _one(ours, "send bide.work.TracedChild.{run_id}")
+    child_send = _one(ours, "send bide.queue.TracedChild.{run_id}")
     assert child_send in host1 and child_send["parent_id"] in activation_ids
     child_acts = [s for s in ours if s["kind"] == "CONSUMER" and s["attributes"]["bide.run_id"] == child_id]
     assert child_acts and all(a["parent_id"] == child_send["span_id"] for a in child_acts)
@@ -169,7 +169,7 @@ async def test_nats_pub_with_traceparent_joins_the_trace(
     spans = [span_record(s) for s in memory[1].get_finished_spans()]
     wait = _one(spans, "wait_for raw:ping")
     assert {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"} in wait["links"]
-    start = _one(spans, "send bide.work.StartedByRawEvent.{run_id}")
+    start = _one(spans, "send bide.queue.StartedByRawEvent.{run_id}")
     assert start["trace_id"] == f"{trace_id:032x}" and start["parent_id"] == f"{span_id:016x}"
     assert triggered()[0]["trace_id"] == f"{trace_id:032x}"
     assert triggered()[0]["parent_id"] == start["span_id"]
@@ -184,7 +184,7 @@ async def test_fire_and_forget_child_has_its_own_linked_trace(
     spans = [span_record(s) for s in memory[1].get_finished_spans()]
     parent_acts = {s["span_id"]: s for s in spans
                    if s["kind"] == "CONSUMER" and s["attributes"]["bide.task"] == "TracedDetached"}
-    child_send = _one(spans, "send bide.work.TracedChild.{run_id}")
+    child_send = _one(spans, "send bide.queue.TracedChild.{run_id}")
     assert child_send["parent_id"] is None
     assert child_send["trace_id"] not in {s["trace_id"] for s in parent_acts.values()}
     assert [lk["span_id"] for lk in child_send["links"]] and all(

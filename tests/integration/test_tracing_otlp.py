@@ -145,7 +145,7 @@ def check_trace(spans: list[Span], run_id: str, child_id: str, scope: str, kille
     assert len(roots) == 1, describe()
     root = roots[0]
     assert root["kind"] == "PRODUCER" and root["service"] == TEST_SERVICE, root
-    assert root["name"] == "send bide.work.TracedRun.{run_id}", root
+    assert root["name"] == "send bide.queue.TracedRun.{run_id}", root
     assert root["attributes"]["bide.run_id"] == run_id and root["attributes"]["bide.task"] == "TracedRun"
 
     # Activations on both hosts, each under the root.
@@ -153,7 +153,7 @@ def check_trace(spans: list[Span], run_id: str, child_id: str, scope: str, kille
     assert {s["service"] for s in activations} == {HOST_1, HOST_2}, describe()
     for act in activations:
         assert act["parent_id"] == root["span_id"], act
-        assert act["name"] == "process bide.work.TracedRun.{run_id}", act
+        assert act["name"] == "process bide.queue.TracedRun.{run_id}", act
         assert act["attributes"]["messaging.system"] == "nats", act
         attempt = act["attributes"]["bide.attempt"]
         assert isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 1, act
@@ -181,7 +181,7 @@ def check_trace(spans: list[Span], run_id: str, child_id: str, scope: str, kille
     # The child: started by a parent's activation, run under its start span.
     child_start = only([s for s in ours if s["kind"] == "PRODUCER" and s["attributes"]["bide.run_id"] == child_id],
                        "start span of the child")
-    assert child_start["name"] == "send bide.work.TracedChild.{run_id}", child_start
+    assert child_start["name"] == "send bide.queue.TracedChild.{run_id}", child_start
     assert child_start["parent_id"] in activation_ids, child_start
     assert child_start["attributes"]["bide.parent_run_id"] == run_id
     child_acts = [s for s in ours if s["kind"] == "CONSUMER" and s["attributes"]["bide.run_id"] == child_id]
