@@ -12,6 +12,7 @@ from typing import Any
 
 from sdk._cel import check_expression, is_trivial
 from sdk.durations import parse_duration
+from sdk.limits import check_name
 
 
 @dataclass(frozen=True, init=False)
@@ -62,6 +63,9 @@ class UserEventCondition:
             raise ValueError(f"event_key must be a non-empty string, got {event_key!r}")
         if scope is not None and (not isinstance(scope, str) or not scope):
             raise ValueError(f"scope must be a non-empty string or None, got {scope!r}")
+        check_name(event_key, "event_key")
+        if scope is not None:
+            check_name(scope, "scope")
         if expression is not None:
             check_expression(expression)
             if is_trivial(expression):

@@ -26,7 +26,7 @@ from actors.engine.wire import (
 from actors.observe.tracing import TRACEPARENT
 from actors.store.protocol import deliver_signal
 from sdk.errors import BideError, EventPayloadError, PayloadTooLargeError, RunNotFoundError
-from sdk.limits import PayloadLimits, encode_payload, format_size
+from sdk.limits import PayloadLimits, check_name, encode_payload, format_size
 
 if TYPE_CHECKING:
     from sdk._connection import Connection, ConnectionPool
@@ -77,7 +77,7 @@ class RunAlreadyFinishedError(BideError):
 def validate_key(key: object, what: str = "event key") -> str:
     if not isinstance(key, str) or not key or key != key.strip():
         raise ValueError(f"{what} must be a non-empty string without surrounding spaces, got {key!r}")
-    return key
+    return check_name(key, what)
 
 
 def payload_to_json(payload: Any, what: str, limits: PayloadLimits) -> bytes:

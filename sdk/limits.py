@@ -245,3 +245,20 @@ def string_metadata(metadata: Mapping[str, Any], drop: frozenset[str] = frozense
             break
         out[k] = v
     return out
+
+
+MAX_NAME_BYTES = 256
+"""The longest event key, scope, event name, chosen run id or child key, in UTF-8 bytes.
+
+Each becomes one subject token (escaped, up to three times as long), and a subject with its
+reply must fit nats-server's 4 KiB protocol line: a longer one made the server close the
+client's connection, and the caller saw a timeout ten seconds later that named nothing."""
+
+
+def check_name(value: str, what: str) -> str:
+    """``value`` if it is at most :data:`MAX_NAME_BYTES` long, else a ``ValueError`` naming it."""
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"{what} {value[:48]!r}... is {size} bytes long (UTF-8); at most {MAX_NAME_BYTES} are "
+                         "allowed (it becomes part of a NATS subject)")
+    return value

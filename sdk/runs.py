@@ -30,7 +30,7 @@ from sdk.errors import (
     RunFailedError,
     RunNotFoundError,
 )
-from sdk.limits import encode_payload, validate_metadata
+from sdk.limits import check_name, encode_payload, validate_metadata
 from sdk.models import RunStatus
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def validate_run_id(run_id: object) -> str:
     if CHILD_ID_SEPARATOR in run_id:
         raise ValueError(f"run id {run_id!r} contains {CHILD_ID_SEPARATOR!r}, which Bide keeps for the ids of "
                          f"child runs (<parent>{CHILD_ID_SEPARATOR}<pos>{CHILD_ID_SEPARATOR}<i>); choose another id")
-    return run_id
+    return check_name(run_id, "run id")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdk.limits import check_name
+
 
 @dataclass(frozen=True)
 class ChildStart:
@@ -33,7 +35,7 @@ child at ``1, 0`` of ``P``'s child ``a``, never ``P``'s child keyed ``a~1~0``)."
 def validate_child_key(key: object) -> str:
     if not isinstance(key, str) or not key or CHILD_ID_SEPARATOR in key:
         raise ValueError(f"child_key must be a non-empty string without {CHILD_ID_SEPARATOR!r}, got {key!r}")
-    return key
+    return check_name(key, "child_key")
 
 
 def child_run_id(parent_run_id: str, pos: int, index: int, key: str | None) -> str:

@@ -36,6 +36,7 @@ from actors.hosting.router_inputs import publish_registrations
 from actors.observe.tracing import Tracing, observe_appended
 from actors.store.children import notify_parent, request_cancel, start_children
 from actors.store.jetstream import Layout, api_request
+from actors.store.protocol import is_start_of
 from actors.store.requests import Publisher
 from actors.store.runs_index import publish_end
 
@@ -140,7 +141,8 @@ class RunWriter:
                 act = Activation(run_id=run_id, task=self.task, kind="start", started=started,
                                  history_seq=self.last_seq)
                 await fx.publisher.publish(s.queue(self.task, run_id), encode_activation(act), {
-                    HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{run_id}:{started.generation}"})
+                    HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{run_id}:{started.generation}"},
+                    same=is_start_of(started))
             case CancelChildren(children=children, reason=reason):
                 for child, task in children:
                     fx.chore(request_cancel(fx.nc, fx.publisher, fx.history, s, child, reason, task))

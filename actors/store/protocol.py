@@ -13,6 +13,9 @@ refused or the servers stay unreachable.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+
+from nats.aio.msg import Msg
 
 from actors.engine.wire import (
     HDR_BIDE_KIND,
@@ -21,6 +24,7 @@ from actors.engine.wire import (
     EventSignal,
     RunStarted,
     Subjects,
+    decode_activation,
     encode_activation,
 )
 from actors.store.history import HistoryConflict, HistoryLog
@@ -46,8 +50,8 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
     act = Activation(run_id=started.run_id, task=started.task, kind="start", started=started)
     subject = subjects.queue(started.task, started.run_id)
     activation = asyncio.ensure_future(retry_transient(f"start of run {started.run_id}", lambda: pub.publish(
-        subject, encode_activation(act), {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{started.run_id}"}),
-        CLIENT_RETRY_S))
+        subject, encode_activation(act), {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{started.run_id}"},
+        same=is_start_of(started)), CLIENT_RETRY_S))
     # The activation is on the wire first; the start entry follows at once rather than a round
     # trip later, so the host that takes the activation almost always finds the entry written.
     await asyncio.sleep(0)
@@ -75,6 +79,28 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
             + (f" (task {first.task!r}, started {first.at.isoformat()})" if isinstance(first, RunStarted) else "")
             + ": choose another run id, or leave it out to get a new one", run_id=started.run_id)
     return None
+
+
+def is_start_of(started: RunStarted) -> Callable[[Msg | None], bool]:
+    """Whether the stored first copy of a start activation (de-duplicated by its id) is ``started``'s.
+
+    The queue's id ``start:<run>`` can be taken first by anyone who may publish activations, with
+    anything, or the first copy can be gone (taken by a host, maybe dropped as malformed): then
+    the activation is sent again, since a start activation for a run that has begun costs a
+    host one read, while a run with no activation would never run. Another request's start is
+    not ours either: the host that takes ours sees the other in the history and drops it.
+    """
+    def same(first: Msg | None) -> bool:
+        if first is None:
+            return False
+        try:
+            act = decode_activation(first.data)
+        except ValueError:
+            return False
+        return act.kind == "start" and act.started is not None and act.started.run_id == started.run_id \
+            and act.started.generation == started.generation and act.started.same_start(started)
+
+    return same
 
 
 async def deliver_signal(pub: Publisher, subjects: Subjects, run_id: str, task: str, signal: EventSignal,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -20,6 +22,8 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+
+_MSG_ID = "Nats-Msg-Id"
 
 
 class _Batch:
@@ -139,19 +143,56 @@ class Publisher:
         assert self._requests is not None, "Publisher.start() first"
         return self._requests
 
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
-        """Publish and return the stream sequence; raises the JetStream API error on refusal."""
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None, *,
+                      same: Callable[[Msg | None], bool] | None = None) -> int:
+        """Publish and return the stream sequence; raises the JetStream API error on refusal.
+
+        A publish with a ``Nats-Msg-Id`` that the stream calls a duplicate returns the first
+        copy's sequence, but only if that copy is this message again: the server de-duplicates
+        by id across the whole stream, so anyone who may publish to any of its subjects could
+        otherwise take an id first (a ``nats pub -H Nats-Msg-Id:register:…`` on an event subject
+        made a run's wait registration vanish). The first copy is read back; if it is on another
+        subject (or ``same`` rejects it; ``None`` when it is no longer stored), the message is
+        published again under an id of its own.
+        """
+        resp = await self._publish_once(subject, data, headers)
+        msg_id = (headers or {}).get(_MSG_ID)
+        for attempt in range(2):
+            if not resp.get("duplicate") or msg_id is None:
+                break
+            if await self._is_first_copy(resp, subject, same):
+                break
+            # A foreign message holds the id: ours goes again under one nobody else could have used.
+            own = f"{msg_id}~{subject}" if attempt == 0 else f"{msg_id}~{os.urandom(8).hex()}"
+            resp = await self._publish_once(subject, data, {**(headers or {}), _MSG_ID: own})
+        return int(resp["seq"])
+
+    async def _publish_once(self, subject: str, data: bytes, headers: dict[str, str] | None) -> dict[str, Any]:
         try:
             msg = await self.requests.request(subject, data, timeout=self._timeout, headers=headers)
         except nats.errors.NoRespondersError:
             raise nats.js.errors.NoStreamResponseError from None
         except nats.errors.TimeoutError:
             raise TimeoutError(f"no JetStream ack within {self._timeout}s") from None
-        resp = orjson.loads(msg.data)
+        resp: dict[str, Any] = orjson.loads(msg.data)
         err = resp.get("error")
         if err is not None:
             nats.js.errors.APIError.from_error(err)  # raises the typed error
-        return int(resp["seq"])
+        return resp
+
+    async def _is_first_copy(self, resp: dict[str, Any], subject: str,
+                             same: Callable[[Msg | None], bool] | None) -> bool:
+        try:
+            got = await self.requests.request(f"$JS.API.DIRECT.GET.{resp['stream']}",
+                                              orjson.dumps({"seq": int(resp["seq"])}), timeout=self._timeout)
+            first: Msg | None = None if got.headers and "Status" in got.headers else got
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            first = None
+        if same is not None:
+            return same(first)
+        # Gone (taken, or purged) is trusted: our own earlier copy, most likely, and sending it twice
+        # would deliver it twice.
+        return first is None or (first.headers or {}).get("Nats-Subject") == subject
 
     async def publish_unacked(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
         """Publish without waiting for (or asking for) the ack: for writes nothing depends on (the runs index)."""

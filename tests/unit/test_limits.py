@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from actors.engine.child_ids import validate_child_key
 from sdk import BideConfig, EventPayloadError, PayloadLimitError, PayloadTooLargeError
+from sdk.conditions import UserEventCondition
+from sdk.events import validate_key
 from sdk.limits import (
     DEFAULT_MAX_PAYLOAD,
     INT64_MAX,
     INT64_MIN,
     MAX_DEPTH,
+    MAX_NAME_BYTES,
     MAX_PAYLOAD_CEILING,
     PayloadLimits,
     check_payload,
     encode_payload,
     parse_size,
 )
+from sdk.runs import validate_run_id
 
 
 def nested(depth: int) -> object:
@@ -88,3 +95,15 @@ def test_non_json_bytes_are_a_payload_error() -> None:
 
 def test_the_ceiling_leaves_room_in_the_servers_one_mebibyte() -> None:
     assert DEFAULT_MAX_PAYLOAD < MAX_PAYLOAD_CEILING < 1024 * 1024
+
+
+@pytest.mark.parametrize("check", [
+    lambda v: validate_key(v), lambda v: validate_key(v, "scope"), lambda v: validate_run_id(v),
+    lambda v: validate_child_key(v), lambda v: UserEventCondition(v), lambda v: UserEventCondition("k", scope=v),
+], ids=["event key", "scope", "run id", "child key", "wait key", "wait scope"])
+def test_a_name_that_becomes_a_subject_token_is_at_most_256_bytes(check: Any) -> None:
+    check("k" * MAX_NAME_BYTES)
+    check("é" * (MAX_NAME_BYTES // 2))
+    for too_long in ("k" * (MAX_NAME_BYTES + 1), "é" * (MAX_NAME_BYTES // 2 + 1), "k" * 5000):
+        with pytest.raises(ValueError, match=rf"is {len(too_long.encode())} bytes long .*at most {MAX_NAME_BYTES}"):
+            check(too_long)
