@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from actors.engine.wire import (
     utcnow,
 )
 from actors.observe.tracing import TRACEPARENT, trace_id_of
+from actors.store.history import CorruptHistoryError
 from actors.store.protocol import start_run as protocol_start_run
 from sdk.durations import parse_duration
 from sdk.errors import (
@@ -36,6 +38,8 @@ from sdk.models import RunStatus
 if TYPE_CHECKING:
     from sdk._connection import Connection, ConnectionPool
 
+
+log = logging.getLogger("bide.runs")
 
 def new_run_id() -> str:
     return random_id()
@@ -405,15 +409,23 @@ class RunsClient:
         conn = await self._pool.get()
         known: dict[str, RunStatus] = {}
 
+        async def last_of(run_id: str) -> list[Any] | None:
+            try:
+                return await conn.history.read_last(run_id)
+            except CorruptHistoryError as e:  # one unreadable run never hides the others
+                log.warning("%s; listed by its index record", e)
+                return None
+
         async def live_status(runs: list[Any]) -> list[str]:
-            lasts = await asyncio.gather(*(conn.history.read_last(r.run_id) for r in runs))
+            lasts = await asyncio.gather(*(last_of(r.run_id) for r in runs))
             for r, last in zip(runs, lasts, strict=True):
-                known[r.run_id] = _live_status(last)
+                if last is not None:
+                    known[r.run_id] = _live_status(last)
             # A live record whose history has ended (its end record was lost with a host) is
             # listed with the history's status, and never as running or waiting.
             return [{RunStatus.WAITING: "waiting", RunStatus.QUEUED: "running"}.get(known[r.run_id],
                                                                                   known[r.run_id].value)
-                    for r in runs]
+                    if r.run_id in known else r.status for r in runs]
 
         page, next_seq = await find(conn.nc, conn.layout.subjects, q, live_status)
         unknown = [r for r in page if r.status == "running" and r.run_id not in known]

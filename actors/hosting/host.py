@@ -44,7 +44,6 @@ from actors.engine.wire import (
     SignalReceived,
     TriggerRegistration,
     decode_activation,
-    decode_history,
     utcnow,
 )
 from actors.hosting.activation_queue import ActivationQueue, SlotPool
@@ -57,7 +56,7 @@ from actors.hosting.turn_effects import RunWriter, TurnEffects
 from actors.hosting.turns import TurnRunner, error_info
 from actors.hosting.warm_runs import WarmRun, WarmRuns
 from actors.observe.tracing import Tracing
-from actors.store.history import HistoryConflict, HistoryLog
+from actors.store.history import CorruptHistoryError, HistoryConflict, HistoryLog, decode_stored
 from actors.store.jetstream import (
     Layout,
     connect,
@@ -275,6 +274,11 @@ class ActorHost:
         except asyncio.CancelledError:
             await msg.nak()
             raise
+        except CorruptHistoryError as e:
+            # No redelivery can read it either: retrying forever only floods the log.
+            log.error("%s. Its activation is dropped; once the message is gone, any later activation "
+                      "(a signal, a cancel) resumes the run", e)
+            await msg.term()
         except Exception:
             log.exception("turn failed on %s (delivery %d); will retry", msg.subject, delivered)
             await msg.nak(delay=min(_INFRA_RETRY_MAX_S, 0.5 * delivered))
@@ -346,7 +350,7 @@ class ActorHost:
             except HistoryConflict:
                 return None
             return RunHistory(act.run_id, [started], seq)
-        entries = decode_history(last.data)
+        entries = decode_stored(last, act.run_id)
         first = entries[0] if len(entries) == 1 else None
         if isinstance(first, RunStarted) and first.same_start(started):
             return RunHistory(act.run_id, [first], int((last.headers or {}).get("Nats-Sequence", "0")))

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from typing import Any
 
 import nats.js.errors
+import pydantic
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -97,6 +98,24 @@ def _inbox_signal(run_id: str, seq: int, data: bytes) -> list[tuple[int, EventSi
         return []
 
 
+class CorruptHistoryError(Exception):
+    """A stored history message that cannot be read as one (garbage published on a history
+    subject by hand): names the run and the message's sequence. Retrying cannot help."""
+
+
+def decode_stored(msg: Msg, run_id: str) -> list[HistoryEntry]:
+    """A stored history message's entries, or :class:`CorruptHistoryError` saying which message is bad."""
+    try:
+        return decode_history(msg.data)
+    except pydantic.ValidationError as e:
+        seq = (msg.headers or {}).get("Nats-Sequence", "?")
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CorruptHistoryError(
+            f"run {run_id}: its history message at stream sequence {seq} ({len(msg.data)} bytes) is not a Bide "
+            f"history message ({first}); it was not written by Bide (only hosts may publish on history "
+            "subjects): delete that message to let the run go on") from None
+
+
 class HistoryLog:
     """Reads and appends run histories on ``<prefix>.history.<run>``."""
 
@@ -141,7 +160,7 @@ class HistoryLog:
         if chain is None:
             msgs = await direct_get_subject(self._nc, stream, self._subjects.history(run_id),
                                             min_last_seq=min_last_seq)
-            chain = [(m, decode_history(m.data)) for m in msgs]
+            chain = [(m, decode_stored(m, run_id)) for m in msgs]
         hist = RunHistory(run_id, size_bytes=sum(len(m.data) for m, _ in chain) + sum(len(m.data) for m in inbox_msgs))
         taken = 0
         for m, batch in chain:
@@ -181,7 +200,7 @@ class HistoryLog:
         last = await direct_get_last(self._nc, s.history_stream, subject, min_last_seq=min_last_seq)
         if last is None:
             return []
-        chain = [(last, decode_history(last.data))]
+        chain = [(last, decode_stored(last, run_id))]
         while True:
             msg, entries = chain[-1]
             if any(isinstance(e, RunStarted) for e in entries):  # the run's start, or its generation's
@@ -193,7 +212,7 @@ class HistoryLog:
             found = await direct_get_seq(self._nc, s.history_stream, int(prev))
             if found is None or (found.headers or {}).get("Nats-Subject") != subject:
                 return None
-            chain.append((found, decode_history(found.data)))
+            chain.append((found, decode_stored(found, run_id)))
 
     async def read_since(self, base: RunHistory, *, history_seq: int = 0, inbox_seq: int = 0,
                          timeout: float = 5.0) -> RunHistory | None:
@@ -250,7 +269,7 @@ class HistoryLog:
             if must_exist:
                 raise StaleReadError(f"run {run_id}: its start was written but the replica read shows none")
             return None
-        return decode_history(msg.data)[0]
+        return decode_stored(msg, run_id)[0]
 
     async def read_last(self, run_id: str, min_seq: int = 0) -> list[HistoryEntry]:
         """The entries of the run's last message only (enough to see a terminal state).
@@ -269,7 +288,7 @@ class HistoryLog:
             if loop.time() >= deadline:
                 raise StaleReadError(f"run {run_id}: the last history message read was {seen}, expected >= {min_seq}")
             await asyncio.sleep(_STALE_READ_RETRY_S)
-        return [] if msg is None else decode_history(msg.data)
+        return [] if msg is None else decode_stored(msg, run_id)
 
     async def append(self, run_id: str, entries: list[HistoryEntry], expected_seq: int,
                      notify: str | None = None) -> int:
