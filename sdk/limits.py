@@ -20,6 +20,7 @@ call it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -134,9 +135,26 @@ def checked_json(value: Any, limits: PayloadLimits, what: str, default: Any = No
         raise
     if len(data) > limits.max_bytes:
         raise _too_large(what, len(data), limits)
+    if b"null" in data:  # orjson writes NaN and infinities as null: refuse them rather than change the data
+        _refuse_non_finite(value, what)
     plain = orjson.loads(data)  # exact here: orjson wrote no integer beyond 64 bits
     _check_value(plain, limits, what)
     return data, plain
+
+
+def _refuse_non_finite(value: Any, what: str) -> None:
+    """A float that JSON cannot hold (NaN, an infinity), named with where it is."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            where = f" at {_short(path)}" if path else ""
+            raise PayloadLimitError(what, "finite numbers (JSON has no NaN or infinity)", f"{node}{where}",
+                                    hint="send it as a string, or as null yourself")
+        if isinstance(node, dict):
+            stack.extend((child, f"{path}[{k!r}]") for k, child in node.items())
+        elif isinstance(node, list | tuple):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(node))
 
 
 def _too_large(what: str, size: int, limits: PayloadLimits) -> PayloadTooLargeError:

@@ -107,3 +107,12 @@ def test_a_name_that_becomes_a_subject_token_is_at_most_256_bytes(check: Any) ->
     for too_long in ("k" * (MAX_NAME_BYTES + 1), "é" * (MAX_NAME_BYTES // 2 + 1), "k" * 5000):
         with pytest.raises(ValueError, match=rf"is {len(too_long.encode())} bytes long .*at most {MAX_NAME_BYTES}"):
             check(too_long)
+
+
+@pytest.mark.parametrize("value,where", [
+    (float("nan"), "nan"), ({"x": [1, float("inf")]}, "-?inf at \\['x'\\]\\[1\\]"), ([{"y": float("-inf")}], "-inf at"),
+])
+def test_a_number_json_cannot_hold_is_refused_not_turned_into_null(value: Any, where: str) -> None:
+    with pytest.raises(PayloadLimitError, match=f"finite numbers .*{where}"):
+        encode_payload(value, what="the payload of event k")
+    assert encode_payload({"ok": None, "f": 1.5}) == b'{"ok":null,"f":1.5}'
