@@ -13,7 +13,7 @@ from sdk.errors import InputValidationError, OutputSerializationError, PayloadLi
 from sdk.limits import CEILING_LIMITS, PayloadLimits, checked_json
 
 
-def to_json_value(value: Any, what: str, limits: PayloadLimits = CEILING_LIMITS) -> Any:
+def to_json_value(value: Any, what: str, limits: PayloadLimits = CEILING_LIMITS, *, is_input: bool = False) -> Any:
     """Turn ``value`` into plain JSON data, or raise naming ``what`` and the offending type.
 
     Raises ``PayloadLimitError`` if the data is over ``limits`` (checked here, where it comes
@@ -24,6 +24,10 @@ def to_json_value(value: Any, what: str, limits: PayloadLimits = CEILING_LIMITS)
     try:
         return checked_json(value, limits, what, default=_pydantic_default)[1]
     except TypeError as e:
+        if is_input:  # an input is the caller's mistake, not the task's
+            raise InputValidationError(
+                f"{what} is not JSON-serialisable: {e} (value: {_short_repr(value)}). "
+                "Pass a pydantic model or JSON-able data (dict, list, str, int, float, bool, None).") from None
         raise OutputSerializationError(
             f"{what} is not JSON-serialisable: {e} (value: {_short_repr(value)}). "
             "Return a pydantic model or JSON-able data (dict, list, str, int, float, bool, None)."
@@ -85,7 +89,7 @@ class Signature:
                     f"input for task {self.task_name!r} does not fit {model.__name__}: {_short_repr(value)}\n{e}"
                 ) from None
             value = inst.model_dump(mode="json")
-        return to_json_value(value, f"input for task {self.task_name!r}", self.limits)
+        return to_json_value(value, f"input for task {self.task_name!r}", self.limits, is_input=True)
 
     def load_input(self, data: Any) -> Any:
         if self._input_adapter is None:

@@ -16,7 +16,16 @@ from sdk.context import ChildSpec, DurableRuntime, current_runtime
 from sdk.durations import parse_duration
 from sdk.gates import gate
 from sdk.limits import validate_metadata
-from sdk.runs import RunRef, StartRequest, new_run_id, start_and_wait, start_run, unwrap_outcome, unwrap_terminal
+from sdk.runs import (
+    RunRef,
+    StartRequest,
+    new_run_id,
+    start_and_wait,
+    start_run,
+    unwrap_outcome,
+    unwrap_terminal,
+    validate_run_id,
+)
 
 if TYPE_CHECKING:
     from sdk._connection import ConnectionPool
@@ -148,16 +157,18 @@ class TaskDefinition:
         return BulkRunItem(input=input, key=child_key or key)
 
     def _request(self, input: Any, run_id: str | None, metadata: Mapping[str, str] | None = None) -> StartRequest:
+        if run_id is not None:
+            validate_run_id(run_id)  # "" is a mistake, not a request for a new id
         dumped = self.signature.dump_input(input)
         return StartRequest(
             task=self.name,
             durable=self.durable,
             input=dumped,
-            run_id=run_id or new_run_id(),
+            run_id=run_id if run_id is not None else new_run_id(),
             execution_timeout_s=self.execution_timeout.total_seconds() if self.execution_timeout else None,
             # With the caller's run id, the same task and input again is the same start (a retry):
             # it returns the run; anything else for that id is refused.
-            start_id=f"{self.name}:{args_hash(dumped)}" if run_id else new_run_id(),
+            start_id=f"{self.name}:{args_hash(dumped)}" if run_id is not None else new_run_id(),
             additional_metadata=validate_metadata(metadata, f"additional_metadata of a run of {self.name!r}"),
         )
 

@@ -165,7 +165,7 @@ class Workflow:
         self._check_runnable()
         first = self.order()[0]
         return first.signature.dump_input(input) if first.signature.input_model is not None else \
-            to_json_value(input, f"input for workflow {self.name!r}")
+            to_json_value(input, f"input for workflow {self.name!r}", is_input=True)
 
     def load_output(self, result: Any) -> dict[str, Any]:
         """The workflow's result: each task's output, typed by its function's return annotation."""

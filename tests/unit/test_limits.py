@@ -116,3 +116,30 @@ def test_a_number_json_cannot_hold_is_refused_not_turned_into_null(value: Any, w
     with pytest.raises(PayloadLimitError, match=f"finite numbers .*{where}"):
         encode_payload(value, what="the payload of event k")
     assert encode_payload({"ok": None, "f": 1.5}) == b'{"ok":null,"f":1.5}'
+
+
+def test_an_empty_run_id_is_refused_not_replaced() -> None:
+    from sdk import Bide, EmptyModel
+
+    bide = Bide("nats://127.0.0.1:1")  # never connects: the id is checked before anything is sent
+
+    @bide.task(name="EmptyIdTask")
+    async def task(input: EmptyModel, ctx: Any) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="run id must be a non-empty string"):
+        task._request(EmptyModel(), "")
+    assert task._request(EmptyModel(), None).run_id
+
+
+def test_an_input_that_is_not_json_is_the_callers_error() -> None:
+    from sdk import Bide, InputValidationError
+
+    bide = Bide("nats://127.0.0.1:1")  # never connects
+
+    @bide.task(name="BytesInputTask")
+    async def task(input: Any, ctx: Any) -> None:
+        return None
+
+    with pytest.raises(InputValidationError, match=r"input for task 'BytesInputTask' is not JSON-serialisable.*Pass a"):
+        task._request(b"\x00raw", None)
