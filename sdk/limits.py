@@ -158,8 +158,9 @@ def _refuse_non_finite(value: Any, what: str) -> None:
 
 
 def _too_large(what: str, size: int, limits: PayloadLimits) -> PayloadTooLargeError:
-    return PayloadTooLargeError(what, f"{format_size(limits.max_bytes)} (BIDE_MAX_PAYLOAD)",
-                                f"{format_size(size)} as JSON")
+    # A step's result is held to the ceiling, which no setting raises: naming the setting would mislead.
+    source = "the most any payload may be" if limits == CEILING_LIMITS else "BIDE_MAX_PAYLOAD"
+    return PayloadTooLargeError(what, f"{format_size(limits.max_bytes)} ({source})", f"{format_size(size)} as JSON")
 
 
 def check_value(value: Any, limits: PayloadLimits = DEFAULT_LIMITS, what: str = "the payload") -> None:
