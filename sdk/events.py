@@ -232,7 +232,7 @@ class EventsClient:
                              meta=meta)
         try:
             # Idempotent: the same event_id sent again is stored (and wakes the run) once.
-            await deliver_signal(conn.publisher, s, run_id, task, signal, msg_id=f"send:{eid}")
+            await deliver_signal(conn.publisher, s, run_id, task, signal, msg_id=f"send:{run_id}:{eid}")
         except BaseException as e:
             span.fail(e)
             raise

@@ -142,6 +142,9 @@ class _TerminalWatch:
             await self.sub.unsubscribe()
 
 
+_NOT_FOUND_AFTER_S = 3.0
+"""How long a waiter looks for a run's history before it says there is no such run."""
+
 _POLL_FIRST_S = 0.25
 _POLL_MAX_S = 15.0
 """A waiter re-reads the run's last entry (one direct get) at most this far apart, and soon again
@@ -153,10 +156,16 @@ async def wait_terminal(conn: Connection, run_id: str, timeout: float | None = N
     watch = _TerminalWatch()
     await watch.open(conn, run_id)
     try:
+        loop = asyncio.get_running_loop()
         last = await conn.history.read_last(run_id)
+        # A run started a moment ago may not be on the replica that answers yet (a cluster's direct
+        # gets are answered by any replica): look again for a while before saying there is none.
+        give_up = loop.time() + _NOT_FOUND_AFTER_S
+        while not last and loop.time() < give_up:
+            await asyncio.sleep(0.1)
+            last = await conn.history.read_last(run_id)
         if not last:
             raise RunNotFoundError(f"no run with id {run_id!r}")
-        loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         # The watch can miss an entry routed before its SUB took effect and stored after the
         # read above, and a hint can come before its append is stored (a core subscriber gets
