@@ -7,7 +7,7 @@
    a single server and against a 3-node cluster (``local_cluster``, streams at 3 replicas),
    one after the other in this run, each as its own process with ``--url``.
 2. Failover: on the cluster, with H host processes and a driver starting trivial durable runs
-   at a steady rate, SIGKILL the node that leads the work or history stream (of those, the
+   at a steady rate, SIGKILL the node that leads the queue (BIDE_QUEUE) or history stream (of those, the
    one that leads the most Bide streams). Measured from the kill: the first run whose result
    arrives and whose completion was appended after the kill, and the moment the completion
    rate over a 1 s window is back to half the rate before the kill. The node is restarted and

@@ -172,11 +172,11 @@ OUTSIDE_THE_SUITE = [
     "5 minutes on 2 cores). Starts a 3-node cluster on loopback (streams at 3 replicas) and a single server, and "
     "runs `benchmarks.throughput --url ... --replicas R` against each: runs/s and raw publishes/s side by side, "
     "and their ratio. Then, with 1, 2 and 4 host processes and a driver starting trivial durable runs at a steady "
-    "rate, it SIGKILLs the node that leads the work or history stream (of those, the one leading the most Bide "
+    "rate, it SIGKILLs the node that leads the queue or history stream (of those, the one leading the most Bide "
     "streams) and reports per host count the p50 and max seconds from the kill to the first run completed after "
     "it (its result received, its completion appended after the kill) and until the completion rate over 1 s is "
     "back to half the rate before the kill, with when the servers elected new leaders and whether the node also "
-    "led the task's work consumer. The node is restarted and the cluster healthy again (every stream and work "
+    "led the task's queue consumer. The node is restarted and the cluster healthy again (every stream and task "
     "consumer led, every replica current) before the next kill. Every run started is checked in its history at "
     "the end: a lost or doubled run is printed with its run id and its history. Not in the suite: it kills "
     "servers and takes minutes.",

@@ -30,6 +30,17 @@ async def denied(what: Any) -> bool:
     return False
 
 
+def _accounts_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[EmbeddedServer, dict[str, str]]:
+    """A server with accounts.conf's users (each password new), and the environment set for the ``host``."""
+    passwords = {user: secrets.token_hex(12) for user in ("host", "publisher", "api")}
+    for user, password in passwords.items():
+        monkeypatch.setenv(f"BIDE_{user.upper()}_PASSWORD", password)  # read by nats-server from its environment
+    server = EmbeddedServer(store_dir=tmp_path / "js", config=ACCOUNTS.read_text()).start()
+    monkeypatch.setenv("BIDE_NATS_USER", "host")
+    monkeypatch.setenv("BIDE_NATS_PASSWORD", passwords["host"])
+    return server, passwords
+
+
 async def test_a_publisher_pushes_an_event_that_resumes_a_run_and_can_touch_nothing_else(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     host_pw, pub_pw = secrets.token_hex(12), secrets.token_hex(12)
@@ -93,13 +104,8 @@ async def test_a_publisher_pushes_an_event_that_resumes_a_run_and_can_touch_noth
 async def test_the_http_apis_user_pushes_delivers_cancels_and_reads_and_can_change_nothing_else(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The `api` user of accounts.conf serves every route of `bide serve`, and no more."""
-    passwords = {user: secrets.token_hex(12) for user in ("host", "publisher", "api")}
-    for user, password in passwords.items():
-        monkeypatch.setenv(f"BIDE_{user.upper()}_PASSWORD", password)
-    server = EmbeddedServer(store_dir=tmp_path / "js", config=ACCOUNTS.read_text()).start()
+    server, passwords = _accounts_server(tmp_path, monkeypatch)
     try:
-        monkeypatch.setenv("BIDE_NATS_USER", "host")
-        monkeypatch.setenv("BIDE_NATS_PASSWORD", passwords["host"])
         bide = Bide(server.url, ack_wait=3.0)
         monkeypatch.setenv("BIDE_NATS_USER", "api")
         monkeypatch.setenv("BIDE_NATS_PASSWORD", passwords["api"])
@@ -216,13 +222,8 @@ async def test_the_http_apis_user_cannot_wipe_pending_work_or_timers_with_a_roll
     stream: every sleeping run's timer and every queued activation. The activations that users
     other than hosts publish go to a stream that refuses the header.
     """
-    passwords = {user: secrets.token_hex(12) for user in ("host", "publisher", "api")}
-    for user, password in passwords.items():
-        monkeypatch.setenv(f"BIDE_{user.upper()}_PASSWORD", password)
-    server = EmbeddedServer(store_dir=tmp_path / "js", config=ACCOUNTS.read_text()).start()
+    server, passwords = _accounts_server(tmp_path, monkeypatch)
     try:
-        monkeypatch.setenv("BIDE_NATS_USER", "host")
-        monkeypatch.setenv("BIDE_NATS_PASSWORD", passwords["host"])
         bide = Bide(server.url, ack_wait=3.0)
 
         @bide.durable_task(name="LpSleeper")
