@@ -493,12 +493,12 @@ async def ensure_router_status_stream(nc: NATS, layout: Layout) -> None:
         await api_request(nc, f"$JS.API.STREAM.UPDATE.{s.router_status_stream}", body)
 
 
-def task_consumer_config(layout: Layout, task: str, durable: bool, stream: str | None = None) -> ConsumerConfig:
-    """The consumer of ``task``'s activations in ``stream`` (default the timers' stream, ``work_stream``)."""
+def task_consumer_config(layout: Layout, task: str, durable: bool, stream: str) -> ConsumerConfig:
+    """The consumer of ``task``'s activations in ``stream`` (one of ``Subjects.activation_streams``)."""
     s = layout.subjects
     return ConsumerConfig(
         durable_name=s.consumer_name(task),
-        filter_subject=s.activation_filter(stream or s.work_stream, task),
+        filter_subject=s.activation_filter(stream, task),
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=layout.ack_wait_s,

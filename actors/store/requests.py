@@ -182,12 +182,9 @@ class Publisher:
 
     async def _is_first_copy(self, resp: dict[str, Any], subject: str,
                              same: Callable[[Msg | None], bool] | None) -> bool:
-        try:
-            got = await self.requests.request(f"$JS.API.DIRECT.GET.{resp['stream']}",
-                                              orjson.dumps({"seq": int(resp["seq"])}), timeout=self._timeout)
-            first: Msg | None = None if got.headers and "Status" in got.headers else got
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            first = None
+        from actors.store.jetstream import direct_get_seq  # jetstream imports this module
+
+        first = await direct_get_seq(self._nc, resp["stream"], int(resp["seq"]), timeout=self._timeout)
         if same is not None:
             return same(first)
         # Gone (taken, or purged) is trusted: our own earlier copy, most likely, and sending it twice
