@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdk.limits import check_name
+from sdk.limits import MAX_NAME_BYTES, check_name
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,29 @@ def validate_child_key(key: object) -> str:
     return check_name(key, "child_key")
 
 
+MAX_DERIVED_ID_BYTES = MAX_NAME_BYTES + 35
+"""The longest id :func:`child_run_id` gives: a root run's id (at most ``MAX_NAME_BYTES``),
+``~h~`` and a 32-digit digest. Ids grow with nesting (each keyed level adds its key), and a run's
+id is a token of its subjects: twenty levels of long keys named a subject past nats-server's
+4 KiB protocol line, and the server closed the host's connection at the deepest start."""
+
+
 def child_run_id(parent_run_id: str, pos: int, index: int, key: str | None) -> str:
-    """Deterministic: the same parent position (or ``child_key``) always names the same child."""
+    """Deterministic: the same parent position (or ``child_key``) always names the same child.
+
+    ``<parent>~<pos>~<index>``, or ``<parent>~k~<key>``; one longer than ``MAX_NAME_BYTES`` is
+    ``<root>~h~<digest of that id>``, the root being the id of the run at the top of the tree.
+    A parent reads its children's ids from its history, so a replay never derives them again.
+    """
     sep = CHILD_ID_SEPARATOR
     if key is not None:
-        return f"{parent_run_id}{sep}k{sep}{validate_child_key(key)}"
-    return f"{parent_run_id}{sep}{pos}{sep}{index}"
+        rid = f"{parent_run_id}{sep}k{sep}{validate_child_key(key)}"
+    else:
+        rid = f"{parent_run_id}{sep}{pos}{sep}{index}"
+    if len(rid.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES:
+        return rid
+    digest = hashlib.sha256(rid.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{rid.split(sep, 1)[0]}{sep}h{sep}{digest}"
 
 
 def child_run_ids(parent_run_id: str, pos: int, keys: list[str | None], spawned: Mapping[str, object]) -> list[str]:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from actors.engine.child_ids import MAX_DERIVED_ID_BYTES
 from sdk import Bide, Context, DurableContext, EmptyModel, RunFailedError
 from tests.support import running_worker
 
@@ -71,3 +72,21 @@ async def test_chosen_run_ids_cannot_take_a_derived_child_id(bide: Bide) -> None
                 await d["child"].aio_run_no_wait(1, run_id=taken)
         with pytest.raises(RunFailedError, match="child_key must be a non-empty string without '~', got 'a~1~0'"):
             await d["tilde"].aio_run(EmptyModel(), timeout=15)
+
+
+async def test_children_nested_deeper_than_a_subject_can_name_still_run(bide: Bide) -> None:
+    # Each keyed level used to add its key to the id: twenty levels of 250-byte keys named a
+    # subject past nats-server's 4 KiB protocol line, and the server closed the host's
+    # connection at the deepest start, over and over.
+    @bide.durable_task(name="NestedChild")
+    async def nested(input: int, ctx: DurableContext) -> dict[str, int]:
+        own = len(ctx.workflow_run_id.encode())
+        if input == 0:
+            return {"depth": 0, "longest_id": own}
+        below: dict[str, int] = await nested.aio_run(input - 1, child_key=f"{input:03d}" + "k" * 247)
+        return {"depth": below["depth"] + 1, "longest_id": max(own, below["longest_id"])}
+
+    async with running_worker(bide, [nested]):
+        result = await nested.aio_run(20, timeout=60)
+    assert result["depth"] == 20
+    assert result["longest_id"] <= MAX_DERIVED_ID_BYTES
