@@ -30,7 +30,11 @@ class Worker:
         self._stop: asyncio.Event | None = None
 
     async def async_start(self, *, ready: asyncio.Event | None = None) -> None:
-        """Run the host until :meth:`shutdown` (or SIGTERM/SIGINT when started with :meth:`start`)."""
+        """Run the host until :meth:`shutdown` (or SIGTERM/SIGINT when started with :meth:`start`).
+
+        Raises ``NatsUnavailableError`` if the server closes the host's connection for good (a
+        protocol error, an expired credential): the host has stopped, its work goes to other hosts.
+        """
         from actors.hosting.host import ActorHost  # the one seam into the runtime
 
         self._stop = asyncio.Event()
@@ -39,10 +43,16 @@ class Worker:
         await self._host.start()
         if ready is not None:
             ready.set()
+        stopped = asyncio.ensure_future(self._stop.wait())
+        lost = asyncio.ensure_future(self._host.connection_lost.wait())
         try:
-            await self._stop.wait()
+            await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            stopped.cancel()
+            lost.cancel()
             await self._host.stop()
+        if self._host.lost is not None:
+            raise self._host.lost  # the server closed the connection: the process should end (and be restarted)
 
     def start(self) -> None:
         """Run the host in the foreground; SIGTERM or Ctrl-C shuts it down gracefully."""

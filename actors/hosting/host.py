@@ -59,6 +59,7 @@ from actors.observe.tracing import Tracing
 from actors.store.history import CorruptHistoryError, HistoryConflict, HistoryLog, decode_stored
 from actors.store.jetstream import (
     Layout,
+    NatsUnavailableError,
     connect,
     direct_get_last,
     ensure_streams,
@@ -140,11 +141,15 @@ class ActorHost:
         self.turns = 0
         self._serving = False
         """Set once every consumer is bound and pulling; cleared when a stop begins."""
+        self.lost: NatsUnavailableError | None = None
+        """Why the server closed this host's connection for good, if it did (the host then stops)."""
+        self.connection_lost = asyncio.Event()
 
     async def start(self) -> None:
         tune_collector(self.config.gc_threshold)
         self._nc = nc = await connect(self.config.nats_url, name=self.host_id,
-                                      connect_timeout=self.config.connect_timeout_s, auth=self.config.nats_auth)
+                                      connect_timeout=self.config.connect_timeout_s, auth=self.config.nats_auth,
+                                      closed_cb=self._on_closed)
         js = nc.jetstream(timeout=10.0)
         # A cluster that is still electing leaders (or lost a node) answers with timeouts and 503s
         # for a while: every set-up step below is idempotent, so it is retried, not fatal.
@@ -193,6 +198,24 @@ class ActorHost:
         self._serving = True
         log.info("host %s serving %s", self.host_id, ", ".join(sorted(self._tasks)))
 
+    async def _on_closed(self) -> None:
+        """The connection is closed for good: by :meth:`stop`, or by the server (then this host stops).
+
+        nats-py reconnects after a lost socket but gives up after a protocol error from the server
+        (a line past its limit, an account's subscription limit, an expired credential). A host
+        that lived on without a connection would hold its activations for ever: its heartbeat has
+        a connection of its own. Stopping ends the heartbeat, and its work moves to other hosts.
+        """
+        if not self._serving:
+            return
+        why = str(self._nc.last_error) if self._nc is not None and self._nc.last_error else "no reason given"
+        self.lost = NatsUnavailableError(
+            f"host {self.host_id}: its NATS connection was closed by the server ({why}); the host stopped so "
+            "that its work moves to other hosts. Start it again (`bide worker --processes N` restarts its "
+            "children itself)")
+        log.error("%s", self.lost)
+        self.connection_lost.set()
+
     async def stop(self) -> None:
         """Graceful: stop pulling, let in-flight turns finish within the grace period, hand back the rest."""
         self._serving = False
@@ -200,7 +223,9 @@ class ActorHost:
             await q.stop()
         pending = set().union(*(q.in_flight for q in self._queues)) if self._queues else set()
         if pending:
-            _, still = await asyncio.wait(pending, timeout=self._grace)
+            # Turns on a closed connection cannot finish: cancel them now, and their activations go
+            # to other hosts once the heartbeat stops.
+            _, still = await asyncio.wait(pending, timeout=0 if self.lost is not None else self._grace)
             for t in still:
                 t.cancel()
             if still:

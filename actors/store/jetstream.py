@@ -148,10 +148,13 @@ def _auth_options(auth: NatsAuth | None) -> dict[str, Any]:
 
 
 async def connect(url: str, *, name: str = "bide", connect_timeout: float = 2.0,
-                  auth: NatsAuth | None = None) -> NATS:
+                  auth: NatsAuth | None = None, closed_cb: Callable[[], Awaitable[None]] | None = None) -> NATS:
     """Connect to NATS (``url`` may list several servers, comma-separated), failing fast if none answers.
 
     Errors name the URL with any password or token in it hidden, and never the credentials.
+    ``closed_cb`` is called once the connection is closed for good: by its owner, or by nats-py
+    after a protocol error from the server (it reconnects after a lost socket, never after an
+    ``-ERR``).
     """
     errors: list[str] = []
     refused = asyncio.Event()
@@ -171,6 +174,7 @@ async def connect(url: str, *, name: str = "bide", connect_timeout: float = 2.0,
             reconnect_time_wait=0.25,
             allow_reconnect=True,
             error_cb=_on_error,
+            **({"closed_cb": closed_cb} if closed_cb is not None else {}),
             pending_size=64 * 1024 * 1024,
             **_auth_options(auth),
         ))
