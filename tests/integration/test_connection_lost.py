@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from pathlib import Path
 
 import pytest
 
 from actors.store.jetstream import NatsUnavailableError
+from actors.store.server import EmbeddedServer
 from sdk import Bide, DurableContext, EmptyModel
-from tests.support import running_worker
+from tests.support import WorkerProcess, running_worker
 
 
 async def test_a_host_whose_connection_the_server_closes_stops_and_its_work_moves(bide: Bide) -> None:
@@ -45,3 +49,28 @@ async def test_a_host_whose_connection_the_server_closes_stops_and_its_work_move
     async with running_worker(bide, [step_across], name="takes-over"):
         assert await ref.aio_result(timeout=30) == "done"
     assert attempts == ["step", "step"]  # at least once: the step ran again on the next host
+
+
+def test_bide_worker_exits_with_the_reason_when_the_server_revokes_its_credentials(tmp_path: Path) -> None:
+    # An operator rotates the hosts' password and reloads the server: nats-server closes their
+    # connections with "Authorization Violation", and nats-py does not reconnect after that.
+    server = EmbeddedServer(store_dir=tmp_path / "js",
+                            config='authorization { users = [ { user: host, password: "first" } ] }\n')
+    server.start()
+    worker = WorkerProcess("examples.durable.worker:worker", server.url,
+                           env={"BIDE_NATS_USER": "host", "BIDE_NATS_PASSWORD": "first"})
+    try:
+        worker.start()
+        config = server.config_file
+        config.write_text(config.read_text().replace('"first"', '"second"'))
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGHUP)
+        assert worker.proc is not None
+        assert worker.proc.wait(timeout=30) == 2
+        assert worker.proc.stdout is not None
+        out = worker.proc.stdout.read()
+        assert "its NATS connection was closed by the server (nats: authorization failed)" in out
+        assert "Traceback" not in out
+    finally:
+        worker.kill()
+        server.stop()
