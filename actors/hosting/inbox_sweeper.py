@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -24,7 +25,7 @@ from nats.aio.msg import Msg
 
 from actors.engine.wire import HDR_BIDE_KIND, HDR_MSG_ID, Activation, decode_token, encode_activation
 from actors.store.history import HistoryLog
-from actors.store.jetstream import Layout, api_request, is_transient
+from actors.store.jetstream import Layout, api_request, is_transient, recreate_if_missing
 from actors.store.requests import Publisher
 
 log = logging.getLogger("bide.sweeper")
@@ -90,6 +91,7 @@ class InboxSweeper:
                 raise
             except Exception as e:
                 log.debug("inbox sweeper fetch failed: %s", e)
+                await self._recreate_consumer()
                 await asyncio.sleep(interval)
                 continue
             for m in msgs:
@@ -105,6 +107,15 @@ class InboxSweeper:
                     await m.nak(delay=interval)
             if len(msgs) < _BATCH:
                 await asyncio.sleep(interval)
+
+    async def _recreate_consumer(self) -> None:
+        """A fetch failed: if the shared consumer was deleted (``nats consumer rm``), make it again."""
+        try:
+            if await recreate_if_missing(self._nc, self._s.history_stream, self._s.inbox_sweeper_consumer,
+                                         partial(ensure_inbox_sweeper_consumer, self._nc, self._layout)):
+                log.warning("the inbox sweeper's consumer had been deleted; it was created again")
+        except Exception as e:  # the server is away: the next failed fetch tries again
+            log.debug("inbox sweeper: checking its consumer failed: %s", e)
 
     async def _check(self, m: Msg) -> None:
         meta = m.metadata

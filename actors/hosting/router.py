@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from functools import partial
@@ -70,8 +71,10 @@ from actors.store.jetstream import (
     Layout,
     api_request,
     direct_get_last,
+    ensure_router_consumers,
     is_transient,
     read_before,
+    recreate_if_missing,
     retry_transient,
 )
 from actors.store.requests import Publisher
@@ -87,6 +90,8 @@ _HANDLE_BATCH = 512
 _ACK_TIMEOUT_S = 2.0
 _HOLD_BACK_S = 0.5
 """How long a candidate that should leave a partition to another host waits before asking again."""
+_GONE_PAUSE_S = 1.0
+"""How long pulls pause after one found the consumer gone (or unanswered)."""
 _LOST = object()
 """Queued by the puller when JetStream says another process holds the pin."""
 
@@ -129,6 +134,9 @@ class EventRouter:
         self.rejected = 0
         self.rebuild_s = 0.0
         self.owner = False
+        self._quiet_until = 0.0
+        """No pull before this (monotonic): the consumer was gone, or did not answer."""
+        self._recreating: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -198,7 +206,10 @@ class EventRouter:
             if status == "423":  # another process holds the pin: we are not the owner
                 self._pull_pin = None
                 self._queue.put_nowait(_LOST)
-            if status in ("408", "409", "423", "400", "404"):
+            why = m.headers.get("Description", "").lower() if m.headers else ""
+            if status == "503" or (status == "409" and "deleted" in why):
+                self._consumer_gone(deleted=status == "409")
+            if status in ("408", "409", "423", "400", "404", "503"):
                 done.set()
 
         inbox = self._nc.new_inbox()
@@ -212,6 +223,8 @@ class EventRouter:
                 req: dict[str, Any] = {"batch": batch, "expires": int(_PULL_EXPIRES_S * 1e9), "group": ROUTER_GROUP}
                 if self._pull_pin is not None:
                     req["id"] = self._pull_pin
+                if (pause := self._quiet_until - time.monotonic()) > 0:
+                    await asyncio.sleep(pause)
                 done.clear()
                 outstanding = batch
                 try:
@@ -230,6 +243,36 @@ class EventRouter:
                 await sub.unsubscribe()
             except Exception:
                 pass
+
+    def _consumer_gone(self, deleted: bool) -> None:
+        """A pull found no consumer (409 "Consumer Deleted", or 503: nothing answers for it).
+
+        Someone deleted it (``nats consumer rm``), or on a cluster it has no leader for a moment.
+        A deleted consumer is made again: it reads the partition from the start of the stream,
+        whoever it pins rebuilds the index as any new owner does, and what this process held as
+        owner is dropped. Without this the partition's waits were never matched again.
+        """
+        self._quiet_until = time.monotonic() + _GONE_PAUSE_S
+        if deleted:
+            self._lose_pin()
+        if self._recreating is not None and not self._recreating.done():
+            return
+
+        async def recreate() -> None:
+            try:
+                if await recreate_if_missing(self._nc, self._s.events_stream, self.consumer,
+                                             partial(ensure_router_consumers, self._nc, self._layout)):
+                    self._lose_pin()
+                    log.warning("the router's consumer %s had been deleted; it was created again", self.consumer)
+            except Exception as e:  # the server is away or electing: the next pull that finds it gone retries
+                log.debug("router: checking consumer %s failed: %s", self.consumer, e)
+
+        self._recreating = asyncio.create_task(recreate(), name=f"recreate:{self.consumer}")
+
+    def _lose_pin(self) -> None:
+        if self._pull_pin is not None or self.owner:
+            self._pull_pin = None
+            self._queue.put_nowait(_LOST)
 
     async def _handle_loop(self) -> None:
         while True:

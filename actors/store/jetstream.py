@@ -542,6 +542,18 @@ async def ensure_task_consumers(js: JetStreamContext, layout: Layout, task: str,
     return layout.subjects.consumer_name(task)
 
 
+async def recreate_if_missing(nc: NATS, stream: str, name: str, create: Callable[[], Awaitable[object]]) -> bool:
+    """``create()`` the consumer ``name`` of ``stream`` if it does not exist; True if it was missing.
+
+    For a host whose pulls found its consumer gone: a consumer deleted by hand is made again
+    with the configuration every host gives it at start.
+    """
+    if await _consumer_info(nc, stream, name) is not None:
+        return False
+    await create()
+    return True
+
+
 async def api_request(nc: NATS, subject: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
     msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
     resp: dict[str, Any] = json.loads(msg.data)
