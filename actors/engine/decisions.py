@@ -74,8 +74,16 @@ def unheeded_signals(hist: RunHistory) -> list[EventSignal]:
     return claimed_signals(hist.entries)[::-1] + [sig for _, sig in hist.inbox]
 
 
-def needs_user_code(act: Activation, hist: RunHistory) -> bool:
-    """Whether a timer or signal activation can change what the run's code does next."""
+def needs_user_code(act: Activation, hist: RunHistory, delivery: int = 1) -> bool:
+    """Whether a timer or signal activation can change what the run's code does next.
+
+    A redelivered one (``delivery`` above 1) does when children are not all back: the host of
+    the turn that spawned them may have died after recording the spawn and before starting
+    every child, and only the code knows their inputs. Its replay starts them again
+    (idempotently); skipping it left the parent waiting for children that never existed.
+    """
+    if delivery > 1 and hist.state.unreported:
+        return True
     signals = unheeded_signals(hist)
     if any(sig.source in ("child", "cancel") for sig in signals):
         return True

@@ -508,7 +508,7 @@ class ActorHost:
                     await self._ended(msg, hist, defn, delivery)
                     return False
             if act.kind in ("timer", "signal"):
-                skip_code = is_suspended(hist) and not needs_user_code(act, hist)
+                skip_code = is_suspended(hist) and not needs_user_code(act, hist, delivery)
         if skip_code:
             # Nothing for the code to do (a loser of an or-group, a signal taken already, an
             # event for a wait not made yet): record any new signals, never resume the code.
