@@ -77,12 +77,13 @@ def unheeded_signals(hist: RunHistory) -> list[EventSignal]:
 def needs_user_code(act: Activation, hist: RunHistory, delivery: int = 1) -> bool:
     """Whether a timer or signal activation can change what the run's code does next.
 
-    A redelivered one (``delivery`` above 1) does when children are not all back: the host of
-    the turn that spawned them may have died after recording the spawn and before starting
-    every child, and only the code knows their inputs. Its replay starts them again
-    (idempotently); skipping it left the parent waiting for children that never existed.
+    A redelivered one (``delivery`` above 1) always does: the host of the turn it woke may
+    have died after that turn's append and before its effects (the children's starts, the
+    timer of a sleep it began), and only the code's replay redoes them all, idempotently.
+    Skipping it left a parent waiting for children that never existed, and a sleep without a
+    timer, for ever.
     """
-    if delivery > 1 and hist.state.unreported:
+    if delivery > 1:
         return True
     signals = unheeded_signals(hist)
     if any(sig.source in ("child", "cancel") for sig in signals):

@@ -1,8 +1,10 @@
-"""A host that dies right after recording a spawn, before starting any child (for ``test_spawn_crash.py``).
+"""A host that dies right after a turn's append, before its effects (for ``test_spawn_crash.py``).
 
-``BIDE_TEST_CRASH_MARK`` names a file: the first host that is about to start children while it
-does not exist creates it and SIGKILLs itself, exactly where a crash leaves the spawn recorded in
-the parent's history and no child in existence. Hosts started later find the file and go on.
+``BIDE_TEST_CRASH_AT`` names the effect: ``start_children`` (the spawn is recorded in the
+parent's history, no child exists) or ``schedule_timer`` (the sleep is recorded, its timer is
+not published). ``BIDE_TEST_CRASH_MARK`` names a file: the first host about to carry out that
+effect while the file does not exist creates it and SIGKILLs itself. Hosts started later find
+the file and go on.
 """
 
 from __future__ import annotations
@@ -13,15 +15,17 @@ from datetime import timedelta
 from typing import Any
 
 import actors.hosting.turn_effects as turn_effects
+from actors.store.timers import TimerScheduler
 from sdk import Bide, Context, DurableContext
 
 _start_children = turn_effects.start_children
+_schedule_timer = TimerScheduler.schedule
 
 
-def _first_to_crash() -> bool:
-    """Whether this host is the first to get here (it then leaves the mark for the others)."""
+def _first_to_crash(effect: str) -> bool:
+    """Whether this host is the first to reach ``effect`` (it then leaves the mark for the others)."""
     mark = os.environ.get("BIDE_TEST_CRASH_MARK")
-    if not mark:
+    if not mark or os.environ.get("BIDE_TEST_CRASH_AT") != effect:
         return False
     try:
         with open(mark, "x") as f:
@@ -31,13 +35,20 @@ def _first_to_crash() -> bool:
     return True
 
 
-async def _crash_once(*args: Any, **kwargs: Any) -> Any:
-    if _first_to_crash():
+async def _crashing_start_children(*args: Any, **kwargs: Any) -> Any:
+    if _first_to_crash("start_children"):
         os.kill(os.getpid(), signal.SIGKILL)
     return await _start_children(*args, **kwargs)
 
 
-turn_effects.start_children = _crash_once  # type: ignore[assignment]
+async def _crashing_schedule_timer(*args: Any, **kwargs: Any) -> Any:
+    if _first_to_crash("schedule_timer"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await _schedule_timer(*args, **kwargs)
+
+
+turn_effects.start_children = _crashing_start_children  # type: ignore[assignment]
+TimerScheduler.schedule = _crashing_schedule_timer  # type: ignore[method-assign]
 
 bide = Bide()
 
@@ -68,4 +79,12 @@ async def spawn_at_start(input: dict[str, str], ctx: DurableContext) -> list[int
     return await _fan_out()
 
 
-worker = bide.worker("spawn-crash", workflows=[square, spawn_after_event, spawn_after_sleep, spawn_at_start])
+@bide.durable_task(name="SleepAfterEvent")
+async def sleep_after_event(input: dict[str, str], ctx: DurableContext) -> list[int]:
+    await ctx.aio_wait_for_event(input["key"])  # the turn that begins the sleep is a signal's activation
+    await ctx.aio_sleep_for(timedelta(seconds=1))
+    return [0, 1, 4]
+
+
+worker = bide.worker("spawn-crash", workflows=[square, spawn_after_event, spawn_after_sleep, spawn_at_start,
+                                                   sleep_after_event])
