@@ -426,12 +426,53 @@ def utcnow() -> datetime:
 
 
 def args_hash(*values: Any) -> str:
-    """A stable hash of JSON-able arguments, recorded so replays can detect changed calls."""
-    data = orjson.dumps(values, option=orjson.OPT_SORT_KEYS, default=_fallback_json)
+    """A hash of a call's arguments, the same in every process, recorded so replays can detect changed calls.
+
+    JSON values, dataclasses, datetimes, UUIDs and enums hash as orjson writes them, pydantic
+    models as their JSON dump, sets by their sorted elements, an object with the default
+    ``repr`` (which names its address, different in every process) by its type and
+    attributes, and anything else by its ``repr``.
+    """
+    try:
+        data = orjson.dumps(values, option=orjson.OPT_SORT_KEYS, default=_canonical)
+    except (TypeError, orjson.JSONEncodeError) as e:
+        raise TypeError(f"the arguments {values!r:.200} have no stable form to record ({e}); pass JSON values, "
+                        "pydantic models or dataclasses") from None
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-def _fallback_json(value: Any) -> Any:
+def args_hash_matches(recorded: str, *values: Any) -> bool:
+    """Whether ``recorded`` hashes ``values``: as :func:`args_hash` does, or as Bide did before sets
+    and plain objects had a stable form (runs recorded then replay without a false mismatch)."""
+    if recorded == args_hash(*values):
+        return True
+    try:
+        legacy = orjson.dumps(values, option=orjson.OPT_SORT_KEYS, default=_legacy_fallback)
+    except (TypeError, orjson.JSONEncodeError):
+        return False
+    return recorded == hashlib.blake2b(legacy, digest_size=8).hexdigest()
+
+
+_DEFAULT_REPR: Any = object.__repr__
+"""``<module.Class object at 0x...>``: an address, different in every process."""
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, set | frozenset):
+        # Iteration order follows the hash seed (strings differ in every process): sort.
+        return sorted(orjson.dumps(v, option=orjson.OPT_SORT_KEYS, default=_canonical).decode() for v in value)
+    if type(value).__repr__ is _DEFAULT_REPR:
+        state = getattr(value, "__dict__", None)
+        if state is None:
+            slots = (name for cls in type(value).__mro__ for name in getattr(cls, "__slots__", ()))
+            state = {name: getattr(value, name) for name in slots if hasattr(value, name)}
+        return {"type": f"{type(value).__module__}.{type(value).__qualname__}", "attributes": state}
+    return repr(value)
+
+
+def _legacy_fallback(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     return repr(value)
