@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+MAX_DURATION = timedelta(days=36_525)
+"""The longest duration accepted (100 years): a sleep's wake time must be a date Python can hold."""
 
 
 def parse_duration(value: timedelta | float | int | str, what: str) -> timedelta:
@@ -12,6 +17,9 @@ def parse_duration(value: timedelta | float | int | str, what: str) -> timedelta
     if isinstance(value, timedelta):
         td = value
     elif isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value) or abs(value) > MAX_DURATION.total_seconds():
+            raise ValueError(f"{what} must be a finite number of seconds, at most {MAX_DURATION.days} days (100 "
+                             f"years), got {value!r}")
         td = timedelta(seconds=value)
     elif isinstance(value, str):
         td = _parse_duration_str(value, what)
@@ -19,6 +27,8 @@ def parse_duration(value: timedelta | float | int | str, what: str) -> timedelta
         raise TypeError(f"{what} must be a timedelta, seconds or a string like '5s', got {value!r}")
     if td.total_seconds() < 0:
         raise ValueError(f"{what} must not be negative, got {value!r}")
+    if td > MAX_DURATION:
+        raise ValueError(f"{what} is longer than 100 years ({MAX_DURATION.days} days), got {value!r}")
     return td
 
 
@@ -43,4 +53,6 @@ def _parse_duration_str(text: str, what: str) -> timedelta:
         matched = True
     if num or not matched:
         raise ValueError(f"{what} {text!r} is not a duration like '500ms', '5s', '2m', '1h' or '3d'")
+    if not total <= MAX_DURATION.total_seconds():
+        raise ValueError(f"{what} {text!r} is longer than 100 years ({MAX_DURATION.days} days)")
     return timedelta(seconds=total)

@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from math import inf
 from typing import TYPE_CHECKING, Any
 
 from actors.engine.child_ids import validate_child_key
@@ -92,12 +93,16 @@ class TaskDefinition:
         """The task's name inside its workflow (its key in the workflow's result)."""
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValueError(f"retries of task {name!r} must be a whole number >= 0, got {retries!r}")
-        if backoff_factor is not None and (not isinstance(backoff_factor, int | float) or backoff_factor < 1):
-            raise ValueError(f"backoff_factor of task {name!r} must be a number >= 1, got {backoff_factor!r}")
-        if backoff_max_seconds is not None and (
-            not isinstance(backoff_max_seconds, int | float) or backoff_max_seconds <= 0
+        if backoff_factor is not None and (
+            not isinstance(backoff_factor, int | float) or not 1 <= backoff_factor < inf
         ):
-            raise ValueError(f"backoff_max_seconds of task {name!r} must be a number > 0, got {backoff_max_seconds!r}")
+            raise ValueError(f"backoff_factor of task {name!r} must be a finite number >= 1, "
+                             f"got {backoff_factor!r}")
+        if backoff_max_seconds is not None and (
+            not isinstance(backoff_max_seconds, int | float) or not 0 < backoff_max_seconds < inf
+        ):
+            raise ValueError(f"backoff_max_seconds of task {name!r} must be a finite number > 0, "
+                             f"got {backoff_max_seconds!r}")
         self.retries = retries
         self.backoff_factor = backoff_factor
         self.backoff_max_seconds = backoff_max_seconds

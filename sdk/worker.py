@@ -17,8 +17,9 @@ class Worker:
     def __init__(
         self, client: Bide, name: str, tasks: list[TaskDefinition], *, slots: int = 100, durable_slots: int = 1000
     ) -> None:
-        if slots < 1 or durable_slots < 1:
-            raise ValueError(f"slots ({slots}) and durable_slots ({durable_slots}) must be at least 1")
+        for what, value in (("slots", slots), ("durable_slots", durable_slots)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"worker {name!r}: {what} must be a whole number of at least 1, got {value!r}")
         if not tasks:
             raise ValueError(f"worker {name!r} has no tasks to host: pass workflows=[...]")
         self.client = client

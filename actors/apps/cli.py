@@ -112,6 +112,17 @@ def _is_worker_ready(line: str) -> bool:
     return line.startswith("bide worker ") and " ready: " in line
 
 
+def _slot_count(value: str) -> int:
+    """``--slots`` and ``--durable-slots``: a whole number of at least 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}")
+    return n
+
+
 def _process_count(value: str, flag: str) -> int:
     try:
         return parse_count(value, flag)
@@ -569,8 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("worker", help="run an actor host for module[:attr]")
     wk.add_argument("target")
     wk.add_argument("--name")
-    wk.add_argument("--slots", type=int)
-    wk.add_argument("--durable-slots", type=int)
+    wk.add_argument("--slots", type=_slot_count, help="regular tasks run at once (at least 1; default 100)")
+    wk.add_argument("--durable-slots", type=_slot_count, help="durable turns run at once (at least 1; default 1000)")
     wk.add_argument("--processes", default="1", metavar="N",
                     help="host processes (default 1; 'auto': one per CPU this process may run on): this one and "
                          "N-1 `bide worker` children, restarted if they exit, stopped with it")

@@ -35,6 +35,10 @@ STOP_GRACE_S = 30.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+MAX_PROCESSES = 256
+"""The most processes one ``--processes`` starts (each is a host using up to one core)."""
+
+
 def parse_count(value: str, flag: str) -> int:
     """``N`` (at least 1) or ``auto``: one process per CPU this process may run on."""
     if value.strip().lower() == "auto":
@@ -43,9 +47,9 @@ def parse_count(value: str, flag: str) -> int:
         n = int(value)
     except ValueError:
         n = 0
-    if n < 1:
-        raise ValueError(f"{flag} must be a whole number of at least 1, or 'auto' (one per CPU this process may "
-                         f"run on), got {value!r}")
+    if not 1 <= n <= MAX_PROCESSES:
+        raise ValueError(f"{flag} must be a whole number from 1 to {MAX_PROCESSES}, or 'auto' (one per CPU this "
+                         f"process may run on), got {value!r}")
     return n
 
 

@@ -155,4 +155,4 @@ def test_a_bad_process_count_is_refused_naming_it(args: list[str]) -> None:
     out = subprocess.run([sys.executable, "-m", "actors.apps.cli", *args], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert out.returncode != 0
-    assert f"got {args[-1]!r}" in out.stderr and "at least 1, or 'auto'" in out.stderr, out.stderr
+    assert f"got {args[-1]!r}" in out.stderr and "from 1 to 256, or 'auto'" in out.stderr, out.stderr
