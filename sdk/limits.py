@@ -274,10 +274,19 @@ reply must fit nats-server's 4 KiB protocol line: a longer one made the server c
 client's connection, and the caller saw a timeout ten seconds later that named nothing."""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def check_name(value: str, what: str) -> str:
-    """``value`` if it is at most :data:`MAX_NAME_BYTES` long, else a ``ValueError`` naming it."""
+    """``value`` if it is at most :data:`MAX_NAME_BYTES` long with no control character, else a ``ValueError``.
+
+    A newline or a NUL in a key was stored, then broke every table that lists it (and the
+    webhook's path refused what the events API took)."""
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > MAX_NAME_BYTES:
         raise ValueError(f"{what} {value[:48]!r}... is {size} bytes long (UTF-8); at most {MAX_NAME_BYTES} are "
                          "allowed (it becomes part of a NATS subject)")
+    if (bad := _CONTROL.search(value)) is not None:
+        raise ValueError(f"{what} {value[:48]!r} holds the control character {bad.group()!r} at {bad.start()}; "
+                         "names may hold any other character")
     return value

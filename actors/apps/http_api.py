@@ -71,12 +71,14 @@ API_PREFIX = "/api/"
 SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 """(A character class's inside.) Every character ``str.isspace`` (and so ``str.strip``) treats as
 whitespace, spelled out: a JSON Schema ``\\s`` is narrower, and a key it allowed would be refused."""
-NAME_PATTERN = rf"^[^{SPACE}](?:[\s\S]*[^{SPACE}])?$"
-"""An event key, scope, run id or event name: non-empty, no surrounding whitespace, as
-:func:`sdk.events.validate_key` checks. In the schema so that what it allows is accepted."""
-WEBHOOK_KEY_PATTERN = rf"^[^{SPACE}](?:[^\n]*[^{SPACE}])?$"
-"""A webhook's key, in the path: as :data:`NAME_PATTERN`, without a line break (a ``{key:path}``
-route never matches one: 404). ``POST /api/v1/events`` takes any key."""
+CONTROL = r"\x00-\x1f\x7f"
+"""(A character class's inside.) The control characters no name may hold (``sdk.limits.check_name``)."""
+NAME_PATTERN = rf"^[^{SPACE}{CONTROL}](?:[^{CONTROL}]*[^{SPACE}{CONTROL}])?$"
+"""An event key, scope, run id or event name: non-empty, no surrounding whitespace and no control
+character, as :func:`sdk.events.validate_key` checks. In the schema so that what it allows is accepted."""
+WEBHOOK_KEY_PATTERN = NAME_PATTERN
+"""A webhook's key, in the path: as :data:`NAME_PATTERN` (which also keeps out the line break a
+``{key:path}`` route never matches)."""
 _NAME: dict[str, Any] = {"type": "string", "pattern": NAME_PATTERN}
 
 

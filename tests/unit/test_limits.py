@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -107,6 +108,19 @@ def test_a_name_that_becomes_a_subject_token_is_at_most_256_bytes(check: Any) ->
     for too_long in ("k" * (MAX_NAME_BYTES + 1), "é" * (MAX_NAME_BYTES // 2 + 1), "k" * 5000):
         with pytest.raises(ValueError, match=rf"is {len(too_long.encode())} bytes long .*at most {MAX_NAME_BYTES}"):
             check(too_long)
+
+
+@pytest.mark.parametrize("check", [
+    lambda v: validate_key(v), lambda v: validate_key(v, "scope"), lambda v: validate_run_id(v),
+    lambda v: validate_child_key(v), lambda v: UserEventCondition(v), lambda v: UserEventCondition("k", scope=v),
+], ids=["event key", "scope", "run id", "child key", "wait key", "wait scope"])
+def test_a_name_with_a_control_character_is_refused(check: Any) -> None:
+    # A newline or a NUL in an event key was stored (the events API answered 202), then broke
+    # `bide events list`; the webhook's path refused the same key.
+    check("order:paid é / ok")
+    for bad, char in (("a\nb", "\n"), ("nul\x00", "\x00"), ("del\x7f", "\x7f")):
+        with pytest.raises(ValueError, match=re.escape(f"holds the control character {char!r}")):
+            check(bad)
 
 
 @pytest.mark.parametrize("value,where", [
