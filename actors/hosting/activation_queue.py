@@ -34,6 +34,8 @@ class SlotPool:
         self.free = size
         self.queues = 0
         """How many queues share this pool (each registers when it starts)."""
+        self.busy = 0
+        """Slots running a turn now (the rest of those not free are pull credit: reserved, idle)."""
         self._waiters: list[asyncio.Future[None]] = []
 
     @property
@@ -214,11 +216,13 @@ class ActivationQueue:
         task.add_done_callback(self.in_flight.discard)
 
     async def _handle(self, msg: Msg) -> None:
+        self._slots.busy += 1
         try:
             await self._handler(msg)
         except Exception:
             log.exception("activation handler failed on %s", msg.subject)
         finally:
+            self._slots.busy -= 1
             self._slots.release(1)
 
     async def _wait_for_slot(self, msg: Msg) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 from actors.engine.wire import Activation, encode_activation
@@ -97,3 +98,16 @@ async def test_duplicate_and_late_timers_do_no_harm(bide: Bide) -> None:
         wake_at = next(e.wake_at for e in after if e.k == "sleep_scheduled")
         fired_at = next(e.at for e in after if e.k == "sleep_fired")
         assert fired_at >= wake_at
+
+
+async def test_slots_in_use_are_the_turns_running_not_the_credit_pulls_reserve(bide: Bide) -> None:
+    # `bide status` read 272 of 500 durable slots "used" with no run in flight: the pulls' credit.
+    sleeper, until = _define(bide)
+    async with running_worker(bide, [sleeper, until], durable_slots=500) as worker:
+        at = datetime.now(UTC) + timedelta(milliseconds=100)
+        await asyncio.gather(*(until.aio_run({"at": at.isoformat()}, timeout=15) for _ in range(20)))
+        # The last turns are acking their activations: used falls to 0 once they have, and stays,
+        # while every idle queue keeps credit reserved.
+        await wait_until(lambda: worker.host.describe()["durable_slots"] == {"used": 0, "of": 500}, timeout=10,
+                         what="no durable slot in use")
+        assert worker.host.durable_slots.free < 500
