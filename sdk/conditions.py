@@ -37,7 +37,8 @@ class UserEventCondition:
         expression: CEL over ``input`` (the event's payload) and ``event`` (the run's input).
         scope: only events pushed with this scope count; also what lookback reads.
         lookback_window: events pushed up to this long before the wait began count too.
-        readable_data_key: the condition's name in the result (default: the event key).
+        readable_data_key: the condition's name in the result (default: the event key); the third
+            positional argument, as in ``UserEventCondition(EVENT_KEY, "", "event")``.
         match: a field that must be equal in the event's payload and the run's input
             (Inngest's ``match="data.userId"``).
     """
@@ -53,10 +54,10 @@ class UserEventCondition:
         self,
         event_key: str,
         expression: str | None = None,
+        readable_data_key: str | None = None,
         *,
         scope: str | None = None,
         lookback_window: timedelta | float | str | None = None,
-        readable_data_key: str | None = None,
         match: str | None = None,
     ) -> None:
         if not isinstance(event_key, str) or not event_key.strip():

@@ -324,3 +324,19 @@ async def test_a_wait_is_live_before_the_history_shows_it(bide: Bide) -> None:
     finally:
         await sub_waits.unsubscribe()
         await sub_hist.unsubscribe()
+
+
+async def test_the_third_positional_argument_names_the_condition_as_in_the_seeds(bide: Bide) -> None:
+    # `new UserEventCondition(EVENT_KEY, '', 'event')`, Python-spelled: a TypeError inside the run before.
+    @bide.durable_task(name="NamedByPosition")
+    async def named(input: EmptyModel, ctx: DurableContext) -> dict[str, Any]:
+        res = await ctx.aio_wait_for("either", or_(SleepCondition(timedelta(minutes=5)),
+                                                   UserEventCondition("named:event", "", "event")))
+        return dict(res)
+
+    async with running_worker(bide, [named]):
+        ref = await named.aio_run_no_wait(EmptyModel())
+        await waiting(bide, ref.workflow_run_id)
+        await bide.event.aio_push("named:event", {"n": 1})
+        result = await ref.aio_result(timeout=10)
+        assert list(result) == ["event"] and list(result["event"].values()) == [{"n": 1}]
