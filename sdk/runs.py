@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -357,6 +358,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def lookup_id(run_id: object) -> str:
+    """A run id to look up (a child's, with ``~``, too): a non-empty string, or a ``ValueError`` naming it."""
+    if not isinstance(run_id, str) or not run_id.strip():
+        raise ValueError(f"run id must be a non-empty string, got {run_id!r}")
+    return check_name(run_id, "run id")
+
+
+def check_timeout(timeout: object) -> None:
+    """A result's ``timeout``: ``None`` (wait for ever) or a finite number of seconds, at least 0."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 <= timeout < math.inf:
+        raise ValueError(f"timeout must be a number of seconds (at least 0) or None, got {timeout!r}")
+
+
 class RunsClient:
     """``bide.runs``: read a run's state and history, or wait for its result."""
 
@@ -364,6 +380,7 @@ class RunsClient:
         self._pool = pool
 
     async def aio_history(self, run_id: str) -> RunHistory:
+        lookup_id(run_id)
         conn = await self._pool.get()
         hist = await conn.history.read(run_id)
         if not hist.entries:
@@ -372,6 +389,7 @@ class RunsClient:
 
     async def aio_get(self, run_id: str) -> RunInfo:
         """The run's state; :class:`RunNotFoundError` if it never existed or was removed after its retention."""
+        lookup_id(run_id)
         conn = await self._pool.get()
         hist = await conn.history.read(run_id)
         if not hist.entries:
@@ -394,6 +412,7 @@ class RunsClient:
         )
 
     def get(self, run_id: str) -> RunInfo:
+        lookup_id(run_id)  # before the coroutine exists: a refused id leaves none un-awaited
         return self._pool.run_sync(self.aio_get(run_id))
 
     async def aio_list(self, status: str | RunStatus | None = None, task: str | None = None,
@@ -455,6 +474,8 @@ class RunsClient:
         return self._pool.run_sync(self.aio_list(status, task, since, until, metadata, limit, cursor))
 
     async def aio_result(self, run_id: str, timeout: float | None = None) -> Any:
+        lookup_id(run_id)
+        check_timeout(timeout)
         conn = await self._pool.get()
         return unwrap_terminal(run_id, await wait_terminal(conn, run_id, timeout))
 
@@ -470,6 +491,7 @@ class RunsClient:
         """
         from actors.store.children import request_cancel
 
+        lookup_id(run_id)
         conn = await self._pool.get()
         try:
             return await request_cancel(conn.nc, conn.publisher, conn.history, conn.layout.subjects, run_id, reason)
@@ -478,6 +500,7 @@ class RunsClient:
 
     def cancel(self, run_id: str, reason: str = "cancelled by request") -> bool:
         """Blocking :meth:`aio_cancel`."""
+        lookup_id(run_id)
         return self._pool.run_sync(self.aio_cancel(run_id, reason))
 
 
@@ -494,6 +517,7 @@ class RunRef:
         return self.workflow_run_id
 
     async def aio_result(self, timeout: float | None = None) -> Any:
+        check_timeout(timeout)
         conn = await self._pool.get()
         value = unwrap_terminal(self.workflow_run_id, await wait_terminal(conn, self.workflow_run_id, timeout))
         return self._load_output(value) if self._load_output is not None else value

@@ -55,3 +55,13 @@ def test_processes_are_bounded() -> None:
     assert parse_count(str(MAX_PROCESSES), "--processes") == MAX_PROCESSES
     with pytest.raises(ValueError, match=rf"--processes must be a whole number from 1 to {MAX_PROCESSES}"):
         parse_count("999999999", "--processes")
+
+
+def test_looking_up_a_run_refuses_an_empty_id_and_a_timeout_that_is_not_seconds() -> None:
+    # runs.get('') said "subject token must not be empty"; aio_result(timeout='5s') a TypeError about float + str.
+    bide = Bide("nats://127.0.0.1:1")  # never connects: both are checked before anything is sent
+    for call in (bide.runs.get, bide.runs.cancel):
+        with pytest.raises(ValueError, match=r"^run id must be a non-empty string, got ''"):
+            call("")
+    with pytest.raises(ValueError, match=r"^timeout must be a number of seconds \(at least 0\) or None, got '5s'"):
+        bide.runs.result("some-run", timeout="5s")  # type: ignore[arg-type]
