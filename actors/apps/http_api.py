@@ -612,6 +612,8 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
             info = await bide.runs.aio_get(run_id)
         except RunNotFoundError as e:
             raise HTTPException(404, str(e)) from None
+        except ValueError as e:  # not a run id at all (a control character in it)
+            raise HTTPException(400, str(e)) from None
         return RunState(run_id=info.run_id, task=info.task, status=info.status.value,
                         started_at=info.started_at.isoformat(), result=info.result, error=info.error,
                         entries=info.entries, trace_id=info.trace_id)

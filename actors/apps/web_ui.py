@@ -161,6 +161,8 @@ def _html_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[..., A
                            message=e.message)
         except RunNotFoundError as e:
             return _render("error.html", 404, title="No such run", message=str(e))
+        except ValueError as e:  # not a run id at all (a control character in it)
+            return _render("error.html", 400, title="Cannot do that", message=str(e))
         except (ConnectionError, TimeoutError) as e:
             return _render("error.html", 503, title="NATS JetStream is unavailable",
                            message=f"{type(e).__name__}: {e}")

@@ -115,6 +115,13 @@ async def test_unknown_run_is_404(api: httpx.AsyncClient) -> None:
     assert resp.json() == {"detail": "no run with id 'no-such-run'"}
 
 
+async def test_a_run_id_with_a_control_character_is_400_not_500(api: httpx.AsyncClient) -> None:
+    for resp in (await api.get("/api/v1/runs/a%0Fb"), await api.get("/api/v1/runs/a%0Fb?detail=full"),
+                 await api.post("/api/v1/runs/a%0Fb/cancel")):
+        assert resp.status_code == 400, resp.text
+        assert "holds the control character '\\x0f'" in resp.json()["detail"]
+
+
 @pytest.mark.parametrize("path", ["/api/v1/events", "/api/v1/webhooks/k", "/api/v1/events/some-run/ev"])
 async def test_a_body_that_is_not_json_is_400_with_the_reason(api: httpx.AsyncClient, path: str) -> None:
     resp = await api.post(path, content=b'{"key": "k",', headers={"Content-Type": "application/json"})
