@@ -277,7 +277,8 @@ class DurableContext(Context):
             )
         ]
         if timeout is not None:
-            group.append(SleepCondition(timeout, readable_data_key="timeout"))
+            # Checked here so the error names `timeout`, not the SleepCondition it becomes.
+            group.append(SleepCondition(parse_duration(timeout, "timeout"), readable_data_key="timeout"))
         result = await self._runtime.wait(f"event:{key}", [group])
         got = result.get("event")
         if not got:

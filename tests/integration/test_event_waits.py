@@ -340,3 +340,14 @@ async def test_the_third_positional_argument_names_the_condition_as_in_the_seeds
         await bide.event.aio_push("named:event", {"n": 1})
         result = await ref.aio_result(timeout=10)
         assert list(result) == ["event"] and list(result["event"].values()) == [{"n": 1}]
+
+
+async def test_a_bad_timeout_is_named_as_the_timeout(bide: Bide) -> None:
+    # It said "SleepCondition duration must not be negative": the caller passed no SleepCondition.
+    @bide.durable_task(name="BadWaitTimeout")
+    async def bad_timeout(input: EmptyModel, ctx: DurableContext) -> None:
+        await ctx.aio_wait_for_event("never:mind", timeout=-1)
+
+    async with running_worker(bide, [bad_timeout]):
+        with pytest.raises(RunFailedError, match=r"ValueError: timeout must not be negative, got -1"):
+            await bad_timeout.aio_run(EmptyModel(), timeout=15)
