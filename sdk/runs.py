@@ -331,9 +331,10 @@ def _moment(value: datetime | timedelta | float | str | None, what: str) -> date
             pass
     try:
         return utcnow() - parse_duration(value, what)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as e:
+        why = "" if "is not a duration like" in str(e) else f" ({e})"
         raise ValueError(f"{what} must be a time (ISO 8601) or a duration ago such as '1h' or '30m', "
-                         f"got {value!r}") from None
+                         f"got {value!r}{why}") from None
 
 
 def _live_status(last: list[Any]) -> RunStatus:

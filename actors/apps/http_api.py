@@ -52,7 +52,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actors.apps.http_views import MAX_EVENTS, SINCE_AGO_PATTERN, EventList, RunDetail, RunState, event_list, run_detail
+from actors.apps.http_views import (
+    DURATION_AGO,
+    MAX_EVENTS,
+    SINCE_AGO_PATTERN,
+    EventList,
+    RunDetail,
+    RunState,
+    event_list,
+    run_detail,
+)
 from actors.apps.web_ui import ui_refusal, ui_router
 from actors.observe.tracing import TRACEPARENT, extract_context
 from actors.store.jetstream import missing_streams
@@ -564,7 +573,7 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
     ) -> EventList:
         """Recent events, newest first, each with the runs it resumed or started (as the router recorded them)."""
         try:
-            return await event_list(bide, key, since if since is None or re.match(SINCE_AGO_PATTERN, since)
+            return await event_list(bide, key, since if since is None or re.match(DURATION_AGO, since)
                                     else _moment(since, "since"), limit)
         except ValueError as e:
             raise HTTPException(400, str(e)) from None

@@ -19,8 +19,11 @@ from sdk.runs import _moment as moment_of
 
 MAX_EVENTS = 1000
 """The most events one listing returns."""
-SINCE_AGO_PATTERN = r"^[0-9]{1,5}(ms|s|m|h|d)$"
-"""A ``since`` of the API given as a duration ago (``10m``); the CLI takes any duration :mod:`sdk.durations` reads."""
+SINCE_AGO_PATTERN = r"^([0-9]{1,5}(ms|s|m|h)|[0-9]{1,4}d)$"
+"""A ``since`` of the API given as a duration ago (``10m``), within the 100 years a duration may span;
+the CLI takes any duration :mod:`sdk.durations` reads."""
+DURATION_AGO = r"^[0-9]+(ms|s|m|h|d)$"
+"""Any ``since`` spelled as a duration: refused with the duration's own reason when out of range."""
 
 
 class RunState(BaseModel):

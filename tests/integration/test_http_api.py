@@ -115,6 +115,14 @@ async def test_unknown_run_is_404(api: httpx.AsyncClient) -> None:
     assert resp.json() == {"detail": "no run with id 'no-such-run'"}
 
 
+async def test_a_since_too_far_back_names_the_reason(api: httpx.AsyncClient) -> None:
+    # `since=99999999d` said "is not an RFC 3339 time", though `<n>d` is a documented form.
+    resp = await api.get("/api/v1/events?since=99999999d")
+    assert resp.status_code == 400
+    assert "'99999999d' is longer than 100 years" in resp.json()["detail"]
+    assert (await api.get("/api/v1/events?since=9999d")).status_code == 200
+
+
 async def test_a_run_id_with_a_control_character_is_400_not_500(api: httpx.AsyncClient) -> None:
     for resp in (await api.get("/api/v1/runs/a%0Fb"), await api.get("/api/v1/runs/a%0Fb?detail=full"),
                  await api.post("/api/v1/runs/a%0Fb/cancel")):
