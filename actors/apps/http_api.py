@@ -396,6 +396,27 @@ def _moment(text: str | None, name: str) -> datetime | None:
     raise HTTPException(400, f"{name} {text!r:.100} is not an RFC 3339 time such as 2026-01-31T12:00:00Z")
 
 
+_UNPARSED = "There was an error parsing the body"
+"""What FastAPI answers when a body it parses for a model is not JSON it can read (it names nothing)."""
+
+
+async def _why_unparsed(request: Request, limits: PayloadLimits) -> str:
+    """Why the body FastAPI could not parse is refused: not UTF-8, nested too deep, not JSON."""
+    try:
+        body = await request.body()
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return (f"request body is not UTF-8 (byte {e.start}: {body[e.start:e.start + 1]!r}); JSON must be sent as "
+                "UTF-8")
+    except Exception:  # the body could not be read again: say what is known
+        return "request body is not JSON that can be read (it must be UTF-8 JSON, nested at most 64 levels)"
+    try:
+        check_payload(body, limits, "the request body")
+    except (PayloadLimitError, EventPayloadError) as e:
+        return str(e)
+    return "request body is not JSON that can be read (it must be UTF-8 JSON, nested at most 64 levels)"
+
+
 def _too_large(limit: int, got: str) -> str:
     return f"request body too large: {got}, the limit is {limit} bytes"
 
@@ -471,6 +492,8 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
 
     @app.exception_handler(StarletteHTTPException)
     async def _not_allowed(request: Request, exc: StarletteHTTPException) -> Any:
+        if exc.status_code == 400 and exc.detail == _UNPARSED:
+            return JSONResponse({"detail": await _why_unparsed(request, limits)}, status_code=400)
         if exc.status_code != 405:
             return await http_exception_handler(request, exc)
         # Starlette's 405 names the methods of the first route on the path only: ``/api/v1/events``

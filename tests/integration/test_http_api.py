@@ -115,6 +115,19 @@ async def test_unknown_run_is_404(api: httpx.AsyncClient) -> None:
     assert resp.json() == {"detail": "no run with id 'no-such-run'"}
 
 
+@pytest.mark.parametrize(("body", "content_type", "reason"), [
+    (b'{"key": "k\xff"}', "application/json", "request body is not UTF-8 (byte 10"),
+    ('{"key": "caf\u00e9"}'.encode("latin-1"), "application/json; charset=latin-1", "request body is not UTF-8"),
+    (b'{"key":"k","payload":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json", "64 levels of nesting"),
+], ids=["not utf-8", "latin-1", "nested 100,000 deep"])
+async def test_a_body_the_event_model_cannot_parse_names_the_reason(api: httpx.AsyncClient, body: bytes,
+                                                                    content_type: str, reason: str) -> None:
+    # FastAPI answered "There was an error parsing the body", naming nothing.
+    resp = await api.post("/api/v1/events", content=body, headers={"content-type": content_type})
+    assert resp.status_code == 400
+    assert reason in resp.json()["detail"]
+
+
 async def test_a_since_too_far_back_names_the_reason(api: httpx.AsyncClient) -> None:
     # `since=99999999d` said "is not an RFC 3339 time", though `<n>d` is a documented form.
     resp = await api.get("/api/v1/events?since=99999999d")
