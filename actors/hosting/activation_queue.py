@@ -19,11 +19,11 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from actors.hosting.consumer_watch import ConsumerWatch, consumer_gone
+
 log = logging.getLogger("bide.activations")
 
 _PULL_EXPIRES_S = 10.0
-_GONE_PAUSE_S = 1.0
-"""How long pulls pause after one found the consumer gone (or unanswered)."""
 
 
 class SlotPool:
@@ -83,15 +83,12 @@ class ActivationQueue:
 
     def __init__(
         self, nc: NATS, stream: str, consumer: str, slots: SlotPool, handler: Handler, *, max_batch: int = 256,
-        recreate: Callable[[], Awaitable[bool]] | None = None,
+        create: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._nc = nc
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._recreate = recreate
-        """Creates the consumer again if it does not exist (True if it did not) when pulls find it gone."""
-        self._recreating: asyncio.Task[None] | None = None
-        self._quiet_until = 0.0
-        """No pull before this (monotonic): the consumer was gone, or did not answer."""
+        self._watch = ConsumerWatch(nc, stream, consumer, create) if create is not None else None
+        """Makes the consumer again (with ``create``) if pulls find it deleted."""
         self._slots = slots
         self._handler = handler
         self._max_batch = max_batch
@@ -132,8 +129,8 @@ class ActivationQueue:
                 if not scarce:
                     self._slots.release(n)
                 return
-            if (wait := self._quiet_until - time.monotonic()) > 0:
-                await asyncio.sleep(wait)
+            if self._watch is not None:
+                await self._watch.pause()
             req_id = str(next(self._ids))
             self._pulls[req_id] = _Pull(n, time.monotonic() + _PULL_EXPIRES_S + 2.0, pooled=not scarce)
             body = {"batch": n, "expires": int(_PULL_EXPIRES_S * 1e9)}
@@ -143,27 +140,6 @@ class ActivationQueue:
                 log.exception("pull request failed")
                 self._end_pull(req_id)
                 await asyncio.sleep(0.5)
-
-    def _consumer_gone(self) -> None:
-        """A pull found no consumer (409 "Consumer Deleted", or 503: nothing answers for it).
-
-        Someone deleted it (``nats consumer rm``), or, on a cluster, it has no leader for a
-        moment. Its activations are still in the work-queue stream: a consumer made again
-        delivers them. Without this every host pulled a consumer that no longer existed, and
-        the task's runs stalled until a host restarted. Pulls pause for a moment either way.
-        """
-        self._quiet_until = time.monotonic() + _GONE_PAUSE_S
-        if self._recreate is None or self._stopping or (self._recreating and not self._recreating.done()):
-            return
-
-        async def recreate() -> None:
-            try:
-                if await self._recreate():  # type: ignore[misc]
-                    log.warning("%s: the consumer had been deleted; it was created again", self._api)
-            except Exception as e:  # on a cluster still electing: the next pull that finds it gone tries again
-                log.debug("%s: creating the consumer again failed: %s", self._api, e)
-
-        self._recreating = asyncio.create_task(recreate(), name=f"recreate:{self._api}")
 
     def _outstanding(self) -> int:
         return sum(p.remaining for p in self._pulls.values())
@@ -182,10 +158,9 @@ class ActivationQueue:
         req_id = msg.subject.rsplit(".", 1)[-1]
         status = msg.headers.get("Status") if msg.headers else None
         if status is not None and not msg.data:
-            why = (msg.headers or {}).get("Description", "").lower()
-            gone = status == "503" or (status == "409" and "deleted" in why)
-            if gone:
-                self._consumer_gone()
+            gone = consumer_gone(msg) is not None
+            if gone and self._watch is not None and not self._stopping:
+                self._watch.gone()
             if gone or status in ("408", "409", "404"):
                 self._end_pull(req_id)
             return

@@ -65,7 +65,6 @@ from actors.store.jetstream import (
     ensure_streams,
     ensure_task_consumers,
     is_transient,
-    recreate_if_missing,
     retry_transient,
     task_consumer_config,
 )
@@ -183,9 +182,8 @@ class ActorHost:
                 ensure_task_consumers, js, self.layout, t.name, t.durable), _START_RETRY_S)
             pool = self.durable_slots if t.runs_durably else self.slots
             for stream in self.layout.subjects.activation_streams:  # one pool: the slots bound both
-                recreate = partial(recreate_if_missing, nc, stream, consumer, partial(
-                    js.add_consumer, stream, task_consumer_config(self.layout, t.name, t.durable, stream)))
-                self._queues.append(ActivationQueue(nc, stream, consumer, pool, self._handle, recreate=recreate))
+                create = partial(js.add_consumer, stream, task_consumer_config(self.layout, t.name, t.durable, stream))
+                self._queues.append(ActivationQueue(nc, stream, consumer, pool, self._handle, create=create))
         self._reaper = Reaper(nc, self._publisher, self.layout, self._history, self._timers,
                               self.config.history_retention_s)
         self._effects = TurnEffects(nc, self._publisher, self.layout, self._history, self._timers, self._reaper,

@@ -34,7 +34,7 @@ from actors.engine.wire import RunRemoval, RunRemovals, WaitRegistered, utcnow
 from actors.hosting.activation_queue import ActivationQueue, SlotPool
 from actors.hosting.router import publish_registrations
 from actors.store.history import HistoryLog
-from actors.store.jetstream import Layout, api_request, ensure_reaper_consumer, recreate_if_missing
+from actors.store.jetstream import Layout, api_request, ensure_reaper_consumer
 from actors.store.requests import Publisher
 from actors.store.timers import TimerScheduler
 
@@ -113,9 +113,8 @@ class Reaper:
         """This host's share of the removals that fall due (one durable consumer, pulled by every host)."""
         consumer = await ensure_reaper_consumer(js, self._layout)
         stream = self._layout.subjects.work_stream
-        recreate = partial(recreate_if_missing, self._nc, stream, consumer, partial(ensure_reaper_consumer, js,
-                                                                                   self._layout))
-        return ActivationQueue(self._nc, stream, consumer, SlotPool(_SLOTS), self.handle, recreate=recreate)
+        return ActivationQueue(self._nc, stream, consumer, SlotPool(_SLOTS), self.handle,
+                               create=partial(ensure_reaper_consumer, js, self._layout))
 
     async def schedule(self, run_id: str, terminal: Any) -> None:
         """The run ended with ``terminal``: its removal falls due one retention period later.

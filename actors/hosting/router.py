@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from functools import partial
@@ -60,6 +59,7 @@ from actors.engine.wire import (
     rfc3339,
     utcnow,
 )
+from actors.hosting.consumer_watch import ConsumerWatch, consumer_gone
 from actors.hosting.router_deliveries import Deliveries
 from actors.hosting.router_effects import Effects
 from actors.hosting.router_inputs import publish_registrations, registrations
@@ -74,7 +74,6 @@ from actors.store.jetstream import (
     ensure_router_consumers,
     is_transient,
     read_before,
-    recreate_if_missing,
     retry_transient,
 )
 from actors.store.requests import Publisher
@@ -90,8 +89,6 @@ _HANDLE_BATCH = 512
 _ACK_TIMEOUT_S = 2.0
 _HOLD_BACK_S = 0.5
 """How long a candidate that should leave a partition to another host waits before asking again."""
-_GONE_PAUSE_S = 1.0
-"""How long pulls pause after one found the consumer gone (or unanswered)."""
 _LOST = object()
 """Queued by the puller when JetStream says another process holds the pin."""
 
@@ -134,9 +131,10 @@ class EventRouter:
         self.rejected = 0
         self.rebuild_s = 0.0
         self.owner = False
-        self._quiet_until = 0.0
-        """No pull before this (monotonic): the consumer was gone, or did not answer."""
-        self._recreating: asyncio.Task[None] | None = None
+        self._watch = ConsumerWatch(nc, self._s.events_stream, self.consumer,
+                                    partial(ensure_router_consumers, nc, layout), on_recreated=self._lose_pin)
+        """A partition's consumer made again reads from the start of the stream; whoever it pins
+        rebuilds the index as any new owner does, and what this process held as owner is dropped."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -206,9 +204,11 @@ class EventRouter:
             if status == "423":  # another process holds the pin: we are not the owner
                 self._pull_pin = None
                 self._queue.put_nowait(_LOST)
-            why = m.headers.get("Description", "").lower() if m.headers else ""
-            if status == "503" or (status == "409" and "deleted" in why):
-                self._consumer_gone(deleted=status == "409")
+            deleted = consumer_gone(m)
+            if deleted is not None:
+                if deleted:
+                    self._lose_pin()
+                self._watch.gone()
             if status in ("408", "409", "423", "400", "404", "503"):
                 done.set()
 
@@ -223,8 +223,7 @@ class EventRouter:
                 req: dict[str, Any] = {"batch": batch, "expires": int(_PULL_EXPIRES_S * 1e9), "group": ROUTER_GROUP}
                 if self._pull_pin is not None:
                     req["id"] = self._pull_pin
-                if (pause := self._quiet_until - time.monotonic()) > 0:
-                    await asyncio.sleep(pause)
+                await self._watch.pause()
                 done.clear()
                 outstanding = batch
                 try:
@@ -244,32 +243,8 @@ class EventRouter:
             except Exception:
                 pass
 
-    def _consumer_gone(self, deleted: bool) -> None:
-        """A pull found no consumer (409 "Consumer Deleted", or 503: nothing answers for it).
-
-        Someone deleted it (``nats consumer rm``), or on a cluster it has no leader for a moment.
-        A deleted consumer is made again: it reads the partition from the start of the stream,
-        whoever it pins rebuilds the index as any new owner does, and what this process held as
-        owner is dropped. Without this the partition's waits were never matched again.
-        """
-        self._quiet_until = time.monotonic() + _GONE_PAUSE_S
-        if deleted:
-            self._lose_pin()
-        if self._recreating is not None and not self._recreating.done():
-            return
-
-        async def recreate() -> None:
-            try:
-                if await recreate_if_missing(self._nc, self._s.events_stream, self.consumer,
-                                             partial(ensure_router_consumers, self._nc, self._layout)):
-                    self._lose_pin()
-                    log.warning("the router's consumer %s had been deleted; it was created again", self.consumer)
-            except Exception as e:  # the server is away or electing: the next pull that finds it gone retries
-                log.debug("router: checking consumer %s failed: %s", self.consumer, e)
-
-        self._recreating = asyncio.create_task(recreate(), name=f"recreate:{self.consumer}")
-
     def _lose_pin(self) -> None:
+        """Give up what this process holds as owner (its consumer was deleted)."""
         if self._pull_pin is not None or self.owner:
             self._pull_pin = None
             self._queue.put_nowait(_LOST)
