@@ -472,7 +472,7 @@ class Turn:
         rec = self._by_pos.get(pos)
         if rec is not None:
             m = rec.get("memo")
-            if m is None or m.name != name or not args_hash_matches(m.args_hash, *args):
+            if m is None or m.name != name or not args_hash_matches(m.args_hash, digest, *args):
                 self._mismatch(pos, self._describe(rec), f"memo({name!r}, args hash {digest})")
             adapter = return_adapter(fn)
             return adapter.validate_python(m.result) if adapter is not None else m.result

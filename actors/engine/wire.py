@@ -441,10 +441,11 @@ def args_hash(*values: Any) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-def args_hash_matches(recorded: str, *values: Any) -> bool:
-    """Whether ``recorded`` hashes ``values``: as :func:`args_hash` does, or as Bide did before sets
-    and plain objects had a stable form (runs recorded then replay without a false mismatch)."""
-    if recorded == args_hash(*values):
+def args_hash_matches(recorded: str, digest: str, *values: Any) -> bool:
+    """Whether ``recorded`` hashes ``values``: as :func:`args_hash` does (``digest``, already computed),
+    or as Bide did before sets and plain objects had a stable form (runs recorded then replay
+    without a false mismatch). The older form is computed only when the two differ."""
+    if recorded == digest:
         return True
     try:
         legacy = orjson.dumps(values, option=orjson.OPT_SORT_KEYS, default=_legacy_fallback)
