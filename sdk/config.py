@@ -166,6 +166,10 @@ class BideConfig:
     sweep_after_s: float = 10.0
     """A signal no turn took after this long gets the activation its sender did not publish
     (``BIDE_SWEEP_AFTER``, seconds)."""
+    stream_check_s: float = 30.0
+    """How often each host checks that the streams' guarded settings were not changed by hand,
+    and puts them back if they were (``BIDE_STREAM_CHECK_INTERVAL``, seconds; see
+    :mod:`actors.hosting.stream_guard`)."""
     router_partitions: int = 4
     """Event router partitions (``BIDE_ROUTER_PARTITIONS``): fixed for the life of a store."""
     warm_runs: int = 500
@@ -203,6 +207,7 @@ class BideConfig:
             sweep_after_s=_env_float("BIDE_SWEEP_AFTER", 10.0),
             max_history_bytes=parse_size(os.environ.get("BIDE_MAX_HISTORY") or 256 * 1024 * 1024,
                                          "BIDE_MAX_HISTORY"),
+            stream_check_s=_env_float("BIDE_STREAM_CHECK_INTERVAL", 30.0),
             router_partitions=_env_int("BIDE_ROUTER_PARTITIONS", 4),
             warm_runs=_env_int("BIDE_WARM_RUNS", 500),
             nats_auth=NatsAuth.from_env(),
@@ -228,6 +233,9 @@ class BideConfig:
         if not 1 <= self.router_partitions <= MAX_ROUTER_PARTITIONS:
             raise ValueError(f"BIDE_ROUTER_PARTITIONS={self.router_partitions} must be between 1 and "
                              f"{MAX_ROUTER_PARTITIONS}")
+        if not 0.1 <= self.stream_check_s <= 86400:
+            raise ValueError(f"BIDE_STREAM_CHECK_INTERVAL={self.stream_check_s:g} must be between 0.1 and 86400 "
+                             "seconds")
         if self.warm_runs < 0:
             raise ValueError(f"BIDE_WARM_RUNS={self.warm_runs} must be 0 (keep none) or more")
         if not 0 <= self.gc_threshold <= _MAX_GC_THRESHOLD:

@@ -52,6 +52,7 @@ from actors.hosting.heartbeat import Heartbeat
 from actors.hosting.inbox_sweeper import InboxSweeper, ensure_inbox_sweeper_consumer
 from actors.hosting.retention import Reaper
 from actors.hosting.router_partitions import RouterPartitions
+from actors.hosting.stream_guard import StreamGuard
 from actors.hosting.turn_effects import RunWriter, TurnEffects
 from actors.hosting.turns import TurnRunner, error_info
 from actors.hosting.warm_runs import WarmRun, WarmRuns
@@ -135,6 +136,7 @@ class ActorHost:
         self._publisher: Publisher | None = None
         self._route_events = route_events
         self._sweeper: InboxSweeper | None = None
+        self.stream_guard: StreamGuard | None = None
         self.router: RouterPartitions | None = None
         self._effects: TurnEffects | None = None
         self._warm = WarmRuns(config.warm_runs, config.warm_bytes)
@@ -195,6 +197,7 @@ class ActorHost:
                               _START_RETRY_S)
         self._sweeper = await InboxSweeper(nc, self._publisher, self._history, self.layout,
                                            self.config.sweep_after_s).start()
+        self.stream_guard = StreamGuard(nc, self.layout, self.config.stream_check_s).start()
         for q in self._queues:  # every queue is counted before any pulls (scarce slots)
             await q.start()
         self._serving = True
@@ -240,6 +243,8 @@ class ActorHost:
             await _bounded(self.router.stop(), "stopping the router")
         if self._sweeper is not None:
             await _bounded(self._sweeper.stop(), "stopping the inbox sweeper")
+        if self.stream_guard is not None:
+            await _bounded(self.stream_guard.stop(), "stopping the stream guard")
         if self._effects is not None:
             await self._effects.stop(timeout=5)
         if self._heartbeat is not None:

@@ -356,23 +356,102 @@ async def missing_streams(nc: NATS, layout: Layout, timeout: float = 2.0) -> lis
     return [name for name in stream_names(layout) if name not in have]
 
 
+def _stream_body(cfg: StreamConfig, layout: Layout) -> dict[str, Any]:
+    """The STREAM.CREATE/UPDATE body for ``cfg`` (nats-py's StreamConfig has no ``allow_msg_ttl``)."""
+    body = cfg.as_dict()
+    if cfg.name in (layout.subjects.events_stream, layout.subjects.runs_stream):
+        body["allow_msg_ttl"] = True
+    if cfg.name == layout.subjects.counters_stream:
+        body["allow_msg_counter"] = True
+    return body
+
+
 async def ensure_streams(js: JetStreamContext, layout: Layout) -> None:
     """Create or update every stream; safe to call from every process at start-up."""
     for cfg in _stream_configs(layout):
-        # nats-py's StreamConfig has no allow_msg_ttl: send the raw request.
-        body = cfg.as_dict()
-        if cfg.name in (layout.subjects.events_stream, layout.subjects.runs_stream):
-            body["allow_msg_ttl"] = True
-        if cfg.name == layout.subjects.counters_stream:
-            body["allow_msg_counter"] = True
-        try:
-            await api_request(js._nc, f"$JS.API.STREAM.CREATE.{cfg.name}", body)
-        except nats.js.errors.APIError as e:
-            # 10058: stream name in use with a different configuration.
-            if e.err_code != 10058:
-                raise
-            await api_request(js._nc, f"$JS.API.STREAM.UPDATE.{cfg.name}", body)
+        await _create_or_update(js._nc, cfg.name or "", _stream_body(cfg, layout))
     await ensure_router_consumers(js._nc, layout)
+
+
+async def _create_or_update(nc: NATS, name: str, body: dict[str, Any]) -> None:
+    try:
+        await api_request(nc, f"$JS.API.STREAM.CREATE.{name}", body)
+    except nats.js.errors.APIError as e:
+        # 10058: stream name in use with a different configuration.
+        if e.err_code != 10058:
+            raise
+        await api_request(nc, f"$JS.API.STREAM.UPDATE.{name}", body)
+
+
+ERR_STREAM_NOT_FOUND = 10059
+GUARDED_FIELDS: dict[str, Any] = {
+    "subjects": None, "max_age": 0, "max_msgs": -1, "max_bytes": -1, "max_msgs_per_subject": -1,
+    "max_msg_size": -1, "discard": "old", "allow_rollup_hdrs": False, "deny_delete": False,
+    "deny_purge": False, "allow_msg_ttl": False, "allow_msg_schedules": False, "allow_msg_counter": False,
+    "sealed": False, "duplicate_window": None,
+}
+"""The stream settings Bide's guarantees rest on, with the server's default where Bide sets none.
+
+A max age or a message limit expires live runs' histories and pending timers; a rollup
+header allowed again lets a plain publish purge a stream (invariant 10); a purge or delete
+denied stops the reaper; a subject taken away refuses every write to it. Everything else
+(replicas, placement, compression, a description) is the operator's to change. A setting whose
+default is ``None`` is guarded only on the streams Bide sets it on.
+"""
+
+
+def _drift(want: dict[str, Any], have: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The guarded settings in which the stream's configuration ``have`` differs from ``want``."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for field, default in GUARDED_FIELDS.items():
+        if field == "allow_rollup_hdrs" and want.get("allow_msg_schedules"):
+            continue  # the server allows rollups on a stream with schedules, whatever it is told
+        if default is None and not want.get(field):  # not set (0: the server's default)
+            continue
+        wanted = want.get(field, default)
+        had = have.get(field, default)
+        if field == "subjects":
+            wanted, had = sorted(wanted or []), sorted(had or [])
+        if wanted != had:
+            out[field] = (had, wanted)
+    return out
+
+
+def _shown(field: str, value: Any) -> str:
+    if field in ("max_age", "duplicate_window"):  # nanoseconds on the wire
+        return f"{value / 1e9:g}s" if value else "0 (none)"
+    return repr(value)
+
+
+async def restore_streams(nc: NATS, layout: Layout) -> list[str]:
+    """Put back every guarded setting (:data:`GUARDED_FIELDS`) that was changed outside Bide.
+
+    A stream edited by hand (``nats stream edit BIDE_HISTORY --max-age 30d``) is updated with
+    the operator's configuration and Bide's value of each guarded setting; a stream deleted by
+    hand is created again (what it held is gone). Returns what was put back, one line each.
+    What the server removed under the changed setting before this ran is not brought back.
+    """
+    restored: list[str] = []
+    for cfg in _stream_configs(layout):
+        name = cfg.name or ""
+        want = _stream_body(cfg, layout)
+        try:
+            info = await api_request(nc, f"$JS.API.STREAM.INFO.{name}", {})
+        except nats.js.errors.APIError as e:
+            if e.err_code != ERR_STREAM_NOT_FOUND:
+                raise
+            await _create_or_update(nc, name, want)
+            restored.append(f"stream {name} was deleted outside Bide: created again (what it held is gone)")
+            continue
+        have: dict[str, Any] = info.get("config") or {}
+        drift = _drift(want, have)
+        if not drift:
+            continue
+        body = {**have, **{field: want.get(field, GUARDED_FIELDS[field]) for field in drift}}
+        await api_request(nc, f"$JS.API.STREAM.UPDATE.{name}", body)
+        restored += [f"stream {name}: {field} was {_shown(field, had)}, put back to {_shown(field, wanted)}"
+                     for field, (had, wanted) in drift.items()]
+    return restored
 
 
 class RouterPartitionsError(ValueError):

@@ -65,3 +65,13 @@ def test_looking_up_a_run_refuses_an_empty_id_and_a_timeout_that_is_not_seconds(
             call("")
     with pytest.raises(ValueError, match=r"^timeout must be a number of seconds \(at least 0\) or None, got '5s'"):
         bide.runs.result("some-run", timeout="5s")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "999999"])
+def test_the_stream_check_interval_is_refused_by_name_outside_its_range(
+        value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdk.config import BideConfig
+
+    monkeypatch.setenv("BIDE_STREAM_CHECK_INTERVAL", value)
+    with pytest.raises(ValueError, match=r"BIDE_STREAM_CHECK_INTERVAL=.* must be between 0.1 and 86400 seconds"):
+        BideConfig.from_env()

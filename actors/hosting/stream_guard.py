@@ -1,0 +1,59 @@
+"""The stream guard: settings Bide's guarantees rest on, put back when they are changed by hand.
+
+Every host creates the streams at start with the settings that keep runs safe (no max age on
+histories, no rollup headers on what outsiders publish to, ...). An operator's
+``nats stream edit BIDE_HISTORY --max-age 30d`` would otherwise expire every run that lives
+longer, from then until some host restarts. Each host checks every ``interval_s`` (jittered,
+so hosts do not ask together) and puts back what was changed
+(:func:`actors.store.jetstream.restore_streams`), with a warning naming the setting. What the
+server already removed under the changed setting is gone: the guard bounds the damage to one
+interval. Settings no guarantee rests on (replicas, placement, compression) stay as set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from nats.aio.client import Client as NATS
+
+from actors.store.jetstream import Layout, restore_streams
+
+log = logging.getLogger("bide.streams")
+
+
+class StreamGuard:
+    """Checks the streams' guarded settings every ``interval_s`` and restores any changed by hand."""
+
+    def __init__(self, nc: NATS, layout: Layout, interval_s: float) -> None:
+        self._nc = nc
+        self._layout = layout
+        self._interval = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self.restored: list[str] = []
+        """Everything this host put back, in order (for tests and ``bide status``)."""
+
+    def start(self) -> StreamGuard:
+        self._task = asyncio.create_task(self._loop(), name="bide-stream-guard")
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=5.0)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval * random.uniform(0.8, 1.2))
+            try:
+                restored = await restore_streams(self._nc, self._layout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the server is away or refuses (a sealed stream): next round
+                log.warning("checking the streams' settings failed: %s", e)
+                continue
+            for line in restored:
+                log.warning("%s: Bide's guarantees rest on this setting; change it through Bide's "
+                            "configuration, not on the stream", line)
+            self.restored += restored
