@@ -18,7 +18,7 @@ import random
 
 from nats.aio.client import Client as NATS
 
-from actors.store.jetstream import Layout, restore_streams
+from actors.store.jetstream import Layout, is_transient, restore_streams
 
 log = logging.getLogger("bide.streams")
 
@@ -50,8 +50,9 @@ class StreamGuard:
                 restored = await restore_streams(self._nc, self._layout)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the server is away or refuses (a sealed stream): next round
-                log.warning("checking the streams' settings failed: %s", e)
+            except Exception as e:  # the server is away, or refuses (a sealed stream): next round
+                log.log(logging.DEBUG if is_transient(e) else logging.WARNING,
+                        "checking the streams' settings failed: %s", e)
                 continue
             for line in restored:
                 log.warning("%s: Bide's guarantees rest on this setting; change it through Bide's "
