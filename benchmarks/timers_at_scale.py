@@ -21,9 +21,9 @@ host that ends the run), without ``aio_run``'s fallback that re-reads each histo
 seconds: with N runs asleep that would be N reads every few seconds while they sleep. A result
 the inbox lost is read from the history at the end (and counted).
 "Asleep at once" is the most runs between their ``sleep_scheduled`` append and their fire at
-any moment (from the histories). Timers fire 400 ms early (``actors.store.timers.FIRE_LEAD``)
-and each host sleeps the last stretch holding a durable slot, so ``--durable-slots`` bounds how
-many can wait for their exact moment at once. On the 2-core development machine N=10,000
+any moment (from the histories). A sleep's timer fires up to 5 s early
+(``actors.engine.replay.sleep_lead``) and its host waits out the last stretch with its durable
+slot lent back, at most ten times ``--durable-slots`` of them at once. On the 2-core development machine N=10,000
 takes under a minute and N=100,000 took 4 minutes: 52 s to start and park them all, 105 s of
 lead in all, 77 s of firing, 42 s to read the histories.
 """

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from actors.engine.child_ids import ChildStart
@@ -81,10 +81,23 @@ class WithdrawWait:
 
 @dataclass(frozen=True)
 class ScheduleTimer:
-    """Wake the run at ``wake_at`` for the sleep (or wait timeout) at ``pos``."""
+    """Wake the run at ``wake_at`` for the sleep (or wait timeout) at ``pos``, its timer firing ``lead`` early."""
 
     pos: int
     wake_at: datetime
+    lead: timedelta | None = None
+    """``None``: the scheduler's default (``actors.store.timers.FIRE_LEAD``)."""
+
+
+@dataclass(frozen=True)
+class WaitBriefly:
+    """The code waits on its host until ``until``: a sleep's last stretch (at most ``RESIDENT_MAX``).
+
+    The turn only waits, so the host may lend its slot to other work meanwhile. The activation
+    stays unacked (heartbeats keep it), so a host that dies here hands the run on.
+    """
+
+    until: datetime
 
 
 @dataclass(frozen=True)
@@ -165,13 +178,14 @@ class CancelChildren:
 
 
 Command = (Append | StartChildren | RegisterWait | WithdrawWait | ScheduleTimer | CancelTimer | ScheduleRetry
-           | PurgeInbox | ClearInbox | ScheduleRemoval | RecordEnd | NotifyParent | CancelChildren | NextGeneration)
+           | PurgeInbox | ClearInbox | ScheduleRemoval | RecordEnd | NotifyParent | CancelChildren | NextGeneration
+           | WaitBriefly)
 
 
 class Effects(Protocol):
     """Carries out one command a turn's code depends on (the host's ``RunWriter``)."""
 
-    def __call__(self, command: Append | StartChildren) -> Awaitable[None]: ...
+    def __call__(self, command: Append | StartChildren | WaitBriefly) -> Awaitable[None]: ...
 
 
 class TurnObserver(Protocol):

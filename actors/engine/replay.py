@@ -30,6 +30,7 @@ from actors.engine.commands import (
     ScheduleTimer,
     StartChildren,
     TurnObserver,
+    WaitBriefly,
     after_append,
     end_of_run,
     inbox_upto,
@@ -67,7 +68,24 @@ from sdk.errors import NonDeterminismError
 from sdk.models import SleepResult
 
 RESIDENT_MAX = timedelta(milliseconds=600)
-"""A sleep with less than this left stays on its host with a local timer (no eviction)."""
+"""A sleep asked for with less than this left stays on its host with a local timer (no eviction)."""
+SLEEP_LEAD_MAX = timedelta(seconds=5)
+"""A sleep's timer fires up to this much early (half its length at most): see :func:`sleep_lead`."""
+WOKEN_MAX = SLEEP_LEAD_MAX + timedelta(seconds=1)
+"""A sleep whose timer was scheduled before (its turn woken early) waits out up to this much on its host."""
+
+
+def sleep_lead(length: timedelta) -> timedelta:
+    """How early a sleep of ``length`` has its timer fire: half its length, at most :data:`SLEEP_LEAD_MAX`.
+
+    The host that takes the early fire reads and replays the run, then waits for the exact
+    moment with its slot lent to other work (:class:`WaitBriefly`). Thousands of runs due
+    in the same second are then all read and replayed ahead of it, and each wakes on time
+    instead of queueing behind the others' replays. Waits keep a short lead
+    (``actors.store.timers.FIRE_LEAD``): a wait waiting out its timeout on its host would not
+    see an event that comes meanwhile until the timeout.
+    """
+    return min(SLEEP_LEAD_MAX, length / 2)
 
 
 class HistoryEnded(BaseException):
@@ -88,6 +106,8 @@ class TimerRequest:
 
     pos: int
     wake_at: datetime
+    lead: timedelta | None = None
+    """How early the timer fires (``None``: the scheduler's default, a wait's)."""
 
 
 class Turn:
@@ -242,6 +262,13 @@ class Turn:
             self._suspend(None)
             await asyncio.get_running_loop().create_future()  # never resolves: the host evicts the run
             raise AssertionError("unreachable") from e
+
+    async def _wait_briefly(self, until: datetime) -> None:
+        """Wait on this host until ``until`` (the host lends the turn's slot meanwhile)."""
+        if self._replay_only:  # replaying offline: nothing is carried out
+            await asyncio.sleep(max((until - utcnow()).total_seconds(), 0))
+            return
+        await self._effects(WaitBriefly(until))
 
     def _position(self) -> int:
         pos = self.next_position
@@ -428,7 +455,7 @@ class Turn:
         written = self._written + pending
         if pending:
             commands.append(Append(pending, on_durable=self._recorded))
-        commands += [ScheduleTimer(t.pos, t.wake_at) for t in self._timers]
+        commands += [ScheduleTimer(t.pos, t.wake_at, t.lead) for t in self._timers]
         commands += after_append(self._history.state, written, utcnow(), self._unrecorded_waits)
         ended = end is not None and not isinstance(end, AttemptFailed)
         if self._took_upto is not None and not ended:  # an end drains the whole inbox (ClearInbox)
@@ -551,10 +578,14 @@ class Turn:
             sched = SleepScheduled(pos=pos, duration_s=length.total_seconds(), wake_at=wake)
             self._sleeps[pos] = sched
             await self._durably(self.flush([sched]))
-        while (remaining := wake - utcnow()) > RESIDENT_MAX:
-            await self._park(TimerRequest(pos, wake))
+        # A sleep asked for now parks unless it is short; one whose timer was scheduled before
+        # (the timer fired early, or the run is replayed near its end) waits out the rest here.
+        limit = RESIDENT_MAX if rec is None else WOKEN_MAX
+        while (remaining := wake - utcnow()) > limit:
+            await self._park(TimerRequest(pos, wake, sleep_lead(length)))
+            limit = WOKEN_MAX
         if remaining > timedelta(0):
-            await asyncio.sleep(remaining.total_seconds())
+            await self._wait_briefly(wake)
         self._pending.append(SleepFired(pos=pos, at=utcnow()))
         return SleepResult(length)
 
@@ -616,7 +647,8 @@ class Turn:
             wake = self._next_wake(reg)
             remaining = None if wake is None else wake - utcnow()
             if remaining is not None and remaining <= RESIDENT_MAX:
-                await asyncio.sleep(max(remaining.total_seconds(), 0))
+                assert wake is not None
+                await self._wait_briefly(wake)
                 continue
             self._pending_wait = reg
             await self._park(TimerRequest(pos, wake) if wake is not None else None)

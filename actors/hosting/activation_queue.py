@@ -9,10 +9,11 @@ on a host, so each queue adapts its request size to what it actually receives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import orjson
@@ -26,12 +27,18 @@ log = logging.getLogger("bide.activations")
 _PULL_EXPIRES_S = 10.0
 
 
+LEND_FACTOR = 10
+"""A pool lends at most this many times its size to turns that only wait (:meth:`SlotPool.lent`)."""
+
+
 class SlotPool:
     """A counting pool of worker slots (``slots`` or ``durable_slots``), shared by a host's queues."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.free = size
+        self.lent_out = 0
+        """Slots whose turns only wait now (a sleep's last stretch), lent back to the pool."""
         self.queues = 0
         """How many queues share this pool (each registers when it starts)."""
         self.busy = 0
@@ -65,6 +72,32 @@ class SlotPool:
     @property
     def in_use(self) -> int:
         return self.size - self.free
+
+    @contextlib.asynccontextmanager
+    async def lent(self) -> AsyncIterator[None]:
+        """The caller's turn only waits inside this block: its slot goes back to the pool meanwhile.
+
+        A timer fires a few seconds early (``actors.store.timers.FIRE_LEAD``) and its run waits
+        the rest on its host, so that thousands of runs due at once are all read and replayed
+        before their moment. Slots bound the turns that work, not those waiting for their
+        moment: holding slots, they would starve the host's other work. At most
+        ``LEND_FACTOR`` times the pool's size are lent at once (each waiting turn still holds its
+        memory); past that a waiting turn keeps its slot. A turn admitted once never waits for a
+        slot again: leaving the block takes its slot back at once, even from a busy pool (whose
+        free count then goes below zero and new work waits until turns end).
+        """
+        if self.lent_out >= self.size * LEND_FACTOR:
+            yield
+            return
+        self.lent_out += 1
+        self.busy -= 1
+        self.release(1)
+        try:
+            yield
+        finally:
+            self.lent_out -= 1
+            self.free -= 1
+            self.busy += 1
 
 
 @dataclass

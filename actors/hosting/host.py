@@ -189,7 +189,7 @@ class ActorHost:
         self._reaper = Reaper(nc, self._publisher, self.layout, self._history, self._timers,
                               self.config.history_retention_s)
         self._effects = TurnEffects(nc, self._publisher, self.layout, self._history, self._timers, self._reaper,
-                                    self.tracing)
+                                    self.tracing, self.durable_slots)
         self._runner = TurnRunner(self._effects, self.host_id, self._workflows, self._warm)
         self._queues.append(await retry_transient("the reaper's consumer", lambda: self._reaper.queue(js),
                                                   _START_RETRY_S))

@@ -29,6 +29,7 @@ from actors.engine.commands import (
     ScheduleRetry,
     ScheduleTimer,
     StartChildren,
+    WaitBriefly,
     WithdrawWait,
 )
 from actors.engine.wire import HDR_BIDE_KIND, HDR_MSG_ID, Activation, encode_activation, utcnow
@@ -43,6 +44,7 @@ from actors.store.runs_index import publish_end
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
+    from actors.hosting.activation_queue import SlotPool
     from actors.hosting.retention import Reaper
     from actors.store.history import HistoryLog
     from actors.store.timers import TimerScheduler
@@ -57,8 +59,10 @@ class TurnEffects:
     """What a host's turns write with: its connection, publisher, history log, timers and reaper."""
 
     def __init__(self, nc: NATS, publisher: Publisher, layout: Layout, history: HistoryLog,
-                 timers: TimerScheduler, reaper: Reaper, tracing: Tracing) -> None:
+                 timers: TimerScheduler, reaper: Reaper, tracing: Tracing, durable_slots: SlotPool) -> None:
         self.nc = nc
+        self.durable_slots = durable_slots
+        """The slots durable turns run in: a turn that waits briefly lends its slot back."""
         self.publisher = publisher
         self.layout = layout
         self.history = history
@@ -118,8 +122,11 @@ class RunWriter:
             case WithdrawWait(wait=wait, satisfied=satisfied):
                 await publish_registrations(fx.publisher, fx.layout, wait, run_id, self.task, None, "cancel",
                                             skip=set(satisfied))
-            case ScheduleTimer(pos=pos, wake_at=wake_at):
-                await fx.timers.schedule(run_id, self.task, pos, wake_at, self.last_seq)
+            case WaitBriefly(until=until):
+                async with fx.durable_slots.lent():
+                    await asyncio.sleep(max((until - utcnow()).total_seconds(), 0))
+            case ScheduleTimer(pos=pos, wake_at=wake_at, lead=lead):
+                await fx.timers.schedule(run_id, self.task, pos, wake_at, self.last_seq, lead)
             case CancelTimer(pos=pos):
                 fx.chore(fx.timers.cancel(run_id, pos))
             case ScheduleRetry(retry=retry):

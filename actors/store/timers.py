@@ -23,7 +23,8 @@ from actors.store.jetstream import purge_subject
 from actors.store.requests import Publisher
 
 FIRE_LEAD = timedelta(milliseconds=400)
-"""Timers fire this much before the deadline; the host finishes the last stretch locally.
+"""Timers fire this much before the deadline by default (a wait's timeout; a sleep's lead is longer:
+``actors.engine.replay.sleep_lead``); the host finishes the last stretch locally.
 
 The scheduler fires up to ~250 ms late, so firing early and sleeping the rest on the
 host makes wake-ups precise instead of late.
@@ -39,14 +40,16 @@ class TimerScheduler:
         self._pub = publisher
         self._subjects = subjects
 
-    async def schedule(self, run_id: str, task: str, pos: int, wake_at: datetime, history_seq: int) -> None:
-        """(Re)publish the timer for ``pos``; a duplicate replaces the earlier schedule.
+    async def schedule(self, run_id: str, task: str, pos: int, wake_at: datetime, history_seq: int,
+                       lead: timedelta | None = None) -> None:
+        """(Re)publish the timer for ``pos``, firing ``lead`` (default :data:`FIRE_LEAD`) before ``wake_at``.
 
-        ``history_seq`` is the append that recorded the sleep or wait: the woken host reads at least that far.
+        A duplicate replaces the earlier schedule. ``history_seq`` is the append that recorded the
+        sleep or wait: the woken host reads at least that far.
         """
         act = Activation(run_id=run_id, task=task, kind="timer", pos=pos, history_seq=history_seq or None)
-        await self._publish(self._subjects.timer(run_id, pos), task, run_id, act, max(wake_at - FIRE_LEAD,
-                                                                                         utcnow() + _MIN_AHEAD))
+        fire_at = wake_at - (FIRE_LEAD if lead is None else lead)
+        await self._publish(self._subjects.timer(run_id, pos), task, run_id, act, max(fire_at, utcnow() + _MIN_AHEAD))
 
     async def schedule_retry(self, run_id: str, task: str, retry: int, at: datetime, history_seq: int) -> None:
         """Retry number ``retry`` of the run, at ``at`` (``history_seq``: the append that recorded the failure)."""

@@ -62,7 +62,7 @@ async def test_sleep_until_an_absolute_time(bide: Bide) -> None:
 async def test_duplicate_and_late_timers_do_no_harm(bide: Bide) -> None:
     sleeper, until = _define(bide)
     conn = await bide._pool.get()
-    async with running_worker(bide, [sleeper, until]) as worker:
+    async with running_worker(bide, [sleeper, until]):
         ref = await sleeper.aio_run_no_wait(EmptyModel())
         run_id = ref.workflow_run_id
 
@@ -72,21 +72,21 @@ async def test_duplicate_and_late_timers_do_no_harm(bide: Bide) -> None:
         await wait_until(sleeping, timeout=10, what="the run to sleep")
         subject = conn.layout.subjects.work("LifecycleSleep", run_id)
         early = Activation(run_id=run_id, task="LifecycleSleep", kind="timer", pos=1)
-        # A timer that fires twice, early: the run replays, finds its deadline ahead, and sleeps on.
-        turns = worker.host.turns
+        # A timer that fires twice, early: the run replays, finds its deadline ahead, and waits
+        # out the rest of it (which is shorter than WOKEN_MAX) on its host; the other finds it ended.
         for _ in range(2):
             await conn.js.publish(subject, encode_activation(early))
-        await wait_until(lambda: worker.host.turns >= turns + 2, timeout=10, what="the early timers' turns")
         await ref.aio_result(timeout=15)
-        # A late duplicate after the run finished is acknowledged and changes nothing.
-        before = (await bide.runs.aio_history(run_id)).entries
-        await conn.js.publish(subject, encode_activation(early))
 
         async def consumed() -> bool:
             info = await conn.js.consumer_info(conn.layout.subjects.work_stream,
                                                conn.layout.subjects.consumer_name("LifecycleSleep"))
             return info.num_pending == 0 and info.num_ack_pending == 0
 
+        await wait_until(consumed, timeout=10, what="the early timers to be consumed")
+        # A late duplicate after the run finished is acknowledged and changes nothing.
+        before = (await bide.runs.aio_history(run_id)).entries
+        await conn.js.publish(subject, encode_activation(early))
         await wait_until(consumed, timeout=10, what="the late timer to be consumed")
         after = (await bide.runs.aio_history(run_id)).entries
         assert [e.k for e in after] == [e.k for e in before]
@@ -111,3 +111,25 @@ async def test_slots_in_use_are_the_turns_running_not_the_credit_pulls_reserve(b
         await wait_until(lambda: worker.host.describe()["durable_slots"] == {"used": 0, "of": 500}, timeout=10,
                          what="no durable slot in use")
         assert worker.host.durable_slots.free < 500
+
+
+async def test_a_sleep_fires_early_and_waits_out_its_moment_with_its_slot_lent_to_other_work(bide: Bide) -> None:
+    # A sleep's timer fires ahead of the moment (half its length, at most SLEEP_LEAD_MAX), so
+    # that thousands of runs due together are read and replayed before it; each then waits on
+    # its host. Holding its slot meanwhile, it would keep the host's other runs from starting.
+    sleeper, until = _define(bide)
+    async with running_worker(bide, [sleeper, until], durable_slots=1) as worker:
+        at = datetime.now(UTC) + timedelta(seconds=6)
+        slow = await until.aio_run_no_wait({"at": at.isoformat()})
+        slots = worker.host.durable_slots
+        await wait_until(lambda: slots.lent_out == 1, timeout=10, what="the sleep to wait out its moment on its host")
+        assert datetime.now(UTC) < at - timedelta(seconds=1)  # its timer fired seconds early
+        # The host's one durable slot is free for another run meanwhile.
+        quick = await until.aio_run({"at": datetime.now(UTC).isoformat()}, timeout=10)
+        assert quick < 0.1
+        assert datetime.now(UTC) < at, "the other run had to wait for the sleeper's slot"
+        assert 5.0 < await slow.aio_result(timeout=15) <= 6.0
+        hist = await bide.runs.aio_history(slow.workflow_run_id)
+        fired = next(e.at for e in hist.entries if e.k == "sleep_fired")
+        assert at <= fired < at + timedelta(milliseconds=500)  # on time, never before
+        assert slots.lent_out == 0 and slots.busy == 0

@@ -24,15 +24,15 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from actors.engine.replay import sleep_lead
 from actors.engine.wire import utcnow
 from actors.store.server import EmbeddedServer
-from actors.store.timers import FIRE_LEAD
 from sdk import Bide, RunStatus
 from tests.apps.traced import EVENT_KEY, TracedInput, define
 from tests.support import Receiver, WorkerProcess, wait_until
 
 APP = "tests.apps.traced:worker"
-SLEEP_S = 4.0
+SLEEP_S = 6.0
 TEST_SERVICE, HOST_1, HOST_2 = "traced-test", "traced-host-1", "traced-host-2"
 
 Span = dict[str, Any]
@@ -96,7 +96,8 @@ async def test_a_run_across_a_host_crash_is_one_trace_over_otlp_http(
 
         await wait_until(exported_by_host_1, timeout=10, what="host 1's spans to reach the receiver")
         # Crash host 1 in the middle of the sleep, before its timer can fire.
-        assert utcnow() < wake_at - FIRE_LEAD - timedelta(milliseconds=300), "too late to crash mid-sleep"
+        fires_at = wake_at - sleep_lead(timedelta(seconds=SLEEP_S))
+        assert utcnow() < fires_at - timedelta(milliseconds=300), "too late to crash mid-sleep"
         host_1.kill()
         killed_ns = time.time_ns()
         assert "sleep_fired" not in await kinds()

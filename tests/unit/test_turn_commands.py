@@ -27,7 +27,7 @@ from actors.engine.commands import (
     ended_registrations,
     redo_last_turn,
 )
-from actors.engine.replay import Turn
+from actors.engine.replay import SLEEP_LEAD_MAX, Turn, sleep_lead
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     ActivationBegun,
@@ -126,7 +126,9 @@ async def test_a_sleep_schedules_its_timer_after_the_append_that_records_it() ->
     [sched] = port.done  # the wake time is durable before any timer exists
     assert isinstance(sched, Append) and isinstance(sched.entries[-1], SleepScheduled)
     wake = sched.entries[-1].wake_at
-    assert turn.conclude() == [ScheduleTimer(0, wake)]
+    # An hour's sleep has its timer fire SLEEP_LEAD_MAX early: its host replays it ahead of the moment.
+    assert turn.conclude() == [ScheduleTimer(0, wake, SLEEP_LEAD_MAX)]
+    assert sleep_lead(timedelta(seconds=4)) == timedelta(seconds=2)  # a short sleep: half its length
 
 
 async def test_an_event_that_wins_an_or_group_withdraws_the_registration_and_the_timer_then_purges_the_inbox() -> None:
