@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from actors.hosting.consumer_watch import ConsumerWatch, consumer_gone
+from actors.store.requests import server_status
 
 log = logging.getLogger("bide.activations")
 
@@ -189,7 +190,7 @@ class ActivationQueue:
 
     async def _on_msg(self, msg: Msg) -> None:
         req_id = msg.subject.rsplit(".", 1)[-1]
-        status = msg.headers.get("Status") if msg.headers else None
+        status = server_status(msg)
         if status is not None and not msg.data:
             gone = consumer_gone(msg) is not None
             if gone and self._watch is not None and not self._stopping:

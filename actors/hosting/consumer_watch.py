@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from actors.store.jetstream import recreate_if_missing
+from actors.store.requests import server_status
 
 log = logging.getLogger("bide.consumers")
 
@@ -28,7 +29,7 @@ _GONE_PAUSE_S = 1.0
 def consumer_gone(msg: Msg) -> bool | None:
     """``True`` if a pull's status answer says the consumer was deleted, ``False`` if nothing answered
     for it (503), ``None`` for any other answer."""
-    status = msg.headers.get("Status") if msg.headers else None
+    status = server_status(msg)
     if status == "503":
         return False
     if status == "409" and "deleted" in (msg.headers or {}).get("Description", "").lower():

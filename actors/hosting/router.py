@@ -76,7 +76,7 @@ from actors.store.jetstream import (
     read_before,
     retry_transient,
 )
-from actors.store.requests import Publisher
+from actors.store.requests import Publisher, server_status
 from sdk.limits import DEFAULT_LIMITS, PayloadLimits
 
 log = logging.getLogger("bide.router")
@@ -191,7 +191,7 @@ class EventRouter:
 
         async def _on_msg(m: Msg) -> None:
             nonlocal outstanding
-            status = m.headers.get("Status") if m.headers else None
+            status = server_status(m)
             if status is None:
                 outstanding -= 1
                 pin = m.headers.get("Nats-Pin-Id") if m.headers else None

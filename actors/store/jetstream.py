@@ -30,7 +30,7 @@ from nats.js.api import (
 )
 
 from actors.engine.wire import Subjects
-from actors.store.requests import requests_of
+from actors.store.requests import requests_of, server_status
 from sdk.config import NatsAuth, redact_url
 
 if TYPE_CHECKING:
@@ -805,11 +805,11 @@ async def direct_get_last(nc: NATS, stream: str, subject: str, timeout: float = 
                 raise
             await asyncio.sleep(_NO_RESPONDERS_RETRY_S)
             continue
-        if (msg.headers or {}).get("Status") == "412" and loop.time() < deadline:
+        if server_status(msg) == "412" and loop.time() < deadline:
             await asyncio.sleep(_NO_RESPONDERS_RETRY_S)  # a replica behind min_last_seq
             continue
         break
-    status = msg.headers.get("Status") if msg.headers else None
+    status = server_status(msg)
     if status == "404":
         return None
     if status is not None:
@@ -828,7 +828,7 @@ async def direct_get_seq(nc: NATS, stream: str, seq: int, timeout: float = 1.0) 
                                                     timeout=timeout)
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
         return None
-    return None if msg.headers and "Status" in msg.headers else msg
+    return None if server_status(msg) is not None else msg
 
 
 async def purge_subject(js: JetStreamContext, stream: str, subject: str) -> None:

@@ -26,6 +26,23 @@ from nats.aio.msg import Msg
 _MSG_ID = "Nats-Msg-Id"
 
 
+def server_status(msg: Msg) -> str | None:
+    """The server's status code (``"408"``, ``"404"``, ...) if ``msg`` is a status answer, else ``None``.
+
+    nats-py files a status line's code (``NATS/1.0 408 Request Timeout``) under the header
+    ``Status``, where a publisher's own header of that name lands too (``nats pub -H
+    'Status:408'``): read as a status, such an event was skipped by the router and ended a
+    batch read. A stored message carries what a status answer never has: an ack subject when
+    a consumer delivers it, and the ``Nats-Sequence`` the server sets on a direct get's answer.
+    """
+    headers = msg.headers
+    if not headers or "Status" not in headers:
+        return None
+    if msg.reply.startswith("$JS.ACK.") or "Nats-Sequence" in headers:
+        return None
+    return headers["Status"]
+
+
 class _Batch:
     """The replies to one request that answers with many messages, closed by a status message."""
 
@@ -68,7 +85,7 @@ class Requests:
         finally:
             timer.cancel()
             self._pending.pop(token, None)
-        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+        if not msg.data and server_status(msg) == "503":
             raise nats.errors.NoRespondersError
         return msg
 
@@ -93,7 +110,7 @@ class Requests:
         if waiter is None:
             return
         if isinstance(waiter, _Batch):
-            status = msg.headers.get("Status") if msg.headers else None
+            status = server_status(msg)
             if status is None:
                 waiter.got.append(msg)
             elif not waiter.done.done():

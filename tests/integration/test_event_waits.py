@@ -191,6 +191,50 @@ async def test_raw_nats_publish_resumes_a_wait(bide: Bide, nats_server: Any) -> 
         await nc.close()
 
 
+async def test_an_event_with_its_own_header_named_status_is_an_event_like_any_other(
+        bide: Bide, nats_server: Any) -> None:
+    # `nats pub -H 'Status:408' bide.events.<key> ...`: nats-py files a publisher's header named
+    # Status where it files a server's status line, and the router took such an event for a
+    # status answer to its pull: the event was skipped and acked past, its waits waited for
+    # ever, no trigger ran, and `bide events list` left it out (a batch read ended at it).
+    import nats
+
+    from tests.integration.test_http_api import client_for
+
+    @bide.durable_task(name="WaitsPastStatus")
+    async def waits(input: dict, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("raw:status", f"input.id == {input['id']}")
+
+    @bide.task(name="OnStatusEvent", on_events=["raw:status"])
+    def on_event(input: Any, ctx: Any) -> Any:
+        return input
+
+    statuses = ("408", "423", "503", "100", "204")
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with running_worker(bide, [waits, on_event]):
+            refs = [await waits.aio_run_no_wait({"id": i}) for i in range(len(statuses))]
+            for ref in refs:
+                await waiting(bide, ref.workflow_run_id)
+            js = nc.jetstream()
+            for i, status in enumerate(statuses):
+                await js.publish("bide.events.raw:status", b'{"id": %d}' % i,
+                                 headers={"Status": status, "Description": "not the server's"})
+            for i, ref in enumerate(refs):
+                assert await ref.aio_result(timeout=15) == {"id": i}
+
+            async def triggered() -> bool:
+                page = await bide.runs.aio_list(task="OnStatusEvent", status="completed")
+                return len(page.runs) == len(statuses)
+
+            await wait_until(triggered, timeout=15, what="a triggered run for every event")
+            async with client_for(bide) as api:
+                listed = (await api.get("/api/v1/events", params={"key": "raw:status"})).json()["events"]
+            assert sorted(e["payload"]["id"] for e in listed) == list(range(len(statuses)))
+    finally:
+        await nc.close()
+
+
 class LookbackEventPayload(BaseModel):
     user_id: int
     name: str
