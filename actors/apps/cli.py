@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -404,6 +405,21 @@ def _meta_pairs(pairs: list[str] | None, flag: str = "--meta") -> dict[str, str]
     return out
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, the last left free; control characters shown escaped.
+
+    Keys, scopes and metadata can come from a raw ``nats pub``: a newline would add a row that
+    is not there, and an escape sequence would reach the operator's terminal.
+    """
+    shown = [tuple(_UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], cell) for cell in row) for row in rows]
+    widths = [max(len(row[i]) for row in shown) for i in range(len(shown[0]) - 1)]
+    for row in shown:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1])
+
+
 async def cmd_runs_list(args: argparse.Namespace) -> int:
     client = Bide()
     try:
@@ -416,9 +432,7 @@ async def cmd_runs_list(args: argparse.Namespace) -> int:
             r.run_id, r.task, r.status.value, r.started_at.strftime("%Y-%m-%d %H:%M:%S"),
             r.ended_at.strftime("%Y-%m-%d %H:%M:%S") if r.ended_at else "-",
             " ".join(f"{k}={v}" for k, v in sorted(r.additional_metadata.items())) or "-") for r in page.runs]
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[5])
+        _print_table(rows)
         if page.cursor is not None:
             print(f"more: --cursor {page.cursor}", file=sys.stderr)
         return 0
@@ -441,9 +455,7 @@ async def cmd_events_list(args: argparse.Namespace) -> int:
         str(e.seq), e.at[:19].replace("T", " "), e.key, e.scope or "-", e.event_id, str(e.size),
         orjson.dumps(e.metadata).decode() if e.metadata else "-",
         " ".join(f"{o.how}:{o.run_id}" for o in e.outcomes) or "-") for e in events]
-    widths = [max(len(row[i]) for row in rows) for i in range(7)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[7])
+    _print_table(rows)
     return 0
 
 

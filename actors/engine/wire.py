@@ -19,6 +19,8 @@ from urllib.parse import unquote
 import orjson
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter
 
+from sdk.limits import check_name
+
 WIRE_VERSION = 1
 
 HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -184,6 +186,24 @@ class Subjects:
         if len(rest) == 2:
             return decode_token(rest[0]), decode_token(rest[1])
         return None
+
+    def check_event_subject(self, subject: str, key: str, scope: str | None) -> None:
+        """Raise ``ValueError`` unless ``subject`` is exactly where Bide puts event ``key`` (``scope``).
+
+        A raw publish may spell a token another way (``%2e`` for ``%2E``, an escape of a
+        character that needs none, bytes that are not UTF-8). Matched live, such an event
+        would be invisible to lookback and to listing by key, which read the subject Bide
+        writes; so it is refused, naming that subject. So is a key or scope holding a control
+        character, as the SDK and the HTTP API refuse it.
+        """
+        check_name(key, "event key")
+        if scope is not None:
+            check_name(scope, "event scope")
+        canonical = self.event(key, scope)
+        if subject != canonical:
+            raise ValueError(f"subject {subject!r} spells event key {key!r}" + (f" scope {scope!r}" if scope else "")
+                             + f" another way than Bide does: publish on {canonical!r} (only '.', '*', '>', '%' "
+                             "and whitespace are escaped, as %XX with upper-case hex of their UTF-8 bytes)")
 
     def waits(self, key: str) -> str:
         return f"{self.prefix}.waits.{encode_token(key)}"

@@ -422,6 +422,7 @@ class EventRouter:
                         return
                     raise ValueError("not an event subject")
                 if live and self.mine(parsed[0]):
+                    self._s.check_event_subject(subject, *parsed)
                     await self._on_event(decode_event(m, parsed[0], parsed[1], seq, at, self._limits), subject,
                                          effects)
             # Anything else in the stream (rejection records) is not the router's input.

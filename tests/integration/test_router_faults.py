@@ -246,3 +246,54 @@ async def test_an_event_handled_again_from_the_stream_starts_no_second_run(bide:
 
         await wait_until(drained, what="every queued run of the task to be taken")
     assert sorted(started) == sorted([*tags, "last"]), started
+
+
+async def test_an_event_on_a_subject_spelled_another_way_is_rejected_naming_the_subject_to_use(
+        bide: Bide, nats_server: Any) -> None:
+    # `bide.events.app/account%2ecreated` (lower-case hex) was matched live, but lookback and
+    # `bide events list --key` read the subject Bide writes and never saw it; a key decoding to
+    # a newline or an escape sequence broke the events table and reached the terminal.
+    from tests.e2e.test_cli_events import cli
+
+    @bide.durable_task(name="SpelledWait")
+    async def waiter(input: dict, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("app/account.created", f"input.n == {input['n']}")
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(bide, [waiter]):
+        ref = await waiter.aio_run_no_wait({"n": 2})
+
+        async def registered() -> bool:
+            info = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits_all)
+            return sum((info.state.subjects or {}).values()) >= 1
+
+        await wait_until(registered, timeout=15, what="the wait registered")
+        for subject in ("bide.events.app/account%2ecreated", "bide.events.app%2Faccount%2Ecreated",
+                        "bide.events.a%0Ab", "bide.events.ok.%1B%5B2Jscope", "bide.events.bad%C3%28utf"):
+            await conn.js.publish(subject, b'{"n": 2}')
+
+        async def rejected() -> dict[str, str]:
+            info = await conn.js.stream_info(s.events_stream, subjects_filter=s.rejected_all)
+            found = {}
+            for subject in info.state.subjects or {}:
+                m = await conn.js.get_last_msg(s.events_stream, subject)
+                found[orjson.loads(m.data)["subject"]] = orjson.loads(m.data)["reason"]
+            return found
+
+        async def all_rejected() -> bool:
+            return len(await rejected()) == 5
+
+        await wait_until(all_rejected, timeout=15, what="five rejections")
+        reasons = await rejected()
+        assert "publish on 'bide.events.app/account%2Ecreated'" in reasons["bide.events.app/account%2ecreated"]
+        assert "publish on 'bide.events.app/account%2Ecreated'" in reasons["bide.events.app%2Faccount%2Ecreated"]
+        assert "control character '\\n'" in reasons["bide.events.a%0Ab"]
+        assert "control character '\\x1b'" in reasons["bide.events.ok.%1B%5B2Jscope"]
+        assert "publish on" in reasons["bide.events.bad%C3%28utf"]
+        await conn.js.publish("bide.events.app/account%2Ecreated", b'{"n": 2, "as": "Bide writes it"}')
+        assert await ref.aio_result(timeout=15) == {"n": 2, "as": "Bide writes it"}
+        listed = await cli("events", "list", url=nats_server.url)
+    assert listed.returncode == 0, listed.stderr
+    assert "a\\nb" in listed.stdout and "\\x1b[2Jscope" in listed.stdout and "\x1b" not in listed.stdout
+    assert all(line.split()[0].isdigit() for line in listed.stdout.splitlines()[1:]), listed.stdout
