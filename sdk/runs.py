@@ -197,7 +197,12 @@ async def wait_terminal(conn: Connection, run_id: str, timeout: float | None = N
 
 
 async def start_and_wait(conn: Connection, req: StartRequest, timeout: float | None = None) -> Any:
-    """Start a run and return its terminal entry, delivered to this connection's result inbox."""
+    """Start a run and return its terminal entry, delivered to this connection's result inbox.
+
+    A bad ``timeout`` is refused before the run starts (a caller who fixes it and retries
+    would otherwise leave a run behind each time).
+    """
+    check_timeout(timeout)
     fut = conn.results.expect(req.run_id)
     try:
         await start_run(conn, req, notify=conn.results.subject(req.run_id))

@@ -324,6 +324,18 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _timeout_seconds(text: str) -> float:
+    """``--timeout``: a finite number of seconds, at least 0, refused before anything starts."""
+    from sdk.runs import check_timeout
+
+    try:
+        value = float(text)
+        check_timeout(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of seconds, at least 0") from e
+    return value
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     client = Bide()
     try:
@@ -608,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("task")
     run.add_argument("--input", default="{}", help="JSON input (default {})")
     run.add_argument("--no-wait", action="store_true", help="print the run id and return")
-    run.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result")
+    run.add_argument("--timeout", type=_timeout_seconds, default=None, help="seconds to wait for the result")
     run.set_defaults(func=cmd_run)
 
     runs = sub.add_parser("runs", help="list, inspect or cancel runs")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from actors.engine.wire import Activation, encode_activation
 from sdk import Bide, DurableContext, EmptyModel, RunStatus
 from tests.support import running_worker, wait_until
@@ -133,3 +135,11 @@ async def test_a_sleep_fires_early_and_waits_out_its_moment_with_its_slot_lent_t
         fired = next(e.at for e in hist.entries if e.k == "sleep_fired")
         assert at <= fired < at + timedelta(milliseconds=500)  # on time, never before
         assert slots.lent_out == 0 and slots.busy == 0
+
+
+async def test_a_bad_timeout_is_refused_before_the_run_starts(bide: Bide) -> None:
+    _, until = _define(bide)
+    for bad in (-1, float("nan"), "5s"):
+        with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+            await until.aio_run({"at": datetime.now(UTC).isoformat()}, timeout=bad)
+    assert (await bide.runs.aio_list(task="LifecycleUntil")).runs == []

@@ -75,3 +75,16 @@ def test_the_stream_check_interval_is_refused_by_name_outside_its_range(
     monkeypatch.setenv("BIDE_STREAM_CHECK_INTERVAL", value)
     with pytest.raises(ValueError, match=r"BIDE_STREAM_CHECK_INTERVAL=.* must be between 0.1 and 86400 seconds"):
         BideConfig.from_env()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_bide_run_refuses_a_bad_timeout_before_it_starts_anything(
+        value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # It started the run, then failed on the timeout: a user who retried left a run each time.
+    # The parser refuses it, so nothing is started (no server is reachable here either).
+    from actors.apps.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "SomeTask", "--input", "{}", "--timeout", value])
+    assert exited.value.code == 2
+    assert f"--timeout: {value!r}: must be a number of seconds, at least 0" in capsys.readouterr().err
