@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -420,7 +421,7 @@ def _meta_pairs(pairs: list[str] | None, flag: str = "--meta") -> dict[str, str]
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def _print_table(rows: list[tuple[str, ...]]) -> None:
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
     """Columns padded to their widest cell, the last left free; control characters shown escaped.
 
     Keys, scopes and metadata can come from a raw ``nats pub``: a newline would add a row that
