@@ -34,6 +34,7 @@ from actors.engine.wire import (
     WaitCondition,
     WaitRegistered,
     WaitResolved,
+    event_id_of,
     parse_time,
     rfc3339,
 )
@@ -387,7 +388,7 @@ async def recent_events(bide: Bide, limit: int, key: str | None = None,
         except orjson.JSONDecodeError:
             meta = {}
         rows.append(EventRow(seq=seq, at=parse_time(headers.get("Nats-Time-Stamp")), key=parsed[0], scope=parsed[1],
-                             event_id=headers.get("Nats-Msg-Id", ""), payload=payload, metadata=metadata,
+                             event_id=event_id_of(headers, seq), payload=payload, metadata=metadata,
                              size=len(m.data or b""), value=value, meta=meta if isinstance(meta, dict) else {}))
     if rows:
         await _add_outcomes(bide, rows)

@@ -15,7 +15,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from actors.engine.wire import HDR_EVENT_METADATA, HDR_MSG_ID, TRACEPARENT, WaitRegistration
+from actors.engine.wire import HDR_EVENT_METADATA, TRACEPARENT, WaitRegistration, event_id_of
 from sdk import _cel
 from sdk.errors import EventPayloadError
 from sdk.limits import DEFAULT_LIMITS, PayloadLimits, check_payload
@@ -244,5 +244,5 @@ def decode_event(msg: Msg, key: str, scope: str | None, seq: int, at: datetime,
         meta = loaded if isinstance(loaded, dict) else {}
     if TRACEPARENT in hdrs:
         meta[TRACEPARENT] = hdrs[TRACEPARENT]
-    event_id = hdrs.get(HDR_MSG_ID) or f"evt-{seq}"
+    event_id = event_id_of(hdrs, seq)
     return IncomingEvent(key, scope, payload, event_id, seq, at, meta)

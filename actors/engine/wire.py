@@ -70,6 +70,11 @@ def decode_token(token: str) -> str:
     return token if "%" not in token else unquote(token)
 
 
+def event_id_of(headers: dict[str, str] | None, seq: int) -> str:
+    """An event's id: its ``Nats-Msg-Id``, or ``evt-<seq>`` for a raw publish without one."""
+    return (headers or {}).get(HDR_MSG_ID) or f"evt-{seq}"
+
+
 def partition_of(key: str, partitions: int) -> int:
     """The router partition of an event key: 32-bit FNV-1a of its UTF-8 bytes, modulo ``partitions``.
 

@@ -297,3 +297,5 @@ async def test_an_event_on_a_subject_spelled_another_way_is_rejected_naming_the_
     assert listed.returncode == 0, listed.stderr
     assert "a\\nb" in listed.stdout and "\\x1b[2Jscope" in listed.stdout and "\x1b" not in listed.stdout
     assert all(line.split()[0].isdigit() for line in listed.stdout.splitlines()[1:]), listed.stdout
+    # A raw publish without Nats-Msg-Id is listed under the id the router gave it.
+    assert all(f"evt-{line.split()[0]}" in line for line in listed.stdout.splitlines()[1:]), listed.stdout
