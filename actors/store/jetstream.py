@@ -568,12 +568,7 @@ async def ensure_router_status_stream(nc: NATS, layout: Layout) -> None:
         allow_direct=True,
         discard=DiscardPolicy.OLD,
     ).as_dict()
-    try:
-        await api_request(nc, f"$JS.API.STREAM.CREATE.{s.router_status_stream}", body)
-    except nats.js.errors.APIError as e:
-        if e.err_code != 10058:
-            raise
-        await api_request(nc, f"$JS.API.STREAM.UPDATE.{s.router_status_stream}", body)
+    await _create_or_update(nc, s.router_status_stream, body)
 
 
 def task_consumer_config(layout: Layout, task: str, durable: bool, stream: str) -> ConsumerConfig:
