@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import Future
 
 from nats.aio.msg import Msg
@@ -35,8 +36,9 @@ class Heartbeat:
         self._interval = interval
         self._name = name
         self._connect_timeout = connect_timeout
-        self._replies: dict[int, str] = {}
-        """Reply subjects of the activations in flight, by ``id(msg)``; written by the host's loop only."""
+        self._replies: dict[int, tuple[str, float]] = {}
+        """Reply subjects of the activations in flight and when each was taken, by ``id(msg)``; written by
+        the host's loop only."""
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -45,7 +47,7 @@ class Heartbeat:
 
     def track(self, msg: Msg) -> None:
         if msg.reply:
-            self._replies[id(msg)] = msg.reply
+            self._replies[id(msg)] = (msg.reply, time.monotonic())
 
     def untrack(self, msg: Msg) -> None:
         self._replies.pop(id(msg), None)
@@ -88,7 +90,12 @@ class Heartbeat:
                     break
                 except TimeoutError:
                     pass
-                for reply in self._replies.copy().values():  # a copy is atomic; the host's loop writes
+                # Only what was taken at least half an interval ago: its first beat then comes within
+                # 1.5 intervals (half the ack wait), and the many turns that end sooner cost none.
+                due = time.monotonic() - self._interval / 2
+                for reply, since in self._replies.copy().values():  # a copy is atomic; the host's loop writes
+                    if since > due:
+                        continue
                     try:
                         await nc.publish(reply, _IN_PROGRESS)
                     except Exception:
