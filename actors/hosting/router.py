@@ -330,7 +330,7 @@ class EventRouter:
         self._drop_state()
         self._pull_pin = pin
         started = asyncio.get_running_loop().time()
-        start, acked = await retry_transient("router checkpoint", self._start_point)
+        start, acked = await retry_transient("router checkpoint", partial(self.start_point, warn=True))
         self.handled_seq = await retry_transient("router rebuild", partial(self._rebuild, start))
         if self.handled_seq < acked:
             await retry_transient("router catch-up", self._catch_up)
@@ -342,8 +342,12 @@ class EventRouter:
                  self.partition, self.partitions, self.handled_seq, len(self.index), len(self.triggers),
                  self.rebuild_s)
 
-    async def _start_point(self) -> tuple[int, int]:
-        """Where a new owner starts (the lower of the partition's checkpoint and its ack floor), and the ack floor."""
+    async def start_point(self, *, warn: bool = False) -> tuple[int, int]:
+        """Where a new owner starts (the lower of the partition's checkpoint and its ack floor), and the ack floor.
+
+        What lies above it may be handled again, so nothing it needs may leave the stream: the
+        cleanup of superseded trigger registrations measures against it too, not the ack floor.
+        """
         info = await api_request(self._nc, f"$JS.API.CONSUMER.INFO.{self._s.events_stream}.{self.consumer}", {})
         acked = int(info.get("ack_floor", {}).get("stream_seq", 0))
         noted = await direct_get_last(self._nc, self._s.checkpoints_stream, self._s.router_checkpoint(self.partition))
@@ -352,8 +356,9 @@ class EventRouter:
         # The consumer's ack floor ran ahead of what any owner handled (a replica's stale read of
         # the checkpoint only lowers it, which is safe): start from the lower one; what lies
         # between is read from the stream and handled again, idempotently.
-        log.warning("router partition %d: ack floor %d is past the checkpoint %s; rebuilding to the checkpoint",
-                    self.partition, acked, noted.data.decode())
+        if warn:
+            log.warning("router partition %d: ack floor %d is past the checkpoint %s; rebuilding to the checkpoint",
+                        self.partition, acked, noted.data.decode())
         return int(noted.data), acked
 
     async def _rebuild(self, floor: int) -> int:

@@ -16,7 +16,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from actors.engine.wire import HDR_TTL, WaitRegistration, partition_of
-from actors.store.jetstream import ROUTER_GROUP, api_request
+from actors.store.jetstream import ROUTER_GROUP, api_request, direct_get_last
 from sdk import Bide, DurableContext
 from tests.support import running_worker, wait_until
 
@@ -299,3 +299,49 @@ async def test_an_event_on_a_subject_spelled_another_way_is_rejected_naming_the_
     assert all(line.split()[0].isdigit() for line in listed.stdout.splitlines()[1:]), listed.stdout
     # A raw publish without Nats-Msg-Id is listed under the id the router gave it.
     assert all(f"evt-{line.split()[0]}" in line for line in listed.stdout.splitlines()[1:]), listed.stdout
+
+
+async def test_a_trigger_superseded_above_a_partitions_checkpoint_is_kept_for_the_event_between(bide: Bide) -> None:
+    # The long cluster chaos run lost a triggered run: an owner died with the partition's ack floor
+    # past an event (E) whose run it had not started, while its checkpoint stayed below E. A new
+    # host registered the task's trigger again (T2, after E), and the cleanup of superseded
+    # registrations, which measured "every partition has passed T2" by ack floors, deleted the
+    # older T1. The next owner rebuilt to the checkpoint (below E) with no trigger, handled E
+    # again, and started nothing.
+    ran: list[str] = []
+
+    @bide.task(name="KeptTrigger", on_events=["kept:trigger"])
+    async def triggered(input: dict, ctx: Any) -> dict:
+        ran.append(input["tag"])
+        return input
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(bide, [triggered], name="h1"):  # T1, handled by every partition
+        await bide.event.aio_push("kept:trigger", {"tag": "warm"})
+        await wait_until(lambda: "warm" in ran, timeout=20, what="the first triggered run")
+    async with FakeOwner(conn, "kept:trigger", ack_every=1) as owner:  # acks E, handles nothing
+        e = (await bide.event.aio_push("kept:trigger", {"tag": "between"})).seq
+        await wait_until(lambda: any(m.metadata.sequence.stream == e for m in owner.got), timeout=20,
+                         what="the dying owner to take the event")
+        async with running_worker(bide, [triggered], name="h2") as worker:  # T2 after E; the other partitions
+            t2 = await direct_get_last(conn.nc, s.events_stream, s.trigger("KeptTrigger"))
+            assert t2 is not None
+            t2_seq = int(t2.headers["Nats-Sequence"])
+            assert t2_seq > e
+            key_part = partition_of("kept:trigger", conn.layout.router_partitions)
+
+            async def others_past_t2() -> bool:
+                for part in range(conn.layout.router_partitions):
+                    info = await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.events_stream}."
+                                                      f"{s.router_consumer(part)}", {})
+                    if part != key_part and int(info["ack_floor"]["stream_seq"]) < t2_seq:
+                        return False
+                return True
+
+            await wait_until(others_past_t2, timeout=20, what="every other partition to pass T2")
+            await worker.host.router._clean_triggers()  # what the owners run every few seconds
+            await owner.die()
+            await bide.event.aio_push("kept:trigger", {"tag": "after"})  # the partition is taken over
+            await wait_until(lambda: "after" in ran, timeout=30, what="the next event's run")
+            await wait_until(lambda: "between" in ran, timeout=15, what="the run of the event the dead owner acked")
