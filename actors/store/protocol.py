@@ -12,7 +12,6 @@ refused or the servers stay unreachable.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from nats.aio.msg import Msg
@@ -40,22 +39,24 @@ CLIENT_RETRY_S = 30.0
 async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, started: RunStarted) -> int | None:
     """Start ``started``'s run; returns the sequence of ``run_started`` if this call wrote it.
 
-    The first activation goes first, carrying the start entry; ``run_started`` (expecting
-    an empty subject) second. A starter that dies between the two leaves an activation
-    whose host records the start itself, so no run is ever started and never activated.
+    The first activation goes first, carrying the start entry, and is stored before
+    ``run_started`` (expecting an empty subject) is written. A starter that dies between the
+    two leaves an activation whose host records the start itself, so no run is ever started
+    and never activated (``test_protocol.py::test_a_starter_whose_activation_is_refused_records_no_start``).
     The same start again (a retry, a replay of the parent that spawned it) is a no-op; a
     different start for a run id in use raises :class:`RunAlreadyExistsError`, and its
     activation is dropped by the host that sees the other start in the history.
     """
     act = Activation(run_id=started.run_id, task=started.task, kind="start", started=started)
     subject = subjects.queue(started.task, started.run_id)
-    activation = asyncio.ensure_future(retry_transient(f"start of run {started.run_id}", lambda: pub.publish(
+    # The activation is stored before anything else of the run: a starter that dies before it is
+    # leaves nothing, one that dies after it leaves a run its host starts. Sent side by side, the
+    # start entry was stored while a leaderless queue refused the activation (a node lost), and
+    # a starter that died then left a run that never ran.
+    await retry_transient(f"start of run {started.run_id}", lambda: pub.publish(
         subject, encode_activation(act), {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{started.run_id}"},
-        same=is_start_of(started)), CLIENT_RETRY_S))
-    # The activation is on the wire first; the start entry follows at once rather than a round
-    # trip later, so the host that takes the activation almost always finds the entry written.
-    await asyncio.sleep(0)
-    # The runs index's record goes with them, unacknowledged (a view: it never fails the start, nor delays it).
+        same=is_start_of(started)), CLIENT_RETRY_S)
+    # The runs index's record goes with the entry, unacknowledged (a view: it never fails the start, nor delays it).
     await publish_live(pub, subjects, started)
 
     async def append() -> int | None:
@@ -64,10 +65,8 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
         except HistoryConflict:
             return None
 
-    try:
-        seq: int | None = await retry_transient(f"start entry of run {started.run_id}", append, CLIENT_RETRY_S)
-    finally:
-        await activation  # a start is not done (nor its error reported) before its activation is stored
+    # The activation's host may have recorded the start already (it does when it finds none).
+    seq: int | None = await retry_transient(f"start entry of run {started.run_id}", append, CLIENT_RETRY_S)
     if seq is not None:
         return seq
     # The append was refused, so a start is there: a replica that does not show it yet is behind.

@@ -43,6 +43,43 @@ async def test_a_starter_that_dies_after_the_activation_leaves_a_run_that_comple
     assert kinds.count("run_started") == 1, kinds
 
 
+async def test_a_starter_whose_activation_is_refused_records_no_start(bide: Bide) -> None:
+    # The start went out as two concurrent writes: with the queue stream leaderless (a node lost)
+    # the start entry could be stored while the activation was refused and retried, and a
+    # starter that died then left a run that would never run. The activation comes first now:
+    # until it is stored, nothing of the run is.
+    import asyncio
+
+    import nats.js.errors
+
+    from actors.store.history import HistoryLog
+    from actors.store.protocol import start_run
+    from actors.store.requests import Publisher
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+
+    refused = 0
+
+    class QueueDown(Publisher):
+        async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
+                          **kw: Any) -> int:
+            nonlocal refused
+            if subject.startswith(f"{s.prefix}.queue."):
+                refused += 1
+                raise nats.js.errors.NoStreamResponseError
+            return await super().publish(subject, data, headers, **kw)
+
+    pub = await QueueDown(conn.nc).start()
+    started = RunStarted(run_id="refused-start-1", task="Refused", durable=True, input={}, at=utcnow(),
+                         start_id="refused")
+    starting = asyncio.ensure_future(start_run(HistoryLog(conn.nc, pub, s), pub, s, started))
+    await wait_until(lambda: refused >= 4, timeout=10, what="the activation to be refused four times")
+    starting.cancel()  # the starter dies
+    await asyncio.gather(starting, return_exceptions=True)
+    assert (await conn.history.read(started.run_id)).entries == []
+
+
 async def test_a_start_retried_with_its_run_id_is_one_run(bide: Bide) -> None:
     runs: list[int] = []
 
