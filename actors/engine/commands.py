@@ -98,6 +98,8 @@ class WaitBriefly:
     """
 
     until: datetime
+    history_bytes: int = 0
+    """What the waiting turn holds in memory (its run's stored history): lending is bounded by it too."""
 
 
 @dataclass(frozen=True)

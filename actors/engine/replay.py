@@ -268,7 +268,7 @@ class Turn:
         if self._replay_only:  # replaying offline: nothing is carried out
             await asyncio.sleep(max((until - utcnow()).total_seconds(), 0))
             return
-        await self._effects(WaitBriefly(until))
+        await self._effects(WaitBriefly(until, self._history.size_bytes))
 
     def _position(self) -> int:
         pos = self.next_position

@@ -35,11 +35,14 @@ LEND_FACTOR = 10
 class SlotPool:
     """A counting pool of worker slots (``slots`` or ``durable_slots``), shared by a host's queues."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, lend_bytes: int = 64 * 1024 * 1024) -> None:
         self.size = size
         self.free = size
         self.lent_out = 0
         """Slots whose turns only wait now (a sleep's last stretch), lent back to the pool."""
+        self.lend_bytes = lend_bytes
+        """The most history the turns holding lent slots may keep in memory together (``BIDE_WARM_BYTES``)."""
+        self.lent_bytes = 0
         self.queues = 0
         """How many queues share this pool (each registers when it starts)."""
         self.busy = 0
@@ -75,28 +78,31 @@ class SlotPool:
         return self.size - self.free
 
     @contextlib.asynccontextmanager
-    async def lent(self) -> AsyncIterator[None]:
+    async def lent(self, held_bytes: int = 0) -> AsyncIterator[None]:
         """The caller's turn only waits inside this block: its slot goes back to the pool meanwhile.
 
-        A timer fires a few seconds early (``actors.store.timers.FIRE_LEAD``) and its run waits
-        the rest on its host, so that thousands of runs due at once are all read and replayed
-        before their moment. Slots bound the turns that work, not those waiting for their
-        moment: holding slots, they would starve the host's other work. At most
-        ``LEND_FACTOR`` times the pool's size are lent at once (each waiting turn still holds its
-        memory); past that a waiting turn keeps its slot. A turn admitted once never waits for a
+        A sleep's timer fires seconds early (``actors.engine.replay.sleep_lead``) and its run
+        waits the rest on its host, so that thousands of runs due at once are all read and
+        replayed before their moment. Slots bound the turns that work, not those waiting for
+        their moment: holding slots, they would starve the host's other work. At most
+        ``LEND_FACTOR`` times the pool's size are lent at once, holding at most ``lend_bytes``
+        of history in all (``held_bytes`` each: a waiting turn keeps its run in memory); past
+        either, a waiting turn keeps its slot. A turn admitted once never waits for a
         slot again: leaving the block takes its slot back at once, even from a busy pool (whose
         free count then goes below zero and new work waits until turns end).
         """
-        if self.lent_out >= self.size * LEND_FACTOR:
+        if self.lent_out >= self.size * LEND_FACTOR or self.lent_bytes + held_bytes > self.lend_bytes:
             yield
             return
         self.lent_out += 1
+        self.lent_bytes += held_bytes
         self.busy -= 1
         self.release(1)
         try:
             yield
         finally:
             self.lent_out -= 1
+            self.lent_bytes -= held_bytes
             self.free -= 1
             self.busy += 1
 

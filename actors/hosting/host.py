@@ -127,7 +127,7 @@ class ActorHost:
                         if t.workflow is not None and t is t.workflow.runner}
         """What this host advertises of each workflow it serves (the web UI draws a run's DAG from it)."""
         self.slots = SlotPool(slots)
-        self.durable_slots = SlotPool(durable_slots)
+        self.durable_slots = SlotPool(durable_slots, lend_bytes=config.warm_bytes)
         self._grace = shutdown_grace_s
         self._nc: NATS | None = None
         self._queues: list[ActivationQueue] = []

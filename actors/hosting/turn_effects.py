@@ -122,8 +122,8 @@ class RunWriter:
             case WithdrawWait(wait=wait, satisfied=satisfied):
                 await publish_registrations(fx.publisher, fx.layout, wait, run_id, self.task, None, "cancel",
                                             skip=set(satisfied))
-            case WaitBriefly(until=until):
-                async with fx.durable_slots.lent():
+            case WaitBriefly(until=until, history_bytes=held):
+                async with fx.durable_slots.lent(held):
                     await asyncio.sleep(max((until - utcnow()).total_seconds(), 0))
             case ScheduleTimer(pos=pos, wake_at=wake_at, lead=lead):
                 await fx.timers.schedule(run_id, self.task, pos, wake_at, self.last_seq, lead)

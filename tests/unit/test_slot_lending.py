@@ -67,3 +67,18 @@ async def test_no_more_than_lend_factor_times_the_pool_is_lent_at_once() -> None
     for cm in reversed(held):
         await cm.__aexit__(None, None, None)
     assert (pool.lent_out, pool.busy, pool.free) == (0, cap + 1, 1 - (cap + 1))
+
+
+async def test_lent_turns_hold_at_most_lend_bytes_of_history_together() -> None:
+    pool = SlotPool(4, lend_bytes=1000)
+    for _ in range(3):
+        pool.free -= 1
+        pool.busy += 1
+    first, second, third = pool.lent(600), pool.lent(600), pool.lent(400)
+    await first.__aenter__()
+    await second.__aenter__()  # 1,200 bytes would be over: this one keeps its slot
+    await third.__aenter__()
+    assert (pool.lent_out, pool.lent_bytes, pool.busy) == (2, 1000, 1)
+    for cm in (third, second, first):
+        await cm.__aexit__(None, None, None)
+    assert (pool.lent_out, pool.lent_bytes, pool.busy, pool.free) == (0, 0, 3, 1)
