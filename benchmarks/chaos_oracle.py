@@ -215,6 +215,25 @@ class Oracle:
                 return left
             await asyncio.sleep(1.0)
 
+    async def _shown(self, what: str, subjects: dict[str, int]) -> str:
+        """What the first few messages left behind say (for a wait registration: its op, wait and run)."""
+        stream = {"work": self.s.queue_stream, "timers": self.s.work_stream, "inboxes": self.s.history_stream,
+                  "waits": self.s.events_stream}[what]
+        shown = []
+        for subject in list(subjects)[:3]:
+            try:
+                msgs = await direct_get_subject(self.raw, stream, subject, timeout=10)
+            except Exception as e:  # a report, not a check: say why it is missing
+                shown.append(f"{subject}: not read ({e})")
+                continue
+            if what == "work" and stream == self.s.queue_stream and not msgs:
+                msgs = await direct_get_subject(self.raw, self.s.work_stream, subject, timeout=10)
+            for m in msgs[:4]:
+                headers = m.headers or {}
+                shown.append(f"seq {headers.get('Nats-Sequence')} at {headers.get('Nats-Time-Stamp')}: "
+                             f"{m.data[:200].decode(errors='replace')}")
+        return ("; " + " | ".join(shown)) if shown else ""
+
     async def unscheduled_removals(self) -> list[str]:
         """Runs with a history whose removal no pending schedule names (a batch's, or one run's own)."""
         deadline = time.time() + 30  # a run's removal is scheduled just after its result is sent
@@ -243,7 +262,7 @@ class Oracle:
         for what, subj in left.items():
             if subj:
                 self.violation("left-behind", None, f"{sum(subj.values())} {what} message(s) on {len(subj)} "
-                               f"subject(s), e.g. {dict(list(subj.items())[:5])}")
+                               f"subject(s), e.g. {dict(list(subj.items())[:5])}{await self._shown(what, subj)}")
         missing = await self.unscheduled_removals()
         for rid in missing[:20]:
             self.violation("removal-lost", rid, f"the run ended and no removal of it is scheduled ({len(missing)} such "
