@@ -264,7 +264,14 @@ class Turn:
             raise AssertionError("unreachable") from e
 
     async def _wait_briefly(self, until: datetime) -> None:
-        """Wait on this host until ``until`` (the host lends the turn's slot meanwhile)."""
+        """Wait on this host until ``until`` (the host lends the turn's slot meanwhile); a run being cancelled stops.
+
+        As :meth:`_park` does: a cancel taken by this turn ends the run here, and one broadcast
+        while it waits cancels the code. A sleep whose last seconds were waited out here ended
+        with ``sleep_fired`` and the run completed, the cancel recorded and ignored.
+        """
+        if self.cancel_reason is not None:
+            raise asyncio.CancelledError(f"run {self.run_id} was cancelled: {self.cancel_reason}")
         if self._replay_only:  # replaying offline: nothing is carried out
             await asyncio.sleep(max((until - utcnow()).total_seconds(), 0))
             return
