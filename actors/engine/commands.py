@@ -31,6 +31,7 @@ from actors.engine.wire import (
     TERMINAL,
     ActivationBegun,
     AttemptFailed,
+    ChildrenSpawned,
     EventSignal,
     HistoryEntry,
     ParentLink,
@@ -313,3 +314,9 @@ def redo_last_turn(hist: RunHistory, now: datetime) -> list[Command]:
     if hist.state.taken_upto:
         commands.append(PurgeInbox(hist.state.taken_upto))
     return commands
+
+
+def unfinished_children(entries: Sequence[HistoryEntry]) -> list[tuple[str, str]]:
+    """``(run id, task)`` of the children a history spawned and heard no outcome of (as a turn counts them)."""
+    heard = {e.signal.name for e in entries if isinstance(e, SignalReceived) and e.signal.source == "child"}
+    return [(rid, e.task) for e in entries if isinstance(e, ChildrenSpawned) for rid in e.run_ids if rid not in heard]

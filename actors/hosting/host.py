@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 
 from actors.engine.commands import (
     Append,
+    CancelChildren,
     ClearInbox,
     Command,
     NotifyParent,
@@ -31,6 +32,7 @@ from actors.engine.commands import (
     ScheduleRemoval,
     inbox_upto,
     redo_last_turn,
+    unfinished_children,
 )
 from actors.engine.dag import workflow_shape
 from actors.engine.decisions import claim_under_way, failed_attempts, is_suspended, needs_user_code
@@ -39,6 +41,7 @@ from actors.engine.wire import (
     HDR_TTL,
     Activation,
     ActivationBegun,
+    RunCancelled,
     RunFailed,
     RunStarted,
     SignalReceived,
@@ -546,6 +549,9 @@ class ActorHost:
             wind_up.append(NotifyParent(hist.started.parent, terminal))
         if upto := inbox_upto(hist):
             wind_up.append(ClearInbox(upto))
+        if delivery > 1 and isinstance(terminal, RunCancelled) and (unfinished := unfinished_children(hist.entries)):
+            # The host that ended it may have died before every child had its cancel (each is stored once).
+            wind_up.append(CancelChildren(unfinished, f"parent run {hist.run_id} ended: cancelled"))
         await self._writer(hist, defn).carry_out(wind_up)
         await msg.ack()
 

@@ -151,8 +151,12 @@ class RunWriter:
                     HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{run_id}:{started.generation}"},
                     same=is_start_of(started))
             case CancelChildren(children=children, reason=reason):
-                for child, task in children:
-                    fx.chore(request_cancel(fx.nc, fx.publisher, fx.history, s, child, reason, task))
+                # Awaited, not left in the background: the parent's activation is acked only once
+                # every child's cancel is stored, so a host that dies before that leaves a
+                # redelivery that does it again (ActorHost._ended), under the same ids.
+                await asyncio.gather(*(request_cancel(fx.nc, fx.publisher, fx.history, s, child, reason, task,
+                                                      event_id=f"parent-end:{run_id}:{child}")
+                                       for child, task in children))
 
     async def carry_out(self, commands: Sequence[Command]) -> None:
         """Every command in order; a run of independent ones (child starts, withdrawals) at once."""

@@ -109,10 +109,11 @@ async def live_run_task(nc: NATS, history: HistoryLog, subjects: Subjects, run_i
 
 
 async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects: Subjects, run_id: str,
-                         reason: str, task: str | None = None) -> bool:
+                         reason: str, task: str | None = None, event_id: str | None = None) -> bool:
     """Ask a run to stop: durably (its inbox, then an activation) and at once (a broadcast to hosts).
 
     Returns ``False`` if the run had already finished, and raises ``LookupError`` if it does not exist.
+    ``event_id`` names the request, so that one made again (a parent's end redone) is stored once.
     """
     if task is None:
         task = await live_run_task(nc, history, subjects, run_id)
@@ -120,7 +121,7 @@ async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects
             return False
     elif any(isinstance(e, TERMINAL) for e in await history.read_last(run_id)):
         return False
-    sig = EventSignal(source="cancel", name="cancel", payload={"reason": reason}, event_id=uuid.uuid4().hex,
+    sig = EventSignal(source="cancel", name="cancel", payload={"reason": reason}, event_id=event_id or uuid.uuid4().hex,
                       at=utcnow())
     await deliver_signal(pub, subjects, run_id, task, sig, msg_id=f"cancel:{sig.event_id}")
     await nc.publish(subjects.cancel_broadcast, run_id.encode())

@@ -1,0 +1,54 @@
+"""A host that dies right after a cancelled parent's end is durable, as it begins cancelling the children.
+
+``BIDE_TEST_CRASH_MARK`` names a file: the first host about to carry out a ``CancelChildren``
+(``turn_effects.request_cancel``) while the file does not exist creates it and SIGKILLs itself.
+Hosts started later find the file and go on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import actors.hosting.turn_effects as turn_effects
+from sdk import Bide, DurableContext
+
+_request_cancel = turn_effects.request_cancel
+
+
+def _first_to_crash() -> bool:
+    mark = os.environ.get("BIDE_TEST_CRASH_MARK")
+    if not mark:
+        return False
+    try:
+        with open(mark, "x") as f:
+            f.write(str(os.getpid()))
+    except FileExistsError:
+        return False
+    return True
+
+
+async def _crashing_request_cancel(*args: Any, **kwargs: Any) -> Any:
+    if _first_to_crash():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await _request_cancel(*args, **kwargs)
+
+
+turn_effects.request_cancel = _crashing_request_cancel  # type: ignore[assignment]
+
+bide = Bide()
+
+
+@bide.durable_task(name="CrashSleeper")
+async def sleeper(input: dict[str, int], ctx: DurableContext) -> int:
+    await ctx.aio_sleep_for(600)
+    return input["i"]
+
+
+@bide.durable_task(name="CrashParent")
+async def parent(input: dict[str, int], ctx: DurableContext) -> list[int]:
+    return await sleeper.aio_run_many([sleeper.create_bulk_run_item({"i": i}) for i in range(input["n"])])  # type: ignore[no-any-return]
+
+
+worker = bide.worker("cancel-crash", workflows=[sleeper, parent])

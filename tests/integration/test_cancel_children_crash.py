@@ -1,0 +1,75 @@
+"""A host killed after a cancelled parent's end is durable, before it asked the children to stop.
+
+The parent's wind-up (``CancelChildren``) ran as a background chore after the terminal append
+and nothing redid it: the children slept on for good. Now the activation is acked only once
+every child's cancel is stored, and a redelivery to the ended parent (``ActorHost._ended``)
+asks again, under the same ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from actors.engine.wire import ChildrenSpawned
+from actors.store.server import EmbeddedServer
+from sdk import Bide
+from tests.support import WorkerProcess, wait_until
+
+APP = "tests.apps.cancel_crash:worker"
+N = 5
+
+
+async def test_children_of_a_cancelled_parent_are_cancelled_though_its_host_died_in_the_wind_up(
+        nats_server: EmbeddedServer, tmp_path: Path) -> None:
+    mark = tmp_path / "crashed"
+    env = {"BIDE_TEST_CRASH_MARK": str(mark)}
+    client = Bide(nats_server.url, ack_wait=3.0)
+    first = WorkerProcess(APP, nats_server.url, env=env).start()
+    second: WorkerProcess | None = None
+    try:
+        ref = await client.aio_run_no_wait_by_name("CrashParent", {"n": N})
+        parent = ref.workflow_run_id
+
+        async def children() -> list[str]:
+            hist = await client.runs.aio_history(parent)
+            return [rid for e in hist.entries if isinstance(e, ChildrenSpawned) for rid in e.run_ids]
+
+        async def all_asleep() -> bool:
+            ids = await children()
+            if len(ids) < N:
+                return False
+            for rid in ids:
+                try:
+                    h = await client.runs.aio_history(rid)
+                except Exception:
+                    return False
+                if h.entries[-1].k != "sleep_scheduled":
+                    return False
+            return True
+
+        await wait_until(all_asleep, timeout=30, interval=0.1, what="every child asleep")
+        ids = await children()
+        assert await client.runs.aio_cancel(parent, reason="test")
+        assert first.proc is not None
+        await asyncio.to_thread(first.proc.wait, 20)  # it SIGKILLs itself at its first CancelChildren
+        assert mark.exists(), "the first host never began cancelling the children"
+        assert (await client.runs.aio_get(parent)).status.value == "cancelled"  # the end is durable
+
+        second = WorkerProcess(APP, nats_server.url, env=env).start()
+        deadline = time.monotonic() + 30  # ack wait 3 s: a redelivery would have come long before
+        ended: dict[str, str | None] = {}
+        while time.monotonic() < deadline:
+            for rid in ids:
+                term = (await client.runs.aio_history(rid)).terminal
+                ended[rid] = term.k if term is not None else None
+            if all(v is not None for v in ended.values()):
+                break
+            await asyncio.sleep(0.5)
+        assert ended == dict.fromkeys(ids, "run_cancelled"), f"children not cancelled: {ended}"
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+        await client.aclose()
