@@ -7,31 +7,17 @@ Hosts started later find the file and go on.
 
 from __future__ import annotations
 
-import os
-import signal
 from typing import Any
 
 import actors.hosting.turn_effects as turn_effects
 from sdk import Bide, DurableContext
+from tests.apps.failpoints import crash_if_first
 
 _request_cancel = turn_effects.request_cancel
 
 
-def _first_to_crash() -> bool:
-    mark = os.environ.get("BIDE_TEST_CRASH_MARK")
-    if not mark:
-        return False
-    try:
-        with open(mark, "x") as f:
-            f.write(str(os.getpid()))
-    except FileExistsError:
-        return False
-    return True
-
-
 async def _crashing_request_cancel(*args: Any, **kwargs: Any) -> Any:
-    if _first_to_crash():
-        os.kill(os.getpid(), signal.SIGKILL)
+    crash_if_first("request_cancel")
     return await _request_cancel(*args, **kwargs)
 
 

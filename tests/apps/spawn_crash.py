@@ -9,41 +9,25 @@ the file and go on.
 
 from __future__ import annotations
 
-import os
-import signal
 from datetime import timedelta
 from typing import Any
 
 import actors.hosting.turn_effects as turn_effects
 from actors.store.timers import TimerScheduler
 from sdk import Bide, Context, DurableContext
+from tests.apps.failpoints import crash_if_first
 
 _start_children = turn_effects.start_children
 _schedule_timer = TimerScheduler.schedule
 
 
-def _first_to_crash(effect: str) -> bool:
-    """Whether this host is the first to reach ``effect`` (it then leaves the mark for the others)."""
-    mark = os.environ.get("BIDE_TEST_CRASH_MARK")
-    if not mark or os.environ.get("BIDE_TEST_CRASH_AT") != effect:
-        return False
-    try:
-        with open(mark, "x") as f:
-            f.write(str(os.getpid()))
-    except FileExistsError:
-        return False
-    return True
-
-
 async def _crashing_start_children(*args: Any, **kwargs: Any) -> Any:
-    if _first_to_crash("start_children"):
-        os.kill(os.getpid(), signal.SIGKILL)
+    crash_if_first("start_children")
     return await _start_children(*args, **kwargs)
 
 
 async def _crashing_schedule_timer(*args: Any, **kwargs: Any) -> Any:
-    if _first_to_crash("schedule_timer"):
-        os.kill(os.getpid(), signal.SIGKILL)
+    crash_if_first("schedule_timer")
     return await _schedule_timer(*args, **kwargs)
 
 
