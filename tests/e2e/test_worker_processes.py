@@ -35,8 +35,11 @@ def alive(pid: int) -> bool:
 def children_of(pid: int) -> set[int]:
     out: set[int] = set()
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out |= {int(x) for x in f.read().split()}
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out |= {int(x) for x in f.read().split()}
+        except FileNotFoundError:
+            continue  # a thread that ended between the listing and the read (it had no children to report)
     return {c for c in out if alive(c)}
 
 
