@@ -23,13 +23,10 @@ from nats.aio.msg import Msg
 
 from actors.engine.commands import (
     Append,
-    CancelChildren,
-    ClearInbox,
-    Command,
     NotifyParent,
     PurgeInbox,
-    RecordEnd,
-    ScheduleRemoval,
+    RunEnd,
+    end_of_run,
     inbox_upto,
     redo_last_turn,
     unfinished_children,
@@ -41,7 +38,6 @@ from actors.engine.wire import (
     HDR_TTL,
     Activation,
     ActivationBegun,
-    RunCancelled,
     RunFailed,
     RunStarted,
     SignalReceived,
@@ -544,14 +540,12 @@ class ActorHost:
         # The host that ended it may have died before scheduling its removal, or (a redelivery)
         # before telling the parent or draining the inbox. A signal that came after the end is
         # never taken: it goes, with any taken one whose purge failed.
-        wind_up: list[Command] = [RecordEnd(hist.started, terminal), ScheduleRemoval(terminal)]
-        if delivery > 1 and hist.started.parent is not None:
-            wind_up.append(NotifyParent(hist.started.parent, terminal))
-        if upto := inbox_upto(hist):
-            wind_up.append(ClearInbox(upto))
-        if delivery > 1 and isinstance(terminal, RunCancelled) and (unfinished := unfinished_children(hist.entries)):
-            # The host that ended it may have died before every child had its cancel (each is stored once).
-            wind_up.append(CancelChildren(unfinished, f"parent run {hist.run_id} ended: cancelled"))
+        # The parent's report and the children's cancels only on a redelivery: the host that ended the
+        # run sent them before it acked (each is stored once, under a fixed id).
+        wind_up = [c for c in end_of_run(hist.started, RunEnd(
+            terminal, unfinished_children(hist.entries) if delivery > 1 else [],
+            cancels_children_on_failure=hist.started.task in self._workflows, inbox_upto=inbox_upto(hist)))
+            if delivery > 1 or not isinstance(c, NotifyParent)]
         await self._writer(hist, defn).carry_out(wind_up)
         await msg.ack()
 

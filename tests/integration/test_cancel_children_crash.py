@@ -73,3 +73,37 @@ async def test_children_of_a_cancelled_parent_are_cancelled_though_its_host_died
         if second is not None:
             second.kill()
         await client.aclose()
+
+
+async def test_tasks_of_a_failed_workflow_are_cancelled_though_its_host_died_in_the_wind_up(
+        nats_server: EmbeddedServer, tmp_path: Path) -> None:
+    """A workflow that fails stops its running tasks; a redelivery to the ended workflow asks again."""
+    mark = tmp_path / "crashed"
+    env = {"BIDE_TEST_CRASH_MARK": str(mark)}
+    client = Bide(nats_server.url, ack_wait=3.0)
+    first = WorkerProcess(APP, nats_server.url, env=env).start()
+    second: WorkerProcess | None = None
+    try:
+        ref = await client.aio_run_no_wait_by_name("CrashFlow", {})
+        assert first.proc is not None
+        await asyncio.to_thread(first.proc.wait, 30)  # it SIGKILLs itself at its first CancelChildren
+        assert mark.exists(), "the first host never began cancelling the workflow's tasks"
+        hist = await client.runs.aio_history(ref.workflow_run_id)
+        assert hist.terminal is not None and hist.terminal.k == "run_failed"  # the end is durable
+        [hang] = [rid for e in hist.entries if isinstance(e, ChildrenSpawned) and e.task.endswith("hang")
+                  for rid in e.run_ids]
+
+        second = WorkerProcess(APP, nats_server.url, env=env).start()
+
+        async def hang_ended() -> str | None:
+            term = (await client.runs.aio_history(hang)).terminal
+            return term.k if term is not None else None
+
+        # ack wait 3 s: a redelivery comes within seconds; the task sleeps 600 s.
+        await wait_until(hang_ended, timeout=30, interval=0.5, what="the workflow's sleeping task ended")
+        assert await hang_ended() == "run_cancelled"
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+        await client.aclose()
