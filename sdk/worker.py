@@ -64,7 +64,9 @@ class Worker:
                 loop.add_signal_handler(sig, self._request_stop)
             await self.async_start()
 
-        asyncio.run(main())
+        from actors.hosting import event_loop
+
+        event_loop.run(main())
 
     def _request_stop(self) -> None:
         if self._stop is not None:

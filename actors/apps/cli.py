@@ -22,6 +22,7 @@ from actors.apps.health import create_health_app
 from actors.apps.http_api import serve_app, serve_http, url_of
 from actors.apps.processes import Supervisor, die_with_supervisor, parse_count
 from actors.engine.run_history import export_run
+from actors.hosting import event_loop
 from actors.store.server import DEFAULT_SYNC, SYNC_ENV, EmbeddedServer, SyncSetting, cluster_url, local_cluster
 from sdk import Bide, BideError, NonDeterminismError, Worker
 from sdk.limits import MAX_DEPTH
@@ -718,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        code: int = asyncio.run(args.func(args))
+        code: int = event_loop.run(args.func(args))
         return code
     except (CliError, BideError, ValueError, ConnectionError, TimeoutError, FileNotFoundError) as e:
         print(f"bide: error: {e}", file=sys.stderr)

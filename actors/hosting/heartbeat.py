@@ -18,6 +18,7 @@ from concurrent.futures import Future
 
 from nats.aio.msg import Msg
 
+from actors.hosting import event_loop
 from actors.store.jetstream import connect
 from sdk.config import NatsAuth
 
@@ -71,7 +72,7 @@ class Heartbeat:
 
     def _run(self, ready: Future[None]) -> None:
         try:
-            asyncio.run(self._main(ready))
+            event_loop.run(self._main(ready))
         except BaseException as e:  # the host learns of a failed start through ``ready``
             if not ready.done():
                 ready.set_exception(e)
