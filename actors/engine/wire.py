@@ -801,11 +801,35 @@ class HistoryMessage(BaseModel):
 _history_adapter = TypeAdapter(HistoryMessage)
 
 
+_MISSING = object()
+_defaults: dict[type[BaseModel], dict[str, Any]] = {}
+
+
+def _defaults_of(cls: type[BaseModel]) -> dict[str, Any]:
+    """The fields of ``cls`` that have a default, with it (never ``k``: it tells the entries apart)."""
+    found = _defaults.get(cls)
+    if found is None:
+        found = {}
+        for name, info in cls.model_fields.items():
+            if name in ("k", "v") or info.is_required():
+                continue
+            found[name] = info.get_default(call_default_factory=True)
+        _defaults[cls] = found
+    return found
+
+
 def _fields(value: BaseModel) -> dict[str, Any]:
-    # A start without metadata is written as before it existed (compact, and readable by older hosts).
-    if type(value) is RunStarted and not value.additional_metadata:
-        return {k: v for k, v in value.__dict__.items() if k != "additional_metadata"}
-    return value.__dict__
+    # A field at its default is left out: the reader fills it in (every field that has a default
+    # has had it since it was added), so a waiting run stores its start and its wait compactly.
+    fields = value.__dict__
+    out = None
+    for k, d in (_defaults.get(type(value)) or _defaults_of(type(value))).items():
+        v = fields.get(k, _MISSING)
+        if v is d or (type(v) is type(d) and v == d):
+            if out is None:
+                out = dict(fields)
+            del out[k]
+    return fields if out is None else out
 
 
 def _model_fields(value: Any) -> Any:
@@ -817,7 +841,8 @@ def _model_fields(value: Any) -> Any:
 
 
 def encode_history(entries: Sequence[HistoryEntry]) -> bytes:
-    return orjson.dumps({"v": WIRE_VERSION, "e": [_fields(e) for e in entries]}, default=_model_fields)
+    return orjson.dumps({"v": WIRE_VERSION, "e": [_fields(e) for e in entries]}, default=_model_fields,
+                        option=orjson.OPT_UTC_Z)
 
 
 def decode_history(data: bytes) -> list[HistoryEntry]:
@@ -854,7 +879,8 @@ class Activation(BaseModel):
 
 
 def encode_activation(act: Activation) -> bytes:
-    return orjson.dumps({k: v for k, v in act.__dict__.items() if v is not None}, default=_model_fields)
+    return orjson.dumps({k: v for k, v in act.__dict__.items() if v is not None}, default=_model_fields,
+                        option=orjson.OPT_UTC_Z)
 
 
 def decode_activation(data: bytes) -> Activation:

@@ -49,6 +49,28 @@ def test_history_envelope_round_trips() -> None:
     assert decode_history(encode_history(entries)) == entries
 
 
+def test_fields_at_their_default_are_left_out_and_filled_in_on_read() -> None:
+    at = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    started = RunStarted(run_id="r", task="T", durable=True, at=at, start_id="s")
+    data = encode_history([started, ActivationBegun(host="h", delivery=1, at=at)])
+    assert data == (b'{"v":1,"e":[{"k":"run_started","run_id":"r","task":"T","durable":true,'
+                    b'"at":"2026-11-28T12:00:00Z","start_id":"s"},'
+                    b'{"k":"activation","host":"h","delivery":1,"at":"2026-11-28T12:00:00Z"}]}')
+    assert decode_history(data) == [started, ActivationBegun(host="h", delivery=1, at=at)]
+    # A value equal to a default of another type is kept: 0 is not False, 1.0 is not 1.
+    kept = RunStarted(run_id="r", task="T", durable=True, at=at, input=0, generation=2)
+    assert decode_history(encode_history([kept])) == [kept]
+
+
+def test_histories_written_with_every_field_still_read() -> None:
+    old = (b'{"v":1,"e":[{"k":"run_started","run_id":"r","task":"T","durable":true,"input":null,'
+           b'"at":"2026-11-28T12:00:00+00:00","execution_timeout_s":null,"meta":{},"parent":null,'
+           b'"parents":null,"start_id":"s","generation":0,"inbox_taken":0}]}')
+    [started] = decode_history(old)
+    assert started == RunStarted(run_id="r", task="T", durable=True, at=datetime(2026, 11, 28, 12, tzinfo=UTC),
+                                 start_id="s")
+
+
 def test_newer_envelope_versions_are_refused() -> None:
     with pytest.raises(ValueError, match="newer"):
         decode_history(b'{"v":99,"e":[]}')
