@@ -156,3 +156,29 @@ def test_args_hash_is_the_same_in_every_process_and_accepts_what_older_versions_
     assert legacy != args_hash({1, 2})
     assert args_hash_matches(legacy, args_hash({1, 2}), {1, 2})
     assert not args_hash_matches(legacy, args_hash({1, 3}), {1, 3})
+
+
+DEFAULTS = {
+    "ActivationBegun": {"tidied": False},
+    "ErrorInfo": {"traceback": ""},
+    "MemoRecorded": {"ms": None, "result": None},
+    "ParentLink": {"n": 1},
+    "RunCancelled": {"reason": ""},
+    "RunCompleted": {"result": None, "skipped": False},
+    "RunStarted": {"additional_metadata": {}, "execution_timeout_s": None, "generation": 0, "inbox_taken": 0,
+                   "input": None, "meta": {}, "parent": None, "parents": None, "start_id": None},
+    "WaitCondition": {"duration_s": None, "event_key": None, "expression": None, "lookback_s": None,
+                      "scope": None, "wake_at": None},
+    "WaitRegistered": {"any_of": []},
+    "WaitResolved": {"consumed": []},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_no_default_of_a_written_field_ever_changes(name: str) -> None:
+    """A history leaves a field at its default out: changing a default would change what old histories say."""
+    import actors.engine.wire as wire
+
+    assert wire._defaults_of(getattr(wire, name)) == DEFAULTS[name], (
+        f"{name}'s defaults differ: a new field goes in DEFAULTS; a changed default would change what "
+        "histories that left the field out say")
