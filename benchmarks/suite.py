@@ -50,7 +50,7 @@ BENCHMARKS: tuple[Bench, ...] = (
     Bench("turn_cost", ("--ks", "10,100,1000", "--no-progress"), ("--ks", "10,100", "--no-progress")),
     Bench("fanout", ("--children", "1000", "--rounds", "3"),
           ("--children", "200", "--rounds", "1", "--warmup", "20", "--pause", "0.2")),
-    Bench("memory_waiting", ("--runs", "5000"), ("--runs", "500", "--warmup", "50", "--steps", "2", "--idle", "5")),
+    Bench("memory_waiting", ("--runs", "20000"), ("--runs", "500", "--warmup", "50", "--steps", "2", "--idle", "5")),
     Bench("tracing_overhead", ("--runs", "3000", "--rounds", "3", "--no-progress"),
           ("--runs", "300", "--rounds", "1", "--warmup", "50", "--no-progress")),
 )
