@@ -58,6 +58,7 @@ from actors.engine.wire import (
     args_hash,
     args_hash_matches,
     encode_history,
+    sleep_to,
     utcnow,
 )
 from sdk import _cel
@@ -273,7 +274,7 @@ class Turn:
         if self.cancel_reason is not None:
             raise asyncio.CancelledError(f"run {self.run_id} was cancelled: {self.cancel_reason}")
         if self._replay_only:  # replaying offline: nothing is carried out
-            await asyncio.sleep(max((until - utcnow()).total_seconds(), 0))
+            await sleep_to(until)
             return
         await self._effects(WaitBriefly(until, self._history.size_bytes))
 

@@ -32,7 +32,7 @@ from actors.engine.commands import (
     WaitBriefly,
     WithdrawWait,
 )
-from actors.engine.wire import HDR_BIDE_KIND, HDR_MSG_ID, Activation, encode_activation, utcnow
+from actors.engine.wire import HDR_BIDE_KIND, HDR_MSG_ID, Activation, encode_activation, sleep_to, utcnow
 from actors.hosting.router_inputs import publish_registrations
 from actors.observe.tracing import Tracing, observe_appended
 from actors.store.children import notify_parent, request_cancel, start_children
@@ -124,7 +124,7 @@ class RunWriter:
                                             skip=set(satisfied))
             case WaitBriefly(until=until, history_bytes=held):
                 async with fx.durable_slots.lent(held):
-                    await asyncio.sleep(max((until - utcnow()).total_seconds(), 0))
+                    await sleep_to(until)
             case ScheduleTimer(pos=pos, wake_at=wake_at, lead=lead):
                 await fx.timers.schedule(run_id, self.task, pos, wake_at, self.last_seq, lead)
             case CancelTimer(pos=pos):
