@@ -458,9 +458,15 @@ async def sleep_to(moment: datetime) -> None:
     them from the time it read when the loop's iteration began, so 1,000 runs due within one
     second recorded ``sleep_fired`` up to 1.2 ms before their moment, 572 of them early.
     """
-    # Waiting for a moment of the clock, not for an event: sleep again for what is left.
+    # A millisecond more than what is left, so the timer rarely ends early and a busy loop is
+    # not asked for another pass; what is still left then (rare) is slept again.
     while (left := (moment - utcnow()).total_seconds()) > 0:  # noqa: ASYNC110
-        await asyncio.sleep(left)
+        await asyncio.sleep(left + SLEEP_SLACK_S)
+
+
+SLEEP_SLACK_S = 0.001
+"""How much longer :func:`sleep_to` asks its loop to sleep than what is left (uvloop's timers
+are kept to the millisecond)."""
 
 
 def args_hash(*values: Any) -> str:
