@@ -5,8 +5,8 @@ own cost per callback decides how late a timer's turn starts when thousands are 
 ``python -m benchmarks.timers_at_scale --runs 10000`` (10,000 sleepers due in one second, one
 worker process), five alternated pairs on the 2-core development machine: lateness p99 34-95 ms
 (median 80) on asyncio's loop, 32-69 ms (median 52) on uvloop. uvloop's timers are kept to the
-millisecond and can end early: a wait for a moment goes through ``actors.engine.wire.sleep_to``. ``BIDE_EVENT_LOOP=asyncio`` keeps asyncio's loop (uvloop
-is not built for Windows).
+millisecond and can end early: a wait for a moment goes through ``actors.engine.wire.sleep_to``.
+``BIDE_EVENT_LOOP=asyncio`` keeps asyncio's loop (uvloop is not built for Windows).
 """
 
 from __future__ import annotations

@@ -46,6 +46,9 @@ ERR_EXPECTED_LAST_SEQ_NOT_READY = 10163
 """The same check cannot be made yet (a stream leader that was just elected)."""
 ERR_MESSAGE_TOO_BIG = 10054
 """A message larger than the stream accepts: the same message is refused every time."""
+ERR_NO_SUITABLE_PEERS = 10005
+"""A 400 about the cluster, not the request: no peers to place the replicas on yet (a node still
+joining a cluster that just started, or down). The same request succeeds once they are there."""
 _NO_RESPONDERS_RETRY_S = 0.1
 
 
@@ -64,11 +67,14 @@ def is_transient(exc: BaseException) -> bool:
     transient (a leader election, a limit an operator can raise), except a message the
     server can never accept and a request it refuses as such (400: bad request, 404: not
     found): repeating those changes nothing, and a writer that must not skip anything
-    (the router) would wait on them for ever.
+    (the router) would wait on them for ever. One 400 is about the cluster, not the request:
+    no peers to place replicas on yet (``ERR_NO_SUITABLE_PEERS``).
     """
     if isinstance(exc, nats.errors.MaxPayloadError):
         return False
     if isinstance(exc, nats.js.errors.APIError):
+        if exc.err_code == ERR_NO_SUITABLE_PEERS:
+            return True
         return exc.err_code != ERR_MESSAGE_TOO_BIG and exc.code not in (400, 404)
     return isinstance(exc, (TimeoutError, ConnectionError, OSError, nats.errors.Error, StaleReadError))
 
