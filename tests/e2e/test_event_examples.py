@@ -11,6 +11,7 @@ import pytest
 
 from actors.store.server import EmbeddedServer
 from sdk import RunStatus
+from sdk.errors import RunNotFoundError
 from tests.support import running_worker, wait_until
 
 
@@ -28,7 +29,10 @@ async def _waiting(mod: ModuleType, run_id: str, waits: int = 1) -> None:
         # A workflow's run waits through its tasks' runs (its children).
         children = [rid for e in hist.entries if e.k == "children_spawned" for rid in e.run_ids]
         for rid in [run_id, *children]:
-            h = await mod.hatchet.runs.aio_history(rid)
+            try:
+                h = await mod.hatchet.runs.aio_history(rid)
+            except RunNotFoundError:  # a task's run spawned, its start entry on its way
+                continue
             if sum(e.k == "wait_registered" for e in h.entries) >= waits and (
                     (await mod.hatchet.runs.aio_get(rid)).status is RunStatus.WAITING):
                 return True
