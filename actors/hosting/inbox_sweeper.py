@@ -32,6 +32,12 @@ log = logging.getLogger("bide.sweeper")
 
 _BATCH = 256
 
+SWEEP_ACK_WAIT_S = 10.0
+"""How long a fetched signal stays with a sweeper before another host's may take it up: a sweeper
+killed mid-batch held its signals 30 s (``tests/integration/test_sweeper_crash.py``). A batch
+takes a history read per signal old enough, well under this; a slower one is checked twice,
+and its activation is stored once (its id is ``sweep:<run>:<seq>``)."""
+
 
 async def ensure_inbox_sweeper_consumer(nc: NATS, layout: Layout) -> None:
     """The shared consumer (created idempotently by every process that starts)."""
@@ -41,7 +47,7 @@ async def ensure_inbox_sweeper_consumer(nc: NATS, layout: Layout) -> None:
         "filter_subject": s.inbox_all,
         "ack_policy": "explicit",
         "deliver_policy": "all",
-        "ack_wait": 30_000_000_000,
+        "ack_wait": int(SWEEP_ACK_WAIT_S * 1e9),
         "max_deliver": -1,
         "max_ack_pending": 10_000,
         "num_replicas": layout.replicas,
