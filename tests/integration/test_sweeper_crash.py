@@ -2,7 +2,8 @@
 
 The inbox sweeper (``actors.hosting.inbox_sweeper``) publishes the activation a dead sender did
 not. Its consumer held a fetched message 30 s (``ack_wait``) before another host could see it,
-so a sweeper killed mid-batch stalled those runs half a minute more; now 10 s.
+so a sweeper killed mid-batch stalled those runs half a minute more; now 10 s (the test
+allows 20 s from its death to the result: a second host starts, then waits out the 10 s).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ async def test_a_signal_held_by_a_sweeper_that_died_wakes_its_run_soon_after(
         died = time.monotonic()
         second = WorkerProcess(APP, nats_server.url, env=env).start()
         assert await ref.aio_result(timeout=30) == {"ok": True}
-        assert time.monotonic() - died < 16, f"woken {time.monotonic() - died:.1f} s after the sweeper died"
+        assert time.monotonic() - died < 20, f"woken {time.monotonic() - died:.1f} s after the sweeper died"
     finally:
         first.kill()
         if second is not None:
