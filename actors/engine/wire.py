@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -465,8 +466,25 @@ async def sleep_to(moment: datetime) -> None:
 
 
 SLEEP_SLACK_S = 0.001
-"""How much longer :func:`sleep_to` asks its loop to sleep than what is left (uvloop's timers
-are kept to the millisecond)."""
+"""How much longer :func:`sleep_to` and :func:`first_done` ask their loop to wait than what is
+left (uvloop's timers are kept to the millisecond)."""
+
+
+async def first_done(aws: set[asyncio.Future[Any]], timeout: float | None) -> set[asyncio.Future[Any]]:
+    """Those of ``aws`` done once one is, or none once ``timeout`` seconds have passed, never sooner.
+
+    ``asyncio.wait``'s timeout can end early as ``asyncio.sleep`` can (see :func:`sleep_to`): a
+    task over a 50 ms ``execution_timeout`` failed after 49.4 ms.
+    """
+    if timeout is None:
+        done, _ = await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
+        return done
+    deadline = time.monotonic() + timeout
+    while True:
+        left = max(deadline - time.monotonic(), 0.0)
+        done, _ = await asyncio.wait(aws, timeout=left + SLEEP_SLACK_S, return_when=asyncio.FIRST_COMPLETED)
+        if done or time.monotonic() >= deadline:
+            return done
 
 
 def args_hash(*values: Any) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from actors.engine.commands import (
@@ -130,7 +131,7 @@ class RunWriter:
             case CancelTimer(pos=pos):
                 fx.chore(fx.timers.cancel(run_id, pos))
             case ScheduleRetry(retry=retry):
-                await self._schedule_retry(retry.attempt, (retry.retry_at - utcnow()).total_seconds(), retry.retry_at)
+                await self._schedule_retry(retry.attempt, retry.retry_at)
             case PurgeInbox(upto_seq=upto):
                 fx.chore(self._purge_inbox(upto))  # best effort: the next turn, or the end, redoes it
             case ClearInbox(upto_seq=upto):
@@ -179,14 +180,13 @@ class RunWriter:
         await api_request(self._fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
                           {"filter": s.inbox(self.run_id), "seq": upto + 1})
 
-    async def _schedule_retry(self, attempt: int, delay_s: float, at: Any) -> None:
+    async def _schedule_retry(self, attempt: int, at: datetime) -> None:
         fx = self._fx
-        if delay_s >= 1.0:
+        if (at - utcnow()).total_seconds() >= 1.0:
             await fx.timers.schedule_retry(self.run_id, self.task, attempt, at, self.last_seq)
             return
         # A short backoff waits here (the activation is not acked yet, so a crash loses nothing).
-        if delay_s > 0:
-            await asyncio.sleep(delay_s)
+        await sleep_to(at)
         act = Activation(run_id=self.run_id, task=self.task, kind="retry", history_seq=self.last_seq)
         await fx.publisher.publish(fx.layout.subjects.queue(self.task, self.run_id), encode_activation(act),
                                    {HDR_BIDE_KIND: "retry"})

@@ -28,6 +28,7 @@ from actors.engine.wire import (
     RunFailed,
     RunStarted,
     Terminal,
+    first_done,
     utcnow,
 )
 from actors.hosting.turn_effects import RunWriter, TurnEffects
@@ -131,7 +132,7 @@ class TurnRunner:
         self._running[hist.run_id] = (user, turn)
         timeout = time_limit(started, defn)
         try:
-            done, _ = await asyncio.wait({user, turn.suspended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done = await first_done({user, turn.suspended}, timeout)
         except asyncio.CancelledError:
             await _cancel(user)
             raise
@@ -204,7 +205,7 @@ class TurnRunner:
             self._running[hist.run_id] = (user, None)
             timeout = time_limit(started, defn)
             try:
-                done, _ = await asyncio.wait({user}, timeout=timeout)
+                done = await first_done({user}, timeout)
             finally:
                 self._running.pop(hist.run_id, None)
             if hist.run_id in self._cancelled_here:

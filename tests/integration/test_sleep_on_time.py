@@ -1,4 +1,5 @@
-"""A sleep never ends before its moment, in a worker process on its default event loop.
+"""A sleep never ends before its moment, nor a time limit before its time, in a worker process
+on its default event loop.
 
 uvloop keeps timers to the millisecond and measures them from the time it read when the
 loop's iteration began, so ``asyncio.sleep(s)`` there can end a millisecond or so before ``s``
@@ -11,10 +12,13 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from actors.engine.wire import SleepFired, SleepScheduled
+import pytest
+
+from actors.engine.wire import ActivationBegun, RunFailed, SleepFired, SleepScheduled
 from actors.store.server import EmbeddedServer
 from sdk import Bide
-from tests.support import WorkerProcess
+from sdk.errors import RunNotFoundError
+from tests.support import WorkerProcess, wait_until
 
 N = 300
 
@@ -41,3 +45,33 @@ async def test_no_sleep_fires_before_its_moment(nats_server: EmbeddedServer) -> 
     finally:
         worker.kill()
         await client.aclose()
+
+
+@pytest.mark.parametrize("task", ["OverItsLimit", "DurableOverItsLimit"])
+async def test_no_run_fails_over_its_time_limit_before_the_limit(nats_server: EmbeddedServer, task: str) -> None:
+    """A run that fails for exceeding its ``execution_timeout`` (50 ms) ran at least that long."""
+    client = Bide(nats_server.url)
+    worker = WorkerProcess("tests.apps.sleepers:worker", nats_server.url).start()
+    try:
+        refs = await asyncio.gather(*(client.aio_run_no_wait_by_name(task, {}) for _ in range(N)))
+        short: list[float] = []
+        for ref in refs:
+            await wait_until(lambda ref=ref: _ended(client, ref.workflow_run_id), timeout=30,
+                             what=f"run {ref.workflow_run_id} to end")
+            hist = await client.runs.aio_history(ref.workflow_run_id)
+            begun = next(e for e in hist.entries if isinstance(e, ActivationBegun))
+            assert isinstance(hist.terminal, RunFailed), hist.terminal
+            ran_ms = (hist.terminal.at - begun.at).total_seconds() * 1000
+            if ran_ms < 50:
+                short.append(ran_ms)
+        assert not short, f"{len(short)} of {N} runs failed over a 50 ms limit after {min(short):.3f} ms"
+    finally:
+        worker.kill()
+        await client.aclose()
+
+
+async def _ended(client: Bide, run_id: str) -> bool:
+    try:
+        return (await client.runs.aio_history(run_id)).terminal is not None
+    except RunNotFoundError:
+        return False
