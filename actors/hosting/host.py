@@ -542,10 +542,12 @@ class ActorHost:
         # never taken: it goes, with any taken one whose purge failed.
         # The parent's report and the children's cancels only on a redelivery: the host that ended the
         # run sent them before it acked (each is stored once, under a fixed id).
-        wind_up = [c for c in end_of_run(hist.started, RunEnd(
-            terminal, unfinished_children(hist.entries) if delivery > 1 else [],
+        redelivered = delivery > 1
+        wind_up = end_of_run(hist.started, RunEnd(
+            terminal, unfinished_children(hist.entries) if redelivered else [],
             cancels_children_on_failure=hist.started.task in self._workflows, inbox_upto=inbox_upto(hist)))
-            if delivery > 1 or not isinstance(c, NotifyParent)]
+        if not redelivered:
+            wind_up = [c for c in wind_up if not isinstance(c, NotifyParent)]
         await self._writer(hist, defn).carry_out(wind_up)
         await msg.ack()
 

@@ -17,8 +17,7 @@ import pytest
 from actors.engine.wire import ActivationBegun, RunFailed, SleepFired, SleepScheduled
 from actors.store.server import EmbeddedServer
 from sdk import Bide
-from sdk.errors import RunNotFoundError
-from tests.support import WorkerProcess, wait_until
+from tests.support import WorkerProcess
 
 N = 300
 
@@ -54,10 +53,10 @@ async def test_no_run_fails_over_its_time_limit_before_the_limit(nats_server: Em
     worker = WorkerProcess("tests.apps.sleepers:worker", nats_server.url).start()
     try:
         refs = await asyncio.gather(*(client.aio_run_no_wait_by_name(task, {}) for _ in range(N)))
+        # Each result is the run's failure: awaiting them all waits for every run to end.
+        await asyncio.gather(*(ref.aio_result(timeout=30) for ref in refs), return_exceptions=True)
         short: list[float] = []
         for ref in refs:
-            await wait_until(lambda ref=ref: _ended(client, ref.workflow_run_id), timeout=30,
-                             what=f"run {ref.workflow_run_id} to end")
             hist = await client.runs.aio_history(ref.workflow_run_id)
             begun = next(e for e in hist.entries if isinstance(e, ActivationBegun))
             assert isinstance(hist.terminal, RunFailed), hist.terminal
@@ -69,9 +68,3 @@ async def test_no_run_fails_over_its_time_limit_before_the_limit(nats_server: Em
         worker.kill()
         await client.aclose()
 
-
-async def _ended(client: Bide, run_id: str) -> bool:
-    try:
-        return (await client.runs.aio_history(run_id)).terminal is not None
-    except RunNotFoundError:
-        return False
