@@ -4,8 +4,9 @@ nats-py's ``request`` (and ``js.publish``, built on it) draws a random reply tok
 operating system and arms a ``wait_for`` per call; on a host's hot path (a history read, an
 append, a timer per turn) that cost more than the message itself. Here every request of a
 connection shares one wildcard reply subscription, replies are matched by a counter token,
-and a timeout is one timer handle. A batch direct get, whose answer is many messages closed
-by a status message, uses the same subscription instead of subscribing and unsubscribing.
+and the timeouts of all its requests share one timer (:class:`_Deadlines`). A batch direct get,
+whose answer is many messages closed by a status message, uses the same subscription instead
+of subscribing and unsubscribing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import itertools
 import os
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +55,67 @@ class _Batch:
         self.done = done
 
 
+class _Deadlines:
+    """The timeouts of one connection's pending requests, behind one timer.
+
+    A timer per request (``call_later`` and its cancel, or ``wait_for``) cost the SDK about a
+    tenth of its CPU per run. Requests of the same timeout expire in the order they were made,
+    so each timeout keeps its waiters in insertion order and the one timer is armed for the
+    earliest head: with every reply on time, it fires about once per timeout, finds those
+    requests answered and re-arms for the oldest one still waiting. A timeout is never
+    reported before its deadline.
+    """
+
+    __slots__ = ("_armed_at", "_loop", "_queues", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queues: dict[float, OrderedDict[str, tuple[float, asyncio.Future[Any]]]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_at = 0.0
+
+    def add(self, token: str, timeout: float, fut: asyncio.Future[Any]) -> None:
+        """``fut`` fails with ``nats.errors.TimeoutError`` unless done (or dropped) within ``timeout``."""
+        deadline = self._loop.time() + timeout
+        queue = self._queues.get(timeout)
+        if queue is None:
+            queue = self._queues[timeout] = OrderedDict()
+        queue[token] = (deadline, fut)
+        if self._timer is None or deadline < self._armed_at:
+            self._arm(deadline)
+
+    def drop(self, token: str, timeout: float) -> None:
+        queue = self._queues.get(timeout)
+        if queue is not None:
+            queue.pop(token, None)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed_at = at
+        # The slack keeps a loop that rounds timers to the millisecond (uvloop) from waking a
+        # hair early and arming again.
+        self._timer = self._loop.call_at(at + 0.001, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        earliest: float | None = None
+        for timeout, queue in list(self._queues.items()):
+            while queue:
+                token, (deadline, fut) = next(iter(queue.items()))
+                if deadline > now:
+                    earliest = deadline if earliest is None else min(earliest, deadline)
+                    break
+                del queue[token]
+                if not fut.done():
+                    fut.set_exception(nats.errors.TimeoutError())
+            if not queue:
+                del self._queues[timeout]
+        if earliest is not None:
+            self._arm(earliest)
+
+
 class Requests:
     """Requests of one connection, answered on one wildcard reply subscription."""
 
@@ -62,6 +125,13 @@ class Requests:
         self._ids = itertools.count()
         self._pending: dict[str, asyncio.Future[Msg] | _Batch] = {}
         self._sub: Any = None
+        self._deadlines: _Deadlines | None = None
+
+    def _deadlines_of(self, loop: asyncio.AbstractEventLoop) -> _Deadlines:
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = _Deadlines(loop)
+        return deadlines
 
     async def start(self) -> Requests:
         self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
@@ -78,12 +148,13 @@ class Requests:
         token = str(next(self._ids))
         fut: asyncio.Future[Msg] = loop.create_future()
         self._pending[token] = fut
-        timer = loop.call_later(timeout, _expire, fut)
+        deadlines = self._deadlines_of(loop)
+        deadlines.add(token, timeout, fut)
         try:
             await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             msg = await fut
         finally:
-            timer.cancel()
+            deadlines.drop(token, timeout)
             self._pending.pop(token, None)
         if not msg.data and server_status(msg) == "503":
             raise nats.errors.NoRespondersError
@@ -98,10 +169,13 @@ class Requests:
         token = str(next(self._ids))
         entry = _Batch(loop.create_future())
         self._pending[token] = entry
+        deadlines = self._deadlines_of(loop)
+        deadlines.add(token, timeout, entry.done)
         try:
             await self._nc.publish(subject, payload, reply=self._prefix + token)
-            status = await asyncio.wait_for(entry.done, timeout)
+            status = await entry.done
         finally:
+            deadlines.drop(token, timeout)
             self._pending.pop(token, None)
         return entry.got, status
 
@@ -122,11 +196,6 @@ class Requests:
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None
-
-
-def _expire(fut: asyncio.Future[Msg]) -> None:
-    if not fut.done():
-        fut.set_exception(nats.errors.TimeoutError())
 
 
 _of_connection: weakref.WeakKeyDictionary[NATS, asyncio.Future[Requests]] = weakref.WeakKeyDictionary()
