@@ -35,14 +35,111 @@ def is_trivial(expression: str | None) -> bool:
     return expression is None or expression.strip() in ("", "true")
 
 
-def check_expression(expression: str) -> str:
-    """Parse ``expression`` now, so a bad one fails where it was written (with the parser's reason)."""
+WAIT_NAMES = ("input", "async", "event")
+"""What a wait's expression may name: the awaited event's payload (twice) and the run's own input."""
+OUTPUT_NAMES = ("output",)
+"""What a ``ParentCondition``'s expression may name: the parent's output."""
+
+# Type names CEL lets an expression use as values (``type(input.x) == string``).
+_TYPE_NAMES = frozenset(("bool", "bytes", "double", "int", "list", "map", "null_type", "string", "type", "uint",
+                         "google"))
+# Macros whose first argument names a variable of their own (``input.items.exists(i, i > 0)``).
+_BINDING_MACROS = frozenset(("all", "exists", "exists_one", "filter", "map"))
+_UINT64_MAX = 2**64 - 1
+
+
+def check_expression(expression: str, names: tuple[str, ...] = WAIT_NAMES) -> str:
+    """Check ``expression`` now, so a bad one fails where it was written, not by never matching.
+
+    Refused: what does not parse (with the parser's reason), a name other than ``names`` (and
+    CEL's own type names and a macro's variables: ``inputs.user_id`` evaluates to an error on
+    every event, so the wait would never match), an integer literal outside CEL's range, and an
+    expression whose value can only be a number, string, list or map, never true or false.
+    """
     if not isinstance(expression, str):
         raise InvalidExpression(repr(expression), f"an expression must be a string, got {type(expression).__name__}")
-    if is_trivial(expression) or _simple_equality(expression) is not None:
-        return expression  # the commonest shape is valid as read (tests/unit/test_cel_fast_path.py)
-    _compiled(expression)
+    if is_trivial(expression):
+        return expression
+    if _simple_equality(expression) is not None:
+        if names == WAIT_NAMES:
+            return expression  # the commonest shape is valid as read (tests/unit/test_cel_fast_path.py)
+    _checked(expression, names)
     return expression
+
+
+@functools.lru_cache(maxsize=256)
+def _checked(expression: str, names: tuple[str, ...]) -> None:
+    _compiled(expression)
+    tree = _tree(expression)
+    bound: set[str] = set()
+    for node in tree.iter_subtrees():
+        if node.data == "member_dot_arg" and len(node.children) == 3 and str(node.children[1]) in _BINDING_MACROS:
+            args = node.children[2]
+            first = _unwrap(args.children[0]) if isinstance(args, Tree) and args.children else None
+            if isinstance(first, Tree) and first.data == "primary" and isinstance(first.children[0], Tree):
+                bound.update(str(t) for t in first.children[0].children if isinstance(t, Token))
+    allowed = set(names) | _TYPE_NAMES | bound
+    # In the order written, so the first bad name is the one named.
+    for node in sorted(tree.iter_subtrees(), key=_position):
+        if node.data in ("ident", "dot_ident") and node.children:
+            name = str(node.children[0])
+            if name not in allowed:
+                raise InvalidExpression(expression, f"unknown name {name!r}: an expression here may use "
+                                        + _one_of(names))
+        elif node.data == "literal" and node.children and isinstance(node.children[0], Token):
+            token = node.children[0]
+            if token.type in ("INT_LIT", "UINT_LIT"):
+                text = str(token).rstrip("uU")
+                value = int(text, 0)
+                top = _UINT64_MAX if token.type == "UINT_LIT" else _INT64_MAX
+                if not -_INT64_MAX - 1 <= value <= top:
+                    raise InvalidExpression(expression, f"the integer {token} is outside CEL's "
+                                            f"{'uint' if token.type == 'UINT_LIT' else 'int'} range")
+    top_node = _unwrap(tree)
+    kind = _value_kind(top_node)
+    if kind is not None:
+        raise InvalidExpression(expression, f"its value is {kind}, never true or false: "
+                                "a condition compares (==, <, in, ...) or tests (has(), exists(), ...)")
+
+
+def _position(node: Tree[Any]) -> int:
+    token = node.children[0] if node.children else None
+    return token.start_pos or 0 if isinstance(token, Token) else 0
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def _value_kind(node: Any) -> str | None:
+    """What the expression's top node makes if that can only be a non-boolean value, else ``None``."""
+    if not isinstance(node, Tree):
+        return None
+    if node.data.startswith(("addition_", "multiplication_")) or node.data in ("addition", "multiplication"):
+        return "a number (arithmetic)"
+    if node.data == "unary" and node.children and isinstance(node.children[0], Tree) \
+            and node.children[0].data == "unary_neg":
+        return "a number (arithmetic)"
+    if node.data == "primary" and node.children:
+        inner = node.children[0]
+        if isinstance(inner, Tree) and inner.data == "list_lit":
+            return "a list"
+        if isinstance(inner, Tree) and inner.data == "map_lit":
+            return "a map"
+        if isinstance(inner, Tree) and inner.data == "literal":
+            return _literal_kind(inner)
+    if node.data == "literal":
+        return _literal_kind(node)
+    return None
+
+
+def _literal_kind(node: Tree[Any]) -> str | None:
+    token = node.children[0] if node.children else None
+    if not isinstance(token, Token) or token.type == "BOOL_LIT":
+        return None
+    return {"INT_LIT": "a number", "UINT_LIT": "a number", "FLOAT_LIT": "a number", "STRING_LIT": "a string",
+            "BYTES_LIT": "bytes", "NULL_LIT": "null", "MLSTRING_LIT": "a string"}.get(token.type)
 
 
 @functools.lru_cache(maxsize=256)

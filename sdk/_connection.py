@@ -8,6 +8,7 @@ so a connection is looked up by the *running* loop and never reused on another.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import weakref
 from collections.abc import Coroutine
@@ -142,7 +143,21 @@ class ConnectionPool:
             self._streams_ready = False
 
     def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` to completion from plain (non-async) code on the private loop thread."""
+        """Run ``coro`` to completion from plain (non-async) code on the private loop thread.
+
+        Refused inside an async task, on its worker's event loop: waiting there would stop the
+        worker, the very one that may have to run what is waited for. A synchronous task runs in a
+        thread of its own and may call it.
+        """
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and task_loop.get() is loop:
+            name = getattr(coro, "__qualname__", "this call")
+            coro.close()
+            raise RuntimeError(f"{name.replace('aio_', '')}() is synchronous: inside an async task it would block "
+                               f"the worker's event loop; use `await ...{name.rpartition('.')[2]}(...)` there")
         with self._lock:
             if self._portal is None:
                 self._portal = _Portal()
@@ -164,6 +179,11 @@ class ConnectionPool:
         if portal is not None:
             portal.run(self.aclose())
             portal.stop()
+
+
+task_loop: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
+    "bide_task_loop", default=None)
+"""Set while a task's code runs (``TaskDefinition.entry``): the event loop of the worker running it."""
 
 
 class _Portal:

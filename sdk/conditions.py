@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sdk._cel import check_expression, is_trivial
+from sdk._cel import OUTPUT_NAMES, check_expression, is_trivial
 from sdk.durations import parse_duration
 from sdk.limits import check_name
 
@@ -91,7 +91,7 @@ class ParentCondition:
     readable_data_key: str | None = None
 
     def __post_init__(self) -> None:
-        check_expression(self.expression)
+        check_expression(self.expression, OUTPUT_NAMES)
 
 
 Condition = SleepCondition | UserEventCondition | ParentCondition

@@ -271,6 +271,9 @@ class DurableContext(Context):
                 with ``raise_on_timeout=True``).
             match: a field equal in the payload and this run's input (``"data.userId"``).
         """
+        if payload_validator is not None and not (isinstance(payload_validator, type)
+                                                  and issubclass(payload_validator, BaseModel)):
+            raise TypeError(f"payload_validator must be a pydantic BaseModel subclass, got {payload_validator!r}")
         group: list[Condition] = [
             UserEventCondition(
                 key, expression, scope=scope, lookback_window=lookback_window, readable_data_key="event", match=match

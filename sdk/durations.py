@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import timedelta
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -32,26 +33,20 @@ def parse_duration(value: timedelta | float | int | str, what: str) -> timedelta
     return td
 
 
+_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h|d)")
+
+
 def _parse_duration_str(text: str, what: str) -> timedelta:
     s = text.strip()
     total = 0.0
-    num = ""
-    i = 0
-    matched = False
-    while i < len(s):
-        c = s[i]
-        if c.isdigit() or c == ".":
-            num += c
-            i += 1
-            continue
-        unit = "ms" if s[i : i + 2] == "ms" else c
-        if unit not in _UNITS or not num:
-            raise ValueError(f"{what} {text!r} is not a duration like '500ms', '5s', '2m', '1h' or '3d'")
-        total += float(num) * _UNITS[unit]
-        num = ""
-        i += len(unit)
-        matched = True
-    if num or not matched:
+    at = 0
+    while at < len(s):
+        part = _PART.match(s, at)
+        if part is None:
+            break
+        total += float(part.group(1)) * _UNITS[part.group(2)]
+        at = part.end()
+    if not s or at != len(s):
         raise ValueError(f"{what} {text!r} is not a duration like '500ms', '5s', '2m', '1h' or '3d'")
     if not total <= MAX_DURATION.total_seconds():
         raise ValueError(f"{what} {text!r} is longer than 100 years ({MAX_DURATION.days} days)")

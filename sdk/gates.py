@@ -68,5 +68,5 @@ def _key(c: Condition) -> str:
 
 def _end(task: TaskDefinition, kind: str, why: str) -> None:
     if kind == "cancel_if":
-        raise TaskCancelledByCondition(f"task {task.workflow_key!r} cancelled by cancel_if: {why}")
+        raise TaskCancelledByCondition(f"cancel_if: {why}")  # the workflow's reason names the task
     raise TaskSkipped(f"task {task.workflow_key!r} skipped by skip_if: {why}")

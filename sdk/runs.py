@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -322,6 +322,13 @@ class RunList:
     runs: list[RunSummary]
     cursor: str | None = None
 
+    def __iter__(self) -> Iterator[RunSummary]:
+        """This page's runs (``for run in bide.runs.list(...)``); the next page is ``list(cursor=page.cursor)``."""
+        return iter(self.runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
 
 def _moment(value: datetime | timedelta | float | str | None, what: str) -> datetime | None:
     """A datetime as given, or a duration (``"1h"``, seconds, a timedelta) meaning that long ago."""
@@ -344,7 +351,7 @@ def _moment(value: datetime | timedelta | float | str | None, what: str) -> date
 
 def _live_status(last: list[Any]) -> RunStatus:
     if not last:
-        return RunStatus.RUNNING
+        return RunStatus.QUEUED  # its index record is written with its start, before its history
     for e in last:
         if isinstance(e, TERMINAL):
             return {"run_completed": RunStatus.COMPLETED, "run_failed": RunStatus.FAILED}.get(
@@ -428,9 +435,10 @@ class RunsClient:
                        cursor: str | None = None) -> RunList:
         """Runs, newest first, from the runs index; pass ``cursor`` from one page to get the next.
 
-        ``status`` is ``running``, ``waiting`` (a live run parked at a sleep, a wait or its
-        children), ``completed``, ``failed`` or ``cancelled``; ``since`` and ``until`` bound the
-        start time (a datetime, or a duration ago such as ``"1h"``); ``metadata`` keeps runs
+        ``status`` is ``queued`` (started, no host has taken it yet), ``running``, ``waiting`` (a
+        live run parked at a sleep, a wait or its children), ``completed``, ``failed`` or
+        ``cancelled``; ``since`` and ``until`` bound the start time (a datetime, or a duration
+        ago such as ``"1h"``); ``metadata`` keeps runs
         whose ``additional_metadata`` has every given key with that value. Order is that of
         the index's last write of each run: a live run by its start, an ended one by its end.
         """
@@ -457,9 +465,7 @@ class RunsClient:
                     known[r.run_id] = _live_status(last)
             # A live record whose history has ended (its end record was lost with a host) is
             # listed with the history's status, and never as running or waiting.
-            return [{RunStatus.WAITING: "waiting", RunStatus.QUEUED: "running"}.get(known[r.run_id],
-                                                                                  known[r.run_id].value)
-                    if r.run_id in known else r.status for r in runs]
+            return [known[r.run_id].value if r.run_id in known else r.status for r in runs]
 
         page, next_seq = await find(conn.nc, conn.layout.subjects, q, live_status)
         unknown = [r for r in page if r.status == "running" and r.run_id not in known]

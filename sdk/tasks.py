@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from actors.engine.child_ids import validate_child_key
 from actors.engine.wire import args_hash
 from sdk._codec import Signature
+from sdk._connection import task_loop
 from sdk.context import ChildSpec, DurableRuntime, current_runtime
 from sdk.durations import parse_duration
 from sdk.gates import gate
@@ -137,6 +138,7 @@ class TaskDefinition:
 
     async def entry(self, value: Any, ctx: Any) -> Any:
         """What a host runs: the task's conditions (a workflow task's), then the function."""
+        task_loop.set(asyncio.get_running_loop())  # the synchronous API refuses to block it
         if self.has_conditions:
             await gate(self, ctx)
         if inspect.iscoroutinefunction(self.fn):

@@ -72,13 +72,13 @@ class Workflow:
         return self._add(fn, name, True, locals())
 
     def _add(self, fn: Callable[..., Any] | None, name: str | None, durable: bool, opts: dict[str, Any]) -> Any:
-        label = str(name or getattr(fn, "__name__", "?"))
-        parents = self._parents(opts.get("parents"), label)
-        conds = {k: self._conditions(k, opts.get(k), parents, label)
-                 for k in ("wait_for", "skip_if", "cancel_if")}
-
         def wrap(f: Callable[..., Any]) -> TaskDefinition:
             short = name or f.__name__
+            # Checked once the function (and so the task's name) is known: `@wf.task(parents=[...])`
+            # calls this with no function yet.
+            parents = self._parents(opts.get("parents"), short)
+            conds = {k: self._conditions(k, opts.get(k), parents, short)
+                     for k in ("wait_for", "skip_if", "cancel_if")}
             if any(t.workflow_key == short for t in self.tasks):
                 raise WorkflowDefinitionError(f"workflow {self.name!r} already has a task named {short!r}")
             define = self._client.durable_task if durable else self._client.task

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from actors.apps.http_api import serve_app, serve_http, url_of
 from actors.apps.processes import Supervisor, die_with_supervisor, parse_count
 from actors.engine.run_history import export_run
 from actors.hosting import event_loop
+from actors.store.runs_index import STATUSES
 from actors.store.server import DEFAULT_SYNC, SYNC_ENV, EmbeddedServer, SyncSetting, cluster_url, local_cluster
 from sdk import Bide, BideError, NonDeterminismError, Worker
 from sdk.limits import MAX_DEPTH
@@ -637,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     export.set_defaults(func=cmd_runs_export)
     ls = runs_sub.add_parser("list", help="list runs, newest first, from the runs index")
-    ls.add_argument("--status", choices=["running", "waiting", "completed", "failed", "cancelled"])
+    ls.add_argument("--status", choices=list(STATUSES))
     ls.add_argument("--task", help="runs of this task only")
     ls.add_argument("--since", help="started at or after: a time (ISO 8601) or a duration ago (1h, 30m)")
     ls.add_argument("--until", help="started at or before: a time (ISO 8601) or a duration ago")
@@ -709,6 +711,19 @@ _NATS_FLAGS = (
 )
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output's reader has gone; if so, point it at /dev/null so exit's flush is quiet."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, ValueError, OSError):  # no poll() here, or no real file behind stdout
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return gone
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for _, env, _ in _NATS_FLAGS:
@@ -721,6 +736,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = event_loop.run(args.func(args))
         return code
+    except BrokenPipeError as e:
+        if not _stdout_closed():
+            print(f"bide: error: {e}", file=sys.stderr)
+            return 2
+        return 141  # `bide runs show RUN | head -1`: the reader has what it wanted; a shell's SIGPIPE status
     except (CliError, BideError, ValueError, ConnectionError, TimeoutError, FileNotFoundError) as e:
         print(f"bide: error: {e}", file=sys.stderr)
         return 2

@@ -604,7 +604,7 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
     @app.get("/api/v1/runs", response_model=RunPage, dependencies=auth, responses=_errors(400, 401, 503),
              tags=["runs"])
     async def list_runs(
-        status: Literal["running", "waiting", "completed", "failed", "cancelled"] | None = Query(None),
+        status: Literal["queued", "running", "waiting", "completed", "failed", "cancelled"] | None = Query(None),
         task: str | None = Query(None, json_schema_extra={"anyOf": [_NAME, {"type": "null"}]}),
         since: str | None = Query(None, description="runs started at or after this time (RFC 3339)",
                                   json_schema_extra=_DATE_TIME),

@@ -54,8 +54,9 @@ HDR_EXPECTED_SEQ = "Nats-Expected-Last-Subject-Sequence"
 HDR_EXPECTED_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 """Which subjects (a wildcard) the expected-last-sequence check is about (nats-server >= 2.11)."""
 LIVE, ENDED = "live", "ended"
-STATUSES = ("running", "waiting", "completed", "failed", "cancelled")
-"""What ``bide.runs.list(status=...)`` takes: ``running`` and ``waiting`` are live runs."""
+STATUSES = ("queued", "running", "waiting", "completed", "failed", "cancelled")
+"""What ``bide.runs.list(status=...)`` takes: ``queued``, ``running`` and ``waiting`` are live runs."""
+_LIVE_STATUSES = frozenset(STATUSES[:3])
 MAX_LIMIT = 1000
 _FIRST_WINDOW = 256
 _MAX_WINDOW = 65536
@@ -132,7 +133,7 @@ class RunQuery:
     def state(self) -> str | None:
         if self.status is None:
             return None
-        return LIVE if self.status in ("running", "waiting") else ENDED
+        return LIVE if self.status in _LIVE_STATUSES else ENDED
 
 
 CURSOR_PATTERN = r"^[1-9][0-9]{0,17}$"
@@ -227,7 +228,7 @@ async def find(nc: NATS, subjects: Subjects, q: RunQuery,
         lo = max(1, hi - window)
         got = await _window(nc, stream, subject, lo, hi)
         got = [r for r in reversed(got) if _matches(r, q)]
-        if q.status in ("running", "waiting") and got and live_status is not None:
+        if q.status in _LIVE_STATUSES and got and live_status is not None:
             statuses = await live_status(got)
             got = [r for r, st in zip(got, statuses, strict=True) if st == q.status]
         found.extend(got)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -141,3 +142,38 @@ def test_definitions_are_checked() -> None:
     with pytest.raises(ValueError, match="5 parsecs"):
         @client.task(name="BadTimeout", execution_timeout="5 parsecs")
         def bad_timeout(input: EmptyModel, ctx: Context) -> None: ...
+
+
+async def test_a_synchronous_call_inside_an_async_task_fails_the_run_not_the_worker(bide: Bide) -> None:
+    """`child.run()` in an async task used to block the worker's loop: that run never ended, nor any other."""
+
+    @bide.task(name="SyncLeaf")
+    async def leaf(input: EmptyModel, ctx: Context) -> int:
+        return 1
+
+    @bide.durable_task(name="SyncInDurable")
+    async def blocks(input: EmptyModel, ctx: DurableContext) -> int:
+        return int(leaf.run())
+
+    @bide.task(name="SyncInThread")
+    def in_thread(input: EmptyModel, ctx: Context) -> int:
+        return int(leaf.run(timeout=20)) + 1  # a sync task runs in a thread of its own: waiting there is fine
+
+    async with running_worker(bide, [leaf, blocks, in_thread]):
+        with pytest.raises(RunFailedError) as err:
+            await blocks.aio_run(timeout=20)
+        assert "TaskDefinition.run() is synchronous" in str(err.value)
+        assert "await ...aio_run(...)" in str(err.value)
+        assert await leaf.aio_run(timeout=20) == 1
+        assert await in_thread.aio_run(timeout=20) == 2
+
+
+async def test_a_payload_validator_that_is_not_a_model_fails_at_the_wait_not_at_the_event(bide: Bide) -> None:
+    @bide.durable_task(name="DictValidator")
+    async def waits(input: EmptyModel, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("dv:ev", payload_validator=dict, timeout="10m")  # type: ignore[call-overload]
+
+    async with running_worker(bide, [waits]):
+        with pytest.raises(RunFailedError) as err:
+            await waits.aio_run(timeout=20)  # no event is ever pushed: the wait is refused as it is made
+        assert "payload_validator must be a pydantic BaseModel subclass, got <class 'dict'>" in str(err.value)

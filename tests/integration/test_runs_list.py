@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +18,7 @@ from actors.store.server import EmbeddedServer
 from sdk import Bide, Context, DurableContext, NonRetryableError, RunList, RunStatus
 from tests.e2e.test_cli_events import cli
 from tests.integration.test_http_api import client_for
-from tests.support import running_worker, wait_until
+from tests.support import REPO, running_worker, wait_until
 
 NOOPS = 2200
 FAILS = 300
@@ -243,3 +245,38 @@ async def test_a_run_whose_end_record_was_lost_is_listed_with_its_historys_statu
         assert [(r.run_id, r.status) for r in listed] == [(run_id, RunStatus.COMPLETED)]
         assert run_id not in await _all(bide, status="running")
         assert run_id not in await _all(bide, status="waiting")
+
+
+async def test_runs_no_host_has_taken_are_listed_and_found_as_queued(nats_server: EmbeddedServer, bide: Bide) -> None:
+    """`bide runs list` prints `queued`; every way in takes it as a filter too, and `running` leaves them out."""
+
+    @bide.task(name="ix_unserved")
+    def unserved(input: Any, ctx: Context) -> None:
+        return None
+
+    refs = [await unserved.aio_run_no_wait(i) for i in range(3)]  # no worker: nobody takes them
+    ids = {r.workflow_run_id for r in refs}
+
+    async def indexed() -> bool:
+        return len((await bide.runs.aio_list(task="ix_unserved")).runs) == 3
+
+    await wait_until(indexed, timeout=20, what="the three runs' records")
+    page = await bide.runs.aio_list(status="queued")
+    assert {r.run_id for r in page} == ids and {r.status for r in page} == {RunStatus.QUEUED}
+    assert (await bide.runs.aio_list(status="running")).runs == []
+    async with client_for(bide) as api:
+        assert set(await _http_all(api, status="queued")) == ids
+    out = await cli("runs", "list", "--status", "queued", "--json", url=nats_server.url)
+    assert out.returncode == 0, out.stderr
+    assert {r["run_id"] for r in json.loads(out.stdout)["runs"]} == ids
+    # A reader that has gone (`| head -1`, done) ends the listing quietly.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "actors.apps.cli", "runs", "list", stdout=write_end,
+            stderr=asyncio.subprocess.PIPE, cwd=REPO, env={**os.environ, "BIDE_NATS_URL": nats_server.url})
+    finally:
+        os.close(write_end)
+    _, stderr = await proc.communicate()
+    assert (proc.returncode, stderr) == (141, b"")
