@@ -417,6 +417,20 @@ async def _why_unparsed(request: Request, limits: PayloadLimits) -> str:
     return "request body is not JSON that can be read (it must be UTF-8 JSON, nested at most 64 levels)"
 
 
+def _with_known_fields(err: Any, request: Request) -> Any:
+    """An unknown body field's error names the fields there are (``data``: the payload is ``payload``)."""
+    loc = tuple(err.get("loc") or ())
+    if err.get("type") != "extra_forbidden" or len(loc) != 2 or loc[0] != "body":
+        return err
+    route = request.scope.get("route")
+    model = getattr(getattr(getattr(route, "body_field", None), "field_info", None), "annotation", None)
+    fields = getattr(model, "model_fields", None)
+    if not fields:
+        return err
+    return {**err, "msg": f"{err.get('msg', 'Extra inputs are not permitted')}: {loc[1]!r} is not a field here; "
+                          f"the fields are {', '.join(fields)}"}
+
+
 def _too_large(limit: int, got: str) -> str:
     return f"request body too large: {got}, the limit is {limit} bytes"
 
@@ -488,7 +502,8 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
                 loc: tuple[Any, ...] = tuple(err.get("loc") or ())
                 where = f" at position {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
                 return JSONResponse({"detail": f"request body is not valid JSON: {why}{where}"}, status_code=400)
-        return await request_validation_exception_handler(request, exc)
+        errors = [_with_known_fields(err, request) for err in exc.errors()]
+        return await request_validation_exception_handler(request, RequestValidationError(errors, body=exc.body))
 
     @app.exception_handler(StarletteHTTPException)
     async def _not_allowed(request: Request, exc: StarletteHTTPException) -> Any:

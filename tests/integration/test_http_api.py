@@ -326,3 +326,13 @@ async def test_an_open_api_refuses_what_a_browser_page_could_send_cross_site(bid
     async with client_for(bide, TOKEN) as api:
         auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/plain"}
         assert (await api.post("/api/v1/webhooks/k", content=b'{"id": 1}', headers=auth)).status_code == 202
+
+
+async def test_an_unknown_field_names_the_fields_there_are(api: httpx.AsyncClient) -> None:
+    """Inngest's events carry `data`; here the payload is `payload`, and the 422 says so."""
+    resp = await api.post("/api/v1/events", json={"key": "k", "data": {"a": 1}})
+    assert resp.status_code == 422
+    (err,) = resp.json()["detail"]
+    assert err["loc"] == ["body", "data"]
+    assert err["msg"] == ("Extra inputs are not permitted: 'data' is not a field here; "
+                          "the fields are key, payload, scope, event_id, metadata, additional_metadata")
