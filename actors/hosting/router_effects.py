@@ -32,7 +32,8 @@ from nats.aio.client import Client as NATS
 
 from actors.engine.wire import HDR_MSG_ID, Activation, Subjects, encode_activation
 from actors.store.jetstream import api_request, retry_transient
-from actors.store.requests import Publisher
+from actors.store.protocol import is_signal_of
+from actors.store.requests import Publisher, SameCheck
 
 log = logging.getLogger("bide.router")
 
@@ -98,7 +99,8 @@ class Effects:
     async def flush(self) -> None:
         """Carry out every write, in the crash-safe order; returns once all are durable."""
         seqs = await asyncio.gather(*(self._publish(*w) for w in self.first),
-                                    *(self._publish(inbox, data, hdrs) for inbox, data, hdrs, *_ in self.signals))
+                                    *(self._publish(inbox, data, hdrs, is_signal_of(self._pub, self._s, a.run_id, data))
+                                      for inbox, data, hdrs, _work, a, _ in self.signals))
         await asyncio.gather(*(start() for start in self.starts))
         for (_, _, _, work, act, hdrs), seq, outcome in zip(self.signals, seqs[len(self.first):],
                                                             self._signal_outcomes, strict=True):
@@ -115,9 +117,11 @@ class Effects:
             except Exception as e:  # a view: a lost record is a gap in `bide events list`, nothing more
                 log.warning("router: outcome record on %s not published (%s)", subject, type(e).__name__)
 
-    async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> int | None:
+    async def _publish(self, subject: str, data: bytes, headers: dict[str, str],
+                       same: SameCheck | None = None) -> int | None:
         try:
-            seq: int = await retry_transient(f"publish to {subject}", lambda: self._pub.publish(subject, data, headers))
+            seq: int = await retry_transient(f"publish to {subject}",
+                                             lambda: self._pub.publish(subject, data, headers, same=same))
             return seq
         except Exception as e:
             # Sizes are checked when the router decides, so this is a refusal nobody foresaw:

@@ -36,7 +36,7 @@ from actors.engine.wire import (
 from actors.observe.tracing import TRACEPARENT, Tracing
 from actors.store.history import HistoryLog
 from actors.store.jetstream import direct_get_first, increment
-from actors.store.protocol import deliver_signal, start_run
+from actors.store.protocol import deliver_signal, is_signal_of, start_run
 from actors.store.requests import Publisher
 
 log = logging.getLogger("bide.children")
@@ -86,8 +86,9 @@ async def notify_parent(nc: NATS, pub: Publisher, subjects: Subjects, run_id: st
     sig = EventSignal(source="child", name=run_id, payload=outcome_of(terminal), event_id=run_id,
                       wait_id=f"{parent.run_id}:{parent.pos}", at=utcnow())
     # A duplicate (a redelivered child) is acknowledged with the first copy's sequence.
-    seq = await pub.publish(subjects.inbox(parent.run_id), sig.model_dump_json().encode(),
-                            {HDR_MSG_ID: f"child:{run_id}"})
+    data = sig.model_dump_json().encode()
+    seq = await pub.publish(subjects.inbox(parent.run_id), data, {HDR_MSG_ID: f"child:{run_id}"},
+                            same=is_signal_of(pub, subjects, parent.run_id, data))
     total = await increment(nc, subjects.counter(parent.run_id, parent.pos))
     if total >= parent.n:
         act = Activation(run_id=parent.run_id, task=parent.task, kind="signal", inbox_seq=seq)

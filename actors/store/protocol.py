@@ -12,8 +12,9 @@ refused or the servers stay unreachable.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
+import orjson
 from nats.aio.msg import Msg
 
 from actors.engine.wire import (
@@ -22,13 +23,14 @@ from actors.engine.wire import (
     Activation,
     EventSignal,
     RunStarted,
+    SignalReceived,
     Subjects,
     decode_activation,
     encode_activation,
 )
 from actors.store.history import HistoryConflict, HistoryLog
 from actors.store.jetstream import retry_transient
-from actors.store.requests import Publisher
+from actors.store.requests import Publisher, SameCheck
 from actors.store.runs_index import publish_live
 from sdk.errors import RunAlreadyExistsError
 
@@ -80,7 +82,7 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
     return None
 
 
-def is_start_of(started: RunStarted) -> Callable[[Msg | None], bool]:
+def is_start_of(started: RunStarted) -> SameCheck:
     """Whether the stored first copy of a start activation (de-duplicated by its id) is ``started``'s.
 
     The queue's id ``start:<run>`` can be taken first by anyone who may publish activations, with
@@ -89,7 +91,7 @@ def is_start_of(started: RunStarted) -> Callable[[Msg | None], bool]:
     host one read, while a run with no activation would never run. Another request's start is
     not ours either: the host that takes ours sees the other in the history and drops it.
     """
-    def same(first: Msg | None) -> bool:
+    async def same(first: Msg | None, _seq: int) -> bool:
         if first is None:
             return False
         try:
@@ -102,6 +104,41 @@ def is_start_of(started: RunStarted) -> Callable[[Msg | None], bool]:
     return same
 
 
+def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -> SameCheck:
+    """Whether the first copy of a de-duplicated inbox write is this signal (``data``, an ``EventSignal``).
+
+    Inbox ids can be known in advance (``sig:<wait>/<cond>:<event seq>``, ``child:<run>``, a
+    sender's event id) and whoever may deliver to runs may publish on any inbox: a message
+    stored first under our id, on the same subject, would otherwise stand for ours, and the
+    activation would name it (a wait that never resumed). The same signal again (a redone
+    router batch, a redelivered child's end, a retried send) differs at most in its ``at``.
+    A first copy no longer stored was taken by the run, or removed with it: the history says
+    which signal it took at that sequence. One it never took (a malformed message, dropped) is
+    not ours either, and sending ours again to an ended run costs a host one read.
+    """
+    ours = _signal_identity(data)
+
+    async def same(first: Msg | None, seq: int) -> bool:
+        if first is not None:
+            return bool(_signal_identity(first.data) == ours)
+        hist = await HistoryLog(pub.nc, pub, subjects).read(run_id)
+        taken = [e for e in hist.entries if isinstance(e, SignalReceived) and e.inbox_seq == seq]
+        return bool(taken) and _signal_identity(taken[0].signal.model_dump_json().encode()) == ours
+
+    return same
+
+
+def _signal_identity(data: bytes) -> Any:
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    doc.pop("at", None)
+    return doc
+
+
 async def deliver_signal(pub: Publisher, subjects: Subjects, run_id: str, task: str, signal: EventSignal,
                          msg_id: str | None = None) -> int:
     """Put ``signal`` on the run's inbox, then the activation that names its sequence; returns that sequence.
@@ -110,8 +147,9 @@ async def deliver_signal(pub: Publisher, subjects: Subjects, run_id: str, task: 
     the activation. The inbox goes first: an activation always finds its signal.
     """
     headers = {HDR_MSG_ID: msg_id} if msg_id else None
+    data = signal.model_dump_json().encode()
     seq: int = await retry_transient(f"signal to run {run_id}", lambda: pub.publish(
-        subjects.inbox(run_id), signal.model_dump_json().encode(), headers), CLIENT_RETRY_S)
+        subjects.inbox(run_id), data, headers, same=is_signal_of(pub, subjects, run_id, data)), CLIENT_RETRY_S)
     act = Activation(run_id=run_id, task=task, kind="signal", inbox_seq=seq)
     act_headers = {HDR_BIDE_KIND: "signal"}
     if msg_id:

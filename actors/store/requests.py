@@ -16,7 +16,7 @@ import itertools
 import os
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
@@ -43,6 +43,10 @@ def server_status(msg: Msg) -> str | None:
     if msg.reply.startswith("$JS.ACK.") or "Nats-Sequence" in headers:
         return None
     return headers["Status"]
+
+
+SameCheck = Callable[[Msg | None, int], Awaitable[bool]]
+"""Whether a de-duplicated publish's first copy (``None``: no longer stored; and its sequence) is this message."""
 
 
 class _Batch:
@@ -229,8 +233,12 @@ class Publisher:
         assert self._requests is not None, "Publisher.start() first"
         return self._requests
 
+    @property
+    def nc(self) -> NATS:
+        return self._nc
+
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None, *,
-                      same: Callable[[Msg | None], bool] | None = None) -> int:
+                      same: SameCheck | None = None) -> int:
         """Publish and return the stream sequence; raises the JetStream API error on refusal.
 
         A publish with a ``Nats-Msg-Id`` that the stream calls a duplicate returns the first
@@ -238,8 +246,8 @@ class Publisher:
         by id across the whole stream, so anyone who may publish to any of its subjects could
         otherwise take an id first (a ``nats pub -H Nats-Msg-Id:register:…`` on an event subject
         made a run's wait registration vanish). The first copy is read back; if it is on another
-        subject (or ``same`` rejects it; ``None`` when it is no longer stored), the message is
-        published again under an id of its own.
+        subject (or ``same`` rejects it: ``same(first, seq)``, ``first`` being ``None`` when it is
+        no longer stored), the message is published again under an id of its own.
         """
         resp = await self._publish_once(subject, data, headers)
         msg_id = (headers or {}).get(_MSG_ID)
@@ -266,13 +274,12 @@ class Publisher:
             nats.js.errors.APIError.from_error(err)  # raises the typed error
         return resp
 
-    async def _is_first_copy(self, resp: dict[str, Any], subject: str,
-                             same: Callable[[Msg | None], bool] | None) -> bool:
+    async def _is_first_copy(self, resp: dict[str, Any], subject: str, same: SameCheck | None) -> bool:
         from actors.store.jetstream import direct_get_seq  # jetstream imports this module
 
         first = await direct_get_seq(self._nc, resp["stream"], int(resp["seq"]), timeout=self._timeout)
         if same is not None:
-            return same(first)
+            return await same(first, int(resp["seq"]))
         # Gone (taken, or purged) is trusted: our own earlier copy, most likely, and sending it twice
         # would deliver it twice.
         return first is None or (first.headers or {}).get("Nats-Subject") == subject

@@ -10,8 +10,11 @@ Each test below failed that way before the fix.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
+
+import orjson
 
 from sdk import Bide, DurableContext
 from tests.support import running_worker, wait_until
@@ -93,3 +96,66 @@ async def test_one_event_id_on_two_keys_or_two_runs_reaches_both(bide: Bide) -> 
         info = await conn.js.stream_info(conn.layout.subjects.events_stream,
                                          subjects_filter=conn.layout.subjects.event(f"k1:{u}"))
         assert sum((info.state.subjects or {}).values()) == 1, (again, info.state.subjects)
+
+
+def _junk(name: str) -> bytes:
+    """A well-formed direct delivery, as whoever may deliver to runs may publish on any inbox."""
+    return orjson.dumps({"v": 1, "source": "direct", "name": name, "event_id": "junk",
+                         "at": "2026-01-01T00:00:00Z", "payload": {"junk": True}})
+
+
+async def test_a_signal_published_first_with_the_routers_id_does_not_stand_for_the_event(bide: Bide) -> None:
+    """The router's inbox id is `sig:<wait>/<cond>:<event seq>`: the wait id is in the history and the
+    sequence is the stream's next. Taken first, the router's signal was dropped as a duplicate and its
+    activation named the taken message: the run waited for ever, its registration deleted."""
+
+    @bide.durable_task(name="TakenSignalWaiter")
+    async def waiter(input: dict[str, Any], ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event(input["key"], "input.n == 1")
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    key = f"sig:{uuid.uuid4().hex[:8]}"
+    async with running_worker(bide, [waiter]):
+        ref = await waiter.aio_run_no_wait({"key": key})
+        rid = ref.workflow_run_id
+
+        async def waiting() -> list[Any]:
+            return [e for e in (await conn.history.read(rid)).entries if e.k == "wait_registered"]
+
+        await wait_until(waiting, what="the run to wait")
+        wait_id = (await waiting())[-1].wait_id
+        last = (await conn.js.stream_info(s.events_stream)).state.last_seq
+        for seq in range(last + 1, last + 5):
+            await conn.js.publish(s.inbox(rid), _junk("x"), headers={"Nats-Msg-Id": f"sig:{wait_id}/0:{seq}"})
+        await bide.event.aio_push(key, {"n": 1})
+        assert await ref.aio_result(timeout=20) == {"n": 1}
+
+
+async def test_a_signal_published_first_with_a_childs_id_does_not_stand_for_its_outcome(bide: Bide) -> None:
+    """A child's end goes to its parent's inbox as `child:<child run>`: taken first, the parent read the
+    taken message as the child's outcome."""
+
+    @bide.task(name="TakenChildLeaf")
+    async def leaf(input: dict[str, Any], ctx: Any) -> Any:
+        await asyncio.sleep(float(input["after"]))
+        return {"leaf": input["v"]}
+
+    @bide.durable_task(name="TakenChildParent")
+    async def parent(input: dict[str, Any], ctx: DurableContext) -> Any:
+        return await leaf.aio_run({"v": 7, "after": 2})
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(bide, [leaf, parent]):
+        ref = await parent.aio_run_no_wait({})
+        rid = ref.workflow_run_id
+
+        async def spawned() -> list[str]:
+            return [c for e in (await conn.history.read(rid)).entries if e.k == "children_spawned"
+                    for c in e.run_ids]
+
+        await wait_until(spawned, what="the child to be spawned")
+        (child,) = await spawned()
+        await conn.js.publish(s.inbox(rid), _junk(child), headers={"Nats-Msg-Id": f"child:{child}"})
+        assert await ref.aio_result(timeout=20) == {"leaf": 7}
