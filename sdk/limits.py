@@ -88,6 +88,10 @@ CEILING_LIMITS = PayloadLimits(max_bytes=MAX_PAYLOAD_CEILING)
 """What a value is held to where no configuration is at hand (a memo's result): the envelope must fit."""
 
 
+_MAY_OVERFLOW = re.compile(rb"[eE]|[0-9]{300}")
+"""What a JSON number beyond a double's range needs: an exponent, or over 300 digits."""
+
+
 def check_payload(data: bytes, limits: PayloadLimits = DEFAULT_LIMITS, what: str = "the payload") -> Any:
     """Check published bytes against ``limits`` and return the JSON value they hold.
 
@@ -112,6 +116,8 @@ def check_payload(data: bytes, limits: PayloadLimits = DEFAULT_LIMITS, what: str
                                     "more than 200 levels of nested arrays or objects") from None
         raise EventPayloadError(f"{what} is not JSON: {e}") from None
     _check_value(value, limits, what)
+    if _MAY_OVERFLOW.search(data):  # `1e400` reads as infinity, which JSON cannot hold: never made null
+        _refuse_non_finite(value, what)
     return value
 
 

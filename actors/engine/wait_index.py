@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 
 from actors.engine.wire import HDR_EVENT_METADATA, TRACEPARENT, WaitRegistration, event_id_of
 from sdk import _cel
-from sdk.errors import EventPayloadError
+from sdk.errors import EventPayloadError, PayloadLimitError
 from sdk.limits import DEFAULT_LIMITS, PayloadLimits, check_payload
 
 
@@ -236,10 +236,11 @@ def decode_event(msg: Msg, key: str, scope: str | None, seq: int, at: datetime,
     meta: dict[str, Any] = {}
     if HDR_EVENT_METADATA in hdrs:
         # Metadata is a JSON object within the limits, like the SDK sends; anything else from a raw
-        # publish is dropped (a JSON array of pairs made a dict with integer keys, which no signal holds).
+        # publish is dropped (a JSON array of pairs made a dict with integer keys, which no signal
+        # holds), the event kept: its payload is what waits are for.
         try:
             loaded = check_payload(hdrs[HDR_EVENT_METADATA].encode(), limits, f"the metadata of event {seq}")
-        except EventPayloadError:
+        except (EventPayloadError, PayloadLimitError):
             loaded = None
         meta = loaded if isinstance(loaded, dict) else {}
     if TRACEPARENT in hdrs:

@@ -15,6 +15,7 @@ import string
 from typing import Any
 
 import nats
+import pytest
 
 from actors.engine.wire import Subjects
 from actors.store.server import EmbeddedServer
@@ -147,10 +148,13 @@ async def test_garbage_on_every_subject_neither_crashes_the_host_nor_corrupts_th
         assert info.status is RunStatus.COMPLETED and info.error is None
 
 
+@pytest.mark.parametrize("metadata", ["[[1, 2]]", '{"a": 99999999999999999999999}', "[" * 1000 + "]" * 1000],
+                         ids=["pairs", "int-over-int64", "too-deep"])
 async def test_raw_event_metadata_that_is_not_an_object_is_dropped_not_fatal_to_the_event(
-        nats_server: EmbeddedServer, bide: Bide) -> None:
+        nats_server: EmbeddedServer, bide: Bide, metadata: str) -> None:
     """``Bide-Metadata: [[1, 2]]`` (a JSON array of pairs) made metadata with an integer key:
-    no signal could hold it, and the router rejected the event, so the wait never saw it."""
+    no signal could hold it, and the router rejected the event, so the wait never saw it. Metadata
+    over a limit was rejected with the whole event the same way."""
 
     @bide.durable_task(name="MetaWaits")
     async def meta_waits(input: EmptyModel, ctx: DurableContext) -> Any:
@@ -165,7 +169,7 @@ async def test_raw_event_metadata_that_is_not_an_object_is_dropped_not_fatal_to_
         await wait_until(waiting, what="the run to wait")
         nc = await nats.connect(nats_server.url)
         try:
-            await nc.jetstream().publish(S.event("fuzz:meta"), b'{"ok": 1}', headers={"Bide-Metadata": "[[1, 2]]"})
+            await nc.jetstream().publish(S.event("fuzz:meta"), b'{"ok": 1}', headers={"Bide-Metadata": metadata})
         finally:
             await nc.close()
         assert await asyncio.wait_for(ref.aio_result(), 20) == {"ok": 1}

@@ -94,6 +94,18 @@ def test_non_json_bytes_are_a_payload_error() -> None:
         check_payload(b"[NaN]")
 
 
+@pytest.mark.parametrize(("data", "named"), [
+    (b'{"n": 1, "amount": 1e400}', "inf at ['amount']"), (b"[-1E999]", "-inf at [0]"),
+    (b"1" + b"0" * 400 + b".0", "it has inf"),
+])
+def test_a_number_beyond_a_double_is_refused_not_made_null(data: bytes, named: str) -> None:
+    """A raw publish of `1e400` read as infinity, which the signal's JSON then wrote as null."""
+    with pytest.raises(PayloadLimitError, match="finite numbers") as err:
+        check_payload(data)
+    assert named in str(err.value)
+    assert check_payload(b'{"x": 1e10, "s": "e"}') == {"x": 1e10, "s": "e"}
+
+
 def test_the_ceiling_leaves_room_in_the_servers_one_mebibyte() -> None:
     assert DEFAULT_MAX_PAYLOAD < MAX_PAYLOAD_CEILING < 1024 * 1024
 
