@@ -134,9 +134,8 @@ class EventsClient:
         if scope is not None:
             scope = validate_key(scope, "scope")
         what = f"event {key!r}"
-        if event_id is not None and (not isinstance(event_id, str) or not event_id):
-            raise ValueError(f"event_id of {what} must be a non-empty string, got {event_id!r}")
-        eid = event_id or random_id()
+        # The id travels as a header, whose value the client strips: `"dup-1 "` was stored as `"dup-1"`.
+        eid = random_id() if event_id is None else validate_key(event_id, f"event_id of {what}")
         limits = self._pool.config.payload_limits
         body = payload_to_json(payload, what, limits)
         headers = {HDR_MSG_ID: eid, **_metadata_header(metadata, what, limits, body)}
@@ -222,9 +221,9 @@ class EventsClient:
         run_id = validate_key(run_id, "run id")
         name = validate_key(name, "event name")
         body = payload_to_json(payload, f"event {name!r} for run {run_id}", self._pool.config.payload_limits)
+        eid = random_id() if event_id is None else validate_key(event_id, f"event_id of event {name!r}")
         conn = await self._pool.get()
         task = await _live_run_task(conn, run_id)
-        eid = event_id or random_id()
         s = conn.layout.subjects
         span = conn.tracing.send_to_run(run_id, name, s.inbox(run_id), eid)
         meta = {TRACEPARENT: span.traceparent} if span.traceparent else {}

@@ -102,7 +102,7 @@ class PushEventRequest(BaseModel):
     scope: str | None = Field(default=None, description="narrows the event to waits with the same scope",
                               json_schema_extra={"anyOf": [_NAME, {"type": "null"}]})
     event_id: str | None = Field(default=None, description="makes the push idempotent: a repeated id is dropped",
-                                 json_schema_extra={"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]})
+                                 json_schema_extra={"anyOf": [_NAME, {"type": "null"}]})
     metadata: dict[str, Any] | None = Field(default=None, description="extra JSON data carried with the event")
     additional_metadata: dict[str, Any] | None = Field(
         default=None, description="the same as metadata (Hatchet's name); its string values become the "
@@ -566,8 +566,7 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
               openapi_extra=_RAW_JSON_BODY, tags=["events"])
     async def webhook(request: Request, key: str = Path(json_schema_extra={"pattern": WEBHOOK_KEY_PATTERN}),
                       scope: str | None = Query(None, json_schema_extra={"anyOf": [_NAME, {"type": "null"}]}),
-                      event_id: str | None = Query(None, json_schema_extra={
-                          "anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}),
+                      event_id: str | None = Query(None, json_schema_extra={"anyOf": [_NAME, {"type": "null"}]}),
                       _: None = _query_params("scope", "event_id")) -> EventAccepted:
         """Push the raw JSON body as the payload of event ``key`` (which may contain ``/``)."""
         payload = await _json_body(request, max_body_bytes, limits)

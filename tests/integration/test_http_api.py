@@ -336,3 +336,15 @@ async def test_an_unknown_field_names_the_fields_there_are(api: httpx.AsyncClien
     assert err["loc"] == ["body", "data"]
     assert err["msg"] == ("Extra inputs are not permitted: 'data' is not a field here; "
                           "the fields are key, payload, scope, event_id, metadata, additional_metadata")
+
+
+@pytest.mark.parametrize("event_id", [" ", "dup-1 ", "\tdup-1\n", "e" * 70_000, "\x1b[2J"],
+                         ids=["blank", "trailing-space", "surrounding-controls", "over-64k", "escape"])
+async def test_an_event_id_a_header_cannot_carry_unchanged_is_refused(api: httpx.AsyncClient, bide: Bide,
+                                                                     event_id: str) -> None:
+    """nats-py strips a header's value: `"dup-1 "` was stored as `"dup-1"`, a silent duplicate, while the
+    reply named the caller's id; an id over 64 KiB was a 500."""
+    resp = await api.post("/api/v1/events", json={"key": "k", "event_id": event_id, "payload": {}})
+    assert resp.status_code == 400 and "event_id of event 'k'" in resp.json()["detail"], resp.text
+    with pytest.raises(ValueError, match="event_id of event 'k'"):
+        await bide.event.aio_push("k", {}, event_id=event_id)
