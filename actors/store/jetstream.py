@@ -127,6 +127,9 @@ class Layout:
             replicas=config.replicas,
             ack_wait_s=config.ack_wait_s,
             events_max_age_s=config.events_max_age_s,
+            # JetStream refuses a window longer than the stream's max age (10052): events kept less
+            # than 10 minutes are de-duplicated for as long as they are kept.
+            event_dedupe_window_s=min(cls.event_dedupe_window_s, config.events_max_age_s),
             router_partitions=config.router_partitions,
         )
 

@@ -177,3 +177,25 @@ async def test_a_payload_validator_that_is_not_a_model_fails_at_the_wait_not_at_
         with pytest.raises(RunFailedError) as err:
             await waits.aio_run(timeout=20)  # no event is ever pushed: the wait is refused as it is made
         assert "payload_validator must be a pydantic BaseModel subclass, got <class 'dict'>" in str(err.value)
+
+
+async def test_events_kept_under_ten_minutes_still_make_a_store(nats_server: EmbeddedServer,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`BIDE_EVENTS_MAX_AGE=5` failed every host's start: JetStream refuses a de-duplication
+    window (10 minutes) longer than the stream's max age, with an error naming neither."""
+    monkeypatch.setenv("BIDE_EVENTS_MAX_AGE", "5")
+    bide = Bide(nats_server.url)
+
+    @bide.durable_task(name="ShortEventsWaiter")
+    async def waiter(input: EmptyModel, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("short:go", lookback_window="5s")
+
+    try:
+        async with running_worker(bide, [waiter]):
+            await bide.event.aio_push("short:go", {"ok": 1}, event_id="once")
+            assert await waiter.aio_run(timeout=20) == {"ok": 1}
+            conn = await bide._pool.get()
+            info = await conn.js.stream_info(conn.layout.subjects.events_stream)
+            assert info.config.duplicate_window == 5.0 and info.config.max_age == 5.0
+    finally:
+        await bide.aclose()
