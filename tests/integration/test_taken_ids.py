@@ -159,3 +159,36 @@ async def test_a_signal_published_first_with_a_childs_id_does_not_stand_for_its_
         (child,) = await spawned()
         await conn.js.publish(s.inbox(rid), _junk(child), headers={"Nats-Msg-Id": f"child:{child}"})
         assert await ref.aio_result(timeout=20) == {"leaf": 7}
+
+
+async def test_a_send_retried_after_its_signal_was_taken_is_not_delivered_again(bide: Bide) -> None:
+    """The same `event_id` sent again is one delivery, also once the run has taken the first copy
+    off its inbox: the history says which signal it took at that sequence."""
+
+    @bide.durable_task(name="RetriedSendWaiter")
+    async def waiter(input: dict[str, Any], ctx: DurableContext) -> Any:
+        first = await ctx.aio_wait_for_event("approval")
+        second = await ctx.aio_wait_for_event("approval")
+        return [first, second]
+
+    conn = await bide._pool.get()
+    async with running_worker(bide, [waiter]):
+        ref = await waiter.aio_run_no_wait({})
+        rid = ref.workflow_run_id
+
+        async def waits(n: int) -> bool:
+            return sum(e.k == "wait_registered" for e in (await conn.history.read(rid)).entries) >= n
+
+        await wait_until(lambda: waits(1), what="the first wait")
+        await bide.event.aio_send(rid, "approval", {"n": 1}, event_id="once")
+        await wait_until(lambda: waits(2), what="the second wait")
+
+        async def inbox_empty() -> bool:
+            info = await conn.js.stream_info(conn.layout.subjects.history_stream,
+                                             subjects_filter=conn.layout.subjects.inbox(rid))
+            return not (info.state.subjects or {})
+
+        await wait_until(inbox_empty, what="the taken signal to leave the inbox")
+        await bide.event.aio_send(rid, "approval", {"n": 1}, event_id="once")  # a retry: not a second event
+        await bide.event.aio_send(rid, "approval", {"n": 2}, event_id="twice")
+        assert await ref.aio_result(timeout=20) == [{"n": 1}, {"n": 2}]
