@@ -35,6 +35,7 @@ import contextlib
 import re
 import secrets
 import socket
+import urllib.parse
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -431,6 +432,18 @@ def _with_known_fields(err: Any, request: Request) -> Any:
                           f"the fields are {', '.join(fields)}"}
 
 
+def _path_is_utf8(request: Request) -> bool:
+    """Whether the request's path, percent-decoded, is UTF-8 (the server put U+FFFD for what was not)."""
+    raw = request.scope.get("raw_path")
+    if not isinstance(raw, bytes):
+        return True
+    try:
+        urllib.parse.unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _too_large(limit: int, got: str) -> str:
     return f"request body too large: {got}, the limit is {limit} bytes"
 
@@ -569,6 +582,9 @@ def create_app(bide: Bide, token: str | None, max_body_bytes: int = DEFAULT_MAX_
                       event_id: str | None = Query(None, json_schema_extra={"anyOf": [_NAME, {"type": "null"}]}),
                       _: None = _query_params("scope", "event_id")) -> EventAccepted:
         """Push the raw JSON body as the payload of event ``key`` (which may contain ``/``)."""
+        if "\ufffd" in key and not _path_is_utf8(request):
+            raise HTTPException(400, f"the event key in the path is not UTF-8 once percent-decoded: "
+                                     f"{request.scope.get('raw_path', b'')!r:.200}")
         payload = await _json_body(request, max_body_bytes, limits)
         return await push(key, payload, scope, event_id, None)
 

@@ -348,3 +348,11 @@ async def test_an_event_id_a_header_cannot_carry_unchanged_is_refused(api: httpx
     assert resp.status_code == 400 and "event_id of event 'k'" in resp.json()["detail"], resp.text
     with pytest.raises(ValueError, match="event_id of event 'k'"):
         await bide.event.aio_push("k", {}, event_id=event_id)
+
+
+async def test_a_webhook_key_that_is_not_utf8_is_refused(api: httpx.AsyncClient) -> None:
+    """`/api/v1/webhooks/%C3%28` was pushed as key '\\ufffd(' (the path decoded with replacement characters)."""
+    resp = await api.post("/api/v1/webhooks/%C3%28", content=b"{}")
+    assert resp.status_code == 400 and "not UTF-8" in resp.json()["detail"], resp.text
+    ok = await api.post("/api/v1/webhooks/caf%C3%A9", content=b"{}")
+    assert ok.status_code == 202 and ok.json()["key"] == "café", ok.text
