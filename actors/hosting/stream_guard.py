@@ -8,6 +8,8 @@ so hosts do not ask together) and puts back what was changed
 (:func:`actors.store.jetstream.restore_streams`), with a warning naming the setting. What the
 server already removed under the changed setting is gone: the guard bounds the damage to one
 interval. Settings no guarantee rests on (replicas, placement, compression) stay as set.
+It also removes events a publisher's ``Nats-TTL`` header kept past the events' max age
+(:func:`actors.store.jetstream.remove_overdue_events`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import random
 
 from nats.aio.client import Client as NATS
 
-from actors.store.jetstream import Layout, is_transient, restore_streams
+from actors.store.jetstream import Layout, is_transient, remove_overdue_events, restore_streams
 
 log = logging.getLogger("bide.streams")
 
@@ -33,6 +35,8 @@ class StreamGuard:
         self._task: asyncio.Task[None] | None = None
         self.restored: list[str] = []
         """Everything this host put back, in order (for tests and ``bide status``)."""
+        self.removed_events = 0
+        """Events this host removed for outliving the events' max age (their own ``Nats-TTL``)."""
 
     def start(self) -> StreamGuard:
         self._task = asyncio.create_task(self._loop(), name="bide-stream-guard")
@@ -48,6 +52,7 @@ class StreamGuard:
             await asyncio.sleep(self._interval * random.uniform(0.8, 1.2))
             try:
                 restored = await restore_streams(self._nc, self._layout)
+                self.removed_events += await remove_overdue_events(self._nc, self._layout)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the server is away, or refuses (a sealed stream): next round

@@ -10,6 +10,7 @@ import logging
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import nats
@@ -29,7 +30,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from actors.engine.wire import Subjects
+from actors.engine.wire import Subjects, parse_time, utcnow
 from actors.store.requests import requests_of, server_status
 from sdk.config import NatsAuth, redact_url
 
@@ -430,6 +431,45 @@ def _shown(field: str, value: Any) -> str:
     if field in ("max_age", "duplicate_window"):  # nanoseconds on the wire
         return f"{value / 1e9:g}s" if value else "0 (none)"
     return repr(value)
+
+
+OVERDUE_SLACK_S = 60.0
+"""How far past the events' max age (or that age again, if shorter) an event must be before
+:func:`remove_overdue_events` removes it: room for the server's own removal and the clocks' skew."""
+
+
+async def remove_overdue_events(nc: NATS, layout: Layout, limit: int = 1000) -> int:
+    """Remove events kept past the events' max age by their own ``Nats-TTL`` (``never``, or longer).
+
+    The events stream allows per-message TTLs (a wait's registration is kept with ``never``), so a
+    publisher's ``nats pub bide.events.k -H 'Nats-TTL:never'`` outlived ``BIDE_EVENTS_MAX_AGE``.
+    Events are stored in time order and the server removes the others at their max age, so the
+    oldest events left, while older than that, are exactly the overdue ones: read from the first,
+    each by one direct get. Returns how many were removed (at most ``limit`` a call).
+    """
+    s = layout.subjects
+    cutoff = utcnow() - timedelta(seconds=layout.events_max_age_s + min(OVERDUE_SLACK_S, layout.events_max_age_s))
+    removed, seq = 0, 1
+    while removed < limit:
+        msg = await (await requests_of(nc)).request(
+            f"$JS.API.DIRECT.GET.{s.events_stream}", orjson.dumps({"seq": seq, "next_by_subj": s.events_all}),
+            timeout=5.0)
+        hdrs = msg.headers or {}
+        if server_status(msg) is not None or "Nats-Sequence" not in hdrs:
+            return removed  # no event at all
+        if parse_time(hdrs.get("Nats-Time-Stamp")) >= cutoff:
+            return removed
+        seq = int(hdrs["Nats-Sequence"])
+        try:
+            await api_request(nc, f"$JS.API.STREAM.MSG.DELETE.{s.events_stream}", {"seq": seq, "no_erase": True})
+        except nats.js.errors.APIError as e:
+            if e.err_code not in (10037, 10043, 10057):  # no such message: removed meanwhile
+                raise
+        removed += 1
+        log.warning("removed event %d on %s: kept past the events' max age by its own Nats-TTL header",
+                    seq, hdrs.get("Nats-Subject", "?"))
+        seq += 1
+    return removed
 
 
 async def restore_streams(nc: NATS, layout: Layout) -> list[str]:

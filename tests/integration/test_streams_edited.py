@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import nats
+import nats.js.errors
 import pytest
 
 from actors.engine.wire import Subjects
@@ -64,3 +65,42 @@ async def test_a_max_age_put_on_the_histories_by_hand_is_taken_off_before_a_slee
     assert "stream BIDE_HISTORY: duplicate_window was 5s, put back to 120s" in said
     assert "stream BIDE_EVENTS: allow_rollup_hdrs was True, put back to False" in said
     assert "stream BIDE_OUTCOMES was deleted outside Bide: created again" in said
+
+
+async def test_an_event_that_asks_to_be_kept_for_ever_is_removed_after_the_events_max_age(
+    nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The events stream allows per-message TTLs (a registration is kept with `never`), so an event
+    published with `Nats-TTL: never` (or longer than the max age) was kept for good."""
+    monkeypatch.setenv("BIDE_STREAM_CHECK_INTERVAL", "0.3")
+    monkeypatch.setenv("BIDE_EVENTS_MAX_AGE", "2")
+    client = Bide(nats_server.url)
+
+    @client.durable_task(name="WaitsThroughOverdue")
+    async def waiter(input: dict[str, str], ctx: DurableContext) -> object:
+        return await ctx.aio_wait_for_event("overdue:go")
+
+    s = Subjects()
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        async with running_worker(client, [waiter]):
+            ref = await waiter.aio_run_no_wait({})  # its registration is kept with `never`: it must stay
+            immortal = [(await js.publish(s.event("overdue:k"), b"{}", headers={"Nats-TTL": ttl})).seq
+                        for ttl in ("never", "1h")]
+            plain = (await js.publish(s.event("overdue:k"), b"{}")).seq
+
+            async def gone(seq: int) -> bool:
+                try:
+                    await api_request(nc, f"$JS.API.STREAM.MSG.GET.{s.events_stream}", {"seq": seq})
+                except nats.js.errors.NotFoundError:
+                    return True
+                return False
+
+            for seq in (plain, *immortal):
+                await wait_until(lambda seq=seq: gone(seq), timeout=15, what=f"event {seq} to be removed")
+            await client.event.aio_push("overdue:go", {"ok": 1})
+            assert await ref.aio_result(timeout=20) == {"ok": 1}
+    finally:
+        await nc.close()
+        await client.aclose()
