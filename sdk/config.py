@@ -148,7 +148,7 @@ class BideConfig:
     ack_wait_s: float = DEFAULT_ACK_WAIT_S
     connect_timeout_s: float = 2.0
     events_max_age_s: float = 24 * 3600.0
-    """How long pushed events are kept for lookback (``BIDE_EVENTS_MAX_AGE``, seconds)."""
+    """How long pushed events are kept for lookback (``BIDE_EVENTS_MAX_AGE``: seconds, or ``24h``, ``90m``, ...)."""
     api_token: str | None = None
     """Bearer token the HTTP API requires when set (``BIDE_API_TOKEN``)."""
     history_retention_s: float = DEFAULT_HISTORY_RETENTION_S
@@ -199,7 +199,7 @@ class BideConfig:
             replicas=replicas if replicas is not None else int(_env_float("BIDE_REPLICAS", 1)),
             ack_wait_s=ack_wait_s if ack_wait_s is not None else _env_float("BIDE_ACK_WAIT", DEFAULT_ACK_WAIT_S),
             connect_timeout_s=_env_float("BIDE_CONNECT_TIMEOUT", 2.0),
-            events_max_age_s=_env_float("BIDE_EVENTS_MAX_AGE", 24 * 3600.0),
+            events_max_age_s=_env_duration("BIDE_EVENTS_MAX_AGE", 24 * 3600.0),
             api_token=os.environ.get("BIDE_API_TOKEN") or None,
             history_retention_s=_env_duration("BIDE_HISTORY_RETENTION", DEFAULT_HISTORY_RETENTION_S),
             max_payload_bytes=parse_size(os.environ.get("BIDE_MAX_PAYLOAD") or DEFAULT_MAX_PAYLOAD),

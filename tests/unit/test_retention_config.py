@@ -40,3 +40,13 @@ def test_the_default_is_30_days_and_the_environment_sets_it(monkeypatch: pytest.
 def test_a_retention_out_of_range_is_refused(seconds: float) -> None:
     with pytest.raises(ValueError, match=r"history_retention_s=.* must be between 1 second and 100 years"):
         BideConfig(history_retention_s=seconds).validate()
+
+
+def test_the_events_max_age_takes_a_duration_like_the_retention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`BIDE_EVENTS_MAX_AGE=5s` was refused as "not a number" while the retention took `30d`."""
+    for raw, seconds in (("5s", 5.0), ("12h", 43200.0), ("90", 90.0)):
+        monkeypatch.setenv("BIDE_EVENTS_MAX_AGE", raw)
+        assert BideConfig.from_env().events_max_age_s == seconds
+    monkeypatch.setenv("BIDE_EVENTS_MAX_AGE", "soon")
+    with pytest.raises(ValueError, match="BIDE_EVENTS_MAX_AGE='soon' is not a positive duration"):
+        BideConfig.from_env()
