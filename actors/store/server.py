@@ -122,9 +122,44 @@ def server_version(binary: str) -> tuple[int, int, int]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """``n`` distinct free loopback ports (none in ``exclude``).
+
+    The sockets are all held open while the kernel picks, so it cannot hand out one port twice (it
+    can, one call after another: a port closed is free again at once). They are free when this
+    returns, not reserved: whoever binds them first (another test's server) gets them, which
+    :meth:`EmbeddedServer.start` notices (:class:`ServerExitedError`, ``port_in_use``).
+    """
+    import contextlib
+
+    ports: list[int] = []
+    with contextlib.ExitStack() as held:
+        while len(ports) < n:
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if port not in exclude:
+                ports.append(port)
+    return ports
+
+
+class ServerExitedError(RuntimeError):
+    """A ``nats-server`` Bide started exited: which one, its exit code and the end of its log."""
+
+    def __init__(self, server: EmbeddedServer, message: str = "exited") -> None:
+        self.server = server
+        self.returncode = server.proc.returncode if server.proc is not None else None
+        self.log_tail = server.log_tail()
+        super().__init__(f"{server.describe()} {message} (exit code {self.returncode}); "
+                         f"the end of {server.log_file}:\n{self.log_tail}")
+
+    @property
+    def port_in_use(self) -> bool:
+        """It exited because a port it was given was taken (by then) by another process."""
+        return "address already in use" in self.log_tail
 
 
 class EmbeddedServer:
@@ -173,6 +208,8 @@ class EmbeddedServer:
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
         self.config_file = self.log_file.with_name("nats-server.conf")
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0  # where this start's lines begin in the log (appended to across restarts)
+        self._stopped_by_us = False
 
     def durability(self, replicas: int = 1) -> dict[str, Any]:
         """What a benchmark or report states about the server it ran on (see README, "Durability on disk")."""
@@ -196,31 +233,60 @@ class EmbeddedServer:
         if self.server_name:
             args += ["-n", self.server_name]
         args += self.extra_args
+        self._stopped_by_us = False
         log = open(self.log_file, "ab")
+        self._log_start = log.tell()
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        # Ready once *this* process says it listens, on every port it was given: something else
+        # (another test's server) may hold the port, so a connection that succeeds proves nothing,
+        # and a clustered node binds its route port after its client port (and exits if it can't).
+        wanted = [f"Listening for client connections on 127.0.0.1:{self.port}", "Server is ready"]
+        if "--cluster" in self.extra_args:
+            wanted.append("Listening for route connections on")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"nats-server exited with code {self.proc.returncode}; see {self.log_file}:\n"
-                    + self.log_file.read_text(errors="replace")[-2000:]
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+                raise ServerExitedError(self, "exited while starting")
+            text = self._this_start_log()
+            if all(w in text for w in wanted):
+                return self
+            time.sleep(0.05)
         self.stop()
-        raise TimeoutError(f"nats-server did not listen on port {self.port} within {timeout}s")
+        raise TimeoutError(f"{self.describe()} did not report listening within {timeout}s; "
+                           f"the end of {self.log_file}:\n{self.log_tail()}")
+
+    def _this_start_log(self) -> str:
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines this start wrote to the log (where a fatal error is)."""
+        return "\n".join(self._this_start_log().splitlines()[-lines:])
+
+    def describe(self) -> str:
+        name = f" {self.server_name}" if self.server_name else ""
+        pid = f", pid {self.proc.pid}" if self.proc is not None else ""
+        return f"nats-server{name} (client port {self.port}{pid})"
+
+    def check_running(self) -> None:
+        """Raise :class:`ServerExitedError` if it exited since its start, other than by :meth:`kill` or :meth:`stop`."""
+        if self.proc is not None and self.proc.poll() is not None and not self._stopped_by_us:
+            raise ServerExitedError(self)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
+        self._stopped_by_us = True
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:
+        self._stopped_by_us = True
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -253,7 +319,11 @@ def local_cluster(size: int, store_root: str | Path | None = None, *, name: str 
     if size < 1:
         raise ValueError(f"a cluster needs at least one node, got {size}")
     root = Path(store_root) if store_root is not None else None
-    route_ports = [free_port() for _ in range(size)]
+    # Client and route ports all distinct: one port drawn twice made a node exit at start.
+    client_ports = [first_port + i for i in range(size)] if first_port else []
+    drawn = free_ports(2 * size - len(client_ports), exclude=set(client_ports))
+    client_ports = client_ports or drawn[size:]
+    route_ports = drawn[:size]
     routes = ",".join(f"nats://127.0.0.1:{p}" for p in route_ports)
     nodes = []
     for i in range(size):
@@ -261,7 +331,7 @@ def local_cluster(size: int, store_root: str | Path | None = None, *, name: str 
         if monitor_ports is not None:
             extra = ["-m", str(monitor_ports[i]), *extra]
         nodes.append(EmbeddedServer(
-            port=first_port + i if first_port else 0, server_name=f"n{i}", extra_args=extra, sync=sync,
+            port=client_ports[i], server_name=f"n{i}", extra_args=extra, sync=sync,
             store_dir=root / f"js-n{i}" if root is not None else None,
             log_file=root / f"nats-n{i}.log" if root is not None else None))
     return nodes
@@ -272,12 +342,47 @@ def cluster_url(nodes: list[EmbeddedServer]) -> str:
     return ",".join(n.url for n in nodes)
 
 
+async def wait_jetstream(nodes: list[EmbeddedServer], timeout: float = 30.0) -> None:
+    """Until every node answers JetStream requests (on a cluster: a meta leader was elected).
+
+    A fresh cluster elects no meta leader while one of its nodes is missing (nats-server 2.15.1:
+    none in 90 s with 2 of 3 up), so a node that exited fails this at once, named, with the end
+    of its log; a timeout names the nodes still waiting and shows the end of each log.
+    """
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    waiting = list(nodes)
+    while True:
+        still = []
+        for n in waiting:
+            for m in nodes:
+                m.check_running()
+            if not await jetstream_answers(n.url):
+                still.append(n)
+        waiting = still
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {n.describe()}, {n.log_file}:\n{n.log_tail(8)}" for n in nodes)
+            raise TimeoutError(f"JetStream did not answer within {timeout}s on "
+                               f"{', '.join(n.describe() for n in waiting)}; every node is running\n{tails}")
+        await asyncio.sleep(0.1)
+
+
+async def _ignore_error(e: Exception) -> None:
+    """A refused connection while polling is an answer (no), not an error to print."""
+
+
 async def jetstream_answers(url: str) -> bool:
     """Whether the node at ``url`` answers JetStream requests (on a cluster: it has a meta leader)."""
     import nats
 
     try:
-        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1)
+        # nats-py retries a refused first connect max_reconnect_attempts times (default 60, 2 s
+        # apart: 120 s for a node that is down) even with allow_reconnect=False, and 0 means forever.
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1, max_reconnect_attempts=1,
+                                reconnect_time_wait=0, error_cb=_ignore_error)
     except Exception:
         return False
     try:

@@ -3,25 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import nats
 import pytest
 
 from actors.store.jetstream import api_request
-from actors.store.server import EmbeddedServer, jetstream_answers, local_cluster
+from actors.store.server import EmbeddedServer, ServerExitedError, jetstream_answers, local_cluster, wait_jetstream
 from sdk import Bide, DurableContext, EmptyModel, UserEventCondition
 from tests.support import running_worker, wait_until
 
 
+def _start_cluster(size: int = 3, attempts: int = 3) -> list[EmbeddedServer]:
+    """A fresh cluster; new ports if one was taken meanwhile (another xdist worker's server got it first)."""
+    for attempt in range(attempts):
+        # A name of its own: a route that reaches another test's cluster is refused, not merged.
+        nodes = local_cluster(size, name=f"bide-test-{os.getpid()}-{attempt}")
+        try:
+            for n in nodes:
+                n.start()
+            return nodes
+        except ServerExitedError as e:
+            for n in nodes:
+                n.kill()
+                n.stop()
+            if not e.port_in_use or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture
-def cluster() -> Iterator[list[EmbeddedServer]]:
-    nodes = local_cluster(3, name="bide-test")
+async def cluster() -> AsyncIterator[list[EmbeddedServer]]:
+    nodes = _start_cluster()
     try:
-        for n in nodes:
-            n.start()
+        await wait_jetstream(nodes, timeout=30)  # names a node that exited, with its log, at once
         yield nodes
     finally:
         for n in nodes:
