@@ -112,8 +112,8 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
     stored first under our id, on the same subject, would otherwise stand for ours, and the
     activation would name it (a wait that never resumed). The same signal again (a redone
     router batch, a redelivered child's end, a retried send) differs at most in its ``at``.
-    A first copy no longer stored was taken by the run, or removed with it: the history says
-    which signal it took at that sequence. One it never took (a malformed message, dropped) is
+    A first copy the get did not find was taken by the run, or removed with it: the run's read
+    says which signal is at that sequence. One it never took (a malformed message, dropped) is
     not ours either, and sending ours again to an ended run costs a host one read.
     """
     ours = _signal_identity(data)
@@ -121,9 +121,13 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
     async def same(first: Msg | None, seq: int) -> bool:
         if first is not None:
             return bool(_signal_identity(first.data) == ours)
+        # Not found (or no replica answered the get): the run's read says which signal is at that
+        # sequence, taken by an entry or still on the inbox. Not `inbox_seq=seq`: a message removed
+        # with its run, or dropped as malformed, would keep that read (and the router) waiting.
         hist = await HistoryLog(pub.nc, pub, subjects).read(run_id)
-        taken = [e for e in hist.entries if isinstance(e, SignalReceived) and e.inbox_seq == seq]
-        return bool(taken) and _signal_identity(taken[0].signal.model_dump_json().encode()) == ours
+        there = [e.signal for e in hist.entries if isinstance(e, SignalReceived) and e.inbox_seq == seq]
+        there += [sig for at, sig in hist.inbox if at == seq]
+        return bool(there) and _signal_identity(there[0].model_dump_json().encode()) == ours
 
     return same
 
