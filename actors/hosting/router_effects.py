@@ -25,21 +25,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 
 from actors.engine.wire import HDR_MSG_ID, Activation, Subjects, encode_activation
-from actors.store.jetstream import api_request, retry_transient
+from actors.store.jetstream import delete_message, retry_transient
 from actors.store.protocol import is_signal_of
 from actors.store.requests import Publisher, SameCheck
 
 log = logging.getLogger("bide.router")
-
-ERR_NO_MESSAGE = (10037, 10043, 10057)
-"""JetStream: no message found, sequence not found, past the end of the store: nothing to delete."""
-
 
 class Effects:
     """The durable writes one batch of router decisions needs."""
@@ -130,15 +124,8 @@ class Effects:
             return None
 
     async def _delete(self, seq: int) -> None:
-        async def op() -> None:
-            try:
-                await api_request(self._nc, f"$JS.API.STREAM.MSG.DELETE.{self._s.events_stream}",
-                                  {"seq": seq, "no_erase": True})
-            except nats.js.errors.APIError as e:
-                if e.err_code not in ERR_NO_MESSAGE:
-                    raise
-
         try:
-            await retry_transient(f"delete of message {seq}", op)
+            await retry_transient(f"delete of message {seq}",
+                                  lambda: delete_message(self._nc, self._s.events_stream, seq))
         except Exception as e:
             log.error("router: could not delete message %d (%s); a rebuild will see it again", seq, e)

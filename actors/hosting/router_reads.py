@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from actors.engine.wire import HDR_TTL, Subjects, utcnow
-from actors.store.jetstream import api_request, direct_get_pages, direct_get_subject, retry_transient
+from actors.store.jetstream import delete_message, direct_get_pages, direct_get_subject, retry_transient
 from actors.store.requests import Publisher
 
 log = logging.getLogger("bide.router")
@@ -102,8 +102,7 @@ class StreamReads:
             try:
                 # Retried through an election for a while; an owner killed before this leaves it to its TTL.
                 await retry_transient(f"delete of router marker {seq}", partial(
-                    api_request, self._nc, f"$JS.API.STREAM.MSG.DELETE.{self._s.events_stream}",
-                    {"seq": seq, "no_erase": True}, timeout=2.0), deadline_s=60.0)
+                    delete_message, self._nc, self._s.events_stream, seq, timeout=2.0), deadline_s=60.0)
             except Exception as e:
                 log.debug("router: marker %d not deleted (%s); it expires", seq, e)
 

@@ -433,6 +433,19 @@ def _shown(field: str, value: Any) -> str:
     return repr(value)
 
 
+ERR_NO_MESSAGE = (10037, 10043, 10057)
+"""JetStream: no message found, sequence not found, past the end of the store: nothing to delete."""
+
+
+async def delete_message(nc: NATS, stream: str, seq: int, timeout: float = 5.0) -> None:
+    """Delete message ``seq`` of ``stream``; one already gone is deleted too (idempotent)."""
+    try:
+        await api_request(nc, f"$JS.API.STREAM.MSG.DELETE.{stream}", {"seq": seq, "no_erase": True}, timeout=timeout)
+    except nats.js.errors.APIError as e:
+        if e.err_code not in ERR_NO_MESSAGE:
+            raise
+
+
 OVERDUE_SLACK_S = 60.0
 """How far past the events' max age (or that age again, if shorter) an event must be before
 :func:`remove_overdue_events` removes it: room for the server's own removal and the clocks' skew."""
@@ -451,20 +464,12 @@ async def remove_overdue_events(nc: NATS, layout: Layout, limit: int = 1000) -> 
     cutoff = utcnow() - timedelta(seconds=layout.events_max_age_s + min(OVERDUE_SLACK_S, layout.events_max_age_s))
     removed, seq = 0, 1
     while removed < limit:
-        msg = await (await requests_of(nc)).request(
-            f"$JS.API.DIRECT.GET.{s.events_stream}", orjson.dumps({"seq": seq, "next_by_subj": s.events_all}),
-            timeout=5.0)
-        hdrs = msg.headers or {}
-        if server_status(msg) is not None or "Nats-Sequence" not in hdrs:
-            return removed  # no event at all
-        if parse_time(hdrs.get("Nats-Time-Stamp")) >= cutoff:
+        oldest = await direct_get_subject(nc, s.events_stream, s.events_all, start_seq=seq, batch=1, limit=1)
+        hdrs = (oldest[0].headers or {}) if oldest else {}
+        if "Nats-Sequence" not in hdrs or parse_time(hdrs.get("Nats-Time-Stamp")) >= cutoff:
             return removed
         seq = int(hdrs["Nats-Sequence"])
-        try:
-            await api_request(nc, f"$JS.API.STREAM.MSG.DELETE.{s.events_stream}", {"seq": seq, "no_erase": True})
-        except nats.js.errors.APIError as e:
-            if e.err_code not in (10037, 10043, 10057):  # no such message: removed meanwhile
-                raise
+        await delete_message(nc, s.events_stream, seq)
         removed += 1
         log.warning("removed event %d on %s: kept past the events' max age by its own Nats-TTL header",
                     seq, hdrs.get("Nats-Subject", "?"))

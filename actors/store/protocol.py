@@ -116,9 +116,8 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
     says which signal is at that sequence. One it never took (a malformed message, dropped) is
     not ours either, and sending ours again to an ended run costs a host one read.
     """
-    ours = _signal_identity(data)
-
     async def same(first: Msg | None, seq: int) -> bool:
+        ours = _signal_identity(data)  # here, not when the write is made: only a duplicate is checked
         if first is not None:
             return bool(_signal_identity(first.data) == ours)
         # Not found (or no replica answered the get): the run's read says which signal is at that
