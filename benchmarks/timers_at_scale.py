@@ -62,7 +62,7 @@ class Sleepers:
         fut = self.conn.results.expect(rid)
         fut.add_done_callback(lambda _f: self.arrived.setdefault(rid, time.time()))
         self.results[rid] = fut
-        req = StartRequest(task=TASK, durable=True, input={"wake_at": wake_at.isoformat()}, run_id=rid)
+        req = StartRequest(task=TASK, durable=True, input={"wake_at": wake_at.isoformat()}, run_id=rid, new_id=True)
         await start_run(self.conn, req, notify=self.conn.results.subject(rid))
 
     async def results_in(self, timeout: float) -> int:

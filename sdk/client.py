@@ -205,6 +205,7 @@ class Bide:
             durable=defined.durable if defined else (info.config.metadata or {}).get("bide_durable") == "true",
             input=defined.signature.dump_input(input) if defined else input,
             run_id=new_run_id(),
+            new_id=True,
             additional_metadata=dict(additional_metadata) if additional_metadata else None,
         )
         await start_run(conn, req)

@@ -24,6 +24,7 @@ from actors.engine.wire import (
 )
 from actors.observe.tracing import TRACEPARENT, trace_id_of
 from actors.store.history import CorruptHistoryError
+from actors.store.protocol import read_last_of_run, read_run
 from actors.store.protocol import start_run as protocol_start_run
 from sdk.durations import parse_duration
 from sdk.errors import (
@@ -71,10 +72,13 @@ class StartRequest:
     additional_metadata: dict[str, str] | None = None
     start_id: str = field(default_factory=lambda: random_id())
     """This request: the same request retried starts the run once; another one for its id is refused."""
+    new_id: bool = False
+    """``run_id`` was made for this request (:func:`new_run_id`), so no other start can hold it: the
+    host that takes the run records its start (``new_id`` in ``actors.store.protocol.start_run``)."""
 
 
 async def start_run(conn: Connection, req: StartRequest, notify: str | None = None) -> None:
-    """Record the run's first entry (so it exists durably), then enqueue its first activation.
+    """Start a run: once this returns it exists durably (``actors.store.protocol.start_run``).
 
     Every run a client starts comes through here: its id and input are checked first.
     """
@@ -104,7 +108,7 @@ async def start_run(conn: Connection, req: StartRequest, notify: str | None = No
                                               f"additional_metadata of run {req.run_id} of task {req.task!r}"),
     )
     try:
-        await protocol_start_run(conn.history, conn.publisher, conn.layout.subjects, started)
+        await protocol_start_run(conn.history, conn.publisher, conn.layout.subjects, started, new_id=req.new_id)
     except RunAlreadyExistsError:
         span.discard()
         raise
@@ -158,13 +162,17 @@ async def wait_terminal(conn: Connection, run_id: str, timeout: float | None = N
     await watch.open(conn, run_id)
     try:
         loop = asyncio.get_running_loop()
-        last = await conn.history.read_last(run_id)
+
+        async def read_last() -> list[Any]:
+            return await read_last_of_run(conn.history, conn.nc, conn.layout.subjects, run_id)
+
+        last = await read_last()
         # A run started a moment ago may not be on the replica that answers yet (a cluster's direct
         # gets are answered by any replica): look again for a while before saying there is none.
         give_up = loop.time() + _NOT_FOUND_AFTER_S
         while not last and loop.time() < give_up:
             await asyncio.sleep(0.1)
-            last = await conn.history.read_last(run_id)
+            last = await read_last()
         if not last:
             raise RunNotFoundError(f"no run with id {run_id!r}")
         deadline = None if timeout is None else loop.time() + timeout
@@ -187,7 +195,7 @@ async def wait_terminal(conn: Connection, run_id: str, timeout: float | None = N
                 # Cleared only when it was heard: one that comes after a timeout is not lost.
                 watch.hint.clear()
                 interval = _POLL_FIRST_S
-            last = await conn.history.read_last(run_id)
+            last = await read_last()
             if not last:
                 raise RunNotFoundError(
                     f"run {run_id!r} was removed while its result was awaited: it finished and its "
@@ -395,7 +403,7 @@ class RunsClient:
     async def aio_history(self, run_id: str) -> RunHistory:
         lookup_id(run_id)
         conn = await self._pool.get()
-        hist = await conn.history.read(run_id)
+        hist = await read_run(conn.history, conn.nc, conn.layout.subjects, run_id)
         if not hist.entries:
             raise RunNotFoundError(f"no run with id {run_id!r}")
         return hist
@@ -404,7 +412,7 @@ class RunsClient:
         """The run's state; :class:`RunNotFoundError` if it never existed or was removed after its retention."""
         lookup_id(run_id)
         conn = await self._pool.get()
-        hist = await conn.history.read(run_id)
+        hist = await read_run(conn.history, conn.nc, conn.layout.subjects, run_id)
         if not hist.entries:
             retention = _duration(self._pool.config.history_retention_s)
             raise RunNotFoundError(

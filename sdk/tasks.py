@@ -172,6 +172,7 @@ class TaskDefinition:
             durable=self.durable,
             input=dumped,
             run_id=run_id if run_id is not None else new_run_id(),
+            new_id=run_id is None,
             execution_timeout_s=self.execution_timeout.total_seconds() if self.execution_timeout else None,
             # With the caller's run id, the same task and input again is the same start (a retry):
             # it returns the run; anything else for that id is refused.

@@ -190,7 +190,7 @@ class Workflow:
             spec = ChildSpec(task=self.name, durable=True, input=self._input(input), key=child_key)
             rid = (await rt.spawn([spec], wait=False))[0]
             return ChildRef(self._client._pool, rid, self.load_output, rt)
-        req = StartRequest(task=self.name, durable=True, input=self._input(input), run_id=new_run_id())
+        req = StartRequest(task=self.name, durable=True, input=self._input(input), run_id=new_run_id(), new_id=True)
         conn = await self._client._pool.get()
         await start_run(conn, req)
         return RunRef(self._client._pool, req.run_id, self.load_output)
@@ -207,7 +207,7 @@ class Workflow:
             outcome = (await rt.spawn([spec], wait=True))[0]
             result: dict[str, Any] = unwrap_outcome(outcome, self.load_output)
             return result
-        req = StartRequest(task=self.name, durable=True, input=self._input(input), run_id=new_run_id())
+        req = StartRequest(task=self.name, durable=True, input=self._input(input), run_id=new_run_id(), new_id=True)
         conn = await self._client._pool.get()
         entry = await start_and_wait(conn, req, timeout)
         return self.load_output(unwrap_terminal(req.run_id, entry))

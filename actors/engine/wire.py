@@ -130,6 +130,10 @@ class Subjects:
         """Where an activation of the run is published (any but a timer's: see :meth:`work`)."""
         return f"{self.prefix}.queue.{encode_token(task)}.{encode_token(run_id)}"
 
+    def queue_of_run(self, run_id: str) -> str:
+        """Every activation of the run on the queue, whatever its task."""
+        return f"{self.prefix}.queue.*.{encode_token(run_id)}"
+
     def queue_filter(self, task: str) -> str:
         return f"{self.prefix}.queue.{encode_token(task)}.>"
 
@@ -913,6 +917,9 @@ class Activation(BaseModel):
     read must see it, or a history entry that took it (invariant 13)."""
     started: RunStarted | None = None
     """On a fresh start, the run's first entry, so the host can skip reading the history."""
+    start_unrecorded: bool | None = None
+    """A start whose entry the starter does not append: the host that takes it records it. The
+    run id was made for this start, so no other start can hold it (``protocol.start_run``)."""
 
 
 def encode_activation(act: Activation) -> bytes:

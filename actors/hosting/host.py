@@ -381,9 +381,11 @@ class ActorHost:
         if act.history_seq:
             return RunHistory(act.run_id, [started], act.history_seq)  # a start written before its activation
         s = self.layout.subjects
-        last = await direct_get_last(self._nc_, s.history_stream, s.history(act.run_id))
+        # A start its starter leaves to the host (a new run id) has nothing to read yet.
+        last = None if act.start_unrecorded else await direct_get_last(self._nc_, s.history_stream,
+                                                                        s.history(act.run_id))
         if last is None:
-            try:  # the starter died before its append (or it is on its way): record the start here
+            try:  # the starter left it here, died before its append, or it is on its way: record the start
                 seq = await self._history.append(act.run_id, [started], expected_seq=0)
             except HistoryConflict:
                 return None

@@ -794,19 +794,31 @@ async def read_before(nc: NATS, stream: str, subject: str, before_seq: int, star
     msgs = [m for m in await direct_get_subject(nc, stream, subject, start_time=start_time, timeout=timeout)
             if _seq_of(m) < before_seq]
     while True:
-        req: dict[str, Any] = {"next_by_subj": subject}
-        if msgs:
-            req["seq"] = _seq_of(msgs[-1]) + 1
-        else:
-            req["start_time"] = start_time
-        try:
-            resp = await api_request(nc, f"$JS.API.STREAM.MSG.GET.{stream}", req, timeout=timeout)
-        except nats.js.errors.NotFoundError:
+        nxt = await leader_next(nc, stream, subject, _seq_of(msgs[-1]) + 1 if msgs else 0,
+                                start_time=None if msgs else start_time, timeout=timeout)
+        if nxt is None or _seq_of(nxt) >= before_seq:
             return msgs
-        stored = resp["message"]
-        if int(stored["seq"]) >= before_seq:
-            return msgs
-        msgs.append(_stored_msg(nc, stream, stored))
+        msgs.append(nxt)
+
+
+async def leader_next(nc: NATS, stream: str, subject: str, seq: int = 0, *, start_time: str | None = None,
+                      timeout: float = 5.0) -> Msg | None:
+    """The first message on ``subject`` (wildcards allowed) at or after ``seq``, or ``None``.
+
+    Asked of the stream's leader (``STREAM.MSG.GET``, which no follower answers), so it sees
+    every acknowledged write (invariant 13), unlike a direct get. ``start_time`` instead of
+    ``seq``: the first stored at or after that time.
+    """
+    req: dict[str, Any] = {"next_by_subj": subject}
+    if start_time is not None:
+        req["start_time"] = start_time
+    else:
+        req["seq"] = seq
+    try:
+        resp = await api_request(nc, f"$JS.API.STREAM.MSG.GET.{stream}", req, timeout=timeout)
+    except nats.js.errors.NotFoundError:
+        return None
+    return _stored_msg(nc, stream, resp["message"])
 
 
 def _seq_of(m: Msg) -> int:

@@ -15,13 +15,16 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     HDR_BIDE_KIND,
     HDR_MSG_ID,
     Activation,
     EventSignal,
+    HistoryEntry,
     RunStarted,
     SignalReceived,
     Subjects,
@@ -29,7 +32,7 @@ from actors.engine.wire import (
     encode_activation,
 )
 from actors.store.history import HistoryConflict, HistoryLog
-from actors.store.jetstream import retry_transient
+from actors.store.jetstream import leader_next, retry_transient
 from actors.store.requests import Publisher, SameCheck
 from actors.store.runs_index import publish_live
 from sdk.errors import RunAlreadyExistsError
@@ -38,7 +41,8 @@ CLIENT_RETRY_S = 30.0
 """How long a protocol write keeps retrying infrastructure errors before its caller sees one."""
 
 
-async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, started: RunStarted) -> int | None:
+async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, started: RunStarted, *,
+                    new_id: bool = False) -> int | None:
     """Start ``started``'s run; returns the sequence of ``run_started`` if this call wrote it.
 
     The first activation goes first, carrying the start entry, and is stored before
@@ -48,8 +52,15 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
     The same start again (a retry, a replay of the parent that spawned it) is a no-op; a
     different start for a run id in use raises :class:`RunAlreadyExistsError`, and its
     activation is dropped by the host that sees the other start in the history.
+
+    With ``new_id`` (the run id was made for this start, at random: no other start can hold
+    it) the starter stops once the activation is stored, marked ``start_unrecorded``: the
+    host that takes it records the start, as it does for a starter that died. That saves a
+    start one acknowledged write and its host one read. Until a host takes it, the run's
+    history is empty and readers find its start on the queue (:func:`read_run`).
     """
-    act = Activation(run_id=started.run_id, task=started.task, kind="start", started=started)
+    act = Activation(run_id=started.run_id, task=started.task, kind="start", started=started,
+                     start_unrecorded=True if new_id else None)
     subject = subjects.queue(started.task, started.run_id)
     # The activation is stored before anything else of the run: a starter that dies before it is
     # leaves nothing, one that dies after it leaves a run its host starts. Sent side by side, the
@@ -60,6 +71,8 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
         same=is_start_of(started)), CLIENT_RETRY_S)
     # The runs index's record goes with the entry, unacknowledged (a view: it never fails the start, nor delays it).
     await publish_live(pub, subjects, started)
+    if new_id:
+        return None
 
     async def append() -> int | None:
         try:
@@ -80,6 +93,65 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
             + (f" (task {first.task!r}, started {first.at.isoformat()})" if isinstance(first, RunStarted) else "")
             + ": choose another run id, or leave it out to get a new one", run_id=started.run_id)
     return None
+
+
+QUEUED_SCAN = 16
+"""How many of a run's queued activations :func:`queued_start` looks through for its start."""
+
+
+async def queued_start(nc: NATS, subjects: Subjects, run_id: str) -> RunStarted | None:
+    """The start of a run no host has recorded yet: its start activation, waiting on the queue.
+
+    Asked of the queue stream's leader, which has every activation a starter saw acknowledged
+    (invariant 13). A start comes before the run's other activations, so a few are read at most.
+    """
+    seq = 0
+    for _ in range(QUEUED_SCAN):
+        msg = await leader_next(nc, subjects.queue_stream, subjects.queue_of_run(run_id), seq)
+        if msg is None:
+            return None
+        seq = int((msg.headers or {}).get("Nats-Sequence", "0")) + 1
+        try:
+            act = decode_activation(msg.data)
+        except ValueError:
+            continue  # not an activation (a `nats pub` by hand): the host drops it too
+        if act.kind == "start" and act.started is not None and act.run_id == run_id:
+            return act.started
+    return None
+
+
+async def read_run(history: HistoryLog, nc: NATS, subjects: Subjects, run_id: str) -> RunHistory:
+    """A run's history as its readers see it: empty if there is no such run.
+
+    A run whose start no host has recorded yet (see ``new_id`` in :func:`start_run`) reads as
+    its start alone (``last_seq`` 0): it is queued. Its host records the start before its
+    activation leaves the queue, so a run taken between the two reads is found by the leader
+    read of its history that follows.
+    """
+    hist = await history.read(run_id)
+    if hist.entries:
+        return hist
+    started = await queued_start(nc, subjects, run_id)
+    if started is not None:
+        return RunHistory(run_id, [started], 0)
+    first = await leader_next(nc, subjects.history_stream, subjects.history(run_id))
+    if first is None:
+        return hist
+    return await history.read(run_id, history_seq=int((first.headers or {}).get("Nats-Sequence", "0")))
+
+
+async def read_last_of_run(history: HistoryLog, nc: NATS, subjects: Subjects, run_id: str) -> list[HistoryEntry]:
+    """The entries of the run's last history message, or its start alone while it is queued (see :func:`read_run`)."""
+    last = await history.read_last(run_id)
+    if last:
+        return last
+    started = await queued_start(nc, subjects, run_id)
+    if started is not None:
+        return [started]
+    first = await leader_next(nc, subjects.history_stream, subjects.history(run_id))
+    if first is None:
+        return []
+    return await history.read_last(run_id, min_seq=int((first.headers or {}).get("Nats-Sequence", "0")))
 
 
 def is_start_of(started: RunStarted) -> SameCheck:

@@ -20,6 +20,8 @@ EXPECTED = [
     "WorkflowDefinitionError",
     # limits
     "PayloadLimitError", "PayloadTooLargeError",
+    # errors a caller may catch: a chosen run id taken, a run failed over a limit
+    "RunAlreadyExistsError", "HistoryTooLargeError", "DeliveryLimitExceeded",
 ]
 
 
