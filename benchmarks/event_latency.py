@@ -121,13 +121,24 @@ def summary_ms(values: list[float]) -> dict[str, float]:
 
 
 async def gather_limited(coros: list[Any], limit: int) -> list[Any]:
-    sem = asyncio.Semaphore(limit)
+    """Each of ``coros`` awaited, at most ``limit`` at once; their results in order.
 
-    async def one(c: Any) -> Any:
-        async with sem:
-            return await c
+    ``limit`` callers take the next one as each ends: a task per coroutine made up front would
+    leave thousands of pending tasks for this process's garbage collector to walk.
+    """
+    results: list[Any] = [None] * len(coros)
+    todo = iter(enumerate(coros))
 
-    return await asyncio.gather(*(one(c) for c in coros))
+    async def caller() -> None:
+        for i, c in todo:
+            results[i] = await c
+
+    try:
+        await asyncio.gather(*(caller() for _ in range(min(limit, len(coros)))))
+    finally:
+        for _, c in todo:  # left unawaited by a failure: closed, not warned about
+            c.close()
+    return results
 
 
 class Probe:
