@@ -127,12 +127,24 @@ async def _consumer_leader(url: str, stream: str, consumer: str) -> str | None:
         await nc.close()
 
 
+async def _stream_leader(url: str, stream: str) -> str | None:
+    nc = await nats.connect(url)
+    try:
+        info = await api_request(nc, f"$JS.API.STREAM.INFO.{stream}", {}, timeout=1.0)
+        return info.get("cluster", {}).get("leader")
+    except Exception:
+        return None
+    finally:
+        await nc.close()
+
+
 async def test_a_host_asks_for_work_again_soon_after_its_work_consumers_leader_dies(
         cluster: list[EmbeddedServer]) -> None:
     """A host's open pull request dies with the work consumer's leader; the host must not wait out its expiry.
 
     The killed node leads the task's work consumer, and the host's pull request is fresh (10 s from
-    its expiry). Once another node leads the consumer, a run started then completes within 5 s.
+    its expiry). Once other nodes lead the consumer and the history stream (the run's first write,
+    its start, is its host's), a run started then completes within 5 s.
     On nats-server 2.15.1 the new leader answers the old request with a 409, so the host asks again
     at once; this pins that (a benchmark had suggested a 10 s stall, which did not reproduce here).
     """
@@ -158,6 +170,11 @@ async def test_a_host_asks_for_work_again_soon_after_its_work_consumers_leader_d
             return await _consumer_leader(survivor.url, stream, consumer) not in (None, leader)
 
         await wait_until(new_leader, timeout=30, what="another node to lead the work consumer")
+
+        async def history_led() -> bool:
+            return await _stream_leader(survivor.url, conn.layout.subjects.history_stream) not in (None, leader)
+
+        await wait_until(history_led, timeout=30, what="a node to lead the history stream")
         ref = await cluster_pull.aio_run_no_wait(EmptyModel())
         assert await ref.aio_result(timeout=5) == 5
     await client.aclose()
