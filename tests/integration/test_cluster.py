@@ -116,26 +116,24 @@ async def test_signals_and_timers_right_after_a_node_restart_are_seen(cluster: l
     await client.aclose()
 
 
-async def _consumer_leader(url: str, stream: str, consumer: str) -> str | None:
+async def _leader(url: str, info_api: str) -> str | None:
+    """The leader an INFO request (``STREAM.INFO.<s>``, ``CONSUMER.INFO.<s>.<c>``) names, if one answers."""
     nc = await nats.connect(url)
     try:
-        info = await api_request(nc, f"$JS.API.CONSUMER.INFO.{stream}.{consumer}", {}, timeout=1.0)
+        info = await api_request(nc, f"$JS.API.{info_api}", {}, timeout=1.0)
         return info.get("cluster", {}).get("leader")
     except Exception:
         return None
     finally:
         await nc.close()
+
+
+async def _consumer_leader(url: str, stream: str, consumer: str) -> str | None:
+    return await _leader(url, f"CONSUMER.INFO.{stream}.{consumer}")
 
 
 async def _stream_leader(url: str, stream: str) -> str | None:
-    nc = await nats.connect(url)
-    try:
-        info = await api_request(nc, f"$JS.API.STREAM.INFO.{stream}", {}, timeout=1.0)
-        return info.get("cluster", {}).get("leader")
-    except Exception:
-        return None
-    finally:
-        await nc.close()
+    return await _leader(url, f"STREAM.INFO.{stream}")
 
 
 async def test_a_host_asks_for_work_again_soon_after_its_work_consumers_leader_dies(
