@@ -48,6 +48,8 @@ class SlotPool:
         self.busy = 0
         """Slots running a turn now (the rest of those not free are pull credit: reserved, idle)."""
         self._waiters: list[asyncio.Future[None]] = []
+        self.on_lent: Callable[[int], None] | None = None
+        """Told ``lent_out`` each time it changes (``collector.ResidentRuns.changed``)."""
 
     @property
     def scarce(self) -> bool:
@@ -98,6 +100,8 @@ class SlotPool:
         self.lent_bytes += held_bytes
         self.busy -= 1
         self.release(1)
+        if self.on_lent is not None:
+            self.on_lent(self.lent_out)
         try:
             yield
         finally:
@@ -105,6 +109,8 @@ class SlotPool:
             self.lent_bytes -= held_bytes
             self.free -= 1
             self.busy += 1
+            if self.on_lent is not None:
+                self.on_lent(self.lent_out)
 
 
 @dataclass

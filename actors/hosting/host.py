@@ -46,7 +46,7 @@ from actors.engine.wire import (
     utcnow,
 )
 from actors.hosting.activation_queue import ActivationQueue, SlotPool
-from actors.hosting.collector import tune_collector
+from actors.hosting.collector import ResidentRuns, tune_collector
 from actors.hosting.heartbeat import Heartbeat
 from actors.hosting.inbox_sweeper import InboxSweeper, ensure_inbox_sweeper_consumer
 from actors.hosting.retention import Reaper
@@ -149,6 +149,8 @@ class ActorHost:
 
     async def start(self) -> None:
         tune_collector(self.config.gc_threshold)
+        if self.config.gc_threshold > 0:
+            self.durable_slots.on_lent = ResidentRuns().changed
         self._nc = nc = await connect(self.config.nats_url, name=self.host_id,
                                       connect_timeout=self.config.connect_timeout_s, auth=self.config.nats_auth,
                                       closed_cb=self._on_closed)
