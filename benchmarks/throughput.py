@@ -5,7 +5,8 @@
 Starts its own nats-server and one worker (``bide worker benchmarks.apps:worker``; with
 ``--worker-processes N``, ``--processes N``: N host processes), measures pipelined JetStream
 publishes, then starts N trivial durable runs (one memo each) from this process with up to C in
-flight and awaits every result. ``--sweep 10,50,500`` then
+flight and awaits every result, then measures the publishes again: the ratio of runs/s to raw
+publishes/s is taken to the mean of the two, since a shared machine's rate drifts. ``--sweep 10,50,500`` then
 measures ``--sweep-runs`` runs at each of those in-flight counts (throughput vs in-flight).
 ``--url URL[,URL...] --replicas 3`` measures against servers already running (a cluster from
 ``actors.store.server.local_cluster``, as ``benchmarks.failover`` does) with streams at that many
@@ -139,12 +140,14 @@ def pct(values: list[float], q: float) -> float:
 
 
 def measure(url: str, args: argparse.Namespace, sweep: list[int], server_pid: int | None = None
-            ) -> tuple[float, list[float], float, int, list[dict[str, Any]], dict[str, float]]:
-    """Raw publishes, then warm-up, the main run and the sweep against ``url`` with one worker.
+            ) -> tuple[tuple[float, float], list[float], float, int, list[dict[str, Any]], dict[str, float]]:
+    """Raw publishes, then warm-up, the main run, raw publishes again and the sweep against ``url``.
 
-    Also the CPU each process spent per run of the main run, in microseconds: the worker (the
-    hosts: with ``--worker-processes`` above 1 the sum, and each as ``worker_I``), this driver
-    (starting runs and awaiting results) and, when it is known, the server.
+    The raw rate is measured before and after the main run: on a shared machine it moves by a
+    fifth within a minute, and the ratio is taken to their mean. Also the CPU each process spent
+    per run of the main run, in microseconds: the worker (the hosts: with ``--worker-processes``
+    above 1 the sum, and each as ``worker_I``), this driver (starting runs and awaiting results)
+    and, when it is known, the server.
     """
     os.environ["BIDE_NATS_URL"] = url
     pub = asyncio.run(publish_rate(url, args.publish_messages, replicas=args.replicas))
@@ -160,10 +163,11 @@ def measure(url: str, args: argparse.Namespace, sweep: list[int], server_pid: in
         lat, wall, errors = asyncio.run(drive(args.runs, args.concurrency, not args.no_progress))
         after = cpu_now()
         cpu = {name: round((after[name] - before[name]) / max(1, args.runs) * 1e6, 1) for name in after}
+        pub_after = asyncio.run(publish_rate(url, args.publish_messages, replicas=args.replicas))
         swept = [sweep_point(c, max(args.sweep_runs, 3 * c)) for c in sweep]
     finally:
         worker.stop()
-    return pub, lat, wall, errors, swept, cpu
+    return (pub, pub_after), lat, wall, errors, swept, cpu
 
 
 async def reported_version(url: str) -> str:
@@ -199,7 +203,7 @@ def main() -> None:
 
     if args.url:
         os.environ["BIDE_REPLICAS"] = str(args.replicas)  # the worker and this driver make the streams with it
-        pub, lat, wall, errors, swept, cpu = measure(args.url, args, sweep)
+        pubs, lat, wall, errors, swept, cpu = measure(args.url, args, sweep)
         version = asyncio.run(reported_version(args.url))
         # The servers were started elsewhere: their sync setting is theirs to state.
         durability = {"url": args.url, "replicas": args.replicas, "sync": "as the servers were started"}
@@ -207,12 +211,13 @@ def main() -> None:
     else:
         with EmbeddedServer() as server:
             assert server.proc is not None
-            pub, lat, wall, errors, swept, cpu = measure(server.url, args, sweep, server.proc.pid)
+            pubs, lat, wall, errors, swept, cpu = measure(server.url, args, sweep, server.proc.pid)
             version = ".".join(map(str, server_version(server.binary)))
             durability = server.durability()
             durability_line = server.durability_line()
 
     rate = len(lat) / wall
+    pub = statistics.fmean(pubs)
     out: dict[str, Any] = {
         "runs": args.runs,
         "concurrency": args.concurrency,
@@ -224,6 +229,7 @@ def main() -> None:
         "p99_ms": round(pct(lat, 0.99) * 1000, 2),
         "mean_ms": round(statistics.fmean(lat) * 1000, 2) if lat else None,
         "jetstream_publish_per_s": round(pub, 1),
+        "jetstream_publish_per_s_before_after": [round(p, 1) for p in pubs],
         "sweep": swept,
         "latencies_ms": [round(x * 1000, 2) for x in lat],
         "runs_per_publish_ratio": round(rate / pub, 4),
@@ -236,7 +242,8 @@ def main() -> None:
     print(durability_line)
     print(f"{len(lat)} trivial durable runs ({args.worker_processes} worker process(es)) in {wall:.2f} s: "
           f"{rate:,.0f} runs/s, p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms, errors {errors}")
-    print(f"raw JetStream pipelined publish: {pub:,.0f} msg/s (runs/s / publish/s = {out['runs_per_publish_ratio']})")
+    print(f"raw JetStream pipelined publish: {pub:,.0f} msg/s, the mean of {pubs[0]:,.0f} before the runs and "
+          f"{pubs[1]:,.0f} after (runs/s / publish/s = {out['runs_per_publish_ratio']})")
     print("CPU per run: " + ", ".join(f"{name} {us:,.0f} us" for name, us in cpu.items()))
     for p in swept:
         print(f"  {p['concurrency']:>5} in flight: {p['runs_per_s']:>7,.0f} runs/s, p50 {p['p50_ms']} ms, "
