@@ -100,8 +100,13 @@ async def test_a_start_retried_with_its_run_id_is_one_run(bide: Bide) -> None:
     assert kinds.count("run_started") == 1 and kinds.count("run_completed") == 1, kinds
 
 
-async def test_a_start_sent_again_does_not_replay_a_begun_run(bide: Bide) -> None:
-    """A second start activation (a spawn replayed after the de-duplication window) for a run under way."""
+@pytest.mark.parametrize("unrecorded", [None, True], ids=["starter-records", "host-records"])
+async def test_a_start_sent_again_does_not_replay_a_begun_run(bide: Bide, unrecorded: bool | None) -> None:
+    """A second start activation (a spawn replayed after the de-duplication window) for a run under way.
+
+    Also one marked for its host to record (``start_unrecorded``, a new run id's start sent twice):
+    the host's append of the start is refused, and it finds the run begun.
+    """
     entered: list[Any] = []
 
     @bide.durable_task(name="BegunOnce")
@@ -120,13 +125,48 @@ async def test_a_start_sent_again_does_not_replay_a_begun_run(bide: Bide) -> Non
 
         await wait_until(waiting, what="the run to wait")
         started = (await bide.runs.aio_history(ref.workflow_run_id)).entries[0]
-        act = Activation(run_id=ref.workflow_run_id, task="BegunOnce", kind="start", started=started)
+        act = Activation(run_id=ref.workflow_run_id, task="BegunOnce", kind="start", started=started,
+                         start_unrecorded=unrecorded)
         await conn.js.publish(s.queue("BegunOnce", ref.workflow_run_id), encode_activation(act),
                               headers={HDR_BIDE_KIND: "start"})
         await wait_until(lambda: _drained(conn, s, "BegunOnce"), timeout=10, what="the duplicate start to be taken")
         assert entered == [1]
         await bide.event.aio_send(ref.workflow_run_id, "go", {"ok": 1})
         assert await ref.aio_result(timeout=20) == {"ok": 1}
+
+
+async def test_a_start_left_to_its_host_for_a_run_id_another_start_holds_is_dropped(bide: Bide) -> None:
+    """A forged ``start_unrecorded`` start for a run in use: the host's append is refused, the start dropped.
+
+    Whoever may publish activations (the HTTP API's user) can mark a start for its host to record;
+    for an id another start holds, that must neither run the code with its input nor add a start.
+    """
+    entered: list[str] = []
+
+    @bide.durable_task(name="HeldId")
+    async def held(input: dict, ctx: DurableContext) -> Any:
+        entered.append(input["who"])
+        return await ctx.aio_wait_for_event("go")
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(bide, [held]):
+        ref = await held.aio_run_no_wait({"who": "first"}, run_id="held-id-1")
+
+        async def waiting() -> bool:
+            return any(e.k == "wait_registered" for e in (await bide.runs.aio_history(ref.workflow_run_id)).entries)
+
+        await wait_until(waiting, what="the run to wait")
+        forged = RunStarted(run_id="held-id-1", task="HeldId", durable=True, input={"who": "forged"}, at=utcnow(),
+                            start_id="another-request")
+        act = Activation(run_id="held-id-1", task="HeldId", kind="start", started=forged, start_unrecorded=True)
+        await conn.js.publish(s.queue("HeldId", "held-id-1"), encode_activation(act), headers={HDR_BIDE_KIND: "start"})
+        await wait_until(lambda: _drained(conn, s, "HeldId"), timeout=10, what="the forged start to be taken")
+        assert entered == ["first"]
+        await bide.event.aio_send(ref.workflow_run_id, "go", {"ok": 1})
+        assert await ref.aio_result(timeout=20) == {"ok": 1}
+    starts = [e for e in (await bide.runs.aio_history("held-id-1")).entries if isinstance(e, RunStarted)]
+    assert [st.input for st in starts] == [{"who": "first"}]
 
 
 async def _drained(conn: Any, s: Any, task: str) -> bool:
