@@ -36,7 +36,7 @@ from actors.engine.wire import (
 from actors.observe.tracing import TRACEPARENT, Tracing
 from actors.store.history import HistoryLog
 from actors.store.jetstream import direct_get_first, increment
-from actors.store.protocol import deliver_signal, is_signal_of, read_run, start_run
+from actors.store.protocol import deliver_signal, is_signal_of, start_not_read, start_run
 from actors.store.requests import Publisher
 
 log = logging.getLogger("bide.children")
@@ -99,9 +99,12 @@ async def live_run_task(nc: NATS, history: HistoryLog, subjects: Subjects, run_i
     """The task of a run that has not finished, ``None`` if it has; ``LookupError`` if there is no such run."""
     first = await direct_get_first(nc, subjects.history_stream, subjects.history(run_id))
     if first is None:
-        hist = await read_run(history, nc, subjects, run_id)  # queued (its start not recorded yet), or none
-        if not hist.entries:
+        found = await start_not_read(nc, subjects, run_id)  # queued (its start not recorded yet), or none
+        if found is None:
             raise LookupError(run_id)
+        if isinstance(found, RunStarted):
+            return found.task
+        hist = await history.read(run_id, history_seq=found)
         return None if hist.terminal is not None else hist.started.task
     last = await history.read_last(run_id)
     if any(isinstance(e, TERMINAL) for e in last):

@@ -120,24 +120,31 @@ async def queued_start(nc: NATS, subjects: Subjects, run_id: str) -> RunStarted 
     return None
 
 
-async def read_run(history: HistoryLog, nc: NATS, subjects: Subjects, run_id: str) -> RunHistory:
-    """A run's history as its readers see it: empty if there is no such run.
+async def start_not_read(nc: NATS, subjects: Subjects, run_id: str) -> RunStarted | int | None:
+    """For a run whose history a read found empty: its start while it is queued, or else the
+    sequence of its first history message as the leader has it (a replica behind, or a host
+    took it between the two reads), or ``None``: there is no such run.
 
-    A run whose start no host has recorded yet (see ``new_id`` in :func:`start_run`) reads as
-    its start alone (``last_seq`` 0): it is queued. Its host records the start before its
-    activation leaves the queue, so a run taken between the two reads is found by the leader
-    read of its history that follows.
+    Its host records the start before its activation leaves the queue, so the two leader reads,
+    in this order, miss no run a starter saw started (see ``new_id`` in :func:`start_run`).
     """
+    started = await queued_start(nc, subjects, run_id)
+    if started is not None:
+        return started
+    first = await leader_next(nc, subjects.history_stream, subjects.history(run_id))
+    return None if first is None else int((first.headers or {}).get("Nats-Sequence", "0"))
+
+
+async def read_run(history: HistoryLog, nc: NATS, subjects: Subjects, run_id: str) -> RunHistory:
+    """A run's history as its readers see it: empty if there is no such run, and a queued run's
+    start alone (``last_seq`` 0) while no host has recorded it (:func:`start_not_read`)."""
     hist = await history.read(run_id)
     if hist.entries:
         return hist
-    started = await queued_start(nc, subjects, run_id)
-    if started is not None:
-        return RunHistory(run_id, [started], 0)
-    first = await leader_next(nc, subjects.history_stream, subjects.history(run_id))
-    if first is None:
-        return hist
-    return await history.read(run_id, history_seq=int((first.headers or {}).get("Nats-Sequence", "0")))
+    found = await start_not_read(nc, subjects, run_id)
+    if isinstance(found, RunStarted):
+        return RunHistory(run_id, [found], 0)
+    return hist if found is None else await history.read(run_id, history_seq=found)
 
 
 async def read_last_of_run(history: HistoryLog, nc: NATS, subjects: Subjects, run_id: str) -> list[HistoryEntry]:
@@ -145,13 +152,10 @@ async def read_last_of_run(history: HistoryLog, nc: NATS, subjects: Subjects, ru
     last = await history.read_last(run_id)
     if last:
         return last
-    started = await queued_start(nc, subjects, run_id)
-    if started is not None:
-        return [started]
-    first = await leader_next(nc, subjects.history_stream, subjects.history(run_id))
-    if first is None:
-        return []
-    return await history.read_last(run_id, min_seq=int((first.headers or {}).get("Nats-Sequence", "0")))
+    found = await start_not_read(nc, subjects, run_id)
+    if isinstance(found, RunStarted):
+        return [found]
+    return [] if found is None else await history.read_last(run_id, min_seq=found)
 
 
 def is_start_of(started: RunStarted) -> SameCheck:
