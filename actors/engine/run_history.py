@@ -27,6 +27,9 @@ class RunHistory:
     """What the read held: the run's history and untaken inbox messages, in bytes."""
     folded: RunState | None = field(default=None, repr=False, compare=False)
     """The fold of ``entries``, when the reader has it already (a host's resident run)."""
+    start_unrecorded: bool = False
+    """``entries`` is the run's start alone, not in the stream yet (``last_seq`` 0): a run started
+    with a new id, in its first turn, whose first append writes the start ahead of what it adds."""
 
     @property
     def state(self) -> RunState:

@@ -68,6 +68,7 @@ from actors.store.jetstream import (
     retry_transient,
     task_consumer_config,
 )
+from actors.store.protocol import queued_start
 from actors.store.requests import Publisher
 from actors.store.timers import TimerScheduler
 from sdk.errors import (
@@ -362,6 +363,10 @@ class ActorHost:
         if hist is None:
             hist = await self._read(act)
         if not hist.entries or hist.terminal is not None:
+            if not hist.entries:
+                log.warning("dropping %s activation for run %s: delivered %d times, more than "
+                            "BIDE_MAX_DELIVERIES=%d, and the run has no history", act.kind, act.run_id, delivered,
+                            self.config.max_deliveries)
             if hist.terminal is not None and hist.started.parent is not None:
                 await self._writer(hist, defn).carry_out([NotifyParent(hist.started.parent, hist.terminal)])
             await msg.ack()
@@ -382,10 +387,13 @@ class ActorHost:
         """
         if act.history_seq:
             return RunHistory(act.run_id, [started], act.history_seq)  # a start written before its activation
+        if act.start_unrecorded:
+            # A start its starter left to the host (a new run id): nothing to read, nothing written
+            # yet. The turn's first append writes the start ahead of its own entries, expecting an
+            # empty history (RunWriter), and the activation stays on the queue until then.
+            return RunHistory(act.run_id, [started], 0, start_unrecorded=True)
         s = self.layout.subjects
-        # A start its starter leaves to the host (a new run id) has nothing to read yet.
-        last = None if act.start_unrecorded else await direct_get_last(self._nc_, s.history_stream,
-                                                                        s.history(act.run_id))
+        last = await direct_get_last(self._nc_, s.history_stream, s.history(act.run_id))
         if last is None:
             try:  # the starter left it here, died before its append, or it is on its way: record the start
                 seq = await self._history.append(act.run_id, [started], expected_seq=0)
@@ -425,6 +433,25 @@ class ActorHost:
             await msg.ack()
             return None
         return hist
+
+    async def _after_first_append(self, act: Activation) -> RunHistory:
+        """For an activation that found the run's history empty: the history once its first turn wrote it.
+
+        A run started with a new id has no history until its first turn's first append, which
+        writes its start (RunWriter); its start activation stays on the queue until then. While
+        it is there, wait for that append (for at most ``_SUSPENSION_WAIT_S``, as for a turn under
+        way) instead of handing the activation back at once: each hand-back counts as a delivery.
+        Empty if there is no such run, or the first turn has not written yet.
+        """
+        if await queued_start(self._nc_, self.layout.subjects, act.run_id) is None:
+            return RunHistory(act.run_id)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _SUSPENSION_WAIT_S
+        while True:
+            await asyncio.sleep(_SUSPENSION_POLL_S)
+            hist = await self._read(act)
+            if hist.entries or loop.time() >= give_up:
+                return hist
 
     async def _until_suspended(self, act: Activation, hist: RunHistory, wait_s: float) -> RunHistory:
         """The run re-read until its code is parked (or it ended), for at most ``wait_s``."""
@@ -472,6 +499,8 @@ class ActorHost:
             if began is None:
                 return False
             hist = began
+        if not hist.entries and act.kind != "start":
+            hist = await self._after_first_append(act)
         if not hist.entries:
             if delivery < _MISSING_HISTORY_RETRIES:
                 await msg.nak(delay=0.2)
@@ -493,7 +522,7 @@ class ActorHost:
             self.turns += 1
             with span:
                 await self._runner_.workflow(hist, defn, delivery)
-            await msg.ack()
+            await self._ack_turn(msg, hist)
             return False
         skip_code = False
         if defn.runs_durably:
@@ -534,8 +563,16 @@ class ActorHost:
                 await self._runner_.durable(hist, defn, delivery, run_trace, warm if handed else None)
             else:
                 await self._runner_.regular(hist, defn, delivery)
-        await msg.ack()
+        await self._ack_turn(msg, hist)
         return handed
+
+    async def _ack_turn(self, msg: Msg, hist: RunHistory) -> None:
+        """The turn's activation done. Its start is in the stream before the activation leaves the
+        queue (readers of a queued run rely on it): a first turn that appended nothing writes it."""
+        if hist.start_unrecorded:
+            await self._history.append(hist.run_id, [hist.started], expected_seq=0)
+            hist.start_unrecorded = False
+        await msg.ack()
 
     async def _ended(self, msg: Msg, hist: RunHistory, defn: TaskDefinition, delivery: int) -> None:
         """An activation for a run that has ended: redo its wind-up (idempotent), drop what its inbox still holds."""
@@ -560,8 +597,7 @@ class ActorHost:
             self._runner.cancel(msg.data.decode(errors="replace"))
 
     def _writer(self, hist: RunHistory, defn: TaskDefinition) -> RunWriter:
-        notify = hist.started.meta.get("notify") if hist.entries else None
-        return self._effects_.writer(hist.run_id, defn.name, hist.last_seq, notify)
+        return self._effects_.writer(hist, defn.name)
 
     @property
     def _effects_(self) -> TurnEffects:

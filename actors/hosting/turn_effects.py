@@ -45,6 +45,7 @@ from actors.store.runs_index import publish_end
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
+    from actors.engine.run_history import RunHistory
     from actors.hosting.activation_queue import SlotPool
     from actors.hosting.retention import Reaper
     from actors.store.history import HistoryLog
@@ -72,9 +73,9 @@ class TurnEffects:
         self.tracing = tracing
         self._chores: set[asyncio.Task[None]] = set()
 
-    def writer(self, run_id: str, task: str, last_seq: int, notify: str | None = None) -> RunWriter:
-        """Carries out one turn's commands for ``run_id``, appending after ``last_seq``."""
-        return RunWriter(self, run_id, task, last_seq, notify)
+    def writer(self, hist: RunHistory, task: str) -> RunWriter:
+        """Carries out one turn's commands for the run of ``hist``, appending after its last message."""
+        return RunWriter(self, hist, task)
 
     def chore(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Best effort in the background (a purge, a timer withdrawal): a failure is logged and left."""
@@ -98,20 +99,32 @@ class TurnEffects:
 class RunWriter:
     """Carries out the commands of one turn of one run (the engine's :class:`actors.engine.commands.Effects`)."""
 
-    def __init__(self, effects: TurnEffects, run_id: str, task: str, last_seq: int, notify: str | None) -> None:
+    def __init__(self, effects: TurnEffects, hist: RunHistory, task: str) -> None:
         self._fx = effects
-        self.run_id = run_id
+        self.run_id = hist.run_id
         self.task = task
-        self.last_seq = last_seq
+        self.last_seq = hist.last_seq
         """The history's last sequence as this turn knows it: the guard of its next append."""
-        self._notify = notify
+        self._notify: str | None = hist.started.meta.get("notify") if hist.entries else None
+        self._unrecorded = hist if hist.start_unrecorded else None
+        """A first turn's history whose start is not in the stream yet: the first append writes it."""
 
     async def __call__(self, command: Command) -> None:
         fx, run_id = self._fx, self.run_id
         s = fx.layout.subjects
         match command:
             case Append(entries=entries, on_durable=on_durable):
-                self.last_seq = await fx.history.append(run_id, entries, self.last_seq, self._notify)
+                unrecorded = self._unrecorded
+                if unrecorded is None:
+                    self.last_seq = await fx.history.append(run_id, entries, self.last_seq, self._notify)
+                else:
+                    # The start in the same message as the turn's first entries, under the guard of an
+                    # empty history: one acknowledged write fewer per run, and the same crash states
+                    # (a host that dies before it leaves the start on the queue, as before).
+                    self.last_seq = await fx.history.append(run_id, [unrecorded.started, *entries], 0,
+                                                            self._notify)
+                    unrecorded.start_unrecorded = False
+                    self._unrecorded = None
                 if on_durable is not None:
                     on_durable(entries)
                 if fx.tracing.enabled:

@@ -90,7 +90,7 @@ class TurnRunner:
                       observer: TurnObserver | None, warm: WarmRun | None = None) -> None:
         """A durable run's turn: its code replayed from the history, or a warm run's code going on."""
         started = hist.started
-        writer = self._fx.writer(hist.run_id, defn.name, hist.last_seq, started.meta.get("notify"))
+        writer = self._fx.writer(hist, defn.name)
         if warm is not None:
             warm.turn.resume(hist, writer, self.host_id, delivery, observer)
             try:
@@ -187,7 +187,7 @@ class TurnRunner:
 
     async def regular(self, hist: RunHistory, defn: TaskDefinition, delivery: int) -> None:
         started = hist.started
-        writer = self._fx.writer(hist.run_id, defn.name, hist.last_seq, started.meta.get("notify"))
+        writer = self._fx.writer(hist, defn.name)
         begun = ActivationBegun(host=self.host_id, delivery=delivery, at=utcnow())
         cancel = next((sig for _, sig in hist.inbox if sig.source == "cancel"), None)
         end: Terminal | AttemptFailed | None = late_start(hist, defn)
@@ -225,12 +225,12 @@ class TurnRunner:
         assert wf is not None
         steps = wf.order()
         plan = plan_workflow_turn(hist, steps, self.host_id, delivery, utcnow(), late_start(hist, defn))
-        writer = self._fx.writer(hist.run_id, defn.name, hist.last_seq, hist.started.meta.get("notify"))
+        writer = self._fx.writer(hist, defn.name)
         await writer.carry_out(workflow_commands(hist, steps, plan))
 
     async def fail_without_code(self, hist: RunHistory, defn: TaskDefinition, delivery: int, end: RunFailed) -> None:
         """A poison activation or a run over a limit: it fails without running its code."""
-        writer = self._fx.writer(hist.run_id, defn.name, hist.last_seq, hist.started.meta.get("notify"))
+        writer = self._fx.writer(hist, defn.name)
         if defn.runs_durably and not (defn.workflow is not None and defn is defn.workflow.runner):
             # A durable run's end withdraws its waits and timers and stops its children, as any end does.
             turn = Turn(history=hist, effects=writer, task=defn.name, host_id=self.host_id, delivery=delivery)

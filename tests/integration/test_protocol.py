@@ -104,8 +104,11 @@ async def test_a_start_retried_with_its_run_id_is_one_run(bide: Bide) -> None:
 async def test_a_start_sent_again_does_not_replay_a_begun_run(bide: Bide, unrecorded: bool | None) -> None:
     """A second start activation (a spawn replayed after the de-duplication window) for a run under way.
 
-    Also one marked for its host to record (``start_unrecorded``, a new run id's start sent twice):
-    the host's append of the start is refused, and it finds the run begun.
+    Also one marked for its host to record (``start_unrecorded``: a new run id's start, sent again
+    after the queue's two-minute de-duplication window, which only a forger does): its host takes
+    it for a first turn without reading, so the code runs from the top until the turn's first
+    write, which carries the start, is refused; the next delivery finds the run begun and replays
+    it. Either way the run keeps one start and goes on.
     """
     entered: list[Any] = []
 
@@ -130,16 +133,22 @@ async def test_a_start_sent_again_does_not_replay_a_begun_run(bide: Bide, unreco
         await conn.js.publish(s.queue("BegunOnce", ref.workflow_run_id), encode_activation(act),
                               headers={HDR_BIDE_KIND: "start"})
         await wait_until(lambda: _drained(conn, s, "BegunOnce"), timeout=10, what="the duplicate start to be taken")
-        assert entered == [1]
+        # The duplicate's first turn, then its replay once the write was refused.
+        assert entered == ([1, 1, 1] if unrecorded else [1])
         await bide.event.aio_send(ref.workflow_run_id, "go", {"ok": 1})
         assert await ref.aio_result(timeout=20) == {"ok": 1}
+    kinds = [e.k for e in (await bide.runs.aio_history(ref.workflow_run_id)).entries]
+    assert kinds.count("run_started") == 1 and kinds.count("wait_registered") == 1, kinds
 
 
 async def test_a_start_left_to_its_host_for_a_run_id_another_start_holds_is_dropped(bide: Bide) -> None:
-    """A forged ``start_unrecorded`` start for a run in use: the host's append is refused, the start dropped.
+    """A forged ``start_unrecorded`` start for a run in use: its turn's write is refused, the start dropped.
 
-    Whoever may publish activations (the HTTP API's user) can mark a start for its host to record;
-    for an id another start holds, that must neither run the code with its input nor add a start.
+    Whoever may publish activations (the HTTP API's user) can mark a start for its host to record.
+    For an id another start holds, its code runs once with the forged input, as a new run's would
+    (the host reads nothing before a first turn), but nothing of it is recorded: its first write,
+    which carries the start, expects an empty history. The next delivery finds another start and
+    drops it, and the run goes on with its own input.
     """
     entered: list[str] = []
 
@@ -162,11 +171,12 @@ async def test_a_start_left_to_its_host_for_a_run_id_another_start_holds_is_drop
         act = Activation(run_id="held-id-1", task="HeldId", kind="start", started=forged, start_unrecorded=True)
         await conn.js.publish(s.queue("HeldId", "held-id-1"), encode_activation(act), headers={HDR_BIDE_KIND: "start"})
         await wait_until(lambda: _drained(conn, s, "HeldId"), timeout=10, what="the forged start to be taken")
-        assert entered == ["first"]
+        assert entered == ["first", "forged"]
         await bide.event.aio_send(ref.workflow_run_id, "go", {"ok": 1})
         assert await ref.aio_result(timeout=20) == {"ok": 1}
-    starts = [e for e in (await bide.runs.aio_history("held-id-1")).entries if isinstance(e, RunStarted)]
-    assert [st.input for st in starts] == [{"who": "first"}]
+    entries = (await bide.runs.aio_history("held-id-1")).entries
+    assert [st.input for st in entries if isinstance(st, RunStarted)] == [{"who": "first"}]
+    assert [e.k for e in entries].count("wait_registered") == 1, entries
 
 
 async def _drained(conn: Any, s: Any, task: str) -> bool:
@@ -222,6 +232,64 @@ async def test_a_signal_during_a_turn_on_another_host_neither_reruns_steps_nor_i
         results = await asyncio.gather(*(r.aio_result(timeout=40) for r in refs))
     assert results == [[{"n": 0}, {"n": 1}]] * 6
     assert sorted(ran) == sorted(f"r{i}" for i in range(6)), f"a step ran again: {sorted(ran)}"
+
+
+async def test_a_signal_during_a_long_first_turn_on_another_host_waits_for_its_first_write(
+    nats_server: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run started with a new id has no history until its first turn's first write, which carries
+    its start. A signal that reaches another host meanwhile waits for that write: handed back at
+    once instead, each hand-back a delivery, it was dropped after BIDE_MAX_DELIVERIES, or failed the run
+    if its history was written by then.
+    """
+    import asyncio
+    import logging
+
+    from actors.store.jetstream import api_request
+
+    monkeypatch.setenv("BIDE_MAX_DELIVERIES", "2")
+    bide = Bide(nats_server.url, ack_wait=3.0)
+    steps: list[str] = []
+    gate = asyncio.Event()
+
+    @bide.durable_task(name="LongFirstStep")
+    async def long_first(input: dict, ctx: DurableContext) -> Any:
+        async def step() -> int:
+            steps.append(ctx.run_id)
+            await gate.wait()  # the first turn's step, under way while the signals arrive
+            return 1
+
+        await ctx.memo(step)
+        return await ctx.aio_wait_for_event("go", timeout="60s")
+
+    runs = 8  # about half the signals reach the host that is not running their run's first turn
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    consumer = s.consumer_name("LongFirstStep")
+
+    async def signals_taken() -> bool:
+        info = await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.queue_stream}.{consumer}", {})
+        return int(info["num_ack_pending"]) >= 2 * runs and not int(info["num_pending"])
+
+    caplog.set_level(logging.WARNING, logger="bide")
+    try:
+        async with running_worker(bide, [long_first], name="host-a"), \
+                running_worker(bide, [long_first], name="host-b"):
+            refs = [await long_first.aio_run_no_wait({}) for _ in range(runs)]
+            await wait_until(lambda: len(steps) >= runs, timeout=20, what="every first step to begin")
+            for i, ref in enumerate(refs):
+                await bide.event.aio_send(ref.workflow_run_id, "go", {"n": i})
+            await wait_until(signals_taken, timeout=20, what="the hosts to take the signals")
+            # The steps go on for longer than two hand-backs of a signal take (0.2 s apart).
+            asyncio.get_running_loop().call_later(1.5, gate.set)
+            results = await asyncio.gather(*(r.aio_result(timeout=40) for r in refs))
+    finally:
+        await bide.aclose()
+    assert results == [{"n": i} for i in range(runs)]
+    assert sorted(steps) == sorted(r.workflow_run_id for r in refs), f"a first step ran again: {steps}"
+    dropped = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()
+               or "BIDE_MAX_DELIVERIES" in r.getMessage()]
+    assert not dropped, dropped
 
 
 async def test_a_signal_whose_sender_died_before_the_activation_still_wakes_the_run(
@@ -305,9 +373,9 @@ async def test_a_refused_append_is_not_taken_for_the_runs_end(bide: Bide) -> Non
         result = asyncio.create_task(bide.runs.aio_result(ref.workflow_run_id, timeout=20))
         await asyncio.sleep(0.2)  # the waiter is subscribed (a fixed pause: the fault must come after it)
         stale = RunFailed(error=ErrorInfo(type="CancelledError", message="", traceback=""), at=utcnow())
-        with pytest.raises(nats.js.errors.APIError):
+        with pytest.raises(nats.js.errors.APIError):  # a host that lost the race for the run's first write
             await conn.js.publish(conn.layout.subjects.history(ref.workflow_run_id), encode_history([stale]),
-                                  headers={HDR_EXPECTED_LAST_SUBJECT_SEQ: "1"})
+                                  headers={HDR_EXPECTED_LAST_SUBJECT_SEQ: "0"})
         await bide.event.aio_send(ref.workflow_run_id, "go", {"ok": 1})
         assert await result == {"ok": 1}
 
