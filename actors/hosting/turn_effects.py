@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ from actors.engine.wire import HDR_BIDE_KIND, HDR_MSG_ID, Activation, encode_act
 from actors.hosting.router_inputs import publish_registrations
 from actors.observe.tracing import Tracing, observe_appended
 from actors.store.children import notify_parent, request_cancel, start_children
-from actors.store.jetstream import Layout, api_request
+from actors.store.jetstream import Layout, api_request, retry_transient
 from actors.store.protocol import is_start_of
 from actors.store.requests import Publisher
 from actors.store.runs_index import publish_end
@@ -52,6 +52,9 @@ if TYPE_CHECKING:
     from actors.store.timers import TimerScheduler
 
 log = logging.getLogger("bide.host")
+
+_CHORE_RETRY_S = 60.0
+"""How long a background tidy-up retries infrastructure errors (a leader election takes seconds)."""
 
 _CONCURRENT = (StartChildren, WithdrawWait)
 """Commands independent of their neighbours of the same kind: a run of them is pipelined."""
@@ -77,14 +80,19 @@ class TurnEffects:
         """Carries out one turn's commands for the run of ``hist``, appending after its last message."""
         return RunWriter(self, hist, task)
 
-    def chore(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Best effort in the background (a purge, a timer withdrawal): a failure is logged and left."""
+    def chore(self, what: str, op: Callable[[], Awaitable[Any]]) -> None:
+        """An idempotent tidy-up (a purge, a timer withdrawal) in the background, not awaited by the turn.
+
+        Infrastructure errors are retried for up to ``_CHORE_RETRY_S`` (a node that dies under it
+        left a cancelled run's timer behind for its hour); a chore that still fails is logged and
+        left: a timer fires into the ended run and is dropped, an inbox goes with the run's removal.
+        """
 
         async def _guarded() -> None:
             try:
-                await coro
+                await retry_transient(what, op, deadline_s=_CHORE_RETRY_S)
             except Exception as e:
-                log.debug("background chore failed: %s", e)
+                log.warning("%s failed for good: %s: %s", what, type(e).__name__, e)
 
         t = asyncio.create_task(_guarded())
         self._chores.add(t)
@@ -142,11 +150,12 @@ class RunWriter:
             case ScheduleTimer(pos=pos, wake_at=wake_at, lead=lead):
                 await fx.timers.schedule(run_id, self.task, pos, wake_at, self.last_seq, lead)
             case CancelTimer(pos=pos):
-                fx.chore(fx.timers.cancel(run_id, pos))
+                fx.chore(f"run {run_id}: withdrawing timer {pos}", lambda: fx.timers.cancel(run_id, pos))
             case ScheduleRetry(retry=retry):
                 await self._schedule_retry(retry.attempt, retry.retry_at)
             case PurgeInbox(upto_seq=upto):
-                fx.chore(self._purge_inbox(upto))  # best effort: the next turn, or the end, redoes it
+                # Best effort: the next turn, or the end, redoes it.
+                fx.chore(f"run {run_id}: purging its inbox", lambda: self._purge_inbox(upto))
             case ClearInbox(upto_seq=upto):
                 await self._purge_inbox(upto)
             case RecordEnd(started=started, end=end):
