@@ -11,7 +11,10 @@ driver polls until every run is parked (the task's activations all delivered and
 router holding every registration with nothing left to read) and both RSS readings are steady,
 then reads RSS, the server's live Go heap after a forced collection (``HeapAlloc`` from its
 profiling port: RSS also holds garbage the Go runtime has not collected or returned yet) and
-the JetStream streams' stored bytes.
+the JetStream streams' stored bytes. After ``--idle`` seconds of waiting (the write caches of
+the streams' last blocks expire), RSS and heap again, then RSS once more after that heap read's
+collections: Go collects by itself at least every two minutes, and RSS before a collection
+still holds the expired caches.
 
 Reported: KiB per waiting run for the worker (the router's index is part of it) and for the
 server, over all N runs and after the first batch (the marginal cost: the first burst of
@@ -118,15 +121,20 @@ async def measure(st: Stack, runs: int, steps: int, warmup: int, idle_s: float) 
         # last blocks have expired (nothing is written to those streams meanwhile).
         await asyncio.sleep(idle_s)
         idle = await steady_rss(st)
+        # The heap reading above collected: what the server keeps once its runtime has collected
+        # (Go does so at least every two minutes by itself) and returned the freed pages.
+        collected = await steady_rss(st)
         print(f"  {idle_s:.0f} s later: server {idle['server'] / 1024:.1f} MiB (live heap "
-              f"{idle['server_heap'] / 1024:.1f} MiB)", flush=True)
+              f"{idle['server_heap'] / 1024:.1f} MiB), {collected['server'] / 1024:.1f} MiB once collected",
+              flush=True)
     finally:
         await nc.close()
         await bide.aclose()
     base, n = points[0], points[-1]["parked"] - points[0]["parked"]
     return {"points": points, **per_run(points), "idle_s": idle_s, "idle": idle,
             "server_heap_kib_per_run_idle": round((idle["server_heap"] - base["server_heap"]) / n, 2),
-            "server_kib_per_run_idle": round((idle["server"] - base["server"]) / n, 2)}
+            "server_kib_per_run_idle": round((idle["server"] - base["server"]) / n, 2),
+            "server_kib_per_run_idle_collected": round((collected["server"] - base["server"]) / n, 2)}
 
 
 def per_run(points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -169,7 +177,8 @@ def main() -> None:
     print(f"{args.runs:,} runs waiting: worker +{out['worker_kib_per_run']:.2f} KiB/run, nats-server "
           f"+{out['server_kib_per_run']:.2f} KiB/run{after}; the server's live heap "
           f"+{out['server_heap_kib_per_run']:.2f} KiB/run ({out['server_heap_kib_per_run_idle']:.2f} after "
-          f"{args.idle:.0f} s of waiting; RSS {out['server_kib_per_run_idle']:.2f}); JetStream stores "
+          f"{args.idle:.0f} s of waiting; RSS {out['server_kib_per_run_idle']:.2f}, "
+          f"{out['server_kib_per_run_idle_collected']:.2f} once collected); JetStream stores "
           f"{out['stored_bytes_per_run']:,.0f} bytes/run")
     write_json(args.json, {"benchmark": "memory_waiting", "machine": info, **described, "runs": args.runs,
                            "warmup": args.warmup, **out})

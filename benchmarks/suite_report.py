@@ -133,6 +133,11 @@ def memory_waiting(d: dict[str, Any]) -> list[Headline]:
                          d["worker_kib_per_run_after_first_batch"], "KiB", "size"),
                 Headline("nats-server RSS per waiting run, after the first batch",
                          d["server_kib_per_run_after_first_batch"], "KiB", "size")]
+    if "server_kib_per_run_idle_collected" in d:
+        out += [Headline(f"nats-server RSS per waiting run, {d['idle_s']:.0f} s later",
+                         d["server_kib_per_run_idle"], "KiB", "size"),
+                Headline(f"nats-server RSS per waiting run, {d['idle_s']:.0f} s later and collected",
+                         d["server_kib_per_run_idle_collected"], "KiB", "size")]
     out.append(Headline("JetStream bytes stored per waiting run", d["stored_bytes_per_run"], "B", "size"))
     return out
 
