@@ -485,6 +485,8 @@ class ActorHost:
             hist = fresh  # first delivery of a start: the history is exactly the start entry
         else:
             hist = await self._read(act)
+            if not hist.entries and act.kind != "start":
+                hist = await self._after_first_append(act)
         if hist.size_bytes > self.config.max_history_bytes and hist.terminal is None:
             await self._give_up(msg, act, defn, delivery, HistoryTooLargeError(
                 f"run {act.run_id} of task {defn.name!r}: its history holds {format_size(hist.size_bytes)}, more "
@@ -499,8 +501,6 @@ class ActorHost:
             if began is None:
                 return False
             hist = began
-        if not hist.entries and act.kind != "start":
-            hist = await self._after_first_append(act)
         if not hist.entries:
             if delivery < _MISSING_HISTORY_RETRIES:
                 await msg.nak(delay=0.2)
