@@ -41,6 +41,25 @@ async def _waiting(mod: ModuleType, run_id: str, waits: int = 1) -> None:
     await wait_until(ok, timeout=15, what=f"run {run_id} to wait")
 
 
+async def _runs_of(mod: ModuleType, task: str, count: int) -> list[Any]:
+    """The histories of the ``count`` runs of ``task`` that events started (their ids are new)."""
+    found: list[Any] = []
+
+    async def ok() -> bool:
+        found.clear()
+        conn = await mod.hatchet._pool.get()
+        s = conn.layout.subjects
+        info = await conn.js.stream_info(s.history_stream, subjects_filter=f"{s.prefix}.history.>")
+        for subject in info.state.subjects or {}:
+            hist = await mod.hatchet.runs.aio_history(subject.rsplit(".", 1)[1])
+            if hist.entries[0].task == task:
+                found.append(hist)
+        return len(found) >= count
+
+    await wait_until(ok, what=f"{count} runs of {task}")
+    return found
+
+
 async def test_hatchet_examples(examples: ModuleType) -> None:
     m = examples
     async with running_worker(m.hatchet, m.worker.tasks):
@@ -78,6 +97,9 @@ async def test_inngest_examples_triggered_by_events(examples: ModuleType) -> Non
         await m.hatchet.event.aio_push("app/account.created", {"data": {"userId": "u2"}})
         await wait_until(lambda: sorted(t for _, t in m.sent_emails) == ["welcome", "welcome"],
                          what="both welcome emails")
+        # A wait sees events sent after it began (Inngest's rule): wait for both runs to wait.
+        for hist in await _runs_of(m, "send-onboarding-nudge-email", count=2):
+            await _waiting(m, hist.run_id)
         # u2's completion must not wake u1's run (match="data.userId").
         await m.hatchet.event.aio_push("app/onboarding.completed", {"data": {"userId": "u2"}})
         await wait_until(lambda: ("u2", "new_user_tips") in m.sent_emails, what="u2's tips email")
@@ -85,22 +107,10 @@ async def test_inngest_examples_triggered_by_events(examples: ModuleType) -> Non
 
         await m.hatchet.event.aio_push("ai/post.generator.requested", {"data": {"prompt": "p1"}})
         await m.hatchet.event.aio_push("ai/post.topic.selected", {"data": {"completionId": "other", "topic": "no"}})
-        completions: list[Any] = []
-
-        async def blog_done() -> bool:
-            completions.clear()
-            conn = await m.hatchet._pool.get()
-            s = conn.layout.subjects
-            info = await conn.js.stream_info(s.history_stream, subjects_filter=f"{s.prefix}.history.>")
-            for subject in info.state.subjects or {}:
-                hist = await m.hatchet.runs.aio_history(subject.rsplit(".", 1)[1])
-                if hist.entries[0].task == "generate-blog-post-with-ai":
-                    completions.append(hist)
-            return bool(completions) and any(e.k == "wait_registered" for e in completions[0].entries)
-
-        await wait_until(blog_done, what="the blog run to wait for its topic")
+        (blog,) = await _runs_of(m, "generate-blog-post-with-ai", count=1)
+        await _waiting(m, blog.run_id)
         await m.hatchet.event.aio_push("ai/post.topic.selected", {"data": {"completionId": "cmpl-p1", "topic": "ok"}})
-        run_id = completions[0].run_id
+        run_id = blog.run_id
         assert await m.hatchet.runs.aio_result(run_id, timeout=10) == {"topic": "ok"}
 
 
