@@ -176,3 +176,25 @@ async def test_cli_refuses_payloads_over_the_limits(nats_server: EmbeddedServer,
     assert out.returncode == 2 and "nested" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert await stored_events(bide) == 0
 
+
+
+async def test_an_input_and_a_memo_at_the_ceiling_fit_a_new_runs_first_write(
+        nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new run id's start goes with its first turn's first write: at the highest limit, the start's
+    input and a memo's result together are more than one message holds, and the write is split."""
+    monkeypatch.setenv("BIDE_MAX_PAYLOAD", "768KiB")
+    near = 768 * 1024 - 1024
+
+    async with Bide(nats_server.url) as bide:
+        @bide.durable_task(name="BigInBigMemo")
+        async def big_in_big_memo(input: dict[str, str], ctx: DurableContext) -> int:
+            def echo() -> str:
+                return input["s"][::-1]
+
+            return len(await ctx.memo(echo)) + len(input["s"])
+
+        async with running_worker(bide, [big_in_big_memo]):
+            ref = await big_in_big_memo.aio_run_no_wait({"s": "y" * near})
+            assert await ref.aio_result(timeout=30) == 2 * near
+            hist = await bide.runs.aio_history(ref.workflow_run_id)
+            assert [e.k for e in hist.entries] == ["run_started", "activation", "memo", "run_completed"]
