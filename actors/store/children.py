@@ -29,13 +29,12 @@ from actors.engine.wire import (
     RunFailed,
     RunStarted,
     Subjects,
-    decode_history,
     encode_activation,
     utcnow,
 )
 from actors.observe.tracing import TRACEPARENT, Tracing
 from actors.store.history import HistoryLog
-from actors.store.jetstream import direct_get_first, increment
+from actors.store.jetstream import increment
 from actors.store.protocol import deliver_signal, is_signal_of, start_not_read, start_run
 from actors.store.requests import Publisher
 
@@ -97,8 +96,8 @@ async def notify_parent(nc: NATS, pub: Publisher, subjects: Subjects, run_id: st
 
 async def live_run_task(nc: NATS, history: HistoryLog, subjects: Subjects, run_id: str) -> str | None:
     """The task of a run that has not finished, ``None`` if it has; ``LookupError`` if there is no such run."""
-    first = await direct_get_first(nc, subjects.history_stream, subjects.history(run_id))
-    if first is None:
+    started = await history.read_first(run_id)
+    if started is None:
         found = await start_not_read(nc, subjects, run_id)  # queued (its start not recorded yet), or none
         if found is None:
             raise LookupError(run_id)
@@ -109,7 +108,6 @@ async def live_run_task(nc: NATS, history: HistoryLog, subjects: Subjects, run_i
     last = await history.read_last(run_id)
     if any(isinstance(e, TERMINAL) for e in last):
         return None
-    started = decode_history(first.data)[0]
     if not isinstance(started, RunStarted):
         raise ValueError(f"run {run_id}'s history does not begin with its start")
     return started.task

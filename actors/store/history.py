@@ -258,8 +258,12 @@ class HistoryLog:
             await asyncio.sleep(_STALE_READ_RETRY_S)
 
     async def read_first(self, run_id: str, *, must_exist: bool = False) -> Any | None:
-        """The run's first entry (its start), or ``None`` if it has none yet.
+        """The run's start (its first entry; the latest generation's start, if its first message
+        holds one), or ``None`` if it has none yet.
 
+        A run that continued as new keeps its history from the switch on: the message that ended
+        the earlier generation's entries with the next start. So the start is the last
+        ``run_started`` in the first message, and that message may not begin with it.
         With ``must_exist`` (the caller knows one was written) an answer without it came from
         a replica that is behind (invariant 13): :class:`StaleReadError`, an infrastructure
         error the caller retries.
@@ -269,7 +273,8 @@ class HistoryLog:
             if must_exist:
                 raise StaleReadError(f"run {run_id}: its start was written but the replica read shows none")
             return None
-        return decode_stored(msg, run_id)[0]
+        entries = decode_stored(msg, run_id)
+        return next((e for e in reversed(entries) if isinstance(e, RunStarted)), entries[0])
 
     async def read_last(self, run_id: str, min_seq: int = 0) -> list[HistoryEntry]:
         """The entries of the run's last message only (enough to see a terminal state).

@@ -190,7 +190,8 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
     router batch, a redelivered child's end, a retried send) differs at most in its ``at``.
     A first copy the get did not find was taken by the run, or removed with it: the run's read
     says which signal is at that sequence. One it never took (a malformed message, dropped) is
-    not ours either, and sending ours again to an ended run costs a host one read.
+    not ours either, and sending ours again to an ended run costs a host one read. One taken by
+    an earlier generation of a run that continued as new cannot be read any more: it is trusted.
     """
     async def same(first: Msg | None, seq: int) -> bool:
         ours = _signal_identity(data)  # here, not when the write is made: only a duplicate is checked
@@ -202,6 +203,11 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
         hist = await HistoryLog(pub.nc, pub, subjects).read(run_id)
         there = [e.signal for e in hist.entries if isinstance(e, SignalReceived) and e.inbox_seq == seq]
         there += [sig for at, sig in hist.inbox if at == seq]
+        if not there and hist.entries and seq <= hist.started.inbox_taken:
+            # Taken by an earlier generation (the run continued as new since): what it took went with
+            # that generation's history, so the copy is trusted as ours; sent again, the new
+            # generation would receive it a second time.
+            return True
         return bool(there) and _signal_identity(there[0].model_dump_json().encode()) == ours
 
     return same

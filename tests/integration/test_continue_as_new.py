@@ -10,7 +10,7 @@ from actors.engine.commands import NextGeneration
 from actors.engine.wire import RunStarted
 from actors.hosting.turn_effects import RunWriter
 from sdk import Bide, DurableContext, EmptyModel
-from sdk.errors import RunFailedError, RunNotFoundError
+from sdk.errors import RunCancelledError, RunFailedError, RunNotFoundError
 from tests.support import running_worker, wait_until
 
 STEPS: list[int] = []
@@ -118,3 +118,61 @@ async def test_an_input_that_is_not_json_fails_the_run_naming_it(bide: Bide) -> 
         with pytest.raises(RunFailedError) as err:
             await bad.aio_run(EmptyModel(), timeout=20)
     assert "the input of continue_as_new" in str(err.value)
+
+
+
+def define_inbox(bide: Bide, name: str, got: list[tuple[int, Any]]) -> Any:
+    @bide.durable_task(name=name)
+    async def inbox(input: dict, ctx: DurableContext) -> Any:
+        # Continues as new right after its wait resolves: the switch is the message that also
+        # records the wait's end, so the run's first stored message does not begin with its start.
+        gen = input.get("gen", 0)
+        event = await ctx.aio_wait_for_event("note", timeout="30s")
+        got.append((gen, event))
+        if gen == 0:
+            ctx.continue_as_new({"gen": 1})
+        return {"gen": gen, "event": event}
+
+    return inbox
+
+
+async def test_a_run_that_continued_as_new_takes_direct_events_and_cancels(bide: Bide) -> None:
+    """``event.send`` and ``runs.cancel`` find the run's task from its start: after the switch, the
+    start of the new generation, not the first entry of the run's first message."""
+    got: list[tuple[int, Any]] = []
+    inbox = define_inbox(bide, "CanSendCancel", got)
+    async with running_worker(bide, [inbox]):
+        ref = await inbox.aio_run_no_wait({})
+        run_id = ref.workflow_run_id
+        await wait_until(lambda: at_wait(bide, run_id, 0, 1), what="generation 0 to wait")
+        await bide.event.aio_send(run_id, "note", {"n": 1})
+        await wait_until(lambda: at_wait(bide, run_id, 1, 1), what="generation 1 to wait")
+        await bide.event.aio_send(run_id, "note", {"n": 2})
+        assert await ref.aio_result(timeout=20) == {"gen": 1, "event": {"n": 2}}
+
+        ref = await inbox.aio_run_no_wait({})
+        run_id = ref.workflow_run_id
+        await wait_until(lambda: at_wait(bide, run_id, 0, 1), what="generation 0 to wait")
+        await bide.event.aio_send(run_id, "note", {"n": 3})
+        await wait_until(lambda: at_wait(bide, run_id, 1, 1), what="generation 1 to wait")
+        assert await bide.runs.aio_cancel(run_id, reason="enough")
+        with pytest.raises(RunCancelledError, match="enough"):
+            await ref.aio_result(timeout=20)
+
+
+async def test_a_send_retried_after_the_run_continued_as_new_is_delivered_once(bide: Bide) -> None:
+    """``event.send`` with an event id is stored once: sent again within the de-duplication window,
+    after the run took the first copy and continued as new (which removed that generation's
+    history, the only record of what it took), it must not reach the new generation as well."""
+    got: list[tuple[int, Any]] = []
+    inbox = define_inbox(bide, "CanInbox", got)
+    async with running_worker(bide, [inbox]):
+        ref = await inbox.aio_run_no_wait({})
+        run_id = ref.workflow_run_id
+        await wait_until(lambda: at_wait(bide, run_id, 0, 1), what="generation 0 to wait")
+        await bide.event.aio_send(run_id, "note", {"n": 1}, event_id="note-1")
+        await wait_until(lambda: at_wait(bide, run_id, 1, 1), what="generation 1 to wait")
+        await bide.event.aio_send(run_id, "note", {"n": 1}, event_id="note-1")  # the sender retries
+        await bide.event.aio_send(run_id, "note", {"n": 2}, event_id="note-2")
+        assert await ref.aio_result(timeout=20) == {"gen": 1, "event": {"n": 2}}
+        assert got == [(0, {"n": 1}), (1, {"n": 2})]
