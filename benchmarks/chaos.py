@@ -41,6 +41,7 @@ apps: Any = None  # benchmarks.chaos_apps, imported once BIDE_NATS_URL points at
 
 KINDS = {  # kind: weight in the mix
     "steps": 22, "sleep": 14, "wait": 20, "direct": 10, "fanout": 8, "dag": 8, "trigger": 8, "flaky": 5, "cancel": 5,
+    "forever": 5,
 }
 
 
@@ -88,6 +89,10 @@ def plan(args: argparse.Namespace) -> list[Spec]:
         elif kind == "direct":
             s.delay = rng.uniform(0, 2)
             s.expect = {"got": [0, 1]}
+        elif kind == "forever":
+            gens = rng.randint(2, 4)
+            s.delay = rng.uniform(0, 2)
+            s.input, s.expect = {"gens": gens}, {"got": list(range(gens))}
         elif kind == "fanout":
             n = rng.randint(args.fanout_min, args.fanout_max)
             s.input, s.expect = {"n": n, "ms": rng.choice([0, 50])}, {"n": n, "sum": sum(j * j for j in range(n))}
@@ -148,7 +153,8 @@ class Driver:
 
     async def start(self, spec: Spec) -> None:
         task = {"steps": apps.chaos_steps, "sleep": apps.chaos_sleep, "wait": apps.chaos_wait,
-                "direct": apps.chaos_direct, "fanout": apps.chaos_fanout, "flaky": apps.chaos_flaky,
+                "direct": apps.chaos_direct, "forever": apps.chaos_forever, "fanout": apps.chaos_fanout,
+                "flaky": apps.chaos_flaky,
                 "cancel": apps.chaos_cancel, "dag": apps.dag}[spec.kind]
         if spec.kind == "dag" or (spec.kind == "steps" and spec.i % 2 == 0):
             # A new run id, made by the client (the common start): its host writes the start with
@@ -205,6 +211,15 @@ class Driver:
                 for n in (0, 1):  # a FIFO pair: the second is sent once the first is acknowledged
                     await self.retry(spec, f"send {n}", lambda n=n: self.client.event.aio_send(
                         spec.run_id, apps.DIRECT_NAME, {"n": n}, event_id=f"{spec.run_id}-{n}"))
+            elif spec.kind == "forever":
+                await asyncio.sleep(spec.delay)
+                # One event per generation, queued on the run's inbox in order; each sent twice under
+                # its id (a sender retrying), which must reach the run once, whichever generation
+                # it continued to meanwhile.
+                for n in range(spec.input["gens"]):
+                    for again in ("", " again"):
+                        await self.retry(spec, f"send {n}{again}", lambda n=n: self.client.event.aio_send(
+                            spec.run_id, apps.DIRECT_NAME, {"n": n}, event_id=f"{spec.run_id}-{n}"))
             elif spec.kind == "cancel":
                 await asyncio.sleep(spec.delay)
                 done = await self.retry(spec, "cancel", lambda: self.client.runs.aio_cancel(spec.run_id))

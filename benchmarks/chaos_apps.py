@@ -87,6 +87,18 @@ async def chaos_direct(input: dict[str, Any], ctx: DurableContext) -> dict[str, 
     return {"got": [first["n"], second["n"]]}
 
 
+@bide.durable_task(name="ChaosForever")
+async def chaos_forever(input: dict[str, Any], ctx: DurableContext) -> dict[str, Any]:
+    """One direct event per generation, then ``continue_as_new`` until ``gens`` generations took one each."""
+    gen, got = input.get("gen", 0), input.get("got", [])
+    msg = await ctx.aio_wait_for_event(DIRECT_NAME)
+    await ctx.memo(step, ctx.run_id, gen, 0)
+    got = [*got, msg["n"]]
+    if gen + 1 < input["gens"]:
+        ctx.continue_as_new({"gens": input["gens"], "gen": gen + 1, "got": got})
+    return {"got": got}
+
+
 @bide.durable_task(name="ChaosFlaky", retries=2)
 async def chaos_flaky(input: dict[str, Any], ctx: DurableContext) -> dict[str, int]:
     v = await ctx.memo(step, ctx.run_id, 0, 0)
@@ -161,7 +173,7 @@ async def chaos_triggered(input: dict[str, Any], ctx: Context) -> dict[str, str]
 
 worker = bide.worker(
     "chaos",
-    workflows=[chaos_steps, chaos_sleep, chaos_wait, chaos_direct, chaos_flaky, chaos_cancel, chaos_child,
-               chaos_fanout, dag, chaos_triggered],
+    workflows=[chaos_steps, chaos_sleep, chaos_wait, chaos_direct, chaos_forever, chaos_flaky, chaos_cancel,
+               chaos_child, chaos_fanout, dag, chaos_triggered],
     slots=200, durable_slots=5000,
 )

@@ -47,6 +47,7 @@ from actors.engine.wire import (
     NowRecorded,
     ParentLink,
     PatchMarked,
+    RunStarted,
     SignalReceived,
     SleepFired,
     SleepScheduled,
@@ -156,6 +157,10 @@ class Turn:
         self.cancel_reason: str | None = None
         """Set when someone asked to cancel the run: its code is stopped where it would suspend."""
         self.began = any(isinstance(e, ActivationBegun) for e in history.entries)
+        self._carried = False
+        """The generation began with signals carried from the one before: its first turn claims them
+        (``signal`` entries in an append before any code runs), as a turn that took signals from the
+        inbox does."""
         self.spawned: dict[str, str] = {}
         """Every child this run spawned: run id -> task."""
         for e in history.entries:
@@ -164,6 +169,10 @@ class Turn:
                 self._by_pos.setdefault(pos, {})[e.k] = e
             if isinstance(e, SignalReceived):
                 self._take(e.inbox_seq, e.signal)
+            elif isinstance(e, RunStarted):
+                for carried in e.carried:  # an earlier generation's direct signals no wait of it consumed
+                    self._take(carried.inbox_seq, carried.signal)
+                self._carried = bool(e.carried)
             elif isinstance(e, ChildrenSpawned):
                 self.spawned.update(dict.fromkeys(e.run_ids, e.task))
             elif isinstance(e, WaitResolved):
@@ -172,6 +181,10 @@ class Turn:
         # The activation record rides on the turn's first flush; a turn that appends
         # nothing else (a stale or duplicate activation) writes nothing at all.
         self._pending: list[HistoryEntry] = [ActivationBegun(host=host_id, delivery=delivery, at=utcnow())]
+        if self._carried and not self.began:
+            # The generation's first turn claims the signals carried into it as if it took them from
+            # the inbox (its first append, before any code): to other hosts a turn is under way.
+            self._pending += history.started.carried
         # New inbox signals become history entries with this turn's first flush: never taken twice.
         for seq, sig in history.inbox:
             self._pending.append(SignalReceived(inbox_seq=seq, signal=sig))
@@ -363,9 +376,10 @@ class Turn:
         their hosts died): the turn that records the signals first runs the code, the other
         loses this append before running anything (its activation comes back and finds the
         signals taken), so no step runs twice (invariant 1). A first turn that took signals
-        claims them too: the long chaos run found its step run twice when it did not.
+        claims them too: the long chaos run found its step run twice when it did not. So does a
+        generation's first turn that begins with signals carried from the one before.
         """
-        if self._took_upto is not None:
+        if self._took_upto is not None or (self._carried and not self.began):
             await self.flush()
 
     def continue_as_new(self, run_input: Any) -> list[Command]:
@@ -378,8 +392,11 @@ class Turn:
         started = self._history.started
         data = to_json_value(run_input, f"the input of continue_as_new in run {self.run_id}")
         took = max(self._history.state.taken_upto, self._took_upto or 0)
+        # Direct signals this generation took and did not consume go on to the next one: they are
+        # purged from the inbox with the rest, and marked taken (``inbox_taken``).
+        carried = [SignalReceived(inbox_seq=seq, signal=sig) for seq, sig in self._direct.items()]
         nxt = started.model_copy(update={"input": data, "at": utcnow(), "generation": started.generation + 1,
-                                         "inbox_taken": took})
+                                         "inbox_taken": took, "carried": carried})
         pending, self._pending = [*self._pending, nxt], []
         commands: list[Command] = [Append(pending, on_durable=self._recorded)]
         commands += after_append(self._history.state, self._written + pending, utcnow(), self._unrecorded_waits)

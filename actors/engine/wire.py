@@ -584,6 +584,9 @@ class RunStarted(_Entry):
     start is appended after the earlier one's entries, which readers skip and the host purges."""
     inbox_taken: int = 0
     """A later generation's start: the inbox signals up to this sequence were taken before it."""
+    carried: list[SignalReceived] = Field(default_factory=list)
+    """A later generation's start: direct signals the earlier generation took but no wait of it
+    consumed, in arrival order; this generation's waits receive them first."""
     additional_metadata: dict[str, str] = Field(default_factory=dict)
     """The run's flat string metadata (``ctx.additional_metadata``); left off the wire when empty."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -176,3 +177,38 @@ async def test_a_send_retried_after_the_run_continued_as_new_is_delivered_once(b
         await bide.event.aio_send(run_id, "note", {"n": 2}, event_id="note-2")
         assert await ref.aio_result(timeout=20) == {"gen": 1, "event": {"n": 2}}
         assert got == [(0, {"n": 1}), (1, {"n": 2})]
+
+
+async def test_a_signal_taken_with_another_goes_on_to_the_next_generation(bide: Bide) -> None:
+    """Two direct events reach a run's inbox before it waits: the turn that resumes it takes both,
+    its wait consumes the first and it continues as new. The second is the next generation's (it
+    was lost: purged with the inbox, and marked taken)."""
+    gate, reached = asyncio.Event(), asyncio.Event()
+    got: list[tuple[int, Any]] = []
+
+    def held() -> int:
+        return 1
+
+    @bide.durable_task(name="CanCarry")
+    async def carry(input: dict, ctx: DurableContext) -> Any:
+        gen = input.get("gen", 0)
+        if gen == 0:
+            reached.set()
+            await gate.wait()  # the events are sent meanwhile
+            await ctx.memo(held)
+        event = await ctx.aio_wait_for_event("note", timeout="30s")
+        got.append((gen, event))
+        if gen == 0:
+            ctx.continue_as_new({"gen": 1})
+        return {"gen": gen, "event": event}
+
+    async with running_worker(bide, [carry]):
+        ref = await carry.aio_run_no_wait({})
+        run_id = ref.workflow_run_id
+        await asyncio.wait_for(reached.wait(), 10)
+        await bide.event.aio_send(run_id, "note", {"n": 1})
+        await bide.event.aio_send(run_id, "note", {"n": 2})
+        gate.set()
+        assert await ref.aio_result(timeout=20) == {"gen": 1, "event": {"n": 2}}
+        assert got == [(0, {"n": 1}), (1, {"n": 2})]
+

@@ -166,7 +166,7 @@ DEFAULTS = {
     "RunCancelled": {"reason": ""},
     "RunCompleted": {"result": None, "skipped": False},
     "RunStarted": {"additional_metadata": {}, "execution_timeout_s": None, "generation": 0, "inbox_taken": 0,
-                   "input": None, "meta": {}, "parent": None, "parents": None, "start_id": None},
+                   "carried": [], "input": None, "meta": {}, "parent": None, "parents": None, "start_id": None},
     "WaitCondition": {"duration_s": None, "event_key": None, "expression": None, "lookback_s": None,
                       "scope": None, "wake_at": None},
     "WaitRegistered": {"any_of": []},
