@@ -11,10 +11,12 @@ ended, a signal the code need not see); ``turns.py`` runs the code, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from contextlib import nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -132,6 +134,9 @@ class ActorHost:
         self._nc: NATS | None = None
         self._queues: list[ActivationQueue] = []
         self._locks: dict[str, asyncio.Lock] = {}
+        """One per run with activations here: its turns on this host go one at a time."""
+        self._lock_users: dict[str, int] = {}
+        """How many activations of each run hold or wait for its lock (the lock goes with the last)."""
         self._heartbeat: Heartbeat | None = None
         self._publisher: Publisher | None = None
         self._route_events = route_events
@@ -297,6 +302,7 @@ class ActorHost:
                 await msg.nak(delay=5)
                 return
             lock = self._locks.setdefault(act.run_id, asyncio.Lock())
+            self._lock_users[act.run_id] = self._lock_users.get(act.run_id, 0) + 1
             try:
                 async with lock:
                     if delivered > self.config.max_deliveries:
@@ -305,7 +311,10 @@ class ActorHost:
                     else:
                         await self._turn_retrying(msg, act, defn, delivered)
             finally:
-                if not lock.locked() and self._locks.get(act.run_id) is lock:
+                left = self._lock_users.pop(act.run_id) - 1
+                if left:
+                    self._lock_users[act.run_id] = left
+                elif self._locks.get(act.run_id) is lock:
                     del self._locks[act.run_id]
         except HistoryConflict as e:
             # Single writer: another host appended first. Drop this stale view; the
@@ -385,14 +394,21 @@ class ActorHost:
 
         ``None`` when that is not known for sure: the caller reads the whole history instead.
         """
+        s = self.layout.subjects
         if act.history_seq:
-            return RunHistory(act.run_id, [started], act.history_seq)  # a start written before its activation
+            # A generation's start (continue_as_new), written before its activation: fresh while the
+            # switch is still the run's last message. Another activation (a signal's) may have run
+            # the generation since; its code run again from here would register a wait of that
+            # generation after the run went on (a registration nobody withdraws), or worse.
+            last = await direct_get_last(self._nc_, s.history_stream, s.history(act.run_id))
+            if last is not None and int((last.headers or {}).get("Nats-Sequence", "0")) == act.history_seq:
+                return RunHistory(act.run_id, [started], act.history_seq)
+            return None
         if act.start_unrecorded:
             # A start its starter left to the host (a new run id): nothing to read, nothing written
             # yet. The turn's first append writes the start ahead of its own entries, expecting an
             # empty history (RunWriter), and the activation stays on the queue until then.
             return RunHistory(act.run_id, [started], 0, start_unrecorded=True)
-        s = self.layout.subjects
         last = await direct_get_last(self._nc_, s.history_stream, s.history(act.run_id))
         if last is None:
             try:  # the starter left it here, died before its append, or it is on its way: record the start
@@ -447,20 +463,47 @@ class ActorHost:
             return RunHistory(act.run_id)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + _SUSPENSION_WAIT_S
-        while True:
-            await asyncio.sleep(_SUSPENSION_POLL_S)
-            hist = await self._read(act)
-            if hist.entries or loop.time() >= give_up:
-                return hist
+        async with self._lock_lent(act.run_id):
+            while True:
+                await asyncio.sleep(_SUSPENSION_POLL_S)
+                hist = await self._read(act)
+                if hist.entries or loop.time() >= give_up:
+                    break
+        return await self._read(act)  # the lock again: a turn here may have written meanwhile
 
     async def _until_suspended(self, act: Activation, hist: RunHistory, wait_s: float) -> RunHistory:
         """The run re-read until its code is parked (or it ended), for at most ``wait_s``."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + wait_s
-        while not is_suspended(hist) and hist.terminal is None and loop.time() < give_up:
-            await asyncio.sleep(_SUSPENSION_POLL_S)
-            hist = await self._read(act)
-        return hist
+        if is_suspended(hist) or hist.terminal is not None:
+            return hist
+        async with self._lock_lent(act.run_id):
+            while not is_suspended(hist) and hist.terminal is None and loop.time() < give_up:
+                await asyncio.sleep(_SUSPENSION_POLL_S)
+                hist = await self._read(act)
+        return await self._read(act)  # the lock again: a turn here may have written meanwhile
+
+    @contextlib.asynccontextmanager
+    async def _lock_lent(self, run_id: str) -> AsyncIterator[None]:
+        """Inside, this host's lock of the run is free for another of its activations.
+
+        An activation that waits for a turn under way (its first write, or its code to park)
+        would otherwise hold the lock that turn's own activation waits for when both came to
+        this host: a generation's start after a signal sent to it, each waiting out the other's
+        ten seconds. The lock is taken back on the way out, even when cancelled (the caller's
+        ``async with`` releases it).
+        """
+        lock = self._locks[run_id]
+        lock.release()
+        try:
+            yield
+        finally:
+            again = asyncio.ensure_future(lock.acquire())
+            try:
+                await asyncio.shield(again)
+            except asyncio.CancelledError:
+                await again
+                raise
 
     async def _turn(self, msg: Msg, act: Activation, defn: TaskDefinition, delivery: int) -> None:
         # A warm run of this run belongs to this turn now: its code goes on, or it is discarded.

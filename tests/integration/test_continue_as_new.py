@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import random
 from typing import Any
 
 import pytest
@@ -212,3 +214,62 @@ async def test_a_signal_taken_with_another_goes_on_to_the_next_generation(bide: 
         assert await ref.aio_result(timeout=20) == {"gen": 1, "event": {"n": 2}}
         assert got == [(0, {"n": 1}), (1, {"n": 2})]
 
+
+
+STEPS_BY_GENERATION: collections.Counter[tuple[str, int]] = collections.Counter()
+
+
+def counted(run_id: str, gen: int) -> int:
+    STEPS_BY_GENERATION[(run_id, gen)] += 1
+    return gen
+
+
+def define_forever(bide: Bide, name: str) -> Any:
+    @bide.durable_task(name=name)
+    async def forever(input: dict, ctx: DurableContext) -> Any:
+        gen, got = input.get("gen", 0), input.get("got", [])
+        event = await ctx.aio_wait_for_event("note")
+        await ctx.memo(counted, ctx.run_id, gen)
+        got = [*got, event["n"]]
+        if gen + 1 < input["gens"]:
+            ctx.continue_as_new({"gens": input["gens"], "gen": gen + 1, "got": got})
+        return {"got": got}
+
+    return forever
+
+
+async def send_one_per_generation(bide: Bide, forever: Any, seed: int, runs: int, result_timeout: float) -> None:
+    """``runs`` runs of ``forever``, each sent one event per generation (each twice, as a retrying sender
+    would) with random pauses: each result holds every event once, in order."""
+    rng = random.Random(seed)
+
+    async def one() -> None:
+        gens = rng.randint(2, 4)
+        ref = await forever.aio_run_no_wait({"gens": gens})
+        await asyncio.sleep(rng.uniform(0, 0.3))
+        for n in range(gens):
+            for _ in range(2):
+                await bide.event.aio_send(ref.workflow_run_id, "note", {"n": n}, event_id=f"note-{n}")
+            await asyncio.sleep(rng.choice([0, 0, 0.01, 0.1]))
+        assert await ref.aio_result(timeout=result_timeout) == {"got": list(range(gens))}
+
+    await asyncio.gather(*(one() for _ in range(runs)))
+
+
+async def test_events_sent_to_a_run_continuing_as_new_on_two_hosts_run_each_step_once(bide: Bide) -> None:
+    """Two hosts take a generation's start and the signals sent to it. Each generation's step runs once:
+    before its first turn claimed the signals carried into it, a second turn ran the step again."""
+    forever = define_forever(bide, "CanForeverTwoHosts")
+    STEPS_BY_GENERATION.clear()
+    async with running_worker(bide, [forever]), running_worker(bide, [forever], name="second-host"):
+        await send_one_per_generation(bide, forever, seed=5, runs=30, result_timeout=30)
+    assert not {k: n for k, n in STEPS_BY_GENERATION.items() if n > 1}
+
+
+async def test_a_signal_before_its_generations_start_on_one_host_does_not_hold_it_up(bide: Bide) -> None:
+    """A signal's activation that comes before its generation's start, on the same host, waits for
+    that generation's first turn without holding the run's lock on the host: it held it, and the
+    start waited out its ten seconds."""
+    forever = define_forever(bide, "CanForeverOneHost")
+    async with running_worker(bide, [forever]):
+        await send_one_per_generation(bide, forever, seed=7, runs=10, result_timeout=8)
