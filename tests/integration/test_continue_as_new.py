@@ -139,26 +139,28 @@ def define_inbox(bide: Bide, name: str, got: list[tuple[int, Any]]) -> Any:
     return inbox
 
 
+async def into_second_generation(bide: Bide, inbox: Any, first: dict[str, int], event_id: str | None = None) -> Any:
+    """Start ``inbox``, send it ``first`` once it waits, and return once its next generation waits."""
+    ref = await inbox.aio_run_no_wait({})
+    run_id = ref.workflow_run_id
+    await wait_until(lambda: at_wait(bide, run_id, 0, 1), what="generation 0 to wait")
+    await bide.event.aio_send(run_id, "note", first, event_id=event_id)
+    await wait_until(lambda: at_wait(bide, run_id, 1, 1), what="generation 1 to wait")
+    return ref
+
+
 async def test_a_run_that_continued_as_new_takes_direct_events_and_cancels(bide: Bide) -> None:
     """``event.send`` and ``runs.cancel`` find the run's task from its start: after the switch, the
     start of the new generation, not the first entry of the run's first message."""
     got: list[tuple[int, Any]] = []
     inbox = define_inbox(bide, "CanSendCancel", got)
     async with running_worker(bide, [inbox]):
-        ref = await inbox.aio_run_no_wait({})
-        run_id = ref.workflow_run_id
-        await wait_until(lambda: at_wait(bide, run_id, 0, 1), what="generation 0 to wait")
-        await bide.event.aio_send(run_id, "note", {"n": 1})
-        await wait_until(lambda: at_wait(bide, run_id, 1, 1), what="generation 1 to wait")
-        await bide.event.aio_send(run_id, "note", {"n": 2})
+        ref = await into_second_generation(bide, inbox, {"n": 1})
+        await bide.event.aio_send(ref.workflow_run_id, "note", {"n": 2})
         assert await ref.aio_result(timeout=20) == {"gen": 1, "event": {"n": 2}}
 
-        ref = await inbox.aio_run_no_wait({})
-        run_id = ref.workflow_run_id
-        await wait_until(lambda: at_wait(bide, run_id, 0, 1), what="generation 0 to wait")
-        await bide.event.aio_send(run_id, "note", {"n": 3})
-        await wait_until(lambda: at_wait(bide, run_id, 1, 1), what="generation 1 to wait")
-        assert await bide.runs.aio_cancel(run_id, reason="enough")
+        ref = await into_second_generation(bide, inbox, {"n": 3})
+        assert await bide.runs.aio_cancel(ref.workflow_run_id, reason="enough")
         with pytest.raises(RunCancelledError, match="enough"):
             await ref.aio_result(timeout=20)
 
@@ -170,11 +172,8 @@ async def test_a_send_retried_after_the_run_continued_as_new_is_delivered_once(b
     got: list[tuple[int, Any]] = []
     inbox = define_inbox(bide, "CanInbox", got)
     async with running_worker(bide, [inbox]):
-        ref = await inbox.aio_run_no_wait({})
+        ref = await into_second_generation(bide, inbox, {"n": 1}, event_id="note-1")
         run_id = ref.workflow_run_id
-        await wait_until(lambda: at_wait(bide, run_id, 0, 1), what="generation 0 to wait")
-        await bide.event.aio_send(run_id, "note", {"n": 1}, event_id="note-1")
-        await wait_until(lambda: at_wait(bide, run_id, 1, 1), what="generation 1 to wait")
         await bide.event.aio_send(run_id, "note", {"n": 1}, event_id="note-1")  # the sender retries
         await bide.event.aio_send(run_id, "note", {"n": 2}, event_id="note-2")
         assert await ref.aio_result(timeout=20) == {"gen": 1, "event": {"n": 2}}
