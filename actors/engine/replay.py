@@ -47,7 +47,6 @@ from actors.engine.wire import (
     NowRecorded,
     ParentLink,
     PatchMarked,
-    RunStarted,
     SignalReceived,
     SleepFired,
     SleepScheduled,
@@ -157,22 +156,21 @@ class Turn:
         self.cancel_reason: str | None = None
         """Set when someone asked to cancel the run: its code is stopped where it would suspend."""
         self.began = any(isinstance(e, ActivationBegun) for e in history.entries)
-        self._carried = False
-        """The generation began with signals carried from the one before: its first turn claims them
+        carried = history.started.carried
+        self._claims_carried = bool(carried) and not self.began
+        """The generation's first turn, with signals carried from the one before: it claims them
         (``signal`` entries in an append before any code runs), as a turn that took signals from the
-        inbox does."""
+        inbox does, so to other hosts a turn is under way."""
         self.spawned: dict[str, str] = {}
         """Every child this run spawned: run id -> task."""
+        for c in carried:  # an earlier generation's direct signals no wait of it consumed: the first ones
+            self._take(c.inbox_seq, c.signal)
         for e in history.entries:
             pos = getattr(e, "pos", None)
             if pos is not None:
                 self._by_pos.setdefault(pos, {})[e.k] = e
             if isinstance(e, SignalReceived):
                 self._take(e.inbox_seq, e.signal)
-            elif isinstance(e, RunStarted):
-                for carried in e.carried:  # an earlier generation's direct signals no wait of it consumed
-                    self._take(carried.inbox_seq, carried.signal)
-                self._carried = bool(e.carried)
             elif isinstance(e, ChildrenSpawned):
                 self.spawned.update(dict.fromkeys(e.run_ids, e.task))
             elif isinstance(e, WaitResolved):
@@ -181,10 +179,8 @@ class Turn:
         # The activation record rides on the turn's first flush; a turn that appends
         # nothing else (a stale or duplicate activation) writes nothing at all.
         self._pending: list[HistoryEntry] = [ActivationBegun(host=host_id, delivery=delivery, at=utcnow())]
-        if self._carried and not self.began:
-            # The generation's first turn claims the signals carried into it as if it took them from
-            # the inbox (its first append, before any code): to other hosts a turn is under way.
-            self._pending += history.started.carried
+        if self._claims_carried:
+            self._pending += carried
         # New inbox signals become history entries with this turn's first flush: never taken twice.
         for seq, sig in history.inbox:
             self._pending.append(SignalReceived(inbox_seq=seq, signal=sig))
@@ -379,7 +375,7 @@ class Turn:
         claims them too: the long chaos run found its step run twice when it did not. So does a
         generation's first turn that begins with signals carried from the one before.
         """
-        if self._took_upto is not None or (self._carried and not self.began):
+        if self._took_upto is not None or self._claims_carried:
             await self.flush()
 
     def continue_as_new(self, run_input: Any) -> list[Command]:

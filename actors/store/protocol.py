@@ -203,11 +203,13 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
         hist = await HistoryLog(pub.nc, pub, subjects).read(run_id)
         there = [e.signal for e in hist.entries if isinstance(e, SignalReceived) and e.inbox_seq == seq]
         there += [sig for at, sig in hist.inbox if at == seq]
-        if not there and hist.entries and seq <= hist.started.inbox_taken:
-            # Taken by an earlier generation (the run continued as new since): what it took went with
-            # that generation's history, so the copy is trusted as ours; sent again, the new
-            # generation would receive it a second time.
-            return True
+        if not there and hist.entries:
+            # Taken by an earlier generation (the run continued as new since): carried into this one
+            # if no wait consumed it, else gone with that generation's history, and trusted as ours
+            # (sent again, the new generation would receive it a second time).
+            there = [c.signal for c in hist.started.carried if c.inbox_seq == seq]
+            if not there and seq <= hist.started.inbox_taken:
+                return True
         return bool(there) and _signal_identity(there[0].model_dump_json().encode()) == ours
 
     return same
