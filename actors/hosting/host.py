@@ -472,16 +472,22 @@ class ActorHost:
         return await self._read(act)  # the lock again: a turn here may have written meanwhile
 
     async def _until_suspended(self, act: Activation, hist: RunHistory, wait_s: float) -> RunHistory:
-        """The run re-read until its code is parked (or it ended), for at most ``wait_s``."""
+        """The run re-read until its code is parked (or it ended), for at most ``wait_s``.
+
+        What is returned was read with this host's lock of the run held. The wait lends the
+        lock, and the read that saw the code parked is stale once the lock is back: a turn (here
+        or on another host) may have claimed signals in between, and a history that shows its
+        claim is waited for again. Returning it ran that turn's steps a second time.
+        """
         loop = asyncio.get_running_loop()
         give_up = loop.time() + wait_s
-        if is_suspended(hist) or hist.terminal is not None:
-            return hist
-        async with self._lock_lent(act.run_id):
-            while not is_suspended(hist) and hist.terminal is None and loop.time() < give_up:
-                await asyncio.sleep(_SUSPENSION_POLL_S)
-                hist = await self._read(act)
-        return await self._read(act)  # the lock again: a turn here may have written meanwhile
+        while not (is_suspended(hist) or hist.terminal is not None or loop.time() >= give_up):
+            async with self._lock_lent(act.run_id):
+                while not is_suspended(hist) and hist.terminal is None and loop.time() < give_up:
+                    await asyncio.sleep(_SUSPENSION_POLL_S)
+                    hist = await self._read(act)
+            hist = await self._read(act)  # the lock again: a turn may have written meanwhile
+        return hist
 
     @contextlib.asynccontextmanager
     async def _lock_lent(self, run_id: str) -> AsyncIterator[None]:

@@ -546,6 +546,81 @@ async def test_a_signal_for_a_run_whose_turn_on_another_host_is_running_a_step_d
     assert len(ran) == runs, f"steps ran {len(ran)} times for {runs} runs: {sorted(ran)}"
 
 
+async def test_a_signal_waiting_for_a_turn_elsewhere_waits_again_for_a_claim_made_before_its_lock_is_back(
+    bide: Bide,
+) -> None:
+    """A signal's activation waits for a turn under way elsewhere to park, lending this host's lock of
+    the run meanwhile. That turn parks, and another turn claims signals before the lock is back: the
+    activation must wait for that turn too. It read the run again and ran the code beside it (CI: a
+    step of a run continuing as new ran twice on two hosts, no host killed).
+
+    The test plays the turns elsewhere by appending what they write; the second claim is appended at
+    the exact moment the wait ends, before the lock is taken back.
+    """
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    from actors.engine.wire import ActivationBegun, EventSignal, SignalReceived, TurnParked
+
+    steps: list[str] = []
+
+    def step(n: int) -> int:
+        steps.append("ran")
+        return n
+
+    @bide.durable_task(name="ClaimedAgain")
+    async def claimed(input: dict, ctx: DurableContext) -> Any:
+        event = await ctx.aio_wait_for_event("note")
+        return await ctx.memo(step, event["n"])
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(bide, [claimed]) as worker:
+        host = worker.host
+        ref = await claimed.aio_run_no_wait({})
+        run_id = ref.workflow_run_id
+
+        async def waiting() -> bool:
+            return any(e.k == "wait_registered" for e in (await conn.history.read(run_id)).entries)
+
+        await wait_until(waiting, what="the run to wait for 'note'")
+        # Two signals the code never waits for, each taken by one of the turns played elsewhere.
+        others = [EventSignal(source="direct", name="other", payload={"i": i}, event_id=f"o-{i}", at=utcnow())
+                  for i in range(2)]
+        seqs = [(await conn.js.publish(s.inbox(run_id), o.model_dump_json().encode())).seq for o in others]
+
+        async def append(*entries: Any) -> None:
+            hist = await conn.history.read(run_id, inbox_seq=seqs[-1])
+            await conn.history.append(run_id, list(entries), hist.last_seq)
+
+        async def claim(i: int) -> None:
+            await append(ActivationBegun(host="elsewhere", delivery=1, at=utcnow()),
+                         SignalReceived(inbox_seq=seqs[i], signal=others[i]))
+
+        await claim(0)
+        lent = host._lock_lent
+        lendings: list[str] = []
+
+        @contextlib.asynccontextmanager
+        async def lent_then_claimed(rid: str) -> AsyncIterator[None]:
+            async with lent(rid):
+                lendings.append(rid)
+                yield
+                if len(lendings) == 1:
+                    await claim(1)  # the code parked; another turn claims before the lock is back
+
+        host._lock_lent = lent_then_claimed
+        await bide.event.aio_send(run_id, "note", {"n": 7})
+        await wait_until(lambda: bool(lendings), what="the activation to wait for the turn elsewhere")
+        await append(TurnParked(at=utcnow()))  # the first turn elsewhere parks
+
+        await wait_until(lambda: len(lendings) >= 2 or bool(steps), what="the activation to wait again, or run")
+        assert not steps, "the code ran while a turn elsewhere had claimed signals and not parked"
+        await append(TurnParked(at=utcnow()))  # the second turn elsewhere parks
+        assert await ref.aio_result(timeout=20) == 7
+    assert steps == ["ran"]
+
+
 async def test_a_registration_left_by_a_host_that_died_before_recording_its_wait_is_withdrawn(bide: Bide) -> None:
     """A host registered a wait with the router and died before appending it; the next turn found the message
     already in the inbox and resolved the wait at once. The run's end must withdraw the orphan (seen in the long
