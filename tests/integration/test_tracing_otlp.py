@@ -32,7 +32,9 @@ from tests.apps.traced import EVENT_KEY, TracedInput, define
 from tests.support import Receiver, WorkerProcess, wait_until
 
 APP = "tests.apps.traced:worker"
-SLEEP_S = 6.0
+SLEEP_S = 10.0
+"""Its timer fires 5 s after the sleep begins: time to see host 1's spans exported and kill it first, on a
+loaded machine too (at 6 s, 3 s was not always enough with the suite on two busy cores)."""
 TEST_SERVICE, HOST_1, HOST_2 = "traced-test", "traced-host-1", "traced-host-2"
 
 Span = dict[str, Any]
