@@ -418,6 +418,14 @@ class Subjects:
         """Core NATS: "stop run R now if you are running it" (the durable request is on the inbox)."""
         return f"{self.prefix}.control.cancel"
 
+    @property
+    def turn_query(self) -> str:
+        """Core NATS request, a run id as its body: "is a turn of this run running code on your host?".
+
+        Only a host running one answers (``actors.hosting.heartbeat``); no answer means none is.
+        """
+        return f"{self.prefix}.control.turn"
+
     def consumer_name(self, task: str) -> str:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
         if safe != task:

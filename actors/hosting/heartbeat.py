@@ -6,14 +6,20 @@ within one ack wait, and a live host's long turn is not. The heartbeat must go o
 code runs, even code that blocks the host's event loop (a synchronous memo step), so it runs
 on a thread of its own, with a connection of its own: an ack is a plain publish to the reply
 subject, any connection of the account may send it.
+
+For the same reason the thread answers other hosts' question "is a turn of run R running
+code here?" (:attr:`actors.engine.wire.Subjects.turn_query`): a host whose code blocks its
+loop is still alive, and its turn still under way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 
 from nats.aio.msg import Msg
@@ -31,8 +37,12 @@ class Heartbeat:
     """Sends ``in_progress`` for every tracked activation every ``interval`` seconds."""
 
     def __init__(self, url: str, interval: float, *, name: str = "bide-heartbeat",
-                 connect_timeout: float = 2.0, auth: NatsAuth | None = None) -> None:
+                 connect_timeout: float = 2.0, auth: NatsAuth | None = None, answers: str | None = None) -> None:
         self._url = url
+        self._answers = answers
+        """The subject of the turn query this thread answers (none: it answers nothing)."""
+        self._running: dict[str, int] = {}
+        """Runs whose code runs on this host now: how many turns of each (written by the host's loop only)."""
         self._auth = auth
         self._interval = interval
         self._name = name
@@ -52,6 +62,17 @@ class Heartbeat:
 
     def untrack(self, msg: Msg) -> None:
         self._replies.pop(id(msg), None)
+
+    @contextlib.contextmanager
+    def running(self, run_id: str) -> Iterator[None]:
+        """Inside, this host answers that a turn of ``run_id`` is running code here."""
+        self._running[run_id] = self._running.get(run_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._running.pop(run_id) - 1
+            if left:
+                self._running[run_id] = left
 
     async def start(self) -> None:
         """Start the thread and wait until its connection is up (raising its error if it fails)."""
@@ -83,6 +104,8 @@ class Heartbeat:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         nc = await connect(self._url, name=self._name, connect_timeout=self._connect_timeout, auth=self._auth)
+        if self._answers is not None:
+            await nc.subscribe(self._answers, cb=self._answer)
         ready.set_result(None)
         try:
             while not self._stop.is_set():
@@ -104,3 +127,7 @@ class Heartbeat:
                 self.beats += 1
         finally:
             await nc.close()
+
+    async def _answer(self, msg: Msg) -> None:
+        if msg.reply and msg.data.decode(errors="replace") in self._running:  # a lookup is atomic
+            await msg.respond(b"running")

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import nats.errors
 from nats.aio.msg import Msg
 
 from actors.engine.commands import (
@@ -91,6 +92,8 @@ _MISSING_HISTORY_RETRIES = 20
 _SUSPENSION_WAIT_S = 10.0
 """How long a signal waits for a turn under way elsewhere to park the code before running it itself."""
 _SUSPENSION_POLL_S = 0.1
+_TURN_QUERY_S = 2.0
+"""How long a host waits for an answer to "is a turn of this run running code?" (none: no turn is)."""
 _STOP_STEP_S = 5.0
 _START_RETRY_S = 60.0
 """How long a starting host retries JetStream set-up through infrastructure errors before it gives up."""
@@ -169,7 +172,7 @@ class ActorHost:
         # Long turns tell JetStream they are alive, so only a dead host's work is redelivered.
         self._heartbeat = Heartbeat(self.config.nats_url, max(0.2, self.layout.ack_wait_s / 3),
                                     name=f"{self.host_id}/heartbeat", connect_timeout=self.config.connect_timeout_s,
-                                    auth=self.config.nats_auth)
+                                    auth=self.config.nats_auth, answers=self.layout.subjects.turn_query)
         await self._heartbeat.start()
         self._timers = TimerScheduler(js, self._publisher, self.layout.subjects)
         await nc.subscribe(self.layout.subjects.cancel_broadcast, cb=self._on_cancel_msg)
@@ -472,22 +475,43 @@ class ActorHost:
         return await self._read(act)  # the lock again: a turn here may have written meanwhile
 
     async def _until_suspended(self, act: Activation, hist: RunHistory, wait_s: float) -> RunHistory:
-        """The run re-read until its code is parked (or it ended), for at most ``wait_s``.
+        """The run re-read until its code is parked (or it ended), for at most ``wait_s`` unless its turn is alive.
 
         What is returned was read with this host's lock of the run held. The wait lends the
         lock, and the read that saw the code parked is stale once the lock is back: a turn (here
         or on another host) may have claimed signals in between, and a history that shows its
         claim is waited for again. Returning it ran that turn's steps a second time.
+
+        When ``wait_s`` is over and the code is still not parked, the hosts are asked whether a
+        turn of the run is running its code now (:meth:`_turn_running`): if one is (a step that
+        takes longer than the wait), this waits on; only a turn nobody runs (its host died) is
+        left for the caller to replay. Giving up on a live turn ran its step a second time beside it.
         """
         loop = asyncio.get_running_loop()
         give_up = loop.time() + wait_s
-        while not (is_suspended(hist) or hist.terminal is not None or loop.time() >= give_up):
-            async with self._lock_lent(act.run_id):
-                while not is_suspended(hist) and hist.terminal is None and loop.time() < give_up:
-                    await asyncio.sleep(_SUSPENSION_POLL_S)
-                    hist = await self._read(act)
-            hist = await self._read(act)  # the lock again: a turn may have written meanwhile
-        return hist
+        while True:
+            while not (is_suspended(hist) or hist.terminal is not None or loop.time() >= give_up):
+                async with self._lock_lent(act.run_id):
+                    while not is_suspended(hist) and hist.terminal is None and loop.time() < give_up:
+                        await asyncio.sleep(_SUSPENSION_POLL_S)
+                        hist = await self._read(act)
+                hist = await self._read(act)  # the lock again: a turn may have written meanwhile
+            if is_suspended(hist) or hist.terminal is not None or not await self._turn_running(act.run_id):
+                return hist
+            give_up = loop.time() + _SUSPENSION_WAIT_S
+
+    async def _turn_running(self, run_id: str) -> bool:
+        """Whether a turn of ``run_id`` is running its code on a live host (this one included).
+
+        Each host's heartbeat thread answers for the turns of its host (:class:`Heartbeat`), even
+        while user code blocks that host's loop. A host cut off from NATS cannot answer, and its
+        activations go to other hosts after one ack wait, as a dead host's do.
+        """
+        try:
+            await self._nc_.request(self.layout.subjects.turn_query, run_id.encode(), timeout=_TURN_QUERY_S)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            return False
+        return True
 
     @contextlib.asynccontextmanager
     async def _lock_lent(self, run_id: str) -> AsyncIterator[None]:
@@ -609,7 +633,8 @@ class ActorHost:
         with span:
             if defn.runs_durably:
                 handed = warm is not None and hist is read
-                await self._runner_.durable(hist, defn, delivery, run_trace, warm if handed else None)
+                with self._heartbeat_.running(act.run_id):  # other hosts' activations wait for this turn
+                    await self._runner_.durable(hist, defn, delivery, run_trace, warm if handed else None)
             else:
                 await self._runner_.regular(hist, defn, delivery)
         await self._ack_turn(msg, hist)
@@ -652,6 +677,11 @@ class ActorHost:
     def _effects_(self) -> TurnEffects:
         assert self._effects is not None
         return self._effects
+
+    @property
+    def _heartbeat_(self) -> Heartbeat:
+        assert self._heartbeat is not None
+        return self._heartbeat
 
     @property
     def _runner_(self) -> TurnRunner:

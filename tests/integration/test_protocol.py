@@ -546,6 +546,88 @@ async def test_a_signal_for_a_run_whose_turn_on_another_host_is_running_a_step_d
     assert len(ran) == runs, f"steps ran {len(ran)} times for {runs} runs: {sorted(ran)}"
 
 
+async def test_a_signal_for_a_run_whose_step_outlasts_the_wait_for_it_does_not_run_the_step_again(
+    bide: Bide, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Host A runs a step longer than a signal's wait for a turn under way (10 s; 1 s here). The
+    signal's activation on host B must not then run the code beside it: A is alive, its turn under
+    way. B ran it, and every step that outlasted the wait ran twice with no host killed (a model
+    call of a minute in an agent loop, an event sent to the run meanwhile)."""
+    import asyncio
+    from pathlib import Path
+
+    from actors.hosting import host as host_module
+
+    monkeypatch.setattr(host_module, "_SUSPENSION_WAIT_S", 1.0)
+    gate, log = asyncio.Event(), Path(tmp_path) / "steps.log"
+    log.touch()
+
+    async def step(run_id: str) -> int:
+        with log.open("a") as f:
+            f.write(run_id + "\n")
+        await gate.wait()  # the hosts run in this process: the step runs until the test opens the gate
+        return 1
+
+    @bide.durable_task(name="LongStep")
+    async def long_step(input: dict, ctx: DurableContext) -> Any:
+        await ctx.aio_wait_for_event("a")
+        await ctx.memo(step, ctx.run_id)
+        return await ctx.aio_wait_for_event("b")
+
+    from actors.store.jetstream import api_request
+
+    runs = 4
+    # Host A's slots: one per step, and the one credit its other queue (timers) keeps. Once every step
+    # runs, A pulls no more: the "b" signals go to host B (one that A took waits for A's own turn).
+    async with running_worker(bide, [long_step], name="host-a", durable_slots=runs + 1):
+        refs = [await long_step.aio_run_no_wait({}) for _ in range(runs)]
+        conn = await bide._pool.get()
+        s = conn.layout.subjects
+
+        async def all_waiting() -> bool:
+            hists = [await conn.history.read(r.workflow_run_id) for r in refs]
+            return all(any(e.k == "wait_registered" for e in h.entries) for h in hists)
+
+        await wait_until(all_waiting, what="every run to wait for 'a'")
+        for r in refs:
+            await bide.event.aio_send(r.workflow_run_id, "a", {"n": 1})
+        await wait_until(lambda: len(log.read_text().split()) >= runs, timeout=20, what="every step to start")
+        async with running_worker(bide, [long_step], name="host-b") as b:
+            waiting: set[str] = set()  # runs whose "b" waits on host B for the turn under way
+            alive: set[str] = set()  # and those whose turn B then asked about and found running
+            until_suspended, turn_running = b.host._until_suspended, b.host._turn_running
+
+            async def recorded_wait(act: Any, hist: Any, wait_s: float) -> Any:
+                waiting.add(act.run_id)
+                return await until_suspended(act, hist, wait_s)
+
+            async def recorded_answer(run_id: str) -> bool:
+                running: bool = await turn_running(run_id)
+                if running:
+                    alive.add(run_id)
+                return running
+
+            b.host._until_suspended, b.host._turn_running = recorded_wait, recorded_answer
+            for r in refs:
+                await bide.event.aio_send(r.workflow_run_id, "b", {"n": 2})
+
+            async def b_taken_and_waited_past_its_time() -> bool:
+                if len(log.read_text().split()) > runs:
+                    return True  # a step ran again: the assertion below says so
+                consumer = s.consumer_name("LongStep")
+                info = await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.queue_stream}.{consumer}", {})
+                # Every "b" taken; each on host B (a busy slot there) waited out its time and found the turn alive.
+                return (int(info["num_ack_pending"]) >= 2 * runs
+                        and len(alive) == len(waiting) == b.host.durable_slots.busy > 0)
+
+            await wait_until(b_taken_and_waited_past_its_time, timeout=20,
+                             what="host B to find each step's turn alive once its wait was over")
+            assert len(log.read_text().split()) == runs, "a step ran again while its turn was under way"
+            gate.set()
+            assert [await r.aio_result(timeout=30) for r in refs] == [{"n": 2}] * runs
+    assert sorted(log.read_text().split()) == sorted(r.workflow_run_id for r in refs)
+
+
 async def test_a_signal_waiting_for_a_turn_elsewhere_waits_again_for_a_claim_made_before_its_lock_is_back(
     bide: Bide,
 ) -> None:
