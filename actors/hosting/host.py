@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -458,45 +458,45 @@ class ActorHost:
 
         A run started with a new id has no history until its first turn's first append, which
         writes its start (RunWriter); its start activation stays on the queue until then. While
-        it is there, wait for that append (for at most ``_SUSPENSION_WAIT_S``, as for a turn under
-        way) instead of handing the activation back at once: each hand-back counts as a delivery.
+        it is there, wait for that append as for a turn under way (:meth:`_until_settled`)
+        instead of handing the activation back at once: each hand-back counts as a delivery.
         Empty if there is no such run, or the first turn has not written yet.
         """
         if await queued_start(self._nc_, self.layout.subjects, act.run_id) is None:
             return RunHistory(act.run_id)
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + _SUSPENSION_WAIT_S
-        async with self._lock_lent(act.run_id):
-            while True:
-                await asyncio.sleep(_SUSPENSION_POLL_S)
-                hist = await self._read(act)
-                if hist.entries or loop.time() >= give_up:
-                    break
-        return await self._read(act)  # the lock again: a turn here may have written meanwhile
+        return await self._until_settled(act, RunHistory(act.run_id), _SUSPENSION_WAIT_S,
+                                         lambda hist: bool(hist.entries))
 
     async def _until_suspended(self, act: Activation, hist: RunHistory, wait_s: float) -> RunHistory:
-        """The run re-read until its code is parked (or it ended), for at most ``wait_s`` unless its turn is alive.
+        """The run re-read until its code is parked (or it ended), as :meth:`_until_settled` waits."""
+        return await self._until_settled(act, hist, wait_s,
+                                         lambda hist: is_suspended(hist) or hist.terminal is not None)
+
+    async def _until_settled(self, act: Activation, hist: RunHistory, wait_s: float,
+                             settled: Callable[[RunHistory], bool]) -> RunHistory:
+        """The run re-read until ``settled`` (a turn under way wrote what the caller waits for), for at
+        most ``wait_s`` unless that turn is alive.
 
         What is returned was read with this host's lock of the run held. The wait lends the
-        lock, and the read that saw the code parked is stale once the lock is back: a turn (here
+        lock, and the read that saw the run settled is stale once the lock is back: a turn (here
         or on another host) may have claimed signals in between, and a history that shows its
         claim is waited for again. Returning it ran that turn's steps a second time.
 
-        When ``wait_s`` is over and the code is still not parked, the hosts are asked whether a
+        When ``wait_s`` is over and the run is still not settled, the hosts are asked whether a
         turn of the run is running its code now (:meth:`_turn_running`): if one is (a step that
         takes longer than the wait), this waits on; only a turn nobody runs (its host died) is
-        left for the caller to replay. Giving up on a live turn ran its step a second time beside it.
+        left to the caller. Giving up on a live turn ran its step a second time beside it.
         """
         loop = asyncio.get_running_loop()
         give_up = loop.time() + wait_s
         while True:
-            while not (is_suspended(hist) or hist.terminal is not None or loop.time() >= give_up):
+            while not (settled(hist) or loop.time() >= give_up):
                 async with self._lock_lent(act.run_id):
-                    while not is_suspended(hist) and hist.terminal is None and loop.time() < give_up:
+                    while not settled(hist) and loop.time() < give_up:
                         await asyncio.sleep(_SUSPENSION_POLL_S)
                         hist = await self._read(act)
                 hist = await self._read(act)  # the lock again: a turn may have written meanwhile
-            if is_suspended(hist) or hist.terminal is not None or not await self._turn_running(act.run_id):
+            if settled(hist) or not await self._turn_running(act.run_id):
                 return hist
             give_up = loop.time() + _SUSPENSION_WAIT_S
 

@@ -628,6 +628,70 @@ async def test_a_signal_for_a_run_whose_step_outlasts_the_wait_for_it_does_not_r
     assert sorted(log.read_text().split()) == sorted(r.workflow_run_id for r in refs)
 
 
+async def test_a_signal_for_a_new_run_whose_first_step_outlasts_the_wait_for_it_is_kept_until_it_writes(
+    bide: Bide, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A run started with a new id has no history until its first turn writes: here after a step longer
+    than a signal's wait for that write (10 s; 1 s here). The signal's activation on another host must
+    wait on while that turn runs. It was handed back each time (a delivery counted), then dropped as
+    for a run with no history, and the run heard of the signal only from the inbox sweeper."""
+    import asyncio
+    import logging
+    from pathlib import Path
+
+    from actors.hosting import host as host_module
+
+    monkeypatch.setattr(host_module, "_SUSPENSION_WAIT_S", 1.0)
+    monkeypatch.setattr(host_module, "_MISSING_HISTORY_RETRIES", 3)
+    monkeypatch.setenv("BIDE_SWEEP_AFTER", "600")  # the sweeper would deliver a dropped signal only after this
+    bide = Bide(bide.config.nats_url, ack_wait=3.0)  # with that setting
+    try:
+        caplog.set_level(logging.WARNING, logger="bide")
+        gate, log = asyncio.Event(), Path(tmp_path) / "steps.log"
+        log.touch()
+
+        async def step(run_id: str) -> int:
+            with log.open("a") as f:
+                f.write(run_id + "\n")
+            await gate.wait()
+            return 1
+
+        @bide.durable_task(name="LongFirstStep")
+        async def long_first(input: dict, ctx: DurableContext) -> Any:
+            await ctx.memo(step, ctx.run_id)
+            return await ctx.aio_wait_for_event("b")
+
+        def dropped() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "dropping activation" in r.getMessage()]
+
+        runs = 2
+        # Host A's slots: one per first turn and the credit of its other queue; the "b" signals go to host B.
+        async with running_worker(bide, [long_first], name="host-a", durable_slots=runs + 1):
+            refs = [await long_first.aio_run_no_wait({}) for _ in range(runs)]
+            await wait_until(lambda: len(log.read_text().split()) >= runs, timeout=20, what="every first step to start")
+            async with running_worker(bide, [long_first], name="host-b") as b:
+                alive: set[str] = set()
+                turn_running = b.host._turn_running
+
+                async def recorded_answer(run_id: str) -> bool:
+                    running: bool = await turn_running(run_id)
+                    if running:
+                        alive.add(run_id)
+                    return running
+
+                b.host._turn_running = recorded_answer
+                for r in refs:
+                    await bide.event.aio_send(r.workflow_run_id, "b", {"n": 2})
+                await wait_until(lambda: len(alive) == b.host.durable_slots.busy > 0 or bool(dropped()), timeout=20,
+                                 what="host B to find each first turn alive once its wait was over")
+                assert not dropped(), "a signal's activation was dropped while the run's first turn ran"
+                gate.set()
+                assert [await r.aio_result(timeout=20) for r in refs] == [{"n": 2}] * runs
+    finally:
+        await bide.aclose()
+    assert len(log.read_text().split()) == runs
+
+
 async def test_a_signal_waiting_for_a_turn_elsewhere_waits_again_for_a_claim_made_before_its_lock_is_back(
     bide: Bide,
 ) -> None:
