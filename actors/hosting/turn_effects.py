@@ -37,7 +37,7 @@ from actors.engine.wire import HDR_BIDE_KIND, HDR_MSG_ID, Activation, encode_act
 from actors.hosting.router_inputs import publish_registrations
 from actors.observe.tracing import Tracing, observe_appended
 from actors.store.children import notify_parent, request_cancel, start_children
-from actors.store.jetstream import Layout, api_request, retry_transient
+from actors.store.jetstream import Layout, api_request, direct_get_last, retry_transient
 from actors.store.protocol import is_start_of
 from actors.store.requests import Publisher
 from actors.store.runs_index import publish_end
@@ -149,6 +149,7 @@ class RunWriter:
                     await sleep_to(until)
             case ScheduleTimer(pos=pos, wake_at=wake_at, lead=lead):
                 await fx.timers.schedule(run_id, self.task, pos, wake_at, self.last_seq, lead)
+                await self._unless_overtaken(pos)
             case CancelTimer(pos=pos):
                 fx.chore(f"run {run_id}: withdrawing timer {pos}", lambda: fx.timers.cancel(run_id, pos))
             case ScheduleRetry(retry=retry):
@@ -195,6 +196,27 @@ class RunWriter:
             else:
                 await asyncio.gather(*(self(c) for c in commands[i:j]))
             i = j
+
+    async def _unless_overtaken(self, pos: int) -> None:
+        """Withdraw the timer just stored for ``pos`` if the run went on without it meanwhile.
+
+        The code is parked at the sleep or wait once its append is durable, before its timer is
+        stored: another host may then resolve the wait, or end the run, and withdraw a timer that
+        is not there yet. A publish held up by an election (the long chaos run saw one stored 650 ms
+        late) then left it behind until it fired or the run was removed. One small read of the
+        run's last message tells whether anyone wrote since this turn; only then is it read whole.
+        """
+        fx, s = self._fx, self._fx.layout.subjects
+        last = await direct_get_last(fx.nc, s.history_stream, s.history(self.run_id), min_last_seq=self.last_seq)
+        seq = int((last.headers or {}).get("Nats-Sequence", "0")) if last is not None else 0
+        if seq == self.last_seq:
+            return
+        hist = await fx.history.read(self.run_id, history_seq=seq)
+        state = hist.state
+        if (hist.terminal is None and hist.entries
+                and (pos in state.sleeping or any(w.pos == pos for w in state.open_waits.values()))):
+            return
+        await fx.timers.cancel(self.run_id, pos)
 
     async def _purge_inbox(self, upto: int) -> None:
         """The run's inbox messages up to sequence ``upto`` (signals taken, or dropped as malformed) go."""

@@ -767,6 +767,58 @@ async def test_a_signal_waiting_for_a_turn_elsewhere_waits_again_for_a_claim_mad
     assert steps == ["ran"]
 
 
+async def test_a_timer_stored_after_another_host_ended_the_run_is_withdrawn(bide: Bide) -> None:
+    """Host A records a wait with a timeout and publishes its timer; the publish is held up (an election:
+    the chaos run saw it stored 650 ms later). Meanwhile host B resolves the wait and ends the run, and
+    its withdrawal of the timer finds nothing yet. The timer stored after it must not stay behind (it
+    did, until the timeout fired or the run was removed: a month for a long timeout)."""
+    import asyncio
+
+    from actors.store.jetstream import direct_get_last
+
+    @bide.durable_task(name="TimerOvertaken")
+    async def overtaken(input: dict, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("go", timeout="1h")
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    held, go, stored = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    # Host A's slots: the turn held in its timer publish, and the credit of its other queue.
+    async with running_worker(bide, [overtaken], name="host-a", durable_slots=2) as a:
+        timers = a.host._effects.timers
+        schedule = timers.schedule
+
+        async def held_up(*args: Any, **kwargs: Any) -> None:
+            held.set()
+            await go.wait()
+            await schedule(*args, **kwargs)
+            stored.set()
+
+        timers.schedule = held_up
+        ref = await overtaken.aio_run_no_wait({})
+        run_id = ref.workflow_run_id
+        await wait_until(held.wait, what="host A to publish the wait's timer")
+        async with running_worker(bide, [overtaken], name="host-b") as b:
+            withdrawn = asyncio.Event()
+            cancel = b.host._effects.timers.cancel
+
+            async def withdrawing(*args: Any) -> None:
+                await cancel(*args)
+                withdrawn.set()
+
+            b.host._effects.timers.cancel = withdrawing
+            await bide.event.aio_send(run_id, "go", {"n": 1})
+            assert await ref.aio_result(timeout=20) == {"n": 1}
+            await wait_until(withdrawn.wait, what="host B to withdraw the wait's timer (there is none yet)")
+            go.set()  # the held timer is stored now, after host B ended the run and withdrew it
+
+            async def no_timer_left() -> bool:
+                return await direct_get_last(conn.nc, s.work_stream, s.timer(run_id, 0)) is None
+
+            await wait_until(stored.wait, what="host A's timer to be stored")
+            await wait_until(no_timer_left, timeout=10, what="the timer stored after the run ended to be withdrawn")
+
+
 async def test_a_registration_left_by_a_host_that_died_before_recording_its_wait_is_withdrawn(bide: Bide) -> None:
     """A host registered a wait with the router and died before appending it; the next turn found the message
     already in the inbox and resolved the wait at once. The run's end must withdraw the orphan (seen in the long
