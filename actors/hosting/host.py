@@ -92,7 +92,7 @@ _MISSING_HISTORY_RETRIES = 20
 _SUSPENSION_WAIT_S = 10.0
 """How long a signal waits for a turn under way elsewhere to park the code before running it itself."""
 _SUSPENSION_POLL_S = 0.1
-_TURN_QUERY_S = 2.0
+_TURN_QUERY_S = 1.0
 """How long a host waits for an answer to "is a turn of this run running code?" (none: no turn is)."""
 _STOP_STEP_S = 5.0
 _START_RETRY_S = 60.0
