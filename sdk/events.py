@@ -20,6 +20,7 @@ from actors.engine.wire import (
     HDR_EVENT_METADATA,
     HDR_MSG_ID,
     EventSignal,
+    SignalReceived,
     random_id,
     utcnow,
 )
@@ -216,14 +217,21 @@ class EventsClient:
 
         Raises:
             RunNotFoundError: no run has that id.
-            RunAlreadyFinishedError: the run has finished.
+            RunAlreadyFinishedError: the run has finished. A send repeated with the same
+                ``event_id``, name and payload that the run took before it finished returns
+                its receipt instead: the retry of a send that was delivered.
         """
         run_id = validate_key(run_id, "run id")
         name = validate_key(name, "event name")
         body = payload_to_json(payload, f"event {name!r} for run {run_id}", self._pool.config.payload_limits)
         eid = random_id() if event_id is None else validate_key(event_id, f"event_id of event {name!r}")
         conn = await self._pool.get()
-        task = await _live_run_task(conn, run_id)
+        try:
+            task = await _live_run_task(conn, run_id)
+        except RunAlreadyFinishedError:
+            if event_id is not None and await _was_sent(conn, run_id, name, body, eid):
+                return DeliveryReceipt(run_id, name, eid)  # a retry: the first send was delivered
+            raise
         s = conn.layout.subjects
         span = conn.tracing.send_to_run(run_id, name, s.inbox(run_id), eid)
         meta = {TRACEPARENT: span.traceparent} if span.traceparent else {}
@@ -260,6 +268,21 @@ async def _traced_publish(conn: Connection, key: str, scope: str | None, event_i
         raise
     span.end()
     return seq
+
+
+async def _was_sent(conn: Connection, run_id: str, name: str, body: bytes, event_id: str) -> bool:
+    """Whether the finished run took this very event (name, payload and id) from a send before.
+
+    A sender that retries a send (its first try timed out, or it cannot know) must not be told
+    the event was not delivered when the run took it and has ended since. A copy taken by an earlier
+    generation of a run that continued as new is gone with that generation's history: not found.
+    """
+    hist = await conn.history.read(run_id)
+    payload = orjson.loads(body)
+    taken = [e.signal for e in hist.entries if isinstance(e, SignalReceived)]
+    taken += [c.signal for c in (hist.started.carried if hist.entries else [])]
+    return any(sig.source == "direct" and sig.event_id == event_id and sig.name == name and sig.payload == payload
+               for sig in taken)
 
 
 async def _live_run_task(conn: Connection, run_id: str) -> str:

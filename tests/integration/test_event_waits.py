@@ -15,6 +15,7 @@ from sdk import (
     EmptyModel,
     EventTimeout,
     InvalidExpression,
+    RunAlreadyFinishedError,
     RunFailedError,
     RunStatus,
     SleepCondition,
@@ -395,3 +396,26 @@ async def test_a_bad_timeout_is_named_as_the_timeout(bide: Bide) -> None:
     async with running_worker(bide, [bad_timeout]):
         with pytest.raises(RunFailedError, match=r"ValueError: timeout must not be negative, got -1"):
             await bad_timeout.aio_run(EmptyModel(), timeout=15)
+
+
+async def test_a_send_retried_after_the_run_took_it_and_finished_returns_its_receipt(bide: Bide) -> None:
+    """A sender retries a send (its first try's answer was lost) after the run took the event and
+    finished: the retry is told it was delivered, as it was. It raised RunAlreadyFinishedError (the
+    cluster chaos run's retrying sender). Another event, or another payload under that id, still raises."""
+    @bide.durable_task(name="TakesOneSend")
+    async def takes_one(input: dict, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("approval")
+
+    async with running_worker(bide, [takes_one]):
+        ref = await takes_one.aio_run_no_wait({})
+        run_id = ref.workflow_run_id
+        first = await bide.event.aio_send(run_id, "approval", {"ok": True}, event_id="approval-1")
+        assert await ref.aio_result(timeout=20) == {"ok": True}
+        again = await bide.event.aio_send(run_id, "approval", {"ok": True}, event_id="approval-1")
+        assert again == first
+        with pytest.raises(RunAlreadyFinishedError, match=run_id):
+            await bide.event.aio_send(run_id, "approval", {"ok": True}, event_id="approval-2")
+        with pytest.raises(RunAlreadyFinishedError, match=run_id):
+            await bide.event.aio_send(run_id, "approval", {"ok": False}, event_id="approval-1")
+        with pytest.raises(RunAlreadyFinishedError, match=run_id):
+            await bide.event.aio_send(run_id, "approval", {"ok": True})
