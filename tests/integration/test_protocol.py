@@ -488,40 +488,37 @@ async def test_a_cancel_recorded_by_a_host_that_died_before_its_code_reacted_sti
         await wait_until(cancelled, timeout=20, what="the recorded cancel to end the run")
 
 
-async def test_a_signal_for_a_run_whose_turn_on_another_host_is_running_a_step_does_not_rerun_it(
-    bide: Bide, tmp_path: Any
-) -> None:
-    """Host A claimed signal "a" and is running the step after the wait; signal "b" reaches host B meanwhile.
+class GatedSteps:
+    """A memo step that records its run id and runs until the test opens ``gate`` (the hosts run in
+    this process): a step under way for as long as the test needs."""
 
-    B must wait for A's turn to park, not record "b" under it (A's next append would then fail
-    and its step run again) nor run the code beside it (seen in the long chaos run: a step ran
-    twice on two hosts in the same millisecond, no host killed).
-    """
-    import asyncio
-    from pathlib import Path
+    def __init__(self) -> None:
+        import asyncio
 
-    from actors.store.jetstream import api_request
+        self.gate = asyncio.Event()
+        self.ran: list[str] = []
 
-    gate, log = asyncio.Event(), Path(tmp_path) / "steps.log"
-    log.touch()
-
-    async def step(run_id: str) -> int:
-        with log.open("a") as f:
-            f.write(run_id + "\n")
-        await gate.wait()  # the hosts run in this process: the step runs until the test opens the gate
+    async def step(self, run_id: str) -> int:
+        self.ran.append(run_id)
+        await self.gate.wait()
         return 1
 
-    @bide.durable_task(name="ClaimedThenStep")
-    async def claimed(input: dict, ctx: DurableContext) -> Any:
-        await ctx.aio_wait_for_event("a")
-        await ctx.memo(step, ctx.run_id)
-        return await ctx.aio_wait_for_event("b")
+    def define(self, bide: Bide, name: str) -> Any:
+        """A task that waits for "a", runs the step, then returns what it gets with "b"."""
+        step = self.step
 
-    conn = await bide._pool.get()
-    s = conn.layout.subjects
-    runs = 8
-    async with running_worker(bide, [claimed], name="host-a"), running_worker(bide, [claimed], name="host-b"):
-        refs = [await claimed.aio_run_no_wait({}) for _ in range(runs)]
+        @bide.durable_task(name=name)
+        async def a_step_b(input: dict, ctx: DurableContext) -> Any:
+            await ctx.aio_wait_for_event("a")
+            await ctx.memo(step, ctx.run_id)
+            return await ctx.aio_wait_for_event("b")
+
+        return a_step_b
+
+    async def under_way(self, bide: Bide, task: Any, runs: int) -> list[Any]:
+        """``runs`` runs of ``task`` (from :meth:`define`), each sent "a" once it waits: each one's step under way."""
+        conn = await bide._pool.get()
+        refs = [await task.aio_run_no_wait({}) for _ in range(runs)]
 
         async def all_waiting() -> bool:
             hists = [await conn.history.read(r.workflow_run_id) for r in refs]
@@ -530,7 +527,29 @@ async def test_a_signal_for_a_run_whose_turn_on_another_host_is_running_a_step_d
         await wait_until(all_waiting, what="every run to wait for 'a'")
         for r in refs:
             await bide.event.aio_send(r.workflow_run_id, "a", {"n": 1})
-        await wait_until(lambda: len(log.read_text().split()) >= runs, timeout=20, what="every step to start")
+        await wait_until(lambda: len(self.ran) >= runs, timeout=20, what="every step to start")
+        return refs
+
+
+async def test_a_signal_for_a_run_whose_turn_on_another_host_is_running_a_step_does_not_rerun_it(
+    bide: Bide,
+) -> None:
+    """Host A claimed signal "a" and is running the step after the wait; signal "b" reaches host B meanwhile.
+
+    B must wait for A's turn to park, not record "b" under it (A's next append would then fail
+    and its step run again) nor run the code beside it (seen in the long chaos run: a step ran
+    twice on two hosts in the same millisecond, no host killed).
+    """
+
+    from actors.store.jetstream import api_request
+
+    steps = GatedSteps()
+    claimed = steps.define(bide, "ClaimedThenStep")
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    runs = 8
+    async with running_worker(bide, [claimed], name="host-a"), running_worker(bide, [claimed], name="host-b"):
+        refs = await steps.under_way(bide, claimed, runs)
         for r in refs:
             await bide.event.aio_send(r.workflow_run_id, "b", {"n": 2})
 
@@ -540,58 +559,34 @@ async def test_a_signal_for_a_run_whose_turn_on_another_host_is_running_a_step_d
             return int(info["num_ack_pending"]) >= 2 * runs
 
         await wait_until(both_taken, timeout=20, what="the 'b' activations to be taken while the steps run")
-        gate.set()
+        steps.gate.set()
         assert [await r.aio_result(timeout=30) for r in refs] == [{"n": 2}] * runs
-    ran = log.read_text().split()
+    ran = steps.ran
     assert len(ran) == runs, f"steps ran {len(ran)} times for {runs} runs: {sorted(ran)}"
 
 
 async def test_a_signal_for_a_run_whose_step_outlasts_the_wait_for_it_does_not_run_the_step_again(
-    bide: Bide, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+    bide: Bide, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Host A runs a step longer than a signal's wait for a turn under way (10 s; 1 s here). The
     signal's activation on host B must not then run the code beside it: A is alive, its turn under
     way. B ran it, and every step that outlasted the wait ran twice with no host killed (a model
     call of a minute in an agent loop, an event sent to the run meanwhile)."""
-    import asyncio
-    from pathlib import Path
 
     from actors.hosting import host as host_module
 
     monkeypatch.setattr(host_module, "_SUSPENSION_WAIT_S", 1.0)
-    gate, log = asyncio.Event(), Path(tmp_path) / "steps.log"
-    log.touch()
-
-    async def step(run_id: str) -> int:
-        with log.open("a") as f:
-            f.write(run_id + "\n")
-        await gate.wait()  # the hosts run in this process: the step runs until the test opens the gate
-        return 1
-
-    @bide.durable_task(name="LongStep")
-    async def long_step(input: dict, ctx: DurableContext) -> Any:
-        await ctx.aio_wait_for_event("a")
-        await ctx.memo(step, ctx.run_id)
-        return await ctx.aio_wait_for_event("b")
-
     from actors.store.jetstream import api_request
 
+    steps = GatedSteps()
+    long_step = steps.define(bide, "LongStep")
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
     runs = 4
     # Host A's slots: one per step, and the one credit its other queue (timers) keeps. Once every step
     # runs, A pulls no more: the "b" signals go to host B (one that A took waits for A's own turn).
     async with running_worker(bide, [long_step], name="host-a", durable_slots=runs + 1):
-        refs = [await long_step.aio_run_no_wait({}) for _ in range(runs)]
-        conn = await bide._pool.get()
-        s = conn.layout.subjects
-
-        async def all_waiting() -> bool:
-            hists = [await conn.history.read(r.workflow_run_id) for r in refs]
-            return all(any(e.k == "wait_registered" for e in h.entries) for h in hists)
-
-        await wait_until(all_waiting, what="every run to wait for 'a'")
-        for r in refs:
-            await bide.event.aio_send(r.workflow_run_id, "a", {"n": 1})
-        await wait_until(lambda: len(log.read_text().split()) >= runs, timeout=20, what="every step to start")
+        refs = await steps.under_way(bide, long_step, runs)
         async with running_worker(bide, [long_step], name="host-b") as b:
             waiting: set[str] = set()  # runs whose "b" waits on host B for the turn under way
             alive: set[str] = set()  # and those whose turn B then asked about and found running
@@ -612,7 +607,7 @@ async def test_a_signal_for_a_run_whose_step_outlasts_the_wait_for_it_does_not_r
                 await bide.event.aio_send(r.workflow_run_id, "b", {"n": 2})
 
             async def b_taken_and_waited_past_its_time() -> bool:
-                if len(log.read_text().split()) > runs:
+                if len(steps.ran) > runs:
                     return True  # a step ran again: the assertion below says so
                 consumer = s.consumer_name("LongStep")
                 info = await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{s.queue_stream}.{consumer}", {})
@@ -622,22 +617,20 @@ async def test_a_signal_for_a_run_whose_step_outlasts_the_wait_for_it_does_not_r
 
             await wait_until(b_taken_and_waited_past_its_time, timeout=20,
                              what="host B to find each step's turn alive once its wait was over")
-            assert len(log.read_text().split()) == runs, "a step ran again while its turn was under way"
-            gate.set()
+            assert len(steps.ran) == runs, "a step ran again while its turn was under way"
+            steps.gate.set()
             assert [await r.aio_result(timeout=30) for r in refs] == [{"n": 2}] * runs
-    assert sorted(log.read_text().split()) == sorted(r.workflow_run_id for r in refs)
+    assert sorted(steps.ran) == sorted(r.workflow_run_id for r in refs)
 
 
 async def test_a_signal_for_a_new_run_whose_first_step_outlasts_the_wait_for_it_is_kept_until_it_writes(
-    bide: Bide, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    bide: Bide, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A run started with a new id has no history until its first turn writes: here after a step longer
     than a signal's wait for that write (10 s; 1 s here). The signal's activation on another host must
     wait on while that turn runs. It was handed back each time (a delivery counted), then dropped as
     for a run with no history, and the run heard of the signal only from the inbox sweeper."""
-    import asyncio
     import logging
-    from pathlib import Path
 
     from actors.hosting import host as host_module
 
@@ -647,14 +640,8 @@ async def test_a_signal_for_a_new_run_whose_first_step_outlasts_the_wait_for_it_
     bide = Bide(bide.config.nats_url, ack_wait=3.0)  # with that setting
     try:
         caplog.set_level(logging.WARNING, logger="bide")
-        gate, log = asyncio.Event(), Path(tmp_path) / "steps.log"
-        log.touch()
-
-        async def step(run_id: str) -> int:
-            with log.open("a") as f:
-                f.write(run_id + "\n")
-            await gate.wait()
-            return 1
+        steps = GatedSteps()
+        step = steps.step
 
         @bide.durable_task(name="LongFirstStep")
         async def long_first(input: dict, ctx: DurableContext) -> Any:
@@ -668,7 +655,7 @@ async def test_a_signal_for_a_new_run_whose_first_step_outlasts_the_wait_for_it_
         # Host A's slots: one per first turn and the credit of its other queue; the "b" signals go to host B.
         async with running_worker(bide, [long_first], name="host-a", durable_slots=runs + 1):
             refs = [await long_first.aio_run_no_wait({}) for _ in range(runs)]
-            await wait_until(lambda: len(log.read_text().split()) >= runs, timeout=20, what="every first step to start")
+            await wait_until(lambda: len(steps.ran) >= runs, timeout=20, what="every first step to start")
             async with running_worker(bide, [long_first], name="host-b") as b:
                 alive: set[str] = set()
                 turn_running = b.host._turn_running
@@ -685,11 +672,11 @@ async def test_a_signal_for_a_new_run_whose_first_step_outlasts_the_wait_for_it_
                 await wait_until(lambda: len(alive) == b.host.durable_slots.busy > 0 or bool(dropped()), timeout=20,
                                  what="host B to find each first turn alive once its wait was over")
                 assert not dropped(), "a signal's activation was dropped while the run's first turn ran"
-                gate.set()
+                steps.gate.set()
                 assert [await r.aio_result(timeout=20) for r in refs] == [{"n": 2}] * runs
     finally:
         await bide.aclose()
-    assert len(log.read_text().split()) == runs
+    assert len(steps.ran) == runs
 
 
 async def test_a_signal_waiting_for_a_turn_elsewhere_waits_again_for_a_claim_made_before_its_lock_is_back(
