@@ -311,6 +311,10 @@ def redo_last_turn(hist: RunHistory, now: datetime) -> list[Command]:
     """
     before, written = last_turn(hist.entries)
     commands = after_append(RunState.of(before), written, now) if written else []
+    if not written and hist.entries:
+        # A generation that has not begun: its start is the switch, and the earlier generation's
+        # last turn (skipped by readers) may have died before withdrawing what it ended.
+        commands += [WithdrawWait(w.wait, frozenset(w.satisfied)) for w in hist.started.withdrawn]
     if hist.state.taken_upto:
         commands.append(PurgeInbox(hist.state.taken_upto))
     return commands

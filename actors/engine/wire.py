@@ -597,6 +597,10 @@ class RunStarted(_Entry):
     consumed, in arrival order; this generation's waits receive them first."""
     additional_metadata: dict[str, str] = Field(default_factory=dict)
     """The run's flat string metadata (``ctx.additional_metadata``); left off the wire when empty."""
+    withdrawn: list[EndedWait] = Field(default_factory=list)
+    """A later generation's start: the waits the earlier generation's last turn ended, whose router
+    registrations are withdrawn after the switch. The earlier entries are skipped by readers, so a
+    turn that redoes the switch's tidying (a retry, a redelivery) finds them here."""
 
     def same_start(self, other: RunStarted) -> bool:
         """Whether ``other`` is this start again (a retry, or the host completing it)."""
@@ -685,6 +689,16 @@ class WaitCondition(BaseModel):
     lookback_s: float | None = None
     duration_s: float | None = None
     wake_at: datetime | None = None
+
+
+class EndedWait(BaseModel):
+    """A wait whose registrations are to be withdrawn (:attr:`RunStarted.withdrawn`); ``satisfied``: the
+    conditions the router removed itself."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    wait: WaitRegistered
+    satisfied: list[int | None] = Field(default_factory=list)
 
 
 class WaitRegistered(_Entry):

@@ -272,3 +272,47 @@ async def test_a_signal_before_its_generations_start_on_one_host_does_not_hold_i
     forever = define_forever(bide, "CanForeverOneHost")
     async with running_worker(bide, [forever]):
         await send_one_per_generation(bide, forever, seed=7, runs=10, result_timeout=8)
+
+
+async def test_a_switch_whose_withdrawals_failed_has_them_redone_by_its_retry(
+        bide: Bide, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The switch is appended, then the withdrawal of the wait it resolved (by a direct event: the
+    router still holds its registration) meets an infrastructure error, as in an election (the
+    cluster chaos run). The retried turn reads only the next generation, yet must withdraw that
+    registration: it was left at the router for good."""
+    import nats.errors
+
+    import actors.hosting.turn_effects as turn_effects
+
+    publish = turn_effects.publish_registrations
+    failed: list[str] = []
+
+    async def failing_once(*args: Any, **kwargs: Any) -> None:
+        wait, op = args[2], args[6]
+        if op == "cancel" and not failed:
+            failed.append(wait.wait_id)
+            raise nats.errors.TimeoutError
+        await publish(*args, **kwargs)
+
+    monkeypatch.setattr(turn_effects, "publish_registrations", failing_once)
+    forever = define_forever(bide, "CanWithdrawRedone")
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+
+    async def registrations() -> int:
+        info = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits("note"))
+        return sum((info.state.subjects or {}).values())
+
+    async with running_worker(bide, [forever]):
+        ref = await forever.aio_run_no_wait({"gens": 2})
+        run_id = ref.workflow_run_id
+        for n in range(2):
+            await wait_until(lambda n=n: at_wait(bide, run_id, n, 1), what=f"generation {n} to wait")
+            await bide.event.aio_send(run_id, "note", {"n": n})
+        assert await ref.aio_result(timeout=20) == {"got": [0, 1]}
+        assert failed == [f"{run_id}:0"]  # generation 0's wait, withdrawn after the switch
+
+        async def withdrawn() -> bool:
+            return await registrations() == 0
+
+        await wait_until(withdrawn, timeout=10, what="every registration of the run to be withdrawn")
