@@ -38,6 +38,14 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
+async def registrations(client: Bide, key: str) -> int:
+    """How many wait registrations (and withdrawals not yet applied) the router's input holds for ``key``."""
+    conn = await client._pool.get()
+    s = conn.layout.subjects
+    info = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits(key))
+    return sum((info.state.subjects or {}).values())
+
+
 async def push_until_stored(client: Bide, key: str, payload: Any, event_id: str, tries: int = 120) -> None:
     """A push during a cluster election may time out: retried with the same event id (a push is idempotent)."""
     for _ in range(tries):

@@ -14,7 +14,7 @@ from actors.engine.wire import RunStarted
 from actors.hosting.turn_effects import RunWriter
 from sdk import Bide, DurableContext, EmptyModel
 from sdk.errors import RunCancelledError, RunFailedError, RunNotFoundError
-from tests.support import running_worker, wait_until
+from tests.support import registrations, running_worker, wait_until
 
 STEPS: list[int] = []
 
@@ -296,12 +296,6 @@ async def test_a_switch_whose_withdrawals_failed_has_them_redone_by_its_retry(
 
     monkeypatch.setattr(turn_effects, "publish_registrations", failing_once)
     forever = define_forever(bide, "CanWithdrawRedone")
-    conn = await bide._pool.get()
-    s = conn.layout.subjects
-
-    async def registrations() -> int:
-        info = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits("note"))
-        return sum((info.state.subjects or {}).values())
 
     async with running_worker(bide, [forever]):
         ref = await forever.aio_run_no_wait({"gens": 2})
@@ -313,6 +307,6 @@ async def test_a_switch_whose_withdrawals_failed_has_them_redone_by_its_retry(
         assert failed == [f"{run_id}:0"]  # generation 0's wait, withdrawn after the switch
 
         async def withdrawn() -> bool:
-            return await registrations() == 0
+            return await registrations(bide, "note") == 0
 
         await wait_until(withdrawn, timeout=10, what="every registration of the run to be withdrawn")

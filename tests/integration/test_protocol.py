@@ -17,6 +17,7 @@ from actors.engine.wire import (
 )
 from sdk import Bide, Context, DurableContext
 from sdk.errors import RunAlreadyExistsError
+from tests.support import registrations as registrations_of
 from tests.support import running_worker, wait_until
 
 
@@ -416,11 +417,9 @@ async def test_a_wait_registration_is_withdrawn_even_if_the_resolving_turn_faile
 
     conn = await bide._pool.get()
     s = conn.layout.subjects
-    waits_subject = s.waits("late-approval")
 
     async def registrations() -> int:
-        info = await conn.js.stream_info(s.events_stream, subjects_filter=waits_subject)
-        return sum((info.state.subjects or {}).values())
+        return await registrations_of(bide, "late-approval")
 
     caplog.set_level(logging.WARNING, logger="bide.host")
     async with running_worker(bide, [withdrawn]):
@@ -823,8 +822,7 @@ async def test_a_registration_left_by_a_host_that_died_before_recording_its_wait
     s = conn.layout.subjects
 
     async def registrations() -> int:
-        info = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits("orphan-msg"))
-        return sum((info.state.subjects or {}).values())
+        return await registrations_of(bide, "orphan-msg")
 
     async with running_worker(bide, [orphaned]):
         ref = await orphaned.aio_run_no_wait({})
@@ -865,11 +863,9 @@ async def test_a_resolved_waits_registration_is_withdrawn_at_the_runs_end_if_its
         return [first["n"], second["n"]]
 
     conn = await bide._pool.get()
-    s = conn.layout.subjects
 
     async def registrations() -> int:
-        info = await conn.js.stream_info(s.events_stream, subjects_filter=s.waits("dead-turn-msg"))
-        return sum((info.state.subjects or {}).values())
+        return await registrations_of(bide, "dead-turn-msg")
 
     real = RunWriter.carry_out
     skipped: list[str] = []
