@@ -141,7 +141,10 @@ class HistoryLog:
         deadline = loop.time() + timeout
         while True:
             hist = await self._read_once(run_id, max(history_seq, inbox_seq))
-            if hist.last_seq >= history_seq and hist.inbox_seen >= inbox_seq:
+            # An ended run's inbox is purged (a signal after the end is never taken): the history
+            # reaching its end is enough. Waiting for a purged message kept late signals' activations
+            # (a child's end reported again after its parent ended) retrying for ever.
+            if hist.last_seq >= history_seq and (hist.inbox_seen >= inbox_seq or hist.terminal is not None):
                 return hist
             if loop.time() >= deadline:
                 raise StaleReadError(

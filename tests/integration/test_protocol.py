@@ -924,3 +924,34 @@ async def test_a_signal_that_comes_after_the_runs_end_leaves_its_inbox(bide: Bid
             return not sum((info.state.subjects or {}).values())
 
         await wait_until(inbox_empty, timeout=10, what="the late signal to leave the inbox")
+
+
+async def test_a_late_signal_whose_message_was_purged_with_the_ended_runs_inbox_is_dropped(bide: Bide) -> None:
+    """Signals sent after a run ended (a child's end reported again after its parent ended) are purged by
+    the first of their activations to find the run ended. The others named a message no read could see
+    any more, and were retried for ever (the cluster chaos run left four on the queue)."""
+    from actors.engine.wire import EventSignal
+
+    @bide.durable_task(name="EndsAtOnce")
+    async def ends(input: dict, ctx: DurableContext) -> Any:
+        return {"ok": True}
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(bide, [ends]):
+        ref = await ends.aio_run_no_wait({})
+        assert await ref.aio_result(timeout=20) == {"ok": True}
+    run_id = ref.workflow_run_id
+    late = EventSignal(source="direct", name="late", payload={}, event_id="late-1", at=utcnow())
+    seq = (await conn.js.publish(s.inbox(run_id), late.model_dump_json().encode())).seq
+    await conn.js.purge_stream(s.history_stream, subject=s.inbox(run_id))  # what the first late activation did
+    hist = await conn.history.read(run_id, inbox_seq=seq, timeout=2.0)  # raised StaleReadError
+    assert hist.terminal is not None and not hist.inbox
+    act = Activation(run_id=run_id, task="EndsAtOnce", kind="signal", inbox_seq=seq)
+    await conn.js.publish(s.queue("EndsAtOnce", run_id), encode_activation(act), headers={HDR_BIDE_KIND: "signal"})
+    async with running_worker(bide, [ends]):
+        async def queue_empty() -> bool:
+            info = await conn.js.stream_info(s.queue_stream, subjects_filter=s.queue("EndsAtOnce", run_id))
+            return not sum((info.state.subjects or {}).values())
+
+        await wait_until(queue_empty, timeout=20, what="the late signal's activation to be dropped")
