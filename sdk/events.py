@@ -20,7 +20,6 @@ from actors.engine.wire import (
     HDR_EVENT_METADATA,
     HDR_MSG_ID,
     EventSignal,
-    SignalReceived,
     random_id,
     utcnow,
 )
@@ -279,10 +278,8 @@ async def _was_sent(conn: Connection, run_id: str, name: str, body: bytes, event
     """
     hist = await conn.history.read(run_id)
     payload = orjson.loads(body)
-    taken = [e.signal for e in hist.entries if isinstance(e, SignalReceived)]
-    taken += [c.signal for c in (hist.started.carried if hist.entries else [])]
     return any(sig.source == "direct" and sig.event_id == event_id and sig.name == name and sig.payload == payload
-               for sig in taken)
+               for _, sig in hist.taken())
 
 
 async def _live_run_task(conn: Connection, run_id: str) -> str:

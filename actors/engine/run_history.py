@@ -8,7 +8,15 @@ from typing import Any
 import orjson
 
 from actors.engine.run_state import RunState
-from actors.engine.wire import WIRE_VERSION, EventSignal, HistoryEntry, RunStarted, Terminal, decode_history
+from actors.engine.wire import (
+    WIRE_VERSION,
+    EventSignal,
+    HistoryEntry,
+    RunStarted,
+    SignalReceived,
+    Terminal,
+    decode_history,
+)
 
 
 @dataclass
@@ -49,6 +57,12 @@ class RunHistory:
     @property
     def terminal(self) -> Terminal | None:
         return self.state.terminal
+
+    def taken(self) -> list[tuple[int, EventSignal]]:
+        """``(inbox sequence, signal)`` of every signal this generation holds: the ones its start
+        carried from the one before (:attr:`RunStarted.carried`), then those its entries took."""
+        carried = [(c.inbox_seq, c.signal) for c in self.started.carried] if self.entries else []
+        return carried + [(e.inbox_seq, e.signal) for e in self.entries if isinstance(e, SignalReceived)]
 
 
 def current_generation(hist: RunHistory) -> None:

@@ -26,7 +26,6 @@ from actors.engine.wire import (
     EventSignal,
     HistoryEntry,
     RunStarted,
-    SignalReceived,
     Subjects,
     decode_activation,
     encode_activation,
@@ -201,15 +200,12 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
         # sequence, taken by an entry or still on the inbox. Not `inbox_seq=seq`: a message removed
         # with its run, or dropped as malformed, would keep that read (and the router) waiting.
         hist = await HistoryLog(pub.nc, pub, subjects).read(run_id)
-        there = [e.signal for e in hist.entries if isinstance(e, SignalReceived) and e.inbox_seq == seq]
-        there += [sig for at, sig in hist.inbox if at == seq]
-        if not there and hist.entries:
-            # Taken by an earlier generation (the run continued as new since): carried into this one
-            # if no wait consumed it, else gone with that generation's history, and trusted as ours
-            # (sent again, the new generation would receive it a second time).
-            there = [c.signal for c in hist.started.carried if c.inbox_seq == seq]
-            if not there and seq <= hist.started.inbox_taken:
-                return True
+        # Taken by this generation (or carried into it from the one before), or still on the inbox.
+        there = [sig for at, sig in [*hist.taken(), *hist.inbox] if at == seq]
+        if not there and hist.entries and seq <= hist.started.inbox_taken:
+            # Taken by an earlier generation (the run continued as new since) and gone with its
+            # history: trusted as ours (sent again, the new generation would receive it a second time).
+            return True
         return bool(there) and _signal_identity(there[0].model_dump_json().encode()) == ours
 
     return same
