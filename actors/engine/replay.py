@@ -393,11 +393,15 @@ class Turn:
         # Direct signals this generation took and did not consume go on to the next one: they are
         # purged from the inbox with the rest, and marked taken (``inbox_taken``).
         carried = [SignalReceived(inbox_seq=seq, signal=sig) for seq, sig in self._direct.items()]
-        tidying = after_append(self._history.state, self._written + self._pending, utcnow(), self._unrecorded_waits)
+        nxt = started.model_copy(update={"input": data, "at": utcnow(), "generation": started.generation + 1,
+                                         "inbox_taken": took, "carried": carried, "withdrawn": []})
+        # Tidied as at a run's end (the next start ends this history): every registration this
+        # generation made, and those a turn made for a wait that was then resolved at once.
+        tidying = after_append(self._history.state, [*self._written, *self._pending, nxt], utcnow(),
+                               self._unrecorded_waits)
         withdrawn = [EndedWait(wait=c.wait, satisfied=sorted(c.satisfied, key=lambda i: -1 if i is None else i))
                      for c in tidying if isinstance(c, WithdrawWait)]
-        nxt = started.model_copy(update={"input": data, "at": utcnow(), "generation": started.generation + 1,
-                                         "inbox_taken": took, "carried": carried, "withdrawn": withdrawn})
+        nxt = nxt.model_copy(update={"withdrawn": withdrawn})
         pending, self._pending = [*self._pending, nxt], []
         commands: list[Command] = [Append(pending, on_durable=self._recorded), *tidying]
         if self._took_upto is not None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from actors.engine.commands import NextGeneration
-from actors.engine.wire import RunStarted
+from actors.engine.wire import RunStarted, utcnow
 from actors.hosting.turn_effects import RunWriter
 from sdk import Bide, DurableContext, EmptyModel
 from sdk.errors import RunCancelledError, RunFailedError, RunNotFoundError
@@ -310,3 +310,49 @@ async def test_a_switch_whose_withdrawals_failed_has_them_redone_by_its_retry(
             return await registrations(bide, "note") == 0
 
         await wait_until(withdrawn, timeout=10, what="every registration of the run to be withdrawn")
+
+
+async def test_a_registration_left_for_a_wait_the_generation_resolved_at_once_is_withdrawn_by_the_switch(
+        bide: Bide) -> None:
+    """A turn parks at a generation's wait, registers it with the router and loses its append to a
+    turn that took a signal (or dies before the append): the winner resolves the wait at once and
+    never records it as registered. A run's end withdraws such registrations; a switch must too,
+    since no later generation knows of the wait (the cluster chaos run, seed 32, left one)."""
+    from actors.engine.wire import WaitRegistered
+    from actors.hosting.router_inputs import publish_registrations
+
+    gate, reached = asyncio.Event(), asyncio.Event()
+
+    @bide.durable_task(name="CanUnrecorded")
+    async def unrecorded(input: dict, ctx: DurableContext) -> Any:
+        gen = input.get("gen", 0)
+        if gen == 0:
+            reached.set()
+            await gate.wait()  # both events reach the inbox meanwhile: the next generation gets one
+            await ctx.memo(record, 0)
+        event = await ctx.aio_wait_for_event("note", timeout="30s")
+        if gen < 2:
+            ctx.continue_as_new({"gen": gen + 1})
+        return {"gen": gen, "event": event}
+
+    async with running_worker(bide, [unrecorded]):
+        ref = await unrecorded.aio_run_no_wait({})
+        run_id = ref.workflow_run_id
+        await asyncio.wait_for(reached.wait(), 10)
+        await bide.event.aio_send(run_id, "note", {"n": 0})
+        await bide.event.aio_send(run_id, "note", {"n": 1})
+        # What the turn that lost generation 1's first append would have registered.
+        conn = await bide._pool.get()
+        lost = WaitRegistered(pos=0, wait_id=f"{run_id}~g1:0", label="event:note", args_hash="lost",
+                              groups=[[{"kind": "event", "key": "event", "event_key": "note"}]], at=utcnow())
+        await publish_registrations(conn.publisher, conn.layout, lost, run_id, "CanUnrecorded", {}, "register")
+        assert await registrations(bide, "note") == 1
+        gate.set()
+        await wait_until(lambda: at_wait(bide, run_id, 2, 1), what="generation 2 to wait")
+        await bide.event.aio_send(run_id, "note", {"n": 2})
+        assert await ref.aio_result(timeout=20) == {"gen": 2, "event": {"n": 2}}
+
+        async def withdrawn() -> bool:
+            return await registrations(bide, "note") == 0
+
+        await wait_until(withdrawn, timeout=10, what="the registration generation 1 never recorded to be withdrawn")
