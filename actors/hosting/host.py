@@ -381,7 +381,7 @@ class ActorHost:
                             self.config.max_deliveries)
             if hist.terminal is not None and hist.started.parent is not None:
                 await self._writer(hist, defn).carry_out([NotifyParent(hist.started.parent, hist.terminal)])
-            await msg.ack()
+            await self._done(msg, act.run_id)
             return
         if err is None:
             err = DeliveryLimitExceeded(
@@ -390,7 +390,7 @@ class ActorHost:
                 "or failed before finishing the turn, so the run failed without running its code again")
         log.error("%s", err)
         await self._runner_.fail_without_code(hist, defn, delivered, RunFailed(error=error_info(err), at=utcnow()))
-        await msg.ack()
+        await self._done(msg, act.run_id)
 
     async def _fresh_start(self, act: Activation, started: RunStarted) -> RunHistory | None:
         """The history of a run that has only its start entry (the common first turn), in one small read.
@@ -444,12 +444,12 @@ class ActorHost:
         if not isinstance(first, RunStarted) or not first.same_start(started):
             log.error("dropping a start of run %s: another start (task %r) owns that run id", act.run_id,
                       getattr(first, "task", None))
-            await msg.ack()
+            await self._done(msg, act.run_id)
             return None
         if delivery == 1 and any(isinstance(e, ActivationBegun) for e in hist.entries):
             # A start sent again (a parent's replay, a retried request): the run has begun already,
             # and its own activation, if its host died, comes back by itself.
-            await msg.ack()
+            await self._done(msg, act.run_id)
             return None
         return hist
 
@@ -579,7 +579,7 @@ class ActorHost:
                 await msg.nak(delay=0.2)
             else:
                 log.warning("dropping activation for run %s: the run has no history", act.run_id)
-                await msg.ack()
+                await self._done(msg, act.run_id)
             return False
         started = hist.started
         if hist.terminal is not None:
@@ -626,7 +626,7 @@ class ActorHost:
                 await self._writer(hist, defn).carry_out([
                     Append([SignalReceived(inbox_seq=q, signal=sig) for q, sig in hist.inbox]),
                     PurgeInbox(hist.inbox[-1][0])])
-            await msg.ack()
+            await self._done(msg, act.run_id)
             return False
         self.turns += 1
         handed = False
@@ -646,6 +646,13 @@ class ActorHost:
         if hist.start_unrecorded:
             await self._history.append(hist.run_id, [hist.started], expected_seq=0)
             hist.start_unrecorded = False
+        await self._done(msg, hist.run_id)
+
+    async def _done(self, msg: Msg, run_id: str) -> None:
+        """The activation leaves the queue, once the tidy-ups its turn left in the background are
+        done (``TurnEffects.chore``): a host killed before this ack leaves a redelivery that redoes
+        them (``redo_last_turn``), one killed after it has nothing left undone."""
+        await self._effects_.tidied(run_id)
         await msg.ack()
 
     async def _ended(self, msg: Msg, hist: RunHistory, defn: TaskDefinition, delivery: int) -> None:
@@ -664,7 +671,7 @@ class ActorHost:
         if not redelivered:
             wind_up = [c for c in wind_up if not isinstance(c, NotifyParent)]
         await self._writer(hist, defn).carry_out(wind_up)
-        await msg.ack()
+        await self._done(msg, hist.run_id)
 
     async def _on_cancel_msg(self, msg: Msg) -> None:
         if self._runner is not None:

@@ -76,17 +76,22 @@ class TurnEffects:
         self.reaper = reaper
         self.tracing = tracing
         self._chores: set[asyncio.Task[None]] = set()
+        self._by_run: dict[str, set[asyncio.Task[None]]] = {}
 
     def writer(self, hist: RunHistory, task: str) -> RunWriter:
         """Carries out one turn's commands for the run of ``hist``, appending after its last message."""
         return RunWriter(self, hist, task)
 
-    def chore(self, what: str, op: Callable[[], Awaitable[Any]]) -> None:
-        """An idempotent tidy-up (a purge, a timer withdrawal) in the background, not awaited by the turn.
+    def chore(self, run_id: str, what: str, op: Callable[[], Awaitable[Any]]) -> None:
+        """An idempotent tidy-up of ``run_id`` (a purge, a timer withdrawal) in the background.
 
-        Infrastructure errors are retried for up to ``_CHORE_RETRY_S`` (a node that dies under it
-        left a cancelled run's timer behind for its hour); a chore that still fails is logged and
-        left: a timer fires into the ended run and is dropped, an inbox goes with the run's removal.
+        The code does not wait for it, but the turn's activation is acked only once it is done
+        (:meth:`tidied`): a host killed after that ack and before the tidy-up left it undone for
+        good, since no redelivery came to redo it (a resolved wait's timer, in the cluster chaos
+        run). Infrastructure errors are retried for up to ``_CHORE_RETRY_S`` (a node that dies
+        under it left a cancelled run's timer behind for its hour); a chore that still fails is
+        logged and left: a timer fires into the ended run and is dropped, an inbox goes with the
+        run's removal.
         """
 
         async def _guarded() -> None:
@@ -98,6 +103,21 @@ class TurnEffects:
         t = asyncio.create_task(_guarded())
         self._chores.add(t)
         t.add_done_callback(self._chores.discard)
+        of_run = self._by_run.setdefault(run_id, set())
+        of_run.add(t)
+
+        def done(t: asyncio.Task[None]) -> None:
+            of_run.discard(t)
+            if not of_run and self._by_run.get(run_id) is of_run:
+                del self._by_run[run_id]
+
+        t.add_done_callback(done)
+
+    async def tidied(self, run_id: str) -> None:
+        """Once the chores of ``run_id`` under way are done (each ends by itself: see :meth:`chore`)."""
+        of_run = self._by_run.get(run_id)
+        if of_run:
+            await asyncio.wait(set(of_run))
 
     async def stop(self, timeout: float) -> None:
         """Let the chores under way finish, for at most ``timeout``."""
@@ -161,12 +181,12 @@ class RunWriter:
                 if time.monotonic() - self._appended_at > _OVERTAKEN_AFTER_S:
                     await self._unless_overtaken(pos)
             case CancelTimer(pos=pos):
-                fx.chore(f"run {run_id}: withdrawing timer {pos}", lambda: fx.timers.cancel(run_id, pos))
+                fx.chore(run_id, f"run {run_id}: withdrawing timer {pos}", lambda: fx.timers.cancel(run_id, pos))
             case ScheduleRetry(retry=retry):
                 await self._schedule_retry(retry.attempt, retry.retry_at)
             case PurgeInbox(upto_seq=upto):
                 # Best effort: the next turn, or the end, redoes it.
-                fx.chore(f"run {run_id}: purging its inbox", lambda: self._purge_inbox(upto))
+                fx.chore(run_id, f"run {run_id}: purging its inbox", lambda: self._purge_inbox(upto))
             case ClearInbox(upto_seq=upto):
                 await self._purge_inbox(upto)
             case RecordEnd(started=started, end=end):

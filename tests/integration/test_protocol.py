@@ -955,3 +955,55 @@ async def test_a_late_signal_whose_message_was_purged_with_the_ended_runs_inbox_
             return not sum((info.state.subjects or {}).values())
 
         await wait_until(queue_empty, timeout=20, what="the late signal's activation to be dropped")
+
+
+async def test_a_turn_that_resolved_a_wait_acks_its_activation_only_once_the_waits_timer_is_withdrawn(
+        bide: Bide, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The withdrawal of a resolved wait's timer is a tidy-up the code does not wait for. A host
+    killed after the turn's ack but before that withdrawal left the timer for good, since no
+    redelivery comes to redo it (the cluster chaos run, seed 30: timers of ended runs left behind).
+    So the activation is acked only once it is done: a host that dies before leaves a redelivery
+    that redoes it (``redo_last_turn``)."""
+    import asyncio
+    import contextlib
+
+    from nats.aio.msg import Msg
+
+    from actors.store.timers import TimerScheduler
+
+    order: list[str] = []
+    held = asyncio.Event()
+    cancel, ack = TimerScheduler.cancel, Msg.ack
+
+    async def held_cancel(self: TimerScheduler, run_id: str, pos: int) -> None:
+        # Held until the activation is acked, or for 3 s if it is not (as it must not be).
+        order.append("withdrawal begun")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(held.wait(), 3)
+        await cancel(self, run_id, pos)
+        order.append("withdrawal stored")
+
+    async def recorded_ack(self: Msg) -> None:
+        if "WaitsWithTimer" in self.subject:
+            order.append("ack")
+            held.set()
+        await ack(self)
+
+    monkeypatch.setattr(TimerScheduler, "cancel", held_cancel)
+    monkeypatch.setattr(Msg, "ack", recorded_ack)
+
+    @bide.durable_task(name="WaitsWithTimer")
+    async def waits(input: dict, ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("go", timeout="1h")
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(bide, [waits]):
+        ref = await waits.aio_run_no_wait({})
+        await wait_until(lambda: _drained(conn, s, "WaitsWithTimer"), what="the run to wait")
+        order.clear()
+        held.clear()  # (set by the start's ack)
+        await bide.event.aio_send(ref.workflow_run_id, "go", {"ok": 1})
+        assert await ref.aio_result(timeout=20) == {"ok": 1}
+        await wait_until(lambda: _drained(conn, s, "WaitsWithTimer"), what="the signal's activation to be acked")
+    assert order == ["withdrawal begun", "withdrawal stored", "ack"], order
