@@ -311,9 +311,11 @@ def redo_last_turn(hist: RunHistory, now: datetime) -> list[Command]:
     """
     before, written = last_turn(hist.entries)
     commands = after_append(RunState.of(before), written, now) if written else []
-    if not written and hist.entries:
-        # A generation that has not begun: its start is the switch, and the earlier generation's
-        # last turn (skipped by readers) may have died before withdrawing what it ended.
+    if hist.entries:
+        # The earlier generation's last turn (skipped by readers: its start is the switch) may
+        # have died before withdrawing what it ended. Also once this generation has begun: with
+        # an ack wait longer than the wait for a turn under way, a signal's activation begins it
+        # before the dead host's activation comes back.
         commands += [WithdrawWait(w.wait, frozenset(w.satisfied)) for w in hist.started.withdrawn]
     if hist.state.taken_upto:
         commands.append(PurgeInbox(hist.state.taken_upto))

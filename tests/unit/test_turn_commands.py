@@ -268,3 +268,16 @@ async def test_a_run_that_never_used_its_inbox_ends_without_draining_it() -> Non
     turn, _, result = await run(history(), code)
     commands = turn.conclude(RunCompleted(result=result, at=utcnow()))
     assert kinds(commands) == ["Append", "RecordEnd", "ScheduleRemoval"]
+
+
+def test_a_redelivery_in_a_generation_that_has_begun_redoes_what_its_switch_withdrew() -> None:
+    """The host that made the switch died before its withdrawals; a signal's activation began the
+    next generation before the dead host's activation came back (an ack wait over ten seconds)."""
+    from actors.engine.wire import EndedWait
+
+    old = WaitRegistered(pos=0, wait_id="r1:0", label="w", args_hash="", at=AT, groups=[])
+    started = RunStarted(run_id="r1", task="Job", durable=True, input={}, at=AT, generation=1,
+                         withdrawn=[EndedWait(wait=old, satisfied=[0])])
+    new = WaitRegistered(pos=0, wait_id="r1~g1:0", label="w", args_hash="", at=AT, groups=[])
+    hist = RunHistory("r1", [started, ActivationBegun(host="h2", delivery=1, at=AT), new], last_seq=3)
+    assert redo_last_turn(hist, AT) == [WithdrawWait(old, frozenset({0}))]
