@@ -395,12 +395,16 @@ class Turn:
         carried = [SignalReceived(inbox_seq=seq, signal=sig) for seq, sig in self._direct.items()]
         nxt = started.model_copy(update={"input": data, "at": utcnow(), "generation": started.generation + 1,
                                          "inbox_taken": took, "carried": carried, "withdrawn": []})
+        written = [*self._written, *self._pending]
         # Tidied as at a run's end (the next start ends this history): every registration this
         # generation made, and those a turn made for a wait that was then resolved at once.
-        tidying = after_append(self._history.state, [*self._written, *self._pending, nxt], utcnow(),
-                               self._unrecorded_waits)
+        tidying = after_append(self._history.state, [*written, nxt], utcnow(), self._unrecorded_waits)
+        # The next start names those of the waits this turn resolved, for a retry to redo: the
+        # others were each withdrawn by the turn that resolved them, and naming every wait of a
+        # long generation would make the switch, one message, as large as the generation.
+        now = {e.wait_id for e in written if isinstance(e, WaitResolved)}
         withdrawn = [EndedWait(wait=c.wait, satisfied=sorted(c.satisfied, key=lambda i: -1 if i is None else i))
-                     for c in tidying if isinstance(c, WithdrawWait)]
+                     for c in tidying if isinstance(c, WithdrawWait) and c.wait.wait_id in now]
         nxt = nxt.model_copy(update={"withdrawn": withdrawn})
         pending, self._pending = [*self._pending, nxt], []
         commands: list[Command] = [Append(pending, on_durable=self._recorded), *tidying]

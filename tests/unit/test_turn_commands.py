@@ -281,3 +281,32 @@ def test_a_redelivery_in_a_generation_that_has_begun_redoes_what_its_switch_with
     new = WaitRegistered(pos=0, wait_id="r1~g1:0", label="w", args_hash="", at=AT, groups=[])
     hist = RunHistory("r1", [started, ActivationBegun(host="h2", delivery=1, at=AT), new], last_seq=3)
     assert redo_last_turn(hist, AT) == [WithdrawWait(old, frozenset({0}))]
+
+
+async def test_a_switch_withdraws_every_wait_of_its_generation_and_names_for_a_retry_those_it_resolved() -> None:
+    """Tidied as at a run's end, so a registration whose withdrawal a dead host never made goes too;
+    the next start names only the waits the switching turn resolved (a start naming every wait of a
+    long generation would make the switch, one message, as large as the generation)."""
+
+    async def code(turn: Turn) -> Any:
+        for _ in range(2):
+            await turn.wait("w", [[UserEventCondition("note")]])
+        return "next"
+
+    entries: list[HistoryEntry] = []
+    turn: Turn | None = None
+    for n in range(3):  # parks at wait 0; resolves it, parks at wait 1; resolves it
+        inbox = [(10 + n, direct("note", {"n": n}, event_id=f"e{n}"))] if n else []
+        hist = RunHistory("r1", [*history().entries, *entries], last_seq=len(entries) + 1, inbox=inbox)
+        turn, port, result = await run(hist, code)
+        if result is None:
+            done = [*port.done, *turn.conclude()]
+            entries += [e for c in done if isinstance(c, Append) for e in c.entries]
+    assert turn is not None and result == "next"
+    commands = turn.continue_as_new({"gen": 1})
+    withdrawals = [c.wait.wait_id for c in commands if isinstance(c, WithdrawWait)]
+    assert sorted(withdrawals) == ["r1:0", "r1:1"]
+    [switch] = [c for c in commands if isinstance(c, Append)]
+    nxt = switch.entries[-1]
+    assert isinstance(nxt, RunStarted) and nxt.generation == 1
+    assert [w.wait.wait_id for w in nxt.withdrawn] == ["r1:1"]
