@@ -180,39 +180,53 @@ async def test_a_send_retried_after_the_run_continued_as_new_is_delivered_once(b
         assert got == [(0, {"n": 1}), (1, {"n": 2})]
 
 
+def held() -> int:
+    return 1
+
+
+class Carrying:
+    """A run whose first generation is held before its wait until two direct events are in its inbox:
+    the turn that resumes it takes both, its wait consumes the first and it continues as new, so
+    the next generation begins with the second carried into it. It ends at generation ``last``."""
+
+    def __init__(self, bide: Bide, name: str, last: int) -> None:
+        self.gate, self.reached = asyncio.Event(), asyncio.Event()
+        self.got: list[tuple[int, Any]] = []
+
+        @bide.durable_task(name=name)
+        async def carry(input: dict, ctx: DurableContext) -> Any:
+            gen = input.get("gen", 0)
+            if gen == 0:
+                self.reached.set()
+                await self.gate.wait()  # the events are sent meanwhile
+                await ctx.memo(held)
+            event = await ctx.aio_wait_for_event("note", timeout="30s")
+            self.got.append((gen, event))
+            if gen < last:
+                ctx.continue_as_new({"gen": gen + 1})
+            return {"gen": gen, "event": event}
+
+        self.task = carry
+
+    async def start_holding_two(self, bide: Bide) -> Any:
+        """Start it, and send it ``{"n": 0}`` and ``{"n": 1}`` while its first generation is held."""
+        ref = await self.task.aio_run_no_wait({})
+        await asyncio.wait_for(self.reached.wait(), 10)
+        for n in range(2):
+            await bide.event.aio_send(ref.workflow_run_id, "note", {"n": n})
+        return ref
+
+
 async def test_a_signal_taken_with_another_goes_on_to_the_next_generation(bide: Bide) -> None:
     """Two direct events reach a run's inbox before it waits: the turn that resumes it takes both,
     its wait consumes the first and it continues as new. The second is the next generation's (it
     was lost: purged with the inbox, and marked taken)."""
-    gate, reached = asyncio.Event(), asyncio.Event()
-    got: list[tuple[int, Any]] = []
-
-    def held() -> int:
-        return 1
-
-    @bide.durable_task(name="CanCarry")
-    async def carry(input: dict, ctx: DurableContext) -> Any:
-        gen = input.get("gen", 0)
-        if gen == 0:
-            reached.set()
-            await gate.wait()  # the events are sent meanwhile
-            await ctx.memo(held)
-        event = await ctx.aio_wait_for_event("note", timeout="30s")
-        got.append((gen, event))
-        if gen == 0:
-            ctx.continue_as_new({"gen": 1})
-        return {"gen": gen, "event": event}
-
-    async with running_worker(bide, [carry]):
-        ref = await carry.aio_run_no_wait({})
-        run_id = ref.workflow_run_id
-        await asyncio.wait_for(reached.wait(), 10)
-        await bide.event.aio_send(run_id, "note", {"n": 1})
-        await bide.event.aio_send(run_id, "note", {"n": 2})
-        gate.set()
-        assert await ref.aio_result(timeout=20) == {"gen": 1, "event": {"n": 2}}
-        assert got == [(0, {"n": 1}), (1, {"n": 2})]
-
+    carrying = Carrying(bide, "CanCarry", last=1)
+    async with running_worker(bide, [carrying.task]):
+        ref = await carrying.start_holding_two(bide)
+        carrying.gate.set()
+        assert await ref.aio_result(timeout=20) == {"gen": 1, "event": {"n": 1}}
+        assert carrying.got == [(0, {"n": 0}), (1, {"n": 1})]
 
 
 STEPS_BY_GENERATION: collections.Counter[tuple[str, int]] = collections.Counter()
@@ -321,33 +335,17 @@ async def test_a_registration_left_for_a_wait_the_generation_resolved_at_once_is
     from actors.engine.wire import WaitRegistered
     from actors.hosting.router_inputs import publish_registrations
 
-    gate, reached = asyncio.Event(), asyncio.Event()
-
-    @bide.durable_task(name="CanUnrecorded")
-    async def unrecorded(input: dict, ctx: DurableContext) -> Any:
-        gen = input.get("gen", 0)
-        if gen == 0:
-            reached.set()
-            await gate.wait()  # both events reach the inbox meanwhile: the next generation gets one
-            await ctx.memo(record, 0)
-        event = await ctx.aio_wait_for_event("note", timeout="30s")
-        if gen < 2:
-            ctx.continue_as_new({"gen": gen + 1})
-        return {"gen": gen, "event": event}
-
-    async with running_worker(bide, [unrecorded]):
-        ref = await unrecorded.aio_run_no_wait({})
+    carrying = Carrying(bide, "CanUnrecorded", last=2)
+    async with running_worker(bide, [carrying.task]):
+        ref = await carrying.start_holding_two(bide)
         run_id = ref.workflow_run_id
-        await asyncio.wait_for(reached.wait(), 10)
-        await bide.event.aio_send(run_id, "note", {"n": 0})
-        await bide.event.aio_send(run_id, "note", {"n": 1})
         # What the turn that lost generation 1's first append would have registered.
         conn = await bide._pool.get()
         lost = WaitRegistered(pos=0, wait_id=f"{run_id}~g1:0", label="event:note", args_hash="lost",
                               groups=[[{"kind": "event", "key": "event", "event_key": "note"}]], at=utcnow())
         await publish_registrations(conn.publisher, conn.layout, lost, run_id, "CanUnrecorded", {}, "register")
         assert await registrations(bide, "note") == 1
-        gate.set()
+        carrying.gate.set()
         await wait_until(lambda: at_wait(bide, run_id, 2, 1), what="generation 2 to wait")
         await bide.event.aio_send(run_id, "note", {"n": 2})
         assert await ref.aio_result(timeout=20) == {"gen": 2, "event": {"n": 2}}
