@@ -75,8 +75,8 @@ class TurnEffects:
         self.timers = timers
         self.reaper = reaper
         self.tracing = tracing
-        self._chores: set[asyncio.Task[None]] = set()
-        self._by_run: dict[str, set[asyncio.Task[None]]] = {}
+        self._chores: dict[str, set[asyncio.Task[None]]] = {}
+        """The chores under way, by run."""
 
     def writer(self, hist: RunHistory, task: str) -> RunWriter:
         """Carries out one turn's commands for the run of ``hist``, appending after its last message."""
@@ -101,28 +101,27 @@ class TurnEffects:
                 log.warning("%s failed for good: %s: %s", what, type(e).__name__, e)
 
         t = asyncio.create_task(_guarded())
-        self._chores.add(t)
-        t.add_done_callback(self._chores.discard)
-        of_run = self._by_run.setdefault(run_id, set())
+        of_run = self._chores.setdefault(run_id, set())
         of_run.add(t)
 
-        def done(t: asyncio.Task[None]) -> None:
-            of_run.discard(t)
-            if not of_run and self._by_run.get(run_id) is of_run:
-                del self._by_run[run_id]
+        def done(task: asyncio.Task[None]) -> None:
+            of_run.discard(task)
+            if not of_run and self._chores.get(run_id) is of_run:
+                del self._chores[run_id]
 
         t.add_done_callback(done)
 
     async def tidied(self, run_id: str) -> None:
         """Once the chores of ``run_id`` under way are done (each ends by itself: see :meth:`chore`)."""
-        of_run = self._by_run.get(run_id)
+        of_run = self._chores.get(run_id)
         if of_run:
-            await asyncio.wait(set(of_run))
+            await asyncio.wait(of_run)  # (it waits on a copy: chores may end or start meanwhile)
 
     async def stop(self, timeout: float) -> None:
         """Let the chores under way finish, for at most ``timeout``."""
-        if self._chores:
-            await asyncio.wait(self._chores, timeout=timeout)
+        pending = {t for of_run in self._chores.values() for t in of_run}
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
 
 _OVERTAKEN_AFTER_S = 0.01
