@@ -200,6 +200,11 @@ class Turn:
         The run's end withdraws these registrations, which may exist.
         """
         self._flush_lock = asyncio.Lock()
+        self.code: asyncio.Task[Any] | None = None
+        """The task running the code (the host sets it): a step's result waits for the run's next
+        write only while the code has not ended (:meth:`_record_once_code_waits`)."""
+        self._recording: asyncio.Task[None] | None = None
+        """A write of step results started because the code went on to wait on something else."""
         self._timers: list[TimerRequest] = []
         self.suspended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.fatal: BaseException | None = None
@@ -346,19 +351,67 @@ class Turn:
             return f"wait_for({w.label!r}, args hash {w.args_hash})"
         return ", ".join(sorted(rec))
 
-    async def flush(self, extra: list[HistoryEntry] | None = None) -> None:
-        """Append pending entries (plus ``extra``) as one message, durable before the code goes on."""
+    async def flush(self, extra: list[HistoryEntry] | None = None, *, through_steps: bool = False) -> None:
+        """Append pending entries (plus ``extra``) as one message, durable before the code goes on.
+
+        With ``through_steps``, only those up to the last step's result: what follows (a wait
+        being waited out here) waits for its own checkpoint.
+        """
         async with self._flush_lock:
-            entries = self._pending + (extra or [])
+            pending = self._pending
+            cut = len(pending)
+            if through_steps:
+                cut = next((i + 1 for i in range(len(pending) - 1, -1, -1) if isinstance(pending[i], MemoRecorded)), 0)
+            entries = pending[:cut] + (extra or [])
             if not entries:
                 return
-            self._pending = []
+            self._pending = pending[cut:]
             try:
                 await self._effects(Append(entries, on_durable=self._recorded))
             except BaseException as e:
                 if self.fatal is None:
                     self.fatal = e
                 raise
+
+    def _steps_unrecorded(self) -> bool:
+        return any(isinstance(e, MemoRecorded) for e in self._pending)
+
+    async def _steps_recorded(self) -> None:
+        """Every earlier step's result is durable before another step runs (a write under way included)."""
+        if self._steps_unrecorded() or (self._recording is not None and not self._recording.done()):
+            await self._durably(self.flush())
+        if self.fatal is not None:  # a write under way failed: the code never learns of it
+            await asyncio.get_running_loop().create_future()
+
+    def _record_once_code_waits(self) -> None:
+        """A step's result goes with the run's next write: its next checkpoint, or its end (one
+        append for a run that ends right after a step). Should the code first wait on anything
+        else (a call, a lock, ``asyncio.sleep``), it is written as soon as the code gives way."""
+        asyncio.get_running_loop().call_soon(self._on_code_waiting)
+
+    def _code_going(self) -> bool:
+        """Neither ended nor parked (the turn's conclusion then carries what is pending)."""
+        return not ((self.code is not None and self.code.done()) or self.suspended.done())
+
+    def _on_code_waiting(self) -> None:
+        if self._code_going() and self._steps_unrecorded() and (self._recording is None or self._recording.done()):
+            self._recording = asyncio.ensure_future(self._record_steps())
+
+    async def _record_steps(self) -> None:
+        # Again while the code finished more steps during the write and still waits.
+        while self._code_going() and self._steps_unrecorded():
+            try:
+                await self.flush(through_steps=True)
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                self._suspend(None)  # flush() set ``fatal``: the host drops or retries the turn
+                return
+
+    async def steps_recorded(self) -> None:
+        """For the host, once the code stopped: a write of step results under way is over (never raises)."""
+        if self._recording is not None:
+            await asyncio.wait([self._recording])
 
     def _recorded(self, entries: list[HistoryEntry]) -> None:
         """``entries`` are durable: they count as written, and the observer hears of what they ended."""
@@ -537,6 +590,7 @@ class Turn:
             adapter = return_adapter(fn)
             return adapter.validate_python(m.result) if adapter is not None else m.result
         self._new(pos, f"memo({name!r}, args hash {digest})")
+        await self._steps_recorded()
         began = time.perf_counter()
         with self._observer.memo(name, pos) if self._observer is not None else nullcontext():
             result = fn(*args)
@@ -544,8 +598,10 @@ class Turn:
                 result = await result
         ms = round((time.perf_counter() - began) * 1000, 3)
         data = to_json_value(result, f"the result of memo {name!r} in run {self.run_id}")
-        # Nothing completed runs twice: the result is durable before the code goes on.
-        await self._durably(self.flush([MemoRecorded(pos=pos, name=name, args_hash=digest, result=data, ms=ms)]))
+        # Nothing completed runs twice: the result is durable before the next step runs, before
+        # any other checkpoint and before the code waits on anything else (it goes with that write).
+        self._pending.append(MemoRecorded(pos=pos, name=name, args_hash=digest, result=data, ms=ms))
+        self._record_once_code_waits()
         return result
 
     async def now(self) -> datetime:

@@ -130,9 +130,12 @@ class TurnRunner:
         """Let the code run until it parks or ends, then carry out what the turn concludes; keep it warm if it can."""
         started = hist.started
         self._running[hist.run_id] = (user, turn)
+        turn.code = user
         timeout = time_limit(started, defn)
         try:
             done = await first_done({user, turn.suspended}, timeout)
+            # A step's result the code's last wait sent on its own is stored (or failed: ``fatal``).
+            await turn.steps_recorded()
         except asyncio.CancelledError:
             await _cancel(user)
             raise

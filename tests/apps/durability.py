@@ -37,15 +37,19 @@ def step_one(log: str) -> int:
 
 async def step_two(log: str, gate: str, prev: int) -> int:
     _record(log, "step_two")
-    # In progress until the test (another process) creates the gate file: polling is the only way.
-    while not Path(gate).exists():  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
+    await gate_opened(gate)  # in progress until the test opens the gate
     return prev + 5
 
 
 def step_three(log: str, prev: int) -> int:
     _record(log, "step_three")
     return prev * 2
+
+
+async def gate_opened(gate: str) -> None:
+    """Until the test (another process) creates the gate file: polling is the only way."""
+    while not Path(gate).exists():  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
 
 
 def define(client: Bide) -> tuple[TaskDefinition, TaskDefinition]:
@@ -64,6 +68,17 @@ def define(client: Bide) -> tuple[TaskDefinition, TaskDefinition]:
     return durable_sleep, durable_steps
 
 
+def define_step_then_gate(client: Bide) -> TaskDefinition:
+    @client.durable_task(name="DurabilityStepThenGate")
+    async def step_then_gate(input: StepsInput, ctx: DurableContext) -> dict[str, int]:
+        a = await ctx.memo(step_one, input.log)
+        await gate_opened(input.gate)  # not a checkpoint: the code waits on something else
+        return {"one": a}
+
+    return step_then_gate
+
+
 bide = Bide()  # BIDE_NATS_URL and BIDE_ACK_WAIT come from WorkerProcess
 durable_sleep, durable_steps = define(bide)
-worker = bide.worker("durability-app", workflows=[durable_sleep, durable_steps])
+step_then_gate = define_step_then_gate(bide)
+worker = bide.worker("durability-app", workflows=[durable_sleep, durable_steps, step_then_gate])

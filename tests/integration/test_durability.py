@@ -22,7 +22,7 @@ from actors.engine.wire import Activation, MemoRecorded, RunStarted, encode_acti
 from actors.store.history import HistoryConflict
 from actors.store.server import EmbeddedServer
 from sdk import Bide, DurableContext, EmptyModel, RunFailedError
-from tests.apps.durability import SleepInput, StepsInput, define
+from tests.apps.durability import SleepInput, StepsInput, define, define_step_then_gate
 from tests.support import WorkerProcess, running_worker, wait_until
 
 APP = "tests.apps.durability:worker"
@@ -109,6 +109,42 @@ async def test_sigkill_mid_run_reruns_only_the_step_in_progress(
     assert executions()[-2:] == [("step_two", pid_of(second)), ("step_three", pid_of(second))]
     hist = await bide.runs.aio_history(ref.workflow_run_id)
     assert [e.pos for e in hist.entries if e.k == "memo"] == [0, 1, 2]
+
+
+async def test_sigkill_while_the_code_waits_after_a_step_does_not_run_the_step_again(
+    bide: Bide, nats_server: EmbeddedServer, hosts: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """A step's result goes with the run's next write, and is written on its own as soon as the
+    code waits on anything else: a host killed during that wait leaves it recorded."""
+    step_then_gate = define_step_then_gate(bide)
+    log, gate = tmp_path / "steps.log", tmp_path / "gate"
+    log.touch()
+    first = await start_host(hosts, nats_server.url)
+    ref = await step_then_gate.aio_run_no_wait(StepsInput(log=str(log), gate=str(gate)))
+    await wait_until(lambda: history_has(bide, ref.workflow_run_id, "memo"), timeout=15,
+                     what="the step's result to be recorded while the code waits")
+    first.kill()
+    await start_host(hosts, nats_server.url)
+    gate.touch()
+    assert await ref.aio_result(timeout=30) == {"one": 10}
+    assert log.read_text().split() == ["step_one", str(pid_of(first))]  # run once, on the killed host
+
+
+async def test_a_run_that_ends_right_after_its_step_is_one_message(bide: Bide) -> None:
+    """Its start, its step's result and its end are appended together: one write, one ack."""
+    @bide.durable_task(name="OneStep")
+    async def one_step(input: EmptyModel, ctx: DurableContext) -> int:
+        return int(await ctx.memo(lambda: 7))
+
+    conn = await bide._pool.get()
+    s = conn.layout.subjects
+    async with running_worker(bide, [one_step]):
+        ref = await one_step.aio_run_no_wait(EmptyModel())
+        assert await ref.aio_result(timeout=20) == 7
+    info = await conn.js.stream_info(s.history_stream, subjects_filter=s.history(ref.workflow_run_id))
+    assert sum((info.state.subjects or {}).values()) == 1
+    hist = await bide.runs.aio_history(ref.workflow_run_id)
+    assert [e.k for e in hist.entries] == ["run_started", "activation", "memo", "run_completed"]
 
 
 class RaceInput(BaseModel):

@@ -23,6 +23,7 @@ from actors.engine.commands import (
     ScheduleRetry,
     ScheduleTimer,
     StartChildren,
+    WaitBriefly,
     WithdrawWait,
     ended_registrations,
     redo_last_turn,
@@ -46,6 +47,7 @@ from actors.engine.wire import (
     WaitRegistered,
     WaitResolved,
     args_hash,
+    sleep_to,
     utcnow,
 )
 from sdk.conditions import SleepCondition, UserEventCondition
@@ -83,6 +85,7 @@ async def run(hist: RunHistory, code: Callable[[Turn], Awaitable[Any]], delivery
     port = Port()
     turn = Turn(history=hist, effects=port, task="Job", host_id="h", delivery=delivery)
     user = asyncio.create_task(code(turn))
+    turn.code = user  # as the host does
     done, _ = await asyncio.wait({user, turn.suspended}, return_when=asyncio.FIRST_COMPLETED)
     if user in done:
         return turn, port, user.result()
@@ -100,22 +103,116 @@ def double(n: int) -> int:
     return n * 2
 
 
-async def test_a_memo_is_durable_before_the_code_goes_on_then_a_wait_is_registered_before_it_is_recorded() -> None:
+async def test_a_memo_is_recorded_with_the_wait_the_code_parks_at_which_is_registered_first() -> None:
     async def code(turn: Turn) -> Any:
         n = await turn.memo(double, (21,))
         return await turn.wait("ok", [[UserEventCondition("order:ok", expression=f"input.n == {n}")]])
 
     turn, port, result = await run(history(), code)
     assert result is None  # parked at the wait
-    [memo] = port.done
-    assert isinstance(memo, Append)
-    assert [type(e) for e in memo.entries] == [ActivationBegun, MemoRecorded]
+    assert port.done == []  # the step's result goes with the wait's checkpoint
     commands = turn.conclude()
     assert kinds(commands) == ["RegisterWait", "Append"]
     register, append = commands
     assert isinstance(register, RegisterWait) and register.wait.wait_id == "r1:1"
     assert register.run_input == {"id": 7}
-    assert isinstance(append, Append) and [type(e) for e in append.entries] == [WaitRegistered]
+    assert isinstance(append, Append)
+    assert [type(e) for e in append.entries] == [ActivationBegun, MemoRecorded, WaitRegistered]
+
+
+async def test_a_run_that_ends_right_after_its_step_records_both_in_one_append() -> None:
+    async def code(turn: Turn) -> Any:
+        return await turn.memo(double, (21,))
+
+    turn, port, result = await run(history(), code)
+    assert result == 42
+    await turn.steps_recorded()
+    assert port.done == []
+    [append, *_] = turn.conclude(RunCompleted(result=42, at=AT))
+    assert isinstance(append, Append)
+    assert [type(e) for e in append.entries] == [ActivationBegun, MemoRecorded, RunCompleted]
+
+
+async def test_a_steps_result_is_durable_before_the_next_step_runs() -> None:
+    seen: list[list[str]] = []
+
+    async def code(turn: Turn) -> Any:
+        await turn.memo(double, (1,))
+
+        def second() -> int:
+            seen.append([type(e).__name__ for c in port.done if isinstance(c, Append) for e in c.entries])
+            return 2
+
+        return await turn.memo(second, ())
+
+    port = Port()
+    turn = Turn(history=history(), effects=port, task="Job", host_id="h", delivery=1)
+    turn.code = asyncio.current_task()
+    assert await code(turn) == 2
+    assert seen == [["ActivationBegun", "MemoRecorded"]]
+
+
+class TellingPort(Port):
+    """A port that says when it was first handed a command."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.called = asyncio.Event()
+
+    async def __call__(self, command: Command) -> None:
+        await super().__call__(command)
+        self.called.set()
+
+
+async def test_a_steps_result_is_written_once_the_code_waits_on_anything_else() -> None:
+    gate = asyncio.Event()
+
+    async def code(turn: Turn) -> Any:
+        n = await turn.memo(double, (21,))
+        await gate.wait()  # not a checkpoint: an outside call, a lock
+        return n
+
+    port = TellingPort()
+    turn = Turn(history=history(), effects=port, task="Job", host_id="h", delivery=1)
+    user = asyncio.create_task(code(turn))
+    turn.code = user
+    await asyncio.wait_for(port.called.wait(), 5)
+    assert not user.done()
+    [append] = port.done
+    assert isinstance(append, Append) and [type(e) for e in append.entries] == [ActivationBegun, MemoRecorded]
+    gate.set()
+    assert await user == 42
+    await turn.steps_recorded()
+    assert turn.conclude(RunCompleted(result=42, at=AT))[0] == Append([RunCompleted(result=42, at=AT)],
+                                                                      on_durable=turn._recorded)
+
+
+class WaitingPort(Port):
+    """A port whose ``WaitBriefly`` waits (in engine time), as a host's does."""
+
+    async def __call__(self, command: Command) -> None:
+        await super().__call__(command)
+        if isinstance(command, WaitBriefly):
+            await sleep_to(command.until)
+
+
+async def test_a_wait_waited_out_on_the_host_is_not_written_with_the_step_before_it() -> None:
+    async def code(turn: Turn) -> Any:
+        await turn.memo(double, (21,))
+        return await turn.wait("soon", [[SleepCondition(timedelta(milliseconds=200))]])
+
+    port = WaitingPort()
+    turn = Turn(history=history(), effects=port, task="Job", host_id="h", delivery=1)
+    user = asyncio.create_task(code(turn))
+    turn.code = user
+    await user
+    appends = [[type(e) for e in c.entries] for c in port.done if isinstance(c, Append)]
+    # Written while the code waited: the step only, never a wait the router was not told of.
+    assert appends == [[ActivationBegun, MemoRecorded]]
+    await turn.steps_recorded()
+    [append, *_] = turn.conclude(RunCompleted(result=None, at=AT))
+    assert isinstance(append, Append)
+    assert [type(e) for e in append.entries] == [WaitRegistered, WaitResolved, RunCompleted]
 
 
 async def test_a_sleep_schedules_its_timer_after_the_append_that_records_it() -> None:
