@@ -201,8 +201,8 @@ class Turn:
         """
         self._flush_lock = asyncio.Lock()
         self.code: asyncio.Task[Any] | None = None
-        """The task running the code (the host sets it): a step's result waits for the run's next
-        write only while the code has not ended (:meth:`_record_once_code_waits`)."""
+        """The task running the code, while the host waits for it (the host sets it): a step's
+        result is written on its own only while the code goes on (:meth:`_record_once_code_waits`)."""
         self._recording: asyncio.Task[None] | None = None
         """A write of step results started because the code went on to wait on something else."""
         self._timers: list[TimerRequest] = []
@@ -390,8 +390,9 @@ class Turn:
         asyncio.get_running_loop().call_soon(self._on_code_waiting)
 
     def _code_going(self) -> bool:
-        """Neither ended nor parked (the turn's conclusion then carries what is pending)."""
-        return not ((self.code is not None and self.code.done()) or self.suspended.done())
+        """Running under a host that waits for it, neither ended nor parked (the turn's conclusion
+        then carries what is pending)."""
+        return self.code is not None and not self.code.done() and not self.suspended.done()
 
     def _on_code_waiting(self) -> None:
         if self._code_going() and self._steps_unrecorded() and (self._recording is None or self._recording.done()):
@@ -412,6 +413,7 @@ class Turn:
         """For the host, once the code stopped: a write of step results under way is over (never raises)."""
         if self._recording is not None:
             await asyncio.wait([self._recording])
+            self._recording = None  # its context holds this turn: no cycle is left for the collector
 
     def _recorded(self, entries: list[HistoryEntry]) -> None:
         """``entries`` are durable: they count as written, and the observer hears of what they ended."""

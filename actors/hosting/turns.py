@@ -141,6 +141,8 @@ class TurnRunner:
             raise
         finally:
             self._running.pop(hist.run_id, None)
+            # The code's task holds the turn (in its context): no cycle is left for the collector to find.
+            turn.code = None
         finished = user in done
         keep = not finished and turn.suspended in done and turn.resumable
         if finished and turn.fatal is None and not user.cancelled() and isinstance(user.exception(), ContinuedAsNew):
