@@ -254,8 +254,10 @@ def ended_registrations(before: RunState, written: Sequence[HistoryEntry],
     deleted those already).
     """
     written_waits = {e.wait_id: e for e in written if isinstance(e, WaitRegistered)}
+    # Resolved: open before, or recorded by this append (one waited out on the host, one resolved
+    # at once that a dead turn may have registered).
     ended = {w.wait_id: w for e in written if isinstance(e, WaitResolved)
-             and (w := before.open_waits.get(e.wait_id)) is not None}
+             and (w := before.open_waits.get(e.wait_id) or written_waits.get(e.wait_id)) is not None}
     if ends(written):
         # The run ended: every wait it registered, open or resolved. A host that died between
         # the append resolving a wait and its withdrawal left that registration, and when the

@@ -197,7 +197,9 @@ class Turn:
 
         A turn that parked at such a wait registered it with the router and died (or lost the
         append race) before recording it; the turn that then resolved it at once never knew.
-        The run's end withdraws these registrations, which may exist.
+        A wait resolved at once is recorded as registered too now, and tidied as any resolved
+        wait; histories written before that hold such waits, and their run's end withdraws
+        them (a host dying between that end and the withdrawals leaves them).
         """
         self._flush_lock = asyncio.Lock()
         self.code: asyncio.Task[Any] | None = None
@@ -701,7 +703,7 @@ class Turn:
             if recorded is None or recorded.args_hash != digest:
                 self._mismatch(pos, self._describe(rec), requested)
             if done is not None:
-                if reg is None:
+                if reg is None:  # resolved at once by a host from before waits so resolved were recorded
                     self._unrecorded_waits.append(WaitRegistered(
                         pos=pos, wait_id=wait_id, label=label, args_hash=digest, groups=specs, at=done.at,
                         any_of=extra))
@@ -726,7 +728,10 @@ class Turn:
                 result, consumed = outcome
                 self._consume(consumed)
                 if rec is None:
-                    self._unrecorded_waits.append(reg)
+                    # Recorded though it never waited: a turn that parked here and died before
+                    # its append (or lost it) may have registered it, and every turn that
+                    # tidies after this append (a redelivery after a crash too) withdraws it.
+                    self._pending.append(reg)
                 self._pending.append(WaitResolved(
                     pos=pos, wait_id=reg.wait_id, label=label, args_hash=digest, result=result,
                     consumed=consumed, at=utcnow(),

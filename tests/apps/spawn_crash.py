@@ -1,10 +1,10 @@
 """A host that dies right after a turn's append, before its effects (for ``test_spawn_crash.py``).
 
 ``BIDE_TEST_CRASH_AT`` names the effect: ``start_children`` (the spawn is recorded in the
-parent's history, no child exists) or ``schedule_timer`` (the sleep is recorded, its timer is
-not published). ``BIDE_TEST_CRASH_MARK`` names a file: the first host about to carry out that
-effect while the file does not exist creates it and SIGKILLs itself. Hosts started later find
-the file and go on.
+parent's history, no child exists), ``schedule_timer`` (the sleep is recorded, its timer is
+not published) or ``withdraw_wait`` (a wait is resolved, its registration not withdrawn).
+``BIDE_TEST_CRASH_MARK`` names a file: the first host about to carry out that effect while the
+file does not exist creates it and SIGKILLs itself. Hosts started later find the file and go on.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from tests.apps.failpoints import crash_if_first
 
 _start_children = turn_effects.start_children
 _schedule_timer = TimerScheduler.schedule
+_publish_registrations = turn_effects.publish_registrations
 
 
 async def _crashing_start_children(*args: Any, **kwargs: Any) -> Any:
@@ -31,7 +32,14 @@ async def _crashing_schedule_timer(*args: Any, **kwargs: Any) -> Any:
     return await _schedule_timer(*args, **kwargs)
 
 
+async def _crashing_publish_registrations(*args: Any, **kwargs: Any) -> Any:
+    if args[6] == "cancel":  # (publisher, layout, wait, run_id, task, run_input, op)
+        crash_if_first("withdraw_wait")
+    return await _publish_registrations(*args, **kwargs)
+
+
 turn_effects.start_children = _crashing_start_children  # type: ignore[assignment]
+turn_effects.publish_registrations = _crashing_publish_registrations  # type: ignore[assignment]
 TimerScheduler.schedule = _crashing_schedule_timer  # type: ignore[method-assign]
 
 bide = Bide()
@@ -70,5 +78,11 @@ async def sleep_after_event(input: dict[str, str], ctx: DurableContext) -> list[
     return [0, 1, 4]
 
 
+@bide.durable_task(name="AtOnceThenEnd")
+async def at_once_then_end(input: dict[str, str], ctx: DurableContext) -> Any:
+    await ctx.aio_sleep_for(timedelta(seconds=2))  # a message sent meanwhile waits in the run's inbox
+    return await ctx.aio_wait_for_event(input["key"])  # resolved at once from it, and the run ends
+
+
 worker = bide.worker("spawn-crash", workflows=[square, spawn_after_event, spawn_after_sleep, spawn_at_start,
-                                                   sleep_after_event])
+                                                   sleep_after_event, at_once_then_end])

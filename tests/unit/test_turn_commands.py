@@ -407,3 +407,23 @@ async def test_a_switch_withdraws_every_wait_of_its_generation_and_names_for_a_r
     nxt = switch.entries[-1]
     assert isinstance(nxt, RunStarted) and nxt.generation == 1
     assert [w.wait.wait_id for w in nxt.withdrawn] == ["r1:1"]
+
+
+async def test_a_wait_resolved_at_once_is_recorded_and_withdrawn_by_its_turn_and_by_a_redelivery() -> None:
+    """A turn that parked at the wait and died before its append may have registered it: the
+    turn that resolves it at once records it and withdraws it, and so does a redelivery of that
+    turn (its host may die between the append and the withdrawal)."""
+    async def code(turn: Turn) -> Any:
+        return await turn.wait("w", [[UserEventCondition("note")]])
+
+    hist = history(inbox=[(9, direct("note", {"n": 1}))])
+    turn, _, result = await run(hist, code)
+    assert result is not None
+    commands = turn.conclude(RunCompleted(result=result, at=AT))
+    append = commands[0]
+    assert isinstance(append, Append)
+    assert [type(e) for e in append.entries] == [ActivationBegun, SignalReceived, WaitRegistered, WaitResolved,
+                                                  RunCompleted]
+    assert [c.wait.wait_id for c in commands if isinstance(c, WithdrawWait)] == ["r1:0"]
+    ended = RunHistory("r1", [*hist.entries, *append.entries], last_seq=3)
+    assert [c.wait.wait_id for c in redo_last_turn(ended, utcnow()) if isinstance(c, WithdrawWait)] == ["r1:0"]
