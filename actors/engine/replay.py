@@ -747,6 +747,11 @@ class Turn:
                 await self._wait_briefly(wake)
                 continue
             self._pending_wait = reg
+            if self._steps_unrecorded():
+                # The steps before it are recorded before the wait is registered with the router:
+                # a registration refused in an outage (its stream leaderless) retries the turn,
+                # which would run them again.
+                await self._durably(self.flush(through_steps=True))
             await self._park(TimerRequest(pos, wake) if wake is not None else None)
 
     def _condition(self, c: Condition) -> WaitCondition:
