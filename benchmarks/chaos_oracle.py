@@ -159,10 +159,12 @@ class Oracle:
     def read_steps(self) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in self.steps_file.read_bytes().splitlines() if line.strip()]
 
-    def excused(self, pid: int, t: float, rerun_t: float) -> str | None:
+    def excused(self, pid: int, t: float, rerun_pid: int, rerun_t: float) -> str | None:
         w = self.args.dup_window
         for k in self.faults.timeline:
-            if k["what"] == "host-kill" and k["pid"] == pid and t - 0.05 <= k["t"] <= t + w:
+            # A run again on the same host (a turn retried in an outage) is not its kill's doing.
+            if (k["what"] == "host-kill" and k["pid"] == pid and rerun_pid != pid
+                    and t - 0.05 <= k["t"] <= t + w):
                 self.resume.append(rerun_t - k["t"])  # the killed turn's step, run again elsewhere
                 return f"host {pid} killed {k['t'] - t:.2f}s after"
         for down, up in self.faults.outages:
@@ -178,7 +180,7 @@ class Oracle:
         for (rid, step), runs in groups.items():
             runs.sort(key=lambda x: x["t"])
             for ln, nxt in itertools.pairwise(runs):
-                why = self.excused(ln["p"], ln["t"], nxt["t"])
+                why = self.excused(ln["p"], ln["t"], nxt["p"], nxt["t"])
                 if why:
                     excused += 1
                     continue
