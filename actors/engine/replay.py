@@ -139,6 +139,9 @@ class Turn:
         self._waits: dict[int, WaitRegistered] = {}
         self._redelivered = delivery > 1
         self._history = history
+        self._current = history.start_unrecorded
+        """The view is known whole (a new run's first turn, which writes its start): no replica
+        read could have been behind, so a step may run before this turn's first write."""
         started = history.started if history.entries else None
         self.run_input: Any = started.input if started is not None else None
         generation = started.generation if started is not None else 0
@@ -378,9 +381,17 @@ class Turn:
     def _steps_unrecorded(self) -> bool:
         return any(isinstance(e, MemoRecorded) for e in self._pending)
 
-    async def _steps_recorded(self) -> None:
-        """Every earlier step's result is durable before another step runs (a write under way included)."""
-        if self._steps_unrecorded() or (self._recording is not None and not self._recording.done()):
+    async def _before_step(self) -> None:
+        """Before a step runs: every earlier step's result is durable (a write under way included), and
+        this turn has written once, so its view of the run is the run's own.
+
+        A view read from a replica that is behind (a cluster's follower catching up after a node
+        restart) misses the latest appends: code replayed on it ran a step another host had run
+        and recorded (the long cluster chaos run, seed 52). Its write, guarded by the last
+        sequence it saw, fails instead, before any step runs.
+        """
+        if (self._steps_unrecorded() or (self._recording is not None and not self._recording.done())
+                or not (self._written or self._current)):
             await self._durably(self.flush())
         if self.fatal is not None:  # a write under way failed: the code never learns of it
             await asyncio.get_running_loop().create_future()
@@ -494,6 +505,7 @@ class Turn:
         """
         assert self.resumable, "only a parked, resumable turn is taken up again"
         self._history = history
+        self._current = False
         self._effects = effects
         self._observer = observer
         self._redelivered = delivery > 1
@@ -594,7 +606,7 @@ class Turn:
             adapter = return_adapter(fn)
             return adapter.validate_python(m.result) if adapter is not None else m.result
         self._new(pos, f"memo({name!r}, args hash {digest})")
-        await self._steps_recorded()
+        await self._before_step()
         began = time.perf_counter()
         with self._observer.memo(name, pos) if self._observer is not None else nullcontext():
             result = fn(*args)

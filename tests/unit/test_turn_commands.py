@@ -76,6 +76,12 @@ def history(*entries: HistoryEntry, inbox: list[tuple[int, EventSignal]] | None 
     return RunHistory("r1", [started, *entries], last_seq=len(entries) + 1, inbox=inbox or [])
 
 
+def new_run() -> RunHistory:
+    """A new run's first turn: its start alone, not written yet (the host writes it with the turn's first append)."""
+    started = RunStarted(run_id="r1", task="Job", durable=True, input={"id": 7}, at=AT)
+    return RunHistory("r1", [started], 0, start_unrecorded=True)
+
+
 def direct(name: str, payload: Any, event_id: str = "e1") -> EventSignal:
     return EventSignal(source="direct", name=name, payload=payload, event_id=event_id, at=AT)
 
@@ -109,7 +115,7 @@ async def test_a_memo_is_durable_before_the_wait_after_it_is_registered_then_rec
         n = await turn.memo(double, (21,))
         return await turn.wait("ok", [[UserEventCondition("order:ok", expression=f"input.n == {n}")]])
 
-    turn, port, result = await run(history(), code)
+    turn, port, result = await run(new_run(), code)
     assert result is None  # parked at the wait
     [memo] = port.done
     assert isinstance(memo, Append)
@@ -126,7 +132,7 @@ async def test_a_run_that_ends_right_after_its_step_records_both_in_one_append()
     async def code(turn: Turn) -> Any:
         return await turn.memo(double, (21,))
 
-    turn, port, result = await run(history(), code)
+    turn, port, result = await run(new_run(), code)
     assert result == 42
     await turn.steps_recorded()
     assert port.done == []
@@ -148,7 +154,7 @@ async def test_a_steps_result_is_durable_before_the_next_step_runs() -> None:
         return await turn.memo(second, ())
 
     port = Port()
-    turn = Turn(history=history(), effects=port, task="Job", host_id="h", delivery=1)
+    turn = Turn(history=new_run(), effects=port, task="Job", host_id="h", delivery=1)
     turn.code = asyncio.current_task()
     assert await code(turn) == 2
     assert seen == [["ActivationBegun", "MemoRecorded"]]
@@ -175,7 +181,7 @@ async def test_a_steps_result_is_written_once_the_code_waits_on_anything_else() 
         return n
 
     port = TellingPort()
-    turn = Turn(history=history(), effects=port, task="Job", host_id="h", delivery=1)
+    turn = Turn(history=new_run(), effects=port, task="Job", host_id="h", delivery=1)
     user = asyncio.create_task(code(turn))
     turn.code = user
     await asyncio.wait_for(port.called.wait(), 5)
@@ -204,7 +210,7 @@ async def test_a_wait_waited_out_on_the_host_is_not_written_with_the_step_before
         return await turn.wait("soon", [[SleepCondition(timedelta(milliseconds=200))]])
 
     port = WaitingPort()
-    turn = Turn(history=history(), effects=port, task="Job", host_id="h", delivery=1)
+    turn = Turn(history=new_run(), effects=port, task="Job", host_id="h", delivery=1)
     user = asyncio.create_task(code(turn))
     turn.code = user
     await user
@@ -429,3 +435,27 @@ async def test_a_wait_resolved_at_once_is_recorded_and_withdrawn_by_its_turn_and
     assert [c.wait.wait_id for c in commands if isinstance(c, WithdrawWait)] == ["r1:0"]
     ended = RunHistory("r1", [*hist.entries, *append.entries], last_seq=3)
     assert [c.wait.wait_id for c in redo_last_turn(ended, utcnow()) if isinstance(c, WithdrawWait)] == ["r1:0"]
+
+
+async def test_a_turn_that_read_its_history_writes_once_before_its_first_step_runs() -> None:
+    """Read from a replica that may be behind, the view may miss another host's last append: the
+    turn's first write, guarded by the sequence it saw, fails before any step runs on it."""
+    written: list[list[str]] = []
+
+    async def code(turn: Turn) -> Any:
+        def step() -> int:
+            written.append([type(e).__name__ for c in port.done if isinstance(c, Append) for e in c.entries])
+            return 1
+
+        return await turn.memo(step, ())
+
+    port = Port()
+    turn = Turn(history=history(), effects=port, task="Job", host_id="h", delivery=1)
+    turn.code = asyncio.current_task()
+    assert await code(turn) == 1
+    assert written == [["ActivationBegun"]]
+    port.done.clear()
+    turn = Turn(history=new_run(), effects=port, task="Job", host_id="h", delivery=1)  # nothing read
+    turn.code = asyncio.current_task()
+    assert await code(turn) == 1
+    assert written[-1] == []
