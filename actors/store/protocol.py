@@ -198,8 +198,10 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
             return bool(_signal_identity(first.data) == ours)
         # Not found (or no replica answered the get): the run's read says which signal is at that
         # sequence, taken by an entry or still on the inbox. Not `inbox_seq=seq`: a message removed
-        # with its run, or dropped as malformed, would keep that read (and the router) waiting.
-        hist = await HistoryLog(pub.nc, pub, subjects).read(run_id)
+        # with its run, or dropped as malformed, would keep that read (and the router) waiting. But
+        # from a replica that has stored the stream that far: one behind can show neither the
+        # message nor what took it, and the send would be stored again and taken twice.
+        hist = await HistoryLog(pub.nc, pub, subjects).read(run_id, at_least=seq)
         # Taken by this generation (or carried into it from the one before), or still on the inbox.
         there = [sig for at, sig in [*hist.taken(), *hist.inbox] if at == seq]
         if not there and hist.entries and seq <= hist.started.inbox_taken:
