@@ -141,6 +141,18 @@ async def test_a_run_that_ends_right_after_its_step_records_both_in_one_append()
     assert [type(e) for e in append.entries] == [ActivationBegun, MemoRecorded, RunCompleted]
 
 
+def appended(port: Port) -> list[str]:
+    """The kinds of the entries the port's appends held so far, in order."""
+    return [type(e).__name__ for c in port.done if isinstance(c, Append) for e in c.entries]
+
+
+def turn_of_this_task(hist: RunHistory, port: Port) -> Turn:
+    """A turn whose code runs in the calling task (the host tells a turn its code's task)."""
+    turn = Turn(history=hist, effects=port, task="Job", host_id="h", delivery=1)
+    turn.code = asyncio.current_task()
+    return turn
+
+
 async def test_a_steps_result_is_durable_before_the_next_step_runs() -> None:
     seen: list[list[str]] = []
 
@@ -148,15 +160,13 @@ async def test_a_steps_result_is_durable_before_the_next_step_runs() -> None:
         await turn.memo(double, (1,))
 
         def second() -> int:
-            seen.append([type(e).__name__ for c in port.done if isinstance(c, Append) for e in c.entries])
+            seen.append(appended(port))
             return 2
 
         return await turn.memo(second, ())
 
     port = Port()
-    turn = Turn(history=new_run(), effects=port, task="Job", host_id="h", delivery=1)
-    turn.code = asyncio.current_task()
-    assert await code(turn) == 2
+    assert await code(turn_of_this_task(new_run(), port)) == 2
     assert seen == [["ActivationBegun", "MemoRecorded"]]
 
 
@@ -444,18 +454,14 @@ async def test_a_turn_that_read_its_history_writes_once_before_its_first_step_ru
 
     async def code(turn: Turn) -> Any:
         def step() -> int:
-            written.append([type(e).__name__ for c in port.done if isinstance(c, Append) for e in c.entries])
+            written.append(appended(port))
             return 1
 
         return await turn.memo(step, ())
 
     port = Port()
-    turn = Turn(history=history(), effects=port, task="Job", host_id="h", delivery=1)
-    turn.code = asyncio.current_task()
-    assert await code(turn) == 1
+    assert await code(turn_of_this_task(history(), port)) == 1
     assert written == [["ActivationBegun"]]
     port.done.clear()
-    turn = Turn(history=new_run(), effects=port, task="Job", host_id="h", delivery=1)  # nothing read
-    turn.code = asyncio.current_task()
-    assert await code(turn) == 1
+    assert await code(turn_of_this_task(new_run(), port)) == 1  # nothing read
     assert written[-1] == []
