@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import weakref
 from collections import OrderedDict
@@ -26,6 +27,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 _MSG_ID = "Nats-Msg-Id"
+
+log = logging.getLogger("bide.publish")
 
 
 def server_status(msg: Msg) -> str | None:
@@ -258,6 +261,8 @@ class Publisher:
                 break
             # A foreign message holds the id: ours goes again under one nobody else could have used.
             own = f"{msg_id}~{subject}" if attempt == 0 else f"{msg_id}~{os.urandom(8).hex()}"
+            log.info("publish on %s: the message holding id %s (sequence %s) is not this one; "
+                     "storing this one under %s", subject, msg_id, resp.get("seq"), own)
             resp = await self._publish_once(subject, data, {**(headers or {}), _MSG_ID: own})
         return int(resp["seq"])
 
