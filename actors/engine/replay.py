@@ -386,9 +386,10 @@ class Turn:
         this turn has written once, so its view of the run is the run's own.
 
         A view read from a replica that is behind (a cluster's follower catching up after a node
-        restart) misses the latest appends: code replayed on it ran a step another host had run
-        and recorded (the long cluster chaos run, seed 52). Its write, guarded by the last
-        sequence it saw, fails instead, before any step runs.
+        restart) can miss the latest appends, and code replayed on it would run a step another
+        host had run and recorded (the likely cause of steps run twice in the long cluster chaos
+        run, seed 52). Its write, guarded by the last sequence it saw, fails instead, before any
+        step runs.
         """
         if (self._steps_unrecorded() or (self._recording is not None and not self._recording.done())
                 or not (self._written or self._current)):
