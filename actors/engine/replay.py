@@ -139,9 +139,6 @@ class Turn:
         self._waits: dict[int, WaitRegistered] = {}
         self._redelivered = delivery > 1
         self._history = history
-        self._current = history.start_unrecorded
-        """The view is known whole (a new run's first turn, which writes its start): no replica
-        read could have been behind, so a step may run before this turn's first write."""
         started = history.started if history.entries else None
         self.run_input: Any = started.input if started is not None else None
         generation = started.generation if started is not None else 0
@@ -365,8 +362,8 @@ class Turn:
         async with self._flush_lock:
             pending = self._pending
             cut = len(pending)
-            if through_steps:
-                cut = next((i + 1 for i in range(len(pending) - 1, -1, -1) if isinstance(pending[i], MemoRecorded)), 0)
+            if through_steps:  # just after the last step's result (0: none pending)
+                cut = next((i for i in range(len(pending), 0, -1) if isinstance(pending[i - 1], MemoRecorded)), 0)
             entries = pending[:cut] + (extra or [])
             if not entries:
                 return
@@ -383,7 +380,9 @@ class Turn:
 
     async def _before_step(self) -> None:
         """Before a step runs: every earlier step's result is durable (a write under way included), and
-        this turn has written once, so its view of the run is the run's own.
+        this turn has written once, so its view of the run is the run's own. A new run's first
+        turn read nothing (``start_unrecorded``: its first write records the start), so no
+        replica could have been behind.
 
         A view read from a replica that is behind (a cluster's follower catching up after a node
         restart) can miss the latest appends, and code replayed on it would run a step another
@@ -392,7 +391,7 @@ class Turn:
         step runs.
         """
         if (self._steps_unrecorded() or (self._recording is not None and not self._recording.done())
-                or not (self._written or self._current)):
+                or not (self._written or self._history.start_unrecorded)):
             await self._durably(self.flush())
         if self.fatal is not None:  # a write under way failed: the code never learns of it
             await asyncio.get_running_loop().create_future()
@@ -506,7 +505,6 @@ class Turn:
         """
         assert self.resumable, "only a parked, resumable turn is taken up again"
         self._history = history
-        self._current = False
         self._effects = effects
         self._observer = observer
         self._redelivered = delivery > 1

@@ -86,9 +86,10 @@ def direct(name: str, payload: Any, event_id: str = "e1") -> EventSignal:
     return EventSignal(source="direct", name=name, payload=payload, event_id=event_id, at=AT)
 
 
-async def run(hist: RunHistory, code: Callable[[Turn], Awaitable[Any]], delivery: int = 1) -> tuple[Turn, Port, Any]:
+async def run(hist: RunHistory, code: Callable[[Turn], Awaitable[Any]], delivery: int = 1,
+              port: Port | None = None) -> tuple[Turn, Port, Any]:
     """Drive ``code`` on a fresh turn until it finishes or parks: (turn, port, result or None if parked)."""
-    port = Port()
+    port = port if port is not None else Port()
     turn = Turn(history=hist, effects=port, task="Job", host_id="h", delivery=delivery)
     user = asyncio.create_task(code(turn))
     turn.code = user  # as the host does
@@ -219,11 +220,7 @@ async def test_a_wait_waited_out_on_the_host_is_not_written_with_the_step_before
         await turn.memo(double, (21,))
         return await turn.wait("soon", [[SleepCondition(timedelta(milliseconds=200))]])
 
-    port = WaitingPort()
-    turn = Turn(history=new_run(), effects=port, task="Job", host_id="h", delivery=1)
-    user = asyncio.create_task(code(turn))
-    turn.code = user
-    await user
+    turn, port, _ = await run(new_run(), code, port=WaitingPort())
     appends = [[type(e) for e in c.entries] for c in port.done if isinstance(c, Append)]
     # Written while the code waited: the step only, never a wait the router was not told of.
     assert appends == [[ActivationBegun, MemoRecorded]]
