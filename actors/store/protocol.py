@@ -12,6 +12,7 @@ refused or the servers stay unreachable.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -35,6 +36,8 @@ from actors.store.jetstream import leader_next, retry_transient
 from actors.store.requests import Publisher, SameCheck
 from actors.store.runs_index import publish_live
 from sdk.errors import RunAlreadyExistsError
+
+log = logging.getLogger(__name__)
 
 CLIENT_RETRY_S = 30.0
 """How long a protocol write keeps retrying infrastructure errors before its caller sees one."""
@@ -195,7 +198,11 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
     async def same(first: Msg | None, seq: int) -> bool:
         ours = _signal_identity(data)  # here, not when the write is made: only a duplicate is checked
         if first is not None:
-            return bool(_signal_identity(first.data) == ours)
+            if _signal_identity(first.data) == ours:
+                return True
+            log.info("run %s: the message at %d holding this send's id is another (%d bytes, subject %s)", run_id,
+                     seq, len(first.data), (first.headers or {}).get("Nats-Subject"))
+            return False
         # Not found (or no replica answered the get): the run's read says which signal is at that
         # sequence, taken by an entry or still on the inbox. Not `inbox_seq=seq`: a message removed
         # with its run, or dropped as malformed, would keep that read (and the router) waiting. But
@@ -208,7 +215,17 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
             # Taken by an earlier generation (the run continued as new since) and gone with its
             # history: trusted as ours (sent again, the new generation would receive it a second time).
             return True
-        return bool(there) and _signal_identity(there[0].model_dump_json().encode()) == ours
+        theirs = _signal_identity(there[0].model_dump_json().encode()) if there else None
+        if theirs is not None and theirs == ours:
+            return True
+        # Rare (a first copy gone and not this signal): what the read showed, to tell why (never payloads).
+        differ = sorted(k for k in {*(theirs or {}), *(ours or {})} if (theirs or {}).get(k) != (ours or {}).get(k))
+        log.info("run %s: the first copy at %d of this send is gone and the run's read does not show it as this "
+                 "signal (read up to %d; generation %d, inbox taken up to %d; taken %s; inbox %s; fields that "
+                 "differ %s)", run_id, seq, hist.last_seq, hist.started.generation if hist.entries else -1,
+                 hist.started.inbox_taken if hist.entries else -1, [at for at, _ in hist.taken()],
+                 [at for at, _ in hist.inbox], differ if there else "-")
+        return False
 
     return same
 

@@ -261,7 +261,7 @@ class Publisher:
                 break
             # A foreign message holds the id: ours goes again under one nobody else could have used.
             own = f"{msg_id}~{subject}" if attempt == 0 else f"{msg_id}~{os.urandom(8).hex()}"
-            log.info("publish on %s: the message holding id %s (sequence %s) is not this one; "
+            log.debug("publish on %s: the message holding id %s (sequence %s) is not this one; "
                      "storing this one under %s", subject, msg_id, resp.get("seq"), own)
             resp = await self._publish_once(subject, data, {**(headers or {}), _MSG_ID: own})
         return int(resp["seq"])

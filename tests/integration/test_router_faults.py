@@ -15,8 +15,9 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 
-from actors.engine.wire import HDR_TTL, WaitRegistration, partition_of
-from actors.store.jetstream import ROUTER_GROUP, api_request, direct_get_last
+from actors.engine.wire import HDR_TTL, WaitCondition, WaitRegistered, WaitRegistration, partition_of, utcnow
+from actors.hosting.router_inputs import publish_registrations
+from actors.store.jetstream import ROUTER_GROUP, api_request, direct_get_last, direct_get_subject
 from sdk import Bide, DurableContext
 from tests.support import running_worker, wait_until
 
@@ -345,3 +346,64 @@ async def test_a_trigger_superseded_above_a_partitions_checkpoint_is_kept_for_th
             await bide.event.aio_push("kept:trigger", {"tag": "after"})  # the partition is taken over
             await wait_until(lambda: "after" in ran, timeout=30, what="the next event's run")
             await wait_until(lambda: "between" in ran, timeout=15, what="the run of the event the dead owner acked")
+
+
+def _a_task(bide: Bide) -> Any:
+    @bide.durable_task(name="RouterOnly")
+    async def idle(input: dict, ctx: DurableContext) -> None:
+        return None
+
+    return idle
+
+
+def _a_wait(wait_id: str, key: str) -> WaitRegistered:
+    return WaitRegistered(pos=0, wait_id=wait_id, label="w", args_hash="", at=utcnow(),
+                          groups=[[WaitCondition(kind="event", key=key, event_key=key)]])
+
+
+async def _registrations_stored(conn: Any, key: str) -> list[str]:
+    """The ops of the messages stored on ``key``'s waits subject, in order."""
+    s = conn.layout.subjects
+    msgs = await direct_get_subject(conn.nc, s.events_stream, s.waits(key))
+    return [orjson.loads(m.data)["op"] for m in msgs]
+
+
+async def test_a_registration_that_lands_after_its_withdrawal_is_not_kept(bide: Bide) -> None:
+    """A turn registers a wait and dies; the next resolves the wait at once and withdraws it; the dead turn's
+    registration lands after the withdrawal (a publish held through a reconnect, or retried through an election).
+    Seen in the long cluster chaos run: that registration stayed in the stream and the router's index for ever."""
+    conn = await bide._pool.get()
+    wait = _a_wait("late-run:0", "late:key")
+    async with running_worker(bide, [_a_task(bide)]):
+        await publish_registrations(conn.publisher, conn.layout, wait, "late-run", "LateTask", None, "cancel")
+        await publish_registrations(conn.publisher, conn.layout, wait, "late-run", "LateTask", None, "register")
+
+        async def handled_everything() -> bool:
+            return all(i["num_pending"] == 0 and i["num_ack_pending"] == 0 for i in await _router_infos(conn))
+
+        await wait_until(handled_everything, timeout=20, interval=0.1, what="the router to take both")
+        await wait_until(lambda: _nothing_registered(conn, "late:key"), timeout=20,
+                         what="the withdrawal to leave no registration behind")
+
+
+async def _nothing_registered(conn: Any, key: str) -> bool:
+    return "register" not in await _registrations_stored(conn, key)
+
+
+async def test_a_withdrawal_soon_after_its_registration_removes_it(bide: Bide) -> None:
+    """The usual order, within the de-duplication window: registered, then withdrawn (a wait timed out)."""
+    conn = await bide._pool.get()
+    wait = _a_wait("soon-run:0", "soon:key")
+    async with running_worker(bide, [_a_task(bide)]):
+        await publish_registrations(conn.publisher, conn.layout, wait, "soon-run", "SoonTask", None, "register")
+        await wait_until(lambda: _registrations_stored(conn, "soon:key"), what="the registration stored")
+        await publish_registrations(conn.publisher, conn.layout, wait, "soon-run", "SoonTask", None, "cancel")
+        await wait_until(lambda: _nothing_left(conn, "soon:key"), timeout=20,
+                         what="the registration and its withdrawal removed")
+        # Withdrawn again (a redone turn): nothing comes back.
+        await publish_registrations(conn.publisher, conn.layout, wait, "soon-run", "SoonTask", None, "cancel")
+        await wait_until(lambda: _nothing_left(conn, "soon:key"), timeout=20, what="the second withdrawal removed")
+
+
+async def _nothing_left(conn: Any, key: str) -> bool:
+    return not await _registrations_stored(conn, key)
