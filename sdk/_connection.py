@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from actors.engine.wire import TERMINAL, decode_history, decode_token, encode_token
+from actors.engine.wire import decode_terminal, decode_token, encode_token
 from actors.observe.tracing import Tracing
 from actors.store.history import HistoryLog
 from actors.store.jetstream import Layout, connect, ensure_streams, missing_streams
@@ -63,10 +63,9 @@ class ResultInbox:
         fut = self._waiters.pop(decode_token(msg.subject.rsplit(".", 1)[-1]), None)
         if fut is None or fut.done():
             return
-        for entry in decode_history(msg.data):
-            if isinstance(entry, TERMINAL):
-                fut.set_result(entry)
-                return
+        end = decode_terminal(msg.data)
+        if end is not None:
+            fut.set_result(end)
 
 
 @dataclass

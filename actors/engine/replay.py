@@ -168,7 +168,7 @@ class Turn:
         for c in carried:  # an earlier generation's direct signals no wait of it consumed: the first ones
             self._take(c.inbox_seq, c.signal)
         for e in history.entries:
-            pos = getattr(e, "pos", None)
+            pos = e.__dict__.get("pos")  # not getattr: a model's missing attribute costs a raised error
             if pos is not None:
                 self._by_pos.setdefault(pos, {})[e.k] = e
             if isinstance(e, SignalReceived):

@@ -918,6 +918,27 @@ def decode_history(data: bytes) -> list[HistoryEntry]:
     return list(msg.e)
 
 
+_terminal_adapter: TypeAdapter[Terminal] = TypeAdapter(Annotated[Terminal, Field(discriminator="k")])
+_TERMINAL_KINDS = frozenset(t.model_fields["k"].default for t in TERMINAL)
+
+
+def decode_terminal(data: bytes) -> Terminal | None:
+    """The run's end, if it is the last entry of this history message, without decoding the others.
+
+    What a starter's result inbox receives (``HistoryLog.append``'s ``notify``): the message that
+    ends the run, often with the run's start and its steps in front of its end.
+    """
+    doc = orjson.loads(data)
+    if not isinstance(doc, dict) or not isinstance(doc.get("e"), list) or not doc["e"]:
+        raise ValueError("not a history message")
+    if doc.get("v", WIRE_VERSION) > WIRE_VERSION:
+        raise ValueError(f"history message version {doc['v']} is newer than this Bide ({WIRE_VERSION})")
+    last = doc["e"][-1]
+    if not isinstance(last, dict) or last.get("k") not in _TERMINAL_KINDS:
+        return None
+    return _terminal_adapter.validate_python(last)
+
+
 # --- activations -----------------------------------------------------------------------------------
 
 ActivationKind = Literal["start", "timer", "retry", "signal"]

@@ -72,7 +72,7 @@ from actors.store.jetstream import (
     task_consumer_config,
 )
 from actors.store.protocol import queued_start
-from actors.store.requests import Publisher
+from actors.store.requests import Publisher, times_delivered
 from actors.store.timers import TimerScheduler
 from sdk.errors import (
     DeliveryLimitExceeded,
@@ -292,7 +292,7 @@ class ActorHost:
         heartbeat = self._heartbeat
         assert heartbeat is not None
         heartbeat.track(msg)
-        delivered = msg.metadata.num_delivered or 1
+        delivered = times_delivered(msg)
         try:
             try:
                 act = decode_activation(msg.data)

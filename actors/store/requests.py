@@ -31,6 +31,22 @@ _MSG_ID = "Nats-Msg-Id"
 log = logging.getLogger("bide.publish")
 
 
+def times_delivered(msg: Msg) -> int:
+    """How many times JetStream has delivered ``msg`` (this time included), read from its ack subject.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.…`` (9 tokens) or, from servers that name a domain,
+    ``$JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.…`` (11 or more): nats-py's
+    ``msg.metadata`` parses the whole subject into objects (a datetime among them), a host's
+    per-activation cost that this count alone does not need.
+    """
+    tokens = msg.reply.split(".", 7)
+    if len(tokens) == 8 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        count = tokens[4] if msg.reply.count(".") == 8 else tokens[6]
+        if count.isdigit():
+            return max(1, int(count))
+    return msg.metadata.num_delivered or 1  # not an ack subject this knows: nats-py's answer, or its error
+
+
 def server_status(msg: Msg) -> str | None:
     """The server's status code (``"408"``, ``"404"``, ...) if ``msg`` is a status answer, else ``None``.
 

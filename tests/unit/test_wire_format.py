@@ -3,15 +3,18 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from nats.aio.msg import Msg
 
 from actors.engine.wire import (
     ActivationBegun,
+    HistoryEntry,
     MemoRecorded,
     RunCompleted,
     RunStarted,
     Subjects,
     args_hash,
     decode_history,
+    decode_terminal,
     decode_token,
     encode_history,
     encode_token,
@@ -19,6 +22,7 @@ from actors.engine.wire import (
     rfc3339,
     utcnow,
 )
+from actors.store.requests import times_delivered
 from sdk.durations import parse_duration
 
 TRICKY = ["a.b", "x y", "tab\there", "%", "%2E", "*", ">", "a.*.>", "user:update", "é/ü", "line\nbreak",
@@ -47,6 +51,28 @@ def test_history_envelope_round_trips() -> None:
         RunCompleted(result=[1, "two"], at=now),
     ]
     assert decode_history(encode_history(entries)) == entries
+
+
+def test_a_result_inbox_reads_the_end_alone_from_the_message_that_ends_the_run() -> None:
+    now = utcnow()
+    start = RunStarted(run_id="r", task="T", durable=True, input={"a": 1}, at=now)
+    end = RunCompleted(result={"value": 2}, at=now)
+    entries: list[HistoryEntry] = [start, MemoRecorded(pos=0, name="f", args_hash="ab"), end]
+    assert decode_terminal(encode_history(entries)) == end
+    assert decode_terminal(encode_history([start])) is None
+    for bad in (b"[]", b'{"v":1,"e":[]}', b'{"v":99,"e":[{"k":"run_completed"}]}', b"not json"):
+        with pytest.raises(ValueError):
+            decode_terminal(bad)
+
+
+@pytest.mark.parametrize("reply, count", [
+    ("$JS.ACK.S.C.3.12345.6789.1764412345123456789.0", 3),
+    ("$JS.ACK._.ACCHASH.S.C.4.12345.6789.1764412345123456789.0.tok", 4),
+    ("$JS.ACK.dom.ACCHASH.S.C.5.12345.6789.1764412345123456789.0", 5),
+])
+def test_the_delivery_count_is_read_from_every_form_of_ack_subject(reply: str, count: int) -> None:
+    msg = Msg(_client=None, subject="bide.queue.T.r", reply=reply)  # type: ignore[arg-type]
+    assert times_delivered(msg) == count == msg.metadata.num_delivered
 
 
 def test_fields_at_their_default_are_left_out_and_filled_in_on_read() -> None:
