@@ -245,3 +245,36 @@ accounts {{
             await wait_until(answers, what="JetStream to answer after the reload")
         finally:
             await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def stale_replica(client: Bide) -> AsyncIterator[None]:
+    """A replica of the history stream far behind, answering about half of its direct gets.
+
+    What a cluster follower that has not applied the latest writes answers: no such message,
+    no such history. nats-server has no read-after-write for direct gets (2.12 removed the
+    ``min_last_seq`` it had briefly), so any such read may be answered this way. Made on one
+    server as a mirror of the stream filtered to one subject nobody else uses: a mirror of a
+    stream that allows direct gets serves the origin's direct gets too, once it has caught up.
+    """
+    from actors.store.jetstream import api_request
+
+    conn = await client._pool.get()
+    s = conn.layout.subjects
+    stream = s.history_stream
+    name = f"{stream}_STALE"
+    quiet = s.inbox("%stale-replica")
+    await api_request(conn.nc, f"$JS.API.STREAM.CREATE.{name}",
+                      {"name": name, "mirror": {"name": stream, "filter_subject": quiet}, "storage": "memory"})
+    await conn.js.publish(quiet, b"{}")  # the mirror serves direct gets once it has taken something
+    probe = (await conn.js.publish(s.history("%stale-probe"), b"{}")).seq
+
+    async def answering() -> bool:
+        reply = await conn.nc.request(f"$JS.API.DIRECT.GET.{stream}", orjson.dumps({"seq": probe}), timeout=2)
+        return (reply.headers or {}).get("Status") == "404"
+
+    try:
+        await wait_until(answering, timeout=10, interval=0.01, what="the stale replica to answer direct gets")
+        yield
+    finally:
+        await api_request(conn.nc, f"$JS.API.STREAM.DELETE.{name}", {})

@@ -240,11 +240,13 @@ class RunWriter:
         time; it fires into the run and is dropped, as a withdrawal that failed leaves one.
         """
         fx, s = self._fx, self._fx.layout.subjects
-        last = await direct_get_last(fx.nc, s.history_stream, s.history(self.run_id), min_last_seq=self.last_seq)
+        last = await direct_get_last(fx.nc, s.history_stream, s.history(self.run_id))
         seq = int((last.headers or {}).get("Nats-Sequence", "0")) if last is not None else 0
         if seq == self.last_seq:
             return
-        hist = await fx.history.read(self.run_id, history_seq=seq)
+        # Not below this turn's own append: a follower behind answers an older last message, and a
+        # history read without this turn's sleep (or wait) would withdraw the timer it still needs.
+        hist = await fx.history.read(self.run_id, history_seq=max(seq, self.last_seq))
         state = hist.state
         if (hist.terminal is None and hist.entries
                 and (pos in state.sleeping or any(w.pos == pos for w in state.open_waits.values()))):

@@ -126,7 +126,7 @@ class HistoryLog:
         self._retry_s = retry_s
         """How long an append that fails for the infrastructure's sake (timeout, 503) is retried."""
 
-    async def read(self, run_id: str, *, history_seq: int = 0, inbox_seq: int = 0, at_least: int = 0,
+    async def read(self, run_id: str, *, history_seq: int = 0, inbox_seq: int = 0,
                    timeout: float = 5.0) -> RunHistory:
         """The run's history and its untaken inbox signals, in one read (both subjects, stream order).
 
@@ -135,13 +135,12 @@ class HistoryLog:
         caller knows were acknowledged. Direct gets may be answered by a follower that is
         behind, so the read checks that it saw them (the history reaching ``history_seq``;
         the inbox message, or a history entry that took it) and reads again until it does,
-        raising :class:`StaleReadError` after ``timeout``. ``at_least`` only asks the replica
-        that answers to have stored the stream up to that sequence (a message there may be gone).
+        raising :class:`StaleReadError` after ``timeout``.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            hist = await self._read_once(run_id, max(history_seq, inbox_seq, at_least))
+            hist = await self._read_once(run_id, max(history_seq, inbox_seq))
             # An ended run's inbox is purged (a signal after the end is never taken): the history
             # reaching its end is enough. Waiting for a purged message kept late signals' activations
             # (a child's end reported again after its parent ended) retrying for ever.

@@ -704,9 +704,10 @@ async def direct_get_subject(
 ) -> list[Msg]:
     """Every message on ``subject`` from ``start_seq``, by batch direct get (ADR-31), in one list.
 
-    ``min_last_seq`` asks the answering replica to have applied the stream up to that
-    sequence (ADR-53); servers that do not know the field ignore it, so callers check what
-    they read as well (:meth:`actors.store.history.HistoryLog.read`).
+    ``min_last_seq`` is ADR-53's request for a replica that has applied the stream up to that
+    sequence; nats-server ignores it (2.12 removed read-after-write for direct gets), so any
+    replica may answer, one behind included: callers check what they read
+    (:meth:`actors.store.history.HistoryLog.read`) or ask the leader (:func:`leader_get`).
     """
     out: list[Msg] = []
     pages = direct_get_pages(nc, stream, subject, start_seq=start_seq, batch=batch, start_time=start_time,
@@ -799,6 +800,23 @@ async def read_before(nc: NATS, stream: str, subject: str, before_seq: int, star
         if nxt is None or _seq_of(nxt) >= before_seq:
             return msgs
         msgs.append(nxt)
+
+
+async def leader_get(nc: NATS, stream: str, *, seq: int = 0, last_by_subj: str | None = None,
+                     timeout: float = 5.0) -> Msg | None:
+    """The message stored at ``seq`` (or the last on ``last_by_subj``), as the stream's leader has it, or ``None``.
+
+    ``STREAM.MSG.GET``, which no follower answers: unlike a direct get, it sees every
+    acknowledged write (invariant 13). nats-server has no read-after-write for direct gets
+    (2.12 removed the ``min_last_seq`` that asked for an up-to-date replica), so a read whose
+    "not found" decides something is asked of the leader.
+    """
+    req: dict[str, Any] = {"last_by_subj": last_by_subj} if last_by_subj is not None else {"seq": seq}
+    try:
+        resp = await api_request(nc, f"$JS.API.STREAM.MSG.GET.{stream}", req, timeout=timeout)
+    except nats.js.errors.NotFoundError:
+        return None
+    return _stored_msg(nc, stream, resp["message"])
 
 
 async def leader_next(nc: NATS, stream: str, subject: str, seq: int = 0, *, start_time: str | None = None,

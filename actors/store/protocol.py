@@ -32,7 +32,7 @@ from actors.engine.wire import (
     encode_activation,
 )
 from actors.store.history import HistoryConflict, HistoryLog
-from actors.store.jetstream import leader_next, retry_transient
+from actors.store.jetstream import leader_get, leader_next, retry_transient
 from actors.store.requests import Publisher, SameCheck
 from actors.store.runs_index import publish_live
 from sdk.errors import RunAlreadyExistsError
@@ -203,14 +203,17 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
             log.info("run %s: the message at %d holding this send's id is another (%d bytes, subject %s)", run_id,
                      seq, len(first.data), (first.headers or {}).get("Nats-Subject"))
             return False
-        # Not found (or no replica answered the get): the run's read says which signal is at that
-        # sequence, taken by an entry or still on the inbox. Not `inbox_seq=seq`: a message removed
-        # with its run, or dropped as malformed, would keep that read (and the router) waiting. But
-        # from a replica that has stored the stream that far: one behind can show neither the
-        # message nor what took it, and the send would be stored again and taken twice.
-        hist = await HistoryLog(pub.nc, pub, subjects).read(run_id, at_least=seq)
-        # Taken by this generation (or carried into it from the one before), or still on the inbox.
-        there = [sig for at, sig in [*hist.taken(), *hist.inbox] if at == seq]
+        # Gone, as the stream's leader has it: taken by the run and purged, or removed with it, or
+        # dropped as malformed. The run's history says which signal the run took at that sequence,
+        # read at least as far as the leader has it: a follower behind can show a history that has
+        # not taken it yet (then the send would be stored again and taken twice). Not
+        # `inbox_seq=seq`: a message removed with its run, or dropped as malformed, would keep that
+        # read (and the router) waiting.
+        last = await leader_get(pub.nc, subjects.history_stream, last_by_subj=subjects.history(run_id))
+        upto = int((last.headers or {}).get("Nats-Sequence", "0")) if last is not None else 0
+        hist = await HistoryLog(pub.nc, pub, subjects).read(run_id, history_seq=upto)
+        # Taken by this generation (or carried into it from the one before).
+        there = [sig for at, sig in hist.taken() if at == seq]
         if not there and hist.entries and seq <= hist.started.inbox_taken:
             # Taken by an earlier generation (the run continued as new since) and gone with its
             # history: trusted as ours (sent again, the new generation would receive it a second time).
@@ -220,11 +223,11 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
             return True
         # Rare (a first copy gone and not this signal): what the read showed, to tell why (never payloads).
         differ = sorted(k for k in {*(theirs or {}), *(ours or {})} if (theirs or {}).get(k) != (ours or {}).get(k))
-        log.info("run %s: the first copy at %d of this send is gone and the run's read does not show it as this "
-                 "signal (read up to %d; generation %d, inbox taken up to %d; taken %s; inbox %s; fields that "
-                 "differ %s)", run_id, seq, hist.last_seq, hist.started.generation if hist.entries else -1,
+        log.info("run %s: the first copy at %d of this send is gone and the run's history does not show it taken "
+                 "(read up to %d; generation %d, inbox taken up to %d; taken %s; fields that differ %s)", run_id,
+                 seq, hist.last_seq, hist.started.generation if hist.entries else -1,
                  hist.started.inbox_taken if hist.entries else -1, [at for at, _ in hist.taken()],
-                 [at for at, _ in hist.inbox], differ if there else "-")
+                 differ if there else "-")
         return False
 
     return same

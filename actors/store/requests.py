@@ -296,9 +296,11 @@ class Publisher:
         return resp
 
     async def _is_first_copy(self, resp: dict[str, Any], subject: str, same: SameCheck | None) -> bool:
-        from actors.store.jetstream import direct_get_seq  # jetstream imports this module
+        from actors.store.jetstream import leader_get  # jetstream imports this module
 
-        first = await direct_get_seq(self._nc, resp["stream"], int(resp["seq"]), timeout=self._timeout)
+        # From the leader: a follower behind answers "no such message" for one the leader has just
+        # acknowledged, and a copy judged gone would be stored again (a signal taken twice).
+        first = await leader_get(self._nc, resp["stream"], seq=int(resp["seq"]), timeout=self._timeout)
         if same is not None:
             return await same(first, int(resp["seq"]))
         # Gone (taken, or purged) is trusted: our own earlier copy, most likely, and sending it twice

@@ -166,6 +166,8 @@ async def test_the_http_apis_user_pushes_delivers_cancels_and_reads_and_can_chan
                     return {o["run_id"] for o in event["outcomes"]} == {paid.workflow_run_id, stopped.workflow_run_id}
 
                 await wait_until(listed, what="the event listed with the runs it resumed")
+                for _ in range(2):  # a send repeated under its id (its first copy is checked with the leader)
+                    await api_bide.event.aio_send(stopped.workflow_run_id, "note", {"n": 1}, event_id="lp-note")
                 cancelled = await api.post(f"/api/v1/runs/{stopped.workflow_run_id}/cancel", json={"reason": "lp"})
                 assert cancelled.status_code == 200, cancelled.text
 
@@ -173,6 +175,9 @@ async def test_the_http_apis_user_pushes_delivers_cancels_and_reads_and_can_chan
                     return (await bide.runs.aio_get(stopped.workflow_run_id)).status is RunStatus.CANCELLED
 
                 await wait_until(is_cancelled, what="the other run to be cancelled")
+                notes = [e for e in (await conn.history.read(stopped.workflow_run_id)).entries
+                         if e.k == "signal" and e.signal.event_id == "lp-note"]
+                assert len(notes) == 1, notes
 
             # The Workers page: every stream's state, the hosts up and who owns each router partition.
             api_conn = await api_bide._pool.get()

@@ -192,29 +192,3 @@ async def test_a_send_retried_after_its_signal_was_taken_is_not_delivered_again(
         await bide.event.aio_send(rid, "approval", {"n": 1}, event_id="once")  # a retry: not a second event
         await bide.event.aio_send(rid, "approval", {"n": 2}, event_id="twice")
         assert await ref.aio_result(timeout=20) == [{"n": 1}, {"n": 2}]
-
-
-async def test_a_retried_sends_check_reads_a_replica_that_has_stored_its_first_copy(
-        bide: Bide, monkeypatch: Any) -> None:
-    """A send retried after a lost ack is a duplicate whose first copy may be gone (taken, and
-    purged when the run continued as new): the run's read says whether it was ours. A cluster
-    follower that is behind can show neither the message nor what took it, and the send would be
-    stored again and taken a second time. The read asks for a replica that has stored the stream
-    up to the first copy."""
-    from actors.store.history import HistoryLog
-    from actors.store.protocol import is_signal_of
-
-    asked: list[dict[str, Any]] = []
-    read = HistoryLog.read
-
-    async def recording(self: HistoryLog, run_id: str, **kwargs: Any) -> Any:
-        asked.append(kwargs)
-        return await read(self, run_id, **kwargs)
-
-    monkeypatch.setattr(HistoryLog, "read", recording)
-    conn = await bide._pool.get()
-    data = orjson.dumps({"source": "direct", "name": "note", "payload": {}, "event_id": "e1",
-                         "at": "2026-01-01T00:00:00Z"})
-    same = is_signal_of(conn.publisher, conn.layout.subjects, f"gone-{uuid.uuid4().hex}", data)
-    assert await same(None, 12345) is False  # no run holds it: not ours
-    assert asked == [{"at_least": 12345}]

@@ -1,0 +1,141 @@
+"""Reads answered by a cluster follower that is behind: nothing that one decides may be lost or doubled.
+
+A direct get may be answered by any replica, and nats-server has no read-after-write for direct
+gets (2.12 removed the ``min_last_seq`` field; a server ignores it). A follower that has not
+applied the latest writes answers "no such message" for one the leader has acknowledged, and a
+history without the latest appends. ``tests.support.stale_replica`` makes such a replica on one
+server, answering about half of the history stream's direct gets. Each test failed before its fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from actors.store.jetstream import api_request
+from sdk import Bide, DurableContext
+from tests.support import running_worker, stale_replica, wait_until
+
+
+async def test_a_send_repeated_while_a_replica_is_behind_is_taken_once(bide: Bide) -> None:
+    """A send repeated under its event id is a duplicate; whether the stored first copy is this
+    signal was read from any replica, and a follower behind answers "no such message" for a
+    message the leader just stored, then a history and inbox without it. The send was stored a
+    second time and the run took it twice: the long cluster chaos run (seed 53) saw a
+    ``continue_as_new`` run get ``[0, 0]`` for ``[0, 1]``, the copy stored 5 ms after the first."""
+    @bide.durable_task(name="KeepsNotes")
+    async def keeps(input: dict[str, Any], ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("never-comes")  # parked: every note is kept in order
+
+    conn = await bide._pool.get()
+    sends = 40
+    async with running_worker(bide, [keeps]):
+        ref = await keeps.aio_run_no_wait({})
+        run_id = ref.workflow_run_id
+
+        async def waiting() -> bool:
+            return any(e.k == "wait_registered" for e in (await conn.history.read(run_id)).entries)
+
+        await wait_until(waiting, what="the run to wait")
+        async with stale_replica(bide):
+            for i in range(sends):
+                for _ in range(2):  # a sender repeating a send whose ack it may have lost
+                    await bide.event.aio_send(run_id, "note", {"i": i}, event_id=f"note-{i}")
+
+        async def all_taken() -> bool:
+            hist = await conn.history.read(run_id)
+            return not hist.inbox and sum(e.k == "signal" for e in hist.entries) >= sends
+
+        await wait_until(all_taken, timeout=30, what="the run to take every note")
+    hist = await conn.history.read(run_id)
+    taken = [e.signal.event_id for e in hist.entries if e.k == "signal"]
+    assert taken == [f"note-{i}" for i in range(sends)]
+
+
+
+async def test_a_timer_stored_late_is_kept_though_a_replica_behind_shows_an_older_history(
+        bide: Bide, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timer stored well after its sleep's append is checked against the run (another host may have
+    ended the sleep meanwhile, and would have withdrawn a timer not there yet). A follower behind
+    answered with an older last message and a history without the sleep: the check withdrew the
+    timer the run still needed, and the run slept for ever."""
+    import actors.hosting.turn_effects as turn_effects
+
+    monkeypatch.setattr(turn_effects, "_OVERTAKEN_AFTER_S", -1.0)  # every timer is checked: "stored late"
+
+    @bide.durable_task(name="NapsOnce")
+    async def naps(input: dict[str, Any], ctx: DurableContext) -> int:
+        await ctx.aio_sleep_for(1)
+        return int(input["i"])
+
+    async with running_worker(bide, [naps]):
+        async with stale_replica(bide):
+            refs = [await naps.aio_run_no_wait({"i": i}) for i in range(20)]
+
+            async def all_asleep() -> bool:
+                # Each start's activation leaves the queue once its turn stored (and checked) the timer.
+                consumer = f"{s.queue_stream}.{s.consumer_name('NapsOnce')}"
+                info = await api_request(conn.nc, f"$JS.API.CONSUMER.INFO.{consumer}", {})
+                return int(info["num_pending"]) == 0 and int(info["num_ack_pending"]) == 0
+
+            conn = await bide._pool.get()
+            s = conn.layout.subjects
+            await wait_until(all_asleep, timeout=20, what="every run to schedule its sleep")
+        results = [await ref.aio_result(timeout=20) for ref in refs]
+    assert results == list(range(20))
+
+
+async def test_sleeps_waits_sends_children_and_new_generations_go_right_with_a_replica_behind(bide: Bide) -> None:
+    """Every kind of turn, with half of the history stream's direct gets answered by a replica behind."""
+    @bide.durable_task(name="StaleChild")
+    async def child(input: dict[str, Any], ctx: DurableContext) -> int:
+        return int(input["i"]) ** 2
+
+    @bide.durable_task(name="StaleMix")
+    async def mix(input: dict[str, Any], ctx: DurableContext) -> dict[str, Any]:
+        gen, got = input.get("gen", 0), input.get("got", [])
+        await ctx.aio_sleep_for(0.2)
+        note = await ctx.aio_wait_for_event("note")
+        keyed = await ctx.aio_wait_for_event(f"stale:{input['k']}")
+        squares = await child.aio_run_many([{"i": i} for i in range(3)])
+        got = [*got, note["n"], keyed["n"], sum(squares)]
+        if gen < 1:
+            ctx.continue_as_new({"k": input["k"], "gen": gen + 1, "got": got})
+        return {"got": got}
+
+    runs = 8
+    async with running_worker(bide, [mix, child]), stale_replica(bide):
+        refs = [await mix.aio_run_no_wait({"k": k}) for k in range(runs)]
+        for gen in range(2):
+            for ref in refs:
+                for _ in range(2):  # each send repeated, as a sender whose ack was lost does
+                    await bide.event.aio_send(ref.workflow_run_id, "note", {"n": gen}, event_id=f"note-{gen}")
+        for gen in range(2):
+            async def keyed_waits(gen: int = gen) -> bool:
+                # A generation's keyed wait is registered once its note was taken: push then.
+                for k, ref in enumerate(refs):
+                    if not await _waits_for(bide, ref.workflow_run_id, f"stale:{k}", gen):
+                        return False
+                return True
+
+            await wait_until(keyed_waits, timeout=30, what=f"generation {gen} of every run to wait for its key")
+            for k in range(runs):
+                await bide.event.aio_push(f"stale:{k}", {"n": 10 + gen})
+        results = [await ref.aio_result(timeout=60) for ref in refs]
+    assert results == [{"got": [0, 10, 5, 1, 11, 5]}] * runs
+
+
+async def _waits_for(client: Bide, run_id: str, key: str, gen: int) -> bool:
+    """Whether the run's generation ``gen`` has registered its wait for ``key`` (read until the leader's last)."""
+    conn = await client._pool.get()
+    s = conn.layout.subjects
+    from actors.store.jetstream import leader_get
+
+    last = await leader_get(conn.nc, s.history_stream, last_by_subj=s.history(run_id))
+    upto = int((last.headers or {}).get("Nats-Sequence", "0")) if last is not None else 0
+    hist = await conn.history.read(run_id, history_seq=upto)
+    if not hist.entries or hist.started.generation != gen:
+        return hist.entries != [] and hist.started.generation > gen
+    return any(e.k == "wait_registered" and any(c.event_key == key for g in e.groups for c in g)
+               for e in hist.entries)
