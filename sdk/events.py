@@ -276,7 +276,7 @@ async def _was_sent(conn: Connection, run_id: str, name: str, body: bytes, event
     the event was not delivered when the run took it and has ended since. A copy taken by an earlier
     generation of a run that continued as new is gone with that generation's history: not found.
     """
-    hist = await conn.history.read(run_id)
+    hist = await conn.history.read_latest(run_id)  # not a follower's older view: it may not show the send taken
     payload = orjson.loads(body)
     return any(sig.source == "direct" and sig.event_id == event_id and sig.name == name and sig.payload == payload
                for _, sig in hist.taken())

@@ -35,6 +35,7 @@ from actors.store.jetstream import (
     direct_get_seq,
     direct_get_subject,
     is_transient,
+    leader_get,
 )
 from actors.store.requests import Publisher
 from sdk.limits import CEILING_LIMITS, check_value
@@ -151,6 +152,19 @@ class HistoryLog:
                     f"run {run_id}: every read for {timeout:g}s was behind an acknowledged write (history at "
                     f"{hist.last_seq}, expected >= {history_seq}; inbox at {hist.inbox_seen}, expected >= {inbox_seq})")
             await asyncio.sleep(_STALE_READ_RETRY_S)
+
+    async def read_latest(self, run_id: str, timeout: float = 5.0) -> RunHistory:
+        """The run's history at least as far as the stream's leader has it now, and its untaken inbox.
+
+        For a read whose answer decides something with no acknowledged write to check it against
+        (whether a run took a signal, whether it has ended and may be removed): one get from the
+        leader (``STREAM.MSG.GET``, which no follower answers) says how far the history goes, and
+        the read is checked to reach that far. A follower behind could show an older history, or none.
+        """
+        last = await leader_get(self._nc, self._subjects.history_stream, last_by_subj=self._subjects.history(run_id),
+                                timeout=timeout)
+        upto = int((last.headers or {}).get("Nats-Sequence", "0")) if last is not None else 0
+        return await self.read(run_id, history_seq=upto, timeout=timeout)
 
     async def _read_once(self, run_id: str, min_last_seq: int) -> RunHistory:
         # Two exact subjects, read at once: a filter with a wildcard in the middle

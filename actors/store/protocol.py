@@ -32,7 +32,7 @@ from actors.engine.wire import (
     encode_activation,
 )
 from actors.store.history import HistoryConflict, HistoryLog
-from actors.store.jetstream import leader_get, leader_next, retry_transient
+from actors.store.jetstream import leader_next, retry_transient
 from actors.store.requests import Publisher, SameCheck
 from actors.store.runs_index import publish_live
 from sdk.errors import RunAlreadyExistsError
@@ -209,9 +209,7 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
         # not taken it yet (then the send would be stored again and taken twice). Not
         # `inbox_seq=seq`: a message removed with its run, or dropped as malformed, would keep that
         # read (and the router) waiting.
-        last = await leader_get(pub.nc, subjects.history_stream, last_by_subj=subjects.history(run_id))
-        upto = int((last.headers or {}).get("Nats-Sequence", "0")) if last is not None else 0
-        hist = await HistoryLog(pub.nc, pub, subjects).read(run_id, history_seq=upto)
+        hist = await HistoryLog(pub.nc, pub, subjects).read_latest(run_id)
         # Taken by this generation (or carried into it from the one before).
         there = [sig for at, sig in hist.taken() if at == seq]
         if not there and hist.entries and seq <= hist.started.inbox_taken:

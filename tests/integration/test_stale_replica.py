@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from actors.store.jetstream import api_request
+from actors.store.server import EmbeddedServer
 from sdk import Bide, DurableContext
 from tests.support import running_worker, stale_replica, wait_until
 
@@ -139,3 +140,47 @@ async def _waits_for(client: Bide, run_id: str, key: str, gen: int) -> bool:
         return hist.entries != [] and hist.started.generation > gen
     return any(e.k == "wait_registered" and any(c.event_key == key for g in e.groups for c in g)
                for e in hist.entries)
+
+
+async def test_finished_runs_are_removed_after_the_retention_though_a_replica_behind_shows_none(
+        nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reaper decides from the run's history whether to remove it: a follower behind showed no
+    history ("gone": the removal was dropped) or one not ended yet ("live": kept), and the finished
+    run stayed in the stream for good."""
+    monkeypatch.setenv("BIDE_HISTORY_RETENTION", "2s")
+    async with Bide(nats_server.url, ack_wait=3.0) as short:
+        @short.durable_task(name="DoneSoon")
+        async def done_soon(input: dict[str, Any], ctx: DurableContext) -> int:
+            return int(input["i"])
+
+        conn = await short._pool.get()
+        s = conn.layout.subjects
+        async with running_worker(short, [done_soon]), stale_replica(short):
+            refs = [await done_soon.aio_run_no_wait({"i": i}) for i in range(16)]
+            assert [await ref.aio_result(timeout=20) for ref in refs] == list(range(16))
+
+            async def all_removed() -> bool:
+                info = await api_request(conn.nc, f"$JS.API.STREAM.INFO.{s.history_stream}",
+                                         {"subjects_filter": s.history_all})
+                left = set((info.get("state") or {}).get("subjects") or {})
+                return not left & {s.history(ref.workflow_run_id) for ref in refs}
+
+            await wait_until(all_removed, timeout=30, interval=0.2, what="every finished run to be removed")
+
+
+async def test_a_send_repeated_after_the_run_took_it_and_ended_gets_its_receipt_with_a_replica_behind(
+        bide: Bide) -> None:
+    """A sender that repeats a send the run took before it ended is told it was delivered, not
+    that the run had finished: read from a follower behind, the run showed no such send taken."""
+    @bide.durable_task(name="TakesOneNote")
+    async def takes(input: dict[str, Any], ctx: DurableContext) -> Any:
+        return await ctx.aio_wait_for_event("note")
+
+    async with running_worker(bide, [takes]):
+        ref = await takes.aio_run_no_wait({})
+        await bide.event.aio_send(ref.workflow_run_id, "note", {"n": 1}, event_id="the-note")
+        assert await ref.aio_result(timeout=20) == {"n": 1}
+        async with stale_replica(bide):
+            for _ in range(12):
+                receipt = await bide.event.aio_send(ref.workflow_run_id, "note", {"n": 1}, event_id="the-note")
+                assert receipt.event_id == "the-note"
