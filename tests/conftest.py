@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 
 from actors.store.server import EmbeddedServer
 from sdk import Bide
-from tests.support import Receiver, WorkerProcess, otlp_receiver
+from tests.support import Receiver, WorkerProcess, otlp_receiver, stale_replica
 
 
 @pytest.fixture
@@ -36,7 +37,12 @@ def hosts(nats_server: EmbeddedServer) -> Iterator[list[WorkerProcess]]:
 async def bide(nats_server: EmbeddedServer) -> AsyncIterator[Bide]:
     client = Bide(nats_server.url, ack_wait=3.0)
     try:
-        yield client
+        if os.environ.get("BIDE_TEST_STALE_REPLICA") == "1":
+            # Every test of this fixture with a history replica behind (tests.support.stale_replica).
+            async with stale_replica(client):
+                yield client
+        else:
+            yield client
     finally:
         await client.aclose()
 

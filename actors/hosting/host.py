@@ -373,7 +373,10 @@ class ActorHost:
                        err: Exception | None = None, hist: RunHistory | None = None) -> None:
         """A poison activation (it came back too often) or a run over a limit: it fails without running its code."""
         if hist is None:
-            hist = await self._read(act)
+            # As far as the leader has it: a follower behind shows no history, and the activation
+            # would be dropped with the run never failed.
+            hist = await self._history.read_latest(act.run_id, history_seq=act.history_seq or 0,
+                                                   inbox_seq=act.inbox_seq or 0)
         if not hist.entries or hist.terminal is not None:
             if not hist.entries:
                 log.warning("dropping %s activation for run %s: delivered %d times, more than "

@@ -105,7 +105,7 @@ async def live_run_task(nc: NATS, history: HistoryLog, subjects: Subjects, run_i
             return found.task
         hist = await history.read(run_id, history_seq=found)
         return None if hist.terminal is not None else hist.started.task
-    last = await history.read_last(run_id)
+    last = await history.read_last_latest(run_id)  # not a follower's older view: a run not ended yet
     if any(isinstance(e, TERMINAL) for e in last):
         return None
     if not isinstance(started, RunStarted):
@@ -124,7 +124,7 @@ async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects
         task = await live_run_task(nc, history, subjects, run_id)
         if task is None:
             return False
-    elif any(isinstance(e, TERMINAL) for e in await history.read_last(run_id)):
+    elif any(isinstance(e, TERMINAL) for e in await history.read_last_latest(run_id)):
         return False
     sig = EventSignal(source="cancel", name="cancel", payload={"reason": reason}, event_id=event_id or uuid.uuid4().hex,
                       at=utcnow())

@@ -153,18 +153,20 @@ class HistoryLog:
                     f"{hist.last_seq}, expected >= {history_seq}; inbox at {hist.inbox_seen}, expected >= {inbox_seq})")
             await asyncio.sleep(_STALE_READ_RETRY_S)
 
-    async def read_latest(self, run_id: str, timeout: float = 5.0) -> RunHistory:
+    async def read_latest(self, run_id: str, *, history_seq: int = 0, inbox_seq: int = 0,
+                          timeout: float = 5.0) -> RunHistory:
         """The run's history at least as far as the stream's leader has it now, and its untaken inbox.
 
         For a read whose answer decides something with no acknowledged write to check it against
         (whether a run took a signal, whether it has ended and may be removed): one get from the
         leader (``STREAM.MSG.GET``, which no follower answers) says how far the history goes, and
-        the read is checked to reach that far. A follower behind could show an older history, or none.
+        the read is checked to reach that far (and ``history_seq``, ``inbox_seq`` as :meth:`read`
+        checks them). A follower behind could show an older history, or none.
         """
         last = await leader_get(self._nc, self._subjects.history_stream, last_by_subj=self._subjects.history(run_id),
                                 timeout=timeout)
         upto = int((last.headers or {}).get("Nats-Sequence", "0")) if last is not None else 0
-        return await self.read(run_id, history_seq=upto, timeout=timeout)
+        return await self.read(run_id, history_seq=max(upto, history_seq), inbox_seq=inbox_seq, timeout=timeout)
 
     async def _read_once(self, run_id: str, min_last_seq: int) -> RunHistory:
         # Two exact subjects, read at once: a filter with a wildcard in the middle
@@ -292,6 +294,16 @@ class HistoryLog:
             return None
         entries = decode_stored(msg, run_id)
         return next((e for e in reversed(entries) if isinstance(e, RunStarted)), entries[0])
+
+    async def read_last_latest(self, run_id: str, timeout: float = 5.0) -> list[HistoryEntry]:
+        """The entries of the run's last history message as the stream's leader has it (empty: none).
+
+        For "has the run ended?" where the answer decides (a send or a cancel refused as too
+        late): a follower behind shows an older last message, a run not ended yet.
+        """
+        msg = await leader_get(self._nc, self._subjects.history_stream, last_by_subj=self._subjects.history(run_id),
+                               timeout=timeout)
+        return [] if msg is None else decode_stored(msg, run_id)
 
     async def read_last(self, run_id: str, min_seq: int = 0) -> list[HistoryEntry]:
         """The entries of the run's last message only (enough to see a terminal state).

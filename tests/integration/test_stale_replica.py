@@ -36,7 +36,7 @@ async def test_a_send_repeated_while_a_replica_is_behind_is_taken_once(bide: Bid
         run_id = ref.workflow_run_id
 
         async def waiting() -> bool:
-            return any(e.k == "wait_registered" for e in (await conn.history.read(run_id)).entries)
+            return any(e.k == "wait_registered" for e in (await conn.history.read_latest(run_id)).entries)
 
         await wait_until(waiting, what="the run to wait")
         async with stale_replica(bide):
@@ -45,11 +45,11 @@ async def test_a_send_repeated_while_a_replica_is_behind_is_taken_once(bide: Bid
                     await bide.event.aio_send(run_id, "note", {"i": i}, event_id=f"note-{i}")
 
         async def all_taken() -> bool:
-            hist = await conn.history.read(run_id)
+            hist = await conn.history.read_latest(run_id)
             return not hist.inbox and sum(e.k == "signal" for e in hist.entries) >= sends
 
         await wait_until(all_taken, timeout=30, what="the run to take every note")
-    hist = await conn.history.read(run_id)
+    hist = await conn.history.read_latest(run_id)
     taken = [e.signal.event_id for e in hist.entries if e.k == "signal"]
     assert taken == [f"note-{i}" for i in range(sends)]
 
@@ -130,12 +130,7 @@ async def test_sleeps_waits_sends_children_and_new_generations_go_right_with_a_r
 async def _waits_for(client: Bide, run_id: str, key: str, gen: int) -> bool:
     """Whether the run's generation ``gen`` has registered its wait for ``key`` (read until the leader's last)."""
     conn = await client._pool.get()
-    s = conn.layout.subjects
-    from actors.store.jetstream import leader_get
-
-    last = await leader_get(conn.nc, s.history_stream, last_by_subj=s.history(run_id))
-    upto = int((last.headers or {}).get("Nats-Sequence", "0")) if last is not None else 0
-    hist = await conn.history.read(run_id, history_seq=upto)
+    hist = await conn.history.read_latest(run_id)
     if not hist.entries or hist.started.generation != gen:
         return hist.entries != [] and hist.started.generation > gen
     return any(e.k == "wait_registered" and any(c.event_key == key for g in e.groups for c in g)
