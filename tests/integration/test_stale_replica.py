@@ -179,3 +179,23 @@ async def test_a_send_repeated_after_the_run_took_it_and_ended_gets_its_receipt_
             for _ in range(12):
                 receipt = await bide.event.aio_send(ref.workflow_run_id, "note", {"n": 1}, event_id="the-note")
                 assert receipt.event_id == "the-note"
+
+
+async def test_a_cancel_or_a_send_to_a_run_that_ended_is_refused_with_a_replica_behind(bide: Bide) -> None:
+    """Whether a run has ended was read from its last history message, by any replica: a follower
+    behind showed a run still going, and a cancel of an ended run answered "cancelled" (HTTP 200, not
+    409), a send was accepted for a run that would never take it."""
+    from sdk import RunAlreadyFinishedError
+
+    @bide.durable_task(name="EndsAtOnce")
+    async def ends(input: dict[str, Any], ctx: DurableContext) -> int:
+        return 1
+
+    async with running_worker(bide, [ends]):
+        ref = await ends.aio_run_no_wait({})
+        assert await ref.aio_result(timeout=20) == 1
+        async with stale_replica(bide):
+            for i in range(12):
+                assert await bide.runs.aio_cancel(ref.workflow_run_id) is False
+                with pytest.raises(RunAlreadyFinishedError):
+                    await bide.event.aio_send(ref.workflow_run_id, "late", {"i": i})
