@@ -39,9 +39,10 @@ def times_delivered(msg: Msg) -> int:
     ``msg.metadata`` parses the whole subject into objects (a datetime among them), a host's
     per-activation cost that this count alone does not need.
     """
-    tokens = msg.reply.split(".", 7)
+    reply = msg.reply or ""
+    tokens = reply.split(".", 7)
     if len(tokens) == 8 and tokens[0] == "$JS" and tokens[1] == "ACK":
-        count = tokens[4] if msg.reply.count(".") == 8 else tokens[6]
+        count = tokens[4] if reply.count(".") == 8 else tokens[6]
         if count.isdigit():
             return max(1, int(count))
     return msg.metadata.num_delivered or 1  # not an ack subject this knows: nats-py's answer, or its error
