@@ -78,6 +78,10 @@ class WithdrawWait:
 
     wait: WaitRegistered
     satisfied: frozenset[int | None] = frozenset()
+    registered_before: bool = False
+    """The wait was recorded by an earlier append than the one that ended it, so its registrations
+    were stored before that append (``False``: not known, as for a wait resolved at once, whose only
+    registration may be a dead turn's, still on its way)."""
 
 
 @dataclass(frozen=True)
@@ -273,7 +277,9 @@ def ended_registrations(before: RunState, written: Sequence[HistoryEntry],
     for e in written:
         if isinstance(e, SignalReceived) and e.signal.source == "event" and e.signal.wait_id in ended:
             satisfied.setdefault(e.signal.wait_id, set()).add(e.signal.cond)
-    return [WithdrawWait(w, frozenset(satisfied.get(w.wait_id, ()))) for w in ended.values()]
+    earlier = {*before.open_waits, *before.registered}
+    return [WithdrawWait(w, frozenset(satisfied.get(w.wait_id, ())),
+                         w.wait_id in earlier and w.wait_id not in written_waits) for w in ended.values()]
 
 
 def after_append(before: RunState, written: Sequence[HistoryEntry], now: datetime,

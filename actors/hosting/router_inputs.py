@@ -7,7 +7,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from actors.engine.wire import HDR_MSG_ID, HDR_TTL, WaitCondition, WaitRegistered, WaitRegistration
+from actors.engine.wire import HDR_MSG_ID, HDR_TTL, WaitCondition, WaitRegistered, WaitRegistration, utcnow
 from actors.store.jetstream import Layout
 from actors.store.requests import Publisher, SameCheck
 from sdk import _cel
@@ -51,30 +51,45 @@ async def publish_registrations(
     run_input: Any,
     op: str,
     skip: set[int | None] | None = None,
+    registered_before: bool = False,
 ) -> None:
     """Register (or cancel) a wait's event conditions with the router. Safe to repeat.
 
-    Both go under the registration's message id, ``register:<wait>/<cond>``. A withdrawal then
-    holds that id for the stream's de-duplication window (2 minutes), so a registration that
-    lands after it (a dead turn's, published before its host died and held through a reconnect
-    or an election) is a duplicate the server drops, not a wait the router would keep for ever.
-    A withdrawal that finds the registration itself holding the id (registered within the
-    window) is stored under an id of its own (:meth:`Publisher.publish`'s ``same``).
+    A registration goes under the message id ``register:<wait>/<cond>``, and the server drops
+    another message under that id for the events stream's de-duplication window (10 minutes by
+    default): a dead turn's registration of the same wait, landing late (held in its client
+    through a reconnect, or committed after an election), is dropped while the first one holds
+    the id. A withdrawal must hold it when no registration does, or the late one would be
+    indexed after the withdrawal and kept for ever (the router deletes a withdrawal of a wait it
+    does not hold): so a withdrawal goes under that id too, unless ``registered_before`` (the
+    wait's registrations were stored before the append that recorded it) and that was recently
+    enough for the window to still hold them; then under ``cancel:<wait>/<cond>``, one write as
+    ever. One that finds the registration holding the id after all is stored under an id of its
+    own (:meth:`Publisher.publish`'s ``same``): one get and one publish more.
     """
     s = layout.subjects
+    held = registered_before and (utcnow() - wait.at).total_seconds() < layout.event_dedupe_window_s * _HELD_FOR
     sends = []
     for key, reg in registrations(wait, run_id, task, run_input, op):
         if skip and reg.cond in skip:
             continue
-        headers = {HDR_MSG_ID: f"register:{wait.wait_id}/{reg.cond}"}
+        cid = f"{wait.wait_id}/{reg.cond}"
+        headers = {HDR_MSG_ID: f"register:{cid}"}
         same = None
         if op == "register":
             # Waits outlive the events' max age (a wait may last a week).
             headers[HDR_TTL] = "never"
+        elif held:
+            headers[HDR_MSG_ID] = f"cancel:{cid}"
         else:
             same = _is_withdrawal(reg.wait_id, reg.cond)
         sends.append(pub.publish(s.waits(key), reg.model_dump_json(exclude_none=True).encode(), headers, same=same))
     await asyncio.gather(*sends)
+
+
+_HELD_FOR = 0.75
+"""The part of the de-duplication window after a wait was recorded in which its registration is
+taken to still hold its id (the rest: a margin for hosts' clocks against the server's)."""
 
 
 def _is_withdrawal(wait_id: str, cond: int) -> SameCheck:

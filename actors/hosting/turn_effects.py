@@ -169,9 +169,9 @@ class RunWriter:
                 await start_children(fx.history, fx.publisher, s, parent, starts, fx.tracing)
             case RegisterWait(wait=wait, run_input=run_input):
                 await publish_registrations(fx.publisher, fx.layout, wait, run_id, self.task, run_input, "register")
-            case WithdrawWait(wait=wait, satisfied=satisfied):
+            case WithdrawWait(wait=wait, satisfied=satisfied, registered_before=before):
                 await publish_registrations(fx.publisher, fx.layout, wait, run_id, self.task, None, "cancel",
-                                            skip=set(satisfied))
+                                            skip=set(satisfied), registered_before=before)
             case WaitBriefly(until=until, history_bytes=held):
                 async with fx.durable_slots.lent(held):
                     await sleep_to(until)

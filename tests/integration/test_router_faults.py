@@ -390,19 +390,33 @@ async def _nothing_registered(conn: Any, key: str) -> bool:
     return "register" not in await _registrations_stored(conn, key)
 
 
-async def test_a_withdrawal_soon_after_its_registration_removes_it(bide: Bide) -> None:
-    """The usual order, within the de-duplication window: registered, then withdrawn (a wait timed out)."""
+@pytest.mark.parametrize("registered_before", [True, False])
+async def test_a_withdrawal_soon_after_its_registration_removes_it(bide: Bide, registered_before: bool) -> None:
+    """The usual order, within the de-duplication window: registered, then withdrawn (a wait timed out).
+
+    A wait recorded before the append that ended it had its registration stored before: the
+    withdrawal goes under its own id at once (one write). One not known to be (resolved at once)
+    tries the registration's id first, and finds the registration holding it."""
     conn = await bide._pool.get()
-    wait = _a_wait("soon-run:0", "soon:key")
+    s = conn.layout.subjects
+    key = f"soon:{registered_before}"
+    wait = _a_wait(f"soon-run-{registered_before}:0", key)
+    await publish_registrations(conn.publisher, conn.layout, wait, "soon-run", "SoonTask", None, "register")
+    await publish_registrations(conn.publisher, conn.layout, wait, "soon-run", "SoonTask", None, "cancel",
+                                registered_before=registered_before)
+    # No router runs yet: what was stored, and under which ids.
+    stored = await direct_get_subject(conn.nc, s.events_stream, s.waits(key))
+    ids = [(orjson.loads(m.data)["op"], (m.headers or {}).get("Nats-Msg-Id")) for m in stored]
+    cid = f"{wait.wait_id}/0"
+    withdrawn_as = f"cancel:{cid}" if registered_before else f"register:{cid}~{s.waits(key)}"
+    assert ids == [("register", f"register:{cid}"), ("cancel", withdrawn_as)]
     async with running_worker(bide, [_a_task(bide)]):
-        await publish_registrations(conn.publisher, conn.layout, wait, "soon-run", "SoonTask", None, "register")
-        await wait_until(lambda: _registrations_stored(conn, "soon:key"), what="the registration stored")
-        await publish_registrations(conn.publisher, conn.layout, wait, "soon-run", "SoonTask", None, "cancel")
-        await wait_until(lambda: _nothing_left(conn, "soon:key"), timeout=20,
+        await wait_until(lambda: _nothing_left(conn, key), timeout=20,
                          what="the registration and its withdrawal removed")
         # Withdrawn again (a redone turn): nothing comes back.
-        await publish_registrations(conn.publisher, conn.layout, wait, "soon-run", "SoonTask", None, "cancel")
-        await wait_until(lambda: _nothing_left(conn, "soon:key"), timeout=20, what="the second withdrawal removed")
+        await publish_registrations(conn.publisher, conn.layout, wait, "soon-run", "SoonTask", None, "cancel",
+                                    registered_before=registered_before)
+        await wait_until(lambda: _nothing_left(conn, key), timeout=20, what="the second withdrawal removed")
 
 
 async def _nothing_left(conn: Any, key: str) -> bool:

@@ -350,7 +350,8 @@ def test_a_redelivery_redoes_the_withdrawals_of_the_last_turn_and_the_inbox_purg
     hist = history(ActivationBegun(host="h1", delivery=1, at=AT), reg,
                    ActivationBegun(host="h2", delivery=1, at=AT), SignalReceived(inbox_seq=9, signal=sig),
                    WaitResolved(pos=0, wait_id="r1:0", label="w", args_hash="", result={}, consumed=[9], at=AT))
-    assert redo_last_turn(hist, AT) == [WithdrawWait(reg), PurgeInbox(9)]
+    # Recorded by an earlier turn: its registration was stored before, and holds its id.
+    assert redo_last_turn(hist, AT) == [WithdrawWait(reg, registered_before=True), PurgeInbox(9)]
     assert ScheduleRemoval not in map(type, redo_last_turn(hist, AT))
 
 
@@ -439,9 +440,13 @@ async def test_a_wait_resolved_at_once_is_recorded_and_withdrawn_by_its_turn_and
     assert isinstance(append, Append)
     assert [type(e) for e in append.entries] == [ActivationBegun, SignalReceived, WaitRegistered, WaitResolved,
                                                   RunCompleted]
-    assert [c.wait.wait_id for c in commands if isinstance(c, WithdrawWait)] == ["r1:0"]
+    # Not "registered before": the only registration may be a dead turn's, still on its way, so the
+    # withdrawal must hold the registration's message id.
+    assert [(c.wait.wait_id, c.registered_before) for c in commands if isinstance(c, WithdrawWait)] == [
+        ("r1:0", False)]
     ended = RunHistory("r1", [*hist.entries, *append.entries], last_seq=3)
-    assert [c.wait.wait_id for c in redo_last_turn(ended, utcnow()) if isinstance(c, WithdrawWait)] == ["r1:0"]
+    assert [(c.wait.wait_id, c.registered_before) for c in redo_last_turn(ended, utcnow())
+            if isinstance(c, WithdrawWait)] == [("r1:0", False)]
 
 
 async def test_a_turn_that_read_its_history_writes_once_before_its_first_step_runs() -> None:
