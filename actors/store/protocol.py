@@ -222,10 +222,9 @@ def is_signal_of(pub: Publisher, subjects: Subjects, run_id: str, data: bytes) -
         # Rare (a first copy gone and not this signal): what the read showed, to tell why (never payloads).
         differ = sorted(k for k in {*(theirs or {}), *(ours or {})} if (theirs or {}).get(k) != (ours or {}).get(k))
         log.info("run %s: the first copy at %d of this send is gone and the run's history does not show it taken "
-                 "(read up to %d; generation %d, inbox taken up to %d; taken %s; fields that differ %s)", run_id,
-                 seq, hist.last_seq, hist.started.generation if hist.entries else -1,
-                 hist.started.inbox_taken if hist.entries else -1, [at for at, _ in hist.taken()],
-                 differ if there else "-")
+                 "(read up to %d; generation %d, inbox taken up to %d; %d signals taken; fields that differ %s)",
+                 run_id, seq, hist.last_seq, hist.started.generation if hist.entries else -1,
+                 hist.started.inbox_taken if hist.entries else -1, len(hist.taken()), differ if there else "-")
         return False
 
     return same
