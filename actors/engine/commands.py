@@ -277,9 +277,9 @@ def ended_registrations(before: RunState, written: Sequence[HistoryEntry],
     for e in written:
         if isinstance(e, SignalReceived) and e.signal.source == "event" and e.signal.wait_id in ended:
             satisfied.setdefault(e.signal.wait_id, set()).add(e.signal.cond)
-    earlier = {*before.open_waits, *before.registered}
-    return [WithdrawWait(w, frozenset(satisfied.get(w.wait_id, ())),
-                         w.wait_id in earlier and w.wait_id not in written_waits) for w in ended.values()]
+    # Recorded by an earlier append (open waits are among those too): registered before it.
+    return [WithdrawWait(w, frozenset(satisfied.get(w.wait_id, ())), w.wait_id in before.registered)
+            for w in ended.values()]
 
 
 def after_append(before: RunState, written: Sequence[HistoryEntry], now: datetime,

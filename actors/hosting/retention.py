@@ -154,9 +154,12 @@ class Reaper:
         ``"removed"``, ``"gone"`` (nothing left: removed before, or never existed), ``"live"``
         (not finished: kept, DESIGN.md invariant 9) or ``"not due"`` (rescheduled for later).
         """
-        # As the leader has it: a follower behind shows no history (or one not ended yet), and the
-        # removal would be dropped, the run kept for good.
-        hist = await self._history.read_latest(run_id)
+        hist = await self._history.read(run_id)
+        if hist.terminal is None:
+            # Not ended, or gone, as this replica has it: a follower behind shows no history (or one
+            # not ended yet), and the removal would be dropped, the run kept for good. An end seen
+            # is final; anything else is asked as far as the leader has it.
+            hist = await self._history.read_latest(run_id)
         if not hist.entries:
             return "gone"
         terminal = hist.terminal

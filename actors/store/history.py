@@ -163,8 +163,7 @@ class HistoryLog:
         the read is checked to reach that far (and ``history_seq``, ``inbox_seq`` as :meth:`read`
         checks them). A follower behind could show an older history, or none.
         """
-        last = await leader_get(self._nc, self._subjects.history_stream, last_by_subj=self._subjects.history(run_id),
-                                timeout=timeout)
+        last = await self._leader_last(run_id, timeout)
         upto = int((last.headers or {}).get("Nats-Sequence", "0")) if last is not None else 0
         return await self.read(run_id, history_seq=max(upto, history_seq), inbox_seq=inbox_seq, timeout=timeout)
 
@@ -301,9 +300,13 @@ class HistoryLog:
         For "has the run ended?" where the answer decides (a send or a cancel refused as too
         late): a follower behind shows an older last message, a run not ended yet.
         """
-        msg = await leader_get(self._nc, self._subjects.history_stream, last_by_subj=self._subjects.history(run_id),
-                               timeout=timeout)
+        msg = await self._leader_last(run_id, timeout)
         return [] if msg is None else decode_stored(msg, run_id)
+
+    async def _leader_last(self, run_id: str, timeout: float) -> Msg | None:
+        """The run's last history message as the stream's leader has it (``None``: no history)."""
+        return await leader_get(self._nc, self._subjects.history_stream, last_by_subj=self._subjects.history(run_id),
+                                timeout=timeout)
 
     async def read_last(self, run_id: str, min_seq: int = 0) -> list[HistoryEntry]:
         """The entries of the run's last message only (enough to see a terminal state).
