@@ -223,20 +223,75 @@ async def _await_terminal(conn: Connection, run_id: str, fut: asyncio.Future[Any
                           first_interval: float = 2.0) -> Any:
     # The inbox message is best effort (lost if this client was reconnecting at that
     # moment), so a waiter that hears nothing for a while reads the history itself.
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    interval = first_interval
-    while True:
-        wait = interval if deadline is None else min(interval, deadline - loop.time())
+    poll = _ResultPoll(conn, run_id, fut, timeout, first_interval)
+    try:
+        return await fut
+    finally:
+        poll.stop()
+
+
+class _ResultPoll:
+    """Reads the run's last entry if its result has not come ``interval`` seconds after the start,
+    then twice as far apart (at most 15 s), and ends ``fut`` with the terminal entry it finds, or
+    with ``TimeoutError`` at the deadline.
+
+    One timer per waiter, armed while the result is awaited: the ``asyncio.wait_for`` of a
+    shielded future that did this before cost about 8 µs of CPU more per awaited result
+    (14 against 6 µs, timed alone), on a path that costs a starter about 110 µs per run
+    (``python -m benchmarks.throughput``).
+    """
+
+    def __init__(self, conn: Connection, run_id: str, fut: asyncio.Future[Any], timeout: float | None,
+                 interval: float) -> None:
+        self._conn = conn
+        self._run_id = run_id
+        self._fut = fut
+        self._timeout = timeout
+        self._loop = fut.get_loop()
+        self._deadline = None if timeout is None else self._loop.time() + timeout
+        self._interval = interval
+        self._timer: asyncio.TimerHandle | None = None
+        self._read: asyncio.Task[None] | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        wait = self._interval if self._deadline is None else min(self._interval, self._deadline - self._loop.time())
         if wait <= 0:
-            raise TimeoutError(f"run {run_id} did not finish within {timeout}s")
+            self._end(exc=TimeoutError(f"run {self._run_id} did not finish within {self._timeout}s"))
+        else:
+            self._timer = self._loop.call_later(wait, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        if not self._fut.done():
+            self._read = self._loop.create_task(self._read_last())
+
+    async def _read_last(self) -> None:
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), wait)
-        except TimeoutError:
-            for e in await conn.history.read_last(run_id):
-                if isinstance(e, TERMINAL):
-                    return e
-            interval = min(interval * 2, 15.0)
+            last = await self._conn.history.read_last(self._run_id)
+        except Exception as exc:
+            self._end(exc=exc)
+            return
+        for entry in last:
+            if isinstance(entry, TERMINAL):
+                self._end(entry)
+                return
+        self._interval = min(self._interval * 2, 15.0)
+        self._arm()
+
+    def _end(self, result: Any = None, exc: BaseException | None = None) -> None:
+        if self._fut.done():
+            return
+        if exc is not None:
+            self._fut.set_exception(exc)
+        else:
+            self._fut.set_result(result)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._read is not None and not self._read.done():
+            self._read.cancel()
 
 
 def unwrap_terminal(run_id: str, entry: Any) -> Any:
