@@ -6,7 +6,9 @@ Starts its own nats-server and one worker (``bide worker benchmarks.apps:worker`
 ``--worker-processes N``, ``--processes N``: N host processes), measures pipelined JetStream
 publishes, then starts N trivial durable runs (one memo each) from this process with up to C in
 flight and awaits every result, then measures the publishes again: the ratio of runs/s to raw
-publishes/s is taken to the mean of the two, since a shared machine's rate drifts. ``--sweep 10,50,500`` then
+publishes/s is taken to the mean of the two, since a shared machine's rate drifts. That is done
+``--rounds`` times (3), and the round with the median ratio is reported (each round is printed
+and written too). ``--sweep 10,50,500`` then
 measures ``--sweep-runs`` runs at each of those in-flight counts (throughput vs in-flight).
 ``--url URL[,URL...] --replicas 3`` measures against servers already running (a cluster from
 ``actors.store.server.local_cluster``, as ``benchmarks.failover`` does) with streams at that many
@@ -140,34 +142,42 @@ def pct(values: list[float], q: float) -> float:
 
 
 def measure(url: str, args: argparse.Namespace, sweep: list[int], server_pid: int | None = None
-            ) -> tuple[tuple[float, float], list[float], float, int, list[dict[str, Any]], dict[str, float]]:
-    """Raw publishes, then warm-up, the main run, raw publishes again and the sweep against ``url``.
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Raw publishes, then ``args.rounds`` times the main run and raw publishes again, then the sweep.
 
-    The raw rate is measured before and after the main run: on a shared machine it moves by a
-    fifth within a minute, and the ratio is taken to their mean. Also the CPU each process spent
-    per run of the main run, in microseconds: the worker (the hosts: with ``--worker-processes``
-    above 1 the sum, and each as ``worker_I``), this driver (starting runs and awaiting results)
-    and, when it is known, the server.
+    A shared machine's rates move by a fifth within a minute, the raw rate and the runs' alike,
+    so each round's runs/s is taken to the mean of the raw rates measured just before and just
+    after it, and the report is the round with the median ratio. Each round also has the CPU
+    each process spent per run, in microseconds: the worker (the hosts: with
+    ``--worker-processes`` above 1 the sum, and each as ``worker_I``), this driver (starting
+    runs and awaiting results) and, when it is known, the server. Returns the rounds and the
+    sweep's points.
     """
     os.environ["BIDE_NATS_URL"] = url
-    pub = asyncio.run(publish_rate(url, args.publish_messages, replicas=args.replicas))
+    pubs = [asyncio.run(publish_rate(url, args.publish_messages, replicas=args.replicas))]
     worker, worker_pids = start_worker(url, args.worker_processes)
 
     def cpu_now() -> dict[str, float]:
         server = {"server": cpu_seconds(server_pid)} if server_pid else {}
         return {**worker_cpu(worker_pids), **server, "driver": time.process_time()}
 
+    rounds: list[dict[str, Any]] = []
     try:
         asyncio.run(drive(args.warmup, args.concurrency, progress=False))
-        before = cpu_now()
-        lat, wall, errors = asyncio.run(drive(args.runs, args.concurrency, not args.no_progress))
-        after = cpu_now()
-        cpu = {name: round((after[name] - before[name]) / max(1, args.runs) * 1e6, 1) for name in after}
-        pub_after = asyncio.run(publish_rate(url, args.publish_messages, replicas=args.replicas))
+        for _ in range(args.rounds):
+            before = cpu_now()
+            lat, wall, errors = asyncio.run(drive(args.runs, args.concurrency, not args.no_progress))
+            after = cpu_now()
+            pubs.append(asyncio.run(publish_rate(url, args.publish_messages, replicas=args.replicas)))
+            cpu = {name: round((after[name] - before[name]) / max(1, args.runs) * 1e6, 1) for name in after}
+            rate = len(lat) / wall
+            pub_pair = (pubs[-2], pubs[-1])
+            rounds.append({"latencies": lat, "wall": wall, "errors": errors, "cpu": cpu, "runs_per_s": rate,
+                           "publish_before_after": pub_pair, "ratio": rate / statistics.fmean(pub_pair)})
         swept = [sweep_point(c, max(args.sweep_runs, 3 * c)) for c in sweep]
     finally:
         worker.stop()
-    return (pub, pub_after), lat, wall, errors, swept, cpu
+    return rounds, swept
 
 
 async def reported_version(url: str) -> str:
@@ -184,6 +194,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5000)
     ap.add_argument("--concurrency", type=int, default=500)
     ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="main runs, each between two raw publish measurements; the median ratio is reported")
     ap.add_argument("--publish-messages", type=int, default=20000)
     ap.add_argument("--sweep", default="", help="comma-separated in-flight counts to measure after the main run")
     ap.add_argument("--sweep-runs", type=int, default=1000, help="runs per in-flight count of --sweep")
@@ -197,13 +209,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker_processes < 1:
         ap.error(f"--worker-processes must be at least 1, got {args.worker_processes}")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     sweep = [int(x) for x in args.sweep.split(",") if x]
     if args.replicas != 1 and not args.url:
         ap.error(f"--replicas {args.replicas} needs --url (the server this benchmark starts is a single node)")
 
     if args.url:
         os.environ["BIDE_REPLICAS"] = str(args.replicas)  # the worker and this driver make the streams with it
-        pubs, lat, wall, errors, swept, cpu = measure(args.url, args, sweep)
+        rounds, swept = measure(args.url, args, sweep)
         version = asyncio.run(reported_version(args.url))
         # The servers were started elsewhere: their sync setting is theirs to state.
         durability = {"url": args.url, "replicas": args.replicas, "sync": "as the servers were started"}
@@ -211,11 +225,14 @@ def main() -> None:
     else:
         with EmbeddedServer() as server:
             assert server.proc is not None
-            pubs, lat, wall, errors, swept, cpu = measure(server.url, args, sweep, server.proc.pid)
+            rounds, swept = measure(server.url, args, sweep, server.proc.pid)
             version = ".".join(map(str, server_version(server.binary)))
             durability = server.durability()
             durability_line = server.durability_line()
 
+    median = sorted(rounds, key=lambda r: r["ratio"])[(len(rounds) - 1) // 2]
+    lat, wall, errors, cpu, pubs = (median["latencies"], median["wall"], median["errors"], median["cpu"],
+                                    median["publish_before_after"])
     rate = len(lat) / wall
     pub = statistics.fmean(pubs)
     out: dict[str, Any] = {
@@ -232,14 +249,22 @@ def main() -> None:
         "jetstream_publish_per_s_before_after": [round(p, 1) for p in pubs],
         "sweep": swept,
         "latencies_ms": [round(x * 1000, 2) for x in lat],
-        "runs_per_publish_ratio": round(rate / pub, 4),
+        "runs_per_publish_ratio": round(median["ratio"], 4),
         "cpu_us_per_run": cpu,
+        "rounds": [{"runs_per_s": round(r["runs_per_s"], 1), "errors": r["errors"],
+                    "jetstream_publish_per_s_before_after": [round(p, 1) for p in r["publish_before_after"]],
+                    "runs_per_publish_ratio": round(r["ratio"], 4), "cpu_us_per_run": r["cpu"]} for r in rounds],
         "nats_server": version,
         "server": durability,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
     }
     print(durability_line)
+    for i, r in enumerate(rounds, 1):
+        print(f"round {i}: {r['runs_per_s']:,.0f} runs/s, raw {r['publish_before_after'][0]:,.0f} before and "
+              f"{r['publish_before_after'][1]:,.0f} after, ratio {r['ratio']:.4f}; CPU per run: "
+              + ", ".join(f"{name} {us:,.0f} us" for name, us in r["cpu"].items()))
+    print(f"the round with the median ratio, of {len(rounds)}:")
     print(f"{len(lat)} trivial durable runs ({args.worker_processes} worker process(es)) in {wall:.2f} s: "
           f"{rate:,.0f} runs/s, p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms, errors {errors}")
     print(f"raw JetStream pipelined publish: {pub:,.0f} msg/s, the mean of {pubs[0]:,.0f} before the runs and "
