@@ -370,6 +370,11 @@ class Turn:
             self._pending = pending[cut:]
             try:
                 await self._effects(Append(entries, on_durable=self._recorded))
+            except asyncio.CancelledError:
+                # The code was stopped (a cancel broadcast, an eviction), not the write failed: a
+                # cancelled run ends cancelled. The write may be stored or not; the turn's next one
+                # finds out (its guard is the last sequence this turn knows).
+                raise
             except BaseException as e:
                 if self.fatal is None:
                     self.fatal = e

@@ -977,6 +977,24 @@ def decode_activation(data: bytes) -> Activation:
     return Activation.model_validate_json(data)
 
 
+def encode_cancel_broadcast(run_id: str, reason: str) -> bytes:
+    """The cancel broadcast's body (``Subjects.cancel_broadcast``): the run and the reason given."""
+    return orjson.dumps({"run_id": run_id, "reason": reason})
+
+
+def decode_cancel_broadcast(data: bytes) -> tuple[str, str]:
+    """``(run_id, reason)`` from a cancel broadcast; a bare run id (what clients before sent): ``cancelled``."""
+    if data.startswith(b"{"):
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("run_id"), str):
+            reason = doc.get("reason")
+            return doc["run_id"], reason if isinstance(reason, str) and reason else "cancelled"
+    return data.decode(errors="replace"), "cancelled"
+
+
 class RunRemoval(BaseModel):
     """A message on ``<prefix>.work.@reaper.<run>``: the finished run's retention has passed, remove it."""
 

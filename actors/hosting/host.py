@@ -46,6 +46,7 @@ from actors.engine.wire import (
     SignalReceived,
     TriggerRegistration,
     decode_activation,
+    decode_cancel_broadcast,
     utcnow,
 )
 from actors.hosting.activation_queue import ActivationQueue, SlotPool
@@ -678,7 +679,7 @@ class ActorHost:
 
     async def _on_cancel_msg(self, msg: Msg) -> None:
         if self._runner is not None:
-            self._runner.cancel(msg.data.decode(errors="replace"))
+            self._runner.cancel(*decode_cancel_broadcast(msg.data))
 
     def _writer(self, hist: RunHistory, defn: TaskDefinition) -> RunWriter:
         return self._effects_.writer(hist, defn.name)

@@ -72,18 +72,19 @@ class TurnRunner:
         """Tasks that are workflow runners: their failure stops their tasks."""
         self._running: dict[str, tuple[asyncio.Task[Any], Turn | None]] = {}
         """Runs whose code is running here now (what the cancel broadcast stops)."""
-        self._cancelled_here: set[str] = set()
+        self._cancelled_here: dict[str, str] = {}
+        """Regular tasks the cancel broadcast stopped here, with the reason given."""
 
-    def cancel(self, run_id: str) -> None:
+    def cancel(self, run_id: str, reason: str = "cancelled") -> None:
         """The cancel broadcast: stop the run now if it is running here (its inbox has the durable request)."""
         running = self._running.get(run_id)
         if running is None:
             return
         user, turn = running
         if turn is None:
-            self._cancelled_here.add(run_id)  # a regular task: its turn records the cancellation
+            self._cancelled_here.setdefault(run_id, reason)  # a regular task: its turn records the cancellation
         else:
-            turn.request_cancel("cancelled")
+            turn.request_cancel(reason)
         user.cancel()
 
     async def durable(self, hist: RunHistory, defn: TaskDefinition, delivery: int,
@@ -213,10 +214,10 @@ class TurnRunner:
                 done = await first_done({user}, timeout)
             finally:
                 self._running.pop(hist.run_id, None)
-            if hist.run_id in self._cancelled_here:
-                self._cancelled_here.discard(hist.run_id)
+            cancelled = self._cancelled_here.pop(hist.run_id, None)
+            if cancelled is not None:
                 await _cancel(user)
-                end = RunCancelled(reason="cancelled", at=utcnow())
+                end = RunCancelled(reason=cancelled, at=utcnow())
             elif user in done:
                 end = self._retried(defn, hist, outcome(user, defn), user)
             else:

@@ -30,6 +30,7 @@ from actors.engine.wire import (
     RunStarted,
     Subjects,
     encode_activation,
+    encode_cancel_broadcast,
     utcnow,
 )
 from actors.observe.tracing import TRACEPARENT, Tracing
@@ -129,5 +130,5 @@ async def request_cancel(nc: NATS, pub: Publisher, history: HistoryLog, subjects
     sig = EventSignal(source="cancel", name="cancel", payload={"reason": reason}, event_id=event_id or uuid.uuid4().hex,
                       at=utcnow())
     await deliver_signal(pub, subjects, run_id, task, sig, msg_id=f"cancel:{sig.event_id}")
-    await nc.publish(subjects.cancel_broadcast, run_id.encode())
+    await nc.publish(subjects.cancel_broadcast, encode_cancel_broadcast(run_id, reason))
     return True

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from sdk import Bide, EmptyModel, RunCancelledError, RunFailedError, RunStatus
+from sdk import Bide, DurableContext, EmptyModel, RunCancelledError, RunFailedError, RunStatus
 from tests.apps.children import FanOutInput, FlakyInput, define
 from tests.support import running_worker, wait_until
 
@@ -106,8 +108,8 @@ async def test_cancel_interrupts_a_running_regular_task(bide: Bide, tmp_path: Pa
     async with running_worker(bide, [d["blocker"]]):
         ref = await d["blocker"].aio_run_no_wait(FanOutInput(count=0, log=str(log)))
         await wait_until(lambda: "blocking" in _lines(log), timeout=20, what="the task running")
-        assert await bide.runs.aio_cancel(ref.workflow_run_id) is True
-        with pytest.raises(RunCancelledError):
+        assert await bide.runs.aio_cancel(ref.workflow_run_id, reason="no longer needed") is True
+        with pytest.raises(RunCancelledError, match="no longer needed"):  # the reason travels with the broadcast
             await ref.aio_result(timeout=10)
         assert _lines(log) == ["blocking", "interrupted"]
 
@@ -118,3 +120,41 @@ async def _status_is(client: Bide, run_id: str, status: RunStatus) -> bool:
     except Exception:
         return False
 
+
+
+async def _noted(note: str) -> str:
+    return note
+
+
+async def test_a_cancel_that_stops_the_code_while_its_checkpoint_is_written_cancels_the_run(
+        bide: Bide, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cancel broadcast stops the code where it is, even inside the write that records its
+    last step before a wait (slow in a leader election: the long cluster chaos run, seed 56, saw
+    8 s). The run is cancelled, not failed with the ``CancelledError`` that stopped the write."""
+
+    @bide.durable_task(name="CancelMidWrite")
+    async def cancel_mid_write(input: EmptyModel, ctx: DurableContext) -> dict[str, str]:
+        await ctx.memo(_noted, "before the wait")
+        await ctx.aio_wait_for_event("never:cancel-mid-write")
+        return {"not": "cancelled"}
+
+    async with running_worker(bide, [cancel_mid_write]) as worker:
+        history = worker.host._history
+        real_append = history.append
+        writing, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_append(run_id: str, entries: list[Any], expected_seq: int, notify: str | None = None) -> int:
+            if any(e.k == "memo" for e in entries):
+                writing.set()
+                await release.wait()  # the write of the step's result takes a while
+            return await real_append(run_id, entries, expected_seq, notify)
+
+        monkeypatch.setattr(history, "append", slow_append)
+        try:
+            ref = await cancel_mid_write.aio_run_no_wait(EmptyModel())
+            await asyncio.wait_for(writing.wait(), 20)
+            assert await bide.runs.aio_cancel(ref.workflow_run_id, reason="stop mid-write") is True
+            with pytest.raises(RunCancelledError, match="stop mid-write"):
+                await ref.aio_result(timeout=20)
+        finally:
+            release.set()

@@ -13,9 +13,11 @@ from actors.engine.wire import (
     RunStarted,
     Subjects,
     args_hash,
+    decode_cancel_broadcast,
     decode_history,
     decode_terminal,
     decode_token,
+    encode_cancel_broadcast,
     encode_history,
     encode_token,
     parse_time,
@@ -210,3 +212,14 @@ def test_no_default_of_a_written_field_ever_changes(name: str) -> None:
     assert wire._defaults_of(getattr(wire, name)) == DEFAULTS[name], (
         f"{name}'s defaults differ: a new field goes in DEFAULTS; a changed default would change what "
         "histories that left the field out say")
+
+
+def test_the_cancel_broadcast_carries_the_reason_and_reads_a_bare_run_id_or_garbage_without_raising() -> None:
+    data = encode_cancel_broadcast("run-1", "no longer needed\nsecond line")
+    assert decode_cancel_broadcast(data) == ("run-1", "no longer needed\nsecond line")
+    assert decode_cancel_broadcast(b"run-1") == ("run-1", "cancelled")  # what clients before sent
+    # Anyone who may publish on the subject: nothing they send raises, and it names no running run.
+    assert decode_cancel_broadcast(b"{not json") == ("{not json", "cancelled")
+    assert decode_cancel_broadcast(b'{"run_id": 7}') == ('{"run_id": 7}', "cancelled")
+    assert decode_cancel_broadcast(b'{"run_id": "r", "reason": ["x"]}') == ("r", "cancelled")
+    assert decode_cancel_broadcast(b"\xff\xfe") == ("\ufffd\ufffd", "cancelled")
