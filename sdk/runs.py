@@ -441,6 +441,21 @@ def lookup_id(run_id: object) -> str:
     return check_name(run_id, "run id")
 
 
+MAX_REASON_BYTES = 4 * 1024
+"""The longest cancel reason (UTF-8): it is recorded in the run's history and named by ``RunCancelledError``."""
+
+
+def check_reason(reason: object) -> str:
+    """A cancel's ``reason``: a string of at most :data:`MAX_REASON_BYTES`, or a ``ValueError`` naming it."""
+    if not isinstance(reason, str):
+        raise ValueError(f"cancel reason must be a string, got {type(reason).__name__}: {reason!r:.200}")
+    size = len(reason.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_REASON_BYTES:
+        raise ValueError(f"cancel reason is {size:,} bytes, more than the {MAX_REASON_BYTES:,} allowed: "
+                         f"{reason[:80]!r}...")
+    return reason
+
+
 def check_timeout(timeout: object) -> None:
     """A result's ``timeout``: ``None`` (wait for ever) or a finite number of seconds, at least 0."""
     if timeout is None:
@@ -567,6 +582,7 @@ class RunsClient:
         from actors.store.children import request_cancel
 
         lookup_id(run_id)
+        check_reason(reason)
         conn = await self._pool.get()
         try:
             return await request_cancel(conn.nc, conn.publisher, conn.history, conn.layout.subjects, run_id, reason)
@@ -576,6 +592,7 @@ class RunsClient:
     def cancel(self, run_id: str, reason: str = "cancelled by request") -> bool:
         """Blocking :meth:`aio_cancel`."""
         lookup_id(run_id)
+        check_reason(reason)
         return self._pool.run_sync(self.aio_cancel(run_id, reason))
 
 

@@ -282,6 +282,7 @@ async def test_cancel_an_unknown_run_is_404(api: httpx.AsyncClient) -> None:
     (b'{"reason": null}', "'reason' must be a string"),
     (b'{"reasn": "typo"}', "unknown field(s) in the request body: 'reasn'"),
     (b'{"reason": ', "request body is not valid JSON: "),
+    (b'{"reason": "' + b"x" * 5000 + b'"}', "cancel reason is 5,000 bytes, more than the 4,096 allowed"),
 ])
 async def test_cancel_with_a_bad_body_is_400_with_the_reason(bide: Bide, api: httpx.AsyncClient, body: bytes,
                                                              why: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,21 @@ async def test_a_cancel_that_stops_the_code_while_its_checkpoint_is_written_canc
                 await ref.aio_result(timeout=20)
         finally:
             release.set()
+
+
+@pytest.mark.parametrize(("reason", "why"), [
+    (None, "cancel reason must be a string, got NoneType: None"),
+    (123, "cancel reason must be a string, got int: 123"),
+    ("x" * 5000, "cancel reason is 5,000 bytes, more than the 4,096 allowed"),
+])
+async def test_a_cancel_with_a_bad_reason_is_refused_and_cancels_nothing(bide: Bide, reason: Any, why: str) -> None:
+    @bide.durable_task(name="NotCancelledByABadReason")
+    async def waits(input: EmptyModel, ctx: DurableContext) -> None:
+        await ctx.aio_wait_for_event("never:bad-reason")
+
+    ref = await waits.aio_run_no_wait(EmptyModel())
+    with pytest.raises(ValueError, match=re.escape(why)):
+        await bide.runs.aio_cancel(ref.workflow_run_id, reason=reason)
+    with pytest.raises(ValueError, match=re.escape(why)):
+        await asyncio.to_thread(bide.runs.cancel, ref.workflow_run_id, reason)
+    assert (await bide.runs.aio_get(ref.workflow_run_id)).status == RunStatus.QUEUED  # nothing was asked of it
