@@ -83,7 +83,7 @@ def plan_workflow_turn(hist: RunHistory, steps: Sequence[DagTask], host_id: str,
         elif isinstance(e, SignalReceived) and e.signal.source == "child":
             outcomes.setdefault(e.signal.name, e.signal.payload)
         elif isinstance(e, SignalReceived) and e.signal.source == "cancel" and cancel is None:
-            cancel = (e.signal.payload or {}).get("reason") or "cancelled"
+            cancel = e.signal.cancel_reason
     done = {t.workflow_key: outcomes[spawned[t.name]] for t in steps
             if t.name in spawned and spawned[t.name] in outcomes}
     end: Terminal | None = late

@@ -226,7 +226,7 @@ class Turn:
             self._outcomes.setdefault(sig.name, sig.payload)
         elif sig.source == "cancel":
             if self.cancel_reason is None:
-                self.cancel_reason = (sig.payload or {}).get("reason") or "cancelled"
+                self.cancel_reason = sig.cancel_reason
         else:
             self._by_seq[seq] = sig
             if sig.source == "event":

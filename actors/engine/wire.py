@@ -741,6 +741,17 @@ class EventSignal(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
+    @property
+    def cancel_reason(self) -> str:
+        """A cancel signal's reason: its payload's ``reason`` if that is a non-empty string, else ``cancelled``.
+
+        Whoever may publish on a run's inbox can send a cancel with any payload: a number or a
+        list there failed every turn of the run (the end it recorded must hold a string).
+        """
+        reason = self.payload.get("reason") if isinstance(self.payload, dict) else None
+        return reason if isinstance(reason, str) and reason else "cancelled"
+
+
 class SignalReceived(_Entry):
     """The host took a signal from the run's inbox (``inbox_seq``); it is never taken twice."""
 

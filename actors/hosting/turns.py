@@ -198,7 +198,7 @@ class TurnRunner:
         cancel = next((sig for _, sig in hist.inbox if sig.source == "cancel"), None)
         end: Terminal | AttemptFailed | None = late_start(hist, defn)
         if end is None and cancel is not None:
-            end = RunCancelled(reason=(cancel.payload or {}).get("reason") or "cancelled", at=utcnow())
+            end = RunCancelled(reason=cancel.cancel_reason, at=utcnow())
         if end is None:
             try:
                 value = defn.signature.load_input(started.input)

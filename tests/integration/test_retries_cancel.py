@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from actors.engine.wire import EventSignal, utcnow
+from actors.store.protocol import deliver_signal
 from sdk import Bide, DurableContext, EmptyModel, RunCancelledError, RunFailedError, RunStatus
 from tests.apps.children import FanOutInput, FlakyInput, define
 from tests.support import running_worker, wait_until
@@ -177,3 +179,24 @@ async def test_a_cancel_with_a_bad_reason_is_refused_and_cancels_nothing(bide: B
     with pytest.raises(ValueError, match=re.escape(why)):
         await asyncio.to_thread(bide.runs.cancel, ref.workflow_run_id, reason)
     assert (await bide.runs.aio_get(ref.workflow_run_id)).status == RunStatus.QUEUED  # nothing was asked of it
+
+
+@pytest.mark.parametrize("payload", [{"reason": 123}, {"reason": ["x"]}, [1, 2], "stop", None])
+async def test_a_cancel_signal_with_a_malformed_reason_cancels_the_run(bide: Bide, payload: Any) -> None:
+    """Whoever may publish on a run's inbox can send a cancel with any payload (the SDK and the
+    HTTP API refuse a bad reason, a ``nats pub`` does not): the run is cancelled, with the reason
+    ``cancelled``, instead of every turn failing on an end that cannot hold it."""
+
+    @bide.durable_task(name="CancelledByAForgedSignal")
+    async def waits(input: EmptyModel, ctx: DurableContext) -> None:
+        await ctx.aio_wait_for_event("never:forged-cancel")
+
+    async with running_worker(bide, [waits]):
+        ref = await waits.aio_run_no_wait(EmptyModel())
+        rid = ref.workflow_run_id
+        await wait_until(lambda: _status_is(bide, rid, RunStatus.WAITING), timeout=20, what="the run waiting")
+        conn = await bide._pool.get()
+        forged = EventSignal(source="cancel", name="cancel", payload=payload, event_id=f"forged-{rid}", at=utcnow())
+        await deliver_signal(conn.publisher, conn.layout.subjects, rid, "CancelledByAForgedSignal", forged)
+        with pytest.raises(RunCancelledError, match="was cancelled: cancelled"):
+            await ref.aio_result(timeout=20)
