@@ -146,7 +146,13 @@ class TurnRunner:
             turn.code = None
         finished = user in done
         keep = not finished and turn.suspended in done and turn.resumable
-        if finished and turn.fatal is None and not user.cancelled() and isinstance(user.exception(), ContinuedAsNew):
+        # A cancel this turn took (or was broadcast while the code ran) ends the run, whatever the
+        # code did since: it may have cleaned up in ``except CancelledError`` and returned, or gone
+        # past a sleep that fell due with the cancel and continued as new (the next generation's
+        # start marks the cancel taken: it was lost, and the run went on for ever).
+        cancelled = turn.cancel_reason is not None
+        if (finished and turn.fatal is None and not cancelled and not user.cancelled()
+                and isinstance(user.exception(), ContinuedAsNew)):
             await self._continue_as_new(hist, defn, turn, user, writer)
             return
         if not keep:
@@ -163,7 +169,7 @@ class TurnRunner:
             # the server can never accept).
             end = RunFailed(error=error_info(turn.fatal), at=utcnow())
         elif finished:
-            if turn.cancel_reason is not None and (user.cancelled() or _cancelled_error(user)):
+            if turn.cancel_reason is not None:
                 end = RunCancelled(reason=turn.cancel_reason, at=utcnow())
             else:
                 end = self._retried(defn, hist, outcome(user, defn), user)
@@ -307,10 +313,6 @@ def outcome(user: asyncio.Task[Any], defn: TaskDefinition) -> Terminal:
 _NEVER_RETRIED = (NonRetryableError, NonDeterminismError, InputValidationError, PayloadValidationError,
                   OutputSerializationError)
 """Errors a retry cannot fix: the same input, history or payload would fail the same way."""
-
-
-def _cancelled_error(task: asyncio.Task[Any]) -> bool:
-    return task.done() and (task.cancelled() or isinstance(task.exception(), asyncio.CancelledError))
 
 
 def time_limit(started: RunStarted, defn: TaskDefinition) -> float | None:

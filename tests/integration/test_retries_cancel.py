@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -199,4 +200,48 @@ async def test_a_cancel_signal_with_a_malformed_reason_cancels_the_run(bide: Bid
         forged = EventSignal(source="cancel", name="cancel", payload=payload, event_id=f"forged-{rid}", at=utcnow())
         await deliver_signal(conn.publisher, conn.layout.subjects, rid, "CancelledByAForgedSignal", forged)
         with pytest.raises(RunCancelledError, match="was cancelled: cancelled"):
+            await ref.aio_result(timeout=20)
+
+
+async def test_a_durable_run_that_swallows_the_cancel_still_ends_cancelled(bide: Bide) -> None:
+    """Its code may clean up in ``except asyncio.CancelledError`` (and even return): the run
+    ends cancelled, with the reason given, and what the code returned is not its result."""
+
+    @bide.durable_task(name="SwallowsTheCancel")
+    async def swallows(input: EmptyModel, ctx: DurableContext) -> str:
+        try:
+            await ctx.aio_wait_for_event("never:swallowed")
+        except asyncio.CancelledError:
+            return "swallowed"
+        return "resumed"
+
+    async with running_worker(bide, [swallows]):
+        ref = await swallows.aio_run_no_wait(EmptyModel())
+        rid = ref.workflow_run_id
+        await wait_until(lambda: _status_is(bide, rid, RunStatus.WAITING), timeout=20, what="the run waiting")
+        assert await bide.runs.aio_cancel(rid, reason="stop anyway") is True
+        with pytest.raises(RunCancelledError, match="stop anyway"):
+            await ref.aio_result(timeout=20)
+
+
+async def test_a_cancel_taken_with_a_timer_is_not_lost_when_the_code_continues_as_new(bide: Bide) -> None:
+    """A cancel sent while no host runs, after the run's sleep fell due, is taken by the same
+    turn as the timer: the code goes past its sleep and calls ``continue_as_new``. The run ends
+    cancelled; the next generation, whose start marks that cancel as taken, would run for ever."""
+
+    @bide.durable_task(name="LoopsForever")
+    async def loops(input: dict[str, int], ctx: DurableContext) -> None:
+        await ctx.aio_sleep_for(timedelta(seconds=1))
+        ctx.continue_as_new({"gen": input["gen"] + 1})
+
+    async with running_worker(bide, [loops]):
+        ref = await loops.aio_run_no_wait({"gen": 0})
+        rid = ref.workflow_run_id
+        await wait_until(lambda: _status_is(bide, rid, RunStatus.WAITING), timeout=20, what="the run asleep")
+    # No host now: the sleep falls due, then the cancel comes; the next host takes both at once.
+    began = time.monotonic()
+    await wait_until(lambda: time.monotonic() - began > 2.5, timeout=10, what="the sleep to fall due")
+    assert await bide.runs.aio_cancel(rid, reason="stop the loop") is True
+    async with running_worker(bide, [loops]):
+        with pytest.raises(RunCancelledError, match="stop the loop"):
             await ref.aio_result(timeout=20)
