@@ -740,7 +740,6 @@ class EventSignal(BaseModel):
     at: datetime
     meta: dict[str, Any] = Field(default_factory=dict)
 
-
     @property
     def cancel_reason(self) -> str:
         """A cancel signal's reason: its payload's ``reason`` if that is a non-empty string, else ``cancelled``.
@@ -748,8 +747,12 @@ class EventSignal(BaseModel):
         Whoever may publish on a run's inbox can send a cancel with any payload: a number or a
         list there failed every turn of the run (the end it recorded must hold a string).
         """
-        reason = self.payload.get("reason") if isinstance(self.payload, dict) else None
-        return reason if isinstance(reason, str) and reason else "cancelled"
+        return _reason_or_default(self.payload.get("reason") if isinstance(self.payload, dict) else None)
+
+
+def _reason_or_default(reason: Any) -> str:
+    """A cancel's reason as given, if it is a non-empty string; ``cancelled`` for anything else."""
+    return reason if isinstance(reason, str) and reason else "cancelled"
 
 
 class SignalReceived(_Entry):
@@ -1001,9 +1004,8 @@ def decode_cancel_broadcast(data: bytes) -> tuple[str, str]:
         except orjson.JSONDecodeError:
             doc = None
         if isinstance(doc, dict) and isinstance(doc.get("run_id"), str):
-            reason = doc.get("reason")
-            return doc["run_id"], reason if isinstance(reason, str) and reason else "cancelled"
-    return data.decode(errors="replace"), "cancelled"
+            return doc["run_id"], _reason_or_default(doc.get("reason"))
+    return data.decode(errors="replace"), _reason_or_default(None)
 
 
 class RunRemoval(BaseModel):

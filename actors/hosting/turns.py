@@ -169,8 +169,8 @@ class TurnRunner:
             # the server can never accept).
             end = RunFailed(error=error_info(turn.fatal), at=utcnow())
         elif finished:
-            if turn.cancel_reason is not None:
-                end = RunCancelled(reason=turn.cancel_reason, at=utcnow())
+            if cancelled:
+                end = RunCancelled(reason=turn.cancel_reason or "cancelled", at=utcnow())
             else:
                 end = self._retried(defn, hist, outcome(user, defn), user)
         elif turn.suspended not in done:
