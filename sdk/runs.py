@@ -449,7 +449,11 @@ def check_reason(reason: object) -> str:
     """A cancel's ``reason``: a string of at most :data:`MAX_REASON_BYTES`, or a ``ValueError`` naming it."""
     if not isinstance(reason, str):
         raise ValueError(f"cancel reason must be a string, got {type(reason).__name__}: {reason!r:.200}")
-    size = len(reason.encode("utf-8", errors="surrogatepass"))
+    try:
+        size = len(reason.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ValueError(f"cancel reason is not valid UTF-8 ({e.reason} at character {e.start}): "
+                         f"{reason[:80]!r}") from None
     if size > MAX_REASON_BYTES:
         raise ValueError(f"cancel reason is {size:,} bytes, more than the {MAX_REASON_BYTES:,} allowed: "
                          f"{reason[:80]!r}...")

@@ -168,6 +168,7 @@ async def test_a_cancel_that_stops_the_code_while_its_checkpoint_is_written_canc
     (None, "cancel reason must be a string, got NoneType: None"),
     (123, "cancel reason must be a string, got int: 123"),
     ("x" * 5000, "cancel reason is 5,000 bytes, more than the 4,096 allowed"),
+    ("half a pair \ud800", "cancel reason is not valid UTF-8 (surrogates not allowed at character 12)"),
 ])
 async def test_a_cancel_with_a_bad_reason_is_refused_and_cancels_nothing(bide: Bide, reason: Any, why: str) -> None:
     @bide.durable_task(name="NotCancelledByABadReason")
