@@ -976,10 +976,11 @@ async def test_a_turn_that_resolved_a_wait_acks_its_activation_only_once_the_wai
     cancel, ack = TimerScheduler.cancel, Msg.ack
 
     async def held_cancel(self: TimerScheduler, run_id: str, pos: int) -> None:
-        # Held until the activation is acked, or for 3 s if it is not (as it must not be).
+        # Held until the activation is acked, or for 1 s if it is not (as it must not be): well inside
+        # the ack wait (3 s), so a starved heartbeat cannot bring the activation back meanwhile.
         order.append("withdrawal begun")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(held.wait(), 3)
+            await asyncio.wait_for(held.wait(), 1)
         await cancel(self, run_id, pos)
         order.append("withdrawal stored")
 
