@@ -6,7 +6,8 @@ Starts its own nats-server and one worker (``bide worker benchmarks.apps:worker`
 ``--worker-processes N``, ``--processes N``: N host processes), measures pipelined JetStream
 publishes, then starts N trivial durable runs (one memo each) from this process with up to C in
 flight and awaits every result, then measures the publishes again: the ratio of runs/s to raw
-publishes/s is taken to the mean of the two, since a shared machine's rate drifts. That is done
+publishes/s is taken to the mean of the two, since a shared machine's rate drifts. Each of
+those two is the median of ``--raw-samples`` (3) measurements taken back to back. That is done
 ``--rounds`` times (3), and the round with the median ratio is reported (each round is printed
 and written too). ``--sweep 10,50,500`` then
 measures ``--sweep-runs`` runs at each of those in-flight counts (throughput vs in-flight).
@@ -70,6 +71,17 @@ async def publish_rate(url: str, messages: int, window: int = 2000, replicas: in
     await js.delete_stream("BENCH_RAW")
     await nc.close()
     return rate
+
+
+def raw_rate(url: str, args: argparse.Namespace) -> float:
+    """The raw publish rate at one point: the median of ``--raw-samples`` measurements.
+
+    One measurement of 20,000 publishes moved by a tenth either way on an idle 2-core machine
+    (six in a row: 72,052 to 101,887/s), so each point is the median of a few, taken back to back.
+    """
+    rates = [asyncio.run(publish_rate(url, args.publish_messages, replicas=args.replicas))
+             for _ in range(args.raw_samples)]
+    return statistics.median(rates)
 
 
 def start_worker(url: str, processes: int) -> tuple[WorkerProc, list[int]]:
@@ -154,7 +166,7 @@ def measure(url: str, args: argparse.Namespace, sweep: list[int], server_pid: in
     sweep's points.
     """
     os.environ["BIDE_NATS_URL"] = url
-    pubs = [asyncio.run(publish_rate(url, args.publish_messages, replicas=args.replicas))]
+    pubs = [raw_rate(url, args)]
     worker, worker_pids = start_worker(url, args.worker_processes)
 
     def cpu_now() -> dict[str, float]:
@@ -168,7 +180,7 @@ def measure(url: str, args: argparse.Namespace, sweep: list[int], server_pid: in
             before = cpu_now()
             lat, wall, errors = asyncio.run(drive(args.runs, args.concurrency, not args.no_progress))
             after = cpu_now()
-            pubs.append(asyncio.run(publish_rate(url, args.publish_messages, replicas=args.replicas)))
+            pubs.append(raw_rate(url, args))
             cpu = {name: round((after[name] - before[name]) / max(1, args.runs) * 1e6, 1) for name in after}
             rate = len(lat) / wall
             pub_pair = (pubs[-2], pubs[-1])
@@ -197,6 +209,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="main runs, each between two raw publish measurements; the median ratio is reported")
     ap.add_argument("--publish-messages", type=int, default=20000)
+    ap.add_argument("--raw-samples", type=int, default=3,
+                    help="raw publish measurements at each point, before and after each round; the median is taken")
     ap.add_argument("--sweep", default="", help="comma-separated in-flight counts to measure after the main run")
     ap.add_argument("--sweep-runs", type=int, default=1000, help="runs per in-flight count of --sweep")
     ap.add_argument("--json", default=None, help="write the numbers here")
@@ -209,6 +223,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker_processes < 1:
         ap.error(f"--worker-processes must be at least 1, got {args.worker_processes}")
+    if args.raw_samples < 1:
+        ap.error(f"--raw-samples must be at least 1, got {args.raw_samples}")
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     sweep = [int(x) for x in args.sweep.split(",") if x]
@@ -250,6 +266,7 @@ def main() -> None:
         "sweep": swept,
         "latencies_ms": [round(x * 1000, 2) for x in lat],
         "runs_per_publish_ratio": round(median["ratio"], 4),
+        "raw_samples_per_point": args.raw_samples,
         "cpu_us_per_run": cpu,
         "rounds": [{"runs_per_s": round(r["runs_per_s"], 1), "errors": r["errors"],
                     "jetstream_publish_per_s_before_after": [round(p, 1) for p in r["publish_before_after"]],
@@ -268,7 +285,8 @@ def main() -> None:
     print(f"{len(lat)} trivial durable runs ({args.worker_processes} worker process(es)) in {wall:.2f} s: "
           f"{rate:,.0f} runs/s, p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms, errors {errors}")
     print(f"raw JetStream pipelined publish: {pub:,.0f} msg/s, the mean of {pubs[0]:,.0f} before the runs and "
-          f"{pubs[1]:,.0f} after (runs/s / publish/s = {out['runs_per_publish_ratio']})")
+          f"{pubs[1]:,.0f} after, each the median of {args.raw_samples} (runs/s / publish/s = "
+          f"{out['runs_per_publish_ratio']})")
     print("CPU per run: " + ", ".join(f"{name} {us:,.0f} us" for name, us in cpu.items()))
     for p in swept:
         print(f"  {p['concurrency']:>5} in flight: {p['runs_per_s']:>7,.0f} runs/s, p50 {p['p50_ms']} ms, "
