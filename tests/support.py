@@ -186,6 +186,10 @@ def free_ports_in_a_row(n: int) -> int:
     raise RuntimeError(f"no {n} consecutive free ports found")
 
 
+_RELOADED = b"Reloaded server configuration"
+"""What nats-server logs once a configuration reload (SIGHUP) is done."""
+
+
 class DenyingServer:
     """A real nats-server whose one user, ``host``, may publish anything but ``deny`` until :meth:`allow`.
 
@@ -228,11 +232,17 @@ accounts {{
         """Lift the refusal (rewrite the configuration, SIGHUP), and wait until JetStream answers again.
 
         The reload re-registers the account's JetStream API: a request at that moment can meet no
-        responders (seen once in a full suite run on two cores)."""
+        responders (seen once in a full suite run on two cores). The server reloads some time
+        after the signal, so JetStream answering right after it proves nothing: the wait is for
+        the log's line that the reload is done, then for JetStream (a test that asked before the
+        reload began met no responders once, in a full suite run on two cores)."""
         path = self.server.config_file
         path.write_text(path.read_text().replace(self._deny, '"nothing.denied"'))
         assert self.server.proc is not None
+        log = self.server.log_file
+        reloads = log.read_bytes().count(_RELOADED)
         os.kill(self.server.proc.pid, signal.SIGHUP)
+        await wait_until(lambda: log.read_bytes().count(_RELOADED) > reloads, what="the server to reload")
         nc = await nats.connect(self.server.url, user="host", password=self._password)
         try:
             async def answers() -> bool:
