@@ -467,7 +467,13 @@ class ActorHost:
         Empty if there is no such run, or the first turn has not written yet.
         """
         if await queued_start(self._nc_, self.layout.subjects, act.run_id) is None:
-            return RunHistory(act.run_id)
+            # No start waits on the queue: the first append is stored, or there is no such run. A
+            # replica behind shows no history for a run that has one, and an activation that came
+            # back often enough (a stale read's conflicts count too) was dropped on its word: the
+            # run's wake-up was lost (the stale-replica test, once in eight suite runs). The
+            # leader says which.
+            return await self._history.read_latest(act.run_id, history_seq=act.history_seq or 0,
+                                                   inbox_seq=act.inbox_seq or 0)
         return await self._until_settled(act, RunHistory(act.run_id), _SUSPENSION_WAIT_S,
                                          lambda hist: bool(hist.entries))
 
