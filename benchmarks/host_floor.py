@@ -177,13 +177,15 @@ def main() -> None:
                       f"total {cpu['total']:,.0f} us", flush=True)
     print(durability)
 
-    def med(kind: str, key: str) -> float:
-        return statistics.median(r["cpu_us_per_run"][key] if key != "runs_per_s" else r[key]
-                                 for r in rounds if r["host"] == kind)
+    def rate(kind: str) -> float:
+        return statistics.median(r["runs_per_s"] for r in rounds if r["host"] == kind)
 
-    engine = med("bide", "host") - med("floor", "host")
-    print(f"medians: bide {med('bide', 'runs_per_s'):,.0f} runs/s with the host at {med('bide', 'host'):,.0f} us "
-          f"per run; floor {med('floor', 'runs_per_s'):,.0f} runs/s at {med('floor', 'host'):,.0f} us; "
+    def host_us(kind: str) -> float:
+        return statistics.median(r["cpu_us_per_run"]["host"] for r in rounds if r["host"] == kind)
+
+    engine = host_us("bide") - host_us("floor")
+    print(f"medians: bide {rate('bide'):,.0f} runs/s with the host at {host_us('bide'):,.0f} us per run; "
+          f"floor {rate('floor'):,.0f} runs/s at {host_us('floor'):,.0f} us; "
           f"the engine costs the host about {engine:,.0f} us per run ({args.concurrency} in flight)")
     if args.json:
         Path(args.json).write_text(json.dumps({
