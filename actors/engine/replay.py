@@ -739,7 +739,8 @@ class Turn:
                                  groups=[[fix(c) for c in g] for g in specs], at=now, any_of=[fix(c) for c in extra])
         self._waits[pos] = reg
         while True:
-            outcome = self._try_resolve(reg)
+            now = utcnow()  # one moment for both questions: is it over, and when to look again
+            outcome = self._try_resolve(reg, now)
             if outcome is not None:
                 result, consumed = outcome
                 self._consume(consumed)
@@ -756,7 +757,7 @@ class Turn:
             if rec is None:
                 self._pending.append(reg)
                 rec = {"wait_registered": reg}
-            wake = self._next_wake(reg)
+            wake = self._next_wake(reg, now)
             remaining = None if wake is None else wake - utcnow()
             if remaining is not None and remaining <= RESIDENT_MAX:
                 assert wake is not None
@@ -789,9 +790,8 @@ class Turn:
             raise TypeError("ParentCondition applies to DAG tasks (wait_for=/skip_if=), not to ctx.aio_wait_for")
         raise TypeError(f"not a wait condition: {c!r}")
 
-    def _try_resolve(self, reg: WaitRegistered) -> tuple[dict[str, Any], list[int]] | None:
-        """The wait's result if every group has a satisfied condition (the earliest wins in a group)."""
-        now = utcnow()
+    def _try_resolve(self, reg: WaitRegistered, now: datetime) -> tuple[dict[str, Any], list[int]] | None:
+        """The wait's result if every group has a satisfied condition at ``now`` (the earliest wins in a group)."""
         result: dict[str, Any] = {}
         consumed: list[int] = []
         taken: set[int] = set()
@@ -842,8 +842,16 @@ class Turn:
         return None
 
     @staticmethod
-    def _next_wake(reg: WaitRegistered) -> datetime | None:
-        wakes = [c.wake_at for c in reg.flat() if c.kind == "sleep" and c.wake_at is not None]
+    def _next_wake(reg: WaitRegistered, now: datetime) -> datetime | None:
+        """When the wait (unresolved at ``now``) must be looked at again: its next sleep condition to end.
+
+        Only sleeps still ahead: one over at ``now`` satisfied its group, and the wait waits for
+        another group's event. Counting it too, a wait for a sleep *and* an event whose sleep was
+        over found that past moment, waited for it (not at all) and looked again, for ever: its
+        host's event loop never ran anything else
+        (``test_wait_sleep_and_event.py``).
+        """
+        wakes = [c.wake_at for c in reg.flat() if c.kind == "sleep" and c.wake_at is not None and c.wake_at > now]
         return min(wakes) if wakes else None
 
     # -- children ------------------------------------------------------------------------------
