@@ -170,6 +170,10 @@ class BideConfig:
     """How often each host checks that the streams' guarded settings were not changed by hand,
     and puts them back if they were (``BIDE_STREAM_CHECK_INTERVAL``, seconds; see
     :mod:`actors.hosting.stream_guard`)."""
+    wakeup_check_s: float = 60.0
+    """How often one host looks for parked runs whose timer the server lost, and how overdue a
+    wake-up must be to count as lost (``BIDE_WAKEUP_CHECK_INTERVAL``, seconds; see
+    :mod:`actors.hosting.wakeup_check`)."""
     router_partitions: int = 4
     """Event router partitions (``BIDE_ROUTER_PARTITIONS``): fixed for the life of a store."""
     warm_runs: int = 500
@@ -208,6 +212,7 @@ class BideConfig:
             max_history_bytes=parse_size(os.environ.get("BIDE_MAX_HISTORY") or 256 * 1024 * 1024,
                                          "BIDE_MAX_HISTORY"),
             stream_check_s=_env_float("BIDE_STREAM_CHECK_INTERVAL", 30.0),
+            wakeup_check_s=_env_float("BIDE_WAKEUP_CHECK_INTERVAL", 60.0),
             router_partitions=_env_int("BIDE_ROUTER_PARTITIONS", 4),
             warm_runs=_env_int("BIDE_WARM_RUNS", 500),
             nats_auth=NatsAuth.from_env(),
@@ -236,6 +241,8 @@ class BideConfig:
         if not 0.1 <= self.stream_check_s <= 86400:
             raise ValueError(f"BIDE_STREAM_CHECK_INTERVAL={self.stream_check_s:g} must be between 0.1 and 86400 "
                              "seconds")
+        if not 1 <= self.wakeup_check_s <= 86400:
+            raise ValueError(f"BIDE_WAKEUP_CHECK_INTERVAL={self.wakeup_check_s:g} must be between 1 and 86400 seconds")
         if self.warm_runs < 0:
             raise ValueError(f"BIDE_WARM_RUNS={self.warm_runs} must be 0 (keep none) or more")
         if not 0 <= self.gc_threshold <= _MAX_GC_THRESHOLD:

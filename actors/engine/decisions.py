@@ -8,15 +8,19 @@ parks the run again without running code), how many attempts have failed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     Activation,
     ActivationBegun,
+    AttemptFailed,
     EventSignal,
     HistoryEntry,
     SignalReceived,
+    WaitCondition,
+    WaitRegistered,
 )
 
 
@@ -98,3 +102,54 @@ def needs_user_code(act: Activation, hist: RunHistory, delivery: int = 1) -> boo
 def failed_attempts(hist: RunHistory) -> int:
     """Failed attempts so far (the attempt number is this plus one, on every host)."""
     return hist.state.failed_attempts
+
+
+@dataclass(frozen=True)
+class Wakeup:
+    """A wake-up a parked run gets from one of its timers: ``pos``'s (a sleep, a wait's sleep
+    condition) or its next attempt's (``retry``, the failure it retries)."""
+
+    at: datetime
+    pos: int | None = None
+    retry: AttemptFailed | None = None
+    certain: bool = True
+    """Had it come, the history would say so (a sleep fired, a wait resolved, an attempt began).
+    ``False``: a wait that needs an event besides its sleeps, whose sleep may have come and
+    found the wait still waiting for the event, leaving nothing to record."""
+
+
+def timer_wakeups(hist: RunHistory) -> list[Wakeup]:
+    """The wake-ups the run's timers are for, as its history says, earliest first (none once it has ended).
+
+    A sleep not yet fired; an open wait with sleep conditions (when they alone resolve it, or
+    else its earliest sleep, not certain); the next attempt, when the last entry is a failed one.
+    """
+    if not hist.entries or hist.terminal is not None:
+        return []
+    state = hist.state
+    out = [Wakeup(s.wake_at, pos=pos) for pos, s in state.sleeping.items()]
+    for w in state.open_waits.values():
+        sleeps = [c.wake_at for c in w.flat() if c.kind == "sleep" and c.wake_at is not None]
+        if not sleeps:
+            continue
+        by_time = _resolved_by_time(w)
+        out.append(Wakeup(by_time, pos=w.pos) if by_time is not None
+                   else Wakeup(min(sleeps), pos=w.pos, certain=False))
+    last = hist.entries[-1]
+    if isinstance(last, AttemptFailed):
+        out.append(Wakeup(last.retry_at, retry=last))
+    return sorted(out, key=lambda w: w.at)
+
+
+def _resolved_by_time(w: WaitRegistered) -> datetime | None:
+    """When ``w``'s sleep conditions alone resolve it, if they can: one of ``any_of``'s, or every
+    group's earliest once all groups have one."""
+    def earliest(conds: list[WaitCondition]) -> datetime | None:
+        wakes = [c.wake_at for c in conds if c.kind == "sleep" and c.wake_at is not None]
+        return min(wakes) if wakes else None
+
+    candidates = [t for t in [earliest(list(w.any_of))] if t is not None]
+    per_group = [earliest(g) for g in w.groups]
+    if per_group and all(t is not None for t in per_group):
+        candidates.append(max(t for t in per_group if t is not None))
+    return min(candidates) if candidates else None

@@ -414,6 +414,11 @@ class Subjects:
         return f"{self.prefix}.runs.>"
 
     @property
+    def wakeup_pass(self) -> str:
+        """Which host runs this round of the wake-up check (``actors.hosting.wakeup_check``); no index record."""
+        return f"{self.prefix}.runs.@wakeups"
+
+    @property
     def cancel_broadcast(self) -> str:
         """Core NATS: "stop run R now if you are running it" (the durable request is on the inbox)."""
         return f"{self.prefix}.control.cancel"

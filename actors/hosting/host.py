@@ -58,6 +58,7 @@ from actors.hosting.router_partitions import RouterPartitions
 from actors.hosting.stream_guard import StreamGuard
 from actors.hosting.turn_effects import RunWriter, TurnEffects
 from actors.hosting.turns import TurnRunner, error_info
+from actors.hosting.wakeup_check import WakeupCheck
 from actors.hosting.warm_runs import WarmRun, WarmRuns
 from actors.observe.tracing import Tracing
 from actors.store.history import CorruptHistoryError, HistoryConflict, HistoryLog, decode_stored
@@ -146,6 +147,7 @@ class ActorHost:
         self._route_events = route_events
         self._sweeper: InboxSweeper | None = None
         self.stream_guard: StreamGuard | None = None
+        self.wakeups: WakeupCheck | None = None
         self.router: RouterPartitions | None = None
         self._effects: TurnEffects | None = None
         self._warm = WarmRuns(config.warm_runs, config.warm_bytes)
@@ -209,6 +211,8 @@ class ActorHost:
         self._sweeper = await InboxSweeper(nc, self._publisher, self._history, self.layout,
                                            self.config.sweep_after_s).start()
         self.stream_guard = StreamGuard(nc, self.layout, self.config.stream_check_s).start()
+        self.wakeups = WakeupCheck(nc, self._publisher, self.layout, self._history, self._timers,
+                                   self.config.wakeup_check_s, self.host_id).start()
         for q in self._queues:  # every queue is counted before any pulls (scarce slots)
             await q.start()
         self._serving = True
@@ -256,6 +260,8 @@ class ActorHost:
             await _bounded(self._sweeper.stop(), "stopping the inbox sweeper")
         if self.stream_guard is not None:
             await _bounded(self.stream_guard.stop(), "stopping the stream guard")
+        if self.wakeups is not None:
+            await _bounded(self.wakeups.stop(), "stopping the wake-up check")
         if self._effects is not None:
             await self._effects.stop(timeout=5)
         if self._heartbeat is not None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -207,6 +207,17 @@ async def _window(nc: NATS, stream: str, subject: str, lo: int, hi: int) -> list
                 if run is not None:
                     out.append(run)
     return out
+
+
+async def live_runs(nc: NATS, subjects: Subjects) -> AsyncIterator[IndexedRun]:
+    """Every live run the index has, oldest record first (for the hosts' wake-up check)."""
+    pages = direct_get_pages(nc, subjects.runs_stream, subjects.runs_filter(LIVE), start_seq=1, batch=_PAGE)
+    async with contextlib.aclosing(pages):
+        async for page in pages:
+            for m in page:
+                run = _decode(m.data, int((m.headers or {}).get("Nats-Sequence", "0")))
+                if run is not None:
+                    yield run
 
 
 async def find(nc: NATS, subjects: Subjects, q: RunQuery,

@@ -32,6 +32,11 @@ host makes wake-ups precise instead of late.
 _MIN_AHEAD = timedelta(milliseconds=260)
 
 
+def retry_key(retry: int) -> str:
+    """What names retry number ``retry``'s timer subject in place of a position."""
+    return f"retry{retry}"
+
+
 class TimerScheduler:
     """Publishes and cancels a run's timers. One schedule subject per (run, position)."""
 
@@ -54,7 +59,7 @@ class TimerScheduler:
     async def schedule_retry(self, run_id: str, task: str, retry: int, at: datetime, history_seq: int) -> None:
         """Retry number ``retry`` of the run, at ``at`` (``history_seq``: the append that recorded the failure)."""
         act = Activation(run_id=run_id, task=task, kind="retry", history_seq=history_seq or None)
-        await self._publish(self._subjects.timer(run_id, f"retry{retry}"), task, run_id, act,
+        await self._publish(self._subjects.timer(run_id, retry_key(retry)), task, run_id, act,
                             max(at, utcnow() + _MIN_AHEAD))
 
     async def schedule_removals(self, batch: str, run_ids: list[str], at: datetime) -> None:

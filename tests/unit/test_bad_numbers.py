@@ -77,6 +77,16 @@ def test_the_stream_check_interval_is_refused_by_name_outside_its_range(
         BideConfig.from_env()
 
 
+@pytest.mark.parametrize("value", ["0", "0.5", "-1", "nan", "inf", "999999"])
+def test_the_wakeup_check_interval_is_refused_by_name_outside_its_range(
+        value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdk.config import BideConfig
+
+    monkeypatch.setenv("BIDE_WAKEUP_CHECK_INTERVAL", value)
+    with pytest.raises(ValueError, match=r"BIDE_WAKEUP_CHECK_INTERVAL=.* must be between 1 and 86400 seconds"):
+        BideConfig.from_env()
+
+
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
 def test_bide_run_refuses_a_bad_timeout_before_it_starts_anything(
         value: str, capsys: pytest.CaptureFixture[str]) -> None:

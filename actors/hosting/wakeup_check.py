@@ -1,0 +1,180 @@
+"""The wake-up check: a parked run whose timer the server lost is woken all the same.
+
+A sleep, a wait's timeout and a retry's backoff wake their run through a scheduled message in
+the work stream (:mod:`actors.store.timers`), derived from the history, which is the truth.
+Whatever removed that message left the run parked for ever: an operator's ``nats stream rm``
+or ``nats stream purge`` of the work stream (the hosts create it again, empty), or a
+``Nats-Rollup: all`` header published on a work subject by anyone allowed to publish there
+(nats-server makes a stream with schedules accept rollups; a server started without
+permissions, as ``bide dev`` starts one, lets everyone).
+
+Every ``interval_s`` (jittered) one host takes the pass (a message on ``<prefix>.runs.@wakeups``,
+stored only when there is none, that expires after ``interval_s``: whichever host stores it
+checks) and reads the runs index's live records and, for each run, the last message of its
+history. A run whose history moved since this host last looked is read whole and its timers'
+wake-ups found (:func:`actors.engine.decisions.timer_wakeups`). A wake-up more than
+``interval_s`` overdue whose timer is not on its subject, with nothing queued for the run
+(a fired timer's activation, a turn under way) and a history the stream's leader says has
+not moved, is lost: its timer is scheduled again, to fire now, once per history state.
+
+What it cannot see: a run whose live record is not in the index (its write is best effort),
+and a run whose history is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+
+import nats.js.errors
+from nats.aio.client import Client as NATS
+
+from actors.engine.decisions import Wakeup, timer_wakeups
+from actors.engine.wire import HDR_TTL, utcnow
+from actors.store.history import HistoryLog
+from actors.store.jetstream import (
+    ERR_WRONG_LAST_SEQUENCE,
+    Layout,
+    direct_get_last,
+    is_transient,
+    leader_get,
+    leader_next,
+)
+from actors.store.requests import Publisher
+from actors.store.runs_index import HDR_EXPECTED_SEQ, live_runs
+from actors.store.timers import TimerScheduler, retry_key
+
+log = logging.getLogger("bide.wakeups")
+
+
+@dataclass(slots=True)
+class _Known:
+    """What this host last read of a live run: the sequence of its last history message and its wake-ups
+    (kept small: the host holding the pass keeps one per live run)."""
+
+    seq: int
+    wakeups: tuple[Wakeup, ...]
+    rearmed: bool = False
+    """A lost wake-up was armed again at this state of the history (not again until it moves)."""
+
+
+class WakeupCheck:
+    """Arms again the timers of parked runs whose wake-ups are overdue and nowhere on their way."""
+
+    def __init__(self, nc: NATS, publisher: Publisher, layout: Layout, history: HistoryLog,
+                 timers: TimerScheduler, interval_s: float, host_id: str) -> None:
+        self._nc = nc
+        self._pub = publisher
+        self._s = layout.subjects
+        self._history = history
+        self._timers = timers
+        self._interval = interval_s
+        self._host_id = host_id
+        self._known: dict[str, _Known] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.rearmed = 0
+        """Wake-ups this host armed again (for tests and ``bide status``)."""
+        self.passes = 0
+
+    def start(self) -> WakeupCheck:
+        self._task = asyncio.create_task(self._loop(), name="bide-wakeup-check")
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=5.0)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval * random.uniform(0.8, 1.2))
+            try:
+                if await self._take_the_pass():
+                    await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the server is away: next round
+                log.log(logging.DEBUG if is_transient(e) else logging.WARNING, "the wake-up check failed: %s", e)
+
+    async def _take_the_pass(self) -> bool:
+        """Whether this host checks this round: it stored the pass's marker, which no other host holds."""
+        headers = {HDR_EXPECTED_SEQ: "0", HDR_TTL: f"{max(1, round(self._interval))}s"}
+        try:
+            await self._pub.publish(self._s.wakeup_pass, self._host_id.encode(), headers)
+        except nats.js.errors.APIError as e:
+            if e.err_code == ERR_WRONG_LAST_SEQUENCE:
+                return False  # another host has this round
+            raise
+        return True
+
+    async def check(self) -> int:
+        """One pass over the live runs; returns how many lost wake-ups it armed again."""
+        now = utcnow()
+        live: set[str] = set()
+        rearmed = 0
+        async for rec in live_runs(self._nc, self._s):
+            live.add(rec.run_id)
+            # Any replica may answer: a lost wake-up is confirmed with the leader before anything is done.
+            last = await direct_get_last(self._nc, self._s.history_stream, self._s.history(rec.run_id))
+            if last is None:
+                continue  # queued (its start is on the queue), or removed
+            seq = int((last.headers or {}).get("Nats-Sequence", "0"))
+            known = self._known.get(rec.run_id)
+            if known is None or known.seq != seq:
+                hist = await self._history.read(rec.run_id, history_seq=seq)
+                known = self._known[rec.run_id] = _Known(hist.last_seq, tuple(timer_wakeups(hist)))
+            if known.rearmed:
+                continue
+            for w in known.wakeups:
+                if (now - w.at).total_seconds() <= self._interval:
+                    break  # sorted: the rest are later
+                if await self._lost(rec.run_id, rec.task, known.seq, w):
+                    await self._rearm(rec.run_id, rec.task, known.seq, w)
+                    known.rearmed = True
+                    rearmed += 1
+        for run_id in self._known.keys() - live:
+            del self._known[run_id]  # ended, or removed
+        self.passes += 1
+        self.rearmed += rearmed
+        return rearmed
+
+    async def _lost(self, run_id: str, task: str, seq: int, w: Wakeup) -> bool:
+        """Whether ``w`` is on its way nowhere: no timer, nothing queued, and the history as it was.
+
+        Asked in this order, each of the stream's leader: a timer that fires between two
+        questions leaves its activation queued until a turn that appends has taken it.
+        """
+        s = self._s
+        if await leader_next(self._nc, s.work_stream, s.timer(run_id, _timer_key(w))) is not None:
+            return False  # late, not lost
+        if await leader_next(self._nc, s.work_stream, s.work(task, run_id)) is not None:
+            return False  # fired, waiting for a host (or its turn is under way)
+        if await leader_next(self._nc, s.queue_stream, s.queue_of_run(run_id)) is not None:
+            return False  # another activation will replay the run
+        last = await leader_get(self._nc, s.history_stream, last_by_subj=s.history(run_id))
+        return last is not None and int((last.headers or {}).get("Nats-Sequence", "0")) == seq
+
+    async def _rearm(self, run_id: str, task: str, seq: int, w: Wakeup) -> None:
+        what = f"its retry {w.retry.attempt}" if w.retry is not None else f"the timer of position {w.pos}"
+        if w.certain:
+            log.warning("run %s (task %r): %s was due at %s and is gone (the work stream lost it: deleted, "
+                        "purged, or a rollup published there); armed again", run_id, task, what, w.at.isoformat())
+        else:
+            # A wait for an event besides its sleep: the timer may have fired and left nothing to record.
+            log.info("run %s (task %r): %s was due at %s and may have been lost; armed again (once)",
+                     run_id, task, what, w.at.isoformat())
+        if w.retry is not None:
+            await self._timers.schedule_retry(run_id, task, w.retry.attempt, w.at, seq)
+        else:
+            assert w.pos is not None
+            await self._timers.schedule(run_id, task, w.pos, w.at, seq)
+
+
+def _timer_key(w: Wakeup) -> int | str:
+    """The token that names ``w``'s timer subject (as :class:`TimerScheduler` names it)."""
+    if w.retry is not None:
+        return retry_key(w.retry.attempt)
+    assert w.pos is not None
+    return w.pos

@@ -1,0 +1,145 @@
+"""Wake-ups whose timers the server lost are armed again by the hosts (the wake-up check).
+
+A run's sleep, a wait's timeout and a retry's backoff are scheduled messages in the work
+stream, which nats-server makes accept rollup headers (it has schedules). Its messages go
+with it when an operator deletes or purges it (`nats stream rm BIDE_WORK`, `nats stream purge`),
+and with a rollup anyone who may publish there sends (`nats pub bide.work.x.y -H
+'Nats-Rollup: all'` on a server without permissions, as `bide dev` starts). The history still
+says what each parked run waits for, so the hosts find every wake-up overdue and arm it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import nats
+import pytest
+
+from actors.engine.wire import Subjects
+from actors.store.jetstream import api_request
+from actors.store.server import EmbeddedServer
+from sdk import Bide, DurableContext, SleepCondition, UserEventCondition
+from tests.support import running_worker, wait_until
+
+S = Subjects()
+
+
+async def _parked(client: Bide, run_id: str, kind: str) -> bool:
+    hist = await client.runs.aio_history(run_id)
+    return bool(hist.entries) and hist.entries[-1].k == kind
+
+
+async def _lose_the_work_stream(nc: Any, how: str) -> None:
+    if how == "deleted":
+        await api_request(nc, f"$JS.API.STREAM.DELETE.{S.work_stream}", {})
+    elif how == "purged":
+        await api_request(nc, f"$JS.API.STREAM.PURGE.{S.work_stream}", {})
+    else:
+        # A plain publish, as `nats pub` sends it: the server takes the rollup (the stream has schedules).
+        ack = await nc.request(S.work("NoSuchTask", "someone"), b"{}", headers={"Nats-Rollup": "all"}, timeout=5)
+        assert b'"error"' not in ack.data, ack.data
+
+
+@pytest.mark.parametrize("how", ["deleted", "purged", "rolled up"])
+async def test_a_sleep_a_waits_timeout_and_a_retry_whose_timers_were_lost_still_wake(
+    nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch, how: str,
+) -> None:
+    monkeypatch.setenv("BIDE_STREAM_CHECK_INTERVAL", "0.3")
+    monkeypatch.setenv("BIDE_WAKEUP_CHECK_INTERVAL", "1")
+    client = Bide(nats_server.url, ack_wait=3.0)
+
+    @client.durable_task(name="LostSleep")
+    async def sleeper(input: dict[str, Any], ctx: DurableContext) -> str:
+        await ctx.aio_sleep_for(timedelta(seconds=4))
+        return "woke"
+
+    @client.durable_task(name="LostTimeout")
+    async def waiter(input: dict[str, Any], ctx: DurableContext) -> str:
+        got = await ctx.aio_wait_for_event("never:comes", timeout=timedelta(seconds=4))
+        return "timed out" if got is None else "an event?"
+
+    attempts: list[int] = []
+
+    @client.durable_task(name="LostRetry", retries=2, backoff_factor=5)
+    async def flaky(input: dict[str, Any], ctx: DurableContext) -> str:
+        attempts.append(ctx.retry_count)
+        if ctx.retry_count < 2:
+            raise RuntimeError("not yet")
+        return "third time"
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with running_worker(client, [sleeper, waiter, flaky]) as worker:
+            slept = await sleeper.aio_run_no_wait({})
+            waited = await waiter.aio_run_no_wait({})
+            retried = await flaky.aio_run_no_wait({})
+
+            async def all_parked() -> bool:
+                # The retry's second backoff (5 s) is a timer; the first (1 s) may wait on the host.
+                return (await _parked(client, slept.workflow_run_id, "sleep_scheduled")
+                        and await _parked(client, waited.workflow_run_id, "wait_registered")
+                        and len(attempts) == 2 and await _parked(client, retried.workflow_run_id, "attempt_failed"))
+
+            await wait_until(all_parked, timeout=15, what="the three runs parked on their timers")
+            await _lose_the_work_stream(nc, how)
+
+            async def work_stream_back() -> bool:
+                names = (await api_request(nc, "$JS.API.STREAM.NAMES", {}))["streams"] or []
+                return S.work_stream in names
+
+            await wait_until(work_stream_back, timeout=10, what="the work stream created again")
+            assert await slept.aio_result(timeout=30) == "woke"
+            assert await waited.aio_result(timeout=30) == "timed out"
+            assert await retried.aio_result(timeout=30) == "third time"
+            assert worker.host.wakeups.rearmed == 3
+    finally:
+        await nc.close()
+        await client.aclose()
+
+
+async def test_wake_ups_on_their_way_are_not_armed_again(
+    nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Timers that fire, a step that runs past its sleep's wake time with its activation held,
+    # and a wait whose sleep is over while it waits for its event: nothing is lost, nothing re-armed.
+    monkeypatch.setenv("BIDE_WAKEUP_CHECK_INTERVAL", "1")
+    client = Bide(nats_server.url, ack_wait=3.0)
+    release = asyncio.Event()
+
+    @client.durable_task(name="OnTime")
+    async def sleeper(input: dict[str, Any], ctx: DurableContext) -> str:
+        await ctx.aio_sleep_for(timedelta(seconds=input["s"]))
+        return "woke"
+
+    @client.durable_task(name="LongStep")
+    async def long_step(input: dict[str, Any], ctx: DurableContext) -> str:
+        await ctx.aio_sleep_for(timedelta(seconds=1))
+
+        async def step() -> str:
+            await release.wait()
+            return "done"
+
+        return await ctx.memo(step)
+
+    @client.durable_task(name="SleepThenEvent")
+    async def sleep_then_event(input: dict[str, Any], ctx: DurableContext) -> dict[str, Any]:
+        return await ctx.aio_wait_for("both", SleepCondition(timedelta(seconds=1)),
+                                      UserEventCondition(event_key="lost:late"))
+
+    async with running_worker(client, [sleeper, long_step, sleep_then_event]) as worker:
+        check = worker.host.wakeups
+        sleepers = [await sleeper.aio_run_no_wait({"s": s}) for s in (1, 2, 3)]
+        held = await long_step.aio_run_no_wait({})
+        both = await sleep_then_event.aio_run_no_wait({})
+        assert [await r.aio_result(timeout=20) for r in sleepers] == ["woke"] * 3
+        passes = check.passes
+        await wait_until(lambda: check.passes >= passes + 3, timeout=20, what="three more passes of the check")
+        release.set()
+        assert await held.aio_result(timeout=20) == "done"
+        await client.event.aio_push("lost:late", {"ok": 1})
+        assert len(await both.aio_result(timeout=20)) == 2
+        # The wait whose sleep was over may get its timer once more (nothing shows it came), never more.
+        assert check.rearmed <= 1
+    await client.aclose()
