@@ -32,7 +32,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from actors.engine.decisions import Wakeup, timer_wakeups
-from actors.engine.wire import HDR_TTL, utcnow
+from actors.engine.wire import HDR_SCHEDULE_TARGET, HDR_TTL, utcnow
 from actors.store.history import HistoryLog
 from actors.store.jetstream import (
     ERR_WRONG_LAST_SEQUENCE,
@@ -147,8 +147,9 @@ class WakeupCheck:
         questions leaves its activation queued until a turn that appends has taken it.
         """
         s = self._s
-        if await leader_next(self._nc, s.work_stream, s.timer(run_id, _timer_key(w))) is not None:
-            return False  # late, not lost
+        timer = await leader_next(self._nc, s.work_stream, s.timer(run_id, _timer_key(w)))
+        if timer is not None and (timer.headers or {}).get(HDR_SCHEDULE_TARGET) == s.work(task, run_id):
+            return False  # late, not lost (a message there that is not its schedule, published by hand, is not it)
         if await leader_next(self._nc, s.work_stream, s.work(task, run_id)) is not None:
             return False  # fired, waiting for a host (or its turn is under way)
         if await leader_next(self._nc, s.queue_stream, s.queue_of_run(run_id)) is not None:

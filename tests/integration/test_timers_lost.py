@@ -4,8 +4,10 @@ A run's sleep, a wait's timeout and a retry's backoff are scheduled messages in 
 stream, which nats-server makes accept rollup headers (it has schedules). Its messages go
 with it when an operator deletes or purges it (`nats stream rm BIDE_WORK`, `nats stream purge`),
 and with a rollup anyone who may publish there sends (`nats pub bide.work.x.y -H
-'Nats-Rollup: all'` on a server without permissions, as `bide dev` starts). The history still
-says what each parked run waits for, so the hosts find every wake-up overdue and arm it again.
+'Nats-Rollup: all'` on a server without permissions, as `bide dev` starts; or `-H
+'Nats-Rollup: sub'` on a timer's own subject, which replaces the schedule with a plain
+message). The history still says what each parked run waits for, so the hosts find every
+wake-up overdue and arm it again.
 """
 
 from __future__ import annotations
@@ -31,8 +33,13 @@ async def _parked(client: Bide, run_id: str, kind: str) -> bool:
     return bool(hist.entries) and hist.entries[-1].k == kind
 
 
-async def _lose_the_work_stream(nc: Any, how: str) -> None:
-    if how == "deleted":
+async def _lose_the_timers(nc: Any, how: str, timers: list[str]) -> None:
+    if how == "replaced":
+        # A plain message on each timer's own subject with a rollup of that subject: the schedule is gone.
+        for subject in timers:
+            ack = await nc.request(subject, b"not a schedule", headers={"Nats-Rollup": "sub"}, timeout=5)
+            assert b'"error"' not in ack.data, ack.data
+    elif how == "deleted":
         await api_request(nc, f"$JS.API.STREAM.DELETE.{S.work_stream}", {})
     elif how == "purged":
         await api_request(nc, f"$JS.API.STREAM.PURGE.{S.work_stream}", {})
@@ -42,7 +49,7 @@ async def _lose_the_work_stream(nc: Any, how: str) -> None:
         assert b'"error"' not in ack.data, ack.data
 
 
-@pytest.mark.parametrize("how", ["deleted", "purged", "rolled up"])
+@pytest.mark.parametrize("how", ["deleted", "purged", "rolled up", "replaced"])
 async def test_a_sleep_a_waits_timeout_and_a_retry_whose_timers_were_lost_still_wake(
     nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch, how: str,
 ) -> None:
@@ -83,7 +90,8 @@ async def test_a_sleep_a_waits_timeout_and_a_retry_whose_timers_were_lost_still_
                         and len(attempts) == 2 and await _parked(client, retried.workflow_run_id, "attempt_failed"))
 
             await wait_until(all_parked, timeout=15, what="the three runs parked on their timers")
-            await _lose_the_work_stream(nc, how)
+            await _lose_the_timers(nc, how, [S.timer(slept.workflow_run_id, 0), S.timer(waited.workflow_run_id, 0),
+                                             S.timer(retried.workflow_run_id, "retry2")])
 
             async def work_stream_back() -> bool:
                 names = (await api_request(nc, "$JS.API.STREAM.NAMES", {}))["streams"] or []
