@@ -27,6 +27,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
+from datetime import datetime
 
 import nats.js.errors
 from nats.aio.client import Client as NATS
@@ -36,14 +37,15 @@ from actors.engine.wire import HDR_SCHEDULE_TARGET, HDR_TTL, utcnow
 from actors.store.history import HistoryLog
 from actors.store.jetstream import (
     ERR_WRONG_LAST_SEQUENCE,
+    MULTI_LAST_MAX,
     Layout,
-    direct_get_last,
+    direct_get_last_many,
     is_transient,
     leader_get,
     leader_next,
 )
 from actors.store.requests import Publisher
-from actors.store.runs_index import HDR_EXPECTED_SEQ, live_runs
+from actors.store.runs_index import HDR_EXPECTED_SEQ, IndexedRun, live_runs
 from actors.store.timers import TimerScheduler, retry_key
 
 log = logging.getLogger("bide.wakeups")
@@ -114,10 +116,28 @@ class WakeupCheck:
         now = utcnow()
         live: set[str] = set()
         rearmed = 0
+        batch: list[IndexedRun] = []
         async for rec in live_runs(self._nc, self._s):
             live.add(rec.run_id)
-            # Any replica may answer: a lost wake-up is confirmed with the leader before anything is done.
-            last = await direct_get_last(self._nc, self._s.history_stream, self._s.history(rec.run_id))
+            batch.append(rec)
+            if len(batch) == MULTI_LAST_MAX:
+                rearmed += await self._check_batch(batch, now)
+                batch = []
+        if batch:
+            rearmed += await self._check_batch(batch, now)
+        for run_id in self._known.keys() - live:
+            del self._known[run_id]  # ended, or removed
+        self.passes += 1
+        self.rearmed += rearmed
+        return rearmed
+
+    async def _check_batch(self, runs: list[IndexedRun], now: datetime) -> int:
+        s = self._s
+        # Any replica may answer: a lost wake-up is confirmed with the leader before anything is done.
+        lasts = await direct_get_last_many(self._nc, s.history_stream, [s.history(r.run_id) for r in runs])
+        rearmed = 0
+        for rec in runs:
+            last = lasts.get(s.history(rec.run_id))
             if last is None:
                 continue  # queued (its start is on the queue), or removed
             seq = int((last.headers or {}).get("Nats-Sequence", "0"))
@@ -134,10 +154,6 @@ class WakeupCheck:
                     await self._rearm(rec.run_id, rec.task, known.seq, w)
                     known.rearmed = True
                     rearmed += 1
-        for run_id in self._known.keys() - live:
-            del self._known[run_id]  # ended, or removed
-        self.passes += 1
-        self.rearmed += rearmed
         return rearmed
 
     async def _lost(self, run_id: str, task: str, seq: int, w: Wakeup) -> bool:

@@ -896,6 +896,40 @@ async def direct_get_last(nc: NATS, stream: str, subject: str, timeout: float = 
     return msg
 
 
+MULTI_LAST_MAX = 1000
+"""Subjects :func:`direct_get_last_many` asks for in one request (nats-server refuses more than 1024)."""
+
+
+async def direct_get_last_many(nc: NATS, stream: str, subjects: list[str], timeout: float = 5.0) -> dict[str, Msg]:
+    """The last message of each of ``subjects`` that has one, by subject: one batch direct get
+    (``multi_last``) per :data:`MULTI_LAST_MAX` subjects, served by any replica."""
+    out: dict[str, Msg] = {}
+    requests = await requests_of(nc)
+    loop = asyncio.get_running_loop()
+    for i in range(0, len(subjects), MULTI_LAST_MAX):
+        chunk = subjects[i:i + MULTI_LAST_MAX]
+        req = orjson.dumps({"multi_last": chunk, "batch": len(chunk)})
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                got, status = await requests.batch(f"$JS.API.DIRECT.GET.{stream}", req,
+                                                   max(0.05, min(2.0, deadline - loop.time())))
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    raise
+                continue
+            if status == 503 and not got and loop.time() < deadline:
+                await asyncio.sleep(_NO_RESPONDERS_RETRY_S)  # no replica answers for a moment
+                continue
+            if status not in (204, 404):
+                raise RuntimeError(f"direct get of the last messages of {len(chunk)} subjects failed with status "
+                                   f"{status}")
+            break
+        for m in got:
+            out[(m.headers or {}).get("Nats-Subject", m.subject)] = m
+    return out
+
+
 async def direct_get_seq(nc: NATS, stream: str, seq: int, timeout: float = 1.0) -> Msg | None:
     """The message stored at ``seq``, or ``None`` (not stored, or no replica answered in ``timeout``).
 

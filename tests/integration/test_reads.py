@@ -61,3 +61,23 @@ async def test_a_lagging_replicas_answer_is_completed_from_the_leader(
             assert mine.headers["Nats-Time-Stamp"][:19] == theirs.headers["Nats-Time-Stamp"][:19]
     finally:
         await nc.close()
+
+
+async def test_the_last_messages_of_many_subjects_come_in_batches_and_only_for_subjects_that_have_one(
+    nats_server: EmbeddedServer,
+) -> None:
+    nc = await connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="LASTS", subjects=["l.>"], allow_direct=True)
+        last: dict[str, int] = {}
+        for i in range(2500):  # two requests' worth, and more
+            subject = f"l.{i % 1200}"
+            last[subject] = (await js.publish(subject, str(i).encode())).seq
+        asked = [f"l.{i}" for i in range(0, 1300)]  # 100 of them have no message
+        got = jetstream.direct_get_last_many
+        msgs = await got(nc, "LASTS", asked)
+        assert {s: int(m.headers["Nats-Sequence"]) for s, m in msgs.items()} == last
+        assert await got(nc, "LASTS", ["l.none"]) == {}
+    finally:
+        await nc.close()
