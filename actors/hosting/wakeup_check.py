@@ -27,18 +27,19 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from actors.engine.decisions import Wakeup, timer_wakeups
-from actors.engine.wire import HDR_SCHEDULE_TARGET, HDR_TTL, utcnow
+from actors.engine.wire import HDR_SCHEDULE_TARGET, HDR_TTL, parse_time, utcnow
 from actors.store.history import HistoryLog
 from actors.store.jetstream import (
     ERR_WRONG_LAST_SEQUENCE,
     MULTI_LAST_MAX,
     Layout,
+    direct_get_last,
     direct_get_last_many,
     is_transient,
     leader_get,
@@ -101,10 +102,24 @@ class WakeupCheck:
                 log.log(logging.DEBUG if is_transient(e) else logging.WARNING, "the wake-up check failed: %s", e)
 
     async def _take_the_pass(self) -> bool:
-        """Whether this host checks this round: it stored the pass's marker, which no other host holds."""
-        headers = {HDR_EXPECTED_SEQ: "0", HDR_TTL: f"{max(1, round(self._interval))}s"}
+        """Whether this host checks this round: it stored the round's marker, which no other host holds.
+
+        A marker older than two intervals is not a round's (its expiry is late, or someone
+        published one by hand with no ``Nats-TTL``, which would stop every round for ever):
+        it is replaced.
+        """
+        s = self._s
+        marker = await direct_get_last(self._nc, s.runs_stream, s.wakeup_pass)
+        expected = 0
+        if marker is not None:
+            headers = marker.headers or {}
+            stored = parse_time(headers.get("Nats-Time-Stamp"))
+            if (datetime.now(UTC) - stored).total_seconds() < 2 * self._interval:  # wall clocks, not engine time
+                return False  # another host's round
+            expected = int(headers.get("Nats-Sequence", "0"))
+        headers = {HDR_EXPECTED_SEQ: str(expected), HDR_TTL: f"{max(1, round(self._interval))}s"}
         try:
-            await self._pub.publish(self._s.wakeup_pass, self._host_id.encode(), headers)
+            await self._pub.publish(s.wakeup_pass, self._host_id.encode(), headers)
         except nats.js.errors.APIError as e:
             if e.err_code == ERR_WRONG_LAST_SEQUENCE:
                 return False  # another host has this round

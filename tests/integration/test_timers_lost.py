@@ -41,6 +41,10 @@ async def _lose_the_timers(nc: Any, how: str, timers: list[str]) -> None:
             assert b'"error"' not in ack.data, ack.data
     elif how == "deleted":
         await api_request(nc, f"$JS.API.STREAM.DELETE.{S.work_stream}", {})
+    elif how == "purged, check's marker taken":
+        # A message with no expiry on the subject that says which host checks this round.
+        await nc.publish(S.wakeup_pass, b"mine")
+        await api_request(nc, f"$JS.API.STREAM.PURGE.{S.work_stream}", {})
     elif how == "purged":
         await api_request(nc, f"$JS.API.STREAM.PURGE.{S.work_stream}", {})
     else:
@@ -49,7 +53,7 @@ async def _lose_the_timers(nc: Any, how: str, timers: list[str]) -> None:
         assert b'"error"' not in ack.data, ack.data
 
 
-@pytest.mark.parametrize("how", ["deleted", "purged", "rolled up", "replaced"])
+@pytest.mark.parametrize("how", ["deleted", "purged", "rolled up", "replaced", "purged, check's marker taken"])
 async def test_a_sleep_a_waits_timeout_and_a_retry_whose_timers_were_lost_still_wake(
     nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch, how: str,
 ) -> None:
