@@ -14,13 +14,12 @@ It also removes events a publisher's ``Nats-TTL`` header kept past the events' m
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 
 from nats.aio.client import Client as NATS
 
-from actors.store.jetstream import Layout, is_transient, remove_overdue_events, restore_streams
+from actors.hosting.periodic import Periodic
+from actors.store.jetstream import Layout, remove_overdue_events, restore_streams
 
 log = logging.getLogger("bide.streams")
 
@@ -31,35 +30,23 @@ class StreamGuard:
     def __init__(self, nc: NATS, layout: Layout, interval_s: float) -> None:
         self._nc = nc
         self._layout = layout
-        self._interval = interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = Periodic("bide-stream-guard", interval_s, self._round, log, "checking the streams' settings")
         self.restored: list[str] = []
         """Everything this host put back, in order (for tests and ``bide status``)."""
         self.removed_events = 0
         """Events this host removed for outliving the events' max age (their own ``Nats-TTL``)."""
 
     def start(self) -> StreamGuard:
-        self._task = asyncio.create_task(self._loop(), name="bide-stream-guard")
+        self._rounds.start()
         return self
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=5.0)
+        await self._rounds.stop()
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval * random.uniform(0.8, 1.2))
-            try:
-                restored = await restore_streams(self._nc, self._layout)
-                self.removed_events += await remove_overdue_events(self._nc, self._layout)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the server is away, or refuses (a sealed stream): next round
-                log.log(logging.DEBUG if is_transient(e) else logging.WARNING,
-                        "checking the streams' settings failed: %s", e)
-                continue
-            for line in restored:
-                log.warning("%s: Bide's guarantees rest on this setting; change it through Bide's "
-                            "configuration, not on the stream", line)
-            self.restored += restored
+    async def _round(self) -> None:
+        restored = await restore_streams(self._nc, self._layout)
+        self.removed_events += await remove_overdue_events(self._nc, self._layout)
+        for line in restored:
+            log.warning("%s: Bide's guarantees rest on this setting; change it through Bide's "
+                        "configuration, not on the stream", line)
+        self.restored += restored

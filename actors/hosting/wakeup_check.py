@@ -23,9 +23,7 @@ and a run whose history is gone.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -34,6 +32,7 @@ from nats.aio.client import Client as NATS
 
 from actors.engine.decisions import Wakeup, timer_wakeups
 from actors.engine.wire import HDR_SCHEDULE_TARGET, HDR_TTL, parse_time, utcnow
+from actors.hosting.periodic import Periodic
 from actors.store.history import HistoryLog
 from actors.store.jetstream import (
     ERR_WRONG_LAST_SEQUENCE,
@@ -41,7 +40,6 @@ from actors.store.jetstream import (
     Layout,
     direct_get_last,
     direct_get_last_many,
-    is_transient,
     leader_get,
     leader_next,
 )
@@ -76,30 +74,21 @@ class WakeupCheck:
         self._interval = interval_s
         self._host_id = host_id
         self._known: dict[str, _Known] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = Periodic("bide-wakeup-check", interval_s, self._round, log, "the wake-up check")
         self.rearmed = 0
         """Wake-ups this host armed again (for tests and ``bide status``)."""
         self.passes = 0
 
     def start(self) -> WakeupCheck:
-        self._task = asyncio.create_task(self._loop(), name="bide-wakeup-check")
+        self._rounds.start()
         return self
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=5.0)
+        await self._rounds.stop()
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval * random.uniform(0.8, 1.2))
-            try:
-                if await self._take_the_pass():
-                    await self.check()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the server is away: next round
-                log.log(logging.DEBUG if is_transient(e) else logging.WARNING, "the wake-up check failed: %s", e)
+    async def _round(self) -> None:
+        if await self._take_the_pass():
+            await self.check()
 
     async def _take_the_pass(self) -> bool:
         """Whether this host checks this round: it stored the round's marker, which no other host holds.
