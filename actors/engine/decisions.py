@@ -106,27 +106,33 @@ def failed_attempts(hist: RunHistory) -> int:
 
 @dataclass(frozen=True)
 class Wakeup:
-    """A wake-up a parked run gets from one of its timers: ``pos``'s (a sleep, a wait's sleep
-    condition) or its next attempt's (``retry``, the failure it retries)."""
+    """A wake-up a run waits for that Bide sends itself: a timer's, ``pos``'s (a sleep, a wait's
+    sleep condition) or its next attempt's (``retry``, the failure it retries); or its start
+    activation (``start``), while its history is its start alone."""
 
     at: datetime
     pos: int | None = None
     retry: AttemptFailed | None = None
+    start: bool = False
     certain: bool = True
     """Had it come, the history would say so (a sleep fired, a wait resolved, an attempt began).
     ``False``: a wait that needs an event besides its sleeps, whose sleep may have come and
     found the wait still waiting for the event, leaving nothing to record."""
 
 
-def timer_wakeups(hist: RunHistory) -> list[Wakeup]:
-    """The wake-ups the run's timers are for, as its history says, earliest first (none once it has ended).
+def expected_wakeups(hist: RunHistory) -> list[Wakeup]:
+    """The wake-ups the run waits for from Bide, as its history says, earliest first (none once it has ended).
 
-    A sleep not yet fired; an open wait with sleep conditions (when they alone resolve it, or
-    else its earliest sleep, not certain); the next attempt, when the last entry is a failed one.
+    A run whose history is its start alone (a chosen id, a child, a new generation) waits for
+    its start activation. Else: a sleep not yet fired; an open wait with sleep conditions (when
+    they alone resolve it, or else its earliest sleep, not certain); the next attempt, when
+    the last entry is a failed one.
     """
     if not hist.entries or hist.terminal is not None:
         return []
     state = hist.state
+    if len(hist.entries) == 1 and not state.began:
+        return [Wakeup(hist.started.at, start=True)]
     out = [Wakeup(s.wake_at, pos=pos) for pos, s in state.sleeping.items()]
     for w in state.open_waits.values():
         sleeps = [c.wake_at for c in w.flat() if c.kind == "sleep" and c.wake_at is not None]

@@ -34,12 +34,12 @@ from actors.engine.commands import (
     WaitBriefly,
     WithdrawWait,
 )
-from actors.engine.wire import HDR_BIDE_KIND, HDR_MSG_ID, Activation, encode_activation, sleep_to, utcnow
+from actors.engine.wire import HDR_BIDE_KIND, Activation, encode_activation, sleep_to, utcnow
 from actors.hosting.router_inputs import publish_registrations
 from actors.observe.tracing import Tracing, observe_appended
 from actors.store.children import notify_parent, request_cancel, start_children
 from actors.store.jetstream import Layout, api_request, direct_get_last, retry_transient
-from actors.store.protocol import is_start_of
+from actors.store.protocol import publish_start_activation
 from actors.store.requests import Publisher
 from actors.store.runs_index import publish_end
 
@@ -198,11 +198,7 @@ class RunWriter:
                 # The earlier generation's messages (readers skip them already), then its first turn.
                 await api_request(fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
                                   {"filter": s.history(run_id), "seq": self.last_seq})
-                act = Activation(run_id=run_id, task=self.task, kind="start", started=started,
-                                 history_seq=self.last_seq)
-                await fx.publisher.publish(s.queue(self.task, run_id), encode_activation(act), {
-                    HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{run_id}:{started.generation}"},
-                    same=is_start_of(started))
+                await publish_start_activation(fx.publisher, s, started, history_seq=self.last_seq)
             case CancelChildren(children=children, reason=reason):
                 # Awaited, not left in the background: the parent's activation is acked only once
                 # every child's cancel is stored, so a host that dies before that leaves a

@@ -12,7 +12,7 @@ Every ``interval_s`` (jittered) one host takes the pass (a message on ``<prefix>
 stored only when there is none, that expires after ``interval_s``: whichever host stores it
 checks) and reads the runs index's live records and, for each run, the last message of its
 history. A run whose history moved since this host last looked is read whole and its timers'
-wake-ups found (:func:`actors.engine.decisions.timer_wakeups`). A wake-up more than
+wake-ups found (:func:`actors.engine.decisions.expected_wakeups`). A wake-up more than
 ``interval_s`` overdue whose timer is not on its subject, with nothing queued for the run
 (a fired timer's activation, a turn under way) and a history the stream's leader says has
 not moved, is lost: its timer is scheduled again, to fire now, once per history state.
@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from actors.engine.decisions import Wakeup, timer_wakeups
+from actors.engine.decisions import Wakeup, expected_wakeups
 from actors.engine.wire import HDR_SCHEDULE_TARGET, HDR_TTL, parse_time, utcnow
 from actors.hosting.periodic import Periodic
 from actors.store.history import HistoryLog
@@ -43,6 +43,7 @@ from actors.store.jetstream import (
     leader_get,
     leader_next,
 )
+from actors.store.protocol import publish_start_activation
 from actors.store.requests import Publisher
 from actors.store.runs_index import HDR_EXPECTED_SEQ, IndexedRun, live_runs
 from actors.store.timers import TimerScheduler, retry_key
@@ -148,7 +149,7 @@ class WakeupCheck:
             known = self._known.get(rec.run_id)
             if known is None or known.seq != seq:
                 hist = await self._history.read(rec.run_id, history_seq=seq)
-                known = self._known[rec.run_id] = _Known(hist.last_seq, tuple(timer_wakeups(hist)))
+                known = self._known[rec.run_id] = _Known(hist.last_seq, tuple(expected_wakeups(hist)))
             if known.rearmed:
                 continue
             for w in known.wakeups:
@@ -167,9 +168,10 @@ class WakeupCheck:
         questions leaves its activation queued until a turn that appends has taken it.
         """
         s = self._s
-        timer = await leader_next(self._nc, s.work_stream, s.timer(run_id, _timer_key(w)))
-        if timer is not None and (timer.headers or {}).get(HDR_SCHEDULE_TARGET) == s.work(task, run_id):
-            return False  # late, not lost (a message there that is not its schedule, published by hand, is not it)
+        if not w.start:
+            timer = await leader_next(self._nc, s.work_stream, s.timer(run_id, _timer_key(w)))
+            if timer is not None and (timer.headers or {}).get(HDR_SCHEDULE_TARGET) == s.work(task, run_id):
+                return False  # late, not lost (a message there that is not its schedule, put there by hand, is not it)
         if await leader_next(self._nc, s.work_stream, s.work(task, run_id)) is not None:
             return False  # fired, waiting for a host (or its turn is under way)
         if await leader_next(self._nc, s.queue_stream, s.queue_of_run(run_id)) is not None:
@@ -178,6 +180,13 @@ class WakeupCheck:
         return last is not None and int((last.headers or {}).get("Nats-Sequence", "0")) == seq
 
     async def _rearm(self, run_id: str, task: str, seq: int, w: Wakeup) -> None:
+        if w.start:
+            # Its start is in the history; its activation is not on the queue (purged, or deleted with it).
+            log.warning("run %s (task %r): started at %s and its start activation is gone (the queue lost it: "
+                        "deleted or purged); sent again", run_id, task, w.at.isoformat())
+            hist = await self._history.read(run_id, history_seq=seq)
+            await publish_start_activation(self._pub, self._s, hist.started, history_seq=seq)
+            return
         what = f"its retry {w.retry.attempt}" if w.retry is not None else f"the timer of position {w.pos}"
         if w.certain:
             log.warning("run %s (task %r): %s was due at %s and is gone (the work stream lost it: deleted, "

@@ -61,16 +61,12 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
     start one acknowledged write and its host one read. Until a host takes it, the run's
     history is empty and readers find its start on the queue (:func:`read_run`).
     """
-    act = Activation(run_id=started.run_id, task=started.task, kind="start", started=started,
-                     start_unrecorded=True if new_id else None)
-    subject = subjects.queue(started.task, started.run_id)
     # The activation is stored before anything else of the run: a starter that dies before it is
     # leaves nothing, one that dies after it leaves a run its host starts. Sent side by side, the
     # start entry was stored while a leaderless queue refused the activation (a node lost), and
     # a starter that died then left a run that never ran.
-    await retry_transient(f"start of run {started.run_id}", lambda: pub.publish(
-        subject, encode_activation(act), {HDR_BIDE_KIND: "start", HDR_MSG_ID: f"start:{started.run_id}"},
-        same=is_start_of(started)), CLIENT_RETRY_S)
+    await retry_transient(f"start of run {started.run_id}", lambda: publish_start_activation(
+        pub, subjects, started, new_id=new_id), CLIENT_RETRY_S)
     # The runs index's record goes with the entry, unacknowledged (a view: it never fails the start, nor delays it).
     await publish_live(pub, subjects, started)
     if new_id:
@@ -95,6 +91,18 @@ async def start_run(history: HistoryLog, pub: Publisher, subjects: Subjects, sta
             + (f" (task {first.task!r}, started {first.at.isoformat()})" if isinstance(first, RunStarted) else "")
             + ": choose another run id, or leave it out to get a new one", run_id=started.run_id)
     return None
+
+
+async def publish_start_activation(pub: Publisher, subjects: Subjects, started: RunStarted, *,
+                                   history_seq: int | None = None, new_id: bool = False) -> None:
+    """The activation that begins ``started``'s run (or generation), on the queue: one home for
+    this write (a start, a generation's start, the wake-up check's start of a run whose activation
+    the queue lost). ``history_seq``: the message holding ``started``, when it is written already."""
+    act = Activation(run_id=started.run_id, task=started.task, kind="start", started=started,
+                     start_unrecorded=True if new_id else None, history_seq=history_seq)
+    msg_id = f"start:{started.run_id}" + (f":{started.generation}" if started.generation else "")
+    await pub.publish(subjects.queue(started.task, started.run_id), encode_activation(act),
+                      {HDR_BIDE_KIND: "start", HDR_MSG_ID: msg_id}, same=is_start_of(started))
 
 
 QUEUED_SCAN = 16

@@ -155,3 +155,45 @@ async def test_wake_ups_on_their_way_are_not_armed_again(
         # The wait whose sleep was over may get its timer once more (nothing shows it came), never more.
         assert check.rearmed <= 1
     await client.aclose()
+
+
+async def test_runs_whose_start_activations_the_queue_lost_still_run(
+    nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A run started with its own id (and a child) has its start in the history before any host
+    # takes it; `nats stream purge BIDE_QUEUE` while it is queued left it never running.
+    monkeypatch.setenv("BIDE_WAKEUP_CHECK_INTERVAL", "1")
+    client = Bide(nats_server.url, ack_wait=3.0)
+
+    @client.task(name="QueuedChild")
+    async def child(input: dict[str, Any], ctx: Any) -> str:
+        return f"child of {input['of']}"
+
+    @client.durable_task(name="QueuedParent")
+    async def parent(input: dict[str, Any], ctx: DurableContext) -> str:
+        return str(await child.aio_run({"of": "parent"}))
+
+    @client.task(name="OnlyWhenServed")
+    async def queued(input: dict[str, Any], ctx: Any) -> str:
+        return "ran"
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        # The parent's host serves no QueuedChild: its child waits on the queue, as the other run does.
+        async with running_worker(client, [parent], name="parents-only") as first:
+            ref = await parent.aio_run_no_wait({})
+            waiting = await queued.aio_run_no_wait({}, run_id="chosen-id-1")
+
+            async def child_queued() -> bool:
+                hist = await client.runs.aio_history(ref.workflow_run_id)
+                return any(e.k == "children_spawned" for e in hist.entries)
+
+            await wait_until(child_queued, timeout=15, what="the child started and queued")
+            await api_request(nc, f"$JS.API.STREAM.PURGE.{S.queue_stream}", {})
+            async with running_worker(client, [child, queued], name="the-rest") as rest:
+                assert await waiting.aio_result(timeout=30) == "ran"
+                assert await ref.aio_result(timeout=30) == "child of parent"
+                assert first.host.wakeups.rearmed + rest.host.wakeups.rearmed == 2  # whichever held the rounds
+    finally:
+        await nc.close()
+        await client.aclose()

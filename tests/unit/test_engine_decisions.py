@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from actors.engine.dag import plan_workflow_turn
-from actors.engine.decisions import failed_attempts, is_suspended, needs_user_code, timer_wakeups, unheeded_signals
+from actors.engine.decisions import expected_wakeups, failed_attempts, is_suspended, needs_user_code, unheeded_signals
 from actors.engine.run_history import RunHistory
 from actors.engine.wire import (
     Activation,
@@ -132,26 +132,28 @@ def _wait(pos: int, groups: list[list[WaitCondition]], any_of: list[WaitConditio
                           any_of=any_of or [])
 
 
-def test_a_parked_runs_timer_wakeups_are_its_sleeps_its_waits_sleeps_and_its_retry() -> None:
+def test_a_parked_runs_expected_wakeups_are_its_sleeps_its_waits_sleeps_and_its_retry() -> None:
     sleeping = history(SleepScheduled(pos=0, duration_s=60, wake_at=AT + timedelta(seconds=60)))
-    assert [(w.pos, w.at, w.certain) for w in timer_wakeups(sleeping)] == [(0, AT + timedelta(seconds=60), True)]
+    assert [(w.pos, w.at, w.certain) for w in expected_wakeups(sleeping)] == [(0, AT + timedelta(seconds=60), True)]
     # A timeout (an event or a sleep): the sleep alone ends the wait.
     timeout = history(_wait(1, [[_event("k"), _sleep("t", 30)]]))
-    assert [(w.pos, w.at, w.certain) for w in timer_wakeups(timeout)] == [(1, AT + timedelta(seconds=30), True)]
+    assert [(w.pos, w.at, w.certain) for w in expected_wakeups(timeout)] == [(1, AT + timedelta(seconds=30), True)]
     # Every group has a sleep: they end it once the latest group's earliest is over.
     both = history(_wait(2, [[_sleep("a", 10), _event("x")], [_sleep("b", 20)]]))
-    assert [(w.at, w.certain) for w in timer_wakeups(both)] == [(AT + timedelta(seconds=20), True)]
+    assert [(w.at, w.certain) for w in expected_wakeups(both)] == [(AT + timedelta(seconds=20), True)]
     # A sleep and an event, both needed: the sleep may come and leave nothing to record.
     and_event = history(_wait(3, [[_sleep("a", 10)], [_event("x")]]))
-    assert [(w.at, w.certain) for w in timer_wakeups(and_event)] == [(AT + timedelta(seconds=10), False)]
+    assert [(w.at, w.certain) for w in expected_wakeups(and_event)] == [(AT + timedelta(seconds=10), False)]
     # ... unless an any_of sleep ends it by itself.
     skip = history(_wait(4, [[_event("x")]], any_of=[_sleep("skip", 40)]))
-    assert [(w.at, w.certain) for w in timer_wakeups(skip)] == [(AT + timedelta(seconds=40), True)]
-    assert timer_wakeups(history(_wait(5, [[_event("x")]]))) == []  # events only: no timer
+    assert [(w.at, w.certain) for w in expected_wakeups(skip)] == [(AT + timedelta(seconds=40), True)]
+    assert expected_wakeups(history(_wait(5, [[_event("x")]]))) == []  # events only: no timer
     failed = AttemptFailed(attempt=2, error=ErrorInfo(type="E", message="m"), retry_at=AT + timedelta(seconds=5), at=AT)
     retrying = history(failed)
-    assert [(w.retry, w.at) for w in timer_wakeups(retrying)] == [(failed, AT + timedelta(seconds=5))]
+    assert [(w.retry, w.at) for w in expected_wakeups(retrying)] == [(failed, AT + timedelta(seconds=5))]
     # Begun again: no retry pending.
-    assert timer_wakeups(history(failed, ActivationBegun(host="h", delivery=1, at=AT))) == []
-    assert timer_wakeups(history(SleepScheduled(pos=0, duration_s=1, wake_at=AT),
-                                 RunCompleted(result=None, at=AT))) == []  # ended
+    assert expected_wakeups(history(failed, ActivationBegun(host="h", delivery=1, at=AT))) == []
+    assert expected_wakeups(history(SleepScheduled(pos=0, duration_s=1, wake_at=AT),
+                                    RunCompleted(result=None, at=AT))) == []  # ended
+    # Its start alone (a chosen id, a child, a new generation): its start activation wakes it.
+    assert [(w.start, w.at) for w in expected_wakeups(history())] == [(True, AT)]
