@@ -306,6 +306,25 @@ class Faults:
             self.outages.append((down, up))
             self.timeline.append({"t": up, "what": "server-restarted", "node": "n0"})
 
+    async def work_purges(self, t0: float) -> None:
+        """Every timer and fired activation in the work stream gone, as an operator's mistake would leave it."""
+        for k in range(self.args.work_purges):
+            await asyncio.sleep(max(0.0, t0 + self.args.duration * (k + 0.5) / self.args.work_purges - time.time()))
+            how = "rollup" if k % 2 == 0 else "purge"
+            try:
+                if how == "rollup":  # what `nats pub bide.work.x.y -H 'Nats-Rollup: all'` sends
+                    subject = self.s.work("chaos-nobody", "rollup")
+                    await self.raw.request(subject, b"", timeout=5, headers={"Nats-Rollup": "all"})
+                    # The rollup message itself stays (no host serves that task): the harness's own, not left behind.
+                    await api_request(self.raw, f"$JS.API.STREAM.PURGE.{self.s.work_stream}", {"filter": subject},
+                                      timeout=5)
+                else:
+                    await api_request(self.raw, f"$JS.API.STREAM.PURGE.{self.s.work_stream}", {}, timeout=5)
+            except Exception as e:  # a node down at that moment: this one did not happen
+                self.timeline.append({"t": time.time(), "what": f"work-{how}-failed", "error": str(e)})
+                continue
+            self.timeline.append({"t": time.time(), "what": f"work-{how}"})
+
     async def leader_of(self, target: str) -> str | None:
         if target == "meta":
             return await asyncio.to_thread(self.servers.meta_leader)
@@ -350,6 +369,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-restarts", type=int, help="single-server mode: SIGKILL + restart of the server")
     p.add_argument("--cluster", action=argparse.BooleanOptionalAction, default=None,
                    help="3-node R3 cluster (default: on unless --quick)")
+    p.add_argument("--work-purges", type=int, default=0,
+                   help="empty BIDE_WORK this many times (a plain publish with Nats-Rollup: all, or a purge), "
+                        "losing every timer: the hosts' wake-up check (BIDE_WAKEUP_CHECK_INTERVAL=10 then) must "
+                        "arm them again")
     p.add_argument("--hosts", type=int, help="host processes kept alive")
     p.add_argument("--ack-wait", type=float, default=5.0, help="BIDE_ACK_WAIT of the hosts (seconds)")
     p.add_argument("--drain", type=float, help="seconds after the workload for every run to end")
@@ -393,6 +416,8 @@ async def amain(args: argparse.Namespace) -> int:
     servers = Servers(workdir, args.cluster)
     replicas = 3 if args.cluster else 1
     env = {"CHAOS_STEPS": str(steps_file), "BIDE_ACK_WAIT": str(args.ack_wait), "BIDE_REPLICAS": str(replicas)}
+    if args.work_purges:
+        env["BIDE_WAKEUP_CHECK_INTERVAL"] = "10"  # lost timers found within the drain
     hosts = Hosts(args.hosts, "", env, workdir)
     client: Bide | None = None
     raw: Any = None
@@ -418,9 +443,11 @@ async def amain(args: argparse.Namespace) -> int:
         deadline = t0 + args.duration + args.drain
         driver = Driver(client, raw, s, deadline)
         print(f"chaos: seed {args.seed}, {len(specs)} runs over {args.duration:.0f}s, "
-              f"{'3-node R3 cluster' if args.cluster else 'one server'}, {args.hosts} hosts, workdir {workdir}",
+              f"{'3-node R3 cluster' if args.cluster else 'one server'}, {args.hosts} hosts, workdir {workdir}"
+              + (f", {args.work_purges} work stream purges (BIDE_WAKEUP_CHECK_INTERVAL=10)"
+                 if args.work_purges else ""),
               flush=True)
-        fault_tasks = [asyncio.create_task(faults.host_kills(t0))]
+        fault_tasks = [asyncio.create_task(faults.host_kills(t0)), asyncio.create_task(faults.work_purges(t0))]
         if args.cluster:
             fault_tasks.append(asyncio.create_task(faults.node_kills(t0)))
         else:

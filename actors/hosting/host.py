@@ -211,7 +211,7 @@ class ActorHost:
         self._sweeper = await InboxSweeper(nc, self._publisher, self._history, self.layout,
                                            self.config.sweep_after_s).start()
         self.stream_guard = StreamGuard(nc, self.layout, self.config.stream_check_s).start()
-        self.wakeups = WakeupCheck(nc, self._publisher, self.layout, self._history, self._timers,
+        self.wakeups = WakeupCheck(nc, self._publisher, self.layout, self._history, self._timers, self._reaper,
                                    self.config.wakeup_check_s, self.host_id).start()
         for q in self._queues:  # every queue is counted before any pulls (scarce slots)
             await q.start()

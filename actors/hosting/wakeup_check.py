@@ -33,11 +33,13 @@ from nats.aio.client import Client as NATS
 from actors.engine.decisions import Wakeup, expected_wakeups
 from actors.engine.wire import HDR_SCHEDULE_TARGET, HDR_TTL, parse_time, utcnow
 from actors.hosting.periodic import Periodic
+from actors.hosting.retention import Reaper
 from actors.store.history import HistoryLog
 from actors.store.jetstream import (
     ERR_WRONG_LAST_SEQUENCE,
     MULTI_LAST_MAX,
     Layout,
+    api_request,
     direct_get_last,
     direct_get_last_many,
     leader_get,
@@ -45,7 +47,7 @@ from actors.store.jetstream import (
 )
 from actors.store.protocol import publish_start_activation
 from actors.store.requests import Publisher
-from actors.store.runs_index import HDR_EXPECTED_SEQ, IndexedRun, live_runs
+from actors.store.runs_index import HDR_EXPECTED_SEQ, IndexedRun, ended_runs, live_runs
 from actors.store.timers import TimerScheduler, retry_key
 
 log = logging.getLogger("bide.wakeups")
@@ -66,7 +68,8 @@ class WakeupCheck:
     """Arms again the timers of parked runs whose wake-ups are overdue and nowhere on their way."""
 
     def __init__(self, nc: NATS, publisher: Publisher, layout: Layout, history: HistoryLog,
-                 timers: TimerScheduler, interval_s: float, host_id: str) -> None:
+                 timers: TimerScheduler, reaper: Reaper, interval_s: float, host_id: str) -> None:
+        self._reaper = reaper
         self._nc = nc
         self._pub = publisher
         self._s = layout.subjects
@@ -78,6 +81,8 @@ class WakeupCheck:
         self._rounds = Periodic("bide-wakeup-check", interval_s, self._round, log, "the wake-up check")
         self.rearmed = 0
         """Wake-ups this host armed again (for tests and ``bide status``)."""
+        self.removed = 0
+        """Finished runs this host removed because their removal's schedule was lost."""
         self.passes = 0
 
     def start(self) -> WakeupCheck:
@@ -90,6 +95,27 @@ class WakeupCheck:
     async def _round(self) -> None:
         if await self._take_the_pass():
             await self.check()
+            await self.overdue_removals()
+
+    async def overdue_removals(self) -> int:
+        """Removes finished runs whose retention passed more than an interval ago (their removal's
+        schedule was lost with the work stream); returns how many. Reads the ended records from
+        the earliest and stops at the first not yet overdue: one small read when all is well."""
+        now = utcnow()
+        removed = 0
+        async for rec in ended_runs(self._nc, self._s):
+            if rec.ended_at is None or (now - rec.ended_at - self._reaper.retention).total_seconds() <= self._interval:
+                break
+            did = await self._reaper.reap(rec.run_id)
+            if did == "removed":
+                log.warning("run %s (task %r): ended %s and was still kept (its removal's schedule was lost with "
+                            "the work stream); removed", rec.run_id, rec.task, rec.ended_at.isoformat())
+                removed += 1
+            elif did == "gone":  # a record left by a write that landed after the run's removal
+                await api_request(self._nc, f"$JS.API.STREAM.PURGE.{self._s.runs_stream}",
+                                  {"filter": self._s.run_records(rec.task, rec.run_id)})
+        self.removed += removed
+        return removed
 
     async def _take_the_pass(self) -> bool:
         """Whether this host checks this round: it stored the round's marker, which no other host holds.

@@ -22,7 +22,7 @@ import pytest
 from actors.engine.wire import Subjects
 from actors.store.jetstream import api_request
 from actors.store.server import EmbeddedServer
-from sdk import Bide, DurableContext, SleepCondition, UserEventCondition
+from sdk import Bide, DurableContext, RunNotFoundError, SleepCondition, UserEventCondition
 from tests.support import running_worker, wait_until
 
 S = Subjects()
@@ -194,6 +194,47 @@ async def test_runs_whose_start_activations_the_queue_lost_still_run(
                 assert await waiting.aio_result(timeout=30) == "ran"
                 assert await ref.aio_result(timeout=30) == "child of parent"
                 assert first.host.wakeups.rearmed + rest.host.wakeups.rearmed == 2  # whichever held the rounds
+    finally:
+        await nc.close()
+        await client.aclose()
+
+
+async def test_a_finished_run_whose_removal_the_work_stream_lost_is_removed_all_the_same(
+    nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A run's removal (retention) is a scheduled message too: lost with the work stream, the
+    # finished run was kept for ever.
+    monkeypatch.setenv("BIDE_WAKEUP_CHECK_INTERVAL", "1")
+    monkeypatch.setenv("BIDE_HISTORY_RETENTION", "2")
+    client = Bide(nats_server.url, ack_wait=3.0)
+
+    @client.task(name="Finishes")
+    async def finishes(input: dict[str, Any], ctx: Any) -> str:
+        return "done"
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with running_worker(client, [finishes]) as worker:
+            ref = await finishes.aio_run_no_wait({})
+            assert await ref.aio_result(timeout=15) == "done"
+
+            async def removal_scheduled() -> bool:
+                info = await api_request(nc, f"$JS.API.STREAM.INFO.{S.work_stream}",
+                                         {"subjects_filter": S.removals_timer("*")})
+                return int(info["state"].get("num_subjects", 0)) > 0
+
+            await wait_until(removal_scheduled, timeout=10, what="the run's removal scheduled")
+            await api_request(nc, f"$JS.API.STREAM.PURGE.{S.work_stream}", {})
+
+            async def removed() -> bool:
+                try:
+                    await client.runs.aio_history(ref.workflow_run_id)
+                except RunNotFoundError:
+                    return True
+                return False
+
+            await wait_until(removed, timeout=20, what="the finished run removed though its removal was lost")
+            assert worker.host.wakeups.removed == 1
     finally:
         await nc.close()
         await client.aclose()
