@@ -41,7 +41,7 @@ from actors.store.children import notify_parent, request_cancel, start_children
 from actors.store.jetstream import Layout, api_request, direct_get_last, retry_transient
 from actors.store.protocol import publish_start_activation
 from actors.store.requests import Publisher
-from actors.store.runs_index import publish_end
+from actors.store.runs_index import publish_end, publish_live
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -139,6 +139,7 @@ class RunWriter:
         self.last_seq = hist.last_seq
         """The history's last sequence as this turn knows it: the guard of its next append."""
         self._notify: str | None = hist.started.meta.get("notify") if hist.entries else None
+        self._started = hist.started if hist.entries else None
         self._unrecorded = hist if hist.start_unrecorded else None
         """A first turn's history whose start is not in the stream yet: the first append writes it."""
         self._appended_at = 0.0
@@ -177,12 +178,14 @@ class RunWriter:
                     await sleep_to(until)
             case ScheduleTimer(pos=pos, wake_at=wake_at, lead=lead):
                 await fx.timers.schedule(run_id, self.task, pos, wake_at, self.last_seq, lead)
+                await self._indexed()
                 if time.monotonic() - self._appended_at > _OVERTAKEN_AFTER_S:
                     await self._unless_overtaken(pos)
             case CancelTimer(pos=pos):
                 fx.chore(run_id, f"run {run_id}: withdrawing timer {pos}", lambda: fx.timers.cancel(run_id, pos))
             case ScheduleRetry(retry=retry):
                 await self._schedule_retry(retry.attempt, retry.retry_at)
+                await self._indexed()
             case PurgeInbox(upto_seq=upto):
                 # Best effort: the next turn, or the end, redoes it.
                 fx.chore(run_id, f"run {run_id}: purging its inbox", lambda: self._purge_inbox(upto))
@@ -254,6 +257,16 @@ class RunWriter:
         s = self._fx.layout.subjects
         await api_request(self._fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
                           {"filter": s.inbox(self.run_id), "seq": upto + 1})
+
+    async def _indexed(self) -> None:
+        """The run's live record in the runs index, if it has none (a no-op at the server when it has).
+
+        A run that waits on a timer is found by the hosts' wake-up check through that record, should
+        the timer be lost; its starter's write of it is best effort, and a node lost at that moment
+        (the chaos run with node kills and work stream purges) left runs the check never saw.
+        """
+        if self._started is not None:
+            await publish_live(self._fx.publisher, self._fx.layout.subjects, self._started)
 
     async def _schedule_retry(self, attempt: int, at: datetime) -> None:
         fx = self._fx

@@ -238,3 +238,41 @@ async def test_a_finished_run_whose_removal_the_work_stream_lost_is_removed_all_
     finally:
         await nc.close()
         await client.aclose()
+
+
+async def test_a_run_whose_index_record_was_lost_gets_it_back_when_it_waits_on_a_timer(
+    nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The check finds runs through their live records, which starters write best effort: the
+    # long chaos run (node kills, then work stream purges) left 28 sleeping runs with none, never
+    # found. A run that parks on a timer writes its record again if it has none.
+    monkeypatch.setenv("BIDE_WAKEUP_CHECK_INTERVAL", "1")
+    client = Bide(nats_server.url, ack_wait=3.0)
+
+    @client.durable_task(name="GoAheadThenSleep")
+    async def go_then_sleep(input: dict[str, Any], ctx: DurableContext) -> str:
+        await ctx.aio_wait_for_event("go")
+        await ctx.aio_sleep_for(timedelta(seconds=3))
+        return "woke"
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with running_worker(client, [go_then_sleep]):
+            ref = await go_then_sleep.aio_run_no_wait({})
+            rid = ref.workflow_run_id
+            await wait_until(lambda: _parked(client, rid, "wait_registered"), timeout=15, what="the run waiting")
+            # Its index record lost (as a write during an outage is).
+            await api_request(nc, f"$JS.API.STREAM.PURGE.{S.runs_stream}",
+                              {"filter": S.run_records("GoAheadThenSleep", rid)})
+            await client.event.aio_send(rid, "go", {})
+            await wait_until(lambda: _parked(client, rid, "sleep_scheduled"), timeout=15, what="the run asleep")
+
+            async def listed() -> bool:
+                return rid in {r.run_id for r in await client.runs.aio_list(status="waiting")}
+
+            await wait_until(listed, timeout=10, what="the run's live record written again")
+            await api_request(nc, f"$JS.API.STREAM.PURGE.{S.work_stream}", {})
+            assert await ref.aio_result(timeout=30) == "woke"
+    finally:
+        await nc.close()
+        await client.aclose()
