@@ -41,7 +41,7 @@ from actors.store.children import notify_parent, request_cancel, start_children
 from actors.store.jetstream import Layout, api_request, direct_get_last, retry_transient
 from actors.store.protocol import publish_start_activation
 from actors.store.requests import Publisher
-from actors.store.runs_index import publish_end, publish_live
+from actors.store.runs_index import ensure_live, publish_end
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -178,14 +178,14 @@ class RunWriter:
                     await sleep_to(until)
             case ScheduleTimer(pos=pos, wake_at=wake_at, lead=lead):
                 await fx.timers.schedule(run_id, self.task, pos, wake_at, self.last_seq, lead)
-                await self._indexed()
+                self._indexed()
                 if time.monotonic() - self._appended_at > _OVERTAKEN_AFTER_S:
                     await self._unless_overtaken(pos)
             case CancelTimer(pos=pos):
                 fx.chore(run_id, f"run {run_id}: withdrawing timer {pos}", lambda: fx.timers.cancel(run_id, pos))
             case ScheduleRetry(retry=retry):
                 await self._schedule_retry(retry.attempt, retry.retry_at)
-                await self._indexed()
+                self._indexed()
             case PurgeInbox(upto_seq=upto):
                 # Best effort: the next turn, or the end, redoes it.
                 fx.chore(run_id, f"run {run_id}: purging its inbox", lambda: self._purge_inbox(upto))
@@ -258,15 +258,18 @@ class RunWriter:
         await api_request(self._fx.nc, f"$JS.API.STREAM.PURGE.{s.history_stream}",
                           {"filter": s.inbox(self.run_id), "seq": upto + 1})
 
-    async def _indexed(self) -> None:
-        """The run's live record in the runs index, if it has none (a no-op at the server when it has).
+    def _indexed(self) -> None:
+        """The run's live record in the runs index, if it has none (refused at the server when it has).
 
         A run that waits on a timer is found by the hosts' wake-up check through that record, should
         the timer be lost; its starter's write of it is best effort, and a node lost at that moment
-        (the chaos run with node kills and work stream purges) left runs the check never saw.
+        (the chaos run with node kills and work stream purges) left runs the check never saw. So
+        this one is acknowledged, retried as a chore (the activation is acked once it is stored).
         """
-        if self._started is not None:
-            await publish_live(self._fx.publisher, self._fx.layout.subjects, self._started)
+        started, fx = self._started, self._fx
+        if started is not None:
+            fx.chore(self.run_id, f"run {self.run_id}: its runs-index record",
+                     lambda: ensure_live(fx.publisher, fx.layout.subjects, started))
 
     async def _schedule_retry(self, attempt: int, at: datetime) -> None:
         fx = self._fx

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
 
@@ -45,7 +46,7 @@ from actors.engine.wire import (
     parse_time,
     rfc3339,
 )
-from actors.store.jetstream import api_request, direct_get_pages
+from actors.store.jetstream import ERR_WRONG_LAST_SEQUENCE, api_request, direct_get_pages
 from actors.store.requests import Publisher
 
 log = logging.getLogger("bide.runs_index")
@@ -95,6 +96,17 @@ async def publish_live(pub: Publisher, subjects: Subjects, started: RunStarted) 
         await pub.publish_unacked(subjects.run_record(LIVE, started.task, started.run_id), record(started), headers)
     except Exception as e:  # unreachable: the index is a view
         log.debug("run %s: live index record not written: %s", started.run_id, e)
+
+
+async def ensure_live(pub: Publisher, subjects: Subjects, started: RunStarted) -> None:
+    """The run's ``live`` record, unless it has one or has ended, awaiting the server's answer (a
+    refusal means a record is there). Raises what the publish raised otherwise (to retry it)."""
+    headers = {HDR_EXPECTED_SEQ: "0", HDR_EXPECTED_SEQ_SUBJECT: subjects.run_records(started.task, started.run_id)}
+    try:
+        await pub.publish(subjects.run_record(LIVE, started.task, started.run_id), record(started), headers)
+    except nats.js.errors.APIError as e:
+        if e.err_code != ERR_WRONG_LAST_SEQUENCE:
+            raise
 
 
 async def publish_end(pub: Publisher, subjects: Subjects, started: RunStarted, end: Terminal) -> None:
