@@ -20,7 +20,7 @@ import nats
 import pytest
 
 from actors.engine.wire import Subjects
-from actors.store.jetstream import api_request
+from actors.store.jetstream import api_request, leader_next
 from actors.store.server import EmbeddedServer
 from sdk import Bide, DurableContext, RunNotFoundError, SleepCondition, UserEventCondition
 from tests.support import running_worker, wait_until
@@ -63,17 +63,17 @@ async def test_a_sleep_a_waits_timeout_and_a_retry_whose_timers_were_lost_still_
 
     @client.durable_task(name="LostSleep")
     async def sleeper(input: dict[str, Any], ctx: DurableContext) -> str:
-        await ctx.aio_sleep_for(timedelta(seconds=4))
+        await ctx.aio_sleep_for(timedelta(seconds=10))  # its timer fires 5 s early: well after the loss
         return "woke"
 
     @client.durable_task(name="LostTimeout")
     async def waiter(input: dict[str, Any], ctx: DurableContext) -> str:
-        got = await ctx.aio_wait_for_event("never:comes", timeout=timedelta(seconds=4))
+        got = await ctx.aio_wait_for_event("never:comes", timeout=timedelta(seconds=10))
         return "timed out" if got is None else "an event?"
 
     attempts: list[int] = []
 
-    @client.durable_task(name="LostRetry", retries=2, backoff_factor=5)
+    @client.durable_task(name="LostRetry", retries=2, backoff_factor=10)
     async def flaky(input: dict[str, Any], ctx: DurableContext) -> str:
         attempts.append(ctx.retry_count)
         if ctx.retry_count < 2:
@@ -88,14 +88,17 @@ async def test_a_sleep_a_waits_timeout_and_a_retry_whose_timers_were_lost_still_
             retried = await flaky.aio_run_no_wait({})
 
             async def all_parked() -> bool:
-                # The retry's second backoff (5 s) is a timer; the first (1 s) may wait on the host.
+                # The retry's second backoff (10 s) is a timer; the first (1 s) may wait on the host.
                 return (await _parked(client, slept.workflow_run_id, "sleep_scheduled")
                         and await _parked(client, waited.workflow_run_id, "wait_registered")
                         and len(attempts) == 2 and await _parked(client, retried.workflow_run_id, "attempt_failed"))
 
             await wait_until(all_parked, timeout=15, what="the three runs parked on their timers")
-            await _lose_the_timers(nc, how, [S.timer(slept.workflow_run_id, 0), S.timer(waited.workflow_run_id, 0),
-                                             S.timer(retried.workflow_run_id, "retry2")])
+            timers = [S.timer(slept.workflow_run_id, 0), S.timer(waited.workflow_run_id, 0),
+                      S.timer(retried.workflow_run_id, "retry2")]
+            for subject in timers:  # not fired yet: what is lost below is each run's only wake-up
+                assert await leader_next(nc, S.work_stream, subject) is not None, subject
+            await _lose_the_timers(nc, how, timers)
 
             async def work_stream_back() -> bool:
                 names = (await api_request(nc, "$JS.API.STREAM.NAMES", {}))["streams"] or []
