@@ -120,9 +120,11 @@ class WakeupCheck:
     async def _take_the_pass(self) -> bool:
         """Whether this host checks this round: it stored the round's marker, which no other host holds.
 
-        A marker older than two intervals is not a round's (its expiry is late, or someone
-        published one by hand with no ``Nats-TTL``, which would stop every round for ever):
-        it is replaced.
+        The host that holds the marker keeps it (it replaces its own each round): its cache of
+        what it read stays warm, where a new holder reads every live run's history whole once.
+        Another host takes it over once it is older than two intervals (its holder stopped or
+        died; it expires after three), as it does a marker someone published by hand with no
+        ``Nats-TTL``, which would otherwise stop every round for ever.
         """
         s = self._s
         marker = await direct_get_last(self._nc, s.runs_stream, s.wakeup_pass)
@@ -130,10 +132,11 @@ class WakeupCheck:
         if marker is not None:
             headers = marker.headers or {}
             stored = parse_time(headers.get("Nats-Time-Stamp"))
-            if (datetime.now(UTC) - stored).total_seconds() < 2 * self._interval:  # wall clocks, not engine time
-                return False  # another host's round
+            mine = marker.data == self._host_id.encode()
+            if not mine and (datetime.now(UTC) - stored).total_seconds() < 2 * self._interval:  # wall clocks
+                return False  # another host's rounds
             expected = int(headers.get("Nats-Sequence", "0"))
-        headers = {HDR_EXPECTED_SEQ: str(expected), HDR_TTL: f"{max(1, round(self._interval))}s"}
+        headers = {HDR_EXPECTED_SEQ: str(expected), HDR_TTL: f"{max(1, round(3 * self._interval))}s"}
         try:
             await self._pub.publish(s.wakeup_pass, self._host_id.encode(), headers)
         except nats.js.errors.APIError as e:
