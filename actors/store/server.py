@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ from types import TracebackType
 from typing import Any
 
 from sdk.errors import ServerBinaryNotFoundError
+
+logger = logging.getLogger("bide.server")
 
 MIN_VERSION = (2, 12, 0)
 
@@ -125,6 +128,13 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def free_ports(n: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """``n`` distinct free loopback ports (none in ``exclude``).
 
@@ -222,8 +232,42 @@ class EmbeddedServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def pid_file(self) -> Path:
+        """Where the pid of the server using this store is written (for a store that outlives this object)."""
+        return self.store_dir / "nats-server.pid"
+
+    def _stop_orphan(self) -> None:
+        """Stop a server an earlier owner of this store left running (its ``bide dev`` was SIGKILLed).
+
+        It held the port, so the next start failed ("address already in use"), after opening
+        the same store beside it. Only a live ``nats-server`` whose command line names this
+        store is stopped: SIGTERM, then SIGKILL after 10 s.
+        """
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if not cmdline or not cmdline[0].endswith(b"nats-server") or str(self.store_dir).encode() not in cmdline:
+            return
+        logger.warning("a nats-server (pid %d) left running by an earlier start still uses %s; stopping it", pid,
+                    self.store_dir)
+        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+                    return
+                time.sleep(0.05)
+
     def start(self, timeout: float = 15.0) -> EmbeddedServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        if not self._own_store:
+            self._stop_orphan()
         # The sync setting has no command-line flag: it goes in a configuration file (flags add to it).
         conf = (f"# Written by Bide at each start.\njetstream {{\n  {self.sync.config_line()}\n"
                 f"  {self.jetstream_config}\n}}\n{self.extra_config}\n")
@@ -238,6 +282,8 @@ class EmbeddedServer:
         self._log_start = log.tell()
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        if not self._own_store:
+            self.pid_file.write_text(f"{self.proc.pid}\n")
         # Ready once *this* process says it listens, on every port it was given: something else
         # (another test's server) may hold the port, so a connection that succeeds proves nothing,
         # and a clustered node binds its route port after its client port (and exits if it can't).
@@ -295,6 +341,8 @@ class EmbeddedServer:
                 self.kill()
         if self._own_store:
             shutil.rmtree(self.store_dir, ignore_errors=True)
+        else:
+            self.pid_file.unlink(missing_ok=True)
 
     def __enter__(self) -> EmbeddedServer:
         return self.start()
