@@ -47,7 +47,7 @@ from actors.store.jetstream import (
 )
 from actors.store.protocol import publish_start_activation
 from actors.store.requests import Publisher
-from actors.store.runs_index import HDR_EXPECTED_SEQ, IndexedRun, ended_runs, live_runs
+from actors.store.runs_index import ENDED, HDR_EXPECTED_SEQ, LIVE, IndexedRun, records
 from actors.store.timers import TimerScheduler, retry_key
 
 log = logging.getLogger("bide.wakeups")
@@ -103,7 +103,7 @@ class WakeupCheck:
         the earliest and stops at the first not yet overdue: one small read when all is well."""
         now = utcnow()
         removed = 0
-        async for rec in ended_runs(self._nc, self._s):
+        async for rec in records(self._nc, self._s, ENDED, batch=64):  # small: usually the first is not due
             if rec.ended_at is None or (now - rec.ended_at - self._reaper.retention).total_seconds() <= self._interval:
                 break
             did = await self._reaper.reap(rec.run_id)
@@ -151,7 +151,7 @@ class WakeupCheck:
         live: set[str] = set()
         rearmed = 0
         batch: list[IndexedRun] = []
-        async for rec in live_runs(self._nc, self._s):
+        async for rec in records(self._nc, self._s, LIVE):
             live.add(rec.run_id)
             batch.append(rec)
             if len(batch) == MULTI_LAST_MAX:

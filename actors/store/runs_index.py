@@ -221,20 +221,10 @@ async def _window(nc: NATS, stream: str, subject: str, lo: int, hi: int) -> list
     return out
 
 
-async def ended_runs(nc: NATS, subjects: Subjects, batch: int = 64) -> AsyncIterator[IndexedRun]:
-    """Every ended run the index has, the earliest ended first (records are written at each end)."""
-    pages = direct_get_pages(nc, subjects.runs_stream, subjects.runs_filter(ENDED), start_seq=1, batch=batch)
-    async with contextlib.aclosing(pages):
-        async for page in pages:
-            for m in page:
-                run = _decode(m.data, int((m.headers or {}).get("Nats-Sequence", "0")))
-                if run is not None:
-                    yield run
-
-
-async def live_runs(nc: NATS, subjects: Subjects) -> AsyncIterator[IndexedRun]:
-    """Every live run the index has, oldest record first (for the hosts' wake-up check)."""
-    pages = direct_get_pages(nc, subjects.runs_stream, subjects.runs_filter(LIVE), start_seq=1, batch=_PAGE)
+async def records(nc: NATS, subjects: Subjects, state: str, batch: int = _PAGE) -> AsyncIterator[IndexedRun]:
+    """Every record of runs in ``state`` (``live``/``ended``), in the order they were written (a live
+    run's at its start, an ended run's at its end): for the hosts' wake-up check."""
+    pages = direct_get_pages(nc, subjects.runs_stream, subjects.runs_filter(state), start_seq=1, batch=batch)
     async with contextlib.aclosing(pages):
         async for page in pages:
             for m in page:
